@@ -1,0 +1,216 @@
+"""Safetensors checkpoints as transformers lays them out: one file, or shards plus an index.
+
+`ShardReader` opens every file lazily (memory-mapped headers, one tensor read at a time), so a
+converter or a merge never holds more than the tensors it is working on. `ShardWriter` streams tensors
+into shards whose headers are planned up front from the tensors' shapes, so writing needs no more
+memory than the tensor being written — `safetensors.numpy.save_file` would need a whole shard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy before safetensors reads them)
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from bidirlm_jax.errors import CheckpointError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default `max_shard_size="5GB"`
+
+_DTYPE_CODES = {
+    np.dtype(np.float64): "F64",
+    np.dtype(np.float32): "F32",
+    np.dtype(np.float16): "F16",
+    np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(np.int64): "I64",
+    np.dtype(np.int32): "I32",
+    np.dtype(np.int16): "I16",
+    np.dtype(np.int8): "I8",
+    np.dtype(np.uint8): "U8",
+    np.dtype(np.bool_): "BOOL",
+}
+_CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def dtype_from_code(code: str) -> np.dtype:
+    """numpy dtype for a safetensors dtype code ("F32", "BF16", ...)."""
+    if code not in _CODE_DTYPES:
+        raise CheckpointError(f"unsupported tensor dtype {code}; supported: {sorted(_CODE_DTYPES)}")
+    return _CODE_DTYPES[code]
+
+
+def torch_dtype_name(dtype: np.dtype) -> str:
+    """The name transformers writes as `dtype` in config.json for a floating numpy dtype."""
+    return _TORCH_NAMES[_DTYPE_CODES[np.dtype(dtype)]]
+
+
+def has_safetensors(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / INDEX_FILE).is_file() or (path / SINGLE_FILE).is_file() or any(path.glob("*.safetensors"))
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    file: Path
+
+
+class ShardReader:
+    """Lazy, read-only view of every tensor in a safetensors checkpoint directory (or one file)."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        self.path = path
+        files = self._files(path)
+        self._handles = {}
+        self._info: dict[str, TensorInfo] = {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="numpy")
+                for name in handle.keys():
+                    view = handle.get_slice(name)
+                    self._info[name] = TensorInfo(tuple(view.get_shape()), dtype_from_code(view.get_dtype()), file)
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(
+                    f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt — "
+                    "download or write it again"
+                ) from e
+            self._handles[file] = handle
+        self.metadata = self._handles[files[0]].metadata() or {}
+
+    @staticmethod
+    def _files(path: Path) -> list[Path]:
+        if path.is_file():
+            return [path]
+        if not path.is_dir():
+            raise CheckpointError(f"{path} does not exist")
+        index = path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e})") from e
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shards that are missing: {missing}")
+            return files
+        if (path / SINGLE_FILE).is_file():
+            return [path / SINGLE_FILE]
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(
+                f"no safetensors weights in {path} (expected {SINGLE_FILE} or {INDEX_FILE}); "
+                "for a pickled pytorch_model.bin pass --allow-pickle"
+            )
+        return files
+
+    def keys(self) -> list[str]:
+        return list(self._info)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._info
+
+    def info(self, name: str) -> TensorInfo:
+        return self._info[name]
+
+    def get(self, name: str) -> np.ndarray:
+        info = self._info[name]
+        try:
+            return self._handles[info.file].get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"cannot read tensor {name} from {info.file}: {e}") from e
+
+    def nbytes(self) -> int:
+        return sum(math.prod(i.shape) * i.dtype.itemsize for i in self._info.values())
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+class ShardWriter:
+    """Streams tensors, in the order of `specs`, into transformers-style shards inside `out_dir`.
+
+    Shards are cut greedily at `max_shard_bytes` (a tensor bigger than the limit gets its own shard),
+    named `model-0000i-of-0000n.safetensors` with a `model.safetensors.index.json`, or a single
+    `model.safetensors` when everything fits in one. Every file carries `{"format": "pt"}` metadata,
+    which transformers' loader expects.
+    """
+
+    def __init__(self, out_dir: Path, specs: Iterable[TensorSpec], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+        self.out_dir = Path(out_dir)
+        self.specs = list(specs)
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise CheckpointError("duplicate tensor names in an output checkpoint")
+        self._shards: list[list[TensorSpec]] = []
+        size = 0
+        for spec in self.specs:
+            if not self._shards or (size + spec.nbytes > max_shard_bytes and self._shards[-1]):
+                self._shards.append([])
+                size = 0
+            self._shards[-1].append(spec)
+            size += spec.nbytes
+        n = len(self._shards)
+        self.file_names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._order = iter(self._stream())
+
+    def _stream(self) -> Iterator[TensorSpec]:
+        for file_name, shard in zip(self.file_names, self._shards):
+            header: dict = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for spec in shard:
+                header[spec.name] = {
+                    "dtype": _DTYPE_CODES[np.dtype(spec.dtype)],
+                    "shape": list(spec.shape),
+                    "data_offsets": [offset, offset + spec.nbytes],
+                }
+                offset += spec.nbytes
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)  # safetensors aligns the data section to 8 bytes
+            with open(self.out_dir / file_name, "wb") as f:
+                f.write(struct.pack("<Q", len(blob)))
+                f.write(blob)
+                for spec in shard:
+                    self._file = f
+                    yield spec
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Append the next tensor; names, shapes and dtypes must follow `specs` exactly."""
+        spec = next(self._order, None)
+        array = np.asarray(array)
+        if spec is None or spec.name != name or tuple(array.shape) != spec.shape or array.dtype != np.dtype(spec.dtype):
+            raise CheckpointError(
+                f"tensor {name} {array.shape} {array.dtype} does not match the planned output "
+                f"({spec.name if spec else 'no more tensors'} {spec.shape if spec else ''} {spec.dtype if spec else ''})"
+            )
+        self._file.write(np.ascontiguousarray(array).tobytes())
+
+    def close(self) -> None:
+        """Finish the last shard and write the index (for more than one shard)."""
+        leftover = next(self._order, None)
+        if leftover is not None:
+            raise CheckpointError(f"output checkpoint incomplete: {leftover.name} was never written")
+        if len(self.file_names) > 1:
+            weight_map = {s.name: f for f, shard in zip(self.file_names, self._shards) for s in shard}
+            index = {"metadata": {"total_size": sum(s.nbytes for s in self.specs)}, "weight_map": weight_map}
+            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
