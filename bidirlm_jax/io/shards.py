@@ -64,6 +64,15 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: np.dtype
     file: Path
+    offset: int = 0  # byte offset of the tensor's data in `file`
+
+
+def _data_offsets(file: Path) -> dict[str, int]:
+    """Absolute byte offset of every tensor's data, from the safetensors header (8-byte length + JSON)."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {name: 8 + n + entry["data_offsets"][0] for name, entry in header.items() if name != "__metadata__"}
 
 
 class ShardReader:
@@ -78,9 +87,12 @@ class ShardReader:
         for file in files:
             try:
                 handle = safe_open(str(file), framework="numpy")
+                offsets = _data_offsets(file)
                 for name in handle.keys():
                     view = handle.get_slice(name)
-                    self._info[name] = TensorInfo(tuple(view.get_shape()), dtype_from_code(view.get_dtype()), file)
+                    self._info[name] = TensorInfo(
+                        tuple(view.get_shape()), dtype_from_code(view.get_dtype()), file, offsets[name]
+                    )
             except (SafetensorError, OSError, ValueError) as e:
                 raise CheckpointError(
                     f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt — "
@@ -125,12 +137,44 @@ class ShardReader:
     def info(self, name: str) -> TensorInfo:
         return self._info[name]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._info[name].shape
+
     def get(self, name: str) -> np.ndarray:
         info = self._info[name]
         try:
             return self._handles[info.file].get_tensor(name)
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"cannot read tensor {name} from {info.file}: {e}") from e
+
+    def read_flat(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Elements [start, stop) of the flattened tensor, read with plain file reads into `out` (or a new array).
+
+        `get` goes through safetensors' memory map, whose pages count toward the process's resident
+        memory once touched, so one streaming pass over a checkpoint through it grows RSS to the size
+        of the checkpoint; this reads only the bytes asked for and keeps nothing mapped.
+        """
+        info = self._info[name]
+        stop = math.prod(info.shape) if stop is None else stop
+        if out is None:
+            out = np.empty(stop - start, info.dtype)
+        if out.dtype != info.dtype or out.size != stop - start or not out.flags.c_contiguous:
+            raise ValueError(f"read_flat({name}): `out` must be a contiguous {info.dtype} array of {stop - start} elements")
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        pos = info.offset + start * info.dtype.itemsize
+        try:
+            fd = os.open(info.file, os.O_RDONLY)
+            try:
+                while buf:
+                    n = os.preadv(fd, [buf], pos)
+                    if n == 0:
+                        raise OSError(f"unexpected end of file at byte {pos}")
+                    buf, pos = buf[n:], pos + n
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise CheckpointError(f"cannot read tensor {name} from {info.file}: {e}") from e
+        return out
 
     def nbytes(self) -> int:
         return sum(math.prod(i.shape) * i.dtype.itemsize for i in self._info.values())
@@ -196,14 +240,29 @@ class ShardWriter:
 
     def write(self, name: str, array: np.ndarray) -> None:
         """Append the next tensor; names, shapes and dtypes must follow `specs` exactly."""
-        spec = next(self._order, None)
         array = np.asarray(array)
-        if spec is None or spec.name != name or tuple(array.shape) != spec.shape or array.dtype != np.dtype(spec.dtype):
+        self.write_stream(name, [array], shape=tuple(array.shape))
+
+    def write_stream(self, name: str, pieces: Iterable[np.ndarray], *, shape: tuple[int, ...] | None = None) -> None:
+        """Append the next tensor from consecutive pieces of its flattened (C-order) data.
+
+        A tensor then never has to be whole in memory; the pieces must add up to the planned size.
+        """
+        spec = next(self._order, None)
+        if spec is None or spec.name != name or (shape is not None and shape != spec.shape):
             raise CheckpointError(
-                f"tensor {name} {array.shape} {array.dtype} does not match the planned output "
-                f"({spec.name if spec else 'no more tensors'} {spec.shape if spec else ''} {spec.dtype if spec else ''})"
+                f"tensor {name} {shape or ''} does not match the planned output "
+                f"({spec.name if spec else 'no more tensors'} {spec.shape if spec else ''})"
             )
-        self._file.write(np.ascontiguousarray(array).tobytes())
+        written = 0
+        for piece in pieces:
+            piece = np.ascontiguousarray(piece)
+            if piece.dtype != np.dtype(spec.dtype):
+                raise CheckpointError(f"tensor {name} is {piece.dtype} but the planned output is {np.dtype(spec.dtype)}")
+            self._file.write(memoryview(piece.reshape(-1).view(np.uint8)))  # no `tobytes()` copy
+            written += piece.nbytes
+        if written != spec.nbytes:
+            raise CheckpointError(f"tensor {name}: wrote {written} bytes, planned {spec.nbytes}")
 
     def close(self) -> None:
         """Finish the last shard and write the index (for more than one shard)."""

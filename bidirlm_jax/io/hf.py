@@ -1,0 +1,276 @@
+"""Hugging Face checkpoint directory <-> Flax NNX model, one tensor at a time.
+
+`weight_table` is the single key table: for every parameter of our model, the transformers key that
+holds it and the (exact, lossless) reshape between the two layouts. Loading reads each tensor lazily,
+checks its shape, converts it and places it on device (in its mesh sharding when a mesh is given)
+before reading the next; saving streams tensors into shards the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from bidirlm_jax import sharding
+from bidirlm_jax.errors import CheckpointError, ConfigError
+from bidirlm_jax.io.atomic import atomic_directory, check_destination
+from bidirlm_jax.io.layouts import CAUSAL_LM, LM_HEAD, Layout, detect_layout
+from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardReader, ShardWriter, TensorSpec, has_safetensors, torch_dtype_name
+from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.transformer import Transformer
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
+)  # fmt: skip
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkpoints saved
+
+
+@dataclass(frozen=True)
+class WeightEntry:
+    """One parameter: its path in our model, its transformers key, and the layout change between them."""
+
+    path: tuple
+    hf_key: str  # backbone-relative (see io.layouts)
+    hf_shape: tuple[int, ...]
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def _identity(x):
+    return x
+
+
+def _linear(shape_ours: tuple[int, ...]):
+    """transformers' Linear stores [out, in]; ours is [in, *out] (heads split out for sharding)."""
+    d_in = shape_ours[0]
+    return (lambda w: w.T.reshape(shape_ours)), (lambda w: w.reshape(d_in, -1).T)
+
+
+def _out_linear(shape_ours: tuple[int, ...]):
+    """o_proj: transformers [d, heads*hd]; ours [heads, hd, d]."""
+    d_out = shape_ours[-1]
+    return (lambda w: w.T.reshape(shape_ours)), (lambda w: w.reshape(-1, d_out).T)
+
+
+def weight_table(config: ModelConfig) -> list[WeightEntry]:
+    d, f, h, kv, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads, config.head_dim
+    entries = [WeightEntry(("embedder", "embedding"), "embed_tokens.weight", (config.vocab_size, d), _identity, _identity)]
+
+    def add(path, key, hf_shape, ours_shape=None, kind="identity"):
+        if kind == "identity":
+            fns = (_identity, _identity) if ours_shape is None else (lambda w: w.reshape(ours_shape), lambda w: w.reshape(hf_shape))
+        else:
+            fns = (_linear if kind == "linear" else _out_linear)(ours_shape)
+        entries.append(WeightEntry(path, key, hf_shape, *fns))
+
+    norms = {"attn_norm": "input_layernorm"}
+    if config.is_gemma:
+        norms.update(post_attn_norm="post_attention_layernorm", mlp_norm="pre_feedforward_layernorm",
+                     post_mlp_norm="post_feedforward_layernorm")  # fmt: skip
+    else:
+        norms.update(mlp_norm="post_attention_layernorm")
+    for i in range(config.num_layers):
+        p = f"layers.{i}."
+        for ours, theirs in norms.items():
+            add(("layers", i, ours, "weight"), f"{p}{theirs}.weight", (d,))
+        for name, heads in (("q", h), ("k", kv), ("v", kv)):
+            add(("layers", i, "attn", f"{name}_proj"), f"{p}self_attn.{name}_proj.weight", (heads * hd, d), (d, heads, hd), "linear")
+            if config.attention_bias:
+                add(("layers", i, "attn", f"{name}_bias"), f"{p}self_attn.{name}_proj.bias", (heads * hd,), (heads, hd))
+        add(("layers", i, "attn", "o_proj"), f"{p}self_attn.o_proj.weight", (d, h * hd), (h, hd, d), "out")
+        if config.attention_bias:
+            add(("layers", i, "attn", "o_bias"), f"{p}self_attn.o_proj.bias", (d,))
+        add(("layers", i, "attn", "q_norm", "weight"), f"{p}self_attn.q_norm.weight", (hd,))
+        add(("layers", i, "attn", "k_norm", "weight"), f"{p}self_attn.k_norm.weight", (hd,))
+        add(("layers", i, "mlp", "gate_proj"), f"{p}mlp.gate_proj.weight", (f, d), (d, f), "linear")
+        add(("layers", i, "mlp", "up_proj"), f"{p}mlp.up_proj.weight", (f, d), (d, f), "linear")
+        add(("layers", i, "mlp", "down_proj"), f"{p}mlp.down_proj.weight", (d, f), (f, d), "linear")
+    add(("final_norm", "weight"), "norm.weight", (d,))
+    if not config.tie_word_embeddings:
+        add(("lm_head",), LM_HEAD, (config.vocab_size, d), (d, config.vocab_size), "linear")
+    return entries
+
+
+# --- reading ------------------------------------------------------------------------------------
+
+
+class _PickleReader:
+    """`pytorch_model.bin` (single or sharded), read with `torch.load(weights_only=True)`."""
+
+    def __init__(self, path: Path):
+        import torch  # optional dependency, only for pickled checkpoints
+
+        index = path / "pytorch_model.bin.index.json"
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["pytorch_model.bin"]
+        self._tensors: dict[str, Any] = {}
+        for name in files:
+            try:
+                self._tensors.update(torch.load(path / name, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as e:  # torch raises many types for a bad pickle
+                raise CheckpointError(f"cannot read {path / name} as a PyTorch checkpoint: {e}") from e
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def get(self, name: str) -> np.ndarray:
+        import ml_dtypes
+        import torch
+
+        t = self._tensors[name]
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+
+
+def open_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> ShardReader | _PickleReader:
+    path = Path(path)
+    if has_safetensors(path):
+        return ShardReader(path)
+    if (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path} only has pickled PyTorch weights (pytorch_model.bin), which can run code when loaded; "
+                "pass --allow-pickle (allow_pickle=True) to read them with torch.load(weights_only=True), "
+                "or convert them to safetensors first"
+            )
+        return _PickleReader(path)
+    raise CheckpointError(f"no weights in {path}: expected model.safetensors, a sharded safetensors index or pytorch_model.bin")
+
+
+def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; point to a Hugging Face model directory")
+    return ModelConfig.from_json_file(path, **overrides)
+
+
+def iter_weights(reader, layout: Layout, config: ModelConfig) -> Iterator[tuple[WeightEntry, np.ndarray]]:
+    """Yield (entry, tensor in our layout), after checking the checkpoint has exactly what the config needs."""
+    table = weight_table(config)
+    wanted = {e.hf_key: e for e in table}
+    present = {}
+    for key in reader.keys():
+        canonical = layout.to_canonical(key)
+        if canonical is None or _IGNORED.search(key):
+            continue  # outside the text backbone (vision/audio towers) or a recomputed buffer
+        present[canonical] = key
+    unknown = sorted(set(present) - set(wanted) - ({LM_HEAD} if config.tie_word_embeddings else set()))
+    missing = sorted(set(wanted) - set(present))
+    if unknown or missing:
+        raise CheckpointError(
+            "checkpoint does not match its config.json: "
+            + (f"missing tensors {missing[:8]}{' ...' if len(missing) > 8 else ''} " if missing else "")
+            + (f"unexpected tensors {unknown[:8]}{' ...' if len(unknown) > 8 else ''} " if unknown else "")
+            + "— check that config.json belongs to these weights"
+        )
+    bad = [
+        f"{present[e.hf_key]}: {reader.shape(present[e.hf_key])} but config.json needs {e.hf_shape}"
+        for e in table
+        if reader.shape(present[e.hf_key]) != e.hf_shape
+    ]
+    if bad:
+        raise CheckpointError("tensor shapes disagree with config.json: " + "; ".join(bad[:8]))
+    for entry in table:
+        yield entry, entry.to_ours(reader.get(present[entry.hf_key]))
+
+
+def load_params(
+    path: str | os.PathLike, config: ModelConfig, *, mesh: Mesh | None = None, allow_pickle: bool = False
+) -> Transformer:
+    """Build a `Transformer` for `config` whose parameters are read from the checkpoint at `path`."""
+    reader = open_weights(path, allow_pickle=allow_pickle)
+    layout = detect_layout(reader.keys())
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = dict(nnx.to_flat_state(state))
+    dtype = jnp.dtype(config.param_dtype)
+    for entry, array in tqdm(iter_weights(reader, layout, config), desc="loading", total=len(flat), leave=False,
+                             disable=None):  # fmt: skip
+        var = flat[entry.path]
+        array = np.asarray(array).astype(dtype)
+        if mesh is None:
+            value = jax.device_put(array)
+        else:
+            target = sharding.variable_sharding(var, mesh)
+            value = jax.make_array_from_callback(array.shape, target, lambda idx, a=array: a[idx])
+        flat[entry.path] = var.replace(value)
+    return nnx.merge(graphdef, nnx.from_flat_state(list(flat.items())))
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    attention: str | None = None,
+    bidirectional_window: str | None = None,
+    dtype: str = "float32",
+    mesh: Mesh | None = None,
+    allow_pickle: bool = False,
+) -> Transformer:
+    """Load an HF checkpoint directory (or one this project exported) as a model.
+
+    `attention`/`bidirectional_window` default to what the checkpoint's config.json says (causal for
+    a plain decoder). `dtype` is both the parameter and the compute dtype.
+    """
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
+    mode = {"attention": attention, "bidirectional_window": bidirectional_window}
+    config = read_config(path, dtype=dtype, param_dtype=dtype, **{k: v for k, v in mode.items() if v is not None})
+    return load_params(path, config, mesh=mesh, allow_pickle=allow_pickle)
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+
+def _param_arrays(model: Transformer) -> dict[tuple, jax.Array]:
+    return {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def save_pretrained(
+    model: Transformer,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    tokenizer_from: str | os.PathLike | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Write an HF directory that transformers loads natively, in the model's attention mode.
+
+    Tensors are written in `dtype` (default: the parameters'), one at a time, into shards with an
+    index above `max_shard_bytes`; tokenizer files are copied from `tokenizer_from` when given.
+    """
+    config = model.config
+    arrays = _param_arrays(model)
+    table = weight_table(config)
+    out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    specs = [TensorSpec(CAUSAL_LM.to_checkpoint(e.hf_key), e.hf_shape, out_dtype) for e in table]
+    check_destination(out_dir, overwrite=overwrite)
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
+        for entry, spec in zip(table, specs):
+            host = np.asarray(jax.device_get(arrays[entry.path]))
+            writer.write(spec.name, entry.to_hf(host).astype(out_dtype))
+        writer.close()
+        hf = config.to_hf_dict(dtype=torch_dtype_name(out_dtype))
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if tokenizer_from is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_from) / name).is_file():
+                    shutil.copy2(Path(tokenizer_from) / name, tmp / name)
+    return Path(out_dir)

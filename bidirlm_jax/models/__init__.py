@@ -1,0 +1,1 @@
+"""Model config, presets, layers, attention and the decoder stack."""

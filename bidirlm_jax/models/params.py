@@ -1,0 +1,22 @@
+"""Parameter counts computed abstractly: `jax.eval_shape` builds no arrays, so a 32B model costs nothing."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import jax
+from flax import nnx
+
+from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.transformer import Transformer
+
+
+def param_count(path_or_config: str | os.PathLike | ModelConfig) -> int:
+    """Parameters of the model a config (or a config.json / a directory holding one) describes; tied weights once."""
+    config = path_or_config
+    if not isinstance(config, ModelConfig):
+        config = ModelConfig.from_json_file(Path(path_or_config))
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
