@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
+from bidirlm_jax.io.checkpoint import is_checkpoint, load_checkpoint
 from bidirlm_jax.io.layouts import CAUSAL_LM, LM_HEAD, Layout, detect_layout
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardReader, ShardWriter, TensorSpec, has_safetensors, torch_dtype_name
 from bidirlm_jax.models.config import ModelConfig
@@ -222,7 +223,7 @@ def from_pretrained(
     mesh: Mesh | None = None,
     allow_pickle: bool = False,
 ) -> Transformer:
-    """Load an HF checkpoint directory (or one this project exported) as a model.
+    """Load an HF checkpoint directory, or a bidirlm checkpoint (`bidirlm convert`), as a model.
 
     `attention`/`bidirectional_window` default to what the checkpoint's config.json says (causal for
     a plain decoder). `dtype` is both the parameter and the compute dtype.
@@ -231,6 +232,8 @@ def from_pretrained(
         raise ConfigError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     mode = {"attention": attention, "bidirectional_window": bidirectional_window}
     config = read_config(path, dtype=dtype, param_dtype=dtype, **{k: v for k, v in mode.items() if v is not None})
+    if is_checkpoint(path):
+        return load_checkpoint(path, config, mesh=mesh)
     return load_params(path, config, mesh=mesh, allow_pickle=allow_pickle)
 
 
@@ -247,13 +250,13 @@ def save_pretrained(
     *,
     dtype: str | None = None,
     overwrite: bool = False,
-    tokenizer_from: str | os.PathLike | None = None,
+    extra_files: Iterable[Path] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write an HF directory that transformers loads natively, in the model's attention mode.
 
     Tensors are written in `dtype` (default: the parameters'), one at a time, into shards with an
-    index above `max_shard_bytes`; tokenizer files are copied from `tokenizer_from` when given.
+    index above `max_shard_bytes`; `extra_files` (e.g. `tokenizer_files(src)`) are copied beside them.
     """
     config = model.config
     arrays = _param_arrays(model)
@@ -269,8 +272,18 @@ def save_pretrained(
         writer.close()
         hf = config.to_hf_dict(dtype=torch_dtype_name(out_dtype))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        if tokenizer_from is not None:
-            for name in TOKENIZER_FILES:
-                if (Path(tokenizer_from) / name).is_file():
-                    shutil.copy2(Path(tokenizer_from) / name, tmp / name)
+        for file in extra_files:
+            shutil.copy2(file, tmp / Path(file).name)
     return Path(out_dir)
+
+
+def tokenizer_files(path: str | os.PathLike) -> list[Path]:
+    """The tokenizer (and generation) files of an HF directory, to carry into a converted one."""
+    return [Path(path) / name for name in TOKENIZER_FILES if (Path(path) / name).is_file()]
+
+
+def stored_dtype(path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
+    """dtype name of the token embedding as stored, to re-export in the checkpoint's own precision."""
+    reader = open_weights(path, allow_pickle=allow_pickle)
+    key = detect_layout(reader.keys()).to_checkpoint("embed_tokens.weight")
+    return jnp.dtype(reader.get(key).dtype).name

@@ -10,8 +10,9 @@ Masks are boolean `[B, 1, T, T]` (True = may attend), built once per forward for
   `"full"` |i−j| ≤ W (transformers' generic `is_causal=False`), `"none"` no window.
 
 `attend` is the one place that picks the implementation: cuDNN flash attention on GPU in half
-precision, XLA's fused `jax.nn.dot_product_attention` otherwise, and the plain einsum reference when
-the logits must be soft-capped (which the fused kernels do not support) or when asked for in tests.
+precision, XLA's `jax.nn.dot_product_attention` otherwise, the plain einsum reference when asked for.
+There is no attention-logit soft-capping: transformers' Gemma3 keeps `attn_logit_softcapping` in its
+config but never applies it (QK-norm replaced it), and parity is the law.
 """
 
 from __future__ import annotations
@@ -60,24 +61,22 @@ def _window(config: ModelConfig, i: jax.Array, j: jax.Array) -> jax.Array:
     return jnp.ones_like(i - j, dtype=bool)
 
 
-def reference_attention(q, k, v, mask, *, scale: float, softcap: float | None = None) -> jax.Array:
+def reference_attention(q, k, v, mask, *, scale: float) -> jax.Array:
     """Plain softmax attention with GQA, [B, T, H, D] layout; fp32 softmax as transformers' eager path."""
     b, t, h, d = q.shape
     kv = k.shape[2]
     q = q.reshape(b, t, kv, h // kv, d)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
-    if softcap is not None:
-        logits = jnp.tanh(logits / softcap) * softcap
     logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
 
 
-def attend(q, k, v, mask, *, scale: float, softcap: float | None, implementation: str) -> jax.Array:
+def attend(q, k, v, mask, *, scale: float, implementation: str) -> jax.Array:
     """Dispatch to a kernel; all of them compute the same function (tests hold them to it)."""
-    if implementation == "reference" or softcap is not None:
-        return reference_attention(q, k, v, mask, scale=scale, softcap=softcap)
+    if implementation == "reference":
+        return reference_attention(q, k, v, mask, scale=scale)
     if implementation == "auto":
         on_gpu = jax.default_backend() == "gpu"
         implementation = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
@@ -110,12 +109,7 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_norm(self._project(x, "q")), *rope)
         k = apply_rope(self.k_norm(self._project(x, "k")), *rope)
         v = self._project(x, "v")
-        out = attend(
-            q, k, v, mask,
-            scale=self.config.attention_scale,
-            softcap=self.config.attn_logit_softcapping,
-            implementation=self.config.attention_impl,
-        )  # fmt: skip
+        out = attend(q, k, v, mask, scale=self.config.attention_scale, implementation=self.config.attention_impl)
         y = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(x.dtype))
         if self.config.attention_bias:
             y = y + self.o_bias[...].astype(x.dtype)

@@ -57,7 +57,7 @@ class ModelConfig:
     activation: str = "silu"
     tie_word_embeddings: bool = True
     attention_bias: bool = False
-    attn_logit_softcapping: float | None = None
+    attn_logit_softcapping: float | None = None  # kept for export; transformers' Gemma3 never applies it
     final_logit_softcapping: float | None = None
     max_position_embeddings: int = 32768
     bos_token_id: int | None = None

@@ -1,0 +1,47 @@
+"""`bidirlm convert SRC DST`: between a Hugging Face directory and a bidirlm (orbax) checkpoint.
+
+The direction follows SRC: an HF directory becomes a checkpoint, a checkpoint becomes an HF directory;
+`to="hf"` re-exports an HF directory (another attention mode, dtype or shard size).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.atomic import check_destination
+from bidirlm_jax.io.checkpoint import is_checkpoint, save_checkpoint
+from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtype, tokenizer_files
+from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str | None = None,
+    attention: str | None = None,
+    bidirectional_window: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> Path:
+    """Convert `src` into `dst`, carrying tokenizer files along.
+
+    Checkpoints hold fp32 master weights; an HF output is written in `dtype` (default: the source's
+    stored dtype, so HF -> checkpoint -> HF and HF -> HF are bit-exact).
+    """
+    src_is_checkpoint = is_checkpoint(src)
+    to = to or ("hf" if src_is_checkpoint else "checkpoint")
+    if to not in ("hf", "checkpoint"):
+        raise ConfigError(f"--to must be 'hf' or 'checkpoint', got {to!r}")
+    check_destination(dst, overwrite=overwrite)
+    model = from_pretrained(src, attention=attention, bidirectional_window=bidirectional_window, allow_pickle=allow_pickle)
+    if to == "checkpoint":
+        return save_checkpoint(model, dst, overwrite=overwrite, extra_files=tokenizer_files(src))
+    if dtype is None and not src_is_checkpoint:
+        dtype = stored_dtype(src, allow_pickle=allow_pickle)
+    return save_pretrained(model, dst, dtype=dtype, overwrite=overwrite, extra_files=tokenizer_files(src),
+                           max_shard_bytes=max_shard_bytes)  # fmt: skip
