@@ -22,9 +22,6 @@ def set_attention_mode(hf_config: dict[str, Any], attention: str, bidirectional_
     config = ModelConfig.from_hf_dict(d)
     config = config.replace(attention=attention, bidirectional_window=bidirectional_window or config.bidirectional_window)
     rendered = config.to_hf_dict()
-    for key in ATTENTION_KEYS:
-        if key in rendered and (key in target or rendered[key] not in (None, False)):
-            target[key] = rendered[key]
-    if rendered.get("is_causal", True) and "is_causal" in target:
-        del target["is_causal"]
+    target.pop("is_causal", None)  # rendered only when bidirectional
+    target.update({key: rendered[key] for key in ATTENTION_KEYS if key in rendered})
     return d
