@@ -45,7 +45,7 @@ def test_sharded_forward_equals_single_device(shape, gemma_dir, tmp_path):
     mesh = sharding.make_mesh(*shape)
     model = bidirlm_jax.from_pretrained(gemma_dir, attention="bidirectional", mesh=mesh)
     q_proj = model.layers[0].attn.q_proj[...]
-    assert q_proj.sharding.spec == sharding.logical_to_spec(("embed", "heads", "head_dim"), q_proj.shape, mesh)
+    assert q_proj.sharding.spec == sharding.logical_to_spec(("heads", "head_dim", "embed"), q_proj.shape, mesh)
     with jax.set_mesh(mesh):
         batch = jax.device_put((ids, mask), sharding.batch_sharding(mesh))
         logits = forward(model, *batch)
@@ -58,5 +58,5 @@ def test_checkpoint_restores_into_a_mesh(gemma_dir, tmp_path):
     mesh = sharding.make_mesh(2, 2, 2)
     restored = load_checkpoint(tmp_path / "ckpt", mesh=mesh)
     head = restored.lm_head[...]
-    assert head.sharding.spec == P("fsdp", "tensor")
+    assert head.sharding.spec == P("tensor", "fsdp")
     np.testing.assert_array_equal(np.asarray(head), np.asarray(model.lm_head[...]))

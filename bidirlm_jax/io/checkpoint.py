@@ -21,7 +21,7 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.transformer import Transformer
+from bidirlm_jax.models.transformer import Transformer, abstract_model
 
 PARAMS_DIR = "params"
 
@@ -51,7 +51,7 @@ def load_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None, 
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a bidirlm checkpoint (expected config.json and {PARAMS_DIR}/)")
     config = config or ModelConfig.from_json_file(path)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    graphdef, abstract = abstract_model(config)
 
     def target(var: nnx.Variable):
         where = sharding.variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])

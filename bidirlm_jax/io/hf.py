@@ -1,7 +1,7 @@
 """Hugging Face checkpoint directory <-> Flax NNX model, one tensor at a time.
 
 `weight_table` is the single key table: for every parameter of our model, the transformers key that
-holds it and the (exact, lossless) reshape between the two layouts. Loading reads each tensor lazily,
+holds it and the reshape between the two layouts. Loading reads each tensor lazily,
 checks its shape, converts it and places it on device (in its mesh sharding when a mesh is given)
 before reading the next; saving streams tensors into shards the same way.
 """
@@ -30,7 +30,7 @@ from bidirlm_jax.io.checkpoint import is_checkpoint, load_checkpoint
 from bidirlm_jax.io.layouts import CAUSAL_LM, LM_HEAD, Layout, detect_layout
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardReader, ShardWriter, TensorSpec, has_safetensors, torch_dtype_name
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.transformer import Transformer
+from bidirlm_jax.models.transformer import Transformer, abstract_model
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -41,42 +41,29 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkp
 
 @dataclass(frozen=True)
 class WeightEntry:
-    """One parameter: its path in our model, its transformers key, and the layout change between them."""
+    """One parameter: its path in our model and its transformers key. Our parameters keep transformers'
+    `[out, in]` order with heads split out, so the two layouts differ by a reshape (no copy)."""
 
     path: tuple
     hf_key: str  # backbone-relative (see io.layouts)
     hf_shape: tuple[int, ...]
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+    shape: tuple[int, ...]
 
+    def to_ours(self, array):
+        return array.reshape(self.shape)
 
-def _identity(x):
-    return x
-
-
-def _linear(shape_ours: tuple[int, ...]):
-    """transformers' Linear stores [out, in]; ours is [in, *out] (heads split out for sharding)."""
-    d_in = shape_ours[0]
-    return (lambda w: w.T.reshape(shape_ours)), (lambda w: w.reshape(d_in, -1).T)
-
-
-def _out_linear(shape_ours: tuple[int, ...]):
-    """o_proj: transformers [d, heads*hd]; ours [heads, hd, d]."""
-    d_out = shape_ours[-1]
-    return (lambda w: w.T.reshape(shape_ours)), (lambda w: w.reshape(-1, d_out).T)
+    def to_hf(self, array):
+        return array.reshape(self.hf_shape)
 
 
 def weight_table(config: ModelConfig) -> list[WeightEntry]:
     d, f, h, kv, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads, config.head_dim
-    entries = [WeightEntry(("embedder", "embedding"), "embed_tokens.weight", (config.vocab_size, d), _identity, _identity)]
+    entries = []
 
-    def add(path, key, hf_shape, ours_shape=None, kind="identity"):
-        if kind == "identity":
-            fns = (_identity, _identity) if ours_shape is None else (lambda w: w.reshape(ours_shape), lambda w: w.reshape(hf_shape))
-        else:
-            fns = (_linear if kind == "linear" else _out_linear)(ours_shape)
-        entries.append(WeightEntry(path, key, hf_shape, *fns))
+    def add(path, key, hf_shape, shape=None):
+        entries.append(WeightEntry(path, key, hf_shape, shape or hf_shape))
 
+    add(("embedder", "embedding"), "embed_tokens.weight", (config.vocab_size, d))
     norms = {"attn_norm": "input_layernorm"}
     if config.is_gemma:
         norms.update(post_attn_norm="post_attention_layernorm", mlp_norm="pre_feedforward_layernorm",
@@ -88,20 +75,20 @@ def weight_table(config: ModelConfig) -> list[WeightEntry]:
         for ours, theirs in norms.items():
             add(("layers", i, ours, "weight"), f"{p}{theirs}.weight", (d,))
         for name, heads in (("q", h), ("k", kv), ("v", kv)):
-            add(("layers", i, "attn", f"{name}_proj"), f"{p}self_attn.{name}_proj.weight", (heads * hd, d), (d, heads, hd), "linear")
+            add(("layers", i, "attn", f"{name}_proj"), f"{p}self_attn.{name}_proj.weight", (heads * hd, d), (heads, hd, d))
             if config.attention_bias:
                 add(("layers", i, "attn", f"{name}_bias"), f"{p}self_attn.{name}_proj.bias", (heads * hd,), (heads, hd))
-        add(("layers", i, "attn", "o_proj"), f"{p}self_attn.o_proj.weight", (d, h * hd), (h, hd, d), "out")
+        add(("layers", i, "attn", "o_proj"), f"{p}self_attn.o_proj.weight", (d, h * hd), (d, h, hd))
         if config.attention_bias:
             add(("layers", i, "attn", "o_bias"), f"{p}self_attn.o_proj.bias", (d,))
         add(("layers", i, "attn", "q_norm", "weight"), f"{p}self_attn.q_norm.weight", (hd,))
         add(("layers", i, "attn", "k_norm", "weight"), f"{p}self_attn.k_norm.weight", (hd,))
-        add(("layers", i, "mlp", "gate_proj"), f"{p}mlp.gate_proj.weight", (f, d), (d, f), "linear")
-        add(("layers", i, "mlp", "up_proj"), f"{p}mlp.up_proj.weight", (f, d), (d, f), "linear")
-        add(("layers", i, "mlp", "down_proj"), f"{p}mlp.down_proj.weight", (d, f), (f, d), "linear")
+        add(("layers", i, "mlp", "gate_proj"), f"{p}mlp.gate_proj.weight", (f, d))
+        add(("layers", i, "mlp", "up_proj"), f"{p}mlp.up_proj.weight", (f, d))
+        add(("layers", i, "mlp", "down_proj"), f"{p}mlp.down_proj.weight", (d, f))
     add(("final_norm", "weight"), "norm.weight", (d,))
     if not config.tie_word_embeddings:
-        add(("lm_head",), LM_HEAD, (config.vocab_size, d), (d, config.vocab_size), "linear")
+        add(("lm_head",), LM_HEAD, (config.vocab_size, d))
     return entries
 
 
@@ -197,14 +184,13 @@ def load_params(
     """Build a `Transformer` for `config` whose parameters are read from the checkpoint at `path`."""
     reader = open_weights(path, allow_pickle=allow_pickle)
     layout = detect_layout(reader.keys())
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef, state = abstract_model(config)
     flat = dict(nnx.to_flat_state(state))
     dtype = jnp.dtype(config.param_dtype)
     for entry, array in tqdm(iter_weights(reader, layout, config), desc="loading", total=len(flat), leave=False,
                              disable=None):  # fmt: skip
         var = flat[entry.path]
-        array = np.asarray(array).astype(dtype)
+        array = np.asarray(array).astype(dtype, copy=False)
         if mesh is None:
             value = jax.device_put(array)
         else:

@@ -78,8 +78,12 @@ def attend(q, k, v, mask, *, scale: float, implementation: str) -> jax.Array:
     if implementation == "reference":
         return reference_attention(q, k, v, mask, scale=scale)
     if implementation == "auto":
-        on_gpu = jax.default_backend() == "gpu"
-        implementation = "cudnn" if on_gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
+        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            try:  # cuDNN flash attention; the mask becomes an additive bias
+                return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+            except NotImplementedError:  # shapes cuDNN refuses (e.g. head_dim 256 before Hopper)
+                pass
+        implementation = "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
 
 
@@ -87,10 +91,11 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.config = config
-        self.q_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config)
-        self.k_proj = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), config)
-        self.v_proj = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), config)
-        self.o_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), config)
+        # [out..., in] like transformers' Linear, with heads split out so they can be sharded.
+        self.q_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), config)
+        self.k_proj = param(rngs, (kv, hd, d), ("kv_heads", "head_dim", "embed"), config)
+        self.v_proj = param(rngs, (kv, hd, d), ("kv_heads", "head_dim", "embed"), config)
+        self.o_proj = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), config)
         if config.attention_bias:
             self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), config, init="zeros")
             self.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), config, init="zeros")
@@ -100,7 +105,7 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(hd, config, rngs=rngs)
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
-        y = jnp.einsum("btd,dhk->bthk", x, getattr(self, f"{name}_proj")[...].astype(x.dtype))
+        y = jnp.einsum("btd,hkd->bthk", x, getattr(self, f"{name}_proj")[...].astype(x.dtype))
         if self.config.attention_bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
         return y
@@ -110,7 +115,7 @@ class Attention(nnx.Module):
         k = apply_rope(self.k_norm(self._project(x, "k")), *rope)
         v = self._project(x, "v")
         out = attend(q, k, v, mask, scale=self.config.attention_scale, implementation=self.config.attention_impl)
-        y = jnp.einsum("bthk,hkd->btd", out, self.o_proj[...].astype(x.dtype))
+        y = jnp.einsum("bthk,dhk->btd", out, self.o_proj[...].astype(x.dtype))
         if self.config.attention_bias:
             y = y + self.o_bias[...].astype(x.dtype)
         return y

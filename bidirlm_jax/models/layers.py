@@ -68,20 +68,24 @@ class Embedder(nnx.Module):
         return x
 
 
+def linear(x: jax.Array, w: nnx.Param) -> jax.Array:
+    """x @ Wᵀ for W stored [out, in] as transformers stores it: conversion is then a reshape, never a
+    transpose, and XLA folds the transposition into the matmul."""
+    return jnp.einsum("...i,oi->...o", x, w[...].astype(x.dtype))
+
+
 class MLP(nnx.Module):
     """Gated MLP: down(act(gate(x)) * up(x))."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
         self.act = _ACTIVATIONS[config.activation]
-        self.gate_proj = param(rngs, (d, f), ("embed", "mlp"), config)
-        self.up_proj = param(rngs, (d, f), ("embed", "mlp"), config)
-        self.down_proj = param(rngs, (f, d), ("mlp", "embed"), config)
+        self.gate_proj = param(rngs, (f, d), ("mlp", "embed"), config)
+        self.up_proj = param(rngs, (f, d), ("mlp", "embed"), config)
+        self.down_proj = param(rngs, (d, f), ("embed", "mlp"), config)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        h = self.act(x @ self.gate_proj[...].astype(dt)) * (x @ self.up_proj[...].astype(dt))
-        return h @ self.down_proj[...].astype(dt)
+        return linear(self.act(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
 
 
 def rope_tables(positions: jax.Array, rope: Rope, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:

@@ -10,7 +10,7 @@ import jax
 from flax import nnx
 
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.transformer import Transformer
+from bidirlm_jax.models.transformer import abstract_model
 
 
 def param_count(path_or_config: str | os.PathLike | ModelConfig) -> int:
@@ -18,5 +18,5 @@ def param_count(path_or_config: str | os.PathLike | ModelConfig) -> int:
     config = path_or_config
     if not isinstance(config, ModelConfig):
         config = ModelConfig.from_json_file(Path(path_or_config))
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+    _, state = abstract_model(config)
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(state.filter(nnx.Param)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
@@ -66,7 +67,7 @@ class Transformer(nnx.Module):
         self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = RMSNorm(config.hidden_size, config, rngs=rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"), config)
+            self.lm_head = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
         run = _run_block
         if config.remat != "none":
             run = nnx.remat(_run_block, policy=_REMAT_POLICIES[config.remat])
@@ -93,11 +94,8 @@ class Transformer(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM-head logits in fp32 (bf16 inputs are multiplied with fp32 accumulation)."""
-        if self.config.tie_word_embeddings:
-            w = self.embedder.embedding[...].astype(hidden.dtype).T
-        else:
-            w = self.lm_head[...].astype(hidden.dtype)
-        logits = jnp.matmul(hidden, w, preferred_element_type=jnp.float32)
+        w = self.embedder.embedding if self.config.tie_word_embeddings else self.lm_head
+        logits = jnp.einsum("btd,vd->btv", hidden, w[...].astype(hidden.dtype), preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
@@ -106,3 +104,10 @@ class Transformer(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None) -> ModelOutput:
         hidden = self.encode(input_ids, attention_mask, segment_ids=segment_ids, positions=positions)
         return ModelOutput(logits=self.logits(hidden), hidden_states=hidden)
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and shape-only state of a model (no memory); cached, since tracing the
+    initialisers of a large model takes about a second."""
+    return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
