@@ -194,3 +194,18 @@ def test_existing_destination_is_refused_unless_overwrite(qwen_dir, tmp_path, ca
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "precious"
     assert main(["convert", str(qwen_dir), str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists() and (out / "params").is_dir()
+
+
+def test_tokenizer_files_travel_with_conversions(qwen_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    src = tmp_path / "src"
+    shutil.copytree(qwen_dir, src)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a tiny corpus for a tiny tokenizer"] * 10, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(src)
+    assert main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
+    assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert reloaded("a tiny corpus").input_ids == transformers.AutoTokenizer.from_pretrained(src)("a tiny corpus").input_ids
