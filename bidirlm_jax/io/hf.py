@@ -254,7 +254,7 @@ def save_pretrained(
         writer = ShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
         for entry, spec in zip(table, specs):
             host = np.asarray(jax.device_get(arrays[entry.path]))
-            writer.write(spec.name, entry.to_hf(host).astype(out_dtype))
+            writer.write(spec.name, entry.to_hf(host).astype(out_dtype, copy=False))
         writer.close()
         hf = config.to_hf_dict(dtype=torch_dtype_name(out_dtype))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")

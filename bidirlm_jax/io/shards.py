@@ -1,9 +1,10 @@
 """Safetensors checkpoints as transformers lays them out: one file, or shards plus an index.
 
-`ShardReader` opens every file lazily (memory-mapped headers, one tensor read at a time), so a
-converter or a merge never holds more than the tensors it is working on. `ShardWriter` streams tensors
-into shards whose headers are planned up front from the tensors' shapes, so writing needs no more
-memory than the tensor being written — `safetensors.numpy.save_file` would need a whole shard.
+`ShardReader` has safetensors validate every header, then reads one tensor (or piece) at a time with
+plain file reads, so a converter or a merge never holds more than the tensors it is working on.
+`ShardWriter` streams tensors into shards whose headers are planned up front from the tensors'
+shapes, so writing needs no more memory than the tensor being written — `safetensors.numpy.save_file`
+would need a whole shard.
 """
 
 from __future__ import annotations
@@ -82,7 +83,6 @@ class ShardReader:
         path = Path(path)
         self.path = path
         files = self._files(path)
-        self._handles = {}
         self._info: dict[str, TensorInfo] = {}
         for file in files:
             try:
@@ -98,8 +98,6 @@ class ShardReader:
                     f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt — "
                     "download or write it again"
                 ) from e
-            self._handles[file] = handle
-        self.metadata = self._handles[files[0]].metadata() or {}
 
     @staticmethod
     def _files(path: Path) -> list[Path]:
@@ -141,17 +139,14 @@ class ShardReader:
         return self._info[name].shape
 
     def get(self, name: str) -> np.ndarray:
-        info = self._info[name]
-        try:
-            return self._handles[info.file].get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read tensor {name} from {info.file}: {e}") from e
+        """One whole tensor, in its stored dtype and shape."""
+        return self.read_flat(name).reshape(self._info[name].shape)
 
     def read_flat(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
         """Elements [start, stop) of the flattened tensor, read with plain file reads into `out` (or a new array).
 
-        `get` goes through safetensors' memory map, whose pages count toward the process's resident
-        memory once touched, so one streaming pass over a checkpoint through it grows RSS to the size
+        safetensors' own reader goes through a memory map, whose pages count toward the process's
+        resident memory once touched, so one pass over a checkpoint through it grows RSS to the size
         of the checkpoint; this reads only the bytes asked for and keeps nothing mapped.
         """
         info = self._info[name]
