@@ -19,8 +19,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 -q
 
-bench: $(STAMP)
-	$(PY) benchmarks/forward.py
+bench: $(STAMP)  # every benchmark against its peer; several minutes, figures go in BENCHMARKS.md
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -1,16 +1,50 @@
 """bidirlm-jax: turn causal LLMs (Gemma3, Qwen3) into bidirectional encoders, in JAX/Flax.
 
-The public API; each function is also a `bidirlm` CLI command.
+The public API; each function is also a `bidirlm` CLI command. Names are imported on first use, so
+`import bidirlm_jax` (and every CLI command) pays only for the modules it touches.
 """
 
-from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
-from bidirlm_jax.io.hf import from_pretrained, save_pretrained
-from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.params import param_count
-from bidirlm_jax.models.presets import PRESETS, get_preset
-from bidirlm_jax.models.transformer import ModelOutput, Transformer
+from __future__ import annotations
 
-__all__ = [
-    "BidirLMError", "CheckpointError", "ConfigError", "ModelConfig", "ModelOutput", "PRESETS", "Transformer",
-    "from_pretrained", "get_preset", "param_count", "save_pretrained",
-]  # fmt: skip
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
+
+_EXPORTS = {
+    "from_pretrained": "bidirlm_jax.io.hf",
+    "save_pretrained": "bidirlm_jax.io.hf",
+    "convert": "bidirlm_jax.convert",
+    "ModelConfig": "bidirlm_jax.models.config",
+    "param_count": "bidirlm_jax.models.params",
+    "PRESETS": "bidirlm_jax.models.presets",
+    "get_preset": "bidirlm_jax.models.presets",
+    "ModelOutput": "bidirlm_jax.models.transformer",
+    "Transformer": "bidirlm_jax.models.transformer",
+    "interpolate": "bidirlm_jax.merge",
+    "linear_merge": "bidirlm_jax.merge",
+    "merge_checkpoints": "bidirlm_jax.merge",
+}
+
+__all__ = ["BidirLMError", "CheckpointError", "ConfigError", *_EXPORTS]
+
+if TYPE_CHECKING:
+    from bidirlm_jax.convert import convert
+    from bidirlm_jax.io.hf import from_pretrained, save_pretrained
+    from bidirlm_jax.merge import interpolate, linear_merge, merge_checkpoints
+    from bidirlm_jax.models.config import ModelConfig
+    from bidirlm_jax.models.params import param_count
+    from bidirlm_jax.models.presets import PRESETS, get_preset
+    from bidirlm_jax.models.transformer import ModelOutput, Transformer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bidirlm_jax' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -43,7 +43,7 @@ def _register_convert(sub: argparse._SubParsersAction) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from bidirlm_jax.convert import convert
-    from bidirlm_jax.merge import parse_size
+    from bidirlm_jax.io.shards import parse_size
 
     out = convert(
         args.src, args.dst, to=args.to, attention=args.attention, bidirectional_window=args.bidirectional_window,
@@ -89,6 +89,7 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
 
 def _run_merge(args: argparse.Namespace) -> int:
     from bidirlm_jax import merge  # imported here so that `bidirlm --help` stays fast
+    from bidirlm_jax.io.shards import parse_size
 
     spec = merge.spec_from_args(
         models=args.model, config=args.config, base=args.base, normalize=args.normalize, out_dtype=args.out_dtype,
@@ -96,7 +97,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         bidirectional_window=args.bidirectional_window,
     )  # fmt: skip
     result = merge.merge_checkpoints(
-        spec, args.out, overwrite=args.overwrite, max_shard_bytes=merge.parse_size(args.max_shard_size), progress=not args.no_progress
+        spec, args.out, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size), progress=not args.no_progress
     )
     print(
         f"merged {len(result.merged)} tensors, carried {len(result.carried)} from the base, "

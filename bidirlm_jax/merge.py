@@ -47,10 +47,10 @@ from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.hf_config import set_attention_mode
 from bidirlm_jax.io.layouts import LM_HEAD, detect_layout
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardReader, ShardWriter, TensorSpec
-from bidirlm_jax.merge_config import MergeModel, MergeSpec, load_merge_yaml, parse_size, spec_from_args
+from bidirlm_jax.merge_config import MergeModel, MergeSpec, load_merge_yaml, spec_from_args
 
 __all__ = [
-    "MergeModel", "MergeResult", "MergeSpec", "interpolate", "linear_merge", "load_merge_yaml", "merge_checkpoints", "parse_size",
+    "MergeModel", "MergeResult", "MergeSpec", "interpolate", "linear_merge", "load_merge_yaml", "merge_checkpoints",
     "spec_from_args",
 ]  # fmt: skip
 

@@ -289,18 +289,3 @@ def spec_from_args(
     if bidirectional_window is not None:
         changes["bidirectional_window"] = bidirectional_window
     return spec.replace(**changes)
-
-
-def parse_size(text: str | int) -> int:
-    """Bytes in "5GB", "500MB", "2GiB" or a plain integer (transformers' `max_shard_size` spelling)."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ConfigError(f"size {text!r} is not understood; write e.g. 5GB, 500MB or a number of bytes")
-    unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    size = int(float(m.group(1)) * scale[unit])
-    if size <= 0:
-        raise ConfigError(f"size {text!r} must be positive")
-    return size

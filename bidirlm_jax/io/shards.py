@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +22,11 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy before safe
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from bidirlm_jax.errors import CheckpointError
+from bidirlm_jax.errors import CheckpointError, ConfigError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3  # transformers' default `max_shard_size="5GB"`
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default `max_shard_size="5GB"`
 
 _DTYPE_CODES = {
     np.dtype(np.float64): "F64",
@@ -41,6 +42,21 @@ _DTYPE_CODES = {
 }
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 _TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in "5GB", "500MB", "2GiB" or a plain integer (transformers' `max_shard_size` spelling)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"size {text!r} is not understood; write e.g. 5GB, 500MB or a number of bytes")
+    unit = (m.group(2) or "B").upper()
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    size = int(float(m.group(1)) * scale[unit])
+    if size <= 0:
+        raise ConfigError(f"size {text!r} must be positive")
+    return size
 
 
 def dtype_from_code(code: str) -> np.dtype:
