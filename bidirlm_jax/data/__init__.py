@@ -1,0 +1,1 @@
+"""Input pipelines (grain): token sources, per-process sharding, checkpointable iterators."""

@@ -1,0 +1,166 @@
+"""The training engine's configuration: defaults every `configs/*.py` file starts from, and checks.
+
+Configs are ml_collections `ConfigDict`s (as in big_vision) so that `--config.key=value` overrides work
+from the command line and unknown keys are refused. `model.*` placeholders override single fields of
+the preset (or of the `init_from` checkpoint's config) without a new preset.
+"""
+
+from __future__ import annotations
+
+import re
+
+from absl import flags
+from ml_collections import ConfigDict, config_dict, config_flags
+
+from bidirlm_jax.errors import ConfigError
+
+_MODEL_OVERRIDES = {
+    "vocab_size": int,
+    "hidden_size": int,
+    "intermediate_size": int,
+    "num_layers": int,
+    "num_heads": int,
+    "num_kv_heads": int,
+    "head_dim": int,
+}
+
+
+def base_config() -> ConfigDict:
+    """Engine defaults: AdamW + WSD, one data-parallel mesh over all devices, fp32."""
+    c = ConfigDict()
+    c.objective = "causal_lm"
+    c.model = ConfigDict(
+        dict(
+            preset="tiny-qwen3",
+            init_from="",  # an HF checkpoint directory; empty = random init from `preset`
+            attention="causal",
+            bidirectional_window="half",
+            dtype="float32",  # compute dtype; master weights and the loss stay fp32
+            remat="none",  # none | full | save_dots
+            **{k: config_dict.placeholder(t) for k, t in _MODEL_OVERRIDES.items()},
+        )
+    )
+    c.data = ConfigDict(
+        dict(
+            source="synthetic",  # synthetic | npy (a 1-D array of token ids, memory-mapped)
+            path="",
+            seq_len=64,
+            global_batch_size=8,
+            seed=0,
+            synthetic_tokens=200_000,
+            read_threads=2,
+            prefetch=4,
+        )
+    )
+    c.optim = ConfigDict(
+        dict(
+            learning_rate=3e-4,
+            schedule="wsd",  # wsd | linear | constant
+            warmup_steps=10,
+            decay_fraction=0.2,
+            decay_shape="linear",  # linear | cosine | 1-sqrt (wsd only)
+            final_lr_fraction=0.0,
+            b1=0.9,
+            b2=0.95,
+            eps=1e-8,
+            weight_decay=0.1,
+            grad_clip_norm=1.0,  # <= 0 disables clipping
+        )
+    )
+    c.train = ConfigDict(
+        dict(
+            steps=100,
+            seed=0,
+            grad_accum_steps=1,
+            log_every=1,
+            checkpoint_every=50,
+            keep_checkpoints=3,
+            nonfinite="stop",  # stop | skip
+        )
+    )
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.metrics = ConfigDict(dict(peak_flops_per_device=0.0, tensorboard=True, progress_bar=True))
+    c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
+    return c
+
+
+def model_overrides(model: ConfigDict) -> dict[str, int]:
+    """The architecture fields the config sets explicitly (placeholders left at None are skipped)."""
+    return {k: model[k] for k in _MODEL_OVERRIDES if model[k] is not None}
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not one of {allowed}; fix --config.{key}")
+
+
+def validate(config: ConfigDict) -> None:
+    """Refuse values the engine cannot run before anything is built or written."""
+    _one_of(config.model.remat, ("none", "full", "save_dots"), "model.remat")
+    _one_of(config.model.dtype, ("float32", "bfloat16"), "model.dtype")
+    _one_of(config.model.attention, ("causal", "bidirectional"), "model.attention")
+    _one_of(config.data.source, ("synthetic", "npy"), "data.source")
+    _one_of(config.train.nonfinite, ("stop", "skip"), "train.nonfinite")
+    for key in ("train.steps", "train.grad_accum_steps", "train.log_every", "train.checkpoint_every",
+                "train.keep_checkpoints", "data.seq_len", "data.global_batch_size"):
+        section, name = key.split(".")
+        if config[section][name] <= 0:
+            raise ConfigError(f"{key}={config[section][name]} must be positive; fix --config.{key}")
+    if config.data.source == "npy" and not config.data.path:
+        raise ConfigError("data.source='npy' needs --config.data.path=FILE.npy (a 1-D array of token ids)")
+
+
+_OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
+
+
+def _flag_values(argv: list[str]) -> flags.FlagValues:
+    """A private absl flag registry (no global FLAGS), parsed like big_vision's `--config` flag."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config", None, "ml_collections config FILE.py[:PRESET]", flag_values=fv, lock_config=True, sys_argv=argv
+    )
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, tensorboard, metrics.jsonl)", flag_values=fv)
+    try:
+        rest = fv(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"bad train arguments: {e}") from None
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected arguments {rest[1:]}; train takes --config, --workdir and --config.key=value")
+    return fv
+
+
+def _loaded(fv: flags.FlagValues) -> ConfigDict:
+    if fv["config"].value is None:
+        raise ConfigError("missing --config configs/FILE.py[:PRESET]")
+    config = fv.config
+    if not isinstance(config, ConfigDict):  # config_flags defers a load failure to the first access
+        try:
+            config.objective  # noqa: B018 - raises the deferred load error
+        except Exception as e:  # noqa: BLE001 - any failure of the user's config file
+            raise ConfigError(f"cannot load --config {fv['config'].config_filename}: {e}") from None
+    return config
+
+
+def parse_train_args(argv: list[str]) -> tuple[ConfigDict, str]:
+    """`--config FILE.py[:PRESET] --workdir DIR [--config.key=value ...]` → (validated config, workdir).
+
+    Overrides are checked against the loaded config first, so a typo is reported by name.
+    """
+    argv = ["bidirlm train", *argv]
+    base = _loaded(_flag_values([a for a in argv if not _OVERRIDE.match(a)]))
+    for arg in argv:
+        if match := _OVERRIDE.match(arg):
+            node = base
+            for part in match.group(1).split("."):
+                if not isinstance(node, ConfigDict) or part not in node:
+                    raise ConfigError(
+                        f"unknown config key {match.group(1)!r} (from {arg!r}); see the config file "
+                        f"(and bidirlm_jax/train/config.py for the engine's keys) for the valid ones"
+                    )
+                node = node[part]
+    fv = _flag_values(argv)
+    config = _loaded(fv)
+    if not fv.workdir:
+        raise ConfigError("missing --workdir DIR (where checkpoints, tensorboard logs and metrics.jsonl go)")
+    validate(config)
+    return config, fv.workdir

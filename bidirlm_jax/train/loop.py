@@ -1,0 +1,217 @@
+"""`train(config, workdir)`: the whole run — validate, build or resume, step, log, checkpoint, stop.
+
+Everything that can reject the inputs (config values, mesh, batch split, `init_from`, a workdir holding
+another model's checkpoints) runs before the first byte is written. The loop syncs on each step's
+metrics, so a non-finite loss is caught before the state that produced it could be checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+from ml_collections import ConfigDict
+
+from bidirlm_jax import distributed
+from bidirlm_jax.data.lm import DeviceBatches, lm_dataset, load_tokens
+from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
+from bidirlm_jax.io.hf import from_pretrained
+from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.sharding import make_mesh
+from bidirlm_jax.train import metrics as metrics_lib
+from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
+from bidirlm_jax.train.config import model_overrides, validate
+from bidirlm_jax.train.losses import LossFn, get_loss
+from bidirlm_jax.train.optim import make_optimizer
+from bidirlm_jax.train.state import StateLayout, param_shapes
+from bidirlm_jax.train.step import jit_step, make_step_fn
+
+
+def model_config(model: ConfigDict) -> ModelConfig:
+    """The architecture to train: the `init_from` checkpoint's or the preset's, plus the run settings."""
+    run = dict(attention=model.attention, bidirectional_window=model.bidirectional_window, dtype=model.dtype,
+               remat=model.remat)  # fmt: skip
+    overrides = model_overrides(model)
+    if not model.init_from:
+        if "num_layers" in overrides:  # the preset's layer-type pattern, cut or repeated to the new depth
+            pattern = get_preset(model.preset).layer_types
+            overrides["layer_types"] = tuple(pattern[i % len(pattern)] for i in range(overrides["num_layers"]))
+        return get_preset(model.preset, **overrides, **run)
+    if overrides:
+        raise ConfigError(f"model.init_from fixes the architecture; drop the overrides {sorted(overrides)}")
+    path = Path(model.init_from)
+    if not (path / "config.json").is_file():
+        raise CheckpointError(
+            f"model.init_from={path} is not a Hugging Face checkpoint directory (no config.json there); "
+            "point it to a directory with config.json and *.safetensors, or leave it empty for a random init"
+        )
+    return ModelConfig.from_json_file(path, **run)
+
+
+def _init_params(model: ConfigDict, config: ModelConfig, mesh) -> nnx.State:
+    """fp32 master weights from `init_from`, read tensor by tensor straight into their shardings."""
+    loaded = from_pretrained(model.init_from, attention=config.attention,
+                             bidirectional_window=config.bidirectional_window, dtype="float32", mesh=mesh)  # fmt: skip
+    return nnx.state(loaded, nnx.Param)
+
+
+class _Preemption:
+    """SIGTERM (Cloud TPU preemption, SLURM/K8s stop) → finish the step, checkpoint, exit cleanly.
+    All processes agree on stopping at the same step."""
+
+    def __init__(self):
+        self._flag = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self._flag = True
+
+    def requested(self) -> bool:
+        if jax.process_count() == 1:
+            return self._flag
+        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._flag))))
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _check_batch(config: ConfigDict, mesh) -> None:
+    batch, accum = config.data.global_batch_size, config.train.grad_accum_steps
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % (accum * shards):
+        raise ConfigError(
+            f"data.global_batch_size={batch} does not split into train.grad_accum_steps={accum} micro-batches "
+            f"over the {shards} batch shards of the mesh (data={mesh.shape['data']} × fsdp={mesh.shape['fsdp']}); "
+            f"use a multiple of {accum * shards}"
+        )
+    if batch % jax.process_count():
+        raise ConfigError(f"data.global_batch_size={batch} does not divide over {jax.process_count()} processes")
+
+
+@dataclasses.dataclass
+class _Plan:
+    """Everything a run needs, decided and checked before anything is written."""
+
+    mesh: Mesh
+    model: ModelConfig
+    layout: StateLayout
+    step_fn: Any
+    dataset: Any
+    resume_step: int | None
+    init_params: nnx.State | None
+    meta: dict[str, Any]
+
+
+def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
+    validate(config)
+    distributed.initialize(config.distributed)
+    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    _check_batch(config, mesh)
+    model_cfg = model_config(config.model)
+    loss_fn = loss_fn or get_loss(config.objective)
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    layout = StateLayout(model_cfg, tx, mesh, seed=config.train.seed)
+    shapes = param_shapes(layout.abstract.params)
+    resume_step = latest_step(workdir / "checkpoints")
+    if resume_step is not None:
+        existing = Checkpointer(workdir / "checkpoints", save_every=1, keep=1)
+        try:
+            existing.check_compatible(resume_step, shapes)
+        finally:
+            existing.close()
+    tokens = load_tokens(config.data, model_cfg.vocab_size)
+    dataset = lm_dataset(tokens, seq_len=config.data.seq_len, global_batch=config.data.global_batch_size,
+                         seed=config.data.seed, process_index=jax.process_index(),
+                         process_count=jax.process_count())  # fmt: skip
+    step_fn = jit_step(
+        make_step_fn(layout.graphdef, loss_fn, tx, schedule, grad_accum=config.train.grad_accum_steps,
+                     skip_nonfinite=config.train.nonfinite == "skip"),  # fmt: skip
+        layout.shardings, mesh, dataset[0],
+    )
+    fresh_from_hf = config.model.init_from and resume_step is None
+    return _Plan(
+        mesh=mesh, model=model_cfg, layout=layout, step_fn=step_fn, dataset=dataset, resume_step=resume_step,
+        init_params=_init_params(config.model, model_cfg, mesh) if fresh_from_hf else None,
+        meta={"param_shapes": shapes, "config": json.loads(config.to_json_best_effort())},
+    )  # fmt: skip
+
+
+def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) -> dict[str, Any]:
+    """Train (or resume from the workdir's latest checkpoint) as `config` says.
+
+    `loss_fn` replaces the objective named by `config.objective`. Returns `{"step", "preempted", **last
+    logged metrics}`. Raises a `BidirLMError` for unusable inputs (before writing anything) and when the
+    loss turns non-finite with `train.nonfinite="stop"`.
+    """
+    workdir = Path(workdir)
+    plan = _plan(config, workdir, loss_fn)
+    checkpointer = Checkpointer(workdir / "checkpoints", save_every=config.train.checkpoint_every,
+                                keep=config.train.keep_checkpoints)  # fmt: skip
+    batches = DeviceBatches(plan.dataset, plan.mesh, read_threads=config.data.read_threads,
+                            prefetch=config.data.prefetch)  # fmt: skip
+    if plan.resume_step is not None:
+        state = checkpointer.restore(plan.resume_step, plan.layout.abstract, batches.iterator)
+    elif plan.init_params is not None:
+        state = plan.layout.from_params(plan.init_params)
+    else:
+        state = plan.layout.init()
+    writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.metrics.tensorboard)
+    step = int(jax.device_get(state.step))
+    writer.drop_after(step)
+    tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    flops_per_step = metrics_lib.training_flops_per_token(plan.model, config.data.seq_len) * tokens_per_step
+    peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device)
+    bar = metrics_lib.progress_bar(config.train.steps, step, enabled=config.metrics.progress_bar)
+    preemption = _Preemption()
+    logged: dict[str, Any] = {}
+    preempted = False
+    try:
+        with jax.set_mesh(plan.mesh):
+            last = time.perf_counter()
+            while step < config.train.steps:
+                state, out = plan.step_fn(state, next(batches))
+                out = {k: float(v) for k, v in jax.device_get(out).items()}
+                step += 1
+                now = time.perf_counter()
+                seconds, last = now - last, now
+                if not out.pop("finite") and config.train.nonfinite == "stop":
+                    checkpointer.wait()
+                    good = checkpointer.latest_step()
+                    raise BidirLMError(
+                        f"non-finite loss ({out['loss']}) or gradient norm ({out['grad_norm']}) at step {step}; "
+                        f"stopped without saving it. Last good checkpoint: "
+                        f"{'step ' + str(good) if good is not None else 'none'} in {checkpointer.directory}. "
+                        "Lower optim.learning_rate (or raise optim.warmup_steps), or set "
+                        "--config.train.nonfinite=skip to skip such steps"
+                    )
+                if step % config.train.log_every == 0 or step == config.train.steps:
+                    logged = dict(out, step_seconds=seconds, tokens_per_second=tokens_per_step / seconds,
+                                  mfu=metrics_lib.mfu(flops_per_step, seconds, peak, jax.device_count()))  # fmt: skip
+                    writer.write(step, logged)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['learning_rate']:.2e}", refresh=False)
+                bar.update(1)
+                preempted = preemption.requested()
+                checkpointer.save(step, state, batches.iterator, plan.meta, force=preempted or step == config.train.steps)
+                if preempted:
+                    break
+        checkpointer.wait()
+    finally:
+        preemption.close()
+        bar.close()
+        writer.close()
+        checkpointer.close()
+    return {"step": step, "preempted": preempted, **logged}

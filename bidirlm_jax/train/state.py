@@ -1,0 +1,69 @@
+"""The train state (params, optimizer state, step, RNG) and its creation directly in its shardings.
+
+Parameters never exist as one full host copy: the abstract state (`jax.eval_shape`) gives every
+array's logical axis names, `sharding.state_shardings` turns them into shardings, and the initialiser
+is jitted with those as `out_shardings`, so each device materialises only its own shards (what a TPU
+pod needs: no host could hold a large model's optimizer state).
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from bidirlm_jax import sharding
+from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.transformer import Transformer, abstract_model
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: nnx.State  # fp32 master weights
+    opt_state: optax.OptState
+    rng: jax.Array  # raw uint32 key; split once per step
+
+
+def _state_from(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # distinct from the parameter-init stream
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+
+
+class StateLayout:
+    """Where every array of the train state lives, and the two ways to fill it (random or given params).
+
+    `abstract` (shapes, dtypes and shardings, no data) is also the target a checkpoint restores into.
+    """
+
+    def __init__(self, config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, *, seed: int):
+        self.graphdef, _ = abstract_model(config)
+        self._tx, self._seed = tx, seed
+
+        def init() -> TrainState:
+            fresh = nnx.state(Transformer(config, rngs=nnx.Rngs(seed)), nnx.Param)
+            return _state_from(fresh, tx, seed)
+
+        self._init = init
+        shapes = jax.eval_shape(init)
+        self.shardings = sharding.state_shardings(shapes, mesh)
+        self.abstract: TrainState = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.shardings
+        )
+
+    def init(self) -> TrainState:
+        """A randomly initialised state, each device computing only its own shards."""
+        return jax.jit(self._init, out_shardings=self.shardings)()
+
+    def from_params(self, params: nnx.State) -> TrainState:
+        """A fresh state around given (host) parameters, placed straight into their shardings."""
+        placed = jax.device_put(params, self.shardings.params)
+        return jax.jit(lambda p: _state_from(p, self._tx, self._seed), out_shardings=self.shardings)(placed)
+
+
+def param_shapes(params: nnx.State) -> dict[str, list[int]]:
+    """`{"layers/0/attn/q_proj": [d, h, hd], ...}`: what identifies a model's architecture in a checkpoint."""
+    return {"/".join(map(str, path)): list(v.shape) for path, v in nnx.to_flat_state(params)}

@@ -1,0 +1,153 @@
+"""The jitted train step on 8 fake CPU devices: sharded = single device, shardings follow the rules,
+gradient accumulation = one big batch, non-finite steps skipped when asked."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec
+
+from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.sharding import logical_to_spec, make_mesh
+from bidirlm_jax.train.config import base_config
+from bidirlm_jax.train.losses import causal_lm_loss
+from bidirlm_jax.train.optim import make_optimizer
+from bidirlm_jax.train.state import StateLayout
+from bidirlm_jax.train.step import jit_step, loss_and_grads, make_step_fn
+
+CONFIG = get_preset("tiny-qwen3")  # 4 heads, 2 KV heads: tensor=4 must fall back to replicating KV heads
+RNG = jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="module")
+def tx():
+    return make_optimizer(base_config().optim, total_steps=100)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    ids = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (16, 32)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[3, 20:] = 0  # padding: its targets must not count
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _grads_on(mesh_shape, batch, tx, grad_accum=1, config=CONFIG):
+    mesh = make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
+    layout = StateLayout(config, tx[0], mesh, seed=0)
+    state = layout.init()
+    fn = functools.partial(loss_and_grads, layout.graphdef, causal_lm_loss, grad_accum=grad_accum)
+    with jax.set_mesh(mesh):
+        loss, grads, count, metrics = jax.jit(fn)(state.params, batch, RNG)
+    return state, float(loss), jax.tree.map(np.asarray, grads), float(count)
+
+
+@pytest.fixture(scope="module")
+def reference(batch, tx):
+    return _grads_on((1, 1, 1), batch, tx)
+
+
+# What the rules give the [vocab, embed] embedding table on each mesh (vocab -> tensor, embed -> fsdp).
+EMBEDDING_SPEC = {
+    (8, 1, 1): PartitionSpec(None, None),
+    (1, 8, 1): PartitionSpec(None, "fsdp"),
+    (2, 2, 2): PartitionSpec("tensor", "fsdp"),
+    (1, 2, 4): PartitionSpec("tensor", "fsdp"),
+}
+
+
+@pytest.mark.parametrize("mesh_shape", list(EMBEDDING_SPEC))
+def test_sharded_loss_and_grads_equal_single_device(mesh_shape, batch, tx, reference):
+    _, ref_loss, ref_grads, ref_count = reference
+    state, loss, grads, count = _grads_on(mesh_shape, batch, tx)
+    assert count == ref_count == 16 * 31 - 12
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), grads, ref_grads)
+
+    # Every parameter and Adam moment lives where the logical rules say, and is created sharded.
+    mesh = state.step.sharding.mesh
+    adam = state.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
+    for tree in (state.params, adam.mu, adam.nu):
+        for path, var in nnx.to_flat_state(tree):
+            arr = var.get_value()
+            expected = logical_to_spec(var.get_metadata()["out_sharding"], arr.shape, mesh)
+            assert arr.sharding.spec == expected, path
+            local = arr.sharding.shard_shape(arr.shape)
+            assert arr.addressable_shards[0].data.shape == local
+            if "kv_heads" in var.get_metadata()["out_sharding"] and mesh.shape["tensor"] == 4:
+                assert "tensor" not in jax.tree.leaves(tuple(expected))  # 2 KV heads do not split 4 ways
+    assert state.params["embedder"]["embedding"].get_value().sharding.spec == EMBEDDING_SPEC[mesh_shape]
+
+
+def test_grad_accumulation_equals_one_big_batch(batch, tx, reference):
+    _, ref_loss, ref_grads, ref_count = reference
+    _, loss, grads, count = _grads_on((1, 1, 1), batch, tx, grad_accum=4)
+    assert count == ref_count
+    # The loss is a token sum (~3000) divided by the count: fp32 summation order alone moves it ~2 ulp.
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), grads, ref_grads)
+
+
+def test_grad_accumulation_on_a_mesh_weights_micro_batches_by_tokens(batch, tx, reference):
+    # Micro-batches with very different token counts (padding) still give the global token mean.
+    _, ref_loss, ref_grads, _ = reference
+    _, loss, grads, _ = _grads_on((2, 2, 2), batch, tx, grad_accum=2)
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), grads, ref_grads)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_policies_change_memory_not_results(remat, batch, tx, reference):
+    _, ref_loss, ref_grads, _ = reference
+    _, loss, grads, _ = _grads_on((1, 1, 1), batch, tx, config=CONFIG.replace(remat=remat))
+    assert loss == pytest.approx(ref_loss, abs=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), grads, ref_grads)
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_loss(batch, tx, reference):
+    _, ref_loss, ref_grads, _ = reference
+    state, loss, grads, _ = _grads_on((1, 1, 1), batch, tx, config=CONFIG.replace(dtype="bfloat16"))
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(grads)} == {np.dtype("float32")}
+    assert loss == pytest.approx(ref_loss, abs=2e-2) and loss != ref_loss  # bf16 activations, fp32 loss
+
+
+def test_step_applies_adamw_and_reports_metrics(batch, tx, reference):
+    mesh = make_mesh(2, 2, 2)
+    layout = StateLayout(CONFIG, tx[0], mesh, seed=0)
+    state = layout.init()
+    before = jax.tree.map(np.array, state.params)  # copies: a zero-copy view would block donation
+    step = jit_step(make_step_fn(layout.graphdef, causal_lm_loss, *tx), layout.shardings, mesh, batch)
+    with jax.set_mesh(mesh):
+        new, out = step(state, batch)
+    assert state.params["final_norm"]["weight"].get_value().is_deleted()  # donated
+    assert int(new.step) == 1
+    _, ref_loss, ref_grads, _ = reference
+    assert float(out["loss"]) == pytest.approx(ref_loss, abs=1e-5)
+    assert float(out["grad_norm"]) == pytest.approx(float(optax.global_norm(ref_grads)), rel=1e-5)
+    assert float(out["learning_rate"]) == pytest.approx(float(tx[1](0)))
+    assert 0.0 <= float(out["accuracy"]) <= 1.0 and float(out["finite"]) == 1.0
+    expected = optax.apply_updates(before, tx[0].update(ref_grads, tx[0].init(before), before)[0])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), jax.tree.map(np.asarray, new.params), expected)
+    assert new.params["final_norm"]["weight"].get_value().sharding == layout.shardings.params["final_norm"]["weight"].get_value()
+
+
+def test_non_finite_step_is_flagged_and_skipped_when_asked(batch, tx):
+    def nan_loss(model, b, rng):
+        loss, count, metrics = causal_lm_loss(model, b, rng)
+        return loss * jnp.nan, count, metrics
+
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    layout = StateLayout(CONFIG, tx[0], mesh, seed=0)
+    state = layout.init()
+    before = jax.tree.map(np.array, (state.params, state.opt_state))
+    step = jax.jit(make_step_fn(layout.graphdef, nan_loss, *tx, skip_nonfinite=True))
+    new, out = step(state, batch)
+    assert float(out["finite"]) == 0.0 and int(new.step) == 1
+    after = jax.tree.map(np.asarray, (new.params, new.opt_state))
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(before)):
+        np.testing.assert_array_equal(a, b)
