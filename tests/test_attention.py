@@ -60,7 +60,7 @@ def test_implementations_agree():
     attention_mask[1, -5:] = 0
     mask = build_masks(CONFIG, jnp.asarray(attention_mask), None)[SLIDING]
     ref = attend(q, k, v, mask, scale=0.25, implementation="reference")
-    for implementation in ("xla", "auto"):
+    for implementation in ("xla", "blocked", "auto"):
         out = attend(q, k, v, mask, scale=0.25, implementation=implementation)
         np.testing.assert_allclose(out, ref, atol=2e-6)
     assert np.isfinite(np.asarray(ref)).all()

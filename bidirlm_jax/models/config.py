@@ -69,7 +69,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype of activations
     param_dtype: str = "float32"
     remat: str = "none"
-    attention_impl: str = "auto"  # "auto" | "xla" | "cudnn" | "reference"
+    attention_impl: str = "auto"  # "auto" | "xla" | "cudnn" | "blocked" | "reference"
     extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # other config.json keys, JSON-encoded
 
     def __post_init__(self):

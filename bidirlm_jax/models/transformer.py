@@ -11,7 +11,7 @@ from flax import nnx
 
 from bidirlm_jax.models.attention import Attention, build_masks
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.layers import MLP, Embedder, RMSNorm, param, rope_tables
+from bidirlm_jax.models.layers import MLP, Embedder, RMSNorm, linear, param, rope_tables
 from bidirlm_jax.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -95,7 +95,7 @@ class Transformer(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM-head logits in fp32 (bf16 inputs are multiplied with fp32 accumulation)."""
         w = self.embedder.embedding if self.config.tie_word_embeddings else self.lm_head
-        logits = jnp.einsum("btd,vd->btv", hidden, w[...].astype(hidden.dtype), preferred_element_type=jnp.float32)
+        logits = linear(hidden, w, preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
