@@ -1,7 +1,7 @@
 """Causal language modelling (next-token prediction): continued pre-training of a decoder.
 
     bidirlm train --config configs/lm.py:tiny --workdir /tmp/lm
-    bidirlm train --config configs/lm.py:qwen3-0.6b --workdir gs://bucket/run \
+    bidirlm train --config configs/lm.py:qwen3-0.6b --workdir /mnt/runs/q06 \
         --config.model.init_from=/ckpt/Qwen3-0.6B --config.data.path=tokens.npy
 
 Presets: `tiny` (a 2-layer Qwen3 on a generated Markov corpus; learns visibly in seconds on a CPU),
@@ -13,6 +13,7 @@ fp32 master weights, FSDP over all devices) on a `.npy` array of token ids (`dat
 
 from ml_collections import ConfigDict
 
+from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.train.config import base_config
 
 # Peak learning rates of the paper's MNTP runs (paper-recipe.md §2.4), a sound start for this objective too.
@@ -38,5 +39,5 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         c.train.update(steps=4240, seed=42, grad_accum_steps=3, checkpoint_every=250, log_every=10)
         c.mesh.update(data=1, fsdp=-1, tensor=1)
     else:
-        raise ValueError(f"unknown preset {preset!r}; choose one of tiny, bench, {', '.join(_SIZES)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of tiny, bench, {', '.join(_SIZES)}")
     return c

@@ -111,7 +111,7 @@ def blocked_attention(q, k, v, mask, *, scale: float) -> jax.Array:
 def attend(q, k, v, mask, *, scale: float, implementation: str) -> jax.Array:
     """Dispatch to a kernel; all of them compute the same function (tests hold them to it).
 
-    "auto": cuDNN on GPU in half precision; on an unsharded CPU computation the blocked kernel; XLA's
+    "auto": cuDNN on GPU in half precision; on a one-device CPU computation the blocked kernel; XLA's
     fused-by-the-compiler `jax.nn.dot_product_attention` otherwise (a scan over a sharded batch would
     make the partitioner gather it).
     """
@@ -126,7 +126,8 @@ def attend(q, k, v, mask, *, scale: float, implementation: str) -> jax.Array:
                 return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
             except NotImplementedError:  # shapes cuDNN refuses (e.g. head_dim 256 before Hopper)
                 pass
-        if backend == "cpu" and jax.sharding.get_abstract_mesh().empty:
+        mesh = jax.sharding.get_abstract_mesh()
+        if backend == "cpu" and (mesh.empty or mesh.size == 1):
             return blocked_attention(q, k, v, mask, scale=scale)
         implementation = "xla"
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
