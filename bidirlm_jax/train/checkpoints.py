@@ -20,7 +20,6 @@ from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.train.state import TrainState
 
 
-
 def latest_step(directory: str | os.PathLike) -> int | None:
     """The newest committed step under `directory`, without creating anything."""
     if not Path(directory).is_dir():
