@@ -4,7 +4,6 @@ import json
 import re
 import shutil
 
-import ml_dtypes  # noqa: F401
 import numpy as np
 import pytest
 import torch

@@ -14,7 +14,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -272,4 +272,5 @@ def stored_dtype(path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
     """dtype name of the token embedding as stored, to re-export in the checkpoint's own precision."""
     reader = open_weights(path, allow_pickle=allow_pickle)
     key = detect_layout(reader.keys()).to_checkpoint("embed_tokens.weight")
-    return jnp.dtype(reader.get(key).dtype).name
+    dtype = reader.info(key).dtype if isinstance(reader, ShardReader) else reader.get(key).dtype  # header only
+    return jnp.dtype(dtype).name
