@@ -16,7 +16,9 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/bidirlm demo --out demo_out
 
-test: $(STAMP)
+test: $(STAMP)  # lint and format check first (seconds), then the suite
+	$(VENV)/bin/ruff format --check --quiet .
+	$(VENV)/bin/ruff check --quiet .
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 -q
 
 bench: $(STAMP)  # every benchmark against its peer; several minutes, figures go in BENCHMARKS.md

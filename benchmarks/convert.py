@@ -74,8 +74,10 @@ def main() -> None:
         print(f"{step:<10}{r['seconds']:>9.2f}{r['peak_mb']:>13,.0f}{r['import_mb']:>19,.0f}")
     read, copy = (results["convert"]["seconds"] / results[s]["seconds"] for s in ("read", "copy"))
     budget = 1.2 * mb + 300
-    print(f"convert time: {read:.2f}x read, {copy:.2f}x copy; peak RSS {results['convert']['peak_mb']:,.0f} MB vs budget {budget:,.0f} MB "
-          f"(1.2 x checkpoint + 300 MB): {'ok' if results['convert']['peak_mb'] <= budget else 'OVER'}")
+    print(
+        f"convert time: {read:.2f}x read, {copy:.2f}x copy; peak RSS {results['convert']['peak_mb']:,.0f} MB vs budget {budget:,.0f} MB "
+        f"(1.2 x checkpoint + 300 MB): {'ok' if results['convert']['peak_mb'] <= budget else 'OVER'}"
+    )
 
 
 if __name__ == "__main__":

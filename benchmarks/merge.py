@@ -34,12 +34,25 @@ from bidirlm_jax.io.shards import ShardReader, ShardWriter, TensorSpec  # noqa: 
 
 BIN = Path(sys.executable).parent
 QWEN3_0_6B = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936, "hidden_size": 1024,
-    "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
-    "head_dim": 128, "hidden_act": "silu", "max_position_embeddings": 40960, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000, "tie_word_embeddings": True, "attention_bias": False, "dtype": "bfloat16",
-    "bos_token_id": 151643, "eos_token_id": 151645,
-}  # fmt: skip
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "vocab_size": 151936,
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "dtype": "bfloat16",
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+}
 
 LAUNCH = """
 import json, os, sys, time
@@ -67,7 +80,10 @@ def qwen3_specs(config: dict) -> list[TensorSpec]:
     import ml_dtypes
 
     bf16 = np.dtype(ml_dtypes.bfloat16)
-    d, h, kv, hd, ff = (config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size"))
+    d, h, kv, hd, ff = (
+        config[k]
+        for k in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+    )
     specs = [TensorSpec("model.embed_tokens.weight", (config["vocab_size"], d), bf16)]
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -149,15 +165,40 @@ def main() -> None:
         f"merge_method: linear\ndtype: bfloat16\nmodels:\n"
         f"  - model: {a}\n    parameters:\n      weight: 0.5\n  - model: {b}\n    parameters:\n      weight: 0.5\n"
     )
-    outs = {"bidirlm merge": work / "out-bidirlm", "mergekit linear": work / "out-mergekit", "copy (read 2, write 1)": work / "out-copy"}
+    outs = {
+        "bidirlm merge": work / "out-bidirlm",
+        "mergekit linear": work / "out-mergekit",
+        "copy (read 2, write 1)": work / "out-copy",
+    }
     commands = {
-        "bidirlm merge": [str(BIN / "bidirlm"), "merge", "--model", f"{a}=0.5", "--model", f"{b}=0.5",
-                          "--out", str(outs["bidirlm merge"]), "--no-progress"],
-        "mergekit linear": [str(BIN / "mergekit-yaml"), str(recipe), str(outs["mergekit linear"]), "--no-copy-tokenizer",
-                            "--no-write-model-card", "--quiet"],
-        "copy (read 2, write 1)": [str(BIN / "python"), "-c", COPY, str(a / "model.safetensors"), str(b / "model.safetensors"),
-                                   str(work / "out-copy.safetensors")],
-    }  # fmt: skip
+        "bidirlm merge": [
+            str(BIN / "bidirlm"),
+            "merge",
+            "--model",
+            f"{a}=0.5",
+            "--model",
+            f"{b}=0.5",
+            "--out",
+            str(outs["bidirlm merge"]),
+            "--no-progress",
+        ],
+        "mergekit linear": [
+            str(BIN / "mergekit-yaml"),
+            str(recipe),
+            str(outs["mergekit linear"]),
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            "--quiet",
+        ],
+        "copy (read 2, write 1)": [
+            str(BIN / "python"),
+            "-c",
+            COPY,
+            str(a / "model.safetensors"),
+            str(b / "model.safetensors"),
+            str(work / "out-copy.safetensors"),
+        ],
+    }
     results = {}
     env_note = f"{os.cpu_count()} cores"
     load_before = os.getloadavg()[0]
@@ -168,9 +209,11 @@ def main() -> None:
             results.setdefault(name, []).append(measure(cmd))
     identical, worst = compare(outs["bidirlm merge"], outs["mergekit linear"])
     moved = 3 * size / 1e9
-    print(f"inputs: 2 x {size / 1e9:.2f} GB bf16 (Qwen3-0.6B shape), largest tensor {largest / 1e9:.3f} GB; {env_note}; "
-          f"median of {args.repeats} runs, warm page cache; load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after (other work on the machine slows every run)\n")  # fmt: skip
+    print(
+        f"inputs: 2 x {size / 1e9:.2f} GB bf16 (Qwen3-0.6B shape), largest tensor {largest / 1e9:.3f} GB; {env_note}; "
+        f"median of {args.repeats} runs, warm page cache; load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after (other work on the machine slows every run)\n"
+    )
     print("| run | wall (s) | GB/s (read+write) | peak RSS (GB) |")
     print("|---|---|---|---|")
     for name, runs in results.items():
@@ -179,9 +222,14 @@ def main() -> None:
         wall = statistics.median(w for w, _ in runs)
         rss = max(r for _, r in runs)
         print(f"| {name} | {wall:.2f} | {moved / wall:.2f} | {rss:.2f} |")
-    ours, theirs = statistics.median(w for w, _ in results["bidirlm merge"]), statistics.median(w for w, _ in results["mergekit linear"])
-    print(f"\nspeed-up over mergekit: {theirs / ours:.1f}x (target >= 3x); "
-          f"RSS target: largest tensor x 3 + 300 MB = {(3 * largest + 300e6) / 1e9:.2f} GB")  # fmt: skip
+    ours, theirs = (
+        statistics.median(w for w, _ in results["bidirlm merge"]),
+        statistics.median(w for w, _ in results["mergekit linear"]),
+    )
+    print(
+        f"\nspeed-up over mergekit: {theirs / ours:.1f}x (target >= 3x); "
+        f"RSS target: largest tensor x 3 + 300 MB = {(3 * largest + 300e6) / 1e9:.2f} GB"
+    )
     print(f"bidirlm vs mergekit output: {identical:.6%} of elements bit-identical, max |diff| {worst:.3g}")
 
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import transformers
 
+from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
@@ -78,15 +79,18 @@ def torch_step(mode: str, ids: np.ndarray):
     """(one-step callable, first-step loss) of transformers' Qwen3 (sdpa) + torch AdamW, in `mode`:
     eager, compile (torch.compile of the model) or bf16 (eager under bf16 autocast)."""
     config = get_preset("bench-qwen3")
-    hf = transformers.Qwen3Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+    hf = transformers.Qwen3Config(**{k: v for k, v in config_to_hf(config).items() if k != "architectures"})
     hf._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(hf).train()
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": OPTIM["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=OPTIM["learning_rate"], betas=(OPTIM["b1"], OPTIM["b2"]), eps=OPTIM["eps"])  # fmt: skip
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": OPTIM["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=OPTIM["learning_rate"],
+        betas=(OPTIM["b1"], OPTIM["b2"]),
+        eps=OPTIM["eps"],
+    )
     forward = torch.compile(model) if mode == "compile" else model
     tids = torch.as_tensor(ids, dtype=torch.long)
 
@@ -129,9 +133,11 @@ def main() -> None:
             times[name].append(_seconds(run))
     median = {name: statistics.median(t) for name, t in times.items()}
     roof = {"float32": 2 * 2048**3 / median.pop("matmul fp32"), "bfloat16": 2 * 2048**3 / median.pop("matmul bf16")}
-    print(f"bench-qwen3 ({param_count(config) / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, "
-          f"{os.cpu_count()} cores, {flops / 1e9:.0f} GFLOP per step; jax matmul roofline "
-          f"fp32 {roof['float32'] / 1e9:.0f} GFLOP/s, bf16 {roof['bfloat16'] / 1e9:.0f} GFLOP/s")  # fmt: skip
+    print(
+        f"bench-qwen3 ({param_count(config) / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, "
+        f"{os.cpu_count()} cores, {flops / 1e9:.0f} GFLOP per step; jax matmul roofline "
+        f"fp32 {roof['float32'] / 1e9:.0f} GFLOP/s, bf16 {roof['bfloat16'] / 1e9:.0f} GFLOP/s"
+    )
     rows = {name: dict(seconds=seconds, loss=variants[name][1]) for name, seconds in median.items()}
     for name, dtype in (("jax fp32", "float32"), ("jax bf16", "bfloat16")):
         rows[name]["mfu"] = flops / rows[name]["seconds"] / roof[dtype]
@@ -140,14 +146,21 @@ def main() -> None:
         r["tokens_per_second"] = tokens / r["seconds"]
         mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else ""
         print(f"{name:<15}{r['seconds']:>9.3f}{r['tokens_per_second']:>9,.0f}{r['loss']:>12.4f}{mfu:>7}")
-    ratios = {f"jax fp32 / torch {m}": rows["torch " + m]["seconds"] / rows["jax fp32"]["seconds"]
-              for m in ("eager", "compile") if "torch " + m in rows}  # fmt: skip
+    ratios = {
+        f"jax fp32 / torch {m}": rows["torch " + m]["seconds"] / rows["jax fp32"]["seconds"]
+        for m in ("eager", "compile")
+        if "torch " + m in rows
+    }
     ratios["jax bf16 / torch bf16"] = rows["torch bf16"]["seconds"] / rows["jax bf16"]["seconds"]
     for name, ratio in ratios.items():
         print(f"{name}: {ratio:.2f}x")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(rows=rows, ratios=ratios, roofline=roof, batch=args.batch, seq=args.seq,
-                                              flops_per_step=flops), indent=2))  # fmt: skip
+    Path(args.out).write_text(
+        json.dumps(
+            dict(rows=rows, ratios=ratios, roofline=roof, batch=args.batch, seq=args.seq, flops_per_step=flops),
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -7,14 +7,14 @@ The public API; each function is also a `bidirlm` CLI command. Names are importe
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
 
 _EXPORTS = {
     "from_pretrained": "bidirlm_jax.io.hf",
     "save_pretrained": "bidirlm_jax.io.hf",
-    "convert": "bidirlm_jax.convert",
+    "convert": "bidirlm_jax.io.conversion",
     "ModelConfig": "bidirlm_jax.models.config",
     "param_count": "bidirlm_jax.models.params",
     "PRESETS": "bidirlm_jax.models.presets",
@@ -27,15 +27,6 @@ _EXPORTS = {
 }
 
 __all__ = ["BidirLMError", "CheckpointError", "ConfigError", *_EXPORTS]
-
-if TYPE_CHECKING:
-    from bidirlm_jax.convert import convert
-    from bidirlm_jax.io.hf import from_pretrained, save_pretrained
-    from bidirlm_jax.merge import interpolate, linear_merge, merge_checkpoints
-    from bidirlm_jax.models.config import ModelConfig
-    from bidirlm_jax.models.params import param_count
-    from bidirlm_jax.models.presets import PRESETS, get_preset
-    from bidirlm_jax.models.transformer import ModelOutput, Transformer
 
 
 def __getattr__(name: str) -> Any:

@@ -33,23 +33,33 @@ def _register_convert(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dst", help="output directory (must not exist, unless --overwrite)")
     p.add_argument("--to", choices=["hf", "checkpoint"], help="output format (default: the other one)")
     p.add_argument("--attention", choices=["causal", "bidirectional"], help="attention mode to record (default: SRC's)")
-    p.add_argument("--bidirectional-window", choices=["half", "full", "none"], help="Gemma3 sliding layers when bidirectional")
+    p.add_argument(
+        "--bidirectional-window", choices=["half", "full", "none"], help="Gemma3 sliding layers when bidirectional"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="stored dtype of an HF output")
     p.add_argument("--max-shard-size", default="5GB", help="largest HF output shard, e.g. 5GB, 500MB (default 5GB)")
-    p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (pickle; only from sources you trust)")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="read pytorch_model.bin (pickle; only from sources you trust)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(run=_run_convert)
 
 
 def _run_convert(args: argparse.Namespace) -> int:
-    from bidirlm_jax.convert import convert
+    from bidirlm_jax.io.conversion import convert
     from bidirlm_jax.io.shards import parse_size
 
     out = convert(
-        args.src, args.dst, to=args.to, attention=args.attention, bidirectional_window=args.bidirectional_window,
-        dtype=args.dtype, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+        args.src,
+        args.dst,
+        to=args.to,
+        attention=args.attention,
+        bidirectional_window=args.bidirectional_window,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
         max_shard_bytes=parse_size(args.max_shard_size),
-    )  # fmt: skip
+    )
     print(f"wrote {out}")
     return 0
 
@@ -71,17 +81,45 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
         "The base model (default: the first) gives the output its key layout, config, tokenizer and the tensors "
         "only it has (vision/audio towers).",
     )
-    p.add_argument("--model", action="append", default=[], metavar="PATH=WEIGHT", help="a checkpoint directory and its weight (repeat)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="PATH=WEIGHT",
+        help="a checkpoint directory and its weight (repeat)",
+    )
     p.add_argument("--config", metavar="FILE.yaml", help="a mergekit `merge_method: linear` recipe instead of --model")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, unless --overwrite)")
-    p.add_argument("--base", metavar="PATH", help="the model whose layout, config, tokenizer and extra tensors the output takes")
+    p.add_argument(
+        "--base", metavar="PATH", help="the model whose layout, config, tokenizer and extra tensors the output takes"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    p.add_argument("--no-normalize", dest="normalize", action="store_false", default=None, help="Σ wᵢθᵢ without dividing by Σ wᵢ")
-    p.add_argument("--out-dtype", choices=["float32", "bfloat16", "float16"], help="dtype of merged tensors (default: the base's)")
-    p.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keys not merged: the base's are kept, others dropped")
-    p.add_argument("--key-pattern", action="append", default=[], metavar="PATH=REGEX", help="regex whose group is the backbone-relative key of PATH's tensors")
-    p.add_argument("--attention", choices=["causal", "bidirectional"], help="attention mode written to the output's config")
-    p.add_argument("--bidirectional-window", choices=["half", "full", "none"], help="Gemma3 sliding layers when bidirectional")
+    p.add_argument(
+        "--no-normalize", dest="normalize", action="store_false", default=None, help="Σ wᵢθᵢ without dividing by Σ wᵢ"
+    )
+    p.add_argument(
+        "--out-dtype", choices=["float32", "bfloat16", "float16"], help="dtype of merged tensors (default: the base's)"
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="REGEX",
+        help="keys not merged: the base's are kept, others dropped",
+    )
+    p.add_argument(
+        "--key-pattern",
+        action="append",
+        default=[],
+        metavar="PATH=REGEX",
+        help="regex whose group is the backbone-relative key of PATH's tensors",
+    )
+    p.add_argument(
+        "--attention", choices=["causal", "bidirectional"], help="attention mode written to the output's config"
+    )
+    p.add_argument(
+        "--bidirectional-window", choices=["half", "full", "none"], help="Gemma3 sliding layers when bidirectional"
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_merge)
@@ -92,12 +130,22 @@ def _run_merge(args: argparse.Namespace) -> int:
     from bidirlm_jax.io.shards import parse_size
 
     spec = merge.spec_from_args(
-        models=args.model, config=args.config, base=args.base, normalize=args.normalize, out_dtype=args.out_dtype,
-        exclude=args.exclude, key_patterns=args.key_pattern, attention=args.attention,
+        models=args.model,
+        config=args.config,
+        base=args.base,
+        normalize=args.normalize,
+        out_dtype=args.out_dtype,
+        exclude=args.exclude,
+        key_patterns=args.key_pattern,
+        attention=args.attention,
         bidirectional_window=args.bidirectional_window,
-    )  # fmt: skip
+    )
     result = merge.merge_checkpoints(
-        spec, args.out, overwrite=args.overwrite, max_shard_bytes=parse_size(args.max_shard_size), progress=not args.no_progress
+        spec,
+        args.out,
+        overwrite=args.overwrite,
+        max_shard_bytes=parse_size(args.max_shard_size),
+        progress=not args.no_progress,
     )
     print(
         f"merged {len(result.merged)} tensors, carried {len(result.carried)} from the base, "
@@ -118,8 +166,9 @@ DIR/tensorboard/ and DIR/metrics.jsonl. Overrides use the config's dotted keys, 
 
 def _register_train(sub) -> None:
     # absl parses the arguments (big_vision-style --config.key=value), so argparse passes them all on.
-    p = sub.add_parser("train", help="train a model (causal LM, MNTP, contrastive) from a config", prefix_chars="+",
-                       add_help=False)  # fmt: skip
+    p = sub.add_parser(
+        "train", help="train a model (causal LM, MNTP, contrastive) from a config", prefix_chars="+", add_help=False
+    )
     p.add_argument("flags", nargs=argparse.REMAINDER)
     p.set_defaults(run=_run_train)
 

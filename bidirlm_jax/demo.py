@@ -16,9 +16,9 @@ from pathlib import Path
 import transformers
 from flax import nnx
 
-from bidirlm_jax import reference
-from bidirlm_jax.convert import convert
+from bidirlm_jax.io.conversion import convert
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained
+from bidirlm_jax.testing import reference
 
 TOLERANCE = 1e-4
 LM_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lm.py"
@@ -31,7 +31,9 @@ def _train_base(out: Path) -> bool:
     config, workdir = parse_train_args([f"--config={LM_CONFIG}:tiny", f"--workdir={out / 'lm'}"])
     train(config, workdir)
     losses = [json.loads(line)["loss"] for line in (out / "lm" / "metrics.jsonl").read_text().splitlines()]
-    print(f"causal LM base (configs/lm.py:tiny): loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} logged steps")
+    print(
+        f"causal LM base (configs/lm.py:tiny): loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} logged steps"
+    )
     return losses[-1] < 2 / 3 * losses[0]
 
 
@@ -40,7 +42,9 @@ def _logits(model, ids, mask):
     return model(ids, mask).logits
 
 
-def _family(name: str, causal_config, bidirectional_config, bidirectional_kwargs: dict, out: Path) -> list[tuple[str, float]]:
+def _family(
+    name: str, causal_config, bidirectional_config, bidirectional_kwargs: dict, out: Path
+) -> list[tuple[str, float]]:
     """Rows of (check, relative error) for one family.
 
     The bidirectional reference is the same random model (same seed) in transformers' own bidirectional
@@ -53,12 +57,19 @@ def _family(name: str, causal_config, bidirectional_config, bidirectional_kwargs
     rows = []
     for attention, (model, kwargs) in references.items():
         ours = _logits(from_pretrained(ckpt, attention=attention), ids, mask)
-        rows.append((f"{name} {attention}", reference.max_rel_err(ours, reference.hf_logits(model, ids, mask, **kwargs), mask)))
+        rows.append(
+            (f"{name} {attention}", reference.max_rel_err(ours, reference.hf_logits(model, ids, mask, **kwargs), mask))
+        )
     encoder = from_pretrained(ckpt, attention="bidirectional")
     export = save_pretrained(encoder, out / f"{name}-encoder-hf")
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(export, attn_implementation="eager").eval()
     theirs = reference.hf_logits(reloaded, ids, mask)
-    rows.append((f"{name} encoder export, reloaded by transformers", reference.max_rel_err(_logits(encoder, ids, mask), theirs, mask)))
+    rows.append(
+        (
+            f"{name} encoder export, reloaded by transformers",
+            reference.max_rel_err(_logits(encoder, ids, mask), theirs, mask),
+        )
+    )
     return rows
 
 

@@ -30,11 +30,12 @@ import re
 import shutil
 import threading
 import warnings
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Generator, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -50,9 +51,15 @@ from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardReader, ShardWri
 from bidirlm_jax.merge_config import MergeModel, MergeSpec, load_merge_yaml, spec_from_args
 
 __all__ = [
-    "MergeModel", "MergeResult", "MergeSpec", "interpolate", "linear_merge", "load_merge_yaml", "merge_checkpoints",
+    "MergeModel",
+    "MergeResult",
+    "MergeSpec",
+    "interpolate",
+    "linear_merge",
+    "load_merge_yaml",
+    "merge_checkpoints",
     "spec_from_args",
-]  # fmt: skip
+]
 
 PyTree = Any
 _DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -68,7 +75,14 @@ _NOT_COPIED = re.compile(
     + re.escape(RECORD_FILE)
 )
 # config.json fields that define the text backbone's tensors; they must agree between merged models.
-_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+_ARCH_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,7 +131,9 @@ def _listing(items: Sequence[str], limit: int = 12) -> str:
     return f"\n  {shown}{more}"
 
 
-def linear_merge(trees: Sequence[PyTree], weights: Sequence[float] | jax.Array, *, normalize: bool = True, dtype: Any = None) -> PyTree:
+def linear_merge(
+    trees: Sequence[PyTree], weights: Sequence[float] | jax.Array, *, normalize: bool = True, dtype: Any = None
+) -> PyTree:
     """Σ wᵢ·treeᵢ / Σ wᵢ leaf by leaf (Σ wᵢ·treeᵢ without `normalize`), accumulated in float32.
 
     Any pytrees of one structure (dicts of arrays, `nnx.State`, …), sharded or not; jit-able, with
@@ -144,7 +160,9 @@ def linear_merge(trees: Sequence[PyTree], weights: Sequence[float] | jax.Array, 
     ]
     if bad_shape:
         raise ConfigError(f"leaves with different shapes in the merged pytrees:{_listing(bad_shape)}")
-    not_float = [p for j, p in enumerate(paths) if not all(jnp.issubdtype(jnp.result_type(ls[j]), jnp.floating) for ls in leaves)]
+    not_float = [
+        p for j, p in enumerate(paths) if not all(jnp.issubdtype(jnp.result_type(ls[j]), jnp.floating) for ls in leaves)
+    ]
     if not_float:
         raise ConfigError(f"a linear merge averages floating-point leaves only; these are not:{_listing(not_float)}")
     coeffs = _coefficients(weights, normalize, len(trees))
@@ -186,7 +204,9 @@ class _Input:
     def describe(self) -> str:
         t = self.text_config
         kind = t.get("model_type") or (self.config or {}).get("model_type") or "unknown architecture"
-        return f"{self.model.path} ({kind}, {t.get('num_hidden_layers', '?')} layers, hidden {t.get('hidden_size', '?')})"
+        return (
+            f"{self.model.path} ({kind}, {t.get('num_hidden_layers', '?')} layers, hidden {t.get('hidden_size', '?')})"
+        )
 
 
 @dataclass(frozen=True)
@@ -326,7 +346,8 @@ def _plan(inputs: list[_Input], base: int, out_dtype: str | None) -> list[_Entry
     if architecture:
         raise ConfigError(
             "the models have different architectures: their text backbones do not hold the same tensors"
-            f"{_listing(architecture)}\nmodels: " + "; ".join(inp.describe() for inp in inputs)
+            f"{_listing(architecture)}\nmodels: "
+            + "; ".join(inp.describe() for inp in inputs)
             + "\nmerge checkpoints of one architecture, or --exclude REGEX the tensors to take from the base only"
         )
     if lost:
@@ -448,7 +469,9 @@ def _aligned_empty(n: int, dtype: np.dtype) -> np.ndarray:
     return raw[offset : offset + n * dtype.itemsize].view(dtype)
 
 
-def _pieces(pieces: list[_Piece], inputs: list[_Input], coeffs: np.ndarray, chunk: int) -> Generator[np.ndarray, None, None]:
+def _pieces(
+    pieces: list[_Piece], inputs: list[_Input], coeffs: np.ndarray, chunk: int
+) -> Generator[np.ndarray, None, None]:
     """Every segment's output elements, in order: reads run ahead on a thread pool, merges on XLA's CPU threads.
 
     Each piece gets fresh buffers, since jax computes on them in place.
@@ -526,10 +549,8 @@ def _ahead(items: Generator[Any, None, None], depth: int) -> Iterator[Any]:
     finally:
         stop.set()
         while thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Empty):
                 slots.get(timeout=0.1)
-            except queue.Empty:
-                pass
 
 
 def _output_config(config: dict, spec: MergeSpec, out_dtype: str | None) -> dict:
@@ -579,11 +600,16 @@ def merge_checkpoints(
     config = None if b.config is None else _output_config(b.config, spec, spec.out_dtype)
 
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, [TensorSpec(e.key, e.shape, e.dtype) for e in entries], max_shard_bytes=max_shard_bytes)
+        writer = ShardWriter(
+            tmp, [TensorSpec(e.key, e.shape, e.dtype) for e in entries], max_shard_bytes=max_shard_bytes
+        )
         pieces = _split(entries, inputs, chunk_elements)
         segments = collections.Counter(entry.key for piece in pieces for entry, _, _ in piece.segments)
         stream = _ahead(_pieces(pieces, inputs, coeffs, chunk_elements), depth=_PREFETCH)  # written while merged
-        with contextlib.closing(stream), tqdm(total=len(entries), unit="tensor", desc="merge", disable=not progress) as bar:
+        with (
+            contextlib.closing(stream),
+            tqdm(total=len(entries), unit="tensor", desc="merge", disable=not progress) as bar,
+        ):
             for entry in entries:
                 writer.write_stream(entry.key, itertools.islice(stream, segments[entry.key]))
                 bar.update()

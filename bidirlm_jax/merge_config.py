@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import yaml
 
@@ -25,7 +26,17 @@ _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "hal
 ATTENTION_MODES = ("causal", "bidirectional")
 BIDIRECTIONAL_WINDOWS = ("half", "full", "none")
 
-_TOP_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer", "tokenizer_source", "bidirlm"}
+_TOP_KEYS = {
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer",
+    "tokenizer_source",
+    "bidirlm",
+}
 _BIDIRLM_KEYS = {"exclude", "key_patterns", "attention", "bidirectional_window"}
 
 
@@ -61,7 +72,9 @@ class MergeModel:
             try:
                 groups = re.compile(self.key_pattern).groups
             except re.error as e:
-                raise ConfigError(f"key pattern {self.key_pattern!r} for {self.path} is not a valid regex: {e}") from None
+                raise ConfigError(
+                    f"key pattern {self.key_pattern!r} for {self.path} is not a valid regex: {e}"
+                ) from None
             if groups == 0:
                 raise ConfigError(
                     f"key pattern {self.key_pattern!r} for {self.path} needs a capture group around the "
@@ -125,7 +138,7 @@ class MergeSpec:
             "add it to the models (a weight of 0 takes only its layout, config and extra tensors)"
         )
 
-    def replace(self, **changes: Any) -> "MergeSpec":
+    def replace(self, **changes: Any) -> MergeSpec:
         return dataclasses.replace(self, **changes)
 
     def to_yaml(self, out_dtype: str | None = None) -> str:
@@ -179,7 +192,9 @@ def _with_key_patterns(models: Sequence[MergeModel], patterns: dict[str, str]) -
     if unused:
         raise ConfigError(f"key pattern given for {', '.join(unused)}, which is not one of the merged models")
     return tuple(
-        dataclasses.replace(m, key_pattern=next((r for p, r in patterns.items() if _same_path(m.path, p)), m.key_pattern))
+        dataclasses.replace(
+            m, key_pattern=next((r for p, r in patterns.items() if _same_path(m.path, p)), m.key_pattern)
+        )
         for m in models
     )
 
@@ -210,9 +225,13 @@ def load_merge_yaml(path: str | os.PathLike) -> MergeSpec:
         raise ConfigError(f"{path}: `slices:`/`modules:` recipes are not supported; list whole models under `models:`")
     doc = _mapping(doc, str(path), _TOP_KEYS)
     if doc.get("merge_method") != "linear":
-        raise ConfigError(f"{path}: merge_method {doc.get('merge_method')!r} is not supported; bidirlm merge does `linear`")
+        raise ConfigError(
+            f"{path}: merge_method {doc.get('merge_method')!r} is not supported; bidirlm merge does `linear`"
+        )
     params = _mapping(doc.get("parameters"), f"{path}: parameters", {"normalize", "weight"})
-    tokenizer = _mapping(doc.get("tokenizer"), f"{path}: tokenizer", {"source"}).get("source", doc.get("tokenizer_source"))
+    tokenizer = _mapping(doc.get("tokenizer"), f"{path}: tokenizer", {"source"}).get(
+        "source", doc.get("tokenizer_source")
+    )
     if tokenizer not in (None, "base"):
         raise ConfigError(
             f"{path}: tokenizer source {tokenizer!r} is not supported; the output takes the base model's tokenizer, "
@@ -229,7 +248,7 @@ def load_merge_yaml(path: str | os.PathLike) -> MergeSpec:
         weight = model_params.get("weight", params.get("weight"))
         if weight is None:
             raise ConfigError(f"{path}: models[{i}] ({entry['model']}) has no parameters.weight")
-        if isinstance(weight, (list, dict)) or isinstance(weight, bool):
+        if isinstance(weight, (list, dict, bool)):
             raise ConfigError(
                 f"{path}: models[{i}] weight {weight!r}: only a single number per model is supported "
                 "(no layer gradients or per-tensor filters)"
@@ -282,7 +301,10 @@ def spec_from_args(
         if not sep or not path or not regex:
             raise ConfigError(f"--key-pattern expects PATH=REGEX, got {item!r}")
         patterns[path] = regex
-    changes: dict[str, Any] = {"exclude": spec.exclude + tuple(exclude), "models": _with_key_patterns(spec.models, patterns)}
+    changes: dict[str, Any] = {
+        "exclude": spec.exclude + tuple(exclude),
+        "models": _with_key_patterns(spec.models, patterns),
+    }
     for name, value in (("base", base), ("normalize", normalize), ("out_dtype", out_dtype), ("attention", attention)):
         if value is not None:
             changes[name] = value

@@ -10,7 +10,7 @@ does not divide stays replicated on that axis (Gemma3-270M's single KV head on `
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np

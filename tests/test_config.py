@@ -5,26 +5,41 @@ import json
 import pytest
 import transformers
 
-from bidirlm_jax import reference
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io.hf_config import set_attention_mode
-from bidirlm_jax.models.config import FULL, SLIDING, ModelConfig, Rope
+from bidirlm_jax.io.hf_config import config_from_hf, config_to_hf, set_attention_mode
+from bidirlm_jax.models.config import FULL, SLIDING, Rope
 from bidirlm_jax.models.presets import PRESETS
+from bidirlm_jax.testing import reference
 
 # The text part of google/gemma-3-4b-it's config.json as published (legacy rope fields).
 GEMMA3_4B_LEGACY = {
-    "model_type": "gemma3_text", "vocab_size": 262208, "hidden_size": 2560, "intermediate_size": 10240,
-    "num_hidden_layers": 34, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
-    "query_pre_attn_scalar": 256, "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0,
-    "rope_scaling": {"factor": 8.0, "rope_type": "linear"}, "sliding_window": 1024, "sliding_window_pattern": 6,
-    "rms_norm_eps": 1e-06, "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None,
-    "attn_logit_softcapping": None, "max_position_embeddings": 131072, "bos_token_id": 2, "eos_token_id": [1, 106],
+    "model_type": "gemma3_text",
+    "vocab_size": 262208,
+    "hidden_size": 2560,
+    "intermediate_size": 10240,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0,
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+    "sliding_window": 1024,
+    "sliding_window_pattern": 6,
+    "rms_norm_eps": 1e-06,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "final_logit_softcapping": None,
+    "attn_logit_softcapping": None,
+    "max_position_embeddings": 131072,
+    "bos_token_id": 2,
+    "eos_token_id": [1, 106],
     "pad_token_id": 0,
-}  # fmt: skip
+}
 
 
 def test_legacy_gemma3_fields_equal_the_preset():
-    config = ModelConfig.from_hf_dict(GEMMA3_4B_LEGACY)
+    config = config_from_hf(GEMMA3_4B_LEGACY)
     assert config.rope_full == Rope(1_000_000.0, 8.0) and config.rope_sliding == Rope(10_000.0)
     assert config.layer_types[:6] == (SLIDING,) * 5 + (FULL,)
     assert config.eos_token_id == (1, 106)
@@ -32,8 +47,11 @@ def test_legacy_gemma3_fields_equal_the_preset():
 
 
 def test_multimodal_config_reads_its_text_part():
-    multimodal = {"model_type": "gemma3", "text_config": {k: v for k, v in GEMMA3_4B_LEGACY.items() if k != "model_type"}}
-    assert ModelConfig.from_hf_dict(multimodal) == ModelConfig.from_hf_dict(GEMMA3_4B_LEGACY)
+    multimodal = {
+        "model_type": "gemma3",
+        "text_config": {k: v for k, v in GEMMA3_4B_LEGACY.items() if k != "model_type"},
+    }
+    assert config_from_hf(multimodal) == config_from_hf(GEMMA3_4B_LEGACY)
 
 
 @pytest.mark.parametrize(
@@ -48,40 +66,56 @@ def test_multimodal_config_reads_its_text_part():
 )
 def test_transformers_config_round_trip(hf_config, tmp_path):
     """transformers-5 dict -> ours -> config.json -> transformers: the same architecture, field by field."""
-    ours = ModelConfig.from_hf_dict(hf_config.to_dict())
-    (tmp_path / "config.json").write_text(json.dumps(ours.to_hf_dict()))
+    ours = config_from_hf(hf_config.to_dict())
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(ours)))
     again = transformers.AutoConfig.from_pretrained(tmp_path)
-    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "head_dim", "layer_types",
-                "sliding_window", "rope_parameters", "tie_word_embeddings", "attention_bias", "rms_norm_eps"):  # fmt: skip
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "head_dim",
+        "layer_types",
+        "sliding_window",
+        "rope_parameters",
+        "tie_word_embeddings",
+        "attention_bias",
+        "rms_norm_eps",
+    ):
         assert getattr(again, key) == getattr(hf_config, key), key
-    assert ModelConfig.from_hf_dict(again.to_dict()) == ours
+    assert config_from_hf(again.to_dict()) == ours
 
 
 @pytest.mark.parametrize("window", [512, 9])
 def test_gemma3_bidirectional_export_keeps_the_declared_window(window, tmp_path):
     """transformers halves W in memory; the file must keep W or every save/reload halves it again."""
-    config = ModelConfig.from_hf_dict(reference.gemma3_config(sliding_window=window).to_dict())
-    exported = config.replace(attention="bidirectional").to_hf_dict()
+    config = config_from_hf(reference.gemma3_config(sliding_window=window).to_dict())
+    exported = config_to_hf(config.replace(attention="bidirectional"))
     assert exported["use_bidirectional_attention"] is True and exported["sliding_window"] == window
     (tmp_path / "config.json").write_text(json.dumps(exported))
     loaded = transformers.AutoConfig.from_pretrained(tmp_path)
     assert loaded.sliding_window == window // 2 + 1  # transformers' exclusive bound, |i-j| <= W//2
-    back = ModelConfig.from_hf_dict(json.loads((tmp_path / "config.json").read_text()))
+    back = config_from_hf(json.loads((tmp_path / "config.json").read_text()))
     assert (back.attention, back.bidirectional_window, back.sliding_window) == ("bidirectional", "half", window)
 
 
 def test_qwen3_bidirectional_export_uses_is_causal():
     config = PRESETS["qwen3-0.6b"].replace(attention="bidirectional")
-    exported = config.to_hf_dict()
+    exported = config_to_hf(config)
     assert exported["is_causal"] is False and "use_bidirectional_attention" not in exported
-    assert ModelConfig.from_hf_dict(exported).attention == "bidirectional"
+    assert config_from_hf(exported).attention == "bidirectional"
 
 
 def test_set_attention_mode_keeps_multimodal_fields():
     vl = {
-        "model_type": "qwen3_vl", "vision_config": {"depth": 2},
-        "text_config": {"model_type": "qwen3_vl_text", **reference.qwen3_config().to_dict(), "rope_scaling": {"rope_type": "default", "mrope_section": [8, 4, 4]}},
-    }  # fmt: skip
+        "model_type": "qwen3_vl",
+        "vision_config": {"depth": 2},
+        "text_config": {
+            "model_type": "qwen3_vl_text",
+            **reference.qwen3_config().to_dict(),
+            "rope_scaling": {"rope_type": "default", "mrope_section": [8, 4, 4]},
+        },
+    }
     vl["text_config"]["model_type"] = "qwen3_vl_text"
     out = set_attention_mode(vl, "bidirectional")
     assert out["text_config"]["is_causal"] is False and out["vision_config"] == {"depth": 2}
@@ -91,12 +125,16 @@ def test_set_attention_mode_keeps_multimodal_fields():
 
 def test_unsupported_model_type_lists_the_supported_ones():
     with pytest.raises(ConfigError, match="llama.*supported: gemma3_text, qwen3"):
-        ModelConfig.from_hf_dict({"model_type": "llama"})
+        config_from_hf({"model_type": "llama"})
 
 
 @pytest.mark.parametrize(
     "change, message",
-    [({"attention": "sideways"}, "attention"), ({"num_kv_heads": 3}, "multiple"), ({"bidirectional_window": "wide"}, "window")],
+    [
+        ({"attention": "sideways"}, "attention"),
+        ({"num_kv_heads": 3}, "multiple"),
+        ({"bidirectional_window": "wide"}, "window"),
+    ],
 )
 def test_invalid_values_are_refused(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -105,4 +143,4 @@ def test_invalid_values_are_refused(change, message):
 
 def test_unsupported_rope_type_is_refused():
     with pytest.raises(ConfigError, match="yarn"):
-        ModelConfig.from_hf_dict({**reference.qwen3_config().to_dict(), "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+        config_from_hf({**reference.qwen3_config().to_dict(), "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})

@@ -13,9 +13,9 @@ from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 import bidirlm_jax
-from bidirlm_jax import reference
 from bidirlm_jax.cli import main
 from bidirlm_jax.io.shards import ShardReader
+from bidirlm_jax.testing import reference
 
 
 @nnx.jit
@@ -202,9 +202,14 @@ def test_tokenizer_files_travel_with_conversions(qwen_dir, tmp_path):
     shutil.copytree(qwen_dir, src)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["a tiny corpus for a tiny tokenizer"] * 10, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"]))
+    tok.train_from_iterator(
+        ["a tiny corpus for a tiny tokenizer"] * 10, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>"])
+    )
     transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(src)
     assert main(["convert", str(src), str(tmp_path / "ckpt")]) == 0
     assert main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "hf")]) == 0
     reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    assert reloaded("a tiny corpus").input_ids == transformers.AutoTokenizer.from_pretrained(src)("a tiny corpus").input_ids
+    assert (
+        reloaded("a tiny corpus").input_ids
+        == transformers.AutoTokenizer.from_pretrained(src)("a tiny corpus").input_ids
+    )

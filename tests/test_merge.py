@@ -20,9 +20,15 @@ from bidirlm_jax.merge import MergeModel, MergeSpec, interpolate, linear_merge, 
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 QWEN = dict(
-    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-)  # fmt: skip
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+)
 
 
 # --- checkpoints -------------------------------------------------------------------------------------
@@ -67,7 +73,9 @@ def _write(path: Path, tensors: dict[str, np.ndarray], config: dict | None, *, s
     return path
 
 
-def _random(shapes: dict[str, tuple[int, ...]], seed: int, dtype=np.float32, scale: float = 1.0) -> dict[str, np.ndarray]:
+def _random(
+    shapes: dict[str, tuple[int, ...]], seed: int, dtype=np.float32, scale: float = 1.0
+) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {k: (scale * rng.standard_normal(s, dtype=np.float32)).astype(dtype) for k, s in shapes.items()}
 
@@ -78,7 +86,9 @@ def _tokenizer(path: Path) -> None:
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["merge the base and the encoder"] * 4, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>"]))
+    tok.train_from_iterator(
+        ["merge the base and the encoder"] * 4, trainers.BpeTrainer(vocab_size=40, special_tokens=["<unk>"])
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(path)
 
 
@@ -196,7 +206,9 @@ def test_pieces_span_tensors_around_carried_ones(tmp_path, ckpts):
     result = merge_checkpoints(spec, tmp_path / "out", progress=False, chunk_elements=1000)
     assert result.carried == ("model.layers.0.mlp.up_proj.weight",)
     merged, ta, tb = _read(result.out), _read(a), _read(b)
-    assert np.array_equal(_bits(merged["model.layers.0.mlp.up_proj.weight"]), _bits(ta["model.layers.0.mlp.up_proj.weight"]))
+    assert np.array_equal(
+        _bits(merged["model.layers.0.mlp.up_proj.weight"]), _bits(ta["model.layers.0.mlp.up_proj.weight"])
+    )
     in_memory = linear_merge([ta, tb], [0.3, 0.7])
     for key in result.merged:
         assert np.array_equal(_bits(merged[key]), _bits(np.asarray(in_memory[key]))), key
@@ -237,8 +249,13 @@ def test_in_memory_jit_sharded_pytrees():
     assert merged["layers"][0][0].dtype == jnp.bfloat16
     for m, x, y in zip(jax.tree.leaves(merged), jax.tree.leaves(a), jax.tree.leaves(b)):
         ref = 0.75 * np.asarray(x, np.float64) + 0.25 * np.asarray(y, np.float64)
-        np.testing.assert_allclose(np.asarray(m, np.float64), ref, rtol=1e-2 if m.dtype == jnp.bfloat16 else 1e-6, atol=1e-6)
-    assert all(np.array_equal(np.asarray(m), np.asarray(x)) for m, x in zip(jax.tree.leaves(interpolate(a, b, 0.0)), jax.tree.leaves(a)))
+        np.testing.assert_allclose(
+            np.asarray(m, np.float64), ref, rtol=1e-2 if m.dtype == jnp.bfloat16 else 1e-6, atol=1e-6
+        )
+    assert all(
+        np.array_equal(np.asarray(m), np.asarray(x))
+        for m, x in zip(jax.tree.leaves(interpolate(a, b, 0.0)), jax.tree.leaves(a))
+    )
     three = jax.jit(lambda ts: linear_merge(ts, [1.0, 1.0, 2.0], dtype=jnp.float32))([a, b, b])
     ref = (np.asarray(a["w"]) + 3 * np.asarray(b["w"])) / 4
     np.testing.assert_allclose(np.asarray(three["w"]), ref, rtol=1e-6, atol=1e-6)
@@ -290,10 +307,12 @@ def _vl(path: Path, qwen, seed: int, *, tower_width: int = 32, pos_ids=None) -> 
     if pos_ids is not None:
         tower["model.visual.pos_ids"] = pos_ids
     vl_config = {
-        "architectures": ["Qwen3VLForConditionalGeneration"], "model_type": "qwen3_vl",
-        "text_config": {**config, "model_type": "qwen3_vl_text"}, "vision_config": {"hidden_size": tower_width},
+        "architectures": ["Qwen3VLForConditionalGeneration"],
+        "model_type": "qwen3_vl",
+        "text_config": {**config, "model_type": "qwen3_vl_text"},
+        "vision_config": {"hidden_size": tower_width},
         "image_token_id": 151655,
-    }  # fmt: skip
+    }
     return _write(path, {**tensors, **tower}, vl_config)
 
 
@@ -318,7 +337,9 @@ def test_composition_needs_the_towers_owner_as_base(tmp_path, ckpts, qwen, capsy
     err = capsys.readouterr().err
     assert "model.visual.patch_embed.proj.weight" in err and "--base" in err and not out.exists()
     # excluding the tower drops it on purpose; the output takes the text model's layout
-    assert _cli("--model", f"{text}=0.5", "--model", f"{vl}=0.5", "--out", str(out), "--exclude", r"^model\.visual\.") == 0
+    assert (
+        _cli("--model", f"{text}=0.5", "--model", f"{vl}=0.5", "--out", str(out), "--exclude", r"^model\.visual\.") == 0
+    )
     assert set(_read(out)) == set(_read(text))
 
 
@@ -327,7 +348,9 @@ def test_gemma3_multimodal_layouts_detected_and_key_pattern(tmp_path, qwen, ckpt
     text = _read(ckpts["float32", 0])
     old = {"language_model." + k: v for k, v in _random(shapes, 7).items()}
     old_gemma = _write(tmp_path / "old", old, {"model_type": "gemma3", "text_config": config})
-    custom = _write(tmp_path / "custom", {("enc." + k.removeprefix("model.")): v for k, v in _random(shapes, 8).items()}, config)
+    custom = _write(
+        tmp_path / "custom", {("enc." + k.removeprefix("model.")): v for k, v in _random(shapes, 8).items()}, config
+    )
     out = _merge(tmp_path, [old_gemma, ckpts["float32", 0]], [0.5, 0.5])
     merged = _read(out)
     for key in ("model.norm.weight", "model.layers.1.self_attn.k_norm.weight", "lm_head.weight"):
@@ -360,7 +383,9 @@ def test_tied_embeddings_contribute_their_head(tmp_path, qwen, capsys):
 def test_non_floating_tensors_carried_when_identical(tmp_path, qwen, capsys):
     ids = np.arange(12, dtype=np.int64)
     a, b = _vl(tmp_path / "a", qwen, 1, pos_ids=ids), _vl(tmp_path / "b", qwen, 2, pos_ids=ids)
-    result = merge_checkpoints(MergeSpec((MergeModel(str(a), 1), MergeModel(str(b), 1))), tmp_path / "out", progress=False)
+    result = merge_checkpoints(
+        MergeSpec((MergeModel(str(a), 1), MergeModel(str(b), 1))), tmp_path / "out", progress=False
+    )
     assert "model.visual.pos_ids" in result.carried and "model.visual.patch_embed.proj.weight" in result.merged
     assert np.array_equal(_read(result.out)["model.visual.pos_ids"], ids)
     c = _vl(tmp_path / "c", qwen, 3, pos_ids=ids[::-1].copy())
@@ -382,7 +407,10 @@ def test_output_loads_in_transformers_and_from_pretrained(tmp_path, family):
     config, shapes = _hf_template(family, **overrides)
     paths = [_write(tmp_path / f"in{seed}", _random(shapes, seed, scale=0.1), config) for seed in range(2)]
     out = tmp_path / "out"
-    assert _cli("--model", f"{paths[0]}=0.3", "--model", f"{paths[1]}=0.7", "--out", str(out), "--max-shard-size", "40KB") == 0
+    assert (
+        _cli("--model", f"{paths[0]}=0.3", "--model", f"{paths[1]}=0.7", "--out", str(out), "--max-shard-size", "40KB")
+        == 0
+    )
     assert (out / INDEX_FILE).is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     merged = _read(out)
     if family == "qwen3":
@@ -414,7 +442,19 @@ def test_output_attention_mode(tmp_path, family):
     config, shapes = _hf_template(family)
     paths = [_write(tmp_path / f"in{seed}", _random(shapes, seed), config) for seed in range(2)]
     out = tmp_path / "out"
-    assert _cli("--model", f"{paths[0]}=0.5", "--model", f"{paths[1]}=0.5", "--out", str(out), "--attention", "bidirectional") == 0
+    assert (
+        _cli(
+            "--model",
+            f"{paths[0]}=0.5",
+            "--model",
+            f"{paths[1]}=0.5",
+            "--out",
+            str(out),
+            "--attention",
+            "bidirectional",
+        )
+        == 0
+    )
     written = json.loads((out / "config.json").read_text())
     loaded = transformers.AutoConfig.from_pretrained(out)
     if family == "qwen3":
@@ -451,10 +491,14 @@ def test_refuses_mismatched_architectures(tmp_path, ckpts, capsys):
 def test_refuses_shape_mismatch_unless_excluded(tmp_path, qwen, capsys):
     a, b = _vl(tmp_path / "a", qwen, 1, tower_width=32), _vl(tmp_path / "b", qwen, 2, tower_width=16)
     err = _refused(tmp_path, capsys, "--model", f"{a}=0.5", "--model", f"{b}=0.5")
-    assert "shapes differ" in err and "model.visual.patch_embed.proj.weight: (32, 3, 2, 4, 4) vs (16, 3, 2, 4, 4)" in err
+    assert (
+        "shapes differ" in err and "model.visual.patch_embed.proj.weight: (32, 3, 2, 4, 4) vs (16, 3, 2, 4, 4)" in err
+    )
     assert "model.visual.blocks.0.attn.qkv.weight" in err and "--exclude" in err
     result = merge_checkpoints(
-        MergeSpec((MergeModel(str(a), 0.5), MergeModel(str(b), 0.5)), exclude=("visual",)), tmp_path / "ok", progress=False
+        MergeSpec((MergeModel(str(a), 0.5), MergeModel(str(b), 0.5)), exclude=("visual",)),
+        tmp_path / "ok",
+        progress=False,
     )
     assert {k for k in result.carried if "visual" in k} == {k for k in _read(a) if "visual" in k}
     assert {k for _, k in result.dropped} == {k for k in _read(b) if "visual" in k}
@@ -550,7 +594,10 @@ def test_same_recipe_as_mergekit(tmp_path, ckpts):
         ("merge_method: linear\nmodels:\n  - model: {a}\n", "no parameters.weight"),
         ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters:\n      weight: [0, 1]\n", "single number"),
         ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\nslerp_t: 1\n", "slerp_t"),
-        ("merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\ntokenizer:\n  source: union\n", "tokenizer"),
+        (
+            "merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\ntokenizer:\n  source: union\n",
+            "tokenizer",
+        ),
     ],
 )
 def test_mergekit_yaml_refusals(tmp_path, ckpts, capsys, recipe, message):

@@ -59,8 +59,11 @@ def test_checkpoint_of_another_model_is_refused_by_name(tmp_path):
     ckpt = Checkpointer(tmp_path, save_every=1, keep=1)
     ckpt.save(1, layout.init(), _iterator(), {"param_shapes": param_shapes(layout.abstract.params)})
     ckpt.wait()
-    untied = param_shapes(StateLayout(CONFIG.replace(tie_word_embeddings=False), tx, make_mesh(1, 1, 1, devices=jax.devices()[:1]),
-                                      seed=0).abstract.params)  # fmt: skip
+    untied = param_shapes(
+        StateLayout(
+            CONFIG.replace(tie_word_embeddings=False), tx, make_mesh(1, 1, 1, devices=jax.devices()[:1]), seed=0
+        ).abstract.params
+    )
     with pytest.raises(CheckpointError, match=r"different model .*checkpoint lacks \['lm_head'\]"):
         ckpt.check_compatible(1, untied)
     ckpt.close()

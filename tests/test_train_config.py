@@ -11,9 +11,18 @@ TINY = str(Path(__file__).resolve().parents[1] / "configs" / "lm.py") + ":tiny"
 
 
 def test_overrides_apply_with_their_types():
-    config, workdir = parse_train_args(["--config", TINY, "--workdir", "/tmp/w", "--config.train.steps=7",
-                                        "--config.optim.learning_rate=1e-3", "--config.model.num_layers=3",
-                                        "--config.metrics.tensorboard=false"])  # fmt: skip
+    config, workdir = parse_train_args(
+        [
+            "--config",
+            TINY,
+            "--workdir",
+            "/tmp/w",
+            "--config.train.steps=7",
+            "--config.optim.learning_rate=1e-3",
+            "--config.model.num_layers=3",
+            "--config.metrics.tensorboard=false",
+        ]
+    )
     assert workdir == "/tmp/w"
     assert config.train.steps == 7 and config.optim.learning_rate == 1e-3 and config.metrics.tensorboard is False
     assert model_overrides(config.model) == {"num_layers": 3}

@@ -28,8 +28,10 @@ def _batches(ds, n):
 def test_process_shares_make_up_the_global_batch():
     tokens = np.arange(40 * 8, dtype=np.int32)  # 40 windows of 8 tokens, each identified by its first token
     whole = _batches(lm_dataset(tokens, seq_len=8, global_batch=8, seed=1), 12)  # 12 batches: crosses epochs
-    shares = [_batches(lm_dataset(tokens, seq_len=8, global_batch=8, seed=1, process_index=p, process_count=2), 12)
-              for p in range(2)]  # fmt: skip
+    shares = [
+        _batches(lm_dataset(tokens, seq_len=8, global_batch=8, seed=1, process_index=p, process_count=2), 12)
+        for p in range(2)
+    ]
     for i, batch in enumerate(whole):
         assert batch.shape == (8, 8)
         both = np.concatenate([shares[0][i], shares[1][i]])
@@ -63,8 +65,12 @@ def test_token_files(tmp_path):
     np.save(tmp_path / "big.npy", np.array([1, 2, 500]))
     np.save(tmp_path / "2d.npy", np.zeros((4, 4), np.int32))
     (tmp_path / "junk.npy").write_text("not numpy")
-    for name, message in [("big", "token id 500 >= the model's vocab_size 128"), ("2d", "need 1-D integer ids"),
-                          ("junk", "is not a .npy array"), ("missing", "does not exist")]:  # fmt: skip
+    for name, message in [
+        ("big", "token id 500 >= the model's vocab_size 128"),
+        ("2d", "need 1-D integer ids"),
+        ("junk", "is not a .npy array"),
+        ("missing", "does not exist"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             load_tokens(_data(str(tmp_path / f"{name}.npy")), vocab_size=128)
 

@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bidirlm_jax.cli import main as cli_main
+from bidirlm_jax.io.hf_config import config_to_hf
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = f"{ROOT}/configs/lm.py:tiny"
@@ -52,8 +53,13 @@ def _train_cmd(workdir, *overrides, script=None):
 
 
 def _run(workdir, *overrides, devices=4, script=None, env=None, timeout=300):
-    return subprocess.run(_train_cmd(workdir, *overrides, script=script), env={**_env(devices), **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        _train_cmd(workdir, *overrides, script=script),
+        env={**_env(devices), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _metrics(workdir) -> list[dict]:
@@ -65,8 +71,10 @@ def _params(workdir, step) -> list[np.ndarray]:
     path = Path(workdir).absolute() / "checkpoints" / str(step) / "state"
     checkpointer = ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata.tree)  # fmt: skip
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        checkpointer.metadata(path).item_metadata.tree,
+    )
     return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target)["params"])]
 
 
@@ -115,9 +123,18 @@ def test_resume_after_sigkill_is_exact(runs):
 
 @pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_exits_0(tmp_path):
-    proc = subprocess.Popen(_train_cmd(tmp_path, "--config.train.steps=100000", "--config.train.log_every=1",
-                                       "--config.train.checkpoint_every=100000"),
-                            env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        _train_cmd(
+            tmp_path,
+            "--config.train.steps=100000",
+            "--config.train.log_every=1",
+            "--config.train.checkpoint_every=100000",
+        ),
+        env=_env(1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -136,7 +153,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runs, tmp_path
     whole, _ = runs
     before = _snapshot(whole / "checkpoints")
     # Continue the finished run for more steps at an absurd learning rate: step 13 blows up the weights.
-    result = _run(whole, "--config.train.steps=20", "--config.train.checkpoint_every=1", "--config.optim.learning_rate=1e30")
+    result = _run(
+        whole, "--config.train.steps=20", "--config.train.checkpoint_every=1", "--config.optim.learning_rate=1e30"
+    )
     assert result.returncode == 2
     assert "non-finite" in result.stderr and "Last good checkpoint: step" in result.stderr
     saved = sorted(int(p.name) for p in (whole / "checkpoints").iterdir())
@@ -148,17 +167,31 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runs, tmp_path
 
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
-    args = ["--config.train.steps=4", "--config.optim.warmup_steps=2", "--config.train.log_every=1",
-            "--config.train.checkpoint_every=4"]
+    args = [
+        "--config.train.steps=4",
+        "--config.optim.warmup_steps=2",
+        "--config.train.log_every=1",
+        "--config.train.checkpoint_every=4",
+    ]
     single = _run(tmp_path / "one", *args, devices=4)
     assert single.returncode == 0, single.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     procs = [
-        subprocess.Popen(_train_cmd(tmp_path / "two", *args, f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                                    "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"),
-                         env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        subprocess.Popen(
+            _train_cmd(
+                tmp_path / "two",
+                *args,
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+            ),
+            env=_env(2),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for i in range(2)
     ]
     for p in procs:
@@ -173,19 +206,33 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(_params(tmp_path / "two", 4), _params(tmp_path / "one", 4), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
     assert sorted(p.name for p in (tmp_path / "two/checkpoints/4/data").iterdir() if p.suffix == ".json") == [
-        "process_0-of-2.json", "process_1-of-2.json"]  # fmt: skip
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
 
 
 @pytest.mark.slow
 def test_init_from_an_hf_directory(tmp_path):
+    from flax import nnx
+
     from bidirlm_jax import get_preset, save_pretrained
     from bidirlm_jax.models.transformer import Transformer
-    from flax import nnx
 
     model = Transformer(get_preset("tiny-qwen3"), rngs=nnx.Rngs(7))
     save_pretrained(model, tmp_path / "hf")
-    code = cli_main(["train", "--config", TINY, "--workdir", str(tmp_path / "run"), *QUIET, "--config.train.steps=1",
-                     f"--config.model.init_from={tmp_path / 'hf'}", "--config.optim.learning_rate=0"])  # fmt: skip
+    code = cli_main(
+        [
+            "train",
+            "--config",
+            TINY,
+            "--workdir",
+            str(tmp_path / "run"),
+            *QUIET,
+            "--config.train.steps=1",
+            f"--config.model.init_from={tmp_path / 'hf'}",
+            "--config.optim.learning_rate=0",
+        ]
+    )
     assert code == 0
     expected = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
     for a, b in zip(_params(tmp_path / "run", 1), expected, strict=True):
@@ -197,7 +244,10 @@ def test_init_from_an_hf_directory(tmp_path):
     [
         (["--config.train.stepz=3"], "unknown config key 'train.stepz'"),
         (["--config.mesh.data=3"], "does not divide the 8 available devices"),
-        (["--config.data.global_batch_size=12"], "does not split into train.grad_accum_steps=1 micro-batches over the 8"),
+        (
+            ["--config.data.global_batch_size=12"],
+            "does not split into train.grad_accum_steps=1 micro-batches over the 8",
+        ),
         (["--config.mesh.fsdp=2", "--config.train.grad_accum_steps=3"], "use a multiple of 24"),
         (["--config.model.init_from=/nonexistent"], "not a Hugging Face checkpoint directory"),
         (["--config.optim.schedule=cosine"], "optim.schedule"),
@@ -214,8 +264,15 @@ def test_init_from_a_directory_without_weights_is_refused(tmp_path, capsys):
     from bidirlm_jax import get_preset
 
     (tmp_path / "hf").mkdir()
-    (tmp_path / "hf" / "config.json").write_text(json.dumps(get_preset("tiny-qwen3").to_hf_dict()))
-    args = ["train", "--config", TINY, "--workdir", str(tmp_path / "run"), f"--config.model.init_from={tmp_path / 'hf'}"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(config_to_hf(get_preset("tiny-qwen3"))))
+    args = [
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        str(tmp_path / "run"),
+        f"--config.model.init_from={tmp_path / 'hf'}",
+    ]
     assert cli_main(args) == 2
     assert "no weights" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

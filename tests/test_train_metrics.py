@@ -45,8 +45,11 @@ def test_writer_appends_json_lines_and_tensorboard_scalars(tmp_path):
     writer.write(3, {"loss": 2.0, "grad_norm": 0.5})
     writer.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert records == [{"step": 1, "loss": 2.5, "grad_norm": 1.0}, {"step": 2, "loss": None, "grad_norm": 1.0},
-                       {"step": 3, "loss": 2.0, "grad_norm": 0.5}]  # fmt: skip
+    assert records == [
+        {"step": 1, "loss": 2.5, "grad_norm": 1.0},
+        {"step": 2, "loss": None, "grad_norm": 1.0},
+        {"step": 3, "loss": 2.0, "grad_norm": 0.5},
+    ]
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1 and b"train/loss" in events[0].read_bytes()
 

@@ -132,8 +132,13 @@ def test_step_applies_adamw_and_reports_metrics(batch, tx, reference):
     assert float(out["learning_rate"]) == pytest.approx(float(tx[1](0)))
     assert 0.0 <= float(out["accuracy"]) <= 1.0 and float(out["finite"]) == 1.0
     expected = optax.apply_updates(before, tx[0].update(ref_grads, tx[0].init(before), before)[0])
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), jax.tree.map(np.asarray, new.params), expected)
-    assert new.params["final_norm"]["weight"].get_value().sharding == layout.shardings.params["final_norm"]["weight"].get_value()
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), jax.tree.map(np.asarray, new.params), expected
+    )
+    assert (
+        new.params["final_norm"]["weight"].get_value().sharding
+        == layout.shardings.params["final_norm"]["weight"].get_value()
+    )
 
 
 def test_non_finite_step_is_flagged_and_skipped_when_asked(batch, tx):

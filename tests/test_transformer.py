@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 import bidirlm_jax
-from bidirlm_jax import reference as hm
+from bidirlm_jax.testing import reference as hm
 
 TOL = 1e-4
 BF16_TOL = 3e-2  # bf16 keeps 8 mantissa bits; both sides round at different points
@@ -69,7 +69,9 @@ def test_window_modes_differ(gemma):
     """Guards the tests above: the three windows must give three different functions here."""
     ids, mask = hm.batch()
     outs = [
-        np.asarray(forward(bidirlm_jax.from_pretrained(gemma[1], attention="bidirectional", bidirectional_window=w), ids, mask))
+        np.asarray(
+            forward(bidirlm_jax.from_pretrained(gemma[1], attention="bidirectional", bidirectional_window=w), ids, mask)
+        )
         for w in ("half", "full", "none")
     ]
     assert min(np.abs(a - b).max() for a, b in [(outs[0], outs[1]), (outs[1], outs[2])]) > 1e-3

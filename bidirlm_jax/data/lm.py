@@ -47,7 +47,9 @@ def load_tokens(data: ConfigDict, vocab_size: int) -> np.ndarray:
     except ValueError as e:
         raise ConfigError(f"data.path {path} is not a .npy array ({e}); save token ids with numpy.save") from None
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ConfigError(f"data.path {path} holds a {tokens.dtype} array of shape {tokens.shape}; need 1-D integer ids")
+        raise ConfigError(
+            f"data.path {path} holds a {tokens.dtype} array of shape {tokens.shape}; need 1-D integer ids"
+        )
     if len(tokens) and int(tokens.max()) >= vocab_size:
         raise ConfigError(f"data.path {path} has token id {int(tokens.max())} >= the model's vocab_size {vocab_size}")
     return tokens
@@ -81,7 +83,7 @@ class DeviceBatches:
         self.iterator = iter(dataset.to_iter_dataset(options))
         self._mesh = mesh
 
-    def __iter__(self) -> "DeviceBatches":
+    def __iter__(self) -> DeviceBatches:
         return self
 
     def __next__(self) -> dict[str, jax.Array]:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import jax
 import orbax.checkpoint as ocp
@@ -20,6 +20,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
+from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model
 
@@ -41,16 +42,20 @@ def save_checkpoint(
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp.resolve() / PARAMS_DIR, nnx.state(model, nnx.Param))
         checkpointer.wait_until_finished()
-        (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(dtype=model.config.param_dtype), indent=2) + "\n")
+        (tmp / "config.json").write_text(
+            json.dumps(config_to_hf(model.config, dtype=model.config.param_dtype), indent=2) + "\n"
+        )
     return Path(out_dir)
 
 
-def load_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None, *, mesh: Mesh | None = None) -> Transformer:
+def load_checkpoint(
+    path: str | os.PathLike, config: ModelConfig | None = None, *, mesh: Mesh | None = None
+) -> Transformer:
     """Restore a model; `config` (default: the checkpoint's) may change how it runs, never its shapes."""
     path = Path(path).resolve()
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a bidirlm checkpoint (expected config.json and {PARAMS_DIR}/)")
-    config = config or ModelConfig.from_json_file(path)
+    config = config or read_config(path)
     graphdef, abstract = abstract_model(config)
 
     def target(var: nnx.Variable):

@@ -12,9 +12,10 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,15 +28,31 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.checkpoint import is_checkpoint, load_checkpoint
+from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.layouts import CAUSAL_LM, LM_HEAD, Layout, detect_layout
-from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardReader, ShardWriter, TensorSpec, has_safetensors, torch_dtype_name
+from bidirlm_jax.io.shards import (
+    DEFAULT_MAX_SHARD_BYTES,
+    ShardReader,
+    ShardWriter,
+    TensorSpec,
+    has_safetensors,
+    torch_dtype_name,
+)
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
-)  # fmt: skip
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
 _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkpoints saved
 
 
@@ -57,7 +74,13 @@ class WeightEntry:
 
 
 def weight_table(config: ModelConfig) -> list[WeightEntry]:
-    d, f, h, kv, hd = config.hidden_size, config.intermediate_size, config.num_heads, config.num_kv_heads, config.head_dim
+    d, f, h, kv, hd = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_heads,
+        config.num_kv_heads,
+        config.head_dim,
+    )
     entries = []
 
     def add(path, key, hf_shape, shape=None):
@@ -66,8 +89,11 @@ def weight_table(config: ModelConfig) -> list[WeightEntry]:
     add(("embedder", "embedding"), "embed_tokens.weight", (config.vocab_size, d))
     norms = {"attn_norm": "input_layernorm"}
     if config.is_gemma:
-        norms.update(post_attn_norm="post_attention_layernorm", mlp_norm="pre_feedforward_layernorm",
-                     post_mlp_norm="post_feedforward_layernorm")  # fmt: skip
+        norms.update(
+            post_attn_norm="post_attention_layernorm",
+            mlp_norm="pre_feedforward_layernorm",
+            post_mlp_norm="post_feedforward_layernorm",
+        )
     else:
         norms.update(mlp_norm="post_attention_layernorm")
     for i in range(config.num_layers):
@@ -75,7 +101,12 @@ def weight_table(config: ModelConfig) -> list[WeightEntry]:
         for ours, theirs in norms.items():
             add(("layers", i, ours, "weight"), f"{p}{theirs}.weight", (d,))
         for name, heads in (("q", h), ("k", kv), ("v", kv)):
-            add(("layers", i, "attn", f"{name}_proj"), f"{p}self_attn.{name}_proj.weight", (heads * hd, d), (heads, hd, d))
+            add(
+                ("layers", i, "attn", f"{name}_proj"),
+                f"{p}self_attn.{name}_proj.weight",
+                (heads * hd, d),
+                (heads, hd, d),
+            )
             if config.attention_bias:
                 add(("layers", i, "attn", f"{name}_bias"), f"{p}self_attn.{name}_proj.bias", (heads * hd,), (heads, hd))
         add(("layers", i, "attn", "o_proj"), f"{p}self_attn.o_proj.weight", (d, h * hd), (d, h, hd))
@@ -102,7 +133,11 @@ class _PickleReader:
         import torch  # optional dependency, only for pickled checkpoints
 
         index = path / "pytorch_model.bin.index.json"
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else ["pytorch_model.bin"]
+        files = (
+            sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if index.is_file()
+            else ["pytorch_model.bin"]
+        )
         self._tensors: dict[str, Any] = {}
         for name in files:
             try:
@@ -138,14 +173,9 @@ def open_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> Shar
                 "or convert them to safetensors first"
             )
         return _PickleReader(path)
-    raise CheckpointError(f"no weights in {path}: expected model.safetensors, a sharded safetensors index or pytorch_model.bin")
-
-
-def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path} is not a directory; point to a Hugging Face model directory")
-    return ModelConfig.from_json_file(path, **overrides)
+    raise CheckpointError(
+        f"no weights in {path}: expected model.safetensors, a sharded safetensors index or pytorch_model.bin"
+    )
 
 
 def iter_weights(reader, layout: Layout, config: ModelConfig) -> Iterator[tuple[WeightEntry, np.ndarray]]:
@@ -187,8 +217,9 @@ def load_params(
     graphdef, state = abstract_model(config)
     flat = dict(nnx.to_flat_state(state))
     dtype = jnp.dtype(config.param_dtype)
-    for entry, array in tqdm(iter_weights(reader, layout, config), desc="loading", total=len(flat), leave=False,
-                             disable=None):  # fmt: skip
+    for entry, array in tqdm(
+        iter_weights(reader, layout, config), desc="loading", total=len(flat), leave=False, disable=None
+    ):
         var = flat[entry.path]
         array = np.asarray(array).astype(dtype, copy=False)
         if mesh is None:
@@ -256,7 +287,7 @@ def save_pretrained(
             host = np.asarray(jax.device_get(arrays[entry.path]))
             writer.write(spec.name, entry.to_hf(host).astype(out_dtype, copy=False))
         writer.close()
-        hf = config.to_hf_dict(dtype=torch_dtype_name(out_dtype))
+        hf = config_to_hf(config, dtype=torch_dtype_name(out_dtype))
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         for file in extra_files:
             shutil.copy2(file, tmp / Path(file).name)

@@ -1,17 +1,125 @@
-"""Edits of transformers `config.json` dictionaries that must not lose the fields we do not model."""
+"""transformers' `config.json` <-> `ModelConfig`: the model knows no file format, this module does.
+
+Reads legacy (`rope_theta`, `rope_scaling`, `sliding_window_pattern`) and transformers-5
+(`rope_parameters`) fields, multimodal configs (their `text_config`), and the flags through which
+transformers decides causal vs bidirectional attention. Edits of whole dictionaries
+(`set_attention_mode`) keep every field we do not model.
+"""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
-from bidirlm_jax.models.config import MULTIMODAL_MODEL_TYPES, ModelConfig
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.config import FULL, SLIDING, ModelConfig, Rope
 
+# model_type -> family; multimodal types contribute their `text_config`.
+TEXT_MODEL_TYPES = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_vl_text": "qwen3"}
+MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3"}
+SUPPORTED_MODEL_TYPES = tuple(TEXT_MODEL_TYPES) + tuple(MULTIMODAL_MODEL_TYPES)
+_ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+_EXPORT_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3": "qwen3"}
 # The keys through which transformers decides causal vs bidirectional attention and window width.
 ATTENTION_KEYS = ("use_bidirectional_attention", "is_causal", "sliding_window", "use_sliding_window")
 
 
-def set_attention_mode(hf_config: dict[str, Any], attention: str, bidirectional_window: str | None = None) -> dict[str, Any]:
+def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+    """Read a transformers config (legacy `rope_theta`/`rope_scaling` fields or v5 `rope_parameters`)."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
+    model_type = d.get("model_type")
+    if model_type in MULTIMODAL_MODEL_TYPES:
+        text = dict(d.get("text_config") or {})
+        text.setdefault("model_type", "gemma3_text" if MULTIMODAL_MODEL_TYPES[model_type] == "gemma3" else "qwen3")
+        return config_from_hf(text, **overrides)
+    if model_type not in TEXT_MODEL_TYPES:
+        raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    family = TEXT_MODEL_TYPES[model_type]
+    try:
+        fields = _gemma3_fields(d) if family == "gemma3" else _qwen3_fields(d)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise ConfigError(f"config.json for {model_type} is malformed: {e!r}") from e
+    known = _CONSUMED_KEYS | {"model_type"}
+    extra = tuple(sorted((k, json.dumps(v)) for k, v in d.items() if k not in known))
+    return ModelConfig(family=family, extra=extra, **{**fields, **overrides})
+
+
+def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
+    """A config.json that transformers loads natively (no remote code), in the config's attention mode."""
+    d: dict[str, Any] = {k: json.loads(v) for k, v in config.extra}
+    d.update(
+        model_type=_EXPORT_MODEL_TYPES[config.family],
+        architectures=[_ARCHITECTURES[config.family]],
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        rms_norm_eps=config.rms_norm_eps,
+        tie_word_embeddings=config.tie_word_embeddings,
+        attention_bias=config.attention_bias,
+        max_position_embeddings=config.max_position_embeddings,
+        layer_types=list(config.layer_types),
+        bos_token_id=config.bos_token_id,
+        eos_token_id=list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    if dtype is not None:
+        d["dtype"] = dtype
+    window = config.sliding_window
+    if config.is_gemma:
+        d.update(
+            hidden_activation=config.activation,
+            query_pre_attn_scalar=config.query_pre_attn_scalar,
+            attn_logit_softcapping=config.attn_logit_softcapping,
+            final_logit_softcapping=config.final_logit_softcapping,
+            rope_parameters={
+                FULL: _rope_dict(config.rope_full),
+                SLIDING: _rope_dict(config.rope_sliding or config.rope_full),
+            },
+            use_bidirectional_attention=False,
+        )
+    else:
+        d.update(hidden_act=config.activation, rope_parameters=_rope_dict(config.rope_full))
+    if config.attention == "bidirectional":
+        if config.is_gemma and config.bidirectional_window == "half":
+            d["use_bidirectional_attention"] = True  # transformers halves the declared window itself
+        else:
+            d["is_causal"] = False  # generic route: sliding layers see |i-j| <= W
+            if window is not None and config.bidirectional_window == "half":
+                window //= 2  # |i-j| <= W//2 expressed through the generic inclusive window
+            elif window is not None and config.bidirectional_window == "none":
+                window = max(config.max_position_embeddings, window)
+    d["sliding_window"] = window
+    if not config.is_gemma:
+        d["use_sliding_window"] = window is not None and SLIDING in config.layer_types
+    return d
+
+
+def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """The `ModelConfig` of a directory's (or a file's) config.json; `overrides` replace single fields."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no config.json at {path}; point to a Hugging Face model directory")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    return config_from_hf(d, **overrides)
+
+
+def set_attention_mode(
+    hf_config: dict[str, Any], attention: str, bidirectional_window: str | None = None
+) -> dict[str, Any]:
     """A copy of `hf_config` (text or multimodal) whose text model runs in the given attention mode.
 
     Everything but the attention keys is kept as it was, so a Qwen3-VL or Gemma3 multimodal config
@@ -19,9 +127,142 @@ def set_attention_mode(hf_config: dict[str, Any], attention: str, bidirectional_
     """
     d = copy.deepcopy(hf_config)
     target = d.get("text_config") if d.get("model_type") in MULTIMODAL_MODEL_TYPES else d
-    config = ModelConfig.from_hf_dict(d)
-    config = config.replace(attention=attention, bidirectional_window=bidirectional_window or config.bidirectional_window)
-    rendered = config.to_hf_dict()
+    config = config_from_hf(d)
+    config = config.replace(
+        attention=attention, bidirectional_window=bidirectional_window or config.bidirectional_window
+    )
+    rendered = config_to_hf(config)
     target.pop("is_causal", None)  # rendered only when bidirectional
     target.update({key: rendered[key] for key in ATTENTION_KEYS if key in rendered})
     return d
+
+
+_CONSUMED_KEYS = {
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "layer_types",
+    "rope_parameters",
+    "rope_theta",
+    "rope_local_base_freq",
+    "rope_scaling",
+    "sliding_window",
+    "sliding_window_pattern",
+    "_sliding_window_pattern",
+    "use_sliding_window",
+    "max_window_layers",
+    "query_pre_attn_scalar",
+    "rms_norm_eps",
+    "hidden_activation",
+    "hidden_act",
+    "tie_word_embeddings",
+    "attention_bias",
+    "attn_logit_softcapping",
+    "final_logit_softcapping",
+    "max_position_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "use_bidirectional_attention",
+    "is_causal",
+    "dtype",
+    "torch_dtype",
+    "transformers_version",
+}
+
+
+def _rope_dict(rope: Rope) -> dict[str, Any]:
+    if rope.factor == 1.0:
+        return {"rope_type": "default", "rope_theta": rope.theta}
+    return {"rope_type": "linear", "factor": rope.factor, "rope_theta": rope.theta}
+
+
+def _parse_rope(params: Mapping[str, Any] | None, theta: float) -> Rope:
+    """Rope from a transformers rope dict; only the types these families publish are accepted."""
+    params = dict(params or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = float(params.get("rope_theta", theta))
+    if rope_type == "default":
+        return Rope(theta)
+    if rope_type == "linear":
+        return Rope(theta, float(params["factor"]))
+    raise ConfigError(f"rope_type {rope_type!r} is not supported (supported: default, linear)")
+
+
+def _attention_fields(d: Mapping[str, Any], *, gemma: bool) -> dict[str, Any]:
+    if gemma and d.get("use_bidirectional_attention"):
+        return {"attention": "bidirectional", "bidirectional_window": "half"}
+    if d.get("is_causal") is False:
+        return {"attention": "bidirectional", "bidirectional_window": "full"}
+    return {"attention": "causal"}
+
+
+def _common_fields(d: Mapping[str, Any], *, head_dim_default: int) -> dict[str, Any]:
+    heads = d["num_attention_heads"]
+    eos = d.get("eos_token_id")
+    return dict(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or head_dim_default,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        attention_bias=bool(d.get("attention_bias", False)),
+        max_position_embeddings=d.get("max_position_embeddings", 32768),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=d.get("pad_token_id"),
+    )
+
+
+def _gemma3_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    fields = _common_fields(d, head_dim_default=256)
+    n = fields["num_layers"]
+    pattern = d.get("sliding_window_pattern", d.get("_sliding_window_pattern", 6))
+    layer_types = d.get("layer_types") or [SLIDING if (i + 1) % pattern else FULL for i in range(n)]
+    params = d.get("rope_parameters") or {}
+    if params and FULL not in params and SLIDING not in params:
+        params = {FULL: params}  # a single, type-less rope dict applies to the global layers
+    full = dict(params.get(FULL) or {})
+    if d.get("rope_scaling"):
+        full.update(d["rope_scaling"])
+    return dict(
+        fields,
+        layer_types=tuple(layer_types),
+        rope_full=_parse_rope(full, d.get("rope_theta", 1_000_000.0)),
+        rope_sliding=_parse_rope(params.get(SLIDING), d.get("rope_local_base_freq", 10_000.0)),
+        sliding_window=d.get("sliding_window", 4096),
+        query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
+        activation=d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh",
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        attn_logit_softcapping=d.get("attn_logit_softcapping"),
+        final_logit_softcapping=d.get("final_logit_softcapping"),
+        **_attention_fields(d, gemma=True),
+    )
+
+
+def _qwen3_fields(d: Mapping[str, Any]) -> dict[str, Any]:
+    fields = _common_fields(d, head_dim_default=128)
+    n = fields["num_layers"]
+    window = d.get("sliding_window") if d.get("use_sliding_window") else None  # as Qwen3Config.__post_init__
+    max_window_layers = d.get("max_window_layers", 28)
+    layer_types = d.get("layer_types") or [
+        SLIDING if window is not None and i >= max_window_layers else FULL for i in range(n)
+    ]
+    params = d.get("rope_parameters") or d.get("rope_scaling")
+    return dict(
+        fields,
+        layer_types=tuple(layer_types),
+        rope_full=_parse_rope(params, d.get("rope_theta", 10_000.0)),
+        sliding_window=window if SLIDING in layer_types else None,
+        activation=d.get("hidden_act", "silu"),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        **_attention_fields(d, gemma=False),
+    )

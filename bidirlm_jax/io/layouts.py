@@ -8,8 +8,8 @@ relative to the backbone ("layers.3.mlp.up_proj.weight") so that one key table s
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from bidirlm_jax.errors import CheckpointError
 

@@ -14,11 +14,11 @@ import math
 import os
 import re
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy before safetensors reads them)
+import ml_dtypes
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
@@ -52,7 +52,17 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ConfigError(f"size {text!r} is not understood; write e.g. 5GB, 500MB or a number of bytes")
     unit = (m.group(2) or "B").upper()
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    scale = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     size = int(float(m.group(1)) * scale[unit])
     if size <= 0:
         raise ConfigError(f"size {text!r} must be positive")
@@ -158,7 +168,9 @@ class ShardReader:
         """One whole tensor, in its stored dtype and shape."""
         return self.read_flat(name).reshape(self._info[name].shape)
 
-    def read_flat(self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    def read_flat(
+        self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """Elements [start, stop) of the flattened tensor, read with plain file reads into `out` (or a new array).
 
         safetensors' own reader goes through a memory map, whose pages count toward the process's
@@ -170,7 +182,9 @@ class ShardReader:
         if out is None:
             out = np.empty(stop - start, info.dtype)
         if out.dtype != info.dtype or out.size != stop - start or not out.flags.c_contiguous:
-            raise ValueError(f"read_flat({name}): `out` must be a contiguous {info.dtype} array of {stop - start} elements")
+            raise ValueError(
+                f"read_flat({name}): `out` must be a contiguous {info.dtype} array of {stop - start} elements"
+            )
         buf = memoryview(out.reshape(-1).view(np.uint8))
         pos = info.offset + start * info.dtype.itemsize
         try:
@@ -269,7 +283,9 @@ class ShardWriter:
         for piece in pieces:
             piece = np.ascontiguousarray(piece)
             if piece.dtype != np.dtype(spec.dtype):
-                raise CheckpointError(f"tensor {name} is {piece.dtype} but the planned output is {np.dtype(spec.dtype)}")
+                raise CheckpointError(
+                    f"tensor {name} is {piece.dtype} but the planned output is {np.dtype(spec.dtype)}"
+                )
             self._file.write(memoryview(piece.reshape(-1).view(np.uint8)))  # no `tobytes()` copy
             written += piece.nbytes
         if written != spec.nbytes:

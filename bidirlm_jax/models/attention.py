@@ -26,9 +26,7 @@ from bidirlm_jax.models.config import SLIDING, ModelConfig
 from bidirlm_jax.models.layers import RMSNorm, apply_rope, linear, param
 
 
-def build_masks(
-    config: ModelConfig, attention_mask: jax.Array, segment_ids: jax.Array | None
-) -> dict[str, jax.Array]:
+def build_masks(config: ModelConfig, attention_mask: jax.Array, segment_ids: jax.Array | None) -> dict[str, jax.Array]:
     """The `[B, 1, T, T]` mask of each layer type present in the model."""
     t = attention_mask.shape[1]
     i = jnp.arange(t)[:, None]
@@ -98,7 +96,7 @@ def blocked_attention(q, k, v, mask, *, scale: float) -> jax.Array:
     """
     q, k, v = _heads_first(q, k, v)
     b, kv = k.shape[:2]
-    flat = lambda x: x.reshape(b * kv, *x.shape[2:])  # noqa: E731
+    flat = lambda x: x.reshape(b * kv, *x.shape[2:])
 
     def block(args):
         i, qb, kb, vb = args

@@ -8,7 +8,7 @@ computes `x·rsqrt(mean x²+eps)·(1+w)` in fp32 and casts last, Qwen3's casts b
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,9 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], config: ModelConfig, *, init: str = "normal") -> nnx.Param:
+def param(
+    rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], config: ModelConfig, *, init: str = "normal"
+) -> nnx.Param:
     """A parameter tagged with logical axis names (see `bidirlm_jax.sharding.LOGICAL_RULES`).
 
     Sharding is applied by whoever places the model on a mesh, so building a model never needs one.

@@ -17,6 +17,8 @@ def param_count(path_or_config: str | os.PathLike | ModelConfig) -> int:
     """Parameters of the model a config (or a config.json / a directory holding one) describes; tied weights once."""
     config = path_or_config
     if not isinstance(config, ModelConfig):
-        config = ModelConfig.from_json_file(Path(path_or_config))
+        from bidirlm_jax.io.hf_config import read_config  # the model package knows no file format
+
+        config = read_config(Path(path_or_config))
     _, state = abstract_model(config)
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state.filter(nnx.Param)))

@@ -12,6 +12,17 @@ from bidirlm_jax.train.state import StateLayout, TrainState
 from bidirlm_jax.train.step import jit_step, make_step_fn
 
 __all__ = [
-    "LOSSES", "LossFn", "StateLayout", "TrainState", "base_config", "causal_lm_loss", "get_loss", "jit_step",
-    "make_optimizer", "make_schedule", "make_step_fn", "parse_train_args", "train",
-]  # fmt: skip
+    "LOSSES",
+    "LossFn",
+    "StateLayout",
+    "TrainState",
+    "base_config",
+    "causal_lm_loss",
+    "get_loss",
+    "jit_step",
+    "make_optimizer",
+    "make_schedule",
+    "make_step_fn",
+    "parse_train_args",
+    "train",
+]

@@ -56,15 +56,20 @@ class Checkpointer:
             return
         missing = sorted(set(param_shapes) - set(saved))
         extra = sorted(set(saved) - set(param_shapes))
-        differ = [f"{k}: {saved[k]} vs {param_shapes[k]}" for k in sorted(set(saved) & set(param_shapes))
-                  if saved[k] != param_shapes[k]]  # fmt: skip
+        differ = [
+            f"{k}: {saved[k]} vs {param_shapes[k]}"
+            for k in sorted(set(saved) & set(param_shapes))
+            if saved[k] != param_shapes[k]
+        ]
         detail = "; ".join(
-            part for part in (
+            part
+            for part in (
                 f"shapes differ ({', '.join(differ[:3])})" if differ else "",
                 f"checkpoint lacks {missing[:3]}" if missing else "",
                 f"checkpoint has extra {extra[:3]}" if extra else "",
-            ) if part
-        )  # fmt: skip
+            )
+            if part
+        )
         raise CheckpointError(
             f"{self.directory} holds checkpoints (latest step {step}) of a different model than the config "
             f"describes: {detail}. Use a new --workdir, or the config that wrote these checkpoints"
@@ -72,7 +77,9 @@ class Checkpointer:
 
     def restore(self, step: int, abstract: TrainState, iterator: grain.DatasetIterator) -> TrainState:
         """The state at `step`, in `abstract`'s shardings; `iterator` is moved to the saved position."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)
+        )
         try:
             return self._manager.restore(step, args=args)["state"]
         except (ValueError, KeyError, TypeError) as e:
@@ -82,7 +89,15 @@ class Checkpointer:
                 "settings that wrote it, or use a new --workdir"
             ) from None
 
-    def save(self, step: int, state: TrainState, iterator: grain.DatasetIterator, meta: dict[str, Any], *, force: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: TrainState,
+        iterator: grain.DatasetIterator,
+        meta: dict[str, Any],
+        *,
+        force: bool = False,
+    ) -> bool:
         """Start an asynchronous save if `step` is a multiple of the interval (or `force`); True if one started."""
         if not force and step % self._every:
             return False

@@ -101,8 +101,15 @@ def validate(config: ConfigDict) -> None:
     _one_of(config.model.attention, ("causal", "bidirectional"), "model.attention")
     _one_of(config.data.source, ("synthetic", "npy"), "data.source")
     _one_of(config.train.nonfinite, ("stop", "skip"), "train.nonfinite")
-    for key in ("train.steps", "train.grad_accum_steps", "train.log_every", "train.checkpoint_every",
-                "train.keep_checkpoints", "data.seq_len", "data.global_batch_size"):
+    for key in (
+        "train.steps",
+        "train.grad_accum_steps",
+        "train.log_every",
+        "train.checkpoint_every",
+        "train.keep_checkpoints",
+        "data.seq_len",
+        "data.global_batch_size",
+    ):
         section, name = key.split(".")
         if config[section][name] <= 0:
             raise ConfigError(f"{key}={config[section][name]} must be positive; fix --config.{key}")
@@ -136,7 +143,7 @@ def _loaded(fv: flags.FlagValues) -> ConfigDict:
     if not isinstance(config, ConfigDict):  # config_flags defers a load failure to the first access
         try:
             config.objective  # noqa: B018 - raises the deferred load error
-        except Exception as e:  # noqa: BLE001 - any failure of the user's config file
+        except Exception as e:
             raise ConfigError(f"cannot load --config {fv['config'].config_filename}: {e}") from None
     return config
 

@@ -26,6 +26,7 @@ from bidirlm_jax import distributed
 from bidirlm_jax.data.lm import DeviceBatches, lm_dataset, load_tokens
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
 from bidirlm_jax.io.hf import from_pretrained
+from bidirlm_jax.io.hf_config import read_config
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
@@ -40,8 +41,9 @@ from bidirlm_jax.train.step import jit_step, make_step_fn
 
 def model_config(model: ConfigDict) -> ModelConfig:
     """The architecture to train: the `init_from` checkpoint's or the preset's, plus the run settings."""
-    run = dict(attention=model.attention, bidirectional_window=model.bidirectional_window, dtype=model.dtype,
-               remat=model.remat)  # fmt: skip
+    run = dict(
+        attention=model.attention, bidirectional_window=model.bidirectional_window, dtype=model.dtype, remat=model.remat
+    )
     overrides = model_overrides(model)
     if not model.init_from:
         if "num_layers" in overrides:  # the preset's layer-type pattern, cut or repeated to the new depth
@@ -56,13 +58,18 @@ def model_config(model: ConfigDict) -> ModelConfig:
             f"model.init_from={path} is not a Hugging Face checkpoint directory (no config.json there); "
             "point it to a directory with config.json and *.safetensors, or leave it empty for a random init"
         )
-    return ModelConfig.from_json_file(path, **run)
+    return read_config(path, **run)
 
 
 def _init_params(model: ConfigDict, config: ModelConfig, mesh) -> nnx.State:
     """fp32 master weights from `init_from`, read tensor by tensor straight into their shardings."""
-    loaded = from_pretrained(model.init_from, attention=config.attention,
-                             bidirectional_window=config.bidirectional_window, dtype="float32", mesh=mesh)  # fmt: skip
+    loaded = from_pretrained(
+        model.init_from,
+        attention=config.attention,
+        bidirectional_window=config.bidirectional_window,
+        dtype="float32",
+        mesh=mesh,
+    )
     return nnx.state(loaded, nnx.Param)
 
 
@@ -134,20 +141,38 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         finally:
             existing.close()
     tokens = load_tokens(config.data, model_cfg.vocab_size)
-    dataset = lm_dataset(tokens, seq_len=config.data.seq_len, global_batch=config.data.global_batch_size,
-                         seed=config.data.seed, process_index=jax.process_index(),
-                         process_count=jax.process_count())  # fmt: skip
+    dataset = lm_dataset(
+        tokens,
+        seq_len=config.data.seq_len,
+        global_batch=config.data.global_batch_size,
+        seed=config.data.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     step_fn = jit_step(
-        make_step_fn(layout.graphdef, loss_fn, tx, schedule, grad_accum=config.train.grad_accum_steps,
-                     skip_nonfinite=config.train.nonfinite == "skip"),  # fmt: skip
-        layout.shardings, mesh, dataset[0],
+        make_step_fn(
+            layout.graphdef,
+            loss_fn,
+            tx,
+            schedule,
+            grad_accum=config.train.grad_accum_steps,
+            skip_nonfinite=config.train.nonfinite == "skip",
+        ),
+        layout.shardings,
+        mesh,
+        dataset[0],
     )
     fresh_from_hf = config.model.init_from and resume_step is None
     return _Plan(
-        mesh=mesh, model=model_cfg, layout=layout, step_fn=step_fn, dataset=dataset, resume_step=resume_step,
+        mesh=mesh,
+        model=model_cfg,
+        layout=layout,
+        step_fn=step_fn,
+        dataset=dataset,
+        resume_step=resume_step,
         init_params=_init_params(config.model, model_cfg, mesh) if fresh_from_hf else None,
         meta={"param_shapes": shapes, "config": json.loads(config.to_json_best_effort())},
-    )  # fmt: skip
+    )
 
 
 def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) -> dict[str, Any]:
@@ -159,10 +184,12 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
     """
     workdir = Path(workdir)
     plan = _plan(config, workdir, loss_fn)
-    checkpointer = Checkpointer(workdir / "checkpoints", save_every=config.train.checkpoint_every,
-                                keep=config.train.keep_checkpoints)  # fmt: skip
-    batches = DeviceBatches(plan.dataset, plan.mesh, read_threads=config.data.read_threads,
-                            prefetch=config.data.prefetch)  # fmt: skip
+    checkpointer = Checkpointer(
+        workdir / "checkpoints", save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
+    )
+    batches = DeviceBatches(
+        plan.dataset, plan.mesh, read_threads=config.data.read_threads, prefetch=config.data.prefetch
+    )
     if plan.resume_step is not None:
         state = checkpointer.restore(plan.resume_step, plan.layout.abstract, batches.iterator)
     elif plan.init_params is not None:
@@ -199,13 +226,19 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
                         "--config.train.nonfinite=skip to skip such steps"
                     )
                 if step % config.train.log_every == 0 or step == config.train.steps:
-                    logged = dict(out, step_seconds=seconds, tokens_per_second=tokens_per_step / seconds,
-                                  mfu=metrics_lib.mfu(flops_per_step, seconds, peak, jax.device_count()))  # fmt: skip
+                    logged = dict(
+                        out,
+                        step_seconds=seconds,
+                        tokens_per_second=tokens_per_step / seconds,
+                        mfu=metrics_lib.mfu(flops_per_step, seconds, peak, jax.device_count()),
+                    )
                     writer.write(step, logged)
                     bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['learning_rate']:.2e}", refresh=False)
                 bar.update(1)
                 preempted = preemption.requested()
-                checkpointer.save(step, state, batches.iterator, plan.meta, force=preempted or step == config.train.steps)
+                checkpointer.save(
+                    step, state, batches.iterator, plan.meta, force=preempted or step == config.train.steps
+                )
                 if preempted:
                     break
         checkpointer.wait()

@@ -9,7 +9,7 @@ fresh key per micro-batch for objectives that sample (masking, dropout); determi
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,9 @@ Batch = Mapping[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
-def causal_lm_loss(model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+def causal_lm_loss(
+    model: nnx.Module, batch: Batch, rng: jax.Array
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Next-token cross-entropy in fp32. `batch`: `input_ids` [B, T] and optionally `attention_mask`,
     `segment_ids`, `positions`; a target is scored only when it and its context token are real tokens
     of the same segment."""

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import jax
 import tqdm
@@ -110,5 +110,6 @@ class MetricsWriter:
 
 def progress_bar(total: int, initial: int, *, enabled: bool) -> tqdm.tqdm:
     """Console progress on process 0 only."""
-    return tqdm.tqdm(total=total, initial=initial, disable=not enabled or jax.process_index() != 0, unit="step",
-                     dynamic_ncols=True)  # fmt: skip
+    return tqdm.tqdm(
+        total=total, initial=initial, disable=not enabled or jax.process_index() != 0, unit="step", dynamic_ncols=True
+    )

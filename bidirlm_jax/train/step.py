@@ -8,7 +8,8 @@ split needs no communication.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +58,7 @@ def loss_and_grads(
 
         ((loss, (count, metrics)), grads), _ = jax.lax.scan(micro, zeros, (mbs, jax.random.split(rng, grad_accum)))
     denom = jnp.maximum(count, 1.0)
-    mean = lambda x: x / denom  # noqa: E731
+    mean = lambda x: x / denom
     return mean(loss), jax.tree.map(mean, grads), count, {k: mean(v) for k, v in metrics.items()}
 
 
@@ -80,18 +81,25 @@ def make_step_fn(
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, step_rng = jax.random.split(state.rng)
-        loss, grads, count, metrics = loss_and_grads(graphdef, loss_fn, state.params, batch, step_rng,
-                                                     grad_accum=grad_accum)  # fmt: skip
+        loss, grads, count, metrics = loss_and_grads(
+            graphdef, loss_fn, state.params, batch, step_rng, grad_accum=grad_accum
+        )
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
-        out = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step), "tokens": count,
-               "finite": finite.astype(jnp.float32), **metrics}  # fmt: skip
+        out = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(state.step),
+            "tokens": count,
+            "finite": finite.astype(jnp.float32),
+            **metrics,
+        }
         return new_state, out
 
     return step

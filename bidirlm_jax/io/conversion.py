@@ -38,10 +38,13 @@ def convert(
     if to not in ("hf", "checkpoint"):
         raise ConfigError(f"--to must be 'hf' or 'checkpoint', got {to!r}")
     check_destination(dst, overwrite=overwrite)
-    model = from_pretrained(src, attention=attention, bidirectional_window=bidirectional_window, allow_pickle=allow_pickle)
+    model = from_pretrained(
+        src, attention=attention, bidirectional_window=bidirectional_window, allow_pickle=allow_pickle
+    )
     if to == "checkpoint":
         return save_checkpoint(model, dst, overwrite=overwrite, extra_files=tokenizer_files(src))
     if dtype is None and not src_is_checkpoint:
         dtype = stored_dtype(src, allow_pickle=allow_pickle)
-    return save_pretrained(model, dst, dtype=dtype, overwrite=overwrite, extra_files=tokenizer_files(src),
-                           max_shard_bytes=max_shard_bytes)  # fmt: skip
+    return save_pretrained(
+        model, dst, dtype=dtype, overwrite=overwrite, extra_files=tokenizer_files(src), max_shard_bytes=max_shard_bytes
+    )

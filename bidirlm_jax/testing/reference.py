@@ -17,19 +17,35 @@ WINDOW = 8  # sliding window; test sequences are 24 tokens, three windows long
 
 def gemma3_config(**overrides) -> transformers.Gemma3TextConfig:
     kw = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
-        max_position_embeddings=512, sliding_window_pattern=2, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        query_pre_attn_scalar=24,
+        sliding_window=WINDOW,
+        max_position_embeddings=512,
+        sliding_window_pattern=2,
+        attn_implementation="eager",
+    )
     kw.update(overrides)
     return transformers.Gemma3TextConfig(**kw)
 
 
 def qwen3_config(**overrides) -> transformers.Qwen3Config:
     kw = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, attn_implementation="eager",
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        attn_implementation="eager",
+    )
     kw.update(overrides)
     return transformers.Qwen3Config(**kw)
 

@@ -1,0 +1,1 @@
+"""Test and demo support: transformers reference models and shared builders (torch is imported only here)."""
