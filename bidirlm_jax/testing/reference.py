@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from flax import nnx
 
 VOCAB = 512
 WINDOW = 8  # sliding window; test sequences are 24 tokens, three windows long
@@ -89,3 +90,9 @@ def max_rel_err(ours, theirs, mask: np.ndarray) -> float:
     valid = mask.astype(bool)
     ours, theirs = np.asarray(ours, np.float32)[valid], np.asarray(theirs, np.float32)[valid]
     return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
+
+
+@nnx.jit
+def logits(model, ids, mask):
+    """Our model's logits, compiled once per model and shape (the parity tests' forward)."""
+    return model(ids, mask).logits
