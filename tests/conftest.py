@@ -8,7 +8,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-import pytest  # noqa: E402  (after the environment above)
+import pytest
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import bidirlm_jax
+from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.checkpoint import load_checkpoint, save_checkpoint
-from bidirlm_jax import sharding
 from bidirlm_jax.testing import reference
 
 
