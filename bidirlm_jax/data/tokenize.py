@@ -1,0 +1,387 @@
+"""Tokenised corpora: documents as token ids, in memory or as memory-mapped shards on disk.
+
+`Corpus` is what training reads, whichever way it was made: `tokenize_documents` tokenises a small source
+on the fly; `tokenize_corpus` (`bidirlm tokenize SRC OUT --tokenizer DIR`) tokenises a large one once, in
+several processes, into `tokens-NNNNN.npy` (uint32 ids of the documents, concatenated), `docs-NNNNN.npy`
+(int64 document offsets into them, starting at 0) and a `corpus.json` manifest with the tokenizer's
+special ids and the largest id, recorded once so that no start rescans gigabytes. Documents are encoded
+as the tokenizer encodes them with `add_special_tokens=True` (BOS/EOS as it adds them); a document of
+special tokens only (an empty text) is skipped and counted.
+
+A run works in a hidden `.OUT.partial` directory: each finished shard is recorded by a marker written
+after its arrays, so an interrupted run resumes after its last finished shard (a shard ends with the
+document that fills it, hence at the same place on every run); the result is renamed into place only
+when complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from bidirlm_jax.data.sources import HUB_PREFIX, iter_documents, source_files
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.atomic import atomic_directory, check_destination
+
+if TYPE_CHECKING:  # transformers is imported only where a tokenizer is loaded, so tokenising workers start fast
+    from transformers import PreTrainedTokenizerBase
+
+MANIFEST = "corpus.json"
+FORMAT = "bidirlm-tokens/1"
+_SETTINGS = "settings.json"
+
+
+class Corpus:
+    """Documents as token-id arrays, from in-memory arrays or memory-mapped shards, read identically.
+
+    Each shard is `(tokens, offsets)`: the ids of its documents concatenated, and `num_docs + 1` offsets.
+    `tokenizer` is the manifest's tokenizer record (`special_ids`, `pad_id`, `vocab_size`, ...).
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[tuple[np.ndarray, np.ndarray]],
+        *,
+        tokenizer: dict[str, Any],
+        max_token_id: int,
+        skipped_docs: int = 0,
+        path: Path | None = None,
+    ):
+        self._tokens = [tokens for tokens, _ in shards]
+        self._offsets = [offsets for _, offsets in shards]
+        self._first_doc = np.cumsum([0] + [len(offsets) - 1 for offsets in self._offsets])
+        self.lengths = np.concatenate([np.diff(offsets) for offsets in self._offsets]).astype(np.int64)
+        self.tokenizer, self.max_token_id, self.skipped_docs, self.path = tokenizer, max_token_id, skipped_docs, path
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        """Ids that are never masked (the tokenizer's special tokens)."""
+        return tuple(self.tokenizer["special_ids"])
+
+    @property
+    def pad_id(self) -> int:
+        """The id that fills padding (the tokenizer's pad token, else 0); padding is marked by segment 0 anyway."""
+        return self.tokenizer["pad_id"] if self.tokenizer["pad_id"] is not None else 0
+
+    def document(self, index: int) -> np.ndarray:
+        """The token ids of document `index` (a view into its shard)."""
+        if not 0 <= index < self.num_docs:
+            raise IndexError(f"document {index} of a corpus of {self.num_docs}")
+        shard = int(np.searchsorted(self._first_doc, index, side="right")) - 1
+        offsets, local = self._offsets[shard], index - self._first_doc[shard]
+        return self._tokens[shard][offsets[local] : offsets[local + 1]]
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse a corpus holding ids beyond the model's `vocab_size` embedding rows."""
+        if self.max_token_id >= vocab_size:
+            raise ConfigError(
+                f"the corpus {self.path or ''} holds token id {self.max_token_id} but the model's embedding has "
+                f"{vocab_size} rows; tokenise it with the checkpoint's own tokenizer"
+            )
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Refuse a pre-tokenised corpus whose tokenizer differs from the model's (size or special ids)."""
+        mine = {k: self.tokenizer[k] for k in ("vocab_size", "special_ids")}
+        theirs = {k: _tokenizer_record(tokenizer)[k] for k in mine}
+        if mine != theirs:
+            raise ConfigError(
+                f"the corpus {self.path} was tokenised with another tokenizer ({mine}, the model's: {theirs}); "
+                "re-run bidirlm tokenize with the checkpoint's tokenizer"
+            )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Corpus:
+        """Open a directory `bidirlm tokenize` wrote; the shards are memory-mapped, never read whole."""
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise ConfigError(f"{path} is not a tokenised corpus (no {MANIFEST}); write one with bidirlm tokenize")
+        manifest = json.loads((path / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT:
+            raise ConfigError(f"{path / MANIFEST} is not a {FORMAT} manifest; re-run bidirlm tokenize")
+        shards = []
+        for shard in manifest["shards"]:
+            tokens, offsets = (np.load(path / shard[k], mmap_mode="r") for k in ("tokens", "docs"))
+            if (
+                tokens.dtype != np.uint32
+                or tokens.shape != (shard["num_tokens"],)
+                or offsets.shape != (shard["num_docs"] + 1,)
+            ):
+                raise ConfigError(f"{path / shard['tokens']} does not match {MANIFEST}; re-run bidirlm tokenize")
+            shards.append((tokens, offsets))
+        return cls(
+            shards, tokenizer=manifest["tokenizer"], max_token_id=manifest["max_token_id"],
+            skipped_docs=manifest["skipped_docs"], path=path,
+        )  # fmt: skip
+
+    def __reduce__(self):
+        # A memory-mapped corpus travels to worker processes as its path, not as a copy of its tokens.
+        if self.path is None:
+            return super().__reduce__()
+        return Corpus.load, (self.path,)
+
+
+def tokenize_documents(
+    documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, *, chunk_docs: int = 1024
+) -> Corpus:
+    """Tokenise `documents` in this process into an in-memory `Corpus`."""
+    encoder = _Encoder.of(tokenizer)
+    parts = [encoder(chunk) for chunk in _chunks(documents, chunk_docs)]
+    tokens, offsets = _concatenate(parts)
+    skipped = sum(p.num_read for p in parts) - (len(offsets) - 1)
+    if len(offsets) == 1:
+        raise ConfigError(
+            f"every document of the corpus holds special tokens only ({skipped} skipped); nothing to train on"
+        )
+    return Corpus([(tokens, offsets)], tokenizer=_tokenizer_record(tokenizer), max_token_id=int(tokens.max()),
+                  skipped_docs=skipped)  # fmt: skip
+
+
+def load_corpus(
+    path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, *, text_field: str = "text", split: str = "train"
+) -> Corpus:
+    """The corpus `data.path` names: a `bidirlm tokenize` directory (memory-mapped), else text tokenised now."""
+    if (Path(path) / MANIFEST).is_file():
+        corpus = Corpus.load(path)
+        corpus.check_tokenizer(tokenizer)
+        return corpus
+    return tokenize_documents(iter_documents(path, text_field=text_field, split=split), tokenizer)
+
+
+def tokenize_corpus(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase | str | os.PathLike,
+    *,
+    text_field: str = "text",
+    split: str = "train",
+    num_workers: int = 1,
+    shard_tokens: int = 1 << 28,
+    chunk_docs: int = 1024,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Tokenise the source `src` into shards of about `shard_tokens` tokens in `out_dir` (see the module doc).
+
+    `tokenizer` is a tokenizer or its directory; `num_workers` processes tokenise chunks of `chunk_docs`
+    documents, results kept in source order. Re-running an interrupted call resumes it.
+    """
+    out = check_destination(out_dir, overwrite=overwrite)
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from bidirlm_jax.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    record, encoder_args = _tokenizer_record(tokenizer), _Encoder.args(tokenizer)
+    work = out.parent / f".{out.name}.partial"
+    settings = {
+        "source": _fingerprint(src), "text_field": text_field, "split": split, "shard_tokens": shard_tokens,
+        "tokenizer": record, "tokenizer_sha256": hashlib.sha256(encoder_args[0].encode()).hexdigest(),
+    }  # fmt: skip
+    shards = _finished_shards(work, settings)
+    read = shards[-1]["source_end"] if shards else 0
+    documents = itertools.islice(iter_documents(src, text_field=text_field, split=split), read, None)
+    buffer: list[_Encoded] = []
+    bar = tqdm(desc=f"tokenize {Path(src).name}", unit="doc", initial=read, disable=not progress)
+    with _encoding(encoder_args, num_workers) as encode, bar:
+        for encoded in encode(_chunks(documents, chunk_docs)):
+            bar.update(encoded.num_read)
+            # A shard ends with the document that fills it, so shards end at the same documents on every run.
+            filled = sum(len(p.tokens) for p in buffer) + np.cumsum(encoded.lengths) >= shard_tokens
+            while filled.any():
+                head, encoded = encoded.split(int(np.argmax(filled)) + 1)
+                shards.append(_write_shard(work, settings, len(shards), [*buffer, head], read))
+                read, buffer = shards[-1]["source_end"], []
+                filled = np.cumsum(encoded.lengths) >= shard_tokens
+                bar.set_postfix(shards=len(shards))
+            buffer.append(encoded)
+    if any(len(p.lengths) for p in buffer):
+        shards.append(_write_shard(work, settings, len(shards), buffer, read))
+        buffer = []
+    skipped = sum(s["source_end"] - s["source_start"] - s["num_docs"] for s in shards) + sum(p.num_read for p in buffer)
+    if not shards:
+        raise ConfigError(f"every document of {src} holds special tokens only ({skipped} skipped); nothing written")
+    manifest = {
+        "format": FORMAT, "source": os.fspath(src), "tokenizer": record, "dtype": "uint32",
+        "num_docs": sum(s["num_docs"] for s in shards), "num_tokens": sum(s["num_tokens"] for s in shards),
+        "max_token_id": max(s["max_token_id"] for s in shards), "skipped_docs": skipped,
+        "shards": [{k: s[k] for k in ("tokens", "docs", "num_docs", "num_tokens")} for s in shards],
+    }  # fmt: skip
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        for shard in shards:
+            for name in (shard["tokens"], shard["docs"]):
+                os.replace(work / name, tmp / name)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    shutil.rmtree(work)
+    return out
+
+
+@dataclasses.dataclass
+class _Encoded:
+    tokens: np.ndarray  # uint32: the kept documents' ids, concatenated
+    lengths: np.ndarray  # int64: one per kept document
+    read_through: np.ndarray  # int64: per kept document, the documents read up to it (itself included)
+    num_read: int  # documents read, kept or skipped
+
+    def split(self, n: int) -> tuple[_Encoded, _Encoded]:
+        """The first `n` kept documents (with the skipped ones before them), and the rest."""
+        cut, read = int(self.lengths[:n].sum()), int(self.read_through[n - 1])
+        head = _Encoded(self.tokens[:cut], self.lengths[:n], self.read_through[:n], read)
+        return head, _Encoded(self.tokens[cut:], self.lengths[n:], self.read_through[n:] - read, self.num_read - read)
+
+
+class _Encoder:
+    """Encodes chunks of texts as the tokenizer does with `add_special_tokens=True`; needs only `tokenizers`."""
+
+    def __init__(self, tokenizer_json: str, special_ids: Sequence[int]):
+        self.backend = Tokenizer.from_str(tokenizer_json)
+        self.backend.no_truncation()
+        self.backend.no_padding()
+        self.special_ids = np.asarray(special_ids, np.int64)
+
+    @staticmethod
+    def args(tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
+        return tokenizer.backend_tokenizer.to_str(), _tokenizer_record(tokenizer)["special_ids"]
+
+    @classmethod
+    def of(cls, tokenizer: PreTrainedTokenizerBase) -> _Encoder:
+        return cls(*cls.args(tokenizer))
+
+    def __call__(self, texts: list[str]) -> _Encoded:
+        encodings = self.backend.encode_batch(texts, add_special_tokens=True)
+        lengths = np.array([len(e.ids) for e in encodings], np.int64)
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64, count=int(lengths.sum()))
+        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint32).max):
+            raise ConfigError(f"the tokenizer produced id {ids.min() if ids.min() < 0 else ids.max()}, outside uint32")
+        plain = np.concatenate([[0], np.cumsum(~np.isin(ids, self.special_ids))])
+        ends = np.cumsum(lengths)
+        keep = plain[ends] - plain[ends - lengths] > 0  # at least one non-special token
+        tokens = ids[np.repeat(keep, lengths)].astype(np.uint32)
+        return _Encoded(tokens, lengths[keep], np.flatnonzero(keep) + 1, len(texts))
+
+
+_worker_encoder: _Encoder | None = None
+
+
+def _start_worker(tokenizer_json: str, special_ids: list[int]) -> None:
+    global _worker_encoder
+    _worker_encoder = _Encoder(tokenizer_json, special_ids)
+
+
+def _encode_in_worker(texts: list[str]) -> _Encoded:
+    return _worker_encoder(texts)
+
+
+@contextlib.contextmanager
+def _encoding(
+    encoder_args: tuple[str, list[int]], num_workers: int
+) -> Iterator[Callable[[Iterable[list[str]]], Iterator[_Encoded]]]:
+    """A function mapping chunks of texts to their encodings, in order, over `num_workers` processes."""
+    if num_workers <= 1:
+        encoder = _Encoder(*encoder_args)
+        yield lambda chunks: map(encoder, chunks)
+        return
+    # spawn, not fork: the parent may hold JAX's threads. A bounded window keeps memory flat on huge corpora.
+    with multiprocessing.get_context("spawn").Pool(num_workers, _start_worker, encoder_args) as pool:
+
+        def encode(chunks: Iterable[list[str]]) -> Iterator[_Encoded]:
+            pending: deque = deque()
+            for chunk in chunks:
+                pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+                if len(pending) >= 4 * num_workers:
+                    yield pending.popleft().get()
+            while pending:
+                yield pending.popleft().get()
+
+        yield encode
+
+
+def _tokenizer_record(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    return {
+        "name_or_path": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
+        "special_ids": sorted(int(i) for i in tokenizer.all_special_ids),
+        **{f"{name}_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos", "mask")},
+    }  # fmt: skip
+
+
+def _fingerprint(src: str | os.PathLike) -> list:
+    """What identifies the source's content cheaply: hub name, or each file's path, size and mtime."""
+    if os.fspath(src).startswith(HUB_PREFIX):
+        return [os.fspath(src)]
+    return [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in source_files(src)]
+
+
+def _finished_shards(work: Path, settings: dict) -> list[dict]:
+    """The shards an earlier, interrupted run of the same job finished; anything else in `work` is discarded."""
+    if not work.is_dir():
+        return []
+    if not (work / _SETTINGS).is_file() or json.loads((work / _SETTINGS).read_text()) != settings:
+        shutil.rmtree(work)  # another source, tokenizer or setting: start over
+        return []
+    shards = []
+    while (work / f"shard-{len(shards):05d}.json").is_file():
+        shards.append(json.loads((work / f"shard-{len(shards):05d}.json").read_text()))
+    keep = {_SETTINGS} | {f"{kind}-{i:05d}.{ext}" for i in range(len(shards)) for kind, ext in _SHARD_FILES}
+    for stale in work.iterdir():
+        if stale.name not in keep:
+            stale.unlink()
+    return shards
+
+
+_SHARD_FILES = (("tokens", "npy"), ("docs", "npy"), ("shard", "json"))
+
+
+def _write_shard(work: Path, settings: dict, index: int, parts: list[_Encoded], source_start: int) -> dict:
+    """Write one shard's arrays, then its marker (each through a temporary file renamed into place)."""
+    if not work.is_dir():
+        work.mkdir(parents=True)
+        _write_atomic(work / _SETTINGS, lambda f: f.write(json.dumps(settings).encode()))
+    tokens, offsets = _concatenate(parts)
+    record = {
+        "tokens": f"tokens-{index:05d}.npy", "docs": f"docs-{index:05d}.npy", "num_docs": len(offsets) - 1,
+        "num_tokens": len(tokens), "max_token_id": int(tokens.max()), "source_start": source_start,
+        "source_end": source_start + sum(p.num_read for p in parts),
+    }  # fmt: skip
+    _write_atomic(work / record["tokens"], lambda f: np.save(f, tokens))
+    _write_atomic(work / record["docs"], lambda f: np.save(f, offsets))
+    _write_atomic(work / f"shard-{index:05d}.json", lambda f: f.write(json.dumps(record).encode()))
+    return record
+
+
+def _write_atomic(path: Path, write: Callable) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _concatenate(parts: list[_Encoded]) -> tuple[np.ndarray, np.ndarray]:
+    tokens = np.concatenate([np.zeros(0, np.uint32)] + [p.tokens for p in parts])
+    lengths = np.concatenate([np.zeros(0, np.int64)] + [p.lengths for p in parts])
+    return tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
