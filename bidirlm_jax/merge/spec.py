@@ -1,9 +1,14 @@
-"""What `bidirlm merge` merges: `MergeSpec`, and its mergekit `merge_method: linear` YAML form.
+"""The recipe: what `bidirlm merge` merges (`MergeSpec`), and its mergekit `merge_method: linear` YAML form.
 
 The YAML schema is mergekit's (`models[].model`, `models[].parameters.weight`, `parameters.normalize`,
 `dtype`, `out_dtype`, `base_model`), so a mergekit recipe runs unchanged; options mergekit lacks live
 in a `bidirlm:` section, which mergekit ignores. Anything else in the file is refused by name rather
 than silently ignored, because a merge that quietly differs from its recipe is worse than no merge.
+
+mergekit's `dtype:` is its *compute* dtype: it rounds every input to it before merging. By default we
+merge the stored values in float32 instead (`arithmetic="float32"`), so `dtype:` only names the output
+dtype when `out_dtype:` is absent, as it does in mergekit; `arithmetic="mergekit"` replays mergekit's
+arithmetic exactly, `dtype:` included (`bidirlm_jax.merge.mergekit_linear`).
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ from typing import Any
 import yaml
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.config import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, DTYPES
 
-# mergekit's dtype names and the usual short forms.
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+RECORD_FILE = "mergekit_config.yml"  # the recipe, written beside the merged weights
+ARITHMETICS = ("float32", "mergekit")  # ours (float32 from the stored values), or mergekit's replayed
+# the usual short forms of mergekit's dtype names
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-ATTENTION_MODES = ("causal", "bidirectional")
-BIDIRECTIONAL_WINDOWS = ("half", "full", "none")
 
 _TOP_KEYS = {
     "merge_method",
@@ -37,15 +42,15 @@ _TOP_KEYS = {
     "tokenizer_source",
     "bidirlm",
 }
-_BIDIRLM_KEYS = {"exclude", "key_patterns", "attention", "bidirectional_window"}
+_BIDIRLM_KEYS = {"exclude", "key_patterns", "attention", "bidirectional_window", "arithmetic"}
 
 
 def canonical_dtype(name: str) -> str:
     """`float32`/`float16`/`bfloat16` for any accepted spelling of a floating dtype."""
     key = str(name).lower().removeprefix("torch.")
     key = _DTYPE_ALIASES.get(key, key)
-    if key not in DTYPE_NAMES:
-        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPE_NAMES)}")
+    if key not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
     return key
 
 
@@ -87,10 +92,11 @@ class MergeSpec:
     """A linear merge θ = Σ wᵢθᵢ / Σ wᵢ (or Σ wᵢθᵢ without `normalize`) and what the output looks like.
 
     `base` (default: the first model) gives the output its key layout, config.json, tokenizer files
-    and the tensors only it has. `out_dtype` (default: each tensor keeps the base's dtype) applies to
-    merged tensors; carried-through ones are copied bit for bit. `exclude` holds regexes of checkpoint
-    keys that are not merged: the base's are carried through, the other models' dropped.
-    `attention` (default: as in the base's config) sets the output's attention mode.
+    and the tensors only it has. Merged tensors are written in `out_dtype`, else `dtype`, else the
+    base's dtype (mergekit arithmetic: the inputs' common dtype); carried-through ones are copied bit for
+    bit. `dtype` is mergekit's compute dtype, which only `arithmetic="mergekit"` rounds the inputs to.
+    `exclude` holds regexes of checkpoint keys that are not merged: the base's are carried through, the
+    other models' dropped. `attention` (default: as in the base's config) sets the output's attention mode.
     """
 
     models: tuple[MergeModel, ...]
@@ -100,6 +106,8 @@ class MergeSpec:
     exclude: tuple[str, ...] = ()
     attention: str | None = None
     bidirectional_window: str | None = None
+    dtype: str | None = None
+    arithmetic: str = "float32"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -108,8 +116,11 @@ class MergeSpec:
             raise ConfigError("nothing to merge: give at least one --model PATH=WEIGHT (or `models:` in the YAML)")
         if not isinstance(self.normalize, bool):
             raise ConfigError(f"normalize must be true or false, got {self.normalize!r}")
-        if self.out_dtype is not None:
-            object.__setattr__(self, "out_dtype", canonical_dtype(self.out_dtype))
+        for name in ("out_dtype", "dtype"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, canonical_dtype(getattr(self, name)))
+        if self.arithmetic not in ARITHMETICS:
+            raise ConfigError(f"arithmetic must be one of {', '.join(ARITHMETICS)}, got {self.arithmetic!r}")
         for pattern in self.exclude:
             try:
                 re.compile(pattern)
@@ -138,14 +149,20 @@ class MergeSpec:
             "add it to the models (a weight of 0 takes only its layout, config and extra tensors)"
         )
 
+    @property
+    def output_dtype(self) -> str | None:
+        """The dtype of every merged tensor, when the recipe names one (mergekit's rule)."""
+        return self.out_dtype or self.dtype
+
     def replace(self, **changes: Any) -> MergeSpec:
         return dataclasses.replace(self, **changes)
 
     def to_yaml(self, out_dtype: str | None = None) -> str:
         """The merge as a mergekit `linear` recipe (plus a `bidirlm:` section mergekit ignores).
 
-        We accumulate in float32 and cast once, which is mergekit's `dtype: float32` + `out_dtype`;
-        `out_dtype` is the dtype the merged tensors were written in (None when they kept mixed dtypes).
+        Our float32 arithmetic casts once at the end, which is closest to mergekit's `dtype: float32` +
+        `out_dtype`; mergekit arithmetic keeps the recipe's `dtype`. `out_dtype` is the dtype the merged
+        tensors were written in (None when they kept mixed dtypes).
         """
         doc: dict[str, Any] = {
             "merge_method": "linear",
@@ -153,11 +170,13 @@ class MergeSpec:
             "models": [{"model": m.path, "parameters": {"weight": m.weight}} for m in self.models],
             "parameters": {"normalize": self.normalize},
         }
-        out_dtype = self.out_dtype or out_dtype
+        out_dtype = self.output_dtype or out_dtype
+        compute_dtype = self.dtype if self.arithmetic == "mergekit" else "float32"
         if out_dtype is not None:
-            doc["dtype"] = "float32"
-            doc["out_dtype"] = out_dtype
+            doc.update({"dtype": compute_dtype, "out_dtype": out_dtype} if compute_dtype else {"out_dtype": out_dtype})
         extra: dict[str, Any] = {}
+        if self.arithmetic != "float32":
+            extra["arithmetic"] = self.arithmetic
         if self.exclude:
             extra["exclude"] = list(self.exclude)
         patterns = {m.path: m.key_pattern for m in self.models if m.key_pattern is not None}
@@ -261,15 +280,16 @@ def load_merge_yaml(path: str | os.PathLike) -> MergeSpec:
     patterns = extra.get("key_patterns") or {}
     if not isinstance(patterns, dict) or not all(isinstance(v, str) for v in patterns.values()):
         raise ConfigError(f"{path}: bidirlm.key_patterns must map model paths to regexes")
-    dtype = doc.get("out_dtype") or doc.get("dtype")  # mergekit writes `dtype` when `out_dtype` is absent
     return MergeSpec(
         models=_with_key_patterns(models, patterns),
         base=doc.get("base_model"),
         normalize=params.get("normalize", True),
-        out_dtype=dtype,
+        out_dtype=doc.get("out_dtype"),
         exclude=tuple(exclude),
         attention=extra.get("attention"),
         bidirectional_window=extra.get("bidirectional_window"),
+        dtype=doc.get("dtype"),
+        arithmetic=extra.get("arithmetic", "float32"),
     )
 
 
@@ -284,6 +304,7 @@ def spec_from_args(
     key_patterns: Iterable[str] = (),
     attention: str | None = None,
     bidirectional_window: str | None = None,
+    arithmetic: str | None = None,
 ) -> MergeSpec:
     """The spec `bidirlm merge` runs: `--config` YAML or `--model PATH=WEIGHT`s, with flags taking precedence."""
     models = list(models)
@@ -305,9 +326,13 @@ def spec_from_args(
         "exclude": spec.exclude + tuple(exclude),
         "models": _with_key_patterns(spec.models, patterns),
     }
-    for name, value in (("base", base), ("normalize", normalize), ("out_dtype", out_dtype), ("attention", attention)):
-        if value is not None:
-            changes[name] = value
-    if bidirectional_window is not None:
-        changes["bidirectional_window"] = bidirectional_window
+    flags = {
+        "base": base,
+        "normalize": normalize,
+        "out_dtype": out_dtype,
+        "attention": attention,
+        "bidirectional_window": bidirectional_window,
+        "arithmetic": arithmetic,
+    }
+    changes.update({name: value for name, value in flags.items() if value is not None})
     return spec.replace(**changes)
