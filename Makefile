@@ -14,7 +14,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bidirlm demo --out demo_out
+	$(VENV)/bin/bidirlm demo --out demo_out --overwrite
 
 test: $(STAMP)  # lint and format check first (seconds), then the suite
 	$(VENV)/bin/ruff format --check --quiet .

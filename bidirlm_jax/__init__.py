@@ -1,6 +1,6 @@
 """bidirlm-jax: turn causal LLMs (Gemma3, Qwen3) into bidirectional encoders, in JAX/Flax.
 
-The public API; each function is also a `bidirlm` CLI command. Names are imported on first use, so
+The public API, of which the `bidirlm` command is a thin shell. Names are imported on first use, so
 `import bidirlm_jax` (and every CLI command) pays only for the modules it touches.
 """
 
@@ -21,9 +21,9 @@ _EXPORTS = {
     "get_preset": "bidirlm_jax.models.presets",
     "ModelOutput": "bidirlm_jax.models.transformer",
     "Transformer": "bidirlm_jax.models.transformer",
-    "interpolate": "bidirlm_jax.merge",
-    "linear_merge": "bidirlm_jax.merge",
-    "merge_checkpoints": "bidirlm_jax.merge",
+    "interpolate": "bidirlm_jax.merge.linear",
+    "linear_merge": "bidirlm_jax.merge.linear",
+    "merge_checkpoints": "bidirlm_jax.merge.stream",
 }
 
 __all__ = ["BidirLMError", "CheckpointError", "ConfigError", *_EXPORTS]

@@ -1,6 +1,7 @@
 """The `bidirlm` command. Each subcommand is a thin shell over one function of the Python API.
 
-A `BidirLMError` is printed as `error: ...` without a traceback and exits with status 2.
+Failures the user caused (a `BidirLMError`, a bad path, a usage error) print one `error: ...` line without
+a traceback and exit with status 2; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bidirlm_jax.errors import BidirLMError
+from bidirlm_jax.errors import BidirLMError, ConfigError
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -65,21 +66,36 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _register_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the pipeline end to end on tiny random models (offline, seconds)")
-    p.add_argument("--out", default="demo_out", help="directory for the demo's checkpoints (replaced)")
-    p.set_defaults(run=lambda args: __import__("bidirlm_jax.demo", fromlist=["run_demo"]).run_demo(args.out))
+    p = sub.add_parser(
+        "demo",
+        help="the pipeline end to end on tiny random models (offline, seconds)",
+        description="Train a tiny causal LM, convert random Gemma3/Qwen3 models, check both attention modes "
+        "against transformers and export encoders, all offline. The outputs are written to a temporary "
+        "directory and renamed into place.",
+    )
+    p.add_argument("--out", default="demo_out", help="output directory: new, empty, or a previous demo output")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous demo output (and nothing else)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from bidirlm_jax.demo import run_demo
+
+    return run_demo(args.out, overwrite=args.overwrite)
 
 
 _COMMANDS += [_register_convert, _register_demo]
 
 
 def _register_merge(sub: argparse._SubParsersAction) -> None:
+    from bidirlm_jax.models.config import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, DTYPES
+
     p = sub.add_parser(
         "merge",
         help="linearly merge checkpoints (θ = Σ wᵢθᵢ / Σ wᵢ), streaming from disk",
         description="Linearly merge checkpoints that share a text backbone (mergekit `linear`), tensor by tensor. "
-        "The base model (default: the first) gives the output its key layout, config, tokenizer and the tensors "
-        "only it has (vision/audio towers).",
+        "The base model (default: the first) gives the output its key layout, config, tokenizer, other files and "
+        "the tensors only it has (vision/audio towers).",
     )
     p.add_argument(
         "--model",
@@ -98,7 +114,15 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
         "--no-normalize", dest="normalize", action="store_false", default=None, help="Σ wᵢθᵢ without dividing by Σ wᵢ"
     )
     p.add_argument(
-        "--out-dtype", choices=["float32", "bfloat16", "float16"], help="dtype of merged tensors (default: the base's)"
+        "--out-dtype", choices=DTYPES, help="dtype of merged tensors (default: the recipe's `dtype`, else the base's)"
+    )
+    p.add_argument(
+        "--mergekit-arithmetic",
+        dest="arithmetic",
+        action="store_const",
+        const="mergekit",
+        help="replay mergekit's arithmetic bit for bit (inputs rounded to the recipe's `dtype` first) "
+        "instead of one float32 rounding from the stored values",
     )
     p.add_argument(
         "--exclude",
@@ -114,13 +138,16 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
         metavar="PATH=REGEX",
         help="regex whose group is the backbone-relative key of PATH's tensors",
     )
+    p.add_argument("--attention", choices=ATTENTION_MODES, help="attention mode written to the output's config")
     p.add_argument(
-        "--attention", choices=["causal", "bidirectional"], help="attention mode written to the output's config"
-    )
-    p.add_argument(
-        "--bidirectional-window", choices=["half", "full", "none"], help="Gemma3 sliding layers when bidirectional"
+        "--bidirectional-window", choices=BIDIRECTIONAL_WINDOWS, help="Gemma3 sliding layers when bidirectional"
     )
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pytorch_model.bin inputs (pickle; only from sources you trust)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=_run_merge)
 
@@ -139,6 +166,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         key_patterns=args.key_pattern,
         attention=args.attention,
         bidirectional_window=args.bidirectional_window,
+        arithmetic=args.arithmetic,
     )
     result = merge.merge_checkpoints(
         spec,
@@ -146,6 +174,7 @@ def _run_merge(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_shard_bytes=parse_size(args.max_shard_size),
         progress=not args.no_progress,
+        allow_pickle=args.allow_pickle,
     )
     print(
         f"merged {len(result.merged)} tensors, carried {len(result.carried)} from the base, "
@@ -175,12 +204,17 @@ def _register_train(sub) -> None:
 
 def _run_train(args) -> int:
     if not args.flags or {"-h", "--help"} & set(args.flags):
-        print(_TRAIN_USAGE)
+        print(_TRAIN_USAGE, file=sys.stdout if args.flags else sys.stderr)
         return 0 if args.flags else 2
     from bidirlm_jax.train.config import parse_train_args
     from bidirlm_jax.train.loop import train
 
-    config, workdir = parse_train_args(args.flags)
+    try:
+        config, workdir = parse_train_args(args.flags)
+    except BidirLMError:
+        raise
+    except Exception as e:  # parsing runs the user's config file: whatever it raises is the user's to fix
+        raise ConfigError(f"cannot load the --config file: {type(e).__name__}: {e}") from None
     result = train(config, workdir)
     if result["preempted"]:
         print(f"stopped by SIGTERM after step {result['step']}; checkpoint saved in {workdir}", file=sys.stderr)
@@ -190,13 +224,57 @@ def _run_train(args) -> int:
 _COMMANDS.append(_register_train)
 
 
+def _register_tokenize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "tokenize",
+        help="tokenise a text corpus once into memory-mappable token shards",
+        description="Tokenise SRC (.txt one document per line, .jsonl, .parquet, a directory or glob of them, or "
+        "hf:NAME[:CONFIG]) with the checkpoint's tokenizer into OUT: token shards, document offsets and corpus.json. "
+        "Training reads OUT memory-mapped (--config.data.path=OUT). An interrupted run resumes when re-run.",
+    )
+    p.add_argument("src", help="the text corpus")
+    p.add_argument("out", help="output directory (must not exist, unless --overwrite)")
+    p.add_argument("--tokenizer", required=True, metavar="DIR", help="the tokenizer's directory (the HF checkpoint)")
+    p.add_argument("--workers", type=int, default=1, help="tokenising processes (default 1)")
+    p.add_argument("--text-field", default="text", help="the .jsonl field / .parquet column of the text (default text)")
+    p.add_argument("--split", default="train", help="split of an hf: corpus (default train)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard, about (default 2**28)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=_run_tokenize)
+
+
+def _run_tokenize(args: argparse.Namespace) -> int:
+    from bidirlm_jax.data.tokenize import Corpus, tokenize_corpus
+
+    out = tokenize_corpus(
+        args.src, args.out, args.tokenizer, text_field=args.text_field, split=args.split, num_workers=args.workers,
+        shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=not args.no_progress,
+    )  # fmt: skip
+    corpus = Corpus.load(out)
+    print(f"wrote {corpus.num_docs} documents, {corpus.num_tokens} tokens ({corpus.skipped_docs} skipped) -> {out}")
+    return 0
+
+
+_COMMANDS.append(_register_tokenize)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _build_parser().parse_args(argv)
+    """Run one command; return its exit status (0 ok, 1 a failed check, 2 a usage or input error, 130 ^C)."""
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage error (2) or the help (0)
+        return e.code if isinstance(e.code, int) else 2
     try:
         return int(args.run(args) or 0)
     except BidirLMError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # a path the user gave: missing, not a directory, not writable, disk full
+        print(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 2
 
 
 if __name__ == "__main__":

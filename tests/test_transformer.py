@@ -6,7 +6,6 @@ right-padded, a left-padded and a full row.
 
 import numpy as np
 import pytest
-from flax import nnx
 
 import bidirlm_jax
 from bidirlm_jax.testing import reference as hm
@@ -15,31 +14,21 @@ TOL = 1e-4
 BF16_TOL = 3e-2  # bf16 keeps 8 mantissa bits; both sides round at different points
 
 
-@nnx.jit
-def forward(model, ids, mask):
-    return model(ids, mask).logits
-
-
-@nnx.jit
-def forward_packed(model, ids, segment_ids, positions):
-    return model(ids, segment_ids=segment_ids, positions=positions).logits
+@pytest.fixture(scope="module")
+def gemma(gemma_dir):
+    """conftest's Gemma3 directory and the transformers model it was saved from (same seed)."""
+    return hm.build(hm.gemma3_config()), gemma_dir
 
 
 @pytest.fixture(scope="module")
-def gemma(tmp_path_factory):
-    model = hm.build(hm.gemma3_config())
-    return model, hm.save(model, tmp_path_factory.mktemp("gemma3"))
-
-
-@pytest.fixture(scope="module")
-def qwen(tmp_path_factory):
-    model = hm.build(hm.qwen3_config())
-    return model, hm.save(model, tmp_path_factory.mktemp("qwen3"))
+def qwen(qwen_dir):
+    """conftest's (untied) Qwen3 directory and the transformers model it was saved from (same seed)."""
+    return hm.build(hm.qwen3_config(tie_word_embeddings=False)), qwen_dir
 
 
 def _parity(ref_model, path, hf_kwargs=None, **load_kwargs):
     ids, mask = hm.batch()
-    ours = forward(bidirlm_jax.from_pretrained(path, **load_kwargs), ids, mask)
+    ours = hm.logits(bidirlm_jax.from_pretrained(path, **load_kwargs), ids, mask)
     theirs = hm.hf_logits(ref_model, ids, mask, **(hf_kwargs or {}))
     return hm.max_rel_err(ours, theirs, mask)
 
@@ -70,7 +59,9 @@ def test_window_modes_differ(gemma):
     ids, mask = hm.batch()
     outs = [
         np.asarray(
-            forward(bidirlm_jax.from_pretrained(gemma[1], attention="bidirectional", bidirectional_window=w), ids, mask)
+            hm.logits(
+                bidirlm_jax.from_pretrained(gemma[1], attention="bidirectional", bidirectional_window=w), ids, mask
+            )
         )
         for w in ("half", "full", "none")
     ]
@@ -91,12 +82,13 @@ def test_gemma3_untied_with_linear_rope_scaling_and_softcapping(tmp_path):
     assert _parity(ref, path, {"is_causal": False}, attention="bidirectional", bidirectional_window="full") < TOL
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_qwen3_causal_and_bidirectional(tied, qwen, tmp_path):
+@pytest.mark.parametrize("variant", ["untied", "tied-with-bias"])
+def test_qwen3_causal_and_bidirectional(variant, qwen, tmp_path):
     ref, path = qwen
-    if not tied:
-        ref = hm.build(hm.qwen3_config(tie_word_embeddings=False, attention_bias=True))
-        path = hm.save(ref, tmp_path / "untied")
+    if variant == "tied-with-bias":
+        ref = hm.build(hm.qwen3_config(tie_word_embeddings=True, attention_bias=True))
+        path = hm.save(ref, tmp_path / "tied")
+    assert bidirlm_jax.from_pretrained(path).config.tie_word_embeddings == (variant != "untied")
     assert _parity(ref, path) < TOL
     assert _parity(ref, path, {"is_causal": False}, attention="bidirectional") < TOL
 
@@ -109,22 +101,41 @@ def test_qwen3_sliding_layers(tmp_path):
     assert _parity(ref, path, {"is_causal": False}, attention="bidirectional", bidirectional_window="full") < TOL
 
 
+# Two packed rows of 32 tokens, with padding on either side; documents up to 20 tokens, longer than the
+# window of 8: (document lengths, padding before, padding after) per row.
+PACKED_ROWS = [((14, 10), 0, 8), ((20, 9), 3, 0)]
+
+
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
-def test_packed_segments_equal_separate_sequences(attention, gemma):
-    """Two documents packed in one row, positions restarting: each sees only itself, as if run alone."""
-    ref, path = gemma
-    model = bidirlm_jax.from_pretrained(path, attention=attention)
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+def test_packed_segments_with_padding_equal_separate_runs(family, attention, gemma, qwen):
+    """Documents packed in padded rows, positions restarting: each sees only itself, as transformers run alone."""
+    ref, path = gemma if family == "gemma3" else qwen
+    hf_kwargs = {}
+    if attention == "bidirectional" and family == "gemma3":  # the same weights, transformers' bidirectional flag
+        ref = hm.build(hm.gemma3_config(use_bidirectional_attention=True))
+    elif attention == "bidirectional":
+        hf_kwargs = {"is_causal": False}
     rng = np.random.default_rng(1)
-    a, b = rng.integers(3, hm.VOCAB, (1, 14)), rng.integers(3, hm.VOCAB, (1, 10))
-    packed = np.concatenate([a, b], axis=1)
-    segments = np.array([[1] * 14 + [2] * 10])
-    positions = np.array([list(range(14)) + list(range(10))])
-    logits = np.asarray(forward_packed(model, packed, segments, positions))
-    kwargs = {} if attention == "causal" else {"use_bidirectional_attention": True}
-    ref = ref if attention == "causal" else hm.build(hm.gemma3_config(**kwargs))
-    for doc, sl in ((a, slice(0, 14)), (b, slice(14, 24))):
-        theirs = hm.hf_logits(ref, doc, np.ones_like(doc))
-        assert hm.max_rel_err(logits[:, sl], theirs, np.ones_like(doc)) < TOL
+    ids, mask, segments, positions, documents = [], [], [], [], []
+    for r, (lengths, before, after) in enumerate(PACKED_ROWS):
+        row_docs = [rng.integers(3, hm.VOCAB, n) for n in lengths]
+        start = before
+        for doc in row_docs:
+            documents.append((r, slice(start, start + len(doc)), doc))
+            start += len(doc)
+        ids.append(np.concatenate([rng.integers(3, hm.VOCAB, before), *row_docs, rng.integers(3, hm.VOCAB, after)]))
+        mask.append(np.r_[np.zeros(before), np.ones(start - before), np.zeros(after)])
+        segments.append(
+            np.concatenate([np.zeros(before), *[np.full(n, s + 1) for s, n in enumerate(lengths)], np.zeros(after)])
+        )
+        positions.append(np.concatenate([np.zeros(before), *[np.arange(n) for n in lengths], np.zeros(after)]))
+    ids, mask, segments, positions = (np.stack(x).astype(np.int32) for x in (ids, mask, segments, positions))
+    model = bidirlm_jax.from_pretrained(path, attention=attention)
+    logits = np.asarray(model(ids, mask, segment_ids=segments, positions=positions).logits)
+    for r, span, doc in documents:
+        theirs = hm.hf_logits(ref, doc[None], np.ones((1, len(doc)), np.int64), **hf_kwargs)
+        assert hm.max_rel_err(logits[r : r + 1, span], theirs, np.ones((1, len(doc)))) < TOL
 
 
 @pytest.mark.parametrize("family", ["gemma", "qwen"])
@@ -145,5 +156,7 @@ def test_late_token_changes_first_position_only_when_bidirectional(qwen):
     ones = np.ones_like(ids)
     for attention, moves in (("causal", False), ("bidirectional", True)):
         model = bidirlm_jax.from_pretrained(qwen[1], attention=attention)
-        delta = np.abs(np.asarray(forward(model, ids, ones)) - np.asarray(forward(model, changed, ones)))[:, 0].max()
+        delta = np.abs(np.asarray(hm.logits(model, ids, ones)) - np.asarray(hm.logits(model, changed, ones)))[
+            :, 0
+        ].max()
         assert (delta > 1e-6) == moves

@@ -10,20 +10,26 @@ Masks are boolean `[B, 1, T, T]` (True = may attend), built once per forward for
   `"full"` |i−j| ≤ W (transformers' generic `is_causal=False`), `"none"` no window.
 
 `attend` is the one place that picks the implementation: cuDNN flash attention on GPU in half
-precision, a blocked kernel on CPU, XLA's `jax.nn.dot_product_attention` otherwise, and the plain
-einsum reference when asked for.
+precision where cuDNN compiles the shape (probed once per shape, the fallback logged), a blocked kernel
+on CPU, XLA's `jax.nn.dot_product_attention` otherwise, and the plain einsum reference when asked for.
 There is no attention-logit soft-capping: transformers' Gemma3 keeps `attn_logit_softcapping` in its
 config but never applies it (QK-norm replaced it), and parity is the law.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import SLIDING, ModelConfig
 from bidirlm_jax.models.layers import RMSNorm, apply_rope, linear, param
+
+logger = logging.getLogger(__name__)
 
 
 def build_masks(config: ModelConfig, attention_mask: jax.Array, segment_ids: jax.Array | None) -> dict[str, jax.Array]:
@@ -106,35 +112,105 @@ def blocked_attention(q, k, v, mask, *, scale: float) -> jax.Array:
     return _heads_last(out.reshape(b, kv, *out.shape[1:]))
 
 
-def attend(q, k, v, mask, *, scale: float, implementation: str) -> jax.Array:
+def _jax_kernel(implementation: str):
+    """`jax.nn.dot_product_attention` as "xla" (fused by the compiler) or "cudnn" (flash attention)."""
+
+    def kernel(q, k, v, mask, *, scale: float) -> jax.Array:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+
+    return kernel
+
+
+_KERNELS = {
+    "reference": reference_attention,
+    "blocked": blocked_attention,
+    "xla": _jax_kernel("xla"),
+    "cudnn": _jax_kernel("cudnn"),
+}
+
+
+@functools.cache
+def cudnn_refusal(
+    q_shape: tuple[int, ...], kv_shape: tuple[int, ...], mask_shape: tuple[int, ...], dtype: str
+) -> str | None:
+    """Why cuDNN cannot run attention of these shapes here, or None when it can (decided once per shape).
+
+    cuDNN refuses in many ways that depend on the GPU and the cuDNN build (pre-Ampere GPUs, no cuDNN,
+    head sizes without a backward kernel, ...), as `NotImplementedError`, `RuntimeError`, `ValueError` or
+    an XLA error at compile time: so compile its forward and backward pass once and take any failure as no.
+    """
+
+    def loss(q, k, v, mask):
+        return _KERNELS["cudnn"](q, k, v, mask, scale=1.0).astype(jnp.float32).sum()
+
+    q, kv, mask = (
+        jax.ShapeDtypeStruct(q_shape, dtype),
+        jax.ShapeDtypeStruct(kv_shape, dtype),
+        jax.ShapeDtypeStruct(mask_shape, bool),
+    )
+    try:
+        jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, kv, kv, mask).compile()
+    except Exception as e:
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
+
+
+def _refusal(q: jax.Array, k: jax.Array, mask: jax.Array) -> str | None:
+    return cudnn_refusal(tuple(q.shape), tuple(k.shape), tuple(mask.shape), jnp.dtype(q.dtype).name)
+
+
+def _auto(q: jax.Array, k: jax.Array, mask: jax.Array) -> tuple[str, str | None]:
+    """The kernel "auto" picks for these arguments, and why cuDNN was not used where it was tried."""
+    backend = jax.default_backend()
+    if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        refusal = _refusal(q, k, mask)
+        if refusal is None:
+            return "cudnn", None
+        return "xla", refusal
+    mesh = jax.sharding.get_abstract_mesh()
+    if backend == "cpu" and (mesh.empty or mesh.size == 1):
+        return "blocked", None
+    return "xla", None
+
+
+_logged: set[tuple] = set()
+
+
+def _log_choice(layer_type: str, q: jax.Array, kernel: str, refusal: str | None) -> None:
+    """Say once per layer type, shape and dtype which kernel "auto" took (and why not cuDNN)."""
+    key = (layer_type, q.shape, str(q.dtype), kernel)
+    if key in _logged:
+        return
+    _logged.add(key)
+    if refusal is None:
+        logger.info("attention %s %s %s: %s kernel", layer_type, tuple(q.shape), q.dtype, kernel)
+    else:
+        logger.warning(
+            "attention %s %s %s: cuDNN refused (%s); using XLA's kernel", layer_type, tuple(q.shape), q.dtype, refusal
+        )
+
+
+def attend(q, k, v, mask, *, scale: float, implementation: str, layer_type: str = "attention") -> jax.Array:
     """Dispatch to a kernel; all of them compute the same function (tests hold them to it).
 
-    "auto": cuDNN on GPU in half precision; on a one-device CPU computation the blocked kernel; XLA's
-    fused-by-the-compiler `jax.nn.dot_product_attention` otherwise (a scan over a sharded batch would
-    make the partitioner gather it).
+    "auto": cuDNN on GPU in half precision where it compiles for these shapes; on a one-device CPU
+    computation the blocked kernel; XLA's fused-by-the-compiler `jax.nn.dot_product_attention` otherwise
+    (a scan over a sharded batch would make the partitioner gather it). The choice is made at trace time
+    and logged once per `layer_type` and shape.
     """
-    if implementation == "reference":
-        return reference_attention(q, k, v, mask, scale=scale)
-    if implementation == "blocked":
-        return blocked_attention(q, k, v, mask, scale=scale)
     if implementation == "auto":
-        backend = jax.default_backend()
-        if backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-            try:  # cuDNN flash attention; the mask becomes an additive bias
-                return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-            except NotImplementedError:  # shapes cuDNN refuses (e.g. head_dim 256 before Hopper)
-                pass
-        mesh = jax.sharding.get_abstract_mesh()
-        if backend == "cpu" and (mesh.empty or mesh.size == 1):
-            return blocked_attention(q, k, v, mask, scale=scale)
-        implementation = "xla"
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=implementation)
+        implementation, refusal = _auto(q, k, mask)
+        _log_choice(layer_type, q, implementation, refusal)
+    elif implementation == "cudnn" and (refusal := _refusal(q, k, mask)):
+        raise ConfigError(f"attention_impl='cudnn' cannot run here ({refusal}); use 'auto' or 'xla'")
+    return _KERNELS[implementation](q, k, v, mask, scale=scale)
 
 
 class Attention(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.config = config
+        self.layer_type = layer_type  # names the layer in the kernel choice's log line
         # [out..., in] like transformers' Linear, with heads split out so they can be sharded.
         self.q_proj = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), config)
         self.k_proj = param(rngs, (kv, hd, d), ("kv_heads", "head_dim", "embed"), config)
@@ -158,7 +234,10 @@ class Attention(nnx.Module):
         q = apply_rope(self.q_norm(self._project(x, "q")), *rope)
         k = apply_rope(self.k_norm(self._project(x, "k")), *rope)
         v = self._project(x, "v")
-        out = attend(q, k, v, mask, scale=self.config.attention_scale, implementation=self.config.attention_impl)
+        cfg = self.config
+        out = attend(
+            q, k, v, mask, scale=cfg.attention_scale, implementation=cfg.attention_impl, layer_type=self.layer_type
+        )
         y = linear(out, self.o_proj, in_dims=2)
         if self.config.attention_bias:
             y = y + self.o_bias[...].astype(x.dtype)

@@ -23,6 +23,8 @@ _REMAT_POLICIES = {
 @jax.tree_util.register_dataclass
 @dataclass
 class ModelOutput:
+    """What `Transformer.__call__` returns: fp32 LM logits and the final-normed hidden states."""
+
     logits: jax.Array  # [B, T, vocab]
     hidden_states: jax.Array  # [B, T, d], after the final norm
 
@@ -30,10 +32,10 @@ class ModelOutput:
 class Block(nnx.Module):
     """Pre-norm residual block; Gemma3 also normalises each branch's output before the residual add."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, layer_type: str, *, rngs: nnx.Rngs):
         d = config.hidden_size
         self.attn_norm = RMSNorm(d, config, rngs=rngs)
-        self.attn = Attention(config, rngs=rngs)
+        self.attn = Attention(config, layer_type, rngs=rngs)
         self.mlp_norm = RMSNorm(d, config, rngs=rngs)
         self.mlp = MLP(config, rngs=rngs)
         if config.is_gemma:
@@ -64,7 +66,7 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.embedder = Embedder(config, rngs=rngs)
-        self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.layers = nnx.List([Block(config, layer_type, rngs=rngs) for layer_type in config.layer_types])
         self.final_norm = RMSNorm(config.hidden_size, config, rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
