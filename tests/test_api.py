@@ -10,7 +10,6 @@ import pytest
 import bidirlm_jax
 
 CALLABLES = [name for name in bidirlm_jax.__all__ if name != "PRESETS"]
-UNDOCUMENTED = {"ModelConfig"}  # dataclass without a docstring of its own yet (models/config.py)
 
 
 def test_dir_is_all():
@@ -18,13 +17,7 @@ def test_dir_is_all():
     assert len(set(bidirlm_jax.__all__)) == len(bidirlm_jax.__all__)
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="no docstring yet")) if n in UNDOCUMENTED else n
-        for n in CALLABLES
-    ],
-)
+@pytest.mark.parametrize("name", CALLABLES)
 def test_each_public_name_is_a_documented_function_or_class_of_that_name(name):
     obj = getattr(bidirlm_jax, name)
     assert inspect.isfunction(obj) or inspect.isclass(obj), f"{name} is a {type(obj).__name__}"

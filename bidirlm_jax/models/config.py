@@ -35,6 +35,8 @@ class Rope:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """Architecture (what the weights need) and run settings (how to run them) of one decoder."""
+
     family: str  # "gemma3" | "qwen3"
     vocab_size: int
     hidden_size: int
@@ -74,6 +76,8 @@ class ModelConfig:
                 "invalid model config: heads, KV heads, head_dim, hidden_size and layers must be positive, got "
                 f"{self.num_heads}/{self.num_kv_heads}/{self.head_dim}/{self.hidden_size}/{self.num_layers}"
             )
+        if self.head_dim % 2:
+            raise ConfigError(f"invalid model config: head_dim {self.head_dim} must be even (RoPE rotates pairs)")
         checks = [
             (self.family in FAMILIES, f"family {self.family!r} is not one of {FAMILIES}"),
             (self.attention in ATTENTION_MODES, f"attention {self.attention!r} is not one of {ATTENTION_MODES}"),
