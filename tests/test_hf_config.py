@@ -1,12 +1,21 @@
-"""config.json <-> ModelConfig: legacy and transformers-5 fields, attention modes, round trips."""
+"""io/hf_config.py, config.json <-> ModelConfig: legacy and transformers-5 fields, attention and
+window modes, round trips, remote-code fields, bad files."""
 
 import json
+import logging
 
 import pytest
 import transformers
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io.hf_config import config_from_hf, config_to_hf, set_attention_mode
+from bidirlm_jax.io.hf_config import (
+    WINDOW_KEY,
+    WINDOW_MODE_KEY,
+    config_from_hf,
+    config_to_hf,
+    read_config,
+    set_attention_mode,
+)
 from bidirlm_jax.models.config import FULL, SLIDING, Rope
 from bidirlm_jax.models.presets import PRESETS
 from bidirlm_jax.testing import reference
@@ -128,19 +137,102 @@ def test_unsupported_model_type_lists_the_supported_ones():
         config_from_hf({"model_type": "llama"})
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        ({"attention": "sideways"}, "attention"),
-        ({"num_kv_heads": 3}, "multiple"),
-        ({"bidirectional_window": "wide"}, "window"),
-    ],
-)
-def test_invalid_values_are_refused(change, message):
-    with pytest.raises(ConfigError, match=message):
-        PRESETS["tiny-gemma3"].replace(**change)
-
-
 def test_unsupported_rope_type_is_refused():
     with pytest.raises(ConfigError, match="yarn"):
         config_from_hf({**reference.qwen3_config().to_dict(), "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+LEGACY_FIELDS = ("rope_theta", "rope_local_base_freq", "rope_scaling", "sliding_window_pattern", "max_window_layers")
+
+
+@pytest.mark.parametrize(
+    "hf_config, legacy",
+    [
+        (
+            reference.gemma3_config(
+                rope_parameters={
+                    FULL: {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                    SLIDING: {"rope_type": "default", "rope_theta": 20_000.0},
+                }
+            ),
+            {
+                "rope_theta": 1_000_000.0,
+                "rope_local_base_freq": 20_000.0,
+                "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+                "sliding_window_pattern": 2,
+            },
+        ),
+        (
+            reference.qwen3_config(
+                rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+                use_sliding_window=True,
+                sliding_window=8,
+                max_window_layers=1,
+            ),
+            {"rope_theta": 1_000_000.0, "rope_scaling": None, "max_window_layers": 1},
+        ),
+    ],
+    ids=["gemma3", "qwen3"],
+)
+def test_exports_carry_the_legacy_fields_older_readers_need(hf_config, legacy, tmp_path):
+    """transformers 4.x reads rope and layer pattern only from the legacy fields; 5 reads both the same."""
+    exported = config_to_hf(config_from_hf(hf_config.to_dict()))
+    assert {k: exported[k] for k in LEGACY_FIELDS if k in exported} == legacy
+    legacy_only = {k: v for k, v in exported.items() if k not in ("rope_parameters", "layer_types")}
+    assert config_from_hf(legacy_only) == config_from_hf(exported)  # the legacy fields alone describe the model
+    loaded = []
+    for name, d in (("both", exported), ("v5", {k: v for k, v in exported.items() if k not in LEGACY_FIELDS})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(d))
+        loaded.append(transformers.AutoConfig.from_pretrained(tmp_path / name))
+    for key in ("rope_parameters", "layer_types", "sliding_window"):
+        assert getattr(loaded[0], key) == getattr(loaded[1], key) == getattr(hf_config, key), key
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"])
+@pytest.mark.parametrize("window", ["half", "full", "none"])
+def test_bidirectional_exports_record_the_declared_window(family, window):
+    """What transformers is told may be W//2 or unbounded; our own fields keep W and the mode."""
+    hf = (
+        reference.gemma3_config()
+        if family == "gemma3"
+        else reference.qwen3_config(use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    )
+    causal = config_from_hf(hf.to_dict())
+    exported = config_to_hf(causal.replace(attention="bidirectional", bidirectional_window=window))
+    assert (exported[WINDOW_KEY], exported[WINDOW_MODE_KEY]) == (8, window)
+    back = config_from_hf(exported)
+    assert (back.attention, back.bidirectional_window, back.sliding_window) == ("bidirectional", window, 8)
+    assert config_from_hf(exported, attention="causal") == causal.replace(bidirectional_window=window)
+    assert WINDOW_KEY not in config_to_hf(causal)  # a causal export needs no private field
+    assert WINDOW_KEY not in set_attention_mode(exported, "causal")
+
+
+def test_remote_code_fields_are_dropped_and_logged(caplog):
+    source = {
+        **reference.qwen3_config().to_dict(),
+        "auto_map": {"AutoModel": "modeling_custom.CustomModel"},
+        "custom_pipelines": {"feature-extraction": {"impl": "pipeline.CustomPipeline"}},
+        "tokenizer_file_hook": "hooks/tokenize.py",
+        "keep_me": "a plain value",
+    }
+    with caplog.at_level(logging.WARNING, logger="bidirlm_jax"):
+        exported = config_to_hf(config_from_hf(source))
+    assert {"auto_map", "custom_pipelines", "tokenizer_file_hook"}.isdisjoint(exported)
+    assert exported["keep_me"] == "a plain value"
+    assert "auto_map" in caplog.text and "custom_pipelines" in caplog.text and "tokenizer_file_hook" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2, 3]", "must hold a JSON object, got list"),
+        ('{"model_type": "qwen3"', "is not valid JSON"),
+        (json.dumps({**reference.qwen3_config().to_dict(), "num_attention_heads": 0}), "heads.*must be positive"),
+    ],
+    ids=["not-an-object", "not-json", "zero-heads"],
+)
+def test_bad_config_files_are_refused(text, message, tmp_path):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        read_config(tmp_path)

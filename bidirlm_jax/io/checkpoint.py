@@ -1,7 +1,9 @@
 """The project's own parameter checkpoint: `config.json` (transformers format) + orbax `params/`.
 
 Orbax writes each array shard from the process that holds it and restores straight into a target
-sharding, so on a pod no host ever gathers the whole model; the HF format is for exchange.
+sharding, so on a pod no host ever gathers the whole model; the HF format is for exchange. The
+checkpoint's config.json records the dtype(s) its source stored (`dtype`, plus `bidirlm_tensor_dtypes`
+for tensors stored otherwise), which an HF export of it defaults to; its parameters are the model's.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import jax
@@ -20,7 +22,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.hf_config import config_to_hf, read_config
+from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model
 
@@ -33,19 +35,43 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def save_checkpoint(
-    model: Transformer, out_dir: str | os.PathLike, *, overwrite: bool = False, extra_files: Iterable[Path] = ()
+    model: Transformer,
+    out_dir: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra_files: Iterable[Path] = (),
+    dtype: str | None = None,
+    tensor_dtypes: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write params and config (plus `extra_files`, e.g. the tokenizer's) as one atomic directory."""
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        for file in extra_files:
-            shutil.copy2(file, tmp / Path(file).name)
+    """Write params and config (plus `extra_files`, e.g. the tokenizer's) as one atomic directory.
+
+    `dtype`/`tensor_dtypes` (default: the parameters' dtype) record what the source stored, as
+    `save_pretrained` takes them. In a multi-process run every process calls this: orbax writes each
+    process's shards into one agreed temporary directory, which process 0 renames into place.
+    """
+    dtype = dtype or model.config.param_dtype
+    hf = config_to_hf(model.config, dtype=dtype)
+    exceptions = {k: v for k, v in (tensor_dtypes or {}).items() if v != dtype}
+    if exceptions:
+        hf[TENSOR_DTYPES_KEY] = dict(sorted(exceptions.items()))
+    with atomic_directory(out_dir, overwrite=overwrite, collective=True) as tmp:
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(tmp.resolve() / PARAMS_DIR, nnx.state(model, nnx.Param))
         checkpointer.wait_until_finished()
-        (tmp / "config.json").write_text(
-            json.dumps(config_to_hf(model.config, dtype=model.config.param_dtype), indent=2) + "\n"
-        )
+        if jax.process_index() == 0:
+            for file in extra_files:
+                shutil.copy2(file, tmp / Path(file).name)
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return Path(out_dir)
+
+
+def recorded_dtypes(path: str | os.PathLike) -> tuple[str | None, dict[str, str]]:
+    """The source dtypes a checkpoint recorded: (`dtype`, per-tensor exceptions), for `save_pretrained`."""
+    try:
+        d = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {Path(path) / 'config.json'}: {e}") from e
+    return d.get("dtype") or d.get("torch_dtype"), dict(d.get(TENSOR_DTYPES_KEY) or {})
 
 
 def load_checkpoint(
@@ -65,6 +91,10 @@ def load_checkpoint(
     abstract = jax.tree.map(target, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     try:
         state = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, abstract)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"cannot restore {path / PARAMS_DIR} for this config: {e}") from e
+    except Exception as e:  # orbax and tensorstore raise many types (even bare Exception) for a damaged checkpoint
+        detail = (str(e).splitlines() or [""])[0][:300]
+        raise CheckpointError(
+            f"cannot restore {path / PARAMS_DIR} ({type(e).__name__}: {detail}); the checkpoint is damaged or "
+            "was written for another config — write it again"
+        ) from e
     return nnx.merge(graphdef, state)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import check_destination
-from bidirlm_jax.io.checkpoint import is_checkpoint, save_checkpoint
-from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtype, tokenizer_files
+from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, save_checkpoint
+from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, tokenizer_files
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES
 
 
@@ -30,8 +30,9 @@ def convert(
 ) -> Path:
     """Convert `src` into `dst`, carrying tokenizer files along.
 
-    Checkpoints hold fp32 master weights; an HF output is written in `dtype` (default: the source's
-    stored dtype, so HF -> checkpoint -> HF and HF -> HF are bit-exact).
+    Checkpoints hold fp32 master weights and record the dtype of every tensor of their source; an HF
+    output keeps each tensor's source dtype unless `dtype` is given, so HF -> checkpoint -> HF and
+    HF -> HF are bit-exact, mixed precisions included.
     """
     src_is_checkpoint = is_checkpoint(src)
     to = to or ("hf" if src_is_checkpoint else "checkpoint")
@@ -41,10 +42,24 @@ def convert(
     model = from_pretrained(
         src, attention=attention, bidirectional_window=bidirectional_window, allow_pickle=allow_pickle
     )
+    if src_is_checkpoint:
+        source_dtype, tensor_dtypes = recorded_dtypes(src)
+    else:
+        tensor_dtypes = stored_dtypes(src, allow_pickle=allow_pickle)
+        source_dtype = tensor_dtypes["embed_tokens.weight"]
+    files = tokenizer_files(src)
     if to == "checkpoint":
-        return save_checkpoint(model, dst, overwrite=overwrite, extra_files=tokenizer_files(src))
-    if dtype is None and not src_is_checkpoint:
-        dtype = stored_dtype(src, allow_pickle=allow_pickle)
+        return save_checkpoint(
+            model, dst, overwrite=overwrite, extra_files=files, dtype=source_dtype, tensor_dtypes=tensor_dtypes
+        )
+    if dtype is not None:
+        source_dtype, tensor_dtypes = dtype, None
     return save_pretrained(
-        model, dst, dtype=dtype, overwrite=overwrite, extra_files=tokenizer_files(src), max_shard_bytes=max_shard_bytes
+        model,
+        dst,
+        dtype=source_dtype,
+        tensor_dtypes=tensor_dtypes,
+        overwrite=overwrite,
+        extra_files=files,
+        max_shard_bytes=max_shard_bytes,
     )

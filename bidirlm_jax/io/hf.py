@@ -12,7 +12,7 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
-from bidirlm_jax.io.atomic import atomic_directory, check_destination
+from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import is_checkpoint, load_checkpoint
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.layouts import CAUSAL_LM, LM_HEAD, Layout, detect_layout
@@ -130,7 +131,13 @@ class _PickleReader:
     """`pytorch_model.bin` (single or sharded), read with `torch.load(weights_only=True)`."""
 
     def __init__(self, path: Path):
-        import torch  # optional dependency, only for pickled checkpoints
+        try:
+            import torch  # optional dependency, only for pickled checkpoints
+        except ImportError as e:
+            raise CheckpointError(
+                f"{path} holds pickled PyTorch weights: install torch (pip install torch) to read pytorch_model.bin, "
+                "or convert them to safetensors first"
+            ) from e
 
         index = path / "pytorch_model.bin.index.json"
         files = (
@@ -150,6 +157,9 @@ class _PickleReader:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(jnp.dtype(str(self._tensors[name].dtype).removeprefix("torch.")))
 
     def get(self, name: str) -> np.ndarray:
         import ml_dtypes
@@ -261,36 +271,54 @@ def _param_arrays(model: Transformer) -> dict[tuple, jax.Array]:
     return {path: var[...] for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def _to_host(array: jax.Array) -> np.ndarray:
+    """The whole array on this host; a collective when other processes hold parts of it."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
 def save_pretrained(
     model: Transformer,
     out_dir: str | os.PathLike,
     *,
     dtype: str | None = None,
+    tensor_dtypes: Mapping[str, str] | None = None,
     overwrite: bool = False,
     extra_files: Iterable[Path] = (),
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write an HF directory that transformers loads natively, in the model's attention mode.
 
-    Tensors are written in `dtype` (default: the parameters'), one at a time, into shards with an
+    Tensors are written in `dtype` (default: the parameters'), except those `tensor_dtypes` names
+    (backbone-relative keys, as `stored_dtypes` returns them), one at a time, into shards with an
     index above `max_shard_bytes`; `extra_files` (e.g. `tokenizer_files(src)`) are copied beside them.
+    In a multi-process run every process calls this: each tensor is gathered to process 0, which writes.
     """
     config = model.config
     arrays = _param_arrays(model)
     table = weight_table(config)
-    out_dtype = np.dtype(jnp.dtype(dtype or config.param_dtype))
-    specs = [TensorSpec(CAUSAL_LM.to_checkpoint(e.hf_key), e.hf_shape, out_dtype) for e in table]
-    check_destination(out_dir, overwrite=overwrite)
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes)
+    default = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    tensor_dtypes = tensor_dtypes or {}
+    specs = [
+        TensorSpec(
+            CAUSAL_LM.to_checkpoint(e.hf_key), e.hf_shape, np.dtype(jnp.dtype(tensor_dtypes.get(e.hf_key, default)))
+        )
+        for e in table
+    ]
+    writes = jax.process_index() == 0
+    with atomic_directory(out_dir, overwrite=overwrite, collective=True) as tmp:
+        writer = ShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes) if writes else None
         for entry, spec in zip(table, specs):
-            host = np.asarray(jax.device_get(arrays[entry.path]))
-            writer.write(spec.name, entry.to_hf(host).astype(out_dtype, copy=False))
-        writer.close()
-        hf = config_to_hf(config, dtype=torch_dtype_name(out_dtype))
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        for file in extra_files:
-            shutil.copy2(file, tmp / Path(file).name)
+            host = _to_host(arrays[entry.path])
+            if writer is not None:
+                writer.write(spec.name, entry.to_hf(host).astype(spec.dtype, copy=False))
+        if writer is not None:
+            writer.close()
+            hf = config_to_hf(config, dtype=torch_dtype_name(specs[0].dtype))  # the embedding's (first entry)
+            (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+            for file in extra_files:
+                shutil.copy2(file, tmp / Path(file).name)
     return Path(out_dir)
 
 
@@ -299,9 +327,13 @@ def tokenizer_files(path: str | os.PathLike) -> list[Path]:
     return [Path(path) / name for name in TOKENIZER_FILES if (Path(path) / name).is_file()]
 
 
-def stored_dtype(path: str | os.PathLike, *, allow_pickle: bool = False) -> str:
-    """dtype name of the token embedding as stored, to re-export in the checkpoint's own precision."""
+def stored_dtypes(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, str]:
+    """dtype name of every backbone tensor as stored (backbone-relative keys), to re-export each in its
+    own precision; safetensors headers only, no tensor is read."""
     reader = open_weights(path, allow_pickle=allow_pickle)
-    key = detect_layout(reader.keys()).to_checkpoint("embed_tokens.weight")
-    dtype = reader.info(key).dtype if isinstance(reader, ShardReader) else reader.get(key).dtype  # header only
-    return jnp.dtype(dtype).name
+    layout = detect_layout(reader.keys())
+    return {
+        canonical: jnp.dtype(reader.dtype(key)).name
+        for key in reader.keys()
+        if (canonical := layout.to_canonical(key)) is not None
+    }

@@ -2,14 +2,22 @@
 
 Reads legacy (`rope_theta`, `rope_scaling`, `sliding_window_pattern`) and transformers-5
 (`rope_parameters`) fields, multimodal configs (their `text_config`), and the flags through which
-transformers decides causal vs bidirectional attention. Edits of whole dictionaries
-(`set_attention_mode`) keep every field we do not model.
+transformers decides causal vs bidirectional attention; writes both generations of fields, so
+transformers 4.x reads an export as 5.x does. Edits of whole dictionaries (`set_attention_mode`) keep
+every field we do not model.
+
+A bidirectional export must tell transformers a window it applies as is (W//2 for Qwen3 "half",
+a window past every position for "none"), which loses the declared window. It is kept in
+`bidirlm_sliding_window` and the mode in `bidirlm_bidirectional_window`: transformers carries unknown
+fields along (through its own save too) and ignores them, and this reader prefers them, so loading an
+export back as causal gives the original model.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,8 +32,24 @@ MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3"}
 SUPPORTED_MODEL_TYPES = tuple(TEXT_MODEL_TYPES) + tuple(MULTIMODAL_MODEL_TYPES)
 _ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _EXPORT_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3": "qwen3"}
-# The keys through which transformers decides causal vs bidirectional attention and window width.
-ATTENTION_KEYS = ("use_bidirectional_attention", "is_causal", "sliding_window", "use_sliding_window")
+# Our own fields: the declared window and the bidirectional window mode of an export (see above).
+WINDOW_KEY = "bidirlm_sliding_window"
+WINDOW_MODE_KEY = "bidirlm_bidirectional_window"
+# A checkpoint's record of the dtypes its source stored, for tensors not in its `dtype` (see io.checkpoint).
+TENSOR_DTYPES_KEY = "bidirlm_tensor_dtypes"
+# The keys through which transformers (and we) decide causal vs bidirectional attention and window width.
+ATTENTION_KEYS = (
+    "use_bidirectional_attention",
+    "is_causal",
+    "sliding_window",
+    "use_sliding_window",
+    WINDOW_KEY,
+    WINDOW_MODE_KEY,
+)
+# Source fields that make transformers import code files, which our exports do not carry.
+REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
+
+log = logging.getLogger(__name__)
 
 
 def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
@@ -52,6 +76,11 @@ def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
 def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
     """A config.json that transformers loads natively (no remote code), in the config's attention mode."""
     d: dict[str, Any] = {k: json.loads(v) for k, v in config.extra}
+    remote = sorted(k for k, v in d.items() if k in REMOTE_CODE_KEYS or _names_code_file(v))
+    if remote:
+        log.warning("dropping remote-code fields %s of the source config.json: the export carries no code", remote)
+        for key in remote:
+            del d[key]
     d.update(
         model_type=_EXPORT_MODEL_TYPES[config.family],
         architectures=[_ARCHITECTURES[config.family]],
@@ -74,21 +103,30 @@ def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, 
     if dtype is not None:
         d["dtype"] = dtype
     window = config.sliding_window
+    rope_sliding = config.rope_sliding or config.rope_full
+    # transformers 5 reads `rope_parameters`; 4.x the legacy fields beside it (5 reads them identically).
+    d.update(rope_theta=config.rope_full.theta, rope_scaling=_legacy_scaling(config.rope_full))
     if config.is_gemma:
         d.update(
             hidden_activation=config.activation,
             query_pre_attn_scalar=config.query_pre_attn_scalar,
             attn_logit_softcapping=config.attn_logit_softcapping,
             final_logit_softcapping=config.final_logit_softcapping,
-            rope_parameters={
-                FULL: _rope_dict(config.rope_full),
-                SLIDING: _rope_dict(config.rope_sliding or config.rope_full),
-            },
+            rope_parameters={FULL: _rope_dict(config.rope_full), SLIDING: _rope_dict(rope_sliding)},
+            rope_local_base_freq=rope_sliding.theta,
             use_bidirectional_attention=False,
         )
+        pattern = _periodic_pattern(config.layer_types)
+        if pattern is not None:
+            d["sliding_window_pattern"] = pattern
     else:
         d.update(hidden_act=config.activation, rope_parameters=_rope_dict(config.rope_full))
+        full_layers = config.layer_types.index(SLIDING) if SLIDING in config.layer_types else None
+        if full_layers is not None and set(config.layer_types[full_layers:]) == {SLIDING}:
+            d["max_window_layers"] = full_layers
     if config.attention == "bidirectional":
+        d[WINDOW_KEY] = window
+        d[WINDOW_MODE_KEY] = config.bidirectional_window
         if config.is_gemma and config.bidirectional_window == "half":
             d["use_bidirectional_attention"] = True  # transformers halves the declared window itself
         else:
@@ -132,8 +170,11 @@ def set_attention_mode(
         attention=attention, bidirectional_window=bidirectional_window or config.bidirectional_window
     )
     rendered = config_to_hf(config)
-    target.pop("is_causal", None)  # rendered only when bidirectional
-    target.update({key: rendered[key] for key in ATTENTION_KEYS if key in rendered})
+    for key in ATTENTION_KEYS:  # some are rendered only when bidirectional: drop stale ones
+        if key in rendered:
+            target[key] = rendered[key]
+        else:
+            target.pop(key, None)
     return d
 
 
@@ -170,6 +211,9 @@ _CONSUMED_KEYS = {
     "pad_token_id",
     "use_bidirectional_attention",
     "is_causal",
+    WINDOW_KEY,
+    WINDOW_MODE_KEY,
+    TENSOR_DTYPES_KEY,
     "dtype",
     "torch_dtype",
     "transformers_version",
@@ -180,6 +224,29 @@ def _rope_dict(rope: Rope) -> dict[str, Any]:
     if rope.factor == 1.0:
         return {"rope_type": "default", "rope_theta": rope.theta}
     return {"rope_type": "linear", "factor": rope.factor, "rope_theta": rope.theta}
+
+
+def _legacy_scaling(rope: Rope) -> dict[str, Any] | None:
+    return None if rope.factor == 1.0 else {"rope_type": "linear", "factor": rope.factor}
+
+
+def _periodic_pattern(layer_types: tuple[str, ...]) -> int | None:
+    """Gemma3's legacy `sliding_window_pattern`: every p-th layer global, if the layers follow one."""
+    for p in range(1, len(layer_types) + 2):
+        if all((SLIDING if (i + 1) % p else FULL) == t for i, t in enumerate(layer_types)):
+            return p
+    return None
+
+
+def _names_code_file(value: Any) -> bool:
+    """Whether a config value names a Python file (a remote-code reference)."""
+    if isinstance(value, str):
+        return value.endswith(".py")
+    if isinstance(value, Mapping):
+        return any(_names_code_file(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_names_code_file(v) for v in value)
+    return False
 
 
 def _parse_rope(params: Mapping[str, Any] | None, theta: float) -> Rope:
@@ -195,11 +262,14 @@ def _parse_rope(params: Mapping[str, Any] | None, theta: float) -> Rope:
 
 
 def _attention_fields(d: Mapping[str, Any], *, gemma: bool) -> dict[str, Any]:
+    """Attention mode and window mode; our own field names the window mode of our exports."""
     if gemma and d.get("use_bidirectional_attention"):
-        return {"attention": "bidirectional", "bidirectional_window": "half"}
-    if d.get("is_causal") is False:
-        return {"attention": "bidirectional", "bidirectional_window": "full"}
-    return {"attention": "causal"}
+        window = "half"
+    elif d.get("is_causal") is False:
+        window = "full"
+    else:
+        return {"attention": "causal"}
+    return {"attention": "bidirectional", "bidirectional_window": d.get(WINDOW_MODE_KEY, window)}
 
 
 def _common_fields(d: Mapping[str, Any], *, head_dim_default: int) -> dict[str, Any]:
@@ -238,7 +308,7 @@ def _gemma3_fields(d: Mapping[str, Any]) -> dict[str, Any]:
         layer_types=tuple(layer_types),
         rope_full=_parse_rope(full, d.get("rope_theta", 1_000_000.0)),
         rope_sliding=_parse_rope(params.get(SLIDING), d.get("rope_local_base_freq", 10_000.0)),
-        sliding_window=d.get("sliding_window", 4096),
+        sliding_window=d.get(WINDOW_KEY, d.get("sliding_window", 4096)),
         query_pre_attn_scalar=d.get("query_pre_attn_scalar", 256),
         activation=d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh",
         tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
@@ -252,6 +322,7 @@ def _qwen3_fields(d: Mapping[str, Any]) -> dict[str, Any]:
     fields = _common_fields(d, head_dim_default=128)
     n = fields["num_layers"]
     window = d.get("sliding_window") if d.get("use_sliding_window") else None  # as Qwen3Config.__post_init__
+    window = d.get(WINDOW_KEY, window)
     max_window_layers = d.get("max_window_layers", 28)
     layer_types = d.get("layer_types") or [
         SLIDING if window is not None and i >= max_window_layers else FULL for i in range(n)

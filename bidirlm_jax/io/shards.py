@@ -164,6 +164,9 @@ class ShardReader:
     def shape(self, name: str) -> tuple[int, ...]:
         return self._info[name].shape
 
+    def dtype(self, name: str) -> np.dtype:
+        return self._info[name].dtype
+
     def get(self, name: str) -> np.ndarray:
         """One whole tensor, in its stored dtype and shape."""
         return self.read_flat(name).reshape(self._info[name].shape)
