@@ -33,6 +33,8 @@ _DTYPE_CODES = {
     np.dtype(np.float32): "F32",
     np.dtype(np.float16): "F16",
     np.dtype(ml_dtypes.bfloat16): "BF16",
+    np.dtype(ml_dtypes.float8_e4m3fn): "F8_E4M3",
+    np.dtype(ml_dtypes.float8_e5m2): "F8_E5M2",
     np.dtype(np.int64): "I64",
     np.dtype(np.int32): "I32",
     np.dtype(np.int16): "I16",

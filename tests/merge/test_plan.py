@@ -127,7 +127,6 @@ def test_buffers_we_cannot_average_are_carried(tmp_path, qwen, capsys):
     assert "model.flags (bool) cannot be averaged" in err and "--exclude" in err
 
 
-@pytest.mark.xfail(strict=True, reason="io/shards.py does not read F8_E4M3 yet: its dtype table needs the fp8 codes")
 def test_fp8_tensors_carried_and_refused_by_name(tmp_path, qwen, capsys):
     config, shapes = qwen
     fp8 = np.dtype(ml_dtypes.float8_e4m3fn)
