@@ -1,0 +1,320 @@
+"""Contrastive pairs: records, instructions, and batches that each come from a single dataset.
+
+Records are `{"query": str, "positive": str, "negatives": [str, ...]}` lines of `.jsonl` files, rows of
+`.parquet` files, or rows of a hub dataset (`hf:NAME[:CONFIG]`, online only). A record's dataset is its
+`dataset` field, else its file's stem (the hub name); records with the same name form one dataset, wherever
+they come from. Records are held in memory.
+
+Batches (BidirLM, appendix C): every batch is drawn from one dataset, so in-batch negatives share a task.
+`PairBatches[i]` is a pure function of `(seed, i)`, so a run resumes by batch index (through grain):
+- no `weights`: epochs; each epoch shuffles every dataset and the order of all their full batches, so
+  datasets appear in proportion to their size and every record is used once per epoch (a dataset's last
+  partial batch of an epoch is skipped, a different one each epoch);
+- `weights` {dataset: weight}: each batch picks its dataset by weight and its records at random (no record
+  twice within a batch, independently across batches).
+
+Hard negatives: `num_negatives` K (one number, or one per dataset) takes each record's first K negatives;
+a record with fewer is refused, naming its file and line (we do not invent negatives: lower K for that
+dataset instead). K is constant within a dataset, so batches of different datasets may differ in shape
+(one compilation per distinct K).
+
+Instructions (BidirLM, appendix C): `Instruct: {instruction}\\nQuery: {text}` on queries only for asymmetric
+tasks (retrieval, reranking), on queries, positives and negatives for symmetric ones (STS, pair
+classification), from `{dataset: (instruction, symmetric)}`; documents of asymmetric tasks are never
+prefixed, and datasets absent from the map get no prefix.
+
+Batch contract (numpy, this process's rows of the global batch, right padding): `query_ids`, `query_mask`
+int32 [B, Lq]; `positive_ids`, `positive_mask` int32 [B, Ld]; `negative_ids`, `negative_mask` int32
+[B, K, Ld] (K may be 0); `dataset` int32 [B] (index into `PairBatches.names`); `truncated` int32 [B] (texts
+of the row cut at their max length). Lq and Ld are fixed (`query_max_length`, `doc_max_length`, default
+`max_length` 512) so that the jitted step compiles once per K.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grain
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from bidirlm_jax.errors import ConfigError
+
+EXTENSIONS = (".jsonl", ".parquet")
+HUB_PREFIX = "hf:"
+INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
+_FIX = 'every record needs non-empty "query" and "positive" strings and optionally "negatives", a list of strings'
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """A dataset's task instruction; `symmetric` tasks (STS, pair classification) prefix both sides."""
+
+    text: str
+    symmetric: bool = False
+
+
+@dataclass
+class PairDataset:
+    """One dataset's records; `where[i]` is record i's origin (`file:line`) for error messages, `sources`
+    the files (or hub names) its records came from."""
+
+    name: str
+    sources: list[str] = field(default_factory=list)
+    queries: list[str] = field(default_factory=list)
+    positives: list[str] = field(default_factory=list)
+    negatives: list[list[str]] = field(default_factory=list)
+    where: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+def with_instruction(text: str, instruction: str) -> str:
+    return INSTRUCTION_TEMPLATE.format(instruction=instruction, text=text)
+
+
+def read_pairs(paths: str | os.PathLike | Sequence[str | os.PathLike], *, split: str = "train") -> list[PairDataset]:
+    """The datasets of `.jsonl` / `.parquet` files, directories of them, or `hf:NAME[:CONFIG]` (its `split`),
+    sorted by name. Raises `ConfigError` naming the file and 1-based line of a malformed record."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    datasets: dict[str, PairDataset] = {}
+    for path in paths:
+        text = os.fspath(path)
+        if text.startswith(HUB_PREFIX):
+            sources = [(text, text[len(HUB_PREFIX) :].split(":")[0])]
+        else:
+            sources = [(str(f), f.stem) for f in _pair_files(Path(text))]
+        for source, default_name in sources:
+            empty = True
+            for where, record in _records(source, split):
+                empty = False
+                _add(datasets, default_name, source, where, record)
+            if empty:
+                raise ConfigError(f"{source} holds no records (an empty dataset); {_FIX}")
+    if not datasets:
+        raise ConfigError("no contrastive data given; set data.path to .jsonl/.parquet files or hf:NAME")
+    return [datasets[name] for name in sorted(datasets)]
+
+
+def _pair_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file())
+        if not files:
+            raise ConfigError(f"directory {path} holds no {' or '.join(EXTENSIONS)} files of pairs")
+        return files
+    if not path.is_file():
+        raise ConfigError(f"pairs file {path} does not exist; give .jsonl or .parquet files (one dataset each)")
+    if path.suffix not in EXTENSIONS:
+        raise ConfigError(
+            f"{path}: pairs must be {' or '.join(EXTENSIONS)} files, not {path.suffix or 'extension-less'}"
+        )
+    return [path]
+
+
+def _records(source: str, split: str) -> Iterator[tuple[str, object]]:
+    """(origin, record) pairs of one source, origins `file:line` (jsonl), `file:row N` (parquet), `name[i]`."""
+    if source.startswith(HUB_PREFIX):
+        yield from _hub_records(source[len(HUB_PREFIX) :], split)
+    elif source.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for row, record in enumerate(pq.read_table(source).to_pylist(), 1):
+            yield f"{source}:row {row}", record
+    else:
+        with open(source, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{source}:{line_no}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{source}:{line_no}: not a JSON object ({e.msg}); {_FIX}") from None
+
+
+def _hub_records(spec: str, split: str) -> Iterator[tuple[str, object]]:
+    import datasets
+
+    name, _, config = spec.partition(":")
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # the hub raises many types (offline, missing, gated)
+        raise ConfigError(f"cannot load hub dataset {spec!r} split {split!r}: {e}") from None
+    for i, record in enumerate(rows):
+        yield f"{HUB_PREFIX}{spec}[{i}]", record
+
+
+def _add(datasets: dict[str, PairDataset], default_name: str, source: str, where: str, record: object) -> None:
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: a record must be an object, got {type(record).__name__}; {_FIX}")
+    for key in ("query", "positive"):
+        value = record.get(key)
+        if not isinstance(value, str) or not value.strip():
+            problem = "missing" if value is None else "empty" if isinstance(value, str) else "not a string"
+            raise ConfigError(f'{where}: record field "{key}" is {problem}; {_FIX}')
+    negatives = record.get("negatives") or []
+    if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
+        raise ConfigError(f'{where}: "negatives" must be a list of non-empty strings; {_FIX}')
+    name = str(record.get("dataset") or default_name)
+    ds = datasets.setdefault(name, PairDataset(name))
+    if source not in ds.sources:
+        ds.sources.append(source)
+    ds.queries.append(record["query"])
+    ds.positives.append(record["positive"])
+    ds.negatives.append(negatives)
+    ds.where.append(where)
+
+
+class PairBatches:
+    """Random-access global batches (see the module docstring); `self[i]` is this process's share of
+    batch i, tokenised. Every setting is checked here, before any training starts."""
+
+    def __init__(
+        self,
+        datasets: Sequence[PairDataset],
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int,
+        num_negatives: int | Mapping[str, int] = 0,
+        seed: int = 0,
+        weights: Mapping[str, float] | None = None,
+        instructions: Mapping[str, Instruction | tuple[str, bool]] | None = None,
+        max_length: int = 512,
+        query_max_length: int | None = None,
+        doc_max_length: int | None = None,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        self.datasets = list(datasets)
+        self.names = [ds.name for ds in self.datasets]
+        self.tokenizer = tokenizer
+        self.batch_size, self.seed = batch_size, seed
+        self.query_max_length = query_max_length or max_length
+        self.doc_max_length = doc_max_length or max_length
+        self._rows = slice(
+            process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count
+        )
+        if batch_size < 1 or batch_size % process_count:
+            raise ConfigError(f"batch size {batch_size} must be positive and divide over {process_count} processes")
+        if min(self.query_max_length, self.doc_max_length) < 1:
+            raise ConfigError("max lengths must be positive")
+        self.weights = self._check_weights(weights)
+        self.instructions = self._check_instructions(instructions or {})
+        self.num_negatives = self._check_negatives(num_negatives)
+        for ds, w in zip(self.datasets, self.weights if self.weights is not None else [1.0] * len(self.datasets)):
+            if w > 0 and len(ds) < batch_size:
+                raise ConfigError(
+                    f"dataset {ds.name!r} ({', '.join(ds.sources)}) has {len(ds)} records, fewer than one batch "
+                    f"of {batch_size}; every batch comes from one dataset: lower the batch size, or remove or merge "
+                    "this dataset"
+                )
+        self._slots = [(d, k) for d, ds in enumerate(self.datasets) for k in range(len(ds) // batch_size)]
+        self._epoch: tuple[int, np.ndarray, list[np.ndarray]] | None = None
+
+    def _check_weights(self, weights: Mapping[str, float] | None) -> np.ndarray | None:
+        if weights is None:
+            return None
+        unknown = set(weights) - set(self.names)
+        if unknown:
+            raise ConfigError(f"weights name unknown datasets {sorted(unknown)}; the datasets are {self.names}")
+        w = np.array([float(weights.get(name, 0.0)) for name in self.names])
+        if (w < 0).any() or w.sum() <= 0:
+            raise ConfigError(f"dataset weights must be non-negative with a positive sum, got {dict(weights)}")
+        return w / w.sum()
+
+    def _check_instructions(self, instructions: Mapping[str, Instruction | tuple[str, bool]]) -> dict[str, Instruction]:
+        unknown = set(instructions) - set(self.names)
+        if unknown:
+            raise ConfigError(f"instructions name unknown datasets {sorted(unknown)}; the datasets are {self.names}")
+        return {k: v if isinstance(v, Instruction) else Instruction(*v) for k, v in instructions.items()}
+
+    def _check_negatives(self, num_negatives: int | Mapping[str, int]) -> list[int]:
+        if isinstance(num_negatives, Mapping):
+            missing = set(self.names) - set(num_negatives)
+            if missing:
+                raise ConfigError(f"num_negatives gives no count for datasets {sorted(missing)}")
+            counts = [int(num_negatives[name]) for name in self.names]
+        else:
+            counts = [int(num_negatives)] * len(self.datasets)
+        for ds, k in zip(self.datasets, counts):
+            if k < 0:
+                raise ConfigError(f"num_negatives for {ds.name!r} must be >= 0, got {k}")
+            for where, negatives in zip(ds.where, ds.negatives):
+                if len(negatives) < k:
+                    raise ConfigError(
+                        f"{where}: record has {len(negatives)} hard negatives but num_negatives for dataset {ds.name!r} "
+                        f'is {k}; give every record at least {k} "negatives", or lower num_negatives for this dataset'
+                    )
+        return counts
+
+    def __len__(self) -> int:
+        """Batches per epoch (any index is valid: later epochs reshuffle)."""
+        return len(self._slots) if self.weights is None else sum(map(len, self.datasets)) // self.batch_size
+
+    def schedule(self, index: int) -> tuple[int, np.ndarray]:
+        """(dataset number, record indices [batch_size]) of global batch `index`."""
+        if self.weights is not None:
+            rng = np.random.default_rng([self.seed, 1, index])
+            d = int(rng.choice(len(self.datasets), p=self.weights))
+            return d, np.sort(rng.choice(len(self.datasets[d]), self.batch_size, replace=False))
+        epoch, position = divmod(index, len(self._slots))
+        cached = self._epoch
+        if cached is None or cached[0] != epoch:
+            order = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self._slots))
+            perms = [
+                np.random.default_rng([self.seed, 0, epoch, d + 1]).permutation(len(ds))
+                for d, ds in enumerate(self.datasets)
+            ]
+            cached = self._epoch = (epoch, order, perms)
+        d, k = self._slots[cached[1][position]]
+        return d, cached[2][d][k * self.batch_size : (k + 1) * self.batch_size]
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        d, records = self.schedule(int(index))
+        ds, k = self.datasets[d], self.num_negatives[d]
+        records = records[self._rows]
+        instruction = self.instructions.get(ds.name)
+        prefix = (lambda t: with_instruction(t, instruction.text)) if instruction else (lambda t: t)
+        doc_prefix = prefix if instruction and instruction.symmetric else (lambda t: t)
+        queries = [prefix(ds.queries[r]) for r in records]
+        docs = [doc_prefix(t) for r in records for t in [ds.positives[r], *ds.negatives[r][:k]]]
+        q_ids, q_mask, q_cut = self._tokenize(queries, self.query_max_length)
+        d_ids, d_mask, d_cut = self._tokenize(docs, self.doc_max_length)
+        b = len(records)
+        d_ids, d_mask = d_ids.reshape(b, 1 + k, -1), d_mask.reshape(b, 1 + k, -1)
+        return {
+            "query_ids": q_ids,
+            "query_mask": q_mask,
+            "positive_ids": d_ids[:, 0],
+            "positive_mask": d_mask[:, 0],
+            "negative_ids": d_ids[:, 1:],
+            "negative_mask": d_mask[:, 1:],
+            "dataset": np.full((b,), d, np.int32),
+            "truncated": (q_cut + d_cut.reshape(b, 1 + k).sum(axis=1)).astype(np.int32),
+        }
+
+    def _tokenize(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """ids, mask [n, length] (right padding) and whether each text was truncated [n]."""
+        enc = self.tokenizer(texts, truncation=True, max_length=length, return_overflowing_tokens=True)
+        owner = np.asarray(enc["overflow_to_sample_mapping"])
+        first = np.searchsorted(owner, np.arange(len(texts)))  # overflow rows follow their text's first row
+        pad = self.tokenizer.pad_token_id or 0
+        ids = np.full((len(texts), length), pad, np.int32)
+        mask = np.zeros((len(texts), length), np.int32)
+        for i, row in enumerate(first):
+            tokens = enc["input_ids"][row]
+            ids[i, : len(tokens)] = tokens
+            mask[i, : len(tokens)] = 1
+        return ids, mask, np.bincount(owner, minlength=len(texts)) > 1
+
+
+def pairs_dataset(batches: PairBatches, num_batches: int | None = None) -> grain.MapDataset:
+    """A grain dataset whose element i is `batches[i]` (endless by default); its iterator's state is a
+    position, so checkpoints resume on the exact batch."""
+    return grain.MapDataset.range(num_batches or sys.maxsize).map(batches.__getitem__)
