@@ -259,6 +259,16 @@ def _run_tokenize(args: argparse.Namespace) -> int:
 _COMMANDS.append(_register_tokenize)
 
 
+def _register_encoders(sub: argparse._SubParsersAction) -> None:
+    from bidirlm_jax.embed.cli import register_embed, register_eval, register_export
+
+    for register in (register_embed, register_export, register_eval):
+        register(sub)
+
+
+_COMMANDS.append(_register_encoders)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit status (0 ok, 1 a failed check, 2 a usage or input error, 130 ^C)."""
     try:

@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.models.config import FULL, SLIDING
-from bidirlm_jax.models.pooling import POOLING_MODES, pool
+from bidirlm_jax.models.config import FULL, POOLING_MODES, SLIDING
+from bidirlm_jax.models.pooling import pool
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.transformer import Transformer
 

@@ -22,8 +22,7 @@ from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, tokenizer_files
-from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES
-from bidirlm_jax.models.pooling import POOLING_MODES
+from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
 from bidirlm_jax.models.transformer import Transformer
 
 # our pooling mode -> sentence-transformers' legacy flag (their `cls` and `lasttoken` take the first / last

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from bidirlm_jax.errors import ConfigError
-
-POOLING_MODES = ("mean", "last", "first")
+from bidirlm_jax.models.config import POOLING_MODES
 
 
 def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str = "mean") -> jax.Array:

@@ -1,0 +1,267 @@
+"""`bidirlm embed`, `bidirlm export` and `bidirlm eval`: argparse registration and thin runs over the Python API.
+
+Each `register_*` adds one subcommand to `bidirlm`'s subparsers; heavy imports happen inside the runs, so
+`bidirlm --help` stays fast. Outputs are written to a temporary file and renamed into place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.atomic import check_destination
+from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
+
+# --- embed --------------------------------------------------------------------------------------
+
+
+def register_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="embed texts with an encoder into a .npy file",
+        description="Embed every text of INPUT (.txt: one text per line; .jsonl: a `text` field per line) with the "
+        "model in DIR and its tokenizer; write a float32 [N, d] .npy, row i for text i. Pooling, normalisation and "
+        "length default to what an exported encoder declares (mean, normalised, 512 for a plain HF directory).",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="encoder or HF directory, with its tokenizer")
+    p.add_argument("--input", required=True, metavar="FILE", help=".txt (one text per line) or .jsonl")
+    p.add_argument("--output", required=True, metavar="FILE.npy", help="embeddings [N, d], float32")
+    p.add_argument("--instruction", help="query instruction: each text becomes 'Instruct: TEXT\\nQuery: {text}'")
+    _encoding_args(p)
+    p.add_argument("--text-field", default="text", help="the .jsonl field holding the text (default text)")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE.npy if it exists")
+    p.set_defaults(run=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from bidirlm_jax.embed.encode import encode_texts
+
+    texts = read_texts(args.input, text_field=args.text_field)
+    check_destination(args.output, overwrite=args.overwrite)
+    model, tokenizer, settings = _load(args)
+    result = encode_texts(
+        model, tokenizer, texts, instruction=args.instruction, pooling=args.pooling or settings.pooling,
+        normalize=settings.normalize, batch_size=args.batch_size, max_length=args.max_length or settings.max_length,
+        progress=False if args.no_progress else None,
+    )  # fmt: skip
+    _write_atomically(args.output, lambda f: np.save(f, result.embeddings))
+    n, d = result.embeddings.shape
+    truncated = f"; {result.num_truncated} truncated to the maximum length" if result.num_truncated else ""
+    print(f"embedded {n} texts ({d} dimensions){truncated} -> {args.output}")
+    return 0
+
+
+def read_texts(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
+    """One text per line of a .txt file, or the `text_field` of each line of a .jsonl file; never empty."""
+    path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ConfigError(f"{path}: give a .txt file (one text per line) or a .jsonl file (a {text_field!r} field)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"input file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text ({e.reason}); re-encode it as UTF-8") from None
+    if path.suffix == ".txt":
+        texts = lines
+    else:
+        texts = [_jsonl_text(line, f"{path}:{i}", text_field) for i, line in enumerate(lines, 1) if line.strip()]
+    if not any(t.strip() for t in texts):
+        raise ConfigError(f"input file {path} holds no text; nothing to embed")
+    return texts
+
+
+def _jsonl_text(line: str, where: str, field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    if not isinstance(record, dict) or not isinstance(record.get(field), str):
+        raise ConfigError(f"{where}: no string {field!r} field; add it or name the field with --text-field")
+    return record[field]
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+def register_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="HF directory or checkpoint -> encoder loadable by transformers and sentence-transformers",
+        description="Write SRC (an HF directory, a merged one, or a bidirlm checkpoint, with its tokenizer) as an "
+        "encoder directory DST that transformers (AutoModel) and sentence-transformers (SentenceTransformer) load "
+        "as-is, without remote code. Written to a temporary directory and renamed into place.",
+    )
+    p.add_argument("src", help="HF directory or bidirlm checkpoint, with its tokenizer files")
+    p.add_argument("dst", help="output directory (must not exist, unless --overwrite)")
+    p.add_argument("--pooling", choices=POOLING_MODES, default="mean", help="pooling used in training (default mean)")
+    p.add_argument("--no-normalize", dest="normalize", action="store_false", help="no L2 normalisation module")
+    p.add_argument("--max-length", type=int, default=512, help="sentence-transformers' max_seq_length (default 512)")
+    p.add_argument("--instruction", help="default query instruction, saved as the 'query' prompt")
+    p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional", help="(default bidirectional)")
+    p.add_argument("--dtype", choices=DTYPES, help="stored precision (default: the source's)")
+    p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (only from sources you trust)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from bidirlm_jax.embed.encode import query_prompt
+    from bidirlm_jax.io.sentence_transformers import export_encoder
+
+    out = export_encoder(
+        args.src, args.dst, pooling=args.pooling, normalize=args.normalize, max_length=args.max_length,
+        prompts={"query": query_prompt(args.instruction)} if args.instruction else None, attention=args.attention,
+        dtype=args.dtype, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
+    )  # fmt: skip
+    print(f"wrote {out}")
+    return 0
+
+
+# --- eval ---------------------------------------------------------------------------------------
+
+
+def register_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="retrieval (BEIR layout) and MTEB scores of an encoder",
+        description="Score the model in DIR on local retrieval data in the BEIR layout (nDCG@10, MRR@10, "
+        "Recall@100), on MTEB tasks whose data is available locally (through the adapter, with BidirLM's "
+        "instructions) and, for MNTP checkpoints, by masked-token accuracy and loss on held-out text. Prints a "
+        "table; --output writes the results as JSON.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="encoder or HF directory, with its tokenizer")
+    p.add_argument("--beir", action="append", default=[], metavar="DIR", help="BEIR-layout directory (repeat)")
+    p.add_argument("--mteb", action="append", default=[], metavar="TASK", help="MTEB task name (repeat)")
+    p.add_argument("--mntp-text", metavar="FILE", help="held-out .txt/.jsonl: MNTP masked accuracy and loss")
+    p.add_argument("--mask-ratio", type=float, default=0.3, help="MNTP masking probability (default 0.3)")
+    p.add_argument("--mask-token", default="auto", help="MNTP mask token or id (default: the tokenizer's)")
+    p.add_argument("--split", default="test", help="qrels split of the BEIR directories (default test)")
+    p.add_argument("--instruction", help="query instruction for the BEIR directories (default: none)")
+    _encoding_args(p)
+    p.add_argument("--mteb-cache", metavar="DIR", help="mteb's result cache (default: none, always recompute)")
+    p.add_argument("--output", metavar="FILE.json", help="write the results here (atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE.json if it exists")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from bidirlm_jax.evals.retrieval import evaluate_retrieval, load_beir
+
+    if not args.beir and not args.mteb and not args.mntp_text:
+        raise ConfigError(
+            "nothing to evaluate: give --beir DIR (local BEIR-layout data), --mteb TASK or --mntp-text FILE"
+        )
+    if args.output:
+        check_destination(args.output, overwrite=args.overwrite)
+    data = {path: load_beir(path, args.split) for path in args.beir}  # bad inputs fail before the model loads
+    held_out = read_texts(args.mntp_text) if args.mntp_text else None
+    tasks: list[Any] = []
+    if args.mteb:
+        from bidirlm_jax.evals.mteb import MTEBEncoder, load_task, run_mteb
+
+        tasks = [load_task(name) for name in args.mteb]
+    model, tokenizer, settings = _load(args)
+    pooling, max_length = args.pooling or settings.pooling, args.max_length or settings.max_length
+    results: dict[str, Any] = {"model": str(args.model), "retrieval": {}, "mteb": {}, "mntp": {}}
+    for path, split_data in data.items():
+        results["retrieval"][str(path)] = evaluate_retrieval(
+            model, tokenizer, split_data, instruction=args.instruction, pooling=pooling, batch_size=args.batch_size,
+            max_length=max_length, progress=False if args.no_progress else None,
+        )  # fmt: skip
+    if tasks:
+        encoder = MTEBEncoder.from_loaded(
+            args.model, model, tokenizer, pooling=pooling, normalize=settings.normalize, batch_size=args.batch_size,
+            max_length=max_length,
+        )  # fmt: skip
+        results["mteb"] = run_mteb(encoder, tasks, cache_dir=args.mteb_cache)
+        results["mteb_model"] = {"name": encoder.mteb_model_meta.name, "revision": encoder.mteb_model_meta.revision}
+    if held_out is not None:
+        from bidirlm_jax.evals.lm import evaluate_mntp
+
+        results["mntp"][str(args.mntp_text)] = evaluate_mntp(
+            model, tokenizer, held_out, mask_ratio=args.mask_ratio, mask_token=args.mask_token, max_length=max_length,
+            batch_size=args.batch_size,
+        )  # fmt: skip
+    print(format_table(results))
+    if args.output:
+        _write_atomically(args.output, lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
+        print(f"wrote {args.output}")
+    return 0
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A table per kind of result: retrieval metrics, MTEB main scores, MNTP accuracy and loss."""
+    tables = []
+    if results["retrieval"]:
+        rows = [("retrieval", "nDCG@10", "MRR@10", "Recall@100", "queries")]
+        rows += [
+            (
+                name,
+                f"{m['ndcg_at_10']:.4f}",
+                f"{m['mrr_at_10']:.4f}",
+                f"{m['recall_at_100']:.4f}",
+                str(m["num_queries"]),
+            )
+            for name, m in results["retrieval"].items()
+        ]
+        tables.append(rows)
+    if results["mteb"]:
+        tables.append(
+            [("mteb task", "main score")] + [(n, f"{m['main_score']:.4f}") for n, m in results["mteb"].items()]
+        )
+    if results["mntp"]:
+        rows = [("mntp held-out text", "masked accuracy", "loss", "masked tokens")]
+        rows += [
+            (name, f"{m['masked_accuracy']:.4f}", f"{m['loss']:.4f}", str(m["masked_tokens"]))
+            for name, m in results["mntp"].items()
+        ]
+        tables.append(rows)
+    return "\n\n".join(_aligned(rows) for rows in tables)
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+# --- shared -------------------------------------------------------------------------------------
+
+
+def _encoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pooling", choices=POOLING_MODES, help="default: the encoder's (mean for a plain HF directory)")
+    p.add_argument("--batch-size", type=int, default=32, help="texts per batch (default 32)")
+    p.add_argument("--max-length", type=int, help="tokens per text, longer ones truncated (default: the encoder's)")
+    p.add_argument("--attention", choices=ATTENTION_MODES, help="default: what the model's config.json says")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _load(args: argparse.Namespace):
+    from bidirlm_jax.io.sentence_transformers import load_encoder
+
+    return load_encoder(args.model, attention=args.attention, dtype=args.dtype)
+
+
+def _write_atomically(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
+    """Write through `write(file)` into a temporary sibling, then rename it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics on local BEIR-layout data, and MTEB through an encoder adapter."""

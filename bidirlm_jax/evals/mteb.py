@@ -1,0 +1,241 @@
+"""MTEB 2.x adapter: our `encode` behind mteb's encoder protocol, with BidirLM's instructions, named per checkpoint.
+
+Instructions come from the table mteb's own BidirLM wrapper lists (`bidirlm_models.bidirlm_task_prompts`), with
+the paper's defaults for symmetric tasks; they go on queries and on the texts of symmetric tasks, never on
+documents (`prompt_type == document`), in the template training used (`Instruct: ...\\nQuery: `). mteb caches
+results by model name and revision, and an unnamed model is cached as "no_model_name": every checkpoint gets
+its own name (from its directory) and a revision hashed from its files and encoding settings, so a new
+checkpoint never silently reuses an old one's scores. mteb needs torch; import this module only to use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from datasets import Dataset
+from flax import nnx
+from mteb.abstasks.retrieval import AbsTaskRetrieval
+from mteb.abstasks.task_metadata import TaskMetadata
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_implementations.bidirlm_models import bidirlm_task_prompts
+from mteb.models.model_meta import ModelMeta, ScoringFunction
+from mteb.types import PromptType
+
+from bidirlm_jax.embed.encode import encode
+from bidirlm_jax.errors import BidirLMError, ConfigError
+from bidirlm_jax.evals.retrieval import load_beir
+from bidirlm_jax.io.sentence_transformers import load_encoder
+from bidirlm_jax.models.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+# The paper's defaults where the table has no entry (paper-recipe §3.3); task names in the table win.
+TASK_TYPE_INSTRUCTIONS = {
+    "STS": "Retrieve semantically similar text",
+    "PairClassification": "Retrieve semantically similar text",
+    "BitextMining": "Retrieve parallel sentences",
+}
+
+
+def bidirlm_instructions() -> dict[str, str]:
+    """Task name (or task type) -> instruction: BidirLM's table as mteb ships it, plus the type defaults."""
+    return {**TASK_TYPE_INSTRUCTIONS, **bidirlm_task_prompts}
+
+
+class MTEBEncoder(AbsEncoder):
+    """A bidirlm model as an mteb encoder: `mteb.evaluate(MTEBEncoder.from_pretrained(DIR), tasks)`."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Any,
+        *,
+        name: str,
+        revision: str,
+        pooling: str = "mean",
+        normalize: bool = True,
+        batch_size: int = 32,
+        max_length: int = 512,
+        instructions: dict[str, str] | None = None,
+    ):
+        if "/" not in name:
+            raise ConfigError(f"mteb model names are 'organization/model', got {name!r}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.encode_kwargs = dict(pooling=pooling, normalize=normalize, batch_size=batch_size, max_length=max_length)
+        self.prompts_dict = bidirlm_instructions() if instructions is None else instructions
+        self.prompts_used: dict[tuple[str, str | None], str | None] = {}  # (task, prompt type) -> instruction
+        n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        self.mteb_model_meta = ModelMeta.create_empty(
+            overwrites=dict(
+                name=name, revision=revision, embed_dim=model.config.hidden_size, max_tokens=max_length,
+                n_parameters=n_params, framework=["JAX"], similarity_fn_name=ScoringFunction.COSINE,
+                use_instructions=True, modalities=["text"], open_weights=True,
+            )
+        )  # fmt: skip
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        *,
+        name: str | None = None,
+        attention: str | None = None,
+        dtype: str = "float32",
+        pooling: str | None = None,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        instructions: dict[str, str] | None = None,
+    ) -> MTEBEncoder:
+        """Load an encoder (or HF) directory; pooling and length default to what the directory declares."""
+        model, tokenizer, settings = load_encoder(path, attention=attention, dtype=dtype)
+        return cls.from_loaded(
+            path, model, tokenizer, name=name, pooling=pooling or settings.pooling, normalize=settings.normalize,
+            batch_size=batch_size, max_length=max_length or settings.max_length, instructions=instructions,
+        )  # fmt: skip
+
+    @classmethod
+    def from_loaded(
+        cls,
+        path: str | os.PathLike,
+        model: Transformer,
+        tokenizer: Any,
+        *,
+        name: str | None = None,
+        pooling: str = "mean",
+        normalize: bool = True,
+        batch_size: int = 32,
+        max_length: int = 512,
+        instructions: dict[str, str] | None = None,
+    ) -> MTEBEncoder:
+        """An adapter for a model already loaded from `path`: named after the directory, its revision hashed from
+        the directory's files and everything that changes an embedding."""
+        table = bidirlm_instructions() if instructions is None else instructions
+        scoring = dict(
+            pooling=pooling, normalize=normalize, max_length=max_length, attention=model.config.attention,
+            dtype=model.config.dtype, instructions=sorted(table.items()),
+        )  # fmt: skip
+        return cls(
+            model, tokenizer, name=name or f"bidirlm-jax/{Path(path).resolve().name}",
+            revision=checkpoint_revision(path, scoring), pooling=pooling, normalize=normalize, batch_size=batch_size,
+            max_length=max_length, instructions=table,
+        )  # fmt: skip
+
+    def instruction(self, task_metadata: TaskMetadata, prompt_type: PromptType | None) -> str | None:
+        """The instruction for a task's texts of one kind; None for documents."""
+        if prompt_type == PromptType.document:
+            return None
+        instruction = self.get_instruction(task_metadata, prompt_type)
+        return instruction if isinstance(instruction, str) and instruction else None
+
+    def encode(
+        self,
+        inputs: Any,
+        *,
+        task_metadata: TaskMetadata,
+        hf_split: str,
+        hf_subset: str,
+        prompt_type: PromptType | None = None,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        """mteb's encoder protocol: a DataLoader of batches with "text" -> `[N, d]` (mteb's batch size is ignored:
+        `encode` sorts and buckets the whole input itself)."""
+        texts = [text for batch in inputs for text in batch["text"]]
+        instruction = self.instruction(task_metadata, prompt_type)
+        key = (task_metadata.name, prompt_type.value if prompt_type else None)
+        if key not in self.prompts_used:
+            self.prompts_used[key] = instruction
+            log.info("%s, %s texts: instruction %r", key[0], key[1] or "all", instruction)
+        return encode(self.model, self.tokenizer, texts, instruction=instruction, **self.encode_kwargs)
+
+
+def checkpoint_revision(path: str | os.PathLike, settings: dict[str, Any] | None = None) -> str:
+    """A hash of every file of a model directory (weights, config, tokenizer, prompts) and of the encoding
+    settings: equal only for the same checkpoint evaluated the same way."""
+    digest = hashlib.blake2b(digest_size=8)
+    root = Path(path)
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = file.relative_to(root)
+        if any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(str(relative).encode() + b"\0")
+        with file.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    digest.update(repr(sorted((settings or {}).items())).encode())
+    return digest.hexdigest()
+
+
+def beir_task(
+    path: str | os.PathLike, *, split: str = "test", name: str = "LocalBEIRRetrieval", instruction: str | None = None
+) -> AbsTaskRetrieval:
+    """An mteb retrieval task over a local BEIR directory, loaded already (no Hub access); `instruction` is its
+    query prompt when BidirLM's table has no entry for `name`."""
+    data = load_beir(path, split)
+    metadata = TaskMetadata(
+        name=name, type="Retrieval", category="t2t", modalities=["text"], main_score="ndcg_at_10",
+        description=f"Local BEIR data in {Path(path).resolve()}", reference=None,
+        dataset={"path": str(Path(path).resolve()), "revision": "local"}, eval_splits=[split],
+        eval_langs=["eng-Latn"], date=None, domains=None, task_subtypes=None, license=None,
+        annotations_creators=None, dialect=None, sample_creation=None, bibtex_citation=None,
+        prompt={"query": instruction} if instruction else None,
+    )  # fmt: skip
+    task = type(name, (AbsTaskRetrieval,), {"metadata": metadata})()
+    queries = data.evaluated_queries()
+    task.dataset = {
+        "default": {
+            split: {
+                "corpus": Dataset.from_list([{"id": d, "title": t, "text": x} for d, (t, x) in data.corpus.items()]),
+                "queries": Dataset.from_list([{"id": q, "text": data.queries[q]} for q in queries]),
+                "relevant_docs": {q: dict(data.qrels[q]) for q in queries},
+                "top_ranked": None,
+            }
+        }
+    }
+    task.data_loaded = True
+    return task
+
+
+def run_mteb(
+    encoder: MTEBEncoder, tasks: list[Any], *, cache_dir: str | os.PathLike | None = None
+) -> dict[str, dict[str, Any]]:
+    """Evaluate `encoder` on mteb tasks (names, whose data must be available locally, or task objects) ->
+    `{task: {"main_score": mean, "scores": {split: {subset: {metric: value}}}}}`."""
+    import mteb
+
+    loaded = [load_task(t) if isinstance(t, str) else t for t in tasks]
+    cache = mteb.ResultCache(cache_dir) if cache_dir is not None else None
+    result = mteb.evaluate(encoder, loaded, cache=cache, overwrite_strategy="only-missing", show_progress_bar=False)
+    out = {}
+    for task_result in result:
+        scores = {
+            split: {s["hf_subset"]: {k: v for k, v in s.items() if isinstance(v, (int, float))} for s in subsets}
+            for split, subsets in task_result.scores.items()
+        }
+        out[task_result.task_name] = {"main_score": float(task_result.get_score()), "scores": scores}
+    return out
+
+
+def load_task(name: str) -> Any:
+    """An mteb task by name with its data loaded from the local cache; a clear error when it is not there."""
+    import mteb
+
+    try:
+        task = mteb.get_task(name)
+    except KeyError:
+        raise ConfigError(f"{name!r} is not an mteb task; list them with `mteb available-tasks`") from None
+    try:
+        task.load_data()
+    except Exception as e:  # datasets raises many types for missing files and no network
+        raise BidirLMError(
+            f"the data of mteb task {name} is not available locally ({type(e).__name__}: {e}); download it once "
+            f"with network access (python -c \"import mteb; mteb.get_task('{name}').load_data()\"), or evaluate "
+            "local data in the BEIR layout with --beir DIR"
+        ) from None
+    return task

@@ -1,0 +1,123 @@
+"""Retrieval metrics against hand-computed values (ties, graded relevance) and pytrec_eval; `bidirlm eval` on BEIR."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bidirlm_jax.data.tokenizer import load_tokenizer
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.evals.retrieval import document_text, evaluate_retrieval, load_beir, rank, retrieval_metrics
+from bidirlm_jax.io.hf import from_pretrained
+from tests.test_encode import MAX_LENGTH, WORDS, make_encoder_src, run_cli
+
+# q1: d2 and d1 tie at 0.8 -> d2 first (id descending, as trec_eval); d9 is relevant but never retrieved.
+# q2: d5 and d4 tie -> d5 first. q3 has no relevant document: not averaged.
+RUN = {
+    "q1": {"d3": 0.9, "d1": 0.8, "d2": 0.8, "d4": 0.5},
+    "q2": {"d4": 0.7, "d5": 0.7, "d6": 0.1},
+    "q3": {"d5": 0.9},
+}
+QRELS = {"q1": {"d1": 2, "d2": 1, "d3": 0, "d9": 1}, "q2": {"d4": 1}, "q3": {"d5": 0}}
+
+
+def make_beir(root, *, num_docs=24, num_queries=6, seed=0):
+    """A small BEIR directory: titled and untitled documents, graded qrels, an unjudged query."""
+    rng = np.random.default_rng(seed)
+    (root / "qrels").mkdir(parents=True)
+    with (root / "corpus.jsonl").open("w") as f:
+        for i in range(num_docs):
+            title = " ".join(rng.choice(WORDS, 2)) if i % 3 else ""
+            f.write(json.dumps({"_id": f"doc{i}", "title": title, "text": " ".join(rng.choice(WORDS, 10))}) + "\n")
+    with (root / "queries.jsonl").open("w") as f:
+        for i in range(num_queries + 1):
+            f.write(json.dumps({"_id": f"q{i}", "text": " ".join(rng.choice(WORDS, 4))}) + "\n")
+    with (root / "qrels" / "test.tsv").open("w") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        for i in range(num_queries):
+            for j in rng.choice(num_docs, 3, replace=False):
+                f.write(f"q{i}\tdoc{j}\t{rng.integers(0, 3)}\n")
+            f.write(f"q{i}\tdoc{(i * 5) % num_docs}\t1\n")  # at least one relevant document per query
+    return root
+
+
+def test_metrics_hand_computed():
+    ndcg_q1 = (1 / math.log2(3) + 2 / math.log2(4)) / (2 + 1 / math.log2(3) + 1 / math.log2(4))
+    ndcg_q2 = 1 / math.log2(3)
+    metrics = retrieval_metrics(RUN, QRELS)
+    assert metrics["num_queries"] == 2
+    assert metrics["ndcg_at_10"] == pytest.approx((ndcg_q1 + ndcg_q2) / 2, abs=1e-12)
+    assert metrics["mrr_at_10"] == pytest.approx(0.5, abs=1e-12)
+    assert metrics["recall_at_100"] == pytest.approx((2 / 3 + 1) / 2, abs=1e-12)
+
+
+def test_metrics_equal_pytrec_eval():
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    rng = np.random.default_rng(1)
+    docs = [f"d{i}" for i in range(40)]
+    run = {f"q{q}": {d: float(rng.integers(0, 6)) / 5 for d in docs} for q in range(12)}  # many ties
+    qrels = {q: {d: int(rng.integers(0, 4)) for d in rng.choice(docs, 8, replace=False)} for q in run}
+    qrels = {q: rels for q, rels in qrels.items() if any(r > 0 for r in rels.values())}
+    theirs = pytrec_eval.RelevanceEvaluator(qrels, {"ndcg_cut.10", "recall.100", "recip_rank"}).evaluate(run)
+    metrics = retrieval_metrics(run, qrels)
+    assert metrics["ndcg_at_10"] == pytest.approx(np.mean([s["ndcg_cut_10"] for s in theirs.values()]), abs=1e-9)
+    assert metrics["recall_at_100"] == pytest.approx(np.mean([s["recall_100"] for s in theirs.values()]), abs=1e-9)
+    # pytrec_eval's recip_rank has no cut-off: a first relevant document below rank 10 counts 0 at 10
+    mrr_at_10 = np.mean([s["recip_rank"] if s["recip_rank"] >= 0.1 - 1e-12 else 0.0 for s in theirs.values()])
+    assert metrics["mrr_at_10"] == pytest.approx(mrr_at_10, abs=1e-9)
+
+
+def test_rank_breaks_ties_by_id_descending():
+    queries = np.array([[1.0, 0.0]])
+    docs = np.array([[2.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # a and b tie (cosine), d next, c last
+    assert list(rank(queries, docs, ["a", "b", "c", "d"], top_k=4)[0]) == ["b", "a", "d", "c"]
+    # a tie across the cut-off keeps the id-descending document
+    assert list(rank(queries, docs, ["a", "b", "c", "d"], top_k=1)[0]) == ["b"]
+
+
+def test_load_beir_and_bad_layouts(tmp_path):
+    beir = make_beir(tmp_path / "beir")
+    data = load_beir(beir)
+    assert len(data.corpus) == 24 and "q6" in data.queries and "q6" not in data.evaluated_queries()
+    assert document_text("Title", "body ") == "Title body" and document_text("", " body ") == "body"
+    with pytest.raises(ConfigError, match=r"qrels/dev.tsv is missing"):
+        load_beir(beir, split="dev")
+    (beir / "qrels" / "bad.tsv").write_text("query-id\tcorpus-id\tscore\nq1 doc1 1\n")
+    with pytest.raises(ConfigError, match=r"bad.tsv:2: expected 'query-id<TAB>corpus-id<TAB>score'"):
+        load_beir(beir, split="bad")
+    (beir / "queries.jsonl").write_text('{"id": "q1", "text": "x"}\n')
+    with pytest.raises(ConfigError, match=r"queries.jsonl:1: missing field\(s\) \['_id'\]"):
+        load_beir(beir)
+    with pytest.raises(ConfigError, match="not a directory"):
+        load_beir(tmp_path / "nothing")
+
+
+@pytest.fixture(scope="module")
+def qwen_src(qwen_dir, tmp_path_factory):
+    return make_encoder_src(qwen_dir, tmp_path_factory.mktemp("retrieval") / "src")
+
+
+def test_end_to_end_and_cli(qwen_src, tmp_path, capsys):
+    beir = make_beir(tmp_path / "beir")
+    model = from_pretrained(qwen_src, attention="bidirectional")
+    tokenizer = load_tokenizer(qwen_src)
+    kw = dict(batch_size=8, max_length=MAX_LENGTH)
+    metrics = evaluate_retrieval(model, tokenizer, beir, instruction="find the passage", **kw)
+    assert metrics["num_queries"] == 6 and metrics["num_documents"] == 24
+    assert all(0.0 <= metrics[k] <= 1.0 for k in ("ndcg_at_10", "mrr_at_10", "recall_at_100"))
+    assert metrics["recall_at_100"] == 1.0  # 24 documents: everything is retrieved
+    assert evaluate_retrieval(model, tokenizer, beir, **kw) != metrics  # the instruction reaches the queries
+
+    out = tmp_path / "results.json"
+    argv = ["eval", "--model", qwen_src, "--beir", beir, "--instruction", "find the passage", "--output", out]
+    assert run_cli([*argv, "--attention", "bidirectional", "--max-length", MAX_LENGTH, "--batch-size", 8]) == 0
+    printed = capsys.readouterr().out
+    assert "nDCG@10" in printed and f"{metrics['ndcg_at_10']:.4f}" in printed
+    saved = json.loads(out.read_text())["retrieval"][str(beir)]
+    assert saved == pytest.approx(metrics, abs=1e-6)
+
+    assert run_cli(["eval", "--model", qwen_src]) == 2
+    assert "nothing to evaluate" in capsys.readouterr().err
+    assert run_cli(["eval", "--model", qwen_src, "--beir", tmp_path / "missing"]) == 2
+    assert "not a directory" in capsys.readouterr().err
