@@ -4,20 +4,26 @@ Modules name their parameter axes logically (`embed`, `heads`, `mlp`, ...; see `
 never mention devices. This file turns those names into `PartitionSpec`s for a concrete mesh with axes
 `data`, `fsdp`, `tensor`: FSDP shards the `embed` side of every matrix, tensor parallelism the
 `heads`/`mlp`/`vocab` side, and batches are split over `data` × `fsdp`. A dimension that a mesh axis
-does not divide stays replicated on that axis (Gemma3-270M's single KV head on `tensor=2`, say).
+does not divide stays replicated on that axis (Gemma3-270M's single KV head on `tensor=2`, say); the
+train state's layout logs each such parameter kind once, with the memory the replication costs.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import math
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from bidirlm_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -36,7 +42,11 @@ LOGICAL_RULES: dict[str, tuple[str, ...]] = {
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `data × fsdp × tensor` mesh; one size may be -1 to take the remaining devices."""
+    """A `data × fsdp × tensor` mesh; one size may be -1 to take the remaining devices.
+
+    Devices are ordered by `jax.make_mesh` (TPU torus / GPU topology aware, `tensor` innermost), among
+    `devices` when given. On several TPU slices, `data` is split over the slices (DCN) first.
+    """
     devices = list(devices if devices is not None else jax.devices())
     sizes = [data, fsdp, tensor]
     if sizes.count(-1) > 1:
@@ -53,23 +63,43 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequen
             f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} uses {math.prod(sizes)} devices but "
             f"{len(devices)} are available; set one axis to -1 to use them all"
         )
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
+    auto = (AxisType.Auto,) * len(MESH_AXES)  # jax.make_mesh defaults to explicit axes; the rules need auto ones
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(sizes, MESH_AXES, axis_types=auto, devices=devices)
+    if sizes[0] % slices:
+        raise ConfigError(
+            f"mesh data={sizes[0]} does not split over the {slices} TPU slices; make mesh.data a multiple of {slices}"
+        )
+    per_slice = (sizes[0] // slices, sizes[1], sizes[2])
+    grid = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices)
+    return Mesh(grid, MESH_AXES, axis_types=auto)
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """PartitionSpec for an array whose axes carry `names`, dropping mesh axes that do not divide."""
-    spec = []
+def _spec_and_dropped(
+    names: Sequence[str | None], shape: Sequence[int], mesh: Mesh
+) -> tuple[PartitionSpec, list[tuple[str, int, str]]]:
+    """The spec, and the `(logical name, dim, mesh axis)` splits the rules asked for but the dim refused."""
+    spec, dropped = [], []
     used: set[str] = set()
     for name, dim in zip(names, shape):
         axes = []
         for axis in LOGICAL_RULES.get(name, ()) if name else ():
             size = mesh.shape[axis]
-            if axis in used or size == 1 or dim % (math.prod(mesh.shape[a] for a in axes) * size):
+            if axis in used or size == 1:
+                continue
+            if dim % (math.prod(mesh.shape[a] for a in axes) * size):
+                dropped.append((name, dim, axis))
                 continue
             axes.append(axis)
         used.update(axes)
         spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
-    return PartitionSpec(*spec)
+    return PartitionSpec(*spec), dropped
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec for an array whose axes carry `names`, dropping mesh axes that do not divide."""
+    return _spec_and_dropped(names, shape, mesh)[0]
 
 
 def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
@@ -77,18 +107,58 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, variable.shape, mesh))
 
 
+def _kind(path) -> str:
+    """A parameter's name without its layer index or container: `k_proj`, `embedding`."""
+    names = [k.key if hasattr(k, "key") else getattr(k, "name", None) for k in path]
+    return next((n for n in reversed(names) if isinstance(n, str)), "?")
+
+
+def _size(num_bytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.1f} {unit}"
+    return f"{num_bytes:.0f} B"
+
+
+def _log_replicated(costs: dict[str, list], mesh: Mesh) -> None:
+    for kind, (dropped, count, extra) in sorted(costs.items()):
+        splits = ", ".join(f"{name}={dim} over {axis}={mesh.shape[axis]}" for name, dim, axis in sorted(dropped))
+        log.warning(
+            "%s: cannot split %s (it does not divide), so it is replicated there: %s more per device over its %d "
+            "arrays (parameters and optimizer moments). A mesh axis size that divides it saves the memory",
+            kind,
+            splits,
+            _size(extra),
+            count,
+        )
+
+
 def state_shardings(state, mesh: Mesh):
     """NamedShardings for every variable of an (abstract) nnx state, from its logical axis names.
 
     Works on any pytree holding such variables (a train state with optimizer moments, say): leaves
-    outside a variable (step counters, RNG keys) are replicated.
+    outside a variable (step counters, RNG keys) are replicated. Dims that a mesh axis does not divide
+    are logged once per parameter kind, with the memory their replication costs.
     """
     replicated = NamedSharding(mesh, PartitionSpec())
-    return jax.tree.map(
-        lambda v: v.replace(variable_sharding(v, mesh)) if isinstance(v, nnx.Variable) else replicated,
-        state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
+    costs: dict[str, list] = collections.defaultdict(lambda: [set(), 0, 0.0])  # kind -> [splits, arrays, bytes]
+
+    def place(path, leaf):
+        if not isinstance(leaf, nnx.Variable):
+            return replicated
+        spec, dropped = _spec_and_dropped(leaf.get_metadata().get("out_sharding") or (), leaf.shape, mesh)
+        where = NamedSharding(mesh, spec)
+        if dropped:
+            cost = costs[_kind(path)]
+            cost[0].update(dropped)
+            cost[1] += 1
+            local = math.prod(where.shard_shape(leaf.shape)) * np.dtype(leaf.get_value().dtype).itemsize
+            cost[2] += local * (1 - 1 / math.prod(mesh.shape[axis] for _, _, axis in dropped))
+        return leaf.replace(where)
+
+    out = jax.tree_util.tree_map_with_path(place, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    _log_replicated(costs, mesh)
+    return out
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

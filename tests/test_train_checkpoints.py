@@ -1,69 +1,100 @@
-"""Train checkpoints: round trip (state, data position, meta), resharding on restore, refusals."""
+"""Train checkpoints: round trip (state, meta), resharding on restore, refusals by name, and the
+temporary directories of killed saves."""
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
-from bidirlm_jax.data.lm import lm_dataset
-from bidirlm_jax.data.synthetic import markov_tokens
-from bidirlm_jax.errors import CheckpointError
+from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
-from bidirlm_jax.train.config import base_config
+from bidirlm_jax.train.config import base_config, data_stream
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout, param_shapes
 
 CONFIG = get_preset("tiny-qwen3")
+ONE_DEVICE = dict(devices=jax.devices()[:1])
 
 
-def _iterator():
-    return iter(lm_dataset(markov_tokens(512, 5000, seed=0), seq_len=16, global_batch=4, seed=0).to_iter_dataset())
+@pytest.fixture(scope="module")
+def tx():
+    return make_optimizer(base_config().optim, total_steps=10)[0]
 
 
-def test_round_trip_onto_another_mesh_with_the_data_position(tmp_path):
-    tx, _ = make_optimizer(base_config().optim, total_steps=10)
+def _meta(layout, **data):
+    config = base_config()
+    config.data.update(data)
+    return {"param_shapes": param_shapes(layout.abstract.params), "data_stream": data_stream(config.data)}
+
+
+def test_round_trip_onto_another_mesh(tmp_path, tx):
     saved_layout = StateLayout(CONFIG, tx, make_mesh(2, 2, 2), seed=0)
     state = saved_layout.init()
-    it = _iterator()
-    for _ in range(3):
-        next(it)
-    shapes = param_shapes(state.params)
+    meta = _meta(saved_layout)
     ckpt = Checkpointer(tmp_path, save_every=5, keep=2)
-    assert not ckpt.save(3, state, it, {"param_shapes": shapes})  # not on the interval
-    assert ckpt.save(3, state, it, {"param_shapes": shapes}, force=True)
+    assert not ckpt.save(3, state, meta)  # not on the interval
+    assert ckpt.save(3, state, meta, force=True)
     for step in (5, 10):
-        assert ckpt.save(step, state, it, {"param_shapes": shapes})
+        assert ckpt.save(step, state, meta)
     ckpt.wait()
-    expected_batch = next(it)["input_ids"]
     ckpt.close()
     assert latest_step(tmp_path) == 10
     assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [5, 10]  # keep-last-2
 
-    # Resume on one device: arrays land in the new layout, the iterator at the saved position.
-    layout = StateLayout(CONFIG, tx, make_mesh(1, 1, 1, devices=jax.devices()[:1]), seed=1)
+    # Resume on one device: arrays land in the new layout.
+    layout = StateLayout(CONFIG, tx, make_mesh(1, 1, 1, **ONE_DEVICE), seed=1)
     ckpt = Checkpointer(tmp_path, save_every=5, keep=2)
-    ckpt.check_compatible(10, param_shapes(layout.abstract.params))
-    fresh = _iterator()
-    restored = ckpt.restore(10, layout.abstract, fresh)
+    ckpt.check_resumable(10, _meta(layout))
+    restored = ckpt.restore(10, layout.abstract)
     ckpt.close()
-    np.testing.assert_array_equal(next(fresh)["input_ids"], expected_batch)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         assert len(a.sharding.device_set) == 1
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_checkpoint_of_another_model_is_refused_by_name(tmp_path):
-    tx, _ = make_optimizer(base_config().optim, total_steps=10)
-    layout = StateLayout(CONFIG, tx, make_mesh(1, 1, 1, devices=jax.devices()[:1]), seed=0)
-    ckpt = Checkpointer(tmp_path, save_every=1, keep=1)
-    ckpt.save(1, layout.init(), _iterator(), {"param_shapes": param_shapes(layout.abstract.params)})
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory, tx):
+    """A one-step checkpoint of the tiny model on one device, and its layout."""
+    directory = tmp_path_factory.mktemp("ckpt")
+    layout = StateLayout(CONFIG, tx, make_mesh(1, 1, 1, **ONE_DEVICE), seed=0)
+    ckpt = Checkpointer(directory, save_every=1, keep=1)
+    ckpt.save(1, layout.init(), _meta(layout, path="tokens.npy"))
     ckpt.wait()
-    untied = param_shapes(
-        StateLayout(
-            CONFIG.replace(tie_word_embeddings=False), tx, make_mesh(1, 1, 1, devices=jax.devices()[:1]), seed=0
-        ).abstract.params
-    )
-    with pytest.raises(CheckpointError, match=r"different model .*checkpoint lacks \['lm_head'\]"):
-        ckpt.check_compatible(1, untied)
     ckpt.close()
+    return directory, layout
+
+
+def test_checkpoint_of_another_model_is_refused_by_name(saved, tx):
+    directory, _ = saved
+    untied = StateLayout(CONFIG.replace(tie_word_embeddings=False), tx, make_mesh(1, 1, 1, **ONE_DEVICE), seed=0)
+    ckpt = Checkpointer(directory, save_every=1, keep=1)
+    with pytest.raises(CheckpointError, match=r"different model .*checkpoint lacks \['lm_head'\]"):
+        ckpt.check_resumable(1, _meta(untied, path="tokens.npy"), allow_data_change=True)
+    ckpt.close()
+
+
+def test_another_data_stream_is_refused_by_name_unless_allowed(saved, tmp_path, monkeypatch):
+    directory, layout = saved
+    ckpt = Checkpointer(directory, save_every=1, keep=1)
+    ckpt.check_resumable(1, _meta(layout, path="tokens.npy", read_threads=8, prefetch=1))  # speed only: fine
+    monkeypatch.chdir(tmp_path)  # a relative data.path now names another file
+    changed = _meta(layout, path="tokens.npy", global_batch_size=16, seq_len=128)
+    with pytest.raises(ConfigError) as error:
+        ckpt.check_resumable(1, changed)
+    message = str(error.value)
+    for key in ("data.global_batch_size: 8 -> 16", "data.seq_len: 64 -> 128", f"{tmp_path}/tokens.npy"):
+        assert key in message, message
+    assert "data.seed" not in message and "--config.train.allow_data_change=true" in message
+    ckpt.check_resumable(1, changed, allow_data_change=True)
+    ckpt.close()
+
+
+def test_opening_a_directory_removes_saves_a_killed_run_never_committed(saved, tmp_path):
+    directory, _ = saved
+    (directory / "7.orbax-checkpoint-tmp" / "state.orbax-checkpoint-tmp").mkdir(parents=True)
+    (directory / "notes").mkdir()  # not ours: kept
+    Checkpointer(directory, save_every=1, keep=1).close()
+    assert not ocp.utils.tmp_checkpoints(directory) and (directory / "notes").is_dir()
+    assert latest_step(directory) == 1

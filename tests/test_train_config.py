@@ -38,6 +38,10 @@ def test_overrides_apply_with_their_types():
         (["--config", TINY, "--workdir", "w", "--config.train.nonfinite=ignore"], "train.nonfinite"),
         (["--config", TINY, "--workdir", "w", "--config.model.remat=some"], "model.remat"),
         (["--config", TINY, "--workdir", "w", "--config.train.steps=0"], "train.steps=0 must be positive"),
+        (
+            ["--config", TINY, "--workdir", "w", "--config.train.max_consecutive_skips=0"],
+            "train.max_consecutive_skips=0 must be positive",
+        ),
         (["--config", TINY, "--workdir", "w", "--config.data.source=npy"], "data.path"),
         (["--config", TINY], "missing --workdir"),
         (["--workdir", "w"], "missing --config"),

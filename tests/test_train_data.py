@@ -1,12 +1,24 @@
-"""The LM input pipeline: generated corpus, token files, per-process shares, resumable iterators."""
+"""The input pipeline: generated corpus, token files (checked once), LM rows, and global batches that
+each process assembles from exactly the rows its devices hold (one process here, two in a subprocess)."""
 
+import json
+import os
+import sys
+from pathlib import Path
+
+import grain
+import jax
 import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data.lm import lm_dataset, load_tokens
+from bidirlm_jax.data import lm
+from bidirlm_jax.data.lm import lm_rows, load_tokens
+from bidirlm_jax.data.loader import DeviceBatches, local_row_ranges
 from bidirlm_jax.data.synthetic import markov_tokens
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.sharding import make_mesh
+from tests.cluster import free_port, run_together
 
 
 def test_markov_corpus_is_deterministic_and_predictable():
@@ -20,38 +32,40 @@ def test_markov_corpus_is_deterministic_and_predictable():
     assert 0.5 < np.mean(top) < 0.8
 
 
-def _batches(ds, n):
-    it = iter(ds.to_iter_dataset())
-    return [next(it)["input_ids"] for _ in range(n)]
-
-
-def test_process_shares_make_up_the_global_batch():
+def test_lm_rows_are_shuffled_windows_reshuffled_each_epoch():
     tokens = np.arange(40 * 8, dtype=np.int32)  # 40 windows of 8 tokens, each identified by its first token
-    whole = _batches(lm_dataset(tokens, seq_len=8, global_batch=8, seed=1), 12)  # 12 batches: crosses epochs
-    shares = [
-        _batches(lm_dataset(tokens, seq_len=8, global_batch=8, seed=1, process_index=p, process_count=2), 12)
-        for p in range(2)
-    ]
-    for i, batch in enumerate(whole):
-        assert batch.shape == (8, 8)
-        both = np.concatenate([shares[0][i], shares[1][i]])
-        assert sorted(both[:, 0].tolist()) == sorted(batch[:, 0].tolist())
-    firsts = np.concatenate(whole[:5])[:, 0]
-    assert sorted(firsts.tolist()) == list(range(0, 320, 8))  # one epoch = each window once, shuffled
-    assert firsts.tolist() != sorted(firsts.tolist())
+    rows = lm_rows(tokens, seq_len=8, global_batch=8, seed=1)
+    firsts = [int(rows[i]["input_ids"][0]) for i in range(80)]
+    assert rows[0]["input_ids"].dtype == np.int32 and rows[0]["input_ids"].shape == (8,)
+    for epoch in (firsts[:40], firsts[40:]):
+        assert sorted(epoch) == list(range(0, 320, 8)) and epoch != sorted(epoch)  # each window once, shuffled
+    assert firsts[:40] != firsts[40:]
 
 
-def test_iterator_state_resumes_the_exact_stream():
-    ds = lm_dataset(markov_tokens(128, 10_000, seed=0), seq_len=16, global_batch=4, seed=0)
-    it = iter(ds.to_iter_dataset())
-    for _ in range(5):
-        next(it)
-    state = it.get_state()
-    expected = [next(it)["input_ids"] for _ in range(3)]
-    fresh = iter(ds.to_iter_dataset())
-    fresh.set_state(state)
-    for want in expected:
-        np.testing.assert_array_equal(next(fresh)["input_ids"], want)
+@pytest.mark.parametrize("shape", [(8, 1, 1), (2, 2, 2), (1, 1, 8)])
+def test_device_batches_are_consecutive_rows_in_the_batch_sharding(shape):
+    rows = lm_rows(markov_tokens(128, 10_000, seed=0), seq_len=16, global_batch=8, seed=0)
+    mesh = make_mesh(*shape)
+    batches = DeviceBatches(rows, mesh, 8, start=3)  # a run resumed at step 3 reads batch 3 next
+    assert local_row_ranges(mesh, 8) == [(0, 8)]  # one process holds every shard
+    assert batches.shapes["input_ids"].shape == (8, 16)
+    for b in (3, 4):
+        batch = next(batches)["input_ids"]
+        assert batch.sharding == batches.shapes["input_ids"].sharding
+        np.testing.assert_array_equal(np.asarray(batch), np.stack([rows[b * 8 + r]["input_ids"] for r in range(8)]))
+
+
+@pytest.mark.slow
+def test_two_processes_read_exactly_the_rows_their_devices_hold():
+    # Layouts where processes share batch shards (tensor across processes), hold disjoint ones, or
+    # interleaved ones; each device must hold the rows the one-process stream puts there.
+    port = free_port()
+    worker = str(Path(__file__).with_name("loader_worker.py"))
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    results = run_together([[sys.executable, worker, str(i), str(port)] for i in range(2)], env, timeout=240)
+    for code, out, err in results:
+        assert code == 0, err[-3000:]
+        assert out.count("ok ") == 4, out
 
 
 def _data(path: str) -> ConfigDict:
@@ -63,10 +77,12 @@ def test_token_files(tmp_path):
     tokens = load_tokens(_data(str(tmp_path / "ok.npy")), vocab_size=128)
     assert isinstance(tokens, np.memmap) and len(tokens) == 100
     np.save(tmp_path / "big.npy", np.array([1, 2, 500]))
+    np.save(tmp_path / "negative.npy", np.array([5, -1, 7], np.int32))  # -1 would wrap to the last embedding row
     np.save(tmp_path / "2d.npy", np.zeros((4, 4), np.int32))
     (tmp_path / "junk.npy").write_text("not numpy")
     for name, message in [
         ("big", "token id 500 >= the model's vocab_size 128"),
+        ("negative", "negative token id -1"),
         ("2d", "need 1-D integer ids"),
         ("junk", "is not a .npy array"),
         ("missing", "does not exist"),
@@ -75,6 +91,44 @@ def test_token_files(tmp_path):
             load_tokens(_data(str(tmp_path / f"{name}.npy")), vocab_size=128)
 
 
+def test_a_token_file_is_scanned_once_and_again_only_when_it_changes(tmp_path, monkeypatch):
+    scans = []
+    scan = lm.scan_id_range
+    monkeypatch.setattr(lm, "scan_id_range", lambda tokens: scans.append(len(tokens)) or scan(tokens))
+    path = tmp_path / "tokens.npy"
+    np.save(path, np.arange(3, 90, dtype=np.int32))
+    load_tokens(_data(str(path)), vocab_size=128)
+    load_tokens(_data(str(path)), vocab_size=128)  # the next start (or another host) reads the record
+    assert scans == [87]
+    assert json.loads(Path(f"{path}.stats.json").read_text())["min"] == 3
+    np.save(path, np.array([1, 2, 200], np.int32))  # rewritten: the record no longer describes it
+    with pytest.raises(ConfigError, match="token id 200"):
+        load_tokens(_data(str(path)), vocab_size=128)
+    assert scans == [87, 3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokens.npy", "tokens.npy.stats.json"]
+
+
+def test_a_token_file_in_a_read_only_directory_is_scanned_each_time(tmp_path, monkeypatch):
+    path = tmp_path / "tokens.npy"
+    np.save(path, np.arange(10, dtype=np.int32))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(lm.tempfile, "mkstemp", refuse)
+    for _ in range(2):
+        assert len(load_tokens(_data(str(path)), vocab_size=128)) == 10
+    assert os.listdir(tmp_path) == ["tokens.npy"]
+
+
 def test_a_corpus_smaller_than_one_batch_is_refused():
     with pytest.raises(ConfigError, match="fewer than one batch"):
-        lm_dataset(np.zeros(100, np.int32), seq_len=16, global_batch=8, seed=0)
+        lm_rows(np.zeros(100, np.int32), seq_len=16, global_batch=8, seed=0)
+
+
+def test_device_batches_take_any_map_dataset_of_rows():
+    rows = grain.MapDataset.range(6).repeat().map(lambda i: {"x": np.float32(i), "pair": np.array([i, -i])})
+    mesh = make_mesh(2, 1, 1, devices=jax.devices()[:2])
+    batch = next(DeviceBatches(rows, mesh, 4, start=1))
+    np.testing.assert_array_equal(np.asarray(batch["x"]), [4, 5, 0, 1])
+    assert batch["pair"].shape == (4, 2) and batch["x"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))

@@ -1,60 +1,47 @@
-"""`bidirlm train` end to end: learning, exact resume after SIGKILL, SIGTERM, non-finite loss, two
-processes, init from an HF directory, and inputs it must refuse without writing anything."""
+"""`bidirlm train` end to end: learning; exact resume after SIGTERM and after a SIGKILL in the middle of
+an asynchronous save; a run moving between process counts and meshes; non-finite losses; init from an
+HF directory; and inputs it must refuse without writing anything."""
 
 import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
-import textwrap
-import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from bidirlm_jax.cli import main as cli_main
+from bidirlm_jax.errors import BidirLMError
 from bidirlm_jax.io.hf_config import config_to_hf
+from bidirlm_jax.train import parse_train_args, train
+from bidirlm_jax.train.checkpoints import latest_step
+from bidirlm_jax.train.losses import causal_lm_loss
+from tests.cluster import free_port, run_together
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = f"{ROOT}/configs/lm.py:tiny"
 QUIET = ["--config.metrics.progress_bar=False", "--config.metrics.tensorboard=False"]
-
-# Runs the CLI, but SIGKILLs itself right after the checkpoint save call of step KILL_AT (waiting for
-# pending saves first, so the run dies with a committed checkpoint behind it and uncheckpointed steps logged).
-KILLER = textwrap.dedent(
-    """
-    import os, signal, sys
-    from bidirlm_jax import cli
-    from bidirlm_jax.train import checkpoints
-    save, kill_at = checkpoints.Checkpointer.save, int(os.environ["KILL_AT"])
-    def save_or_die(self, step, *args, **kwargs):
-        started = save(self, step, *args, **kwargs)
-        if step == kill_at:
-            self.wait()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return started
-    checkpoints.Checkpointer.save = save_or_die
-    sys.exit(cli.main(sys.argv[1:]))
-    """
-)
+INTERRUPTED = str(Path(__file__).with_name("interrupted_train.py"))  # SIGTERM / SIGKILL at a chosen step
 
 
 def _env(devices: int) -> dict[str, str]:
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
 
 
-def _train_cmd(workdir, *overrides, script=None):
-    head = [sys.executable, "-c", script] if script else [sys.executable, "-m", "bidirlm_jax.cli"]
+def _train_cmd(workdir, *overrides, interrupted=False):
+    head = [sys.executable, INTERRUPTED] if interrupted else [sys.executable, "-m", "bidirlm_jax.cli"]
     return [*head, "train", "--config", TINY, "--workdir", str(workdir), *QUIET, *overrides]
 
 
-def _run(workdir, *overrides, devices=4, script=None, env=None, timeout=300):
+def _run(workdir, *overrides, devices=4, env=None, timeout=300):
     return subprocess.run(
-        _train_cmd(workdir, *overrides, script=script),
+        _train_cmd(workdir, *overrides, interrupted=bool(env)),
         env={**_env(devices), **(env or {})},
         capture_output=True,
         text=True,
@@ -78,26 +65,42 @@ def _params(workdir, step) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target)["params"])]
 
 
+def _saved_steps(workdir) -> list[int]:
+    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
+
+
 def _snapshot(path: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")} if path.exists() else {}
 
 
-STEPS, KILL_AT, EVERY = 12, 8, 6  # checkpoints at 6 and 12; killed after step 8 (7 and 8 logged, not saved)
-RUN = ["--config.train.steps=12", "--config.train.log_every=1", "--config.train.checkpoint_every=6"]
+STEPS, TERM_AT, KILL_SAVE_AT = 12, 3, 8  # checkpoints every 4 steps
+RUN = ["--config.train.steps=12", "--config.train.log_every=1", "--config.train.checkpoint_every=4"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One uninterrupted run, and one killed with SIGKILL after step 8 and restarted."""
-    whole, killed = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("killed")
+    """One uninterrupted run, and one interrupted twice: SIGTERM at step 3 (a preemption: checkpoint at
+    the step boundary, exit 0), then SIGKILL while the save of step 8 is being written; each time resumed."""
+    whole, interrupted = tmp_path_factory.mktemp("whole"), tmp_path_factory.mktemp("interrupted")
     first = _run(whole, *RUN)
     assert first.returncode == 0, first.stderr
-    dead = _run(killed, *RUN, script=KILLER, env={"KILL_AT": str(KILL_AT)})
-    assert dead.returncode == -signal.SIGKILL, dead.stderr
-    assert [r["step"] for r in _metrics(killed)] == list(range(1, KILL_AT + 1))
-    resumed = _run(killed, *RUN)
+
+    termed = _run(interrupted, *RUN, env={"TERM_AT": str(TERM_AT)})
+    assert termed.returncode == 0, termed.stderr
+    assert f"stopped by SIGTERM after step {TERM_AT}" in termed.stderr
+    assert _saved_steps(interrupted) == [TERM_AT]  # saved although no checkpoint was due
+
+    killed = _run(interrupted, *RUN, env={"KILL_SAVE_AT": str(KILL_SAVE_AT)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert latest_step(interrupted / "checkpoints") == 4  # step 8's arrays are written, but never committed
+    assert [t.get().name for t in ocp.utils.tmp_checkpoints(interrupted / "checkpoints")] == [
+        f"{KILL_SAVE_AT}.orbax-checkpoint-tmp"
+    ]
+    assert _metrics(interrupted)[-1]["step"] > KILL_SAVE_AT  # steps past the last commit were logged, then lost
+
+    resumed = _run(interrupted, *RUN)
     assert resumed.returncode == 0, resumed.stderr
-    return whole, killed
+    return whole, interrupted
 
 
 @pytest.mark.slow
@@ -108,44 +111,60 @@ def test_tiny_run_writes_the_contract_outputs_and_learns(tmp_path):
     for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "accuracy", "step_seconds"):
         assert all(key in r for r in records), key
     assert records[0]["loss"] > 5.5 and records[-1]["loss"] < records[0]["loss"] - 2.0  # ln(512)=6.2 → ~3
-    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [20, 40, 60]
+    assert _saved_steps(tmp_path) == [20, 40, 60]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_exact(runs):
-    whole, killed = runs
-    assert [r["loss"] for r in _metrics(killed)] == [r["loss"] for r in _metrics(whole)]  # steps 7, 8 replayed
-    assert [r["step"] for r in _metrics(killed)] == list(range(1, STEPS + 1))
-    for a, b in zip(_params(whole, STEPS), _params(killed, STEPS), strict=True):
-        assert np.array_equal(a, b)
+def test_interrupted_run_resumes_bit_exactly(runs):
+    whole, interrupted = runs
+    # Steps 1-3 come from the first start, 4 from the second, 5-12 replayed by the third.
+    assert [r["step"] for r in _metrics(interrupted)] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm", "accuracy", "learning_rate"):
+        assert [r[key] for r in _metrics(interrupted)] == [r[key] for r in _metrics(whole)], key
+    assert _saved_steps(interrupted) == [4, 8, 12] and not ocp.utils.tmp_checkpoints(interrupted / "checkpoints")
+    for a, b in zip(_params(whole, STEPS), _params(interrupted, STEPS), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _cluster(workdir, *overrides, env):
+    """Two processes of 4 CPU devices each running one training job."""
+    port = free_port()
+    commands = [
+        _train_cmd(
+            workdir,
+            *overrides,
+            f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+            "--config.distributed.num_processes=2",
+            f"--config.distributed.process_id={i}",
+            interrupted=True,
+        )
+        for i in range(2)
+    ]
+    for code, _, err in run_together(commands, {**_env(4), **env}):
+        assert code == 0, err[-3000:]
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_exits_0(tmp_path):
-    proc = subprocess.Popen(
-        _train_cmd(
-            tmp_path,
-            "--config.train.steps=100000",
-            "--config.train.log_every=1",
-            "--config.train.checkpoint_every=100000",
-        ),
-        env=_env(1),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def test_a_run_moves_between_process_counts_and_meshes(runs, tmp_path):
+    whole, _ = runs
+    # Steps 1-4: two processes, `fsdp` across them (each parameter's embed side split over processes),
+    # `tensor` within each.
+    _cluster(
+        tmp_path, *RUN, "--config.mesh.data=1", "--config.mesh.fsdp=2", "--config.mesh.tensor=4", env={"TERM_AT": "4"}
     )
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.monotonic() + 240
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1]
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr
-    last = _metrics(tmp_path)[-1]["step"]
-    assert f"stopped by SIGTERM after step {last}" in stderr
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [str(last)]
+    # Steps 5-8: `tensor=8` spans both processes, which hold the same (only) batch shard: both must feed it
+    # the whole global batch.
+    _cluster(tmp_path, *RUN, "--config.mesh.data=1", "--config.mesh.tensor=8", env={"TERM_AT": "8"})
+    # Steps 9-12: one process.
+    last = _run(tmp_path, *RUN)
+    assert last.returncode == 0, last.stderr
+    ours, theirs = _metrics(tmp_path), _metrics(whole)
+    assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
+    for key in ("loss", "grad_norm", "accuracy"):  # all-reduces sum in another order: ulps, not bits
+        np.testing.assert_allclose([r[key] for r in ours], [r[key] for r in theirs], rtol=2e-5, err_msg=key)
+    for a, b in zip(_params(tmp_path, STEPS), _params(whole, STEPS), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
 @pytest.mark.slow
@@ -158,57 +177,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runs, tmp_path
     )
     assert result.returncode == 2
     assert "non-finite" in result.stderr and "Last good checkpoint: step" in result.stderr
-    saved = sorted(int(p.name) for p in (whole / "checkpoints").iterdir())
+    saved = _saved_steps(whole)
     bad_step = int(result.stderr.split(" at step ")[1].split(";")[0])
     assert saved[-1] == bad_step - 1 and all(np.isfinite(p).all() for p in _params(whole, saved[-1]))
     after = _snapshot(whole / "checkpoints")
     assert all(after[k] == v for k, v in before.items() if k in after)  # earlier checkpoints untouched
 
 
-@pytest.mark.slow
-def test_two_processes_match_one(tmp_path):
-    args = [
-        "--config.train.steps=4",
-        "--config.optim.warmup_steps=2",
-        "--config.train.log_every=1",
-        "--config.train.checkpoint_every=4",
-    ]
-    single = _run(tmp_path / "one", *args, devices=4)
-    assert single.returncode == 0, single.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            _train_cmd(
-                tmp_path / "two",
-                *args,
-                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={i}",
-            ),
-            env=_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err
-    one, two = _metrics(tmp_path / "one"), _metrics(tmp_path / "two")
-    assert [r["step"] for r in two] == [1, 2, 3, 4]
-    for key in ("loss", "grad_norm", "accuracy"):
-        np.testing.assert_allclose([r[key] for r in two], [r[key] for r in one], atol=1e-5, rtol=0)
-    # Gloo and in-process all-reduces sum in different orders (~1e-7); Adam divides by sqrt(v), which
-    # turns that into up to ~1e-5 on the odd weight whose gradient is near zero.
-    for a, b in zip(_params(tmp_path / "two", 4), _params(tmp_path / "one", 4), strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
-    assert sorted(p.name for p in (tmp_path / "two/checkpoints/4/data").iterdir() if p.suffix == ".json") == [
-        "process_0-of-2.json",
-        "process_1-of-2.json",
-    ]
+def test_skipping_non_finite_steps_gives_up_after_max_consecutive_skips(tmp_path):
+    def nan_loss(model, batch, rng):
+        loss, count, metrics = causal_lm_loss(model, batch, rng)
+        return loss * jnp.nan, count, metrics
+
+    overrides = ["--config.train.nonfinite=skip", "--config.train.max_consecutive_skips=3"]
+    config, workdir = parse_train_args(
+        ["--config", TINY, "--workdir", str(tmp_path), *QUIET, *RUN, "--config.train.checkpoint_every=2", *overrides]
+    )
+    with pytest.raises(BidirLMError, match=r"in 3 steps in a row \(steps 1-3, each skipped\): giving up") as error:
+        train(config, workdir, loss_fn=nan_loss)
+    assert "Last good checkpoint: step 2" in str(error.value)  # skipped steps leave the params as they were
+    assert [(r["step"], r["loss"]) for r in _metrics(tmp_path)] == [(1, None), (2, None), (3, None)]
 
 
 @pytest.mark.slow
@@ -279,10 +267,32 @@ def test_init_from_a_directory_without_weights_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_workdir_of_another_model_is_refused_untouched(runs, capsys):
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["--config.model.num_layers=3"], ["holds checkpoints (latest step", "of a different model", "layers/2"]),
+        (
+            ["--config.data.global_batch_size=8", "--config.data.seed=1"],
+            [
+                "of a run that read another data stream",
+                "data.global_batch_size: 16 -> 8; data.seed: 0 -> 1",
+                "--config.train.allow_data_change=true",
+            ],
+        ),
+    ],
+)
+def test_workdir_of_another_model_or_data_stream_is_refused_untouched(runs, capsys, overrides, expected):
     whole, _ = runs
     before = _snapshot(whole)
-    assert cli_main(["train", "--config", TINY, "--workdir", str(whole), "--config.model.num_layers=3"]) == 2
+    assert cli_main(["train", "--config", TINY, "--workdir", str(whole), *QUIET, *RUN, *overrides]) == 2
     err = capsys.readouterr().err
-    assert "holds checkpoints (latest step" in err and "of a different model" in err and "layers/2" in err
+    assert all(part in err for part in expected), err
     assert _snapshot(whole) == before
+
+
+@pytest.mark.slow
+def test_a_data_change_can_be_allowed(runs, tmp_path):
+    whole, _ = runs
+    shutil.copytree(whole / "checkpoints", tmp_path / "checkpoints")
+    args = ["train", "--config", TINY, "--workdir", str(tmp_path), *QUIET, *RUN, "--config.data.seed=1"]
+    assert cli_main([*args, "--config.train.allow_data_change=true"]) == 0  # at train.steps already: no step runs

@@ -56,3 +56,17 @@ def test_writer_appends_json_lines_and_tensorboard_scalars(tmp_path):
     resumed = MetricsWriter(tmp_path, tensorboard=False)  # a run resumed from step 1 drops what follows
     resumed.drop_after(1)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_a_line_torn_by_a_crash_does_not_break_resuming(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "loss": 2.4}\n\n{"step": 3, "lo')  # killed mid-write
+    writer = MetricsWriter(tmp_path, tensorboard=False)
+    writer.drop_after(2)
+    writer.write(3, {"loss": 2.3})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 2.5},
+        {"step": 2, "loss": 2.4},
+        {"step": 3, "loss": 2.3},
+    ]
+    assert "unreadable line" in caplog.text

@@ -47,8 +47,29 @@ def _grads_on(mesh_shape, batch, tx, grad_accum=1, config=CONFIG):
 
 
 @pytest.fixture(scope="module")
-def reference(batch, tx):
-    return _grads_on((1, 1, 1), batch, tx)
+def grads_on(batch, tx):
+    """`_grads_on` for this module's batch, each (mesh, accumulation, config) compiled once."""
+    cache = {}
+
+    def get(mesh_shape, grad_accum=1, config=CONFIG):
+        key = (mesh_shape, grad_accum, config)
+        if key not in cache:
+            cache[key] = _grads_on(mesh_shape, batch, tx, grad_accum, config)
+        return cache[key]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def reference(grads_on):
+    return grads_on((1, 1, 1))
+
+
+def assert_close(actual, expected, rtol: float) -> None:
+    """Every leaf within `rtol` of its own scale (largest magnitude). An elementwise relative tolerance is
+    meaningless for entries near zero, an absolute one for leaves far from 1 (these gradients are ~1e-3)."""
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=rtol * np.abs(b).max())
 
 
 # What the rules give the [vocab, embed] embedding table on each mesh (vocab -> tensor, embed -> fsdp).
@@ -61,12 +82,12 @@ EMBEDDING_SPEC = {
 
 
 @pytest.mark.parametrize("mesh_shape", list(EMBEDDING_SPEC))
-def test_sharded_loss_and_grads_equal_single_device(mesh_shape, batch, tx, reference):
+def test_sharded_loss_and_grads_equal_single_device(mesh_shape, grads_on, reference):
     _, ref_loss, ref_grads, ref_count = reference
-    state, loss, grads, count = _grads_on(mesh_shape, batch, tx)
+    state, loss, grads, count = grads_on(mesh_shape)
     assert count == ref_count == 16 * 31 - 12
-    assert loss == pytest.approx(ref_loss, abs=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), grads, ref_grads)
+    assert loss == pytest.approx(ref_loss, rel=2e-6)  # all-reduces sum in another order: a few ulps
+    assert_close(grads, ref_grads, rtol=1e-5)
 
     # Every parameter and Adam moment lives where the logical rules say, and is created sharded.
     mesh = state.step.sharding.mesh
@@ -83,40 +104,40 @@ def test_sharded_loss_and_grads_equal_single_device(mesh_shape, batch, tx, refer
     assert state.params["embedder"]["embedding"].get_value().sharding.spec == EMBEDDING_SPEC[mesh_shape]
 
 
-def test_grad_accumulation_equals_one_big_batch(batch, tx, reference):
+def test_grad_accumulation_equals_one_big_batch(grads_on, reference):
     _, ref_loss, ref_grads, ref_count = reference
-    _, loss, grads, count = _grads_on((1, 1, 1), batch, tx, grad_accum=4)
+    _, loss, grads, count = grads_on((1, 1, 1), grad_accum=4)
     assert count == ref_count
     # The loss is a token sum (~3000) divided by the count: fp32 summation order alone moves it ~2 ulp.
     assert loss == pytest.approx(ref_loss, rel=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), grads, ref_grads)
+    assert_close(grads, ref_grads, rtol=2e-6)
 
 
-def test_grad_accumulation_on_a_mesh_weights_micro_batches_by_tokens(batch, tx, reference):
+def test_grad_accumulation_on_a_mesh_weights_micro_batches_by_tokens(grads_on, reference):
     # Micro-batches with very different token counts (padding) still give the global token mean.
     _, ref_loss, ref_grads, _ = reference
-    _, loss, grads, _ = _grads_on((2, 2, 2), batch, tx, grad_accum=2)
-    assert loss == pytest.approx(ref_loss, abs=1e-5)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), grads, ref_grads)
+    _, loss, grads, _ = grads_on((2, 2, 2), grad_accum=2)
+    assert loss == pytest.approx(ref_loss, rel=2e-6)
+    assert_close(grads, ref_grads, rtol=1e-5)
 
 
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
-def test_remat_policies_change_memory_not_results(remat, batch, tx, reference):
+def test_remat_policies_change_memory_not_results(remat, grads_on, reference):
     _, ref_loss, ref_grads, _ = reference
-    _, loss, grads, _ = _grads_on((1, 1, 1), batch, tx, config=CONFIG.replace(remat=remat))
-    assert loss == pytest.approx(ref_loss, abs=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), grads, ref_grads)
+    _, loss, grads, _ = grads_on((1, 1, 1), config=CONFIG.replace(remat=remat))
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert_close(grads, ref_grads, rtol=1e-6)
 
 
-def test_bf16_compute_keeps_fp32_master_weights_and_loss(batch, tx, reference):
+def test_bf16_compute_keeps_fp32_master_weights_and_loss(grads_on, reference):
     _, ref_loss, ref_grads, _ = reference
-    state, loss, grads, _ = _grads_on((1, 1, 1), batch, tx, config=CONFIG.replace(dtype="bfloat16"))
+    state, loss, grads, _ = grads_on((1, 1, 1), config=CONFIG.replace(dtype="bfloat16"))
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
     assert {x.dtype for x in jax.tree.leaves(grads)} == {np.dtype("float32")}
-    assert loss == pytest.approx(ref_loss, abs=2e-2) and loss != ref_loss  # bf16 activations, fp32 loss
+    assert loss == pytest.approx(ref_loss, rel=5e-3) and loss != ref_loss  # bf16 activations, fp32 loss
 
 
-def test_step_applies_adamw_and_reports_metrics(batch, tx, reference):
+def test_step_applies_adamw_and_reports_metrics(batch, tx, grads_on, reference):
     mesh = make_mesh(2, 2, 2)
     layout = StateLayout(CONFIG, tx[0], mesh, seed=0)
     state = layout.init()
@@ -127,14 +148,18 @@ def test_step_applies_adamw_and_reports_metrics(batch, tx, reference):
     assert state.params["final_norm"]["weight"].get_value().is_deleted()  # donated
     assert int(new.step) == 1
     _, ref_loss, ref_grads, _ = reference
-    assert float(out["loss"]) == pytest.approx(ref_loss, abs=1e-5)
+    assert float(out["loss"]) == pytest.approx(ref_loss, rel=2e-6)
     assert float(out["grad_norm"]) == pytest.approx(float(optax.global_norm(ref_grads)), rel=1e-5)
-    assert float(out["learning_rate"]) == pytest.approx(float(tx[1](0)))
+    lr = float(tx[1](0))
+    assert float(out["learning_rate"]) == pytest.approx(lr, rel=1e-7)
     assert 0.0 <= float(out["accuracy"]) <= 1.0 and float(out["finite"]) == 1.0
-    expected = optax.apply_updates(before, tx[0].update(ref_grads, tx[0].init(before), before)[0])
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), jax.tree.map(np.asarray, new.params), expected
-    )
+    # AdamW's first update is about lr·sign(g) per entry, so it is compared in units of lr (params are ~700
+    # lr, an absolute tolerance on them is blind to the update). Its input is this mesh's gradient: where
+    # |g| is near eps, the ulps by which another mesh's gradient differs move g/(|g|+eps) by percents.
+    grads = grads_on((2, 2, 2))[2]
+    expected = optax.apply_updates(before, tx[0].update(grads, tx[0].init(before), before)[0])
+    for a, b in zip(jax.tree.leaves(jax.tree.map(np.asarray, new.params)), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * lr)  # fp32 rounding of the params: ~6e-5 lr
     assert (
         new.params["final_norm"]["weight"].get_value().sharding
         == layout.shardings.params["final_norm"]["weight"].get_value()

@@ -1,24 +1,33 @@
-"""Language-model batches from a 1-D token stream, through grain.
+"""Language-model rows from a 1-D token stream, through grain.
 
 The stream is cut into fixed-length windows (a grain random-access source), shuffled with a seed
-(reshuffled each epoch) and repeated; each process takes every `process_count`-th window starting at its
-index, so the processes' local batches together form exactly the global batch one process would see.
-The iterator's state (a position) goes into every checkpoint, so a resumed run sees the same data.
+(reshuffled each epoch) and repeated: row `i` is a pure function of `i`, so `loader.DeviceBatches`
+can hand every process exactly the rows its devices hold, and a resumed run sees the same data.
+
+A token file is checked once for ids outside `[0, vocab_size)` (−1 would wrap to the last embedding
+row and train as a label). The check reads the whole file, so its result (the ids' range, keyed by
+the file's size and modification time) is kept beside it in `FILE.stats.json`; later starts, on every
+host, read that instead of rescanning gigabytes. Without write access the scan simply runs each time.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import tempfile
 from pathlib import Path
 
 import grain
-import jax
 import numpy as np
-from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
-from bidirlm_jax import sharding
 from bidirlm_jax.data.synthetic import markov_tokens
 from bidirlm_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_SCAN_CHUNK = 1 << 24  # tokens per read while scanning a file for its id range
 
 
 class TokenWindows:
@@ -33,6 +42,45 @@ class TokenWindows:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         start = index * self.seq_len
         return {"input_ids": np.asarray(self.tokens[start : start + self.seq_len], np.int32)}
+
+
+def scan_id_range(tokens: np.ndarray) -> tuple[int, int]:
+    """(smallest, largest) id of a non-empty array, read in chunks (a memory map never loads whole)."""
+    low, high = None, None
+    for start in range(0, len(tokens), _SCAN_CHUNK):
+        chunk = np.asarray(tokens[start : start + _SCAN_CHUNK])
+        low = int(chunk.min()) if low is None else min(low, int(chunk.min()))
+        high = int(chunk.max()) if high is None else max(high, int(chunk.max()))
+    return low, high
+
+
+def _stats_path(path: Path) -> Path:
+    return path.with_name(path.name + ".stats.json")
+
+
+def id_range(path: Path, tokens: np.ndarray) -> tuple[int, int]:
+    """The ids' (min, max): from the sidecar when it describes this very file, else scanned and recorded."""
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "dtype": str(tokens.dtype)}
+    stats_path = _stats_path(path)
+    try:
+        saved = json.loads(stats_path.read_text())
+        if {k: saved.get(k) for k in key} == key:
+            return int(saved["min"]), int(saved["max"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no sidecar, or one we cannot use: scan
+    low, high = scan_id_range(tokens)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{stats_path.name}.", dir=path.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump({**key, "min": low, "max": high}, f)
+        os.replace(tmp, stats_path)
+    except OSError as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        log.info("cannot record the id range of %s in %s (%s); it will be rescanned next time", path, stats_path, e)
+    return low, high
 
 
 def load_tokens(data: ConfigDict, vocab_size: int) -> np.ndarray:
@@ -50,45 +98,21 @@ def load_tokens(data: ConfigDict, vocab_size: int) -> np.ndarray:
         raise ConfigError(
             f"data.path {path} holds a {tokens.dtype} array of shape {tokens.shape}; need 1-D integer ids"
         )
-    if len(tokens) and int(tokens.max()) >= vocab_size:
-        raise ConfigError(f"data.path {path} has token id {int(tokens.max())} >= the model's vocab_size {vocab_size}")
+    if len(tokens):
+        low, high = id_range(path, tokens)
+        if low < 0:
+            raise ConfigError(f"data.path {path} has negative token id {low}; token ids must lie in [0, vocab_size)")
+        if high >= vocab_size:
+            raise ConfigError(f"data.path {path} has token id {high} >= the model's vocab_size {vocab_size}")
     return tokens
 
 
-def lm_dataset(
-    tokens: np.ndarray,
-    *,
-    seq_len: int,
-    global_batch: int,
-    seed: int,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> grain.MapDataset:
-    """Batches `{"input_ids": int32[global_batch / process_count, seq_len]}` of this process's share."""
+def lm_rows(tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int) -> grain.MapDataset:
+    """Endless shuffled rows `{"input_ids": int32[seq_len]}`; row `i` is the same on every process."""
     source = TokenWindows(tokens, seq_len)
     if len(source) < global_batch:
         raise ConfigError(
             f"the corpus has {len(source)} windows of {seq_len} tokens, fewer than one batch of {global_batch}; "
             "use more data, a shorter data.seq_len or a smaller data.global_batch_size"
         )
-    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    return ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
-
-
-class DeviceBatches:
-    """Iterates global, sharded `jax.Array` batches; `.iterator` is the grain iterator checkpoints save."""
-
-    def __init__(self, dataset: grain.MapDataset, mesh: Mesh, *, read_threads: int = 2, prefetch: int = 4):
-        options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
-        self.iterator = iter(dataset.to_iter_dataset(options))
-        self._mesh = mesh
-
-    def __iter__(self) -> DeviceBatches:
-        return self
-
-    def __next__(self) -> dict[str, jax.Array]:
-        local = next(self.iterator)
-        return {
-            k: jax.make_array_from_process_local_data(sharding.batch_sharding(self._mesh, v.ndim), v)
-            for k, v in local.items()
-        }
+    return grain.MapDataset.source(source).shuffle(seed=seed).repeat()

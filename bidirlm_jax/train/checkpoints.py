@@ -1,22 +1,27 @@
-"""Training checkpoints (orbax): train state, data-iterator position and a description of the run.
+"""Training checkpoints (orbax): train state and a description of the run.
 
-Each step directory holds three items: `state` (params, optimizer state, step, RNG; sharded arrays
-written collectively by all processes), `data` (each process's grain iterator position) and `meta`
-(JSON: parameter shapes and the run's config). Saves are asynchronous and keep the last N; orbax
-commits a step only when every item is written, so a killed run never leaves a half checkpoint that
-resuming would pick up. `meta` lets a resume refuse a checkpoint of a different model by name.
+Each step directory holds two items: `state` (params, optimizer state, step, RNG; sharded arrays
+written collectively by all processes) and `meta` (JSON: parameter shapes, what defines the data
+stream, the run's config). The data position is the step (one global batch per step, see
+`data.loader`), so nothing in a checkpoint depends on the process count or the mesh. Saves are
+asynchronous and keep the last N; orbax commits a step only when every item is written, so a killed
+run never leaves a half checkpoint that resuming would pick up (the temporary directories of such
+saves are removed when the next run opens the directory). `meta` lets a resume refuse, by name, a
+checkpoint of a different model or one that read a different data stream.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
-import grain
+import jax
 import orbax.checkpoint as ocp
 
-from bidirlm_jax.errors import CheckpointError
+from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.train.state import TrainState
 
 
@@ -28,19 +33,24 @@ def latest_step(directory: str | os.PathLike) -> int | None:
     return max(steps) if steps else None
 
 
+def _remove_uncommitted(directory: Path) -> None:
+    """Delete the temporary directories of saves a killed run never committed (orbax's own names only)."""
+    if directory.is_dir():
+        for tmp in ocp.utils.tmp_checkpoints(directory):
+            shutil.rmtree(tmp.get(), ignore_errors=True)
+
+
 class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int):
         self.directory = Path(directory).absolute()
         self._every = save_every
+        if jax.process_index() == 0:
+            _remove_uncommitted(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": grain.checkpoint.CheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
@@ -49,9 +59,28 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict[str, Any]:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-    def check_compatible(self, step: int, param_shapes: dict[str, list[int]]) -> None:
-        """Refuse to resume a checkpoint whose parameters differ from the configured model's."""
-        saved = self.read_meta(step).get("param_shapes", {})
+    def check_resumable(self, step: int, meta: dict[str, Any], *, allow_data_change: bool = False) -> None:
+        """Refuse to resume `step` with a run described by `meta` of another model, or of another data
+        stream unless `allow_data_change`."""
+        saved = self.read_meta(step)
+        self._check_model(step, saved.get("param_shapes", {}), meta["param_shapes"])
+        if allow_data_change or "data_stream" not in saved:
+            return
+        before, now = saved["data_stream"], meta["data_stream"]
+        changed = [
+            f"data.{k}: {json.dumps(before.get(k))} -> {json.dumps(now.get(k))}"
+            for k in sorted(set(before) | set(now))
+            if before.get(k) != now.get(k)
+        ]
+        if changed:
+            raise ConfigError(
+                f"{self.directory} holds checkpoints (latest step {step}) of a run that read another data stream: "
+                f"{'; '.join(changed)}. Resuming would silently continue a different stream. Restore those settings, "
+                "use a new --workdir, or pass --config.train.allow_data_change=true to continue on the new data "
+                "from the batch of this step"
+            )
+
+    def _check_model(self, step: int, saved: dict[str, list[int]], param_shapes: dict[str, list[int]]) -> None:
         if saved == param_shapes:
             return
         missing = sorted(set(param_shapes) - set(saved))
@@ -75,11 +104,9 @@ class Checkpointer:
             f"describes: {detail}. Use a new --workdir, or the config that wrote these checkpoints"
         )
 
-    def restore(self, step: int, abstract: TrainState, iterator: grain.DatasetIterator) -> TrainState:
-        """The state at `step`, in `abstract`'s shardings; `iterator` is moved to the saved position."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(iterator)
-        )
+    def restore(self, step: int, abstract: TrainState) -> TrainState:
+        """The state at `step`, in `abstract`'s shardings (any mesh, any process count)."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
         try:
             return self._manager.restore(step, args=args)["state"]
         except (ValueError, KeyError, TypeError) as e:
@@ -93,7 +120,6 @@ class Checkpointer:
         self,
         step: int,
         state: TrainState,
-        iterator: grain.DatasetIterator,
         meta: dict[str, Any],
         *,
         force: bool = False,
@@ -101,15 +127,8 @@ class Checkpointer:
         """Start an asynchronous save if `step` is a multiple of the interval (or `force`); True if one started."""
         if not force and step % self._every:
             return False
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(iterator),
-                meta=ocp.args.JsonSave(meta),
-            ),
-            force=True,
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        return self._manager.save(step, args=args, force=True)
 
     def wait(self) -> None:
         """Block until pending saves are committed."""

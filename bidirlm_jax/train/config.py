@@ -7,7 +7,10 @@ the preset (or of the `init_from` checkpoint's config) without a new preset.
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
+from typing import Any
 
 from absl import flags
 from ml_collections import ConfigDict, config_dict, config_flags
@@ -76,12 +79,26 @@ def base_config() -> ConfigDict:
             checkpoint_every=50,
             keep_checkpoints=3,
             nonfinite="stop",  # stop | skip
+            max_consecutive_skips=10,  # with nonfinite=skip: give up after this many non-finite steps in a row
+            allow_data_change=False,  # resume even though the data stream's definition changed
         )
     )
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.metrics = ConfigDict(dict(peak_flops_per_device=0.0, tensorboard=True, progress_bar=True))
     c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     return c
+
+
+# `data` keys that only tune reading speed; every other one defines the stream a resumed run continues.
+_DATA_SPEED_KEYS = ("read_threads", "prefetch")
+
+
+def data_stream(data: ConfigDict) -> dict[str, Any]:
+    """What defines the sequence of batches, as JSON values (`path` resolved), for checkpoints to record."""
+    stream = {k: v for k, v in json.loads(data.to_json_best_effort()).items() if k not in _DATA_SPEED_KEYS}
+    if stream.get("path"):
+        stream["path"] = str(Path(stream["path"]).expanduser().resolve())
+    return stream
 
 
 def model_overrides(model: ConfigDict) -> dict[str, int]:
@@ -107,6 +124,7 @@ def validate(config: ConfigDict) -> None:
         "train.log_every",
         "train.checkpoint_every",
         "train.keep_checkpoints",
+        "train.max_consecutive_skips",
         "data.seq_len",
         "data.global_batch_size",
     ):

@@ -1,8 +1,10 @@
 """`train(config, workdir)`: the whole run — validate, build or resume, step, log, checkpoint, stop.
 
 Everything that can reject the inputs (config values, mesh, batch split, `init_from`, a workdir holding
-another model's checkpoints) runs before the first byte is written. The loop syncs on each step's
-metrics, so a non-finite loss is caught before the state that produced it could be checkpointed.
+checkpoints of another model or another data stream) runs before the first byte is written. The loop
+syncs on each step's metrics, so a non-finite loss is caught before the state that produced it could be
+checkpointed. A resumed run continues the data stream at the batch of its step, whatever its process
+count or mesh (`data.loader`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from bidirlm_jax import distributed
-from bidirlm_jax.data.lm import DeviceBatches, lm_dataset, load_tokens
+from bidirlm_jax.data.lm import lm_rows, load_tokens
+from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
 from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.hf_config import read_config
@@ -32,7 +35,7 @@ from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train import metrics as metrics_lib
 from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
-from bidirlm_jax.train.config import model_overrides, validate
+from bidirlm_jax.train.config import data_stream, model_overrides, validate
 from bidirlm_jax.train.losses import LossFn, get_loss
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout, param_shapes
@@ -105,8 +108,6 @@ def _check_batch(config: ConfigDict, mesh) -> None:
             f"over the {shards} batch shards of the mesh (data={mesh.shape['data']} × fsdp={mesh.shape['fsdp']}); "
             f"use a multiple of {accum * shards}"
         )
-    if batch % jax.process_count():
-        raise ConfigError(f"data.global_batch_size={batch} does not divide over {jax.process_count()} processes")
 
 
 @dataclasses.dataclass
@@ -117,7 +118,7 @@ class _Plan:
     model: ModelConfig
     layout: StateLayout
     step_fn: Any
-    dataset: Any
+    batches: DeviceBatches
     resume_step: int | None
     init_params: nnx.State | None
     meta: dict[str, Any]
@@ -132,22 +133,29 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     loss_fn = loss_fn or get_loss(config.objective)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     layout = StateLayout(model_cfg, tx, mesh, seed=config.train.seed)
-    shapes = param_shapes(layout.abstract.params)
+    meta = {
+        "param_shapes": param_shapes(layout.abstract.params),
+        "data_stream": data_stream(config.data),
+        "config": json.loads(config.to_json_best_effort()),
+    }
     resume_step = latest_step(workdir / "checkpoints")
     if resume_step is not None:
         existing = Checkpointer(workdir / "checkpoints", save_every=1, keep=1)
         try:
-            existing.check_compatible(resume_step, shapes)
+            existing.check_resumable(resume_step, meta, allow_data_change=config.train.allow_data_change)
         finally:
             existing.close()
     tokens = load_tokens(config.data, model_cfg.vocab_size)
-    dataset = lm_dataset(
-        tokens,
-        seq_len=config.data.seq_len,
-        global_batch=config.data.global_batch_size,
-        seed=config.data.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+    rows = lm_rows(
+        tokens, seq_len=config.data.seq_len, global_batch=config.data.global_batch_size, seed=config.data.seed
+    )
+    batches = DeviceBatches(
+        rows,
+        mesh,
+        config.data.global_batch_size,
+        start=resume_step or 0,
+        read_threads=config.data.read_threads,
+        prefetch=config.data.prefetch,
     )
     step_fn = jit_step(
         make_step_fn(
@@ -160,7 +168,7 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         ),
         layout.shardings,
         mesh,
-        dataset[0],
+        batches.shapes,
     )
     fresh_from_hf = config.model.init_from and resume_step is None
     return _Plan(
@@ -168,10 +176,29 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         model=model_cfg,
         layout=layout,
         step_fn=step_fn,
-        dataset=dataset,
+        batches=batches,
         resume_step=resume_step,
         init_params=_init_params(config.model, model_cfg, mesh) if fresh_from_hf else None,
-        meta={"param_shapes": shapes, "config": json.loads(config.to_json_best_effort())},
+        meta=meta,
+    )
+
+
+def _nonfinite_error(
+    train: ConfigDict, out: dict[str, float], step: int, skipped: int, checkpointer: Checkpointer
+) -> BidirLMError:
+    checkpointer.wait()
+    good = checkpointer.latest_step()
+    where = f"Last good checkpoint: {'step ' + str(good) if good is not None else 'none'} in {checkpointer.directory}"
+    cause = f"non-finite loss ({out['loss']}) or gradient norm ({out['grad_norm']})"
+    if train.nonfinite == "stop":
+        return BidirLMError(
+            f"{cause} at step {step}; stopped without saving it. {where}. Lower optim.learning_rate (or raise "
+            "optim.warmup_steps), or set --config.train.nonfinite=skip to skip such steps"
+        )
+    return BidirLMError(
+        f"{cause} in {skipped} steps in a row (steps {step - skipped + 1}-{step}, each skipped): giving up, as "
+        f"train.max_consecutive_skips={train.max_consecutive_skips} says. {where}. Lower optim.learning_rate (or "
+        "raise optim.warmup_steps), check the data, or raise --config.train.max_consecutive_skips"
     )
 
 
@@ -179,19 +206,17 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
     """Train (or resume from the workdir's latest checkpoint) as `config` says.
 
     `loss_fn` replaces the objective named by `config.objective`. Returns `{"step", "preempted", **last
-    logged metrics}`. Raises a `BidirLMError` for unusable inputs (before writing anything) and when the
-    loss turns non-finite with `train.nonfinite="stop"`.
+    logged metrics}`. Raises a `BidirLMError` for unusable inputs (before writing anything), when the
+    loss turns non-finite with `train.nonfinite="stop"`, and after `train.max_consecutive_skips` non-finite
+    steps in a row with `"skip"`.
     """
     workdir = Path(workdir)
     plan = _plan(config, workdir, loss_fn)
     checkpointer = Checkpointer(
         workdir / "checkpoints", save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
     )
-    batches = DeviceBatches(
-        plan.dataset, plan.mesh, read_threads=config.data.read_threads, prefetch=config.data.prefetch
-    )
     if plan.resume_step is not None:
-        state = checkpointer.restore(plan.resume_step, plan.layout.abstract, batches.iterator)
+        state = checkpointer.restore(plan.resume_step, plan.layout.abstract)
     elif plan.init_params is not None:
         state = plan.layout.from_params(plan.init_params)
     else:
@@ -206,26 +231,18 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
     preemption = _Preemption()
     logged: dict[str, Any] = {}
     preempted = False
+    skipped = 0  # non-finite steps in a row (train.nonfinite="skip")
     try:
         with jax.set_mesh(plan.mesh):
             last = time.perf_counter()
             while step < config.train.steps:
-                state, out = plan.step_fn(state, next(batches))
+                state, out = plan.step_fn(state, next(plan.batches))
                 out = {k: float(v) for k, v in jax.device_get(out).items()}
                 step += 1
                 now = time.perf_counter()
                 seconds, last = now - last, now
-                if not out.pop("finite") and config.train.nonfinite == "stop":
-                    checkpointer.wait()
-                    good = checkpointer.latest_step()
-                    raise BidirLMError(
-                        f"non-finite loss ({out['loss']}) or gradient norm ({out['grad_norm']}) at step {step}; "
-                        f"stopped without saving it. Last good checkpoint: "
-                        f"{'step ' + str(good) if good is not None else 'none'} in {checkpointer.directory}. "
-                        "Lower optim.learning_rate (or raise optim.warmup_steps), or set "
-                        "--config.train.nonfinite=skip to skip such steps"
-                    )
-                if step % config.train.log_every == 0 or step == config.train.steps:
+                skipped = 0 if out.pop("finite") else skipped + 1
+                if skipped or step % config.train.log_every == 0 or step == config.train.steps:  # non-finite: always
                     logged = dict(
                         out,
                         step_seconds=seconds,
@@ -234,11 +251,11 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
                     )
                     writer.write(step, logged)
                     bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['learning_rate']:.2e}", refresh=False)
+                if skipped and (config.train.nonfinite == "stop" or skipped >= config.train.max_consecutive_skips):
+                    raise _nonfinite_error(config.train, out, step, skipped, checkpointer)
                 bar.update(1)
                 preempted = preemption.requested()
-                checkpointer.save(
-                    step, state, batches.iterator, plan.meta, force=preempted or step == config.train.steps
-                )
+                checkpointer.save(step, state, plan.meta, force=preempted or step == config.train.steps)
                 if preempted:
                     break
         checkpointer.wait()

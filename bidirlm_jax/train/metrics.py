@@ -8,6 +8,7 @@ per JAX device; CPUs have none, so MFU is only reported there when `metrics.peak
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -15,9 +16,10 @@ from pathlib import Path
 
 import jax
 import tqdm
-from tensorboardX import SummaryWriter
 
 from bidirlm_jax.models.config import SLIDING, ModelConfig
+
+log = logging.getLogger(__name__)
 
 # device_kind prefix -> peak dense bf16 FLOP/s of one JAX device (vendor datasheets).
 PEAK_FLOPS: dict[str, float] = {
@@ -80,13 +82,26 @@ class MetricsWriter:
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
         self.path = Path(workdir) / "metrics.jsonl"
-        self._tb = SummaryWriter(str(Path(workdir) / "tensorboard")) if self.enabled and tensorboard else None
+        self._tb = None
+        if self.enabled and tensorboard:
+            from tensorboardX import SummaryWriter  # imports torch when installed: seconds a run without it saves
+
+            self._tb = SummaryWriter(str(Path(workdir) / "tensorboard"))
 
     def drop_after(self, step: int) -> None:
-        """Forget records past `step` (a resumed run repeats them), rewriting the file atomically."""
+        """Forget records past `step` (a resumed run repeats them) and lines a crash tore mid-write,
+        rewriting the file atomically."""
         if not self.enabled or not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        lines = []
+        for line in filter(None, self.path.read_text().splitlines()):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log.warning("dropping an unreadable line of %s (torn by a crash?): %.80s", self.path, line)
+                continue
+            if isinstance(record, dict) and record.get("step", math.inf) <= step:
+                lines.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in lines))
         os.replace(tmp, self.path)
