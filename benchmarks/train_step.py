@@ -30,8 +30,9 @@ from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.config import base_config
-from bidirlm_jax.train.losses import causal_lm_loss
 from bidirlm_jax.train.metrics import training_flops_per_token
+from bidirlm_jax.train.objectives import token_sum_grads
+from bidirlm_jax.train.objectives.causal_lm import causal_lm_loss
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout
 from bidirlm_jax.train.step import jit_step, make_step_fn
@@ -62,7 +63,9 @@ def jax_step(dtype: str, ids: np.ndarray):
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     layout = StateLayout(config, tx, mesh, seed=0)
     batch = {"input_ids": ids.astype(np.int32)}
-    step = jit_step(make_step_fn(layout.graphdef, causal_lm_loss, tx, schedule), layout.shardings, mesh, batch)
+    step = jit_step(
+        make_step_fn(layout.graphdef, token_sum_grads(causal_lm_loss), tx, schedule), layout.shardings, mesh, batch
+    )
     holder = {}
     with jax.set_mesh(mesh):
         holder["state"], out = step(layout.init(), batch)

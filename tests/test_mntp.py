@@ -15,8 +15,14 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.testing import reference as hm
-from bidirlm_jax.train.mntp import capacity, logged_metrics, make_mntp_loss, mntp_loss_from_mask, target_losses
-from bidirlm_jax.train.step import loss_and_grads
+from bidirlm_jax.train.objectives.base import token_sum_grads
+from bidirlm_jax.train.objectives.mntp import (
+    capacity,
+    logged_metrics,
+    make_mntp_loss,
+    mntp_loss_from_mask,
+    target_losses,
+)
 
 VOCAB, MASK_ID, BOS = 512, 4, 2
 CHUNK = 96  # does not divide the vocabulary
@@ -240,7 +246,7 @@ def test_objective_through_the_engine_with_sources(gemma):
     batch["source"] = np.array([0, 1, 1, 0], np.int32)
     loss_fn = make_mntp_loss(mask_id=MASK_ID, ratio=0.3, vocab_size=VOCAB, chunk_size=CHUNK, num_sources=2)
     graphdef, params = nnx.split(gemma)
-    run = jax.jit(functools.partial(loss_and_grads, graphdef, loss_fn, grad_accum=2))
+    run = jax.jit(functools.partial(token_sum_grads(loss_fn, grad_accum=2), graphdef))
     loss, _, count, means = run(params, batch, jax.random.key(5))
     again = run(params, batch, jax.random.key(5))
     assert float(again[0]) == float(loss)  # masks come from the key alone

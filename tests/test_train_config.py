@@ -42,7 +42,6 @@ def test_overrides_apply_with_their_types():
             ["--config", TINY, "--workdir", "w", "--config.train.max_consecutive_skips=0"],
             "train.max_consecutive_skips=0 must be positive",
         ),
-        (["--config", TINY, "--workdir", "w", "--config.data.source=npy"], "data.path"),
         (["--config", TINY], "missing --workdir"),
         (["--workdir", "w"], "missing --config"),
         (["--config", "configs/missing.py", "--workdir", "w"], "cannot load --config"),

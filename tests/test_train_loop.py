@@ -21,7 +21,7 @@ from bidirlm_jax.errors import BidirLMError
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.train import parse_train_args, train
 from bidirlm_jax.train.checkpoints import latest_step
-from bidirlm_jax.train.losses import causal_lm_loss
+from bidirlm_jax.train.objectives.causal_lm import causal_lm_loss
 from tests.cluster import free_port, run_together
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,10 +14,11 @@ from jax.sharding import PartitionSpec
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import logical_to_spec, make_mesh
 from bidirlm_jax.train.config import base_config
-from bidirlm_jax.train.losses import causal_lm_loss
+from bidirlm_jax.train.objectives import token_sum_grads
+from bidirlm_jax.train.objectives.causal_lm import causal_lm_loss
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout
-from bidirlm_jax.train.step import jit_step, loss_and_grads, make_step_fn
+from bidirlm_jax.train.step import jit_step, make_step_fn
 
 CONFIG = get_preset("tiny-qwen3")  # 4 heads, 2 KV heads: tensor=4 must fall back to replicating KV heads
 RNG = jax.random.PRNGKey(0)
@@ -40,7 +41,7 @@ def _grads_on(mesh_shape, batch, tx, grad_accum=1, config=CONFIG):
     mesh = make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
     layout = StateLayout(config, tx[0], mesh, seed=0)
     state = layout.init()
-    fn = functools.partial(loss_and_grads, layout.graphdef, causal_lm_loss, grad_accum=grad_accum)
+    fn = functools.partial(token_sum_grads(causal_lm_loss, grad_accum=grad_accum), layout.graphdef)
     with jax.set_mesh(mesh):
         loss, grads, count, metrics = jax.jit(fn)(state.params, batch, RNG)
     return state, float(loss), jax.tree.map(np.asarray, grads), float(count)
@@ -142,7 +143,7 @@ def test_step_applies_adamw_and_reports_metrics(batch, tx, grads_on, reference):
     layout = StateLayout(CONFIG, tx[0], mesh, seed=0)
     state = layout.init()
     before = jax.tree.map(np.array, state.params)  # copies: a zero-copy view would block donation
-    step = jit_step(make_step_fn(layout.graphdef, causal_lm_loss, *tx), layout.shardings, mesh, batch)
+    step = jit_step(make_step_fn(layout.graphdef, token_sum_grads(causal_lm_loss), *tx), layout.shardings, mesh, batch)
     with jax.set_mesh(mesh):
         new, out = step(state, batch)
     assert state.params["final_norm"]["weight"].get_value().is_deleted()  # donated
@@ -175,7 +176,7 @@ def test_non_finite_step_is_flagged_and_skipped_when_asked(batch, tx):
     layout = StateLayout(CONFIG, tx[0], mesh, seed=0)
     state = layout.init()
     before = jax.tree.map(np.array, (state.params, state.opt_state))
-    step = jax.jit(make_step_fn(layout.graphdef, nan_loss, *tx, skip_nonfinite=True))
+    step = jax.jit(make_step_fn(layout.graphdef, token_sum_grads(nan_loss), *tx, skip_nonfinite=True))
     new, out = step(state, batch)
     assert float(out["finite"]) == 0.0 and int(new.step) == 1
     after = jax.tree.map(np.asarray, (new.params, new.opt_state))

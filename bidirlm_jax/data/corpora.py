@@ -15,7 +15,10 @@ import inspect
 import sys
 import sysconfig
 import tokenize
+from collections.abc import Callable
 from pathlib import Path
+
+from bidirlm_jax.errors import ConfigError
 
 # Tests, GUI and demo packages, and Python 2 sources that the running interpreter cannot read.
 _SKIP = {
@@ -65,3 +68,39 @@ def _module_docstring(path: Path) -> str | None:
     except (SyntaxError, ValueError, tokenize.TokenError, UnicodeDecodeError):
         return None
     return None
+
+
+def stdlib_pairs(*, num_negatives: int = 1, exclude: Callable[[str], bool] | None = None) -> tuple[list, dict]:
+    """Contrastive datasets mined from the same docstrings, and their instructions, for `tiny` presets and
+    the demo: `summaries` (asymmetric retrieval: a module's summary line → the rest of its docstring) and
+    `halves` (symmetric: the first half of a docstring's body ↔ its second half). Hard negatives are the
+    matching texts of the modules that sort next to it (the same package first: the closest topics).
+    `exclude(module)` holds modules out (e.g. for evaluation)."""
+    from bidirlm_jax.data.pairs import Instruction, PairDataset  # pairs needs transformers; corpora does not
+
+    docs = [(m, *_summary_and_body(d)) for m, d in stdlib_docstrings() if not (exclude and exclude(m))]
+    docs = [(m, s, b) for m, s, b in docs if s and len(b) >= 200]
+    if len(docs) <= num_negatives:
+        raise ConfigError(f"only {len(docs)} standard-library modules are left to mine pairs from")
+    halves = [(b[: len(b) // 2], b[len(b) // 2 :]) for _, _, b in docs]
+    sets = {"summaries": [(s, b) for _, s, b in docs], "halves": halves}
+    datasets = []
+    for name, pairs in sets.items():
+        ds = PairDataset(name=name, sources=["python standard library"])
+        for i, (query, positive) in enumerate(pairs):
+            near = sorted(range(len(pairs)), key=lambda j: (abs(j - i) if j != i else len(pairs), j))
+            ds.queries.append(query)
+            ds.positives.append(positive)
+            ds.negatives.append([pairs[j][1] for j in near[:num_negatives]])
+            ds.where.append(f"{name}:{docs[i][0]}")
+        datasets.append(ds)
+    instructions = {
+        "summaries": Instruction("Given a one-line summary of a Python module, retrieve its documentation"),
+        "halves": Instruction("Retrieve semantically similar text", symmetric=True),
+    }
+    return datasets, instructions
+
+
+def _summary_and_body(doc: str) -> tuple[str, str]:
+    summary, _, body = doc.partition("\n")
+    return summary.strip(), body.strip()

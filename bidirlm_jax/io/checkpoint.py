@@ -1,4 +1,5 @@
-"""The project's own parameter checkpoint: `config.json` (transformers format) + orbax `params/`.
+"""The project's own parameter checkpoints: `config.json` (transformers format) + orbax `params/`, and
+training runs read as checkpoints (their latest step's parameters, `model/config.json`).
 
 Orbax writes each array shard from the process that holds it and restores straight into a target
 sharding, so on a pod no host ever gathers the whole model; the HF format is for exchange. The
@@ -27,11 +28,24 @@ from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model
 
 PARAMS_DIR = "params"
+RUN_MODEL_DIR = "model"  # a training run's model description: config.json and the tokenizer's files
+RUN_CHECKPOINTS_DIR = "checkpoints"  # a training run's orbax train states, one directory per step
+
+
+def is_training_run(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / RUN_CHECKPOINTS_DIR).is_dir() and (path / RUN_MODEL_DIR / "config.json").is_file()
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A bidirlm checkpoint (`bidirlm convert`) or a training run (`bidirlm train`'s workdir)."""
     path = Path(path)
-    return (path / PARAMS_DIR).is_dir() and (path / "config.json").is_file()
+    return ((path / PARAMS_DIR).is_dir() and (path / "config.json").is_file()) or is_training_run(path)
+
+
+def description_dir(path: str | os.PathLike) -> Path:
+    """Where `path`'s config.json and tokenizer files are: a run's `model/`, else the directory itself."""
+    return Path(path) / RUN_MODEL_DIR if is_training_run(path) else Path(path)
 
 
 def save_checkpoint(
@@ -67,21 +81,25 @@ def save_checkpoint(
 
 def recorded_dtypes(path: str | os.PathLike) -> tuple[str | None, dict[str, str]]:
     """The source dtypes a checkpoint recorded: (`dtype`, per-tensor exceptions), for `save_pretrained`."""
+    config_path = description_dir(path) / "config.json"
     try:
-        d = json.loads((Path(path) / "config.json").read_text())
+        d = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {Path(path) / 'config.json'}: {e}") from e
+        raise CheckpointError(f"cannot read {config_path}: {e}") from e
     return d.get("dtype") or d.get("torch_dtype"), dict(d.get(TENSOR_DTYPES_KEY) or {})
 
 
 def load_checkpoint(
     path: str | os.PathLike, config: ModelConfig | None = None, *, mesh: Mesh | None = None
 ) -> Transformer:
-    """Restore a model; `config` (default: the checkpoint's) may change how it runs, never its shapes."""
+    """Restore a model; `config` (default: the checkpoint's) may change how it runs, never its shapes.
+
+    A training run gives the parameters of its latest committed step (only they are read, not the
+    optimizer state)."""
     path = Path(path).resolve()
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a bidirlm checkpoint (expected config.json and {PARAMS_DIR}/)")
-    config = config or read_config(path)
+    config = config or read_config(description_dir(path))
     graphdef, abstract = abstract_model(config)
 
     def target(var: nnx.Variable):
@@ -89,12 +107,30 @@ def load_checkpoint(
         return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=where))
 
     abstract = jax.tree.map(target, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    where = path / PARAMS_DIR
     try:
-        state = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, abstract)
+        if is_training_run(path):
+            where = _latest_state(path)
+            item = {"params": abstract}
+            args = ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
+            )
+            state = ocp.PyTreeCheckpointer().restore(where, args=args)["params"]
+        else:
+            state = ocp.StandardCheckpointer().restore(where, abstract)
+    except CheckpointError:
+        raise
     except Exception as e:  # orbax and tensorstore raise many types (even bare Exception) for a damaged checkpoint
         detail = (str(e).splitlines() or [""])[0][:300]
         raise CheckpointError(
-            f"cannot restore {path / PARAMS_DIR} ({type(e).__name__}: {detail}); the checkpoint is damaged or "
+            f"cannot restore {where} ({type(e).__name__}: {detail}); the checkpoint is damaged or "
             "was written for another config — write it again"
         ) from e
     return nnx.merge(graphdef, state)
+
+
+def _latest_state(run: Path) -> Path:
+    steps = ocp.utils.checkpoint_steps(run / RUN_CHECKPOINTS_DIR)  # committed steps only
+    if not steps:
+        raise CheckpointError(f"training run {run} has no committed checkpoint yet; train it for more steps first")
+    return run / RUN_CHECKPOINTS_DIR / str(max(steps)) / "state"

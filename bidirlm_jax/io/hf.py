@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.checkpoint import is_checkpoint, load_checkpoint
+from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, load_checkpoint
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.layouts import CAUSAL_LM, LM_HEAD, Layout, detect_layout
 from bidirlm_jax.io.shards import (
@@ -250,7 +250,8 @@ def from_pretrained(
     mesh: Mesh | None = None,
     allow_pickle: bool = False,
 ) -> Transformer:
-    """Load an HF checkpoint directory, or a bidirlm checkpoint (`bidirlm convert`), as a model.
+    """Load an HF checkpoint directory, a bidirlm checkpoint (`bidirlm convert`) or a training run (its
+    latest step) as a model.
 
     `attention`/`bidirectional_window` default to what the checkpoint's config.json says (causal for
     a plain decoder). `dtype` is both the parameter and the compute dtype.
@@ -258,7 +259,8 @@ def from_pretrained(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     mode = {"attention": attention, "bidirectional_window": bidirectional_window}
-    config = read_config(path, dtype=dtype, param_dtype=dtype, **{k: v for k, v in mode.items() if v is not None})
+    overrides = {k: v for k, v in mode.items() if v is not None}
+    config = read_config(description_dir(path), dtype=dtype, param_dtype=dtype, **overrides)
     if is_checkpoint(path):
         return load_checkpoint(path, config, mesh=mesh)
     return load_params(path, config, mesh=mesh, allow_pickle=allow_pickle)
@@ -323,8 +325,9 @@ def save_pretrained(
 
 
 def tokenizer_files(path: str | os.PathLike) -> list[Path]:
-    """The tokenizer (and generation) files of an HF directory, to carry into a converted one."""
-    return [Path(path) / name for name in TOKENIZER_FILES if (Path(path) / name).is_file()]
+    """The tokenizer (and generation) files of an HF directory or a run, to carry into a converted one."""
+    where = description_dir(path)
+    return [where / name for name in TOKENIZER_FILES if (where / name).is_file()]
 
 
 def stored_dtypes(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, str]:

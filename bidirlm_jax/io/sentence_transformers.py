@@ -20,7 +20,7 @@ from typing import Any
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
-from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes
+from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, recorded_dtypes
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, tokenizer_files
 from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
 from bidirlm_jax.models.transformer import Transformer
@@ -232,10 +232,10 @@ def _check_export_args(pooling: str, max_length: int, attention: str, dtype: str
 def _check_source(src: Path) -> None:
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a directory; give an HF model directory or a bidirlm checkpoint")
-    if not (src / "config.json").is_file():
+    if not (description_dir(src) / "config.json").is_file():
         raise CheckpointError(
             f"{src} is not a model directory (no config.json); give an HF model directory (config.json + "
-            "safetensors), a merged one, or a bidirlm checkpoint (bidirlm convert)"
+            "safetensors), a merged one, a bidirlm checkpoint (bidirlm convert) or a training run's workdir"
         )
 
 
@@ -243,7 +243,7 @@ def _load_tokenizer(path: Path) -> Any:
     from bidirlm_jax.data.tokenizer import load_tokenizer  # transformers, imported only when a tokenizer is read
 
     try:
-        return load_tokenizer(path)
+        return load_tokenizer(description_dir(path))
     except ConfigError as e:
         raise ConfigError(
             f"{e}. An encoder needs its tokenizer: copy the base model's tokenizer files (tokenizer.json, "

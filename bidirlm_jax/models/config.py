@@ -22,6 +22,7 @@ ATTENTION_MODES = ("causal", "bidirectional")
 BIDIRECTIONAL_WINDOWS = ("half", "full", "none")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
+POOLING_MODES = ("mean", "last", "first")  # how an encoder turns hidden states into one embedding (models.pooling)
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked", "reference")
 
 

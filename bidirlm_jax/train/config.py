@@ -16,6 +16,7 @@ from absl import flags
 from ml_collections import ConfigDict, config_dict, config_flags
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.config import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, REMAT_POLICIES
 
 _MODEL_OVERRIDES = {
     "vocab_size": int,
@@ -45,8 +46,11 @@ def base_config() -> ConfigDict:
     )
     c.data = ConfigDict(
         dict(
-            source="synthetic",  # synthetic | npy (a 1-D array of token ids, memory-mapped)
+            source="synthetic",  # the objective's: synthetic | npy (token ids) | text | stdlib | pairs
             path="",
+            tokenizer="",  # tokenizer directory (default: model.init_from's)
+            text_field="text",  # .jsonl field / .parquet column holding the text
+            mixture="",  # text objectives: "NAME:WEIGHT:PATH;..." weighted sources instead of data.path
             seq_len=64,
             global_batch_size=8,
             seed=0,
@@ -113,10 +117,10 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
 
 def validate(config: ConfigDict) -> None:
     """Refuse values the engine cannot run before anything is built or written."""
-    _one_of(config.model.remat, ("none", "full", "save_dots"), "model.remat")
-    _one_of(config.model.dtype, ("float32", "bfloat16"), "model.dtype")
-    _one_of(config.model.attention, ("causal", "bidirectional"), "model.attention")
-    _one_of(config.data.source, ("synthetic", "npy"), "data.source")
+    _one_of(config.model.remat, REMAT_POLICIES, "model.remat")
+    _one_of(config.model.dtype, ("float32", "bfloat16"), "model.dtype")  # master weights stay fp32 either way
+    _one_of(config.model.attention, ATTENTION_MODES, "model.attention")
+    _one_of(config.model.bidirectional_window, BIDIRECTIONAL_WINDOWS, "model.bidirectional_window")
     _one_of(config.train.nonfinite, ("stop", "skip"), "train.nonfinite")
     for key in (
         "train.steps",
@@ -131,8 +135,6 @@ def validate(config: ConfigDict) -> None:
         section, name = key.split(".")
         if config[section][name] <= 0:
             raise ConfigError(f"{key}={config[section][name]} must be positive; fix --config.{key}")
-    if config.data.source == "npy" and not config.data.path:
-        raise ConfigError("data.source='npy' needs --config.data.path=FILE.npy (a 1-D array of token ids)")
 
 
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")

@@ -28,7 +28,7 @@ from flax import nnx
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.pooling import pool
-from bidirlm_jax.train.contrastive import contrastive_loss_and_metrics, text_keys
+from bidirlm_jax.train.infonce import contrastive_loss_and_metrics, text_keys
 
 GATHER_MODES = ("global", "local")
 

@@ -25,18 +25,19 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
 from bidirlm_jax import distributed
-from bidirlm_jax.data.lm import lm_rows, load_tokens
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
+from bidirlm_jax.io.atomic import atomic_directory
+from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
 from bidirlm_jax.io.hf import from_pretrained
-from bidirlm_jax.io.hf_config import read_config
+from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train import metrics as metrics_lib
 from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
 from bidirlm_jax.train.config import data_stream, model_overrides, validate
-from bidirlm_jax.train.losses import LossFn, get_loss
+from bidirlm_jax.train.objectives import LossFn, Objective, build_objective, causal_lm
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout, param_shapes
 from bidirlm_jax.train.step import jit_step, make_step_fn
@@ -117,6 +118,7 @@ class _Plan:
     mesh: Mesh
     model: ModelConfig
     layout: StateLayout
+    objective: Objective
     step_fn: Any
     batches: DeviceBatches
     resume_step: int | None
@@ -130,7 +132,10 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     _check_batch(config, mesh)
     model_cfg = model_config(config.model)
-    loss_fn = loss_fn or get_loss(config.objective)
+    if loss_fn is None:
+        objective = build_objective(config, model_cfg, workdir=workdir)
+    else:
+        objective = causal_lm.build(config, model_cfg, workdir=workdir, loss_fn=loss_fn)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     layout = StateLayout(model_cfg, tx, mesh, seed=config.train.seed)
     meta = {
@@ -145,12 +150,8 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
             existing.check_resumable(resume_step, meta, allow_data_change=config.train.allow_data_change)
         finally:
             existing.close()
-    tokens = load_tokens(config.data, model_cfg.vocab_size)
-    rows = lm_rows(
-        tokens, seq_len=config.data.seq_len, global_batch=config.data.global_batch_size, seed=config.data.seed
-    )
     batches = DeviceBatches(
-        rows,
+        objective.rows,
         mesh,
         config.data.global_batch_size,
         start=resume_step or 0,
@@ -158,14 +159,7 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         prefetch=config.data.prefetch,
     )
     step_fn = jit_step(
-        make_step_fn(
-            layout.graphdef,
-            loss_fn,
-            tx,
-            schedule,
-            grad_accum=config.train.grad_accum_steps,
-            skip_nonfinite=config.train.nonfinite == "skip",
-        ),
+        make_step_fn(layout.graphdef, objective.grad_fn, tx, schedule, skip_nonfinite=config.train.nonfinite == "skip"),
         layout.shardings,
         mesh,
         batches.shapes,
@@ -175,6 +169,7 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         mesh=mesh,
         model=model_cfg,
         layout=layout,
+        objective=objective,
         step_fn=step_fn,
         batches=batches,
         resume_step=resume_step,
@@ -202,10 +197,21 @@ def _nonfinite_error(
     )
 
 
+def _write_model_description(workdir: Path, plan: _Plan) -> None:
+    """`WORKDIR/model/`: what `from_pretrained(WORKDIR)` and `bidirlm export` need besides the weights."""
+    if (workdir / RUN_MODEL_DIR / "config.json").is_file():
+        return
+    with atomic_directory(workdir / RUN_MODEL_DIR, collective=True) as tmp:
+        if jax.process_index() == 0:
+            (tmp / "config.json").write_text(json.dumps(config_to_hf(plan.model), indent=2) + "\n")
+            if plan.objective.tokenizer is not None:
+                plan.objective.tokenizer.save_pretrained(tmp)
+
+
 def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) -> dict[str, Any]:
     """Train (or resume from the workdir's latest checkpoint) as `config` says.
 
-    `loss_fn` replaces the objective named by `config.objective`. Returns `{"step", "preempted", **last
+    `loss_fn` replaces the causal-LM loss on the causal-LM objective's data (tests, experiments). Returns `{"step", "preempted", **last
     logged metrics}`. Raises a `BidirLMError` for unusable inputs (before writing anything), when the
     loss turns non-finite with `train.nonfinite="stop"`, and after `train.max_consecutive_skips` non-finite
     steps in a row with `"skip"`.
@@ -221,11 +227,11 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
         state = plan.layout.from_params(plan.init_params)
     else:
         state = plan.layout.init()
+    _write_model_description(workdir, plan)
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.metrics.tensorboard)
     step = int(jax.device_get(state.step))
     writer.drop_after(step)
-    tokens_per_step = config.data.global_batch_size * config.data.seq_len
-    flops_per_step = metrics_lib.training_flops_per_token(plan.model, config.data.seq_len) * tokens_per_step
+    objective = plan.objective
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device)
     bar = metrics_lib.progress_bar(config.train.steps, step, enabled=config.metrics.progress_bar)
     preemption = _Preemption()
@@ -244,10 +250,11 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
                 skipped = 0 if out.pop("finite") else skipped + 1
                 if skipped or step % config.train.log_every == 0 or step == config.train.steps:  # non-finite: always
                     logged = dict(
-                        out,
+                        objective.report(out),
                         step_seconds=seconds,
-                        tokens_per_second=tokens_per_step / seconds,
-                        mfu=metrics_lib.mfu(flops_per_step, seconds, peak, jax.device_count()),
+                        tokens_per_second=objective.tokens_per_step / seconds,
+                        samples_per_second=config.data.global_batch_size / seconds,
+                        mfu=metrics_lib.mfu(objective.flops_per_step, seconds, peak, jax.device_count()),
                     )
                     writer.write(step, logged)
                     bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['learning_rate']:.2e}", refresh=False)

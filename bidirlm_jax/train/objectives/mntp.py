@@ -11,7 +11,11 @@ of fixed capacity ⌈capacity_factor·ratio·T⌉ and runs the vocabulary-chunke
 holds `[tokens, vocab]` logits. Targets beyond a row's capacity are dropped from the loss and counted
 in `mntp_overflow`. `sparse=False` is the dense reference path (full logits, nothing dropped).
 
-Metric contract (see `losses` for the engine's sums-then-divide convention): the token count is the
+`build` assembles the objective of a run: the tokenizer (the checkpoint's, `data.tokenizer`, or for the
+built-in `stdlib` text one trained on it), the packed corpus or weighted mixture (`data.packing`,
+`data.mixture`), the mask id (`mntp.mask_token`) and this loss.
+
+Metric contract (see `base.token_sum_grads` for the engine's sums-then-divide convention): the token count is the
 number of scored masked targets, so the engine's `loss` is the mean over masked tokens across
 micro-batches and devices. Sums returned: `masked_accuracy` (correct targets), `mntp_overflow` (dropped
 targets) and, with `num_sources`, `loss/source_{k}` and `tokens/source_{k}` per mixture source.
@@ -22,17 +26,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from ml_collections import ConfigDict
 
 from bidirlm_jax.data.mntp import mask_tokens, validate
+from bidirlm_jax.data.tokenizer import resolve_mask_token
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.kernels.cross_entropy import chunked_cross_entropy
-from bidirlm_jax.train.losses import Batch, LossFn
+from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.train.metrics import training_flops_per_token
+from bidirlm_jax.train.objectives.base import Batch, LossFn, Objective, run_tokenizer, token_sum_grads
+from bidirlm_jax.train.objectives.text import packed_text
 
 
 class Targets(NamedTuple):
@@ -188,9 +198,58 @@ def logged_metrics(means: Mapping[str, float], num_sources: int = 0) -> dict[str
     tokens = float(means["tokens"])
     out = {k: float(v) for k, v in means.items()}
     out["masked_tokens"] = tokens
-    out["mntp_overflow"] = float(means["mntp_overflow"]) * tokens
+    out["mntp_overflow"] = float(round(float(means["mntp_overflow"]) * tokens))
     for k in range(num_sources):
         share = float(means[f"tokens/source_{k}"])
         out[f"loss/source_{k}"] = float(means[f"loss/source_{k}"]) / share if share > 0 else math.nan
-        out[f"tokens/source_{k}"] = share * tokens
+        out[f"tokens/source_{k}"] = float(round(share * tokens))
     return out
+
+
+# --- the objective of a run ---------------------------------------------------------------------------
+
+
+def mntp_flops_per_step(model: ModelConfig, seq_len: int, rows: int, head_slots: int | None) -> float:
+    """Training FLOPs of a step: the body on every token, the LM head only on the slots the sparse head
+    runs (every position on the dense path)."""
+    head = 6.0 * model.hidden_size * model.vocab_size  # forward + backward of one position's logits
+    body = training_flops_per_token(model, seq_len) - head
+    return rows * (seq_len * body + (head_slots if head_slots is not None else seq_len) * head)
+
+
+def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective:
+    """The MNTP objective of a run, every input checked before anything is computed or written."""
+    data, mntp = config.data, config.mntp
+    tokenizer = run_tokenizer(config, model, workdir)
+    mask_id = resolve_mask_token(tokenizer, mntp.mask_token, family=model.family)
+    text = packed_text(data, tokenizer, model.vocab_size)
+    names = text.source_names
+    loss_fn = make_mntp_loss(
+        mask_id=mask_id,
+        ratio=mntp.mask_ratio,
+        vocab_size=model.vocab_size,
+        strategy=mntp.strategy,
+        special_ids=text.special_ids,
+        capacity_factor=mntp.capacity_factor,
+        chunk_size=mntp.chunk_size,
+        sparse=mntp.sparse,
+        num_sources=len(names),
+    )
+    slots = capacity(data.seq_len, mntp.mask_ratio, mntp.capacity_factor) if mntp.sparse else None
+
+    def report(means: Mapping[str, float]) -> dict[str, float]:
+        out = logged_metrics(means, num_sources=len(names))
+        for k, name in enumerate(names):  # per-source keys by the mixture's names
+            out[f"loss/{name}"] = out.pop(f"loss/source_{k}")
+            out[f"tokens/{name}"] = out.pop(f"tokens/source_{k}")
+        return out
+
+    tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)  # saved with the run, so exports carry it
+    return Objective(
+        rows=text.rows,
+        grad_fn=token_sum_grads(loss_fn, grad_accum=config.train.grad_accum_steps),
+        flops_per_step=mntp_flops_per_step(model, data.seq_len, data.global_batch_size, slots),
+        tokens_per_step=data.global_batch_size * data.seq_len,
+        report=report,
+        tokenizer=tokenizer,
+    )

@@ -11,7 +11,7 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.transformer import abstract_model
-from bidirlm_jax.train.contrastive import (
+from bidirlm_jax.train.infonce import (
     contrastive_flops_per_step,
     contrastive_loss,
     contrastive_loss_and_metrics,

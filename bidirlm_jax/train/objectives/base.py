@@ -1,0 +1,115 @@
+"""What an objective brings to the engine, and the token-sum gradient strategy most objectives share.
+
+The engine (`train.loop`, `train.step`) owns the mesh, the train state, the jitted step, checkpoints and
+logging. An objective owns everything that differs between causal LM, MNTP and contrastive training:
+its rows of data, how a batch becomes a loss and a gradient, the FLOPs of a step (for MFU) and how its
+step metrics read in a log.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from ml_collections import ConfigDict
+
+from bidirlm_jax import sharding
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.config import ModelConfig
+
+Batch = Mapping[str, jax.Array]
+# loss_fn(model, batch, rng) -> (sum of per-item losses, item count, metric sums over the same items)
+LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
+# grad_fn(graphdef, params, batch, rng) -> (mean loss, mean gradients, item count, mean metrics) of a global batch
+GradFn = Callable[[nnx.GraphDef, nnx.State, Batch, jax.Array], tuple[jax.Array, nnx.State, jax.Array, dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """One objective, ready to train: data, gradient strategy, cost, reporting.
+
+    `rows` is a grain `MapDataset` whose element `i` is global row `i` (the same on every process);
+    batch `b` is rows `[b·B, (b+1)·B)` (`data.loader`). `report` turns a step's metrics (host floats)
+    into what is logged. `tokenizer` (if any) is saved beside the checkpoints, so exports carry it.
+    """
+
+    rows: grain.MapDataset
+    grad_fn: GradFn
+    flops_per_step: float
+    tokens_per_step: int
+    report: Callable[[Mapping[str, float]], dict[str, float]] = dict
+    tokenizer: Any = None
+
+
+def _micro_batches(batch: Batch, k: int) -> Batch:
+    """[B, ...] → [k, B/k, ...] with row i in micro-batch i mod k: every micro-batch keeps rows on every
+    device, so the split needs no communication."""
+
+    def split(x: jax.Array) -> jax.Array:
+        x = jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+        return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, dict(batch))
+
+
+def token_sum_grads(loss_fn: LossFn, *, grad_accum: int = 1) -> GradFn:
+    """Gradients of a loss that is a sum over items (tokens, masked targets), accumulated as sums.
+
+    Micro-batches run in a `lax.scan` (activations of one live at a time) and everything is divided by
+    the total item count at the end, so the result is the item-weighted mean over the whole global batch
+    however it is split over devices and micro-batches (a mean of means would weight a short micro-batch
+    like a long one). Wrong for losses whose terms span the batch, such as InfoNCE.
+    """
+
+    def grad_fn(graphdef: nnx.GraphDef, params: nnx.State, batch: Batch, rng: jax.Array):
+        def sums(p: nnx.State, mb: Batch, key: jax.Array):
+            loss, count, metrics = loss_fn(nnx.merge(graphdef, p), mb, key)
+            return loss, (count, metrics)
+
+        grad_sums = jax.value_and_grad(sums, has_aux=True)
+        if grad_accum == 1:
+            (loss, (count, metrics)), grads = grad_sums(params, batch, rng)
+        else:
+            mbs = _micro_batches(batch, grad_accum)
+            first = jax.tree.map(lambda x: x[0], mbs)
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_sums, params, first, rng))
+
+            def micro(carry, xs):
+                mb, key = xs
+                return jax.tree.map(jnp.add, carry, grad_sums(params, mb, key)), None
+
+            keys = jax.random.split(rng, grad_accum)
+            ((loss, (count, metrics)), grads), _ = jax.lax.scan(micro, zeros, (mbs, keys))
+        denom = jnp.maximum(count, 1.0)
+        mean = lambda x: x / denom
+        return mean(loss), jax.tree.map(mean, grads), count, {k: mean(v) for k, v in metrics.items()}
+
+    return grad_fn
+
+
+def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
+    """The run's tokenizer: the one saved in its workdir (a resumed run keeps its own), else
+    `data.tokenizer`, else `model.init_from`'s, else — for the built-in `stdlib` text only — a byte-level
+    BPE of the model's vocabulary size trained on that text. Checked against the model's embedding."""
+    from bidirlm_jax.data.corpora import stdlib_docstrings
+    from bidirlm_jax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+
+    saved = workdir / "tokenizer"
+    path = saved if (saved / "tokenizer.json").is_file() else (config.data.tokenizer or config.model.init_from)
+    if path:
+        tokenizer = load_tokenizer(path)
+    elif config.data.source == "stdlib":
+        tokenizer = train_tokenizer((doc for _, doc in stdlib_docstrings()), model.vocab_size)
+    else:
+        raise ConfigError(
+            f"objective {config.objective} needs the checkpoint's tokenizer: set --config.data.tokenizer=DIR or "
+            "--config.model.init_from=HF_DIR"
+        )
+    check_vocab(tokenizer, model.vocab_size)
+    return tokenizer

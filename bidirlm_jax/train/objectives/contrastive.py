@@ -1,0 +1,123 @@
+"""The contrastive objective: cosine InfoNCE over in-batch and hard negatives (`train.infonce`), with its
+gradient formed by GradCache (`train.gradcache`) — token-sum accumulation over micro-batches would be
+wrong here, since every query's candidates span the whole batch.
+
+Data (`data.pairs`): `data.path` names `.jsonl`/`.parquet` files or directories (one dataset per file, or
+a `dataset` field) or `hf:NAME`; `data.source="stdlib"` mines pairs from the standard library's
+docstrings (offline `tiny` runs). Every batch comes from one dataset; `contrastive.instructions` (a JSON
+file `{dataset: {"instruction": ..., "symmetric": bool}}`) prefixes queries (and, for symmetric tasks,
+documents) with `Instruct: ...\\nQuery: `.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import grain
+import numpy as np
+from ml_collections import ConfigDict
+
+from bidirlm_jax.data.corpora import stdlib_pairs
+from bidirlm_jax.data.pairs import Instruction, PairBatches, read_pairs
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.config import POOLING_MODES, ModelConfig
+from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
+from bidirlm_jax.train.infonce import contrastive_flops_per_step
+from bidirlm_jax.train.objectives.base import Objective, run_tokenizer
+
+SOURCES = ("pairs", "stdlib")
+GATHER = ("global", "local")
+
+
+class _Rows:
+    """Global row `r` of the endless pair stream: row `r mod B` of batch `r // B` (a batch is tokenised
+    once and kept while its rows are read)."""
+
+    def __init__(self, batches: PairBatches):
+        self._batches, self._size = batches, batches.batch_size
+        self._batch = functools.lru_cache(maxsize=4)(batches.__getitem__)
+
+    def __len__(self) -> int:
+        return sys.maxsize  # endless: later epochs reshuffle (`PairBatches`)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        batch, row = divmod(int(index), self._size)
+        return {k: v[row] for k, v in self._batch(batch).items()}
+
+
+def _instructions(path: str, names: list[str]) -> dict[str, Instruction]:
+    if not path:
+        return {}
+    try:
+        table = json.loads(Path(path).read_text())
+        return {k: Instruction(v["instruction"], bool(v.get("symmetric", False))) for k, v in table.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(
+            f"contrastive.instructions={path}: expected a JSON object {{dataset: {{'instruction': str, "
+            f"'symmetric': bool}}}} for datasets among {names} ({e})"
+        ) from None
+
+
+def _weights(spec: str) -> dict[str, float] | None:
+    """`"name:weight;name:weight"` (`data.weights`) → {name: weight}; empty = in proportion to size."""
+    if not spec:
+        return None
+    try:
+        return {n.strip(): float(w) for n, w in (part.split(":") for part in spec.split(";") if part.strip())}
+    except ValueError:
+        raise ConfigError(f"data.weights {spec!r} is not 'NAME:WEIGHT;NAME:WEIGHT'") from None
+
+
+def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective:
+    """The contrastive objective of a run, every input checked before anything is computed or written."""
+    data, con = config.data, config.contrastive
+    if data.source not in SOURCES:
+        raise ConfigError(f"data.source={data.source!r} is not one of {SOURCES} for objective contrastive")
+    if con.pooling not in POOLING_MODES or con.gather not in GATHER:
+        raise ConfigError(f"contrastive.pooling must be one of {POOLING_MODES} and contrastive.gather one of {GATHER}")
+    if config.train.grad_accum_steps != 1:
+        raise ConfigError(
+            "train.grad_accum_steps must be 1 for contrastive training: micro-batches would shrink the in-batch "
+            "negatives; set contrastive.chunk_size (GradCache) to bound memory instead"
+        )
+    if con.temperature <= 0 or con.chunk_size < 0:
+        raise ConfigError("contrastive.temperature must be positive and contrastive.chunk_size >= 0 (0 = no GradCache)")
+    tokenizer = run_tokenizer(config, model, workdir)
+    if data.source == "stdlib":
+        datasets, instructions = stdlib_pairs(num_negatives=con.num_negatives)
+    else:
+        if not data.path:
+            raise ConfigError("data.source='pairs' needs --config.data.path=FILES_OR_DIRS (comma-separated)")
+        datasets = read_pairs([p for p in data.path.split(",") if p])
+        instructions = _instructions(con.instructions, [d.name for d in datasets])
+    batches = PairBatches(
+        datasets,
+        tokenizer,
+        batch_size=data.global_batch_size,
+        num_negatives=con.num_negatives,
+        seed=data.seed,
+        weights=_weights(data.weights),
+        instructions=instructions,
+        max_length=data.seq_len,
+    )
+    chunk = con.chunk_size or None
+    settings = dict(chunk_size=chunk, temperature=con.temperature, pooling=con.pooling, gather=con.gather)
+
+    def grad_fn(graphdef, params, batch, rng):
+        loss, grads, metrics = contrastive_loss_and_grads(graphdef, params, batch, rng, **settings)
+        metrics = dict(metrics)
+        return loss, grads, metrics.pop("tokens"), metrics
+
+    b, length, k = data.global_batch_size, data.seq_len, con.num_negatives
+    return Objective(
+        rows=grain.MapDataset.source(_Rows(batches)),
+        grad_fn=grad_fn,
+        flops_per_step=contrastive_flops_per_step(
+            model, batch_size=b, query_len=length, doc_len=length, num_negatives=k, chunked=chunk is not None
+        ),
+        tokens_per_step=b * (2 + k) * length,
+        tokenizer=tokenizer,
+    )

@@ -1,0 +1,200 @@
+"""The MNTP and contrastive objectives through the engine: real text and pairs in, learning, exact resume,
+exact mixtures, single-dataset batches, exports that carry the tokenizer, and inputs refused up front."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from ml_collections import ConfigDict
+
+import bidirlm_jax
+from bidirlm_jax.cli import main
+from bidirlm_jax.configs import contrastive as contrastive_configs
+from bidirlm_jax.configs import mntp as mntp_configs
+from bidirlm_jax.data.corpora import stdlib_docstrings
+from bidirlm_jax.data.tokenizer import train_tokenizer
+from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.train import build_objective, train
+
+INTERRUPTED = str(Path(__file__).with_name("interrupted_train.py"))
+DOCS = [doc for _, doc in stdlib_docstrings()][:120]
+
+
+def _metrics(workdir) -> list[dict]:
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _quiet(config: ConfigDict) -> ConfigDict:
+    config.metrics.update(progress_bar=False, tensorboard=False)
+    return config
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(DOCS, 512, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_files(tmp_path_factory):
+    """The same documents as .txt (one per line), .jsonl and .parquet."""
+    root = tmp_path_factory.mktemp("text")
+    lines = [d.replace("\n", " ") for d in DOCS]
+    (root / "docs.txt").write_text("\n".join(lines) + "\n")
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
+    pq.write_table(pa.table({"text": lines}), root / "docs.parquet")
+    return root
+
+
+def _mntp_config(**data) -> ConfigDict:
+    config = _quiet(mntp_configs.get_config("tiny"))
+    config.data.update(**data)
+    return config
+
+
+@pytest.mark.parametrize("suffix", ["txt", "jsonl", "parquet"])
+def test_every_text_format_gives_the_same_batches(suffix, text_files, tokenizer_dir, tmp_path):
+    """A real tokenizer (with a mask token) on .txt/.jsonl/.parquet: the same packed rows, masks eligible
+    only on real, non-special tokens that have a predecessor in their document."""
+    model = get_preset("tiny-gemma3")
+    config = _mntp_config(source="text", path=str(text_files / f"docs.{suffix}"), tokenizer=str(tokenizer_dir))
+    rows = build_objective(config, model, workdir=tmp_path).rows
+    reference = _mntp_config(source="text", path=str(text_files / "docs.txt"), tokenizer=str(tokenizer_dir))
+    expected = build_objective(reference, model, workdir=tmp_path / "ref").rows
+    for i in (0, 1, 7):
+        for key, value in expected[i].items():
+            np.testing.assert_array_equal(rows[i][key], value, err_msg=key)
+    row = rows[0]
+    starts = np.flatnonzero(np.diff(row["segment_ids"], prepend=-1) != 0)
+    assert not row["maskable"][starts].any() and not row["maskable"][row["attention_mask"] == 0].any()
+    assert not np.isin(row["input_ids"][row["maskable"]], [0, 1, 2, 3, 4]).any()  # no special token is maskable
+
+
+def test_a_mixture_is_exact_and_reports_a_loss_per_source(text_files, tokenizer_dir, tmp_path):
+    model = get_preset("tiny-gemma3")
+    mixture = f"prose:0.75:{text_files / 'docs.txt'};code:0.25:{text_files / 'docs.jsonl'}"
+    config = _mntp_config(source="text", mixture=mixture, tokenizer=str(tokenizer_dir))
+    objective = build_objective(config, model, workdir=tmp_path)
+    sources = np.array([objective.rows[i]["source"] for i in range(400)])
+    assert np.bincount(sources).tolist() == [300, 100]
+    means = {"loss": 5.0, "tokens": 10.0, "masked_accuracy": 0.1, "mntp_overflow": 0.0}
+    means |= {"loss/source_0": 3.0, "tokens/source_0": 0.6, "loss/source_1": 2.0, "tokens/source_1": 0.4}
+    logged = objective.report(means)
+    assert logged["loss/prose"] == pytest.approx(5.0) and logged["loss/code"] == pytest.approx(5.0)
+    assert logged["tokens/prose"] == 6 and logged["tokens/code"] == 4 and logged["masked_tokens"] == 10
+
+
+@pytest.mark.slow
+def test_mntp_learns_and_its_run_exports_an_encoder_with_its_mask_token(tmp_path):
+    workdir = tmp_path / "run"
+    config = _quiet(mntp_configs.get_config("tiny"))
+    config.train.log_every = 5
+    train(config, str(workdir))  # the preset: 150 steps on the standard library's docstrings
+    rows = _metrics(workdir)
+    early, late = rows[:1], rows[-3:]
+    assert np.mean([r["loss"] for r in late]) < np.mean([r["loss"] for r in early]) - 0.6
+    accuracy = [np.mean([r["masked_accuracy"] for r in part]) for part in (early, late)]
+    assert accuracy[1] > accuracy[0] + 0.015, accuracy
+    assert all(r["masked_tokens"] > 0 for r in rows)
+    assert main(["export", str(workdir), str(tmp_path / "encoder")]) == 0
+    from sentence_transformers import SentenceTransformer
+
+    encoder = SentenceTransformer(str(tmp_path / "encoder"), device="cpu")
+    assert encoder.tokenizer.mask_token == "<mask>"
+    model = bidirlm_jax.from_pretrained(workdir)
+    assert model.config.attention == "bidirectional"
+
+
+def _run(config_file: str, workdir, *overrides, env=None):
+    command = [sys.executable, INTERRUPTED, "train", f"--config={config_file}", f"--workdir={workdir}"]
+    command += ["--config.metrics.progress_bar=false", "--config.metrics.tensorboard=false", *overrides]
+    return subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "preset",
+    ["configs/mntp.py:tiny", "configs/contrastive.py:tiny"],
+)
+def test_a_run_killed_mid_save_resumes_bit_exactly(preset, tmp_path):
+    """SIGKILL while step 8 is being saved, then restart: the curve equals an uninterrupted run's, bit for bit
+    (MNTP's masks come from the checkpointed RNG; contrastive batches from the step)."""
+    args = ["--config.train.steps=10", "--config.train.checkpoint_every=4", "--config.train.log_every=1"]
+    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
+    assert _run(preset, whole, *args).returncode == 0
+    killed = _run(preset, interrupted, *args, env={"KILL_SAVE_AT": "8"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = _run(preset, interrupted, *args)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["loss"] for r in _metrics(interrupted)] == [r["loss"] for r in _metrics(whole)]
+
+
+def test_contrastive_batches_each_come_from_one_dataset(tmp_path):
+    config = _quiet(contrastive_configs.get_config("tiny"))
+    objective = build_objective(config, get_preset("tiny-gemma3"), workdir=tmp_path)
+    b = config.data.global_batch_size
+    seen = set()
+    for batch in range(12):
+        ids = {int(objective.rows[batch * b + r]["dataset"]) for r in range(b)}
+        assert len(ids) == 1
+        seen |= ids
+    assert seen == {0, 1}  # both mined datasets appear
+
+
+@pytest.mark.slow
+def test_contrastive_learns(tmp_path):
+    config = _quiet(contrastive_configs.get_config("tiny"))
+    train(config, str(tmp_path / "run"))
+    rows = _metrics(tmp_path / "run")
+    early, late = rows[:3], rows[-3:]
+    assert np.mean([r["loss"] for r in late]) < np.mean([r["loss"] for r in early]) - 0.5
+    assert np.mean([r["in_batch_accuracy"] for r in late]) > np.mean([r["in_batch_accuracy"] for r in early]) + 0.1
+    assert all(r["samples_per_second"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "config_file, overrides, message",
+    [
+        ("configs/mntp.py:tiny", ["--config.mntp.mask_ratio=1.5"], "ratio"),
+        ("configs/mntp.py:tiny", ["--config.data.source=text"], "tokenizer"),
+        ("configs/mntp.py:tiny", ["--config.mntp.mask_token=<nope>"], "mask_token"),
+        ("configs/contrastive.py:tiny", ["--config.train.grad_accum_steps=2"], "GradCache"),
+        ("configs/contrastive.py:tiny", ["--config.contrastive.pooling=max"], "pooling"),
+        ("configs/lm.py:tiny", ["--config.data.source=npy"], "data.path"),
+        ("configs/contrastive.py:tiny", ["--config.data.global_batch_size=512"], "fewer than one batch"),
+    ],
+)
+def test_bad_inputs_are_refused_before_anything_is_written(config_file, overrides, message, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    assert main(["train", f"--config={config_file}", f"--workdir={workdir}", *overrides]) == 2
+    assert message in capsys.readouterr().err
+    assert not workdir.exists()
+
+
+def test_a_tokenizer_without_a_mask_token_needs_one_configured(tmp_path, capsys, text_files):
+    from transformers import PreTrainedTokenizerFast
+
+    tok = train_tokenizer(DOCS[:20], 300)
+    plain = PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, pad_token="<pad>", bos_token="<bos>")
+    plain.save_pretrained(tmp_path / "tok")
+    run = ["train", "--config=configs/mntp.py:tiny", f"--workdir={tmp_path / 'run'}", "--config.data.source=text"]
+    run.append(f"--config.data.tokenizer={tmp_path / 'tok'}")
+    data = f"--config.data.path={text_files / 'docs.txt'}"
+    cases = [
+        ([data], "has no mask token"),
+        (["--config.mntp.mask_token=<unk>"], "data.path"),
+        ([data, "--config.mntp.mask_token=<unk>", "--config.model.vocab_size=256"], "embedding"),  # tokenizer > model
+    ]
+    for args, message in cases:
+        assert main([*run, *args]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "run").exists()
+    assert main([*run, data, "--config.mntp.mask_token=<unk>", "--config.train.steps=2"]) == 0
