@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from bidirlm_jax.data.mixture import MixtureSource, ProportionalSchedule, mixture_dataset
-from bidirlm_jax.data.packing import batch_rows, packed_dataset
+from bidirlm_jax.data.packing import packed_dataset
 from bidirlm_jax.data.tokenize import Corpus
 from bidirlm_jax.errors import ConfigError
 
@@ -70,7 +70,7 @@ def test_packed_sources_batches_and_resume():
         MixtureSource("big", 3, packed_dataset(corpus(0), seq_len=16, seed=0)),
         MixtureSource("small", 1, packed_dataset(corpus(500), seq_len=16, seed=0)),
     ]
-    batches = batch_rows(mixture_dataset(sources), global_batch=8)
+    batches = mixture_dataset(sources).batch(8, drop_remainder=True)
     batch = batches[5]
     assert batch["source"].tolist().count(0) == 6 and batch["input_ids"].shape == (8, 16)
     from_small = batch["input_ids"][batch["source"] == 1]

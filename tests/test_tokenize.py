@@ -9,7 +9,7 @@ import pytest
 from bidirlm_jax import cli
 from bidirlm_jax.data import tokenize
 from bidirlm_jax.data.corpora import stdlib_docstrings
-from bidirlm_jax.data.packing import batch_rows, packed_dataset
+from bidirlm_jax.data.packing import packed_dataset
 from bidirlm_jax.data.sources import iter_documents
 from bidirlm_jax.data.tokenize import Corpus, load_corpus, tokenize_corpus, tokenize_documents
 from bidirlm_jax.data.tokenizer import train_tokenizer
@@ -47,7 +47,7 @@ def _documents(corpus: Corpus) -> list[list[int]]:
 
 
 def _batches(corpus: Corpus, n: int = 6) -> list[dict]:
-    ds = batch_rows(packed_dataset(corpus, seq_len=64, seed=3), global_batch=4)
+    ds = packed_dataset(corpus, seq_len=64, seed=3).batch(4, drop_remainder=True)
     return [ds[i] for i in range(n)]
 
 

@@ -105,19 +105,6 @@ def packed_dataset(corpus: Corpus, *, seq_len: int, seed: int, num_epochs: int |
     return grain.MapDataset.range(length).map(rows.__getitem__)
 
 
-def batch_rows(
-    rows: grain.MapDataset, *, global_batch: int, process_index: int = 0, process_count: int = 1
-) -> grain.MapDataset:
-    """This process's share of each global batch: every `process_count`-th row, from `process_index`.
-
-    Together the processes' local batches form exactly the global batch one process would see, so the
-    data (and the loss) do not depend on how many hosts read it.
-    """
-    if global_batch % process_count:
-        raise ConfigError(f"data.global_batch_size {global_batch} is not divisible by the {process_count} processes")
-    return rows[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
-
-
 def packing_efficiency(batch: dict) -> float:
     """Real tokens / all tokens of a row or batch (1.0 unless it holds the padded end of an epoch)."""
     mask = batch["attention_mask"]
