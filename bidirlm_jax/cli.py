@@ -248,9 +248,16 @@ def _run_tokenize(args: argparse.Namespace) -> int:
     from bidirlm_jax.data.tokenize import Corpus, tokenize_corpus
 
     out = tokenize_corpus(
-        args.src, args.out, args.tokenizer, text_field=args.text_field, split=args.split, num_workers=args.workers,
-        shard_tokens=args.shard_tokens, overwrite=args.overwrite, progress=not args.no_progress,
-    )  # fmt: skip
+        args.src,
+        args.out,
+        args.tokenizer,
+        text_field=args.text_field,
+        split=args.split,
+        num_workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
     corpus = Corpus.load(out)
     print(f"wrote {corpus.num_docs} documents, {corpus.num_tokens} tokens ({corpus.skipped_docs} skipped) -> {out}")
     return 0

@@ -72,8 +72,11 @@ def test_bf16_inputs_accumulate_in_fp32(inputs):
 
 def test_whole_logits_never_exist(inputs):
     """No intermediate of the forward or the backward has the [N, V] shape."""
-    jaxpr = str(jax.make_jaxpr(jax.grad(lambda h, w: chunked_cross_entropy(h, w, inputs[2], chunk_size=64)[0].sum(),
-                                        argnums=(0, 1)))(*inputs[:2]))  # fmt: skip
+    jaxpr = str(
+        jax.make_jaxpr(
+            jax.grad(lambda h, w: chunked_cross_entropy(h, w, inputs[2], chunk_size=64)[0].sum(), argnums=(0, 1))
+        )(*inputs[:2])
+    )
     assert f"{N},{V}" not in jaxpr and f"{V},{N}" not in jaxpr
     assert f"{N},64" in jaxpr  # one chunk's logits
 

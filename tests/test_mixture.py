@@ -49,8 +49,14 @@ def _endless(tag: int) -> grain.MapDataset:
 
 
 def test_rows_carry_their_source_and_each_source_is_read_in_order():
-    mixture = mixture_dataset([MixtureSource(name, w, _endless(t)) for t, (name, w) in enumerate(
-        [("en", 0.8), ("multilingual", 0.2 / 3), ("math", 0.2 / 3), ("code", 0.2 / 3)])])  # fmt: skip
+    mixture = mixture_dataset(
+        [
+            MixtureSource(name, w, _endless(t))
+            for t, (name, w) in enumerate(
+                [("en", 0.8), ("multilingual", 0.2 / 3), ("math", 0.2 / 3), ("code", 0.2 / 3)]
+            )
+        ]
+    )
     rows = [mixture[i] for i in range(150)]
     for source in range(4):
         xs = [int(r["x"]) for r in rows if r["source"] == source]

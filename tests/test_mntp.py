@@ -89,8 +89,9 @@ def random_mask(batch, seed=0, ratio=0.3):
 
 @functools.partial(jax.jit, static_argnames=("strategy",))
 def draw(keys, ids, maskable, strategy):
-    fn = functools.partial(mask_tokens, ratio=0.3, mask_id=MASK_ID, vocab_size=VOCAB, strategy=strategy,
-                           special_ids=(0, 1, BOS))  # fmt: skip
+    fn = functools.partial(
+        mask_tokens, ratio=0.3, mask_id=MASK_ID, vocab_size=VOCAB, strategy=strategy, special_ids=(0, 1, BOS)
+    )
     return jax.vmap(lambda k: fn(k, ids, maskable))(keys)
 
 
@@ -139,8 +140,14 @@ def test_mask_ratio_outside_unit_interval(ratio):
     with pytest.raises(ConfigError, match="mask_ratio"):
         make_mntp_loss(mask_id=MASK_ID, ratio=ratio, vocab_size=VOCAB)
     with pytest.raises(ConfigError, match="mask_ratio"):
-        mask_tokens(jax.random.key(0), np.zeros((1, 4), np.int32), np.ones((1, 4), bool), ratio=ratio,
-                    mask_id=MASK_ID, vocab_size=VOCAB)  # fmt: skip
+        mask_tokens(
+            jax.random.key(0),
+            np.zeros((1, 4), np.int32),
+            np.ones((1, 4), bool),
+            ratio=ratio,
+            mask_id=MASK_ID,
+            vocab_size=VOCAB,
+        )
 
 
 def test_mask_id_outside_vocabulary():
@@ -165,8 +172,12 @@ def test_hand_computed_packed_row(gemma, slots):
     masked[0, [3, 7, 13, 14, 27, 29]] = True
     masked[1, [0, 5, 31]] = True
     corrupted = corrupt(batch["input_ids"], masked)
-    logits = np.asarray(gemma(corrupted, batch["attention_mask"], segment_ids=batch["segment_ids"],
-                              positions=batch["positions"]).logits, np.float64)  # fmt: skip
+    logits = np.asarray(
+        gemma(
+            corrupted, batch["attention_mask"], segment_ids=batch["segment_ids"], positions=batch["positions"]
+        ).logits,
+        np.float64,
+    )
     pairs = [(0, 2, 3), (0, 6, 7), (0, 13, 14), (0, 26, 27), (1, 4, 5), (1, 30, 31)]  # (row, from i-1, target i)
     logp = _log_softmax(logits)
     expected = -sum(logp[r, j, batch["input_ids"][r, i]] for r, j, i in pairs)
@@ -267,8 +278,11 @@ def _torch_mntp_loss(ref, ids, mask, corrupted, masked, **kwargs) -> float:
         logits = ref(input_ids=torch.as_tensor(corrupted), attention_mask=torch.as_tensor(mask), **kwargs).logits
     scored = masked[:, 1:] & (mask[:, 1:] > 0) & (mask[:, :-1] > 0)
     labels = torch.as_tensor(np.where(scored, ids[:, 1:], -100))
-    return float(torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                   ignore_index=-100, reduction="mean"))  # fmt: skip
+    return float(
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="mean"
+        )
+    )
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
@@ -282,8 +296,11 @@ def test_step0_matches_transformers(family, tmp_path):
     ids, mask = hm.batch()
     first = np.zeros_like(mask, bool)
     first[np.arange(len(mask)), mask.argmax(axis=1)] = True
-    batch = {"input_ids": ids.astype(np.int32), "attention_mask": mask.astype(np.int32),
-             "maskable": (mask > 0) & ~first}  # fmt: skip
+    batch = {
+        "input_ids": ids.astype(np.int32),
+        "attention_mask": mask.astype(np.int32),
+        "maskable": (mask > 0) & ~first,
+    }
     masked = random_mask(batch, seed=6)
     corrupted = corrupt(ids, masked)
     loss, count, _ = loss_from_mask(model, batch, corrupted, masked, slots=capacity(24, 0.3, 2.0))

@@ -49,9 +49,13 @@ def _settings(adapter):
     from bidirlm_jax.evals.mteb import bidirlm_instructions
 
     return dict(
-        pooling="mean", normalize=True, max_length=MAX_LENGTH, attention="bidirectional", dtype="float32",
+        pooling="mean",
+        normalize=True,
+        max_length=MAX_LENGTH,
+        attention="bidirectional",
+        dtype="float32",
         instructions=sorted(bidirlm_instructions().items()),
-    )  # fmt: skip
+    )
 
 
 def test_bidirlm_instruction_table(adapter):

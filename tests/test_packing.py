@@ -33,15 +33,27 @@ def test_hand_checked_rows():
     T, F = True, False
     expected = [
         # doc 0 whole, doc 1 starts
-        dict(input_ids=[2, 10, 11, 12, 2], segment_ids=[1, 1, 1, 1, 2], positions=[0, 1, 2, 3, 0],
-             maskable=[F, T, T, T, F]),
+        dict(
+            input_ids=[2, 10, 11, 12, 2],
+            segment_ids=[1, 1, 1, 1, 2],
+            positions=[0, 1, 2, 3, 0],
+            maskable=[F, T, T, T, F],
+        ),
         # doc 1 continues (its piece's first token has no predecessor in the row), doc 2 starts
-        dict(input_ids=[20, 21, 2, 30, 31], segment_ids=[1, 1, 2, 2, 2], positions=[0, 1, 0, 1, 2],
-             maskable=[F, T, F, T, T]),
+        dict(
+            input_ids=[20, 21, 2, 30, 31],
+            segment_ids=[1, 1, 2, 2, 2],
+            positions=[0, 1, 0, 1, 2],
+            maskable=[F, T, F, T, T],
+        ),
         # doc 2 continues; <eos> mid-document is special; the epoch's end is padded
-        dict(input_ids=[32, 1, 34, 0, 0], segment_ids=[1, 1, 1, 0, 0], positions=[0, 1, 2, 0, 0],
-             maskable=[F, F, T, F, F]),
-    ]  # fmt: skip
+        dict(
+            input_ids=[32, 1, 34, 0, 0],
+            segment_ids=[1, 1, 1, 0, 0],
+            positions=[0, 1, 2, 0, 0],
+            maskable=[F, F, T, F, F],
+        ),
+    ]
     for i, want in enumerate(expected):
         row = rows[i]
         assert {k: v.dtype for k, v in row.items()} == dict(

@@ -64,8 +64,18 @@ def test_documents_are_encoded_as_the_tokenizer_does(tokenizer, corpus_file):
 def test_tokenize_command_gives_the_same_batches_as_on_the_fly(tokenizer, tokenizer_dir, corpus_file, tmp_path):
     on_the_fly = tokenize_documents(iter_documents(corpus_file), tokenizer)
     out = tmp_path / "tokens"
-    argv = ["tokenize", str(corpus_file), str(out), "--tokenizer", str(tokenizer_dir), "--workers", "2",
-            "--shard-tokens", "1500", "--no-progress"]  # fmt: skip
+    argv = [
+        "tokenize",
+        str(corpus_file),
+        str(out),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--workers",
+        "2",
+        "--shard-tokens",
+        "1500",
+        "--no-progress",
+    ]
     assert cli.main(argv) == 0
     assert sorted(p.name for p in out.iterdir())[:3] == ["corpus.json", "docs-00000.npy", "docs-00001.npy"]
     manifest = json.loads((out / "corpus.json").read_text())

@@ -22,9 +22,19 @@ from bidirlm_jax.errors import ConfigError
 
 # Tests, GUI and demo packages, and Python 2 sources that the running interpreter cannot read.
 _SKIP = {
-    "antigravity", "ensurepip", "idle_test", "idlelib", "lib2to3", "site-packages", "test", "tests", "this",
-    "tkinter", "turtle", "turtledemo",
-}  # fmt: skip
+    "antigravity",
+    "ensurepip",
+    "idle_test",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "test",
+    "tests",
+    "this",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+}
 _PREAMBLE = {tokenize.ENCODING, tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE}
 
 

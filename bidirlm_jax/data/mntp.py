@@ -26,8 +26,10 @@ def validate(*, ratio: float, mask_id: int, vocab_size: int, strategy: str = "ma
     if not 0.0 < ratio < 1.0:
         raise ConfigError(f"mntp.mask_ratio must lie strictly between 0 and 1, got {ratio}")
     if not 0 <= mask_id < vocab_size:
-        raise ConfigError(f"mask token id {mask_id} is outside the model's vocabulary [0, {vocab_size}); "
-                          "set mntp.mask_token to a token of the tokenizer")  # fmt: skip
+        raise ConfigError(
+            f"mask token id {mask_id} is outside the model's vocabulary [0, {vocab_size}); "
+            "set mntp.mask_token to a token of the tokenizer"
+        )
     if strategy not in STRATEGIES:
         raise ConfigError(f"mntp.strategy {strategy!r} is not one of {STRATEGIES}")
 

@@ -35,9 +35,10 @@ def source_files(path: str | os.PathLike) -> list[Path]:
     path = Path(text)
     if path.is_dir():
         files = sorted(
-            p for p in path.rglob("*")
+            p
+            for p in path.rglob("*")
             if p.suffix in EXTENSIONS and p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
-        )  # fmt: skip
+        )
         if not files:
             raise ConfigError(f"directory {path} holds no {'/'.join(EXTENSIONS)} files; give {_FORMATS}")
         return files

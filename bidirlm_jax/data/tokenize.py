@@ -131,9 +131,12 @@ class Corpus:
                 raise ConfigError(f"{path / shard['tokens']} does not match {MANIFEST}; re-run bidirlm tokenize")
             shards.append((tokens, offsets))
         return cls(
-            shards, tokenizer=manifest["tokenizer"], max_token_id=manifest["max_token_id"],
-            skipped_docs=manifest["skipped_docs"], path=path,
-        )  # fmt: skip
+            shards,
+            tokenizer=manifest["tokenizer"],
+            max_token_id=manifest["max_token_id"],
+            skipped_docs=manifest["skipped_docs"],
+            path=path,
+        )
 
     def __reduce__(self):
         # A memory-mapped corpus travels to worker processes as its path, not as a copy of its tokens.
@@ -154,8 +157,12 @@ def tokenize_documents(
         raise ConfigError(
             f"every document of the corpus holds special tokens only ({skipped} skipped); nothing to train on"
         )
-    return Corpus([(tokens, offsets)], tokenizer=_tokenizer_record(tokenizer), max_token_id=int(tokens.max()),
-                  skipped_docs=skipped)  # fmt: skip
+    return Corpus(
+        [(tokens, offsets)],
+        tokenizer=_tokenizer_record(tokenizer),
+        max_token_id=int(tokens.max()),
+        skipped_docs=skipped,
+    )
 
 
 def load_corpus(
@@ -195,9 +202,13 @@ def tokenize_corpus(
     record, encoder_args = _tokenizer_record(tokenizer), _Encoder.args(tokenizer)
     work = out.parent / f".{out.name}.partial"
     settings = {
-        "source": _fingerprint(src), "text_field": text_field, "split": split, "shard_tokens": shard_tokens,
-        "tokenizer": record, "tokenizer_sha256": hashlib.sha256(encoder_args[0].encode()).hexdigest(),
-    }  # fmt: skip
+        "source": _fingerprint(src),
+        "text_field": text_field,
+        "split": split,
+        "shard_tokens": shard_tokens,
+        "tokenizer": record,
+        "tokenizer_sha256": hashlib.sha256(encoder_args[0].encode()).hexdigest(),
+    }
     shards = _finished_shards(work, settings)
     read = shards[-1]["source_end"] if shards else 0
     documents = itertools.islice(iter_documents(src, text_field=text_field, split=split), read, None)
@@ -222,11 +233,16 @@ def tokenize_corpus(
     if not shards:
         raise ConfigError(f"every document of {src} holds special tokens only ({skipped} skipped); nothing written")
     manifest = {
-        "format": FORMAT, "source": os.fspath(src), "tokenizer": record, "dtype": "uint32",
-        "num_docs": sum(s["num_docs"] for s in shards), "num_tokens": sum(s["num_tokens"] for s in shards),
-        "max_token_id": max(s["max_token_id"] for s in shards), "skipped_docs": skipped,
+        "format": FORMAT,
+        "source": os.fspath(src),
+        "tokenizer": record,
+        "dtype": "uint32",
+        "num_docs": sum(s["num_docs"] for s in shards),
+        "num_tokens": sum(s["num_tokens"] for s in shards),
+        "max_token_id": max(s["max_token_id"] for s in shards),
+        "skipped_docs": skipped,
         "shards": [{k: s[k] for k in ("tokens", "docs", "num_docs", "num_tokens")} for s in shards],
-    }  # fmt: skip
+    }
     with atomic_directory(out, overwrite=overwrite) as tmp:
         for shard in shards:
             for name in (shard["tokens"], shard["docs"]):
@@ -318,10 +334,11 @@ def _encoding(
 
 def _tokenizer_record(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     return {
-        "name_or_path": str(tokenizer.name_or_path), "vocab_size": len(tokenizer),
+        "name_or_path": str(tokenizer.name_or_path),
+        "vocab_size": len(tokenizer),
         "special_ids": sorted(int(i) for i in tokenizer.all_special_ids),
         **{f"{name}_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos", "mask")},
-    }  # fmt: skip
+    }
 
 
 def _fingerprint(src: str | os.PathLike) -> list:
@@ -358,10 +375,14 @@ def _write_shard(work: Path, settings: dict, index: int, parts: list[_Encoded], 
         _write_atomic(work / _SETTINGS, lambda f: f.write(json.dumps(settings).encode()))
     tokens, offsets = _concatenate(parts)
     record = {
-        "tokens": f"tokens-{index:05d}.npy", "docs": f"docs-{index:05d}.npy", "num_docs": len(offsets) - 1,
-        "num_tokens": len(tokens), "max_token_id": int(tokens.max()), "source_start": source_start,
+        "tokens": f"tokens-{index:05d}.npy",
+        "docs": f"docs-{index:05d}.npy",
+        "num_docs": len(offsets) - 1,
+        "num_tokens": len(tokens),
+        "max_token_id": int(tokens.max()),
+        "source_start": source_start,
         "source_end": source_start + sum(p.num_read for p in parts),
-    }  # fmt: skip
+    }
     _write_atomic(work / record["tokens"], lambda f: np.save(f, tokens))
     _write_atomic(work / record["docs"], lambda f: np.save(f, offsets))
     _write_atomic(work / f"shard-{index:05d}.json", lambda f: f.write(json.dumps(record).encode()))

@@ -48,10 +48,16 @@ def _run_embed(args: argparse.Namespace) -> int:
     check_destination(args.output, overwrite=args.overwrite)
     model, tokenizer, settings = _load(args)
     result = encode_texts(
-        model, tokenizer, texts, instruction=args.instruction, pooling=args.pooling or settings.pooling,
-        normalize=settings.normalize, batch_size=args.batch_size, max_length=args.max_length or settings.max_length,
+        model,
+        tokenizer,
+        texts,
+        instruction=args.instruction,
+        pooling=args.pooling or settings.pooling,
+        normalize=settings.normalize,
+        batch_size=args.batch_size,
+        max_length=args.max_length or settings.max_length,
         progress=False if args.no_progress else None,
-    )  # fmt: skip
+    )
     _write_atomically(args.output, lambda f: np.save(f, result.embeddings))
     n, d = result.embeddings.shape
     truncated = f"; {result.num_truncated} truncated to the maximum length" if result.num_truncated else ""
@@ -118,10 +124,17 @@ def _run_export(args: argparse.Namespace) -> int:
     from bidirlm_jax.io.sentence_transformers import export_encoder
 
     out = export_encoder(
-        args.src, args.dst, pooling=args.pooling, normalize=args.normalize, max_length=args.max_length,
-        prompts={"query": query_prompt(args.instruction)} if args.instruction else None, attention=args.attention,
-        dtype=args.dtype, overwrite=args.overwrite, allow_pickle=args.allow_pickle,
-    )  # fmt: skip
+        args.src,
+        args.dst,
+        pooling=args.pooling,
+        normalize=args.normalize,
+        max_length=args.max_length,
+        prompts={"query": query_prompt(args.instruction)} if args.instruction else None,
+        attention=args.attention,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+    )
     print(f"wrote {out}")
     return 0
 
@@ -174,23 +187,39 @@ def _run_eval(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"model": str(args.model), "retrieval": {}, "mteb": {}, "mntp": {}}
     for path, split_data in data.items():
         results["retrieval"][str(path)] = evaluate_retrieval(
-            model, tokenizer, split_data, instruction=args.instruction, pooling=pooling, batch_size=args.batch_size,
-            max_length=max_length, progress=False if args.no_progress else None,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            split_data,
+            instruction=args.instruction,
+            pooling=pooling,
+            batch_size=args.batch_size,
+            max_length=max_length,
+            progress=False if args.no_progress else None,
+        )
     if tasks:
         encoder = MTEBEncoder.from_loaded(
-            args.model, model, tokenizer, pooling=pooling, normalize=settings.normalize, batch_size=args.batch_size,
+            args.model,
+            model,
+            tokenizer,
+            pooling=pooling,
+            normalize=settings.normalize,
+            batch_size=args.batch_size,
             max_length=max_length,
-        )  # fmt: skip
+        )
         results["mteb"] = run_mteb(encoder, tasks, cache_dir=args.mteb_cache)
         results["mteb_model"] = {"name": encoder.mteb_model_meta.name, "revision": encoder.mteb_model_meta.revision}
     if held_out is not None:
         from bidirlm_jax.evals.lm import evaluate_mntp
 
         results["mntp"][str(args.mntp_text)] = evaluate_mntp(
-            model, tokenizer, held_out, mask_ratio=args.mask_ratio, mask_token=args.mask_token, max_length=max_length,
+            model,
+            tokenizer,
+            held_out,
+            mask_ratio=args.mask_ratio,
+            mask_token=args.mask_token,
+            max_length=max_length,
             batch_size=args.batch_size,
-        )  # fmt: skip
+        )
     print(format_table(results))
     if args.output:
         _write_atomically(args.output, lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))

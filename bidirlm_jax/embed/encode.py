@@ -77,9 +77,16 @@ def encode(
     `progress=None` shows a bar when there are many batches.
     """
     return encode_texts(
-        model, tokenizer, texts, instruction=instruction, pooling=pooling, normalize=normalize,
-        batch_size=batch_size, max_length=max_length, progress=progress,
-    ).embeddings  # fmt: skip
+        model,
+        tokenizer,
+        texts,
+        instruction=instruction,
+        pooling=pooling,
+        normalize=normalize,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+    ).embeddings
 
 
 def encode_texts(

@@ -63,8 +63,12 @@ def evaluate_mntp(
         correct += float(metrics["masked_accuracy"])
     if count == 0:
         raise ConfigError("no token was masked: give longer texts or a larger mask_ratio")
-    return {"masked_accuracy": correct / count, "loss": loss_sum / count, "masked_tokens": int(count),
-            "num_texts": len(ids)}  # fmt: skip
+    return {
+        "masked_accuracy": correct / count,
+        "loss": loss_sum / count,
+        "masked_tokens": int(count),
+        "num_texts": len(ids),
+    }
 
 
 @nnx.jit(static_argnames="slots")

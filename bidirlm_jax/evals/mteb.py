@@ -74,11 +74,18 @@ class MTEBEncoder(AbsEncoder):
         n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
         self.mteb_model_meta = ModelMeta.create_empty(
             overwrites=dict(
-                name=name, revision=revision, embed_dim=model.config.hidden_size, max_tokens=max_length,
-                n_parameters=n_params, framework=["JAX"], similarity_fn_name=ScoringFunction.COSINE,
-                use_instructions=True, modalities=["text"], open_weights=True,
+                name=name,
+                revision=revision,
+                embed_dim=model.config.hidden_size,
+                max_tokens=max_length,
+                n_parameters=n_params,
+                framework=["JAX"],
+                similarity_fn_name=ScoringFunction.COSINE,
+                use_instructions=True,
+                modalities=["text"],
+                open_weights=True,
             )
-        )  # fmt: skip
+        )
 
     @classmethod
     def from_pretrained(
@@ -96,9 +103,16 @@ class MTEBEncoder(AbsEncoder):
         """Load an encoder (or HF) directory; pooling and length default to what the directory declares."""
         model, tokenizer, settings = load_encoder(path, attention=attention, dtype=dtype)
         return cls.from_loaded(
-            path, model, tokenizer, name=name, pooling=pooling or settings.pooling, normalize=settings.normalize,
-            batch_size=batch_size, max_length=max_length or settings.max_length, instructions=instructions,
-        )  # fmt: skip
+            path,
+            model,
+            tokenizer,
+            name=name,
+            pooling=pooling or settings.pooling,
+            normalize=settings.normalize,
+            batch_size=batch_size,
+            max_length=max_length or settings.max_length,
+            instructions=instructions,
+        )
 
     @classmethod
     def from_loaded(
@@ -118,14 +132,24 @@ class MTEBEncoder(AbsEncoder):
         the directory's files and everything that changes an embedding."""
         table = bidirlm_instructions() if instructions is None else instructions
         scoring = dict(
-            pooling=pooling, normalize=normalize, max_length=max_length, attention=model.config.attention,
-            dtype=model.config.dtype, instructions=sorted(table.items()),
-        )  # fmt: skip
+            pooling=pooling,
+            normalize=normalize,
+            max_length=max_length,
+            attention=model.config.attention,
+            dtype=model.config.dtype,
+            instructions=sorted(table.items()),
+        )
         return cls(
-            model, tokenizer, name=name or f"bidirlm-jax/{Path(path).resolve().name}",
-            revision=checkpoint_revision(path, scoring), pooling=pooling, normalize=normalize, batch_size=batch_size,
-            max_length=max_length, instructions=table,
-        )  # fmt: skip
+            model,
+            tokenizer,
+            name=name or f"bidirlm-jax/{Path(path).resolve().name}",
+            revision=checkpoint_revision(path, scoring),
+            pooling=pooling,
+            normalize=normalize,
+            batch_size=batch_size,
+            max_length=max_length,
+            instructions=table,
+        )
 
     def instruction(self, task_metadata: TaskMetadata, prompt_type: PromptType | None) -> str | None:
         """The instruction for a task's texts of one kind; None for documents."""
@@ -179,13 +203,26 @@ def beir_task(
     query prompt when BidirLM's table has no entry for `name`."""
     data = load_beir(path, split)
     metadata = TaskMetadata(
-        name=name, type="Retrieval", category="t2t", modalities=["text"], main_score="ndcg_at_10",
-        description=f"Local BEIR data in {Path(path).resolve()}", reference=None,
-        dataset={"path": str(Path(path).resolve()), "revision": "local"}, eval_splits=[split],
-        eval_langs=["eng-Latn"], date=None, domains=None, task_subtypes=None, license=None,
-        annotations_creators=None, dialect=None, sample_creation=None, bibtex_citation=None,
+        name=name,
+        type="Retrieval",
+        category="t2t",
+        modalities=["text"],
+        main_score="ndcg_at_10",
+        description=f"Local BEIR data in {Path(path).resolve()}",
+        reference=None,
+        dataset={"path": str(Path(path).resolve()), "revision": "local"},
+        eval_splits=[split],
+        eval_langs=["eng-Latn"],
+        date=None,
+        domains=None,
+        task_subtypes=None,
+        license=None,
+        annotations_creators=None,
+        dialect=None,
+        sample_creation=None,
+        bibtex_citation=None,
         prompt={"query": instruction} if instruction else None,
-    )  # fmt: skip
+    )
     task = type(name, (AbsTaskRetrieval,), {"metadata": metadata})()
     queries = data.evaluated_queries()
     task.dataset = {

@@ -86,9 +86,13 @@ def export_encoder(
     source_dtype, tensor_dtypes = _source_dtypes(src, allow_pickle=allow_pickle)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         save_pretrained(
-            model, tmp, dtype=dtype or source_dtype, tensor_dtypes=None if dtype else tensor_dtypes, overwrite=True,
+            model,
+            tmp,
+            dtype=dtype or source_dtype,
+            tensor_dtypes=None if dtype else tensor_dtypes,
+            overwrite=True,
             extra_files=tokenizer_files(src),
-        )  # fmt: skip
+        )
         _record_mask_token(tmp, tokenizer, model.config.family)
         _write_st_files(tmp, model, pooling=pooling, normalize=normalize, max_length=max_length, prompts=prompts or {})
         (tmp / "README.md").write_text(_model_card(src, model, pooling, normalize, max_length, prompts or {}))

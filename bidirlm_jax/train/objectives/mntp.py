@@ -99,11 +99,17 @@ def _sparse(model, hidden, targets, predicts, *, slots: int, chunk_size: int) ->
     weight = (jnp.arange(slots)[None, :] < per_row[:, None]).astype(jnp.float32)
     h = jnp.take_along_axis(hidden, position[..., None], axis=1).reshape(-1, hidden.shape[-1])
     t = jnp.take_along_axis(targets, position, axis=1).reshape(-1)
-    loss, correct = chunked_cross_entropy(h, _lm_head(model, hidden.dtype), t, chunk_size=chunk_size,
-                                          softcap=model.config.final_logit_softcapping)  # fmt: skip
+    loss, correct = chunked_cross_entropy(
+        h, _lm_head(model, hidden.dtype), t, chunk_size=chunk_size, softcap=model.config.final_logit_softcapping
+    )
     shape = position.shape
-    return Targets(loss.reshape(shape), correct.reshape(shape).astype(jnp.float32), weight, position,
-                   jnp.maximum(per_row - slots, 0))  # fmt: skip
+    return Targets(
+        loss.reshape(shape),
+        correct.reshape(shape).astype(jnp.float32),
+        weight,
+        position,
+        jnp.maximum(per_row - slots, 0),
+    )
 
 
 def target_losses(
@@ -122,8 +128,9 @@ def target_losses(
     """
     ids = jnp.asarray(batch["input_ids"])
     segments = _segments(batch)
-    hidden = model.encode(corrupted, batch.get("attention_mask"), segment_ids=batch.get("segment_ids"),
-                          positions=batch.get("positions"))  # fmt: skip
+    hidden = model.encode(
+        corrupted, batch.get("attention_mask"), segment_ids=batch.get("segment_ids"), positions=batch.get("positions")
+    )
     targets, predicts = next_token_targets(ids, jnp.asarray(masked, bool), segments)
     if slots is None:
         return _dense(model, hidden, targets, predicts)
@@ -182,11 +189,20 @@ def make_mntp_loss(
 
     def loss_fn(model: nnx.Module, batch: Batch, rng: jax.Array):
         ids = jnp.asarray(batch["input_ids"])
-        corrupted, masked = mask_tokens(rng, ids, batch["maskable"], ratio=ratio, mask_id=mask_id,
-                                        vocab_size=vocab_size, strategy=strategy, special_ids=special_ids)  # fmt: skip
+        corrupted, masked = mask_tokens(
+            rng,
+            ids,
+            batch["maskable"],
+            ratio=ratio,
+            mask_id=mask_id,
+            vocab_size=vocab_size,
+            strategy=strategy,
+            special_ids=special_ids,
+        )
         slots = capacity(ids.shape[1], ratio, capacity_factor) if sparse else None
-        return mntp_loss_from_mask(model, batch, corrupted, masked, slots=slots, chunk_size=chunk_size,
-                                   num_sources=num_sources)  # fmt: skip
+        return mntp_loss_from_mask(
+            model, batch, corrupted, masked, slots=slots, chunk_size=chunk_size, num_sources=num_sources
+        )
 
     return loss_fn
 
