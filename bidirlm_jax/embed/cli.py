@@ -102,7 +102,7 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="HF directory or checkpoint -> encoder loadable by transformers and sentence-transformers",
-        description="Write SRC (an HF directory, a merged one, or a bidirlm checkpoint, with its tokenizer) as an "
+        description="Write SRC (an HF directory, a merged one, a bidirlm checkpoint or a training run, with its tokenizer) as an "
         "encoder directory DST that transformers (AutoModel) and sentence-transformers (SentenceTransformer) load "
         "as-is, without remote code. Written to a temporary directory and renamed into place.",
     )
