@@ -306,6 +306,8 @@ def _check_settings(config: ConfigDict, model: ModelConfig) -> tuple[str, str]:
     if best not in allowed:
         raise ConfigError(f"finetune.best_metric={best!r} is not one of {allowed} (higher is better) for {task}")
     pooling = ft.pooling
+    if task == "token_classification" and pooling != "auto":
+        raise ConfigError(f"finetune.pooling={pooling!r} applies to sequence tasks; leave it at 'auto' for {task}")
     if pooling == "auto":
         pooling = "mean" if model.attention == "bidirectional" else "last"
     return pooling, best
@@ -315,8 +317,18 @@ def _labels_setting(value: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in value.split(",") if s.strip()) if value else ()
 
 
-def _check_recorded(workdir: Path, head: HeadConfig, label_map: LabelMap) -> None:
-    """A resumed run must keep its head and label map (checkpoints hold the head's weights for them)."""
+# finetune.* settings that define the training rows (data.* ones are recorded by the engine's data stream).
+_STREAM_KEYS = ("train_split", "text_pair_field", "label_field", "tokens_field", "tags_field", "word_separator",
+                "synthetic_train_size")  # fmt: skip
+
+
+def _stream(config: ConfigDict) -> dict:
+    return {k: config.finetune[k] for k in _STREAM_KEYS}
+
+
+def _check_recorded(workdir: Path, head: HeadConfig, label_map: LabelMap, stream: dict) -> None:
+    """A resumed run must keep its head and label map (checkpoints hold the head's weights for them) and the
+    settings that define its training rows."""
     path = workdir / RUN_MODEL_DIR / HEAD_FILE
     if not path.is_file():
         return
@@ -326,6 +338,13 @@ def _check_recorded(workdir: Path, head: HeadConfig, label_map: LabelMap) -> Non
             f"{workdir} holds a fine-tuning run with head {recorded['head']} and labels {recorded['labels']}, but this "
             f"config gives head {head.to_json()} and labels {list(label_map.names)}; restore those settings "
             "(finetune.*, the data) or use a new --workdir"
+        )
+    before = recorded.get("stream", stream)
+    changed = [f"finetune.{k}: {before.get(k)!r} -> {stream[k]!r}" for k in stream if before.get(k) != stream[k]]
+    if changed:
+        raise ConfigError(
+            f"{workdir} holds a fine-tuning run that read other training rows: {'; '.join(changed)}. Restore those "
+            "settings or use a new --workdir"
         )
 
 
@@ -348,15 +367,25 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneO
         )
     check_labels(validation, label_map)
     head = HeadConfig(task, label_map.num_labels, pooling=pooling, dropout=ft.dropout)
-    _check_recorded(Path(workdir), head, label_map)
+    _check_recorded(Path(workdir), head, label_map, _stream(config))
     tokenizer = _tokenizer(config, model, Path(workdir), train)
-    encode = functools.partial(encode_split, tokenizer=tokenizer, label_map=label_map, max_length=data.seq_len,
-                               word_separator=ft.word_separator)  # fmt: skip
+    encode = functools.partial(
+        encode_split,
+        tokenizer=tokenizer,
+        label_map=label_map,
+        max_length=data.seq_len,
+        word_separator=ft.word_separator,
+    )
     train_encoded, validation_encoded = encode(train), encode(validation)
     pad = pad_id(tokenizer)
     rows = grain.MapDataset.source(TrainRows(train_encoded, seq_len=data.seq_len, pad_id=pad, seed=data.seed))
-    description = describe(head, label_map, max_length=data.seq_len, word_separator=ft.word_separator,
-                           truncated_train=train_encoded.num_truncated)  # fmt: skip
+    description = describe(
+        head,
+        label_map,
+        max_length=data.seq_len,
+        truncated_train=train_encoded.num_truncated,
+        stream=_stream(config),
+    )
     seed = config.train.seed
     return FinetuneObjective(
         rows=rows,
@@ -370,7 +399,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneO
         init_params=lambda encoder_params: with_encoder_params(encoder_params, model, head, seed=seed),
         evaluate=functools.partial(
             evaluate_encoded, encoded=validation_encoded, label_map=label_map, pad=pad, batch_size=ft.eval_batch_size
-        ),  # fmt: skip
+        ),
         eval_every=ft.eval_every,
         best_metric=best,
         run_files={HEAD_FILE: json.dumps(description, indent=2) + "\n"},

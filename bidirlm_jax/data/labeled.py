@@ -1,0 +1,630 @@
+"""Labeled examples for fine-tuning: reading, label maps, tokenisation with label alignment, training rows.
+
+Sources (`read_split`): a local `.jsonl` (one JSON object per line), `.csv` (a header row) or `.parquet`
+file, a directory of them (every such file under it, sorted), or `hf:NAME[:CONFIG]` (a `datasets` hub
+dataset, its `split`; online only). Fields (`Fields`, all renamable):
+- sequence classification / regression: `text`, optionally `text_pair` (pair tasks such as NLI), `label`
+  (a class — string, integer or boolean — or, for regression, a number);
+- token classification: `tokens` (a list of words) and `tags` (one tag per word, IOB2 strings such as
+  `B-PER`, or `datasets` `ClassLabel` ids). In a CSV, both are space-separated strings or JSON lists.
+
+Label maps (`LabelMap`): the class names in id order. Explicit (`finetune.labels`), else the
+`ClassLabel` names of a hub dataset, else the sorted distinct labels of the training split (numbers in
+numeric order; for tags `O` first). Every label of every split must be in the map: an unknown one is
+refused, naming the file and line. The map is recorded with the run (`LabelMap.to_json`) so that
+predictions, metrics and exports name the same classes.
+
+Tokenisation (`encode_split`): sequences are cut to `max_length` tokens (pairs `longest_first`), and cut
+rows are counted. Token classification aligns labels from the fast tokenizer's `word_ids()`: each word's
+first sub-token carries the word's tag, every other position (special tokens, later sub-tokens) carries
+`IGNORE_INDEX`. Words after the first are fed with `word_separator` (a space) in front, so each word
+gets the tokens it has inside running text ("ĠParis" rather than a sentence-initial "Paris"); words cut
+by `max_length` are counted and left out of the metrics.
+
+`TrainRows` turns an encoded split into the engine's endless rows (`objectives.base.Objective.rows`):
+row `i` is example `perm_e[i mod N]` of epoch `e = i // N`, each epoch its own permutation of
+`(seed, epoch)`, every row padded on the right to `seq_len`.
+
+`synthetic_splits` generates small tasks for offline presets and tests (whether a text mentions a
+fruit, the share of positive words in a text, person and place names in a sentence).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+import os
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.heads import IGNORE_INDEX, TASKS
+
+EXTENSIONS = (".jsonl", ".csv", ".parquet")
+HUB_PREFIX = "hf:"
+_FORMATS = "a .jsonl, .csv or .parquet file, a directory of them, or hf:NAME[:CONFIG]"
+_CHUNK = 1024  # texts per tokenizer call
+
+
+@dataclass(frozen=True)
+class Fields:
+    """Where each part of an example lives in a record (`.jsonl` key, CSV / parquet / hub column)."""
+
+    text: str = "text"
+    text_pair: str = ""  # empty: single-text task
+    label: str = "label"
+    tokens: str = "tokens"
+    tags: str = "tags"
+
+
+@dataclass
+class LabeledSplit:
+    """One split's examples, as read (labels not yet mapped to ids). `where[i]` locates example i."""
+
+    name: str
+    source: str
+    task: str
+    texts: list[str] = field(default_factory=list)  # sequence tasks
+    pairs: list[str] | None = None  # sequence tasks with a second text
+    tokens: list[list[str]] = field(default_factory=list)  # token classification
+    labels: list[Any] = field(default_factory=list)  # str class / float / list[str] tags per example
+    where: list[str] = field(default_factory=list)
+    label_names: tuple[str, ...] | None = None  # the hub dataset's ClassLabel names, in id order
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.suffix in EXTENSIONS and p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
+        )
+        if not files:
+            raise ConfigError(f"directory {path} holds no {'/'.join(EXTENSIONS)} files; give {_FORMATS}")
+        return files
+    if not path.exists():
+        raise ConfigError(f"data path {path} does not exist; give {_FORMATS}")
+    if path.suffix not in EXTENSIONS:
+        raise ConfigError(f"{path}: cannot read {path.suffix or 'extension-less'} files; give {_FORMATS}")
+    return [path]
+
+
+def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{lineno}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
+                ) from None
+
+
+def _csv(path: Path) -> Iterator[tuple[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as f:
+        for lineno, row in enumerate(csv.DictReader(f), 2):
+            yield f"{path}:{lineno}", row
+
+
+def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
+    import pyarrow.parquet as pq  # installed with `datasets`
+
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            row += 1
+            yield f"{path}: row {row}", record
+
+
+def _class_names(feature: Any) -> tuple[str, ...] | None:
+    """A `datasets` ClassLabel's names, or a sequence-of-ClassLabel's (token tags)."""
+    names = getattr(feature, "names", None)
+    if names is None:
+        names = getattr(getattr(feature, "feature", None), "names", None)
+    return tuple(names) if names else None
+
+
+def _hub(spec: str, split: str, label_field: str) -> tuple[Iterator[tuple[str, Any]], tuple[str, ...] | None]:
+    import datasets
+
+    name, _, config = spec.partition(":")
+    try:
+        rows = datasets.load_dataset(name, config or None, split=split)
+    except Exception as e:  # the hub raises many types (offline, unknown name or split, gated)
+        raise ConfigError(
+            f"cannot load the datasets dataset {name!r} (config {config or None}, split {split!r}): {e}; "
+            "check the name, the split and the network, or download it and give local files"
+        ) from None
+    names = _class_names((rows.features or {}).get(label_field))
+    return ((f"{name}[{split}] row {i}", r) for i, r in enumerate(rows, 1)), names
+
+
+def _get(record: Any, key: str, where: str) -> Any:
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: expected an object with fields, got a JSON {type(record).__name__}")
+    if key not in record or record[key] is None:
+        raise ConfigError(
+            f"{where}: no {key!r} field (fields {sorted(record)}); add it, or name the field that holds it "
+            "(--config.data.text_field / --config.finetune.*_field)"
+        )
+    return record[key]
+
+
+def _string(value: Any, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {key!r} holds a {type(value).__name__}, not a string")
+    return value
+
+
+def _list(value: Any, where: str, key: str) -> list:
+    if isinstance(value, str):  # CSV: a JSON list or space-separated items
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError:
+                raise ConfigError(f"{where}: {key!r} is not a valid JSON list") from None
+        else:
+            value = text.split()
+    if not isinstance(value, list | tuple):
+        raise ConfigError(
+            f"{where}: {key!r} must be a list (or, in a CSV, space-separated), got {type(value).__name__}"
+        )
+    return list(value)
+
+
+def class_key(value: Any, where: str, names: tuple[str, ...] | None = None) -> str:
+    """A class label as its name: strings as they are, integers (and integral floats) as digits, booleans
+    as `True`/`False`; integer ids of a hub `ClassLabel` as its names."""
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int | np.integer):
+        if names is not None:
+            if not 0 <= value < len(names):
+                raise ConfigError(f"{where}: class id {value} is outside the dataset's {len(names)} classes {names}")
+            return names[value]
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value
+    raise ConfigError(f"{where}: label {value!r} is not a class (a non-empty string, an integer or a boolean)")
+
+
+def _number(value: Any, where: str, key: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: regression label {key!r}={value!r} is not a number") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{where}: regression label {key!r}={value!r} is not finite")
+    return number
+
+
+def read_split(
+    source: str | os.PathLike, task: str, *, fields: Fields = Fields(), split: str = "train", name: str | None = None
+) -> LabeledSplit:
+    """Read one split of a task's examples (see the module doc); raises `ConfigError` for anything unusable,
+    an empty split included. `split` picks the hub split; local files are the split they hold."""
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r} is not one of {TASKS}")
+    text = os.fspath(source)
+    label_field = fields.tags if task == "token_classification" else fields.label
+    names = None
+    if text.startswith(HUB_PREFIX):
+        records, names = _hub(text[len(HUB_PREFIX) :], split, label_field)
+    else:
+        readers = {".jsonl": _jsonl, ".csv": _csv, ".parquet": _parquet}
+        records = (r for f in _files(Path(text)) for r in readers[f.suffix](f))
+    out = LabeledSplit(name=name or split, source=text, task=task, label_names=names)
+    if task != "token_classification" and fields.text_pair:
+        out.pairs = []
+    for where, record in records:
+        if task == "token_classification":
+            words = [
+                _string(w, where, fields.tokens)
+                for w in _list(_get(record, fields.tokens, where), where, fields.tokens)
+            ]
+            tags = [class_key(t, where, names) for t in _list(_get(record, fields.tags, where), where, fields.tags)]
+            if len(words) != len(tags):
+                raise ConfigError(
+                    f"{where}: {len(words)} {fields.tokens!r} but {len(tags)} {fields.tags!r}; give one tag per word"
+                )
+            if not words:
+                continue  # an empty sentence scores nothing
+            out.tokens.append(words)
+            out.labels.append(tags)
+        else:
+            out.texts.append(_string(_get(record, fields.text, where), where, fields.text))
+            if out.pairs is not None:
+                out.pairs.append(_string(_get(record, fields.text_pair, where), where, fields.text_pair))
+            raw = _get(record, fields.label, where)
+            out.labels.append(
+                _number(raw, where, fields.label) if task == "regression" else class_key(raw, where, names)
+            )
+        out.where.append(where)
+    if not out.labels:
+        raise ConfigError(f"the {out.name} split ({text}) holds no examples; check the path and the split name")
+    return out
+
+
+# --- label maps -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelMap:
+    """A task's classes in id order (empty for regression)."""
+
+    task: str
+    names: tuple[str, ...] = ()
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.task == "regression" else len(self.names)
+
+    @functools.cached_property
+    def _ids(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+    def id(self, name: str, where: str) -> int:
+        try:
+            return self._ids[name]
+        except KeyError:
+            raise ConfigError(
+                f"{where}: label {name!r} is not one of the run's {len(self.names)} labels {list(self.names)}; "
+                "fix the data, or list every label in --config.finetune.labels (a fresh run: the label map is "
+                "recorded with a run's first checkpoint)"
+            ) from None
+
+    def to_json(self) -> dict[str, Any]:
+        """`labels` plus transformers' `id2label` / `label2id` (what its config.json carries)."""
+        if self.task == "regression":
+            return {"task": self.task, "labels": []}
+        return {
+            "task": self.task,
+            "labels": list(self.names),
+            "id2label": {str(i): n for i, n in enumerate(self.names)},
+            "label2id": {n: i for i, n in enumerate(self.names)},
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LabelMap:
+        return cls(d["task"], tuple(d.get("labels") or ()))
+
+
+def _sort_key(name: str) -> tuple:
+    try:
+        return (0, float(name), name)
+    except ValueError:
+        return (1, 0.0, name)
+
+
+def _split_labels(split: LabeledSplit) -> Iterator[tuple[str, str]]:
+    if split.task == "token_classification":
+        for tags, where in zip(split.labels, split.where):
+            yield from ((t, where) for t in tags)
+    else:
+        yield from zip(split.labels, split.where)
+
+
+def build_label_map(train: LabeledSplit, *, explicit: Sequence[str] = ()) -> LabelMap:
+    """The run's label map (see the module doc); every training label is checked against it."""
+    if train.task == "regression":
+        if explicit:
+            raise ConfigError("finetune.labels lists classes, but a regression task has none; leave it empty")
+        return LabelMap("regression")
+    if explicit:
+        names = tuple(explicit)
+        if len(set(names)) != len(names):
+            raise ConfigError(f"finetune.labels {list(names)} lists a label twice")
+    elif train.label_names is not None:
+        names = train.label_names
+    else:
+        seen = {label for label, _ in _split_labels(train)}
+        first = ["O"] if train.task == "token_classification" and "O" in seen else []
+        names = (*first, *sorted(seen - set(first), key=_sort_key))
+    label_map = LabelMap(train.task, names)
+    check_labels(train, label_map)
+    if label_map.num_labels < 2:
+        raise ConfigError(
+            f"the {train.name} split ({train.source}) has a single label {list(names)}: a classifier needs at least two; "
+            "list them all in --config.finetune.labels if the split simply lacks some"
+        )
+    return label_map
+
+
+def check_labels(split: LabeledSplit, label_map: LabelMap) -> None:
+    """Refuse a split holding a label the map does not know (naming where), or of another task."""
+    if split.task != label_map.task:
+        raise ConfigError(f"the {split.name} split is a {split.task} split, but the label map is for {label_map.task}")
+    if split.task == "regression":
+        return
+    for label, where in _split_labels(split):
+        label_map.id(label, f"{split.name} split, {where}")
+
+
+# --- tokenisation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    """A tokenised split, ragged: example i's tokens are `ids[offsets[i]:offsets[i+1]]`.
+
+    Sequence tasks: `labels` [N] (int32 class ids, float32 targets). Token classification: `labels` is
+    flat like `ids` (a class id on each word's first sub-token, `IGNORE_INDEX` elsewhere), and
+    `word_labels[i]` / `word_starts[i]` give every word's class id and first-token position (-1 when the
+    word was cut by `max_length` or produced no token).
+    """
+
+    task: str
+    ids: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray
+    num_truncated: int = 0  # examples cut to max_length
+    word_labels: list[np.ndarray] | None = None
+    word_starts: list[np.ndarray] | None = None
+    num_dropped_words: int = 0  # words without a token (cut, or empty)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def row(self, i: int, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+        """Example `i` right-padded to `seq_len`: `input_ids`, `attention_mask` and `labels`."""
+        start, stop = int(self.offsets[i]), int(self.offsets[i + 1])
+        n = stop - start
+        if n > seq_len:
+            raise ConfigError(
+                f"example {i} has {n} tokens, more than the rows' {seq_len}; encode with max_length<={seq_len}"
+            )
+        ids = np.full(seq_len, pad_id, np.int32)
+        ids[:n] = self.ids[start:stop]
+        mask = np.zeros(seq_len, np.int32)
+        mask[:n] = 1
+        if self.task == "token_classification":
+            labels = np.full(seq_len, IGNORE_INDEX, np.int32)
+            labels[:n] = self.labels[start:stop]
+        else:
+            labels = self.labels[i]
+        return {"input_ids": ids, "attention_mask": mask, "labels": np.asarray(labels)}
+
+
+def pad_id(tokenizer) -> int:
+    """The id padding positions carry (masked out everywhere): the tokenizer's pad, else eos, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def _ragged(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in rows])
+    ids = np.fromiter((t for r in rows for t in r), np.int32, count=int(offsets[-1]))
+    return ids, offsets
+
+
+def _encode_sequences(split: LabeledSplit, tokenizer, max_length: int) -> tuple[list[list[int]], int]:
+    rows: list[list[int]] = []
+    truncated = 0
+    for lo in range(0, len(split), _CHUNK):
+        texts = split.texts[lo : lo + _CHUNK]
+        pairs = split.pairs[lo : lo + _CHUNK] if split.pairs is not None else None
+        ids = tokenizer(texts, pairs, truncation=False, verbose=False)["input_ids"]
+        long = [i for i, r in enumerate(ids) if len(r) > max_length]
+        if long:  # cut only those (pairs: the longer text first, as transformers' `longest_first`)
+            cut = tokenizer(
+                [texts[i] for i in long],
+                [pairs[i] for i in long] if pairs is not None else None,
+                truncation=True,
+                max_length=max_length,
+                verbose=False,
+            )["input_ids"]
+            for i, r in zip(long, cut):
+                ids[i] = r
+            truncated += len(long)
+        rows.extend(ids)
+    return rows, truncated
+
+
+def _encode_words(split: LabeledSplit, tokenizer, label_map: LabelMap, max_length: int, separator: str):
+    rows, flat_labels, word_labels, word_starts = [], [], [], []
+    truncated = dropped = 0
+    for lo in range(0, len(split), _CHUNK):
+        words = [[w if j == 0 else separator + w for j, w in enumerate(s)] for s in split.tokens[lo : lo + _CHUNK]]
+        enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length, verbose=False)
+        for k, ids in enumerate(enc["input_ids"]):
+            i = lo + k
+            tags = np.asarray(
+                [label_map.id(t, f"{split.name} split, {split.where[i]}") for t in split.labels[i]], np.int32
+            )
+            starts = np.full(len(tags), -1, np.int64)
+            labels = np.full(len(ids), IGNORE_INDEX, np.int32)
+            for pos, word in enumerate(enc.word_ids(k)):
+                if word is not None and starts[word] < 0:
+                    starts[word] = pos
+                    labels[pos] = tags[word]
+            missing = int(np.sum(starts < 0))
+            dropped += missing
+            truncated += int(missing > 0 and len(ids) == max_length)
+            rows.append(ids)
+            flat_labels.append(labels)
+            word_labels.append(tags)
+            word_starts.append(starts)
+    return rows, flat_labels, word_labels, word_starts, truncated, dropped
+
+
+def encode_split(
+    split: LabeledSplit, tokenizer, label_map: LabelMap, *, max_length: int, word_separator: str = " "
+) -> Encoded:
+    """Tokenise a split (fast tokenizer) and map its labels to ids; see the module doc."""
+    if max_length < 2:
+        raise ConfigError(f"max_length={max_length} leaves no room for text; use data.seq_len >= 2")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError("fine-tuning needs a fast tokenizer (a tokenizer.json): word alignment uses its word_ids()")
+    check_labels(split, label_map)
+    if split.task == "token_classification":
+        rows, flat, word_labels, word_starts, truncated, dropped = _encode_words(
+            split, tokenizer, label_map, max_length, word_separator
+        )
+        ids, offsets = _ragged(rows)
+        labels = np.concatenate(flat).astype(np.int32) if flat else np.zeros(0, np.int32)
+        return Encoded(split.task, ids, offsets, labels, truncated, word_labels, word_starts, dropped)
+    rows, truncated = _encode_sequences(split, tokenizer, max_length)
+    empty = next((i for i, r in enumerate(rows) if not r), None)
+    if empty is not None:  # a row without a real token has no attention to compute (NaN), nothing to pool
+        raise ConfigError(f"{split.name} split, {split.where[empty]}: the text gives no token; drop or fill it")
+    ids, offsets = _ragged(rows)
+    if split.task == "regression":
+        labels = np.asarray(split.labels, np.float32)
+    else:
+        labels = np.asarray(
+            [label_map.id(v, f"{split.name} split, {w}") for v, w in zip(split.labels, split.where)], np.int32
+        )
+    return Encoded(split.task, ids, offsets, labels, truncated)
+
+
+# --- training rows --------------------------------------------------------------------------------
+
+
+class TrainRows:
+    """The engine's endless training rows over an encoded split (see the module doc)."""
+
+    def __init__(self, encoded: Encoded, *, seq_len: int, pad_id: int, seed: int):
+        if len(encoded) == 0:
+            raise ConfigError("the training split holds no examples")
+        self._encoded, self._seq_len, self._pad, self._seed = encoded, seq_len, pad_id, seed
+        self._order = functools.lru_cache(maxsize=2)(self._permutation)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self._seed, epoch)).permutation(len(self._encoded))
+
+    def __len__(self) -> int:
+        return sys.maxsize  # endless: every epoch reshuffles
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        epoch, position = divmod(int(index), len(self._encoded))
+        return self._encoded.row(int(self._order(epoch)[position]), self._seq_len, self._pad)
+
+
+# --- synthetic tasks ------------------------------------------------------------------------------
+
+_FILLER = (
+    "the",
+    "a",
+    "one",
+    "this",
+    "that",
+    "some",
+    "every",
+    "dog",
+    "cat",
+    "bird",
+    "horse",
+    "man",
+    "woman",
+    "child",
+    "teacher",
+    "farmer",
+    "runs",
+    "sits",
+    "walks",
+    "sees",
+    "finds",
+    "likes",
+    "holds",
+    "near",
+    "under",
+    "over",
+    "with",
+    "from",
+    "into",
+    "big",
+    "small",
+    "red",
+    "green",
+    "old",
+    "young",
+    "quickly",
+    "slowly",
+    "today",
+    "there",
+    "here",
+)
+_FRUITS = ("apple", "banana", "cherry", "mango")
+_POSITIVE = ("good", "great", "happy", "lovely", "bright", "kind")
+_NEGATIVE = ("bad", "awful", "sad", "gloomy", "cruel", "dull")
+_FIRST_NAMES = ("alice", "bruno", "chloe", "daniel", "emma", "farid")
+_LAST_NAMES = ("smith", "garcia", "martin", "novak")
+_PLACES = ("paris", "lima", "oslo", "cairo", "tokyo", "quebec")
+
+
+def _synthetic_example(task: str, rng: np.random.Generator) -> tuple[Any, Any]:
+    length = int(rng.integers(5, 12))
+    words = [str(w) for w in rng.choice(_FILLER, length)]
+    if task == "classification":  # does the text mention a fruit?
+        label = bool(rng.integers(2))
+        if label:
+            words.insert(int(rng.integers(len(words) + 1)), str(rng.choice(_FRUITS)))
+        return " ".join(words), "fruit" if label else "none"
+    if task == "regression":  # share of positive among the sentiment words
+        k = int(rng.integers(1, 5))
+        positive = int(rng.integers(k + 1))
+        for j in range(k):
+            pool = _POSITIVE if j < positive else _NEGATIVE
+            words.insert(int(rng.integers(len(words) + 1)), str(rng.choice(pool)))
+        return " ".join(words), positive / k
+    tags = ["O"] * len(words)  # person (1-2 words) and place names
+    for _ in range(int(rng.integers(1, 3))):
+        at = int(rng.integers(len(words) + 1))
+        if rng.integers(2):
+            name = [str(rng.choice(_FIRST_NAMES))] + ([str(rng.choice(_LAST_NAMES))] if rng.integers(2) else [])
+            kind = "PER"
+        else:
+            name, kind = [str(rng.choice(_PLACES))], "LOC"
+        words[at:at] = name
+        tags[at:at] = [f"B-{kind}"] + [f"I-{kind}"] * (len(name) - 1)
+    return words, tags
+
+
+def synthetic_split(task: str, size: int, *, seed: int, name: str = "train") -> LabeledSplit:
+    """`size` generated examples of `task` (see the module doc), a pure function of `(task, size, seed)`."""
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r} is not one of {TASKS}")
+    if size <= 0:
+        raise ConfigError(f"the synthetic {name} split needs a positive size, got {size}")
+    rng = np.random.default_rng((seed, TASKS.index(task), zlib.crc32(name.encode())))
+    out = LabeledSplit(name=name, source="synthetic", task=task)
+    for i in range(size):
+        x, y = _synthetic_example(task, rng)
+        if task == "token_classification":
+            out.tokens.append(x)
+        else:
+            out.texts.append(x)
+        out.labels.append(y)
+        out.where.append(f"synthetic example {i}")
+    return out
+
+
+def synthetic_texts(split: LabeledSplit) -> list[str]:
+    """The split's text, for training a tokenizer on it."""
+    return [" ".join(t) for t in split.tokens] if split.task == "token_classification" else list(split.texts)

@@ -1,0 +1,203 @@
+"""Task heads over the encoder: sequence classification / regression and token classification.
+
+Sequence heads pool the final hidden states into one vector per text and score it:
+- `mean` | `first` | `last`: `models.pooling.pool` (positions from the attention mask, so left and right
+  padding agree), dropout, then `score` (no bias). `last` with `score` is exactly transformers'
+  `…ForSequenceClassification` (`score` has no bias there either), so it exports to those classes.
+- `late` (the BidirLM authors' released classification code, their default): on every token
+  `dense` → GELU → dropout → `classifier`, then the masked mean of the per-token logits.
+Regression is a sequence head with one output, squeezed: logits `[B]`.
+
+The token head is transformers' `GenericForTokenClassification`: dropout, then `score` with a bias, on
+every token (labels sit on each word's first sub-token; `data.labeled` aligns them).
+
+Heads compute in fp32 whatever the encoder's compute dtype (they are tiny). Dropout draws from the `rng`
+passed to the call; `rng=None` is evaluation (deterministic). Parameters hold no RNG state, so a model's
+`nnx.state(model, nnx.Param)` is its whole state, as the train state expects.
+
+`EncoderWithHead` is what the engine trains for these tasks: `encoder` (a `Transformer`) and `head`.
+Its head is created first from the `Rngs`, so `head_params(config, head, seed=s)` equals the head of
+`EncoderWithHead(config, head, rngs=nnx.Rngs(s))`: a run started from an HF checkpoint
+(`with_encoder_params`) and a random init get the same head.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.layers import param
+from bidirlm_jax.models.pooling import pool
+from bidirlm_jax.models.transformer import Transformer
+
+TASKS = ("classification", "regression", "token_classification")
+HEAD_POOLINGS = ("mean", "first", "last", "late")
+IGNORE_INDEX = -100  # token labels that do not score (special tokens, a word's later sub-tokens, padding)
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What a head is: its task, output count, pooling (sequence tasks) and dropout rate."""
+
+    task: str
+    num_labels: int
+    pooling: str = "mean"
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ConfigError(f"head task {self.task!r} is not one of {TASKS}")
+        if self.task == "regression" and self.num_labels != 1:
+            raise ConfigError(f"a regression head has one output, not num_labels={self.num_labels}")
+        if self.num_labels < 1 or (self.task != "regression" and self.num_labels < 2):
+            raise ConfigError(
+                f"a {self.task} head needs at least 2 labels, got num_labels={self.num_labels}; check the label map"
+            )
+        if not self.sequence:
+            object.__setattr__(self, "pooling", "none")  # a token head pools nothing
+        elif self.pooling not in HEAD_POOLINGS:
+            raise ConfigError(f"pooling {self.pooling!r} is not one of {HEAD_POOLINGS}; fix finetune.pooling")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout {self.dropout} must lie in [0, 1); fix finetune.dropout")
+
+    @property
+    def sequence(self) -> bool:
+        """One prediction per text (classification, regression) rather than per token."""
+        return self.task != "token_classification"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> HeadConfig:
+        try:
+            return cls(
+                task=d["task"],
+                num_labels=int(d["num_labels"]),
+                pooling=d.get("pooling", "mean"),
+                dropout=float(d.get("dropout", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"malformed head description {d!r}: {e!r}") from None
+
+
+def _dense(x: jax.Array, w: nnx.Param, b: nnx.Param | None = None) -> jax.Array:
+    """x [..., in] @ Wᵀ (+ b) in fp32, W stored [out, in] as transformers' `nn.Linear`."""
+    y = jnp.einsum("...i,oi->...o", x, w[...].astype(jnp.float32))
+    return y if b is None else y + b[...].astype(jnp.float32)
+
+
+class SequenceHead(nnx.Module):
+    """hidden [B, T, d], attention_mask [B, T] → fp32 logits [B, num_labels]."""
+
+    def __init__(self, config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
+        d, n = config.hidden_size, head.num_labels
+        self.pooling = head.pooling
+        self.dropout = nnx.Dropout(head.dropout)
+        if head.pooling == "late":
+            self.dense = param(rngs, (d, d), (None, "embed"), config)
+            self.dense_bias = param(rngs, (d,), (None,), config, init="zeros")
+            self.classifier = param(rngs, (n, d), (None, "embed"), config)
+            self.classifier_bias = param(rngs, (n,), (None,), config, init="zeros")
+        else:
+            self.score = param(rngs, (n, d), (None, "embed"), config)
+
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        drop = functools.partial(self.dropout, deterministic=rng is None, rngs=rng)
+        if self.pooling != "late":
+            return _dense(drop(pool(hidden, attention_mask, self.pooling)), self.score)
+        h = jax.nn.gelu(_dense(hidden.astype(jnp.float32), self.dense, self.dense_bias), approximate=False)
+        logits = _dense(drop(h), self.classifier, self.classifier_bias)  # [B, T, n]
+        weights = (jnp.asarray(attention_mask) > 0).astype(jnp.float32)
+        total = jnp.einsum("btn,bt->bn", logits, weights)
+        return total / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+
+
+class TokenHead(nnx.Module):
+    """hidden [B, T, d] → fp32 logits [B, T, num_labels] (transformers' token classification head)."""
+
+    def __init__(self, config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
+        self.dropout = nnx.Dropout(head.dropout)
+        self.score = param(rngs, (head.num_labels, config.hidden_size), (None, "embed"), config)
+        self.score_bias = param(rngs, (head.num_labels,), (None,), config, init="zeros")
+
+    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        del attention_mask  # every position gets logits; the labels say which score
+        h = self.dropout(hidden.astype(jnp.float32), deterministic=rng is None, rngs=rng)
+        return _dense(h, self.score, self.score_bias)
+
+
+def make_head(config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs) -> SequenceHead | TokenHead:
+    return SequenceHead(config, head, rngs=rngs) if head.sequence else TokenHead(config, head, rngs=rngs)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class HeadOutput:
+    """What `EncoderWithHead.__call__` returns."""
+
+    logits: jax.Array  # fp32: [B, L] classification, [B] regression, [B, T, L] token classification
+    hidden_states: jax.Array  # [B, T, d], the encoder's final-normed hidden states
+
+
+class EncoderWithHead(nnx.Module):
+    """`model(input_ids, attention_mask=None, *, rng=None) -> HeadOutput`: a `Transformer` and a task head."""
+
+    def __init__(self, config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
+        self.head_config = head
+        self.head = make_head(config, head, rngs=rngs)  # first: see `head_params`
+        self.encoder = Transformer(config, rngs=rngs)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.encoder.config
+
+    def __call__(self, input_ids, attention_mask=None, *, rng: jax.Array | None = None) -> HeadOutput:
+        input_ids = jnp.asarray(input_ids)
+        mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
+        hidden = self.encoder.encode(input_ids, mask)
+        logits = self.head(hidden, mask, rng=rng)
+        if self.head_config.task == "regression":
+            logits = logits[..., 0]
+        return HeadOutput(logits=logits, hidden_states=hidden)
+
+
+def head_params(config: ModelConfig, head: HeadConfig, *, seed: int) -> nnx.State:
+    """The head parameters `EncoderWithHead(config, head, rngs=nnx.Rngs(seed))` starts with (fp32, small)."""
+    return nnx.state(make_head(config, head, rngs=nnx.Rngs(seed)), nnx.Param)
+
+
+def with_encoder_params(encoder_params: nnx.State, config: ModelConfig, head: HeadConfig, *, seed: int) -> nnx.State:
+    """Full `EncoderWithHead` parameters from an encoder's (e.g. loaded from an HF checkpoint) and a fresh head."""
+    parts = {"encoder": encoder_params, "head": head_params(config, head, seed=seed)}
+    flat = [((name, *path), v) for name, part in parts.items() for path, v in nnx.to_flat_state(part)]
+    return nnx.from_flat_state(flat)  # nested as `nnx.state(model, nnx.Param)` nests it
+
+
+@functools.lru_cache(maxsize=16)
+def abstract_model_with_head(config: ModelConfig, head: HeadConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and shape-only state of an `EncoderWithHead` (no memory)."""
+    return nnx.split(nnx.eval_shape(lambda: EncoderWithHead(config, head, rngs=nnx.Rngs(0))))
+
+
+def model_factory(config: ModelConfig, head: HeadConfig):
+    """`factory(rngs) -> EncoderWithHead`, what the train state builds instead of a bare `Transformer`."""
+
+    def factory(rngs: nnx.Rngs) -> EncoderWithHead:
+        return EncoderWithHead(config, head, rngs=rngs)
+
+    return factory
+
+
+def attach_head(encoder: Transformer, head: HeadConfig, *, seed: int = 0) -> EncoderWithHead:
+    """An `EncoderWithHead` around an existing encoder (e.g. `from_pretrained(...)`) and a fresh head."""
+    graphdef, _ = abstract_model_with_head(encoder.config, head)
+    params = with_encoder_params(nnx.state(encoder, nnx.Param), encoder.config, head, seed=seed)
+    return nnx.merge(graphdef, params)
