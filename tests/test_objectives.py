@@ -198,3 +198,30 @@ def test_a_tokenizer_without_a_mask_token_needs_one_configured(tmp_path, capsys,
         assert message in capsys.readouterr().err
         assert not (tmp_path / "run").exists()
     assert main([*run, data, "--config.mntp.mask_token=<unk>", "--config.train.steps=2"]) == 0
+
+
+@pytest.mark.slow
+def test_fine_tuning_through_the_engine_validates_keeps_the_best_step_and_exports(tmp_path):
+    """A tiny classification run: validation every 40 steps logged as eval/*, the best step kept, and the run
+    exported to transformers' own sequence-classification class (last-token pooling)."""
+    import torch
+    import transformers
+
+    from bidirlm_jax.configs import finetune as finetune_configs
+    from bidirlm_jax.io.heads import read_best
+
+    config = _quiet(finetune_configs.get_config("tiny"))
+    config.finetune.pooling = "last"
+    config.train.steps = 80
+    train(config, str(tmp_path / "run"))
+    evaluated = [r for r in _metrics(tmp_path / "run") if "eval/accuracy" in r]
+    assert [r["step"] for r in evaluated] == [40, 80]
+    assert evaluated[-1]["eval/accuracy"] > 0.8  # a two-way task: chance is 0.5
+    best = read_best(tmp_path / "run")
+    assert best["metrics"]["accuracy"] == max(r["eval/accuracy"] for r in evaluated)
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "classifier")]) == 0
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "classifier")
+    with torch.no_grad():
+        logits = reloaded(**tokenizer(["a short text"], return_tensors="pt")).logits
+    assert logits.shape == (1, reloaded.config.num_labels) and torch.isfinite(logits).all()

@@ -99,6 +99,11 @@ def load_checkpoint(
     path = Path(path).resolve()
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a bidirlm checkpoint (expected config.json and {PARAMS_DIR}/)")
+    if (description_dir(path) / "head.json").is_file():
+        raise CheckpointError(
+            f"{path} is a fine-tuning run (an encoder with a task head): load it with "
+            "bidirlm_jax.io.heads.load_finetuned, or export it with `bidirlm export`"
+        )
     config = config or read_config(description_dir(path))
     graphdef, abstract = abstract_model(config)
 

@@ -65,8 +65,9 @@ def model_config(model: ConfigDict) -> ModelConfig:
     return read_config(path, **run)
 
 
-def _init_params(model: ConfigDict, config: ModelConfig, mesh) -> nnx.State:
-    """fp32 master weights from `init_from`, read tensor by tensor straight into their shardings."""
+def _init_params(model: ConfigDict, config: ModelConfig, mesh, objective: Objective) -> nnx.State:
+    """fp32 master weights from `init_from`, read tensor by tensor straight into their shardings (and
+    completed by the objective, e.g. with a fresh task head)."""
     loaded = from_pretrained(
         model.init_from,
         attention=config.attention,
@@ -74,7 +75,8 @@ def _init_params(model: ConfigDict, config: ModelConfig, mesh) -> nnx.State:
         dtype="float32",
         mesh=mesh,
     )
-    return nnx.state(loaded, nnx.Param)
+    params = nnx.state(loaded, nnx.Param)
+    return objective.init_params(params) if objective.init_params is not None else params
 
 
 class _Preemption:
@@ -137,7 +139,7 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     else:
         objective = causal_lm.build(config, model_cfg, workdir=workdir, loss_fn=loss_fn)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    layout = StateLayout(model_cfg, tx, mesh, seed=config.train.seed)
+    layout = StateLayout(model_cfg, tx, mesh, seed=config.train.seed, model_factory=objective.model_factory)
     meta = {
         "param_shapes": param_shapes(layout.abstract.params),
         "data_stream": data_stream(config.data),
@@ -173,7 +175,7 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         step_fn=step_fn,
         batches=batches,
         resume_step=resume_step,
-        init_params=_init_params(config.model, model_cfg, mesh) if fresh_from_hf else None,
+        init_params=_init_params(config.model, model_cfg, mesh, objective) if fresh_from_hf else None,
         meta=meta,
     )
 
@@ -206,13 +208,42 @@ def _write_model_description(workdir: Path, plan: _Plan) -> None:
             (tmp / "config.json").write_text(json.dumps(config_to_hf(plan.model), indent=2) + "\n")
             if plan.objective.tokenizer is not None:
                 plan.objective.tokenizer.save_pretrained(tmp)
+            for name, text in plan.objective.run_files.items():
+                (tmp / name).write_text(text)
+
+
+class _Validation:
+    """Every `objective.eval_every` steps (and at the last one): score the model on the validation split,
+    log `eval/<metric>`, and keep the best step's parameters in `RUN/best/` (`io.heads.save_best`)."""
+
+    def __init__(self, workdir: Path, plan: _Plan, last_step: int):
+        from bidirlm_jax.io.heads import read_best
+
+        self._workdir, self._plan, self._last = workdir, plan, last_step
+        best = read_best(workdir) if plan.objective.evaluate is not None else None
+        self._best = best["metrics"].get(plan.objective.best_metric) if best else None
+
+    def due(self, step: int) -> bool:
+        every = self._plan.objective.eval_every
+        return self._plan.objective.evaluate is not None and (step == self._last or (every and step % every == 0))
+
+    def run(self, step: int, state) -> dict[str, float]:
+        from bidirlm_jax.io.heads import save_best
+        from bidirlm_jax.train.objectives.finetune import is_better
+
+        objective = self._plan.objective
+        scores = objective.evaluate(nnx.merge(self._plan.layout.graphdef, state.params))
+        if is_better(scores[objective.best_metric], self._best):
+            self._best = scores[objective.best_metric]
+            save_best(self._workdir, state.params, step=step, metrics=scores)
+        return {f"eval/{k}": float(v) for k, v in scores.items()}
 
 
 def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) -> dict[str, Any]:
     """Train (or resume from the workdir's latest checkpoint) as `config` says.
 
-    `loss_fn` replaces the causal-LM loss on the causal-LM objective's data (tests, experiments). Returns `{"step", "preempted", **last
-    logged metrics}`. Raises a `BidirLMError` for unusable inputs (before writing anything), when the
+    `loss_fn` replaces the causal-LM loss on the causal-LM objective's data (tests, experiments).
+    Returns `{"step", "preempted", **last logged metrics}`. Raises a `BidirLMError` for unusable inputs (before writing anything), when the
     loss turns non-finite with `train.nonfinite="stop"`, and after `train.max_consecutive_skips` non-finite
     steps in a row with `"skip"`.
     """
@@ -235,6 +266,7 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device)
     bar = metrics_lib.progress_bar(config.train.steps, step, enabled=config.metrics.progress_bar)
     preemption = _Preemption()
+    validation = _Validation(workdir, plan, config.train.steps)
     logged: dict[str, Any] = {}
     preempted = False
     skipped = 0  # non-finite steps in a row (train.nonfinite="skip")
@@ -248,7 +280,10 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
                 now = time.perf_counter()
                 seconds, last = now - last, now
                 skipped = 0 if out.pop("finite") else skipped + 1
-                if skipped or step % config.train.log_every == 0 or step == config.train.steps:  # non-finite: always
+                if validation.due(step):  # before the next step, which donates this state
+                    out.update(validation.run(step, state))
+                evaluated = any(k.startswith("eval/") for k in out)
+                if skipped or evaluated or step % config.train.log_every == 0 or step == config.train.steps:
                     logged = dict(
                         objective.report(out),
                         step_seconds=seconds,

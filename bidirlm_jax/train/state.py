@@ -8,6 +8,8 @@ pod needs: no host could hold a large model's optimizer state).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -39,12 +41,26 @@ class StateLayout:
     `abstract` (shapes, dtypes and shardings, no data) is also the target a checkpoint restores into.
     """
 
-    def __init__(self, config: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh, *, seed: int):
-        self.graphdef, _ = abstract_model(config)
+    def __init__(
+        self,
+        config: ModelConfig,
+        tx: optax.GradientTransformation,
+        mesh: Mesh,
+        *,
+        seed: int,
+        model_factory: Callable[[nnx.Rngs], nnx.Module] | None = None,
+    ):
+        """`model_factory(rngs)` builds the trained module when it is not the plain `Transformer` (an
+        encoder with a task head)."""
+        if model_factory is None:
+            self.graphdef, _ = abstract_model(config)
+            model_factory = lambda rngs: Transformer(config, rngs=rngs)
+        else:
+            self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_factory(nnx.Rngs(0))))
         self._tx, self._seed = tx, seed
 
         def init() -> TrainState:
-            fresh = nnx.state(Transformer(config, rngs=nnx.Rngs(seed)), nnx.Param)
+            fresh = nnx.state(model_factory(nnx.Rngs(seed)), nnx.Param)
             return _state_from(fresh, tx, seed)
 
         self._init = init

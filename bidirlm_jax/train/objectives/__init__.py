@@ -16,6 +16,9 @@ OBJECTIVES = {
     "causal_lm": "bidirlm_jax.train.objectives.causal_lm",
     "mntp": "bidirlm_jax.train.objectives.mntp",
     "contrastive": "bidirlm_jax.train.objectives.contrastive",
+    "classification": "bidirlm_jax.train.objectives.finetune",
+    "regression": "bidirlm_jax.train.objectives.finetune",
+    "token_classification": "bidirlm_jax.train.objectives.finetune",
 }
 
 __all__ = ["OBJECTIVES", "Batch", "GradFn", "LossFn", "Objective", "build_objective", "token_sum_grads"]

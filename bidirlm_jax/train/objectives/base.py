@@ -36,7 +36,8 @@ class Objective:
 
     `rows` is a grain `MapDataset` whose element `i` is global row `i` (the same on every process);
     batch `b` is rows `[b·B, (b+1)·B)` (`data.loader`). `report` turns a step's metrics (host floats)
-    into what is logged. `tokenizer` (if any) is saved beside the checkpoints, so exports carry it.
+    into what is logged. `tokenizer` (if any) and `run_files` are saved in the run's `model/`, so exports
+    carry them.
     """
 
     rows: grain.MapDataset
@@ -45,6 +46,13 @@ class Objective:
     tokens_per_step: int
     report: Callable[[Mapping[str, float]], dict[str, float]] = dict
     tokenizer: Any = None
+    # Objectives that train more than the `Transformer` (an encoder with a task head) and validate:
+    model_factory: Callable[[nnx.Rngs], nnx.Module] | None = None  # builds the trained module (default: Transformer)
+    init_params: Callable[[nnx.State], nnx.State] | None = None  # encoder params from `init_from` -> trained params
+    evaluate: Callable[[nnx.Module], dict[str, float]] | None = None  # validation scores of the current model
+    eval_every: int = 0  # steps between evaluations (0: never)
+    best_metric: str = ""  # the score whose best step is kept (`RUN/best/`)
+    run_files: Mapping[str, str] = dataclasses.field(default_factory=dict)  # extra files of `RUN/model/`
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:

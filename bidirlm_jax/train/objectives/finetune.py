@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grain
@@ -227,12 +226,6 @@ class FinetuneObjective(Objective):
 
     head: HeadConfig | None = None
     label_map: LabelMap | None = None
-    model_factory: Callable[[nnx.Rngs], nnx.Module] | None = None
-    init_params: Callable[[nnx.State], nnx.State] | None = None
-    evaluate: Callable[[nnx.Module], dict[str, float]] | None = None
-    eval_every: int = 0
-    best_metric: str = ""
-    run_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 def _fields(config: ConfigDict) -> Fields:
