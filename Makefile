@@ -3,6 +3,7 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+MODEL ?=
 
 .PHONY: demo test bench clean
 
@@ -14,7 +15,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bidirlm demo --out demo_out --overwrite
+	$(VENV)/bin/bidirlm demo --out demo_out --overwrite $(if $(MODEL),--model $(MODEL))
 
 test: $(STAMP)  # lint and format check first (seconds), then the suite
 	$(VENV)/bin/ruff format --check --quiet .

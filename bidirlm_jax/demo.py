@@ -1,26 +1,96 @@
-"""`bidirlm demo`: the pipeline on tiny random models, offline, checked against transformers at each step.
+"""`bidirlm demo` (`make demo`): the paper's pipeline in miniature, offline, on text every machine has.
 
-First the training engine makes a small causal base model (`bidirlm_jax/configs/lm.py:tiny`, next-token
-loss on a generated corpus). Then, for Gemma3 and Qwen3: build a random causal LM with transformers,
-convert it to a bidirlm checkpoint, run it in both attention modes beside transformers' own forward in
-the same mode, export it back as a bidirectional HF directory and reload that with plain
-`AutoModelForCausalLM` (no remote code).
+The docstrings of Python's standard library, read at run time from the interpreter, are the corpus:
+whole packages are held out (about a fifth, chosen by a hash of the package name, so every run holds out
+the same ones) for evaluation, the rest is training text. Then, as BidirLM does with Gemma3 and Qwen3:
 
-Everything is written into a temporary directory renamed into place at the end. The output carries a
-marker file listing what the demo wrote, so `--overwrite` can replace a previous demo output and never
+1. train a byte-level BPE tokenizer with a `<mask>` token on the training text;
+2. pre-train a small Gemma3-shaped causal LM on it (next-token prediction): the **Base**;
+3. build the variants of the paper's Figure 2 (`bidirlm_jax.variants`): Bi+Base (attention switched),
+   Bi+MNTP (masked next-token prediction), Bi+MNTP+Merge (merged with the base at 0.5), Bi+Contrastive and
+   Bi+MNTP+Contrastive (InfoNCE on pairs mined from the training docstrings: a docstring's summary line ↔
+   its body, hard negatives from the same module);
+4. evaluate retrieval on the held-out packages with every variant (queries: summary lines; corpus: the
+   bodies; mean pooling; nDCG@10, MRR@10, Recall@100), print the table with deltas vs Base (Figure 2's
+   presentation) and plot the deltas;
+5. check our logits against transformers' on the base in both attention modes, and export the final
+   encoder (Bi+MNTP+Contrastive) in sentence-transformers format.
+
+`--model DIR` starts from a real causal checkpoint and its tokenizer instead of steps 1-2. `--quick` runs
+every phase for a few steps (tests). The output directory holds `base/` (the causal base, HF format, with
+its tokenizer), `encoder/` (sentence-transformers), `variants/` (each variant as an HF directory, the
+training runs with their checkpoints and TensorBoard logs under `variants/runs/`, the base's under
+`runs/lm/`), `data/` (tokenizer, training text, pairs, the held-out set in BEIR layout), `results.json`
+and `variants.png`. Everything is written into a temporary directory renamed into place at the end; a
+marker file lists what the demo wrote, so `--overwrite` replaces a previous demo output and never
 anything else.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import dataclasses
 import json
+import logging
 import os
+import resource
+import sys
+import sysconfig
+import time
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-from bidirlm_jax.errors import CheckpointError
+import numpy as np
+
+from bidirlm_jax.errors import CheckpointError, ConfigError
 
 TOLERANCE = 1e-4
 MARKER = ".bidirlm-demo"  # JSON {"entries": [...]}: the names the demo wrote into its output directory
+HELD_OUT_BUCKETS = 5  # a package is held out when crc32(name) % 5 == 0: about a fifth of the packages
+METRICS = (("ndcg_at_10", "nDCG@10"), ("mrr_at_10", "MRR@10"), ("recall_at_100", "R@100"))
+INSTRUCTIONS = {
+    "members": ("Given the summary line of a Python function's or class's docstring, retrieve the rest of it", False),
+    "summaries": ("Given a one-line summary of a Python module, retrieve its documentation", False),
+    "halves": ("Retrieve semantically similar text", True),
+}
+EVAL_INSTRUCTION = INSTRUCTIONS["members"][0]  # held-out queries are summary lines, as in `members`
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    """Model shape, steps and batches of one demo run (`FULL`: ~10 minutes on two idle cores)."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    intermediate_size: int = 512
+    num_layers: int = 4  # Gemma3's sliding/global alternation, every other layer global
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 32
+    sliding_window: int = 32
+    seq_len: int = 128
+    lm_steps: int = 300
+    lm_batch: int = 32
+    lm_learning_rate: float = 3e-3
+    mntp_steps: int = 100
+    mntp_batch: int = 32
+    mntp_learning_rate: float = 1e-3
+    contrastive_steps: int = 100
+    contrastive_batch: int = 32
+    contrastive_seq_len: int = 64
+    contrastive_learning_rate: float = 1e-3
+    num_negatives: int = 1
+    max_eval_queries: int = 400
+
+
+FULL = Size()
+QUICK = Size(
+    vocab_size=512, hidden_size=64, intermediate_size=128, seq_len=64, lm_steps=6, lm_batch=8, mntp_steps=4,
+    mntp_batch=8, contrastive_steps=4, contrastive_batch=8, contrastive_seq_len=48, max_eval_queries=48,
+)  # fmt: skip
 
 
 def check_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -60,69 +130,540 @@ def check_output(out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path
     return out
 
 
-def _train_base(out: Path) -> bool:
-    """Train the tiny causal LM; True when its loss fell by at least a third."""
-    from bidirlm_jax.configs.lm import get_config
-    from bidirlm_jax.train import train
-    from bidirlm_jax.train.config import validate
+# --- the corpus: the standard library's docstrings ----------------------------------------------------
 
-    config = get_config("tiny")
-    validate(config)
-    train(config, str(out / "lm"))
-    losses = [json.loads(line)["loss"] for line in (out / "lm" / "metrics.jsonl").read_text().splitlines()]
-    print(
-        f"causal LM base (configs/lm.py:tiny): loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} logged steps"
+
+@dataclasses.dataclass(frozen=True)
+class Doc:
+    module: str
+    name: str  # "" for the module's own docstring, else the public class or function it documents
+    text: str
+
+
+def held_out(module: str) -> bool:
+    """Whether `module`'s whole top-level package is held out for evaluation (deterministic)."""
+    return zlib.crc32(module.split(".")[0].encode()) % HELD_OUT_BUCKETS == 0
+
+
+def stdlib_documents() -> list[Doc]:
+    """Every module docstring of the standard library (`data.corpora.stdlib_docstrings`) and the docstrings of
+    the public classes and functions defined in those modules, in module order (a few seconds of parsing)."""
+    from bidirlm_jax.data.corpora import stdlib_docstrings
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for module, text in stdlib_docstrings():
+        docs.append(Doc(module, "", text))
+        docs += [Doc(module, name, doc) for name, doc in _member_docstrings(_module_path(root, module))]
+    return docs
+
+
+def _module_path(root: Path, module: str) -> Path:
+    path = root.joinpath(*module.split("."))
+    return path / "__init__.py" if (path / "__init__.py").is_file() else path.with_suffix(".py")
+
+
+def _member_docstrings(path: Path) -> list[tuple[str, str]]:
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    members = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+            doc = ast.get_docstring(node)
+            if doc:
+                members.append((node.name, doc))
+    return members
+
+
+def summary_pairs(docs: list[Doc], *, min_body: int = 50) -> list[tuple[Doc, str, str]]:
+    """(doc, summary line, body) of the docstrings that have both, with a summary of at least three words and
+    no summary or body shared with another docstring (an ambiguous query has no single answer)."""
+    rows = []
+    for doc in docs:
+        summary, _, body = doc.text.partition("\n")
+        summary, body = summary.strip(), body.strip()
+        if len(summary.split()) >= 3 and any(c.isalpha() for c in summary) and len(body) >= min_body:
+            rows.append((doc, summary, body))
+    seen: dict[str, int] = {}
+    for _, summary, body in rows:
+        seen[summary] = seen.get(summary, 0) + 1
+        seen[body] = seen.get(body, 0) + 1
+    return [row for row in rows if seen[row[1]] == 1 and seen[row[2]] == 1]
+
+
+def _nearest(index: int, count: int, k: int) -> list[int]:
+    """The `k` indices closest to `index` in `[0, count)`, alternating after and before it."""
+    out, step = [], 1
+    while len(out) < k and step < count:
+        for j in (index + step, index - step):
+            if 0 <= j < count and len(out) < k:
+                out.append(j)
+        step += 1
+    return out
+
+
+@dataclasses.dataclass
+class Corpus:
+    """The demo's data, split by package: training text and pairs, and the held-out retrieval set."""
+
+    train_texts: list[str]
+    pairs: dict[str, list[dict[str, Any]]]  # dataset -> records {"query", "positive", "negatives"}
+    eval_data: Any  # evals.retrieval.RetrievalData
+    held_out_packages: list[str]
+
+
+def build_corpus(*, num_negatives: int, max_eval_queries: int) -> Corpus:
+    from bidirlm_jax.data.corpora import stdlib_pairs
+    from bidirlm_jax.evals.retrieval import RetrievalData
+
+    docs = stdlib_documents()
+    train = [d for d in docs if not held_out(d.module)]
+    test = [d for d in docs if held_out(d.module)]
+    members = [(s, b) for d, s, b in summary_pairs(train) if d.name]
+    pairs = {
+        "members": [
+            {"query": s, "positive": b, "negatives": [members[j][1] for j in _nearest(i, len(members), num_negatives)]}
+            for i, (s, b) in enumerate(members)
+        ]
+    }
+    datasets, _ = stdlib_pairs(num_negatives=num_negatives, exclude=held_out)  # module docstrings: summaries, halves
+    for ds in datasets:  # modules sharing one docstring (importlib._bootstrap*) would be each other's negatives
+        counts: dict[str, int] = {}
+        for p in ds.positives:
+            counts[p] = counts.get(p, 0) + 1
+        pairs[ds.name] = [
+            {"query": q, "positive": p, "negatives": n}
+            for q, p, n in zip(ds.queries, ds.positives, ds.negatives)
+            if counts[p] == 1 and p not in n
+        ]
+    held = summary_pairs(test)
+    if len(held) > max_eval_queries:  # an even spread over the held-out modules, the same every run
+        held = [held[round(i * len(held) / max_eval_queries)] for i in range(max_eval_queries)]
+    eval_data = RetrievalData(
+        corpus={f"d{i}": ("", body) for i, (_, _, body) in enumerate(held)},
+        queries={f"q{i}": summary for i, (_, summary, _) in enumerate(held)},
+        qrels={f"q{i}": {f"d{i}": 1} for i in range(len(held))},
     )
-    return losses[-1] < 2 / 3 * losses[0]
+    return Corpus(
+        train_texts=[d.text for d in train],
+        pairs=pairs,
+        eval_data=eval_data,
+        held_out_packages=sorted({d.module.split(".")[0] for d in test}),
+    )
 
 
-def _family(name: str, out: Path) -> list[tuple[str, float]]:
-    """Rows of (check, relative error) for one family.
+def _write_data(corpus: Corpus, data_dir: Path) -> None:
+    """Training text (`.jsonl`), pairs (one `.jsonl` per dataset), instructions, the held-out BEIR set."""
+    (data_dir / "pairs").mkdir(parents=True)
+    _write_jsonl(data_dir / "train_text.jsonl", ({"text": t} for t in corpus.train_texts))
+    for name, records in corpus.pairs.items():
+        _write_jsonl(data_dir / "pairs" / f"{name}.jsonl", records)
+    table = {name: {"instruction": text, "symmetric": sym} for name, (text, sym) in INSTRUCTIONS.items()}
+    (data_dir / "instructions.json").write_text(json.dumps(table, indent=2) + "\n")
+    beir = data_dir / "heldout-beir"
+    (beir / "qrels").mkdir(parents=True)
+    data = corpus.eval_data
+    _write_jsonl(beir / "corpus.jsonl", ({"_id": k, "title": t, "text": x} for k, (t, x) in data.corpus.items()))
+    _write_jsonl(beir / "queries.jsonl", ({"_id": k, "text": x} for k, x in data.queries.items()))
+    lines = ["query-id\tcorpus-id\tscore"] + [
+        f"{q}\t{d}\t{r}" for q, rels in data.qrels.items() for d, r in rels.items()
+    ]
+    (beir / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    (data_dir / "held_out_packages.txt").write_text("\n".join(corpus.held_out_packages) + "\n")
 
-    The bidirectional reference is the same random model (same seed) in transformers' own bidirectional
-    mode: Gemma3's `use_bidirectional_attention` config flag, or the generic `is_causal=False` kwarg.
-    """
+
+def _write_jsonl(path: Path, rows) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# --- the phases -----------------------------------------------------------------------------------------
+
+
+class Timer:
+    """Wall-clock and CPU seconds (this process, all threads) of each phase, printed as it ends. On a busy
+    machine the CPU seconds tell what the phase costs better than the wall clock."""
+
+    def __init__(self, echo: Callable[[str], None] = print):
+        self.phases: dict[str, dict[str, float]] = {}
+        self._echo = echo
+        self._start = time.perf_counter()
+        self._cpu = _cpu_seconds()
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[dict[str, str]]:
+        note: dict[str, str] = {}
+        start = time.perf_counter()
+        yield note
+        self.record(name, time.perf_counter() - start, note.get("text", ""))
+
+    def record(self, name: str, seconds: float, text: str = "") -> None:
+        cpu = _cpu_seconds()
+        self.phases[name] = {"wall": round(seconds, 2), "cpu": round(cpu - self._cpu, 2) if seconds else 0.0}
+        self._cpu = cpu
+        clock = f"{time.perf_counter() - self._start:5.0f}s"
+        self._echo(f"[{clock}] {name:<30} {seconds:6.1f}s (cpu {self.phases[name]['cpu']:6.1f}s)  {text}".rstrip())
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _lm_config(size: Size, init_dir: Path, tokens: Path, progress: bool):
+    from bidirlm_jax.configs import lm
+
+    c = lm.get_config("tiny")
+    c.model.init_from = str(init_dir)
+    c.data.update(source="npy", path=str(tokens), seq_len=size.seq_len, global_batch_size=size.lm_batch, seed=0)
+    c.optim.update(learning_rate=size.lm_learning_rate, warmup_steps=max(1, size.lm_steps // 15), decay_fraction=0.2,
+                   weight_decay=0.0)  # fmt: skip
+    c.train.update(steps=size.lm_steps, checkpoint_every=size.lm_steps, log_every=max(1, size.lm_steps // 30))
+    c.metrics.progress_bar = progress
+    return c
+
+
+def stage_configs(size: Size, data_dir: Path, tokenizer: Path | None, progress: bool = False) -> tuple[Any, Any]:
+    """The MNTP and contrastive training configs of the variants (`configs/mntp.py`, `configs/contrastive.py`
+    presets, on the demo's data); `tokenizer` None = the base checkpoint's own."""
+    from bidirlm_jax.configs import contrastive, mntp
+
+    m = mntp.get_config("tiny")
+    m.data.update(source="text", path=str(data_dir / "train_text.jsonl"), seq_len=size.seq_len,
+                  global_batch_size=size.mntp_batch, seed=0, tokenizer=str(tokenizer or ""))  # fmt: skip
+    m.mntp.chunk_size = 8192
+    m.optim.update(learning_rate=size.mntp_learning_rate, warmup_steps=max(1, size.mntp_steps // 10),
+                   decay_fraction=0.2, weight_decay=0.0)  # fmt: skip
+    m.train.update(steps=size.mntp_steps, checkpoint_every=size.mntp_steps, log_every=max(1, size.mntp_steps // 20))
+    m.metrics.progress_bar = progress
+    c = contrastive.get_config("tiny")
+    c.data.update(source="pairs", path=str(data_dir / "pairs"), seq_len=size.contrastive_seq_len,
+                  global_batch_size=size.contrastive_batch, seed=0, tokenizer=str(tokenizer or ""))  # fmt: skip
+    c.contrastive.update(
+        num_negatives=size.num_negatives, chunk_size=0, instructions=str(data_dir / "instructions.json")
+    )
+    c.optim.update(learning_rate=size.contrastive_learning_rate, warmup_steps=max(1, size.contrastive_steps // 10),
+                   weight_decay=0.0)  # fmt: skip
+    c.train.update(steps=size.contrastive_steps, checkpoint_every=size.contrastive_steps,
+                   log_every=max(1, size.contrastive_steps // 20))  # fmt: skip
+    c.metrics.progress_bar = progress
+    return m, c
+
+
+def _train_tokenizer(texts: list[str], size: Size, out: Path):
+    from bidirlm_jax.data.tokenizer import train_tokenizer
+
+    return train_tokenizer(texts, size.vocab_size, out)
+
+
+def _tokens_file(texts: list[str], tokenizer, path: Path) -> int:
+    """The training text as one stream of ids (`<bos>` doc `<eos>` ...), for the causal-LM objective."""
+    ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
+    stream = np.concatenate([np.asarray([*seq, tokenizer.eos_token_id], np.int32) for seq in ids])
+    np.save(path, stream)
+    return len(stream)
+
+
+def _base_config(size: Size):
+    from bidirlm_jax.models.presets import get_preset
+
+    pattern = get_preset("tiny-gemma3").layer_types
+    return get_preset(
+        "tiny-gemma3",
+        vocab_size=size.vocab_size,
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_layers=size.num_layers,
+        num_heads=size.num_heads,
+        num_kv_heads=size.num_kv_heads,
+        head_dim=size.head_dim,
+        query_pre_attn_scalar=size.head_dim,
+        sliding_window=size.sliding_window,
+        layer_types=tuple(pattern[i % len(pattern)] for i in range(size.num_layers)),
+    )
+
+
+def _pretrain_base(tmp: Path, corpus: Corpus, size: Size, timer: Timer, progress: bool) -> Path:
+    """Tokenizer, random Gemma3-shaped init, causal-LM pre-training; returns `tmp/base` (HF + tokenizer)."""
+    from flax import nnx
+
+    from bidirlm_jax.io.hf import save_pretrained
+    from bidirlm_jax.models.transformer import Transformer
+    from bidirlm_jax.train import train
+    from bidirlm_jax.variants import run_to_hf
+
+    data = tmp / "data"
+    with timer.phase("tokenizer") as note:
+        tokenizer = _train_tokenizer(corpus.train_texts, size, data / "tokenizer")
+        count = _tokens_file(corpus.train_texts, tokenizer, data / "train_tokens.npy")
+        note["text"] = f"byte-level BPE, {len(tokenizer)} tokens with <mask>; {count:,} training tokens"
+    with timer.phase("base: causal LM") as note:
+        config = _base_config(size)
+        save_pretrained(Transformer(config, rngs=nnx.Rngs(0)), data / "base-init")
+        run = tmp / "runs" / "lm"
+        train(_lm_config(size, data / "base-init", data / "train_tokens.npy", progress), str(run))
+        base = run_to_hf(run, tmp / "base", attention="causal", tokenizer_from=data / "tokenizer")
+        note["text"] = f"{_params(config):,} parameters, {size.lm_steps} steps, {_loss_summary(run)}"
+    return base
+
+
+def _params(config) -> int:
+    from bidirlm_jax.models.params import param_count
+
+    return param_count(config)
+
+
+def _loss_summary(run: Path) -> str:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    if not rows:
+        return "no logged steps"
+    text = f"loss {rows[0]['loss']:.2f} -> {rows[-1]['loss']:.2f}"
+    if "masked_accuracy" in rows[-1]:
+        text += f", masked accuracy {rows[0]['masked_accuracy']:.2f} -> {rows[-1]['masked_accuracy']:.2f}"
+    return text
+
+
+def _evaluate(variants: dict, corpus: Corpus, size: Size, timer: Timer) -> dict[str, dict[str, float]]:
+    """Every variant on the held-out set: mean pooling, queries instructed only for the variants trained so."""
+    from bidirlm_jax.evals.retrieval import evaluate_retrieval
+
+    results = {}
+    with _quiet("bidirlm_jax.embed.encode"):  # long bodies are cut at max_length on purpose
+        for name, variant in variants.items():
+            with timer.phase(f"eval: {name}") as note:
+                metrics = evaluate_retrieval(
+                    variant.load(), variant.tokenizer(), corpus.eval_data, pooling="mean",
+                    instruction=EVAL_INSTRUCTION if variant.contrastive else None, max_length=size.seq_len,
+                    batch_size=64, progress=False,
+                )  # fmt: skip
+                results[name] = {"attention": variant.attention, **metrics}
+                note["text"] = f"nDCG@10 {100 * metrics['ndcg_at_10']:.1f}"
+    return results
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def format_table(results: dict[str, dict[str, float]], num_queries: int, num_documents: int) -> str:
+    """The variant table: each metric ×100 and its delta vs Base (the paper's Figure 2 plots the deltas)."""
+    base = results.get("Base")
+    head = f"{'variant':<22} {'attention':<14}" + "".join(f"{label:>9} {'Δ':>6}" for _, label in METRICS)
+    lines = [
+        f"retrieval on held-out standard-library packages: {num_queries} queries (summary lines), "
+        f"{num_documents} documents (docstring bodies); ×100, Δ vs Base",
+        head,
+        "-" * len(head),
+    ]
+    for name, row in results.items():
+        cells = ""
+        for key, _ in METRICS:
+            value = 100 * row[key]
+            delta = "" if base is None or name == "Base" else f"{value - 100 * base[key]:+6.1f}"
+            cells += f"{value:9.1f} {delta:>6}"
+        lines.append(f"{name:<22} {row['attention']:<14}{cells}")
+    chance = chance_level(num_documents)
+    lines.append(f"{'(chance)':<22} {'':<14}" + "".join(f"{100 * chance[key]:9.1f} {'':>6}" for key, _ in METRICS))
+    return "\n".join(lines)
+
+
+def chance_level(num_documents: int) -> dict[str, float]:
+    """The expected metrics of a random ranking when each query has one relevant document among `num_documents`."""
+    n = num_documents
+    return {
+        "ndcg_at_10": sum(1 / np.log2(r + 1) for r in range(1, min(10, n) + 1)) / n,
+        "mrr_at_10": sum(1 / r for r in range(1, min(10, n) + 1)) / n,
+        "recall_at_100": min(100, n) / n,
+    }
+
+
+def plot_deltas(results: dict[str, dict[str, float]], path: Path, title: str) -> Path:
+    """Bar plot of every variant's delta vs Base, one group per variant, one bar per metric (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in results if n != "Base"]
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    width = 0.8 / len(METRICS)
+    for k, (key, label) in enumerate(METRICS):
+        deltas = [100 * (results[n][key] - results["Base"][key]) for n in names]
+        xs = [i + (k - (len(METRICS) - 1) / 2) * width for i in range(len(names))]
+        bars = ax.bar(xs, deltas, width, label=label)
+        ax.bar_label(bars, fmt="%+.1f", fontsize=7, padding=2)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=15)
+    ax.set_ylabel("Δ vs Base (points)")
+    base = ", ".join(f"{label} {100 * results['Base'][key]:.1f}" for key, label in METRICS)
+    ax.set_title(f"{title}\nBase ({results['Base']['attention']}): {base}", fontsize=10)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def parity(base: Path, bi_base: Path, texts: list[str], seq_len: int) -> list[tuple[str, float]]:
+    """Our logits vs transformers' (eager, fp32) on the base, in both attention modes, on real padded text
+    longer than the sliding window. transformers reads the mode from each directory's config."""
     import transformers
 
-    from bidirlm_jax.io.conversion import convert
-    from bidirlm_jax.io.hf import from_pretrained, save_pretrained
+    from bidirlm_jax.data.tokenizer import load_tokenizer
+    from bidirlm_jax.io.hf import from_pretrained
     from bidirlm_jax.testing import reference
 
-    if name == "gemma3":
-        ref = reference.build(reference.gemma3_config())
-        bidirectional = (reference.build(reference.gemma3_config(use_bidirectional_attention=True)), {})
-    else:
-        ref = reference.build(reference.qwen3_config())
-        bidirectional = (ref, {"is_causal": False})
-    ckpt = convert(reference.save(ref, out / f"{name}-hf"), out / f"{name}-checkpoint")
-    ids, mask = reference.batch()
+    tokenizer = load_tokenizer(base)
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="np")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
     rows = []
-    for attention, (model, kwargs) in {"causal": (ref, {}), "bidirectional": bidirectional}.items():
-        ours = reference.logits(from_pretrained(ckpt, attention=attention), ids, mask)
-        theirs = reference.hf_logits(model, ids, mask, **kwargs)
-        rows.append((f"{name} {attention}", reference.max_rel_err(ours, theirs, mask)))
-    encoder = from_pretrained(ckpt, attention="bidirectional")
-    export = save_pretrained(encoder, out / f"{name}-encoder-hf")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(export, attn_implementation="eager").eval()
-    err = reference.max_rel_err(reference.logits(encoder, ids, mask), reference.hf_logits(reloaded, ids, mask), mask)
-    rows.append((f"{name} encoder export, reloaded by transformers", err))
+    for label, path, attention in (("causal", base, "causal"), ("bidirectional", bi_base, "bidirectional")):
+        theirs_model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").float()
+        theirs = reference.hf_logits(theirs_model.eval(), ids, mask)
+        ours = reference.logits(from_pretrained(path, attention=attention), ids, mask)
+        rows.append((f"base, {label} attention", reference.max_rel_err(ours, theirs, mask)))
     return rows
 
 
-def run_demo(out_dir: str | os.PathLike = "demo_out", *, overwrite: bool = False) -> int:
-    """Run the demo into `out_dir`; 0 when the base learned and every check is within `TOLERANCE`."""
+# --- the whole run -------------------------------------------------------------------------------------
+
+
+def _pipeline(tmp: Path, *, model: str | None, size: Size, progress: bool) -> dict[str, Any]:
+    """Every phase, into the (temporary) output directory `tmp`; returns what `results.json` records."""
+    from bidirlm_jax.embed.encode import query_prompt
+    from bidirlm_jax.io.sentence_transformers import export_encoder
+    from bidirlm_jax.variants import BI_BASE, BI_MNTP_CONTRASTIVE, Recipe, build_variants, switch_attention
+
+    timer = Timer()
+    with timer.phase("data") as note:
+        corpus = build_corpus(num_negatives=size.num_negatives, max_eval_queries=size.max_eval_queries)
+        _write_data(corpus, tmp / "data")
+        pairs = ", ".join(f"{len(v)} {k}" for k, v in corpus.pairs.items())
+        note["text"] = (
+            f"{len(corpus.train_texts)} training docstrings; pairs: {pairs}; held out: "
+            f"{len(corpus.held_out_packages)} packages, {len(corpus.eval_data.queries)} queries"
+        )
+    if model is None:
+        base = _pretrain_base(tmp, corpus, size, timer, progress)
+        tokenizer = tmp / "data" / "tokenizer"
+    else:
+        with timer.phase("base: --model") as note:
+            base = switch_attention(model, tmp / "base", "causal")
+            tokenizer = None
+            note["text"] = str(model)
+    mntp_config, contrastive_config = stage_configs(size, tmp / "data", tokenizer, progress)
+    recipe = Recipe(mntp=mntp_config, contrastive=contrastive_config)
+
+    def report(name, variant, seconds):
+        detail = _loss_summary(variant.run) if variant.run else {"Base": "the causal base, as is"}.get(name, "")
+        if name == "Bi+MNTP+Merge":
+            detail = f"Bi+MNTP ⊕ Base, weight {recipe.merge_ratio} on the base"
+        elif name == BI_BASE:
+            detail = "the base's weights, bidirectional attention"
+        timer.record(f"variant: {name}", seconds, detail)
+
+    variants = build_variants(base, tmp / "variants", recipe, on_phase=report)
+    results = _evaluate(variants, corpus, size, timer)
+    data = corpus.eval_data
+    table = format_table(results, len(data.queries), len(data.corpus))
+    title = f"BidirLM variants vs Base: retrieval on held-out stdlib packages ({len(data.queries)} queries)"
+    plot_deltas(results, tmp / "variants.png", title)
+    with timer.phase("export encoder") as note:
+        export_encoder(variants[BI_MNTP_CONTRASTIVE].path, tmp / "encoder", pooling="mean",
+                       max_length=size.seq_len, prompts={"query": query_prompt(EVAL_INSTRUCTION)})  # fmt: skip
+        note["text"] = "Bi+MNTP+Contrastive, sentence-transformers format"
+    with timer.phase("parity") as note:
+        bodies = sorted((text for _, text in data.corpus.values()), key=len)
+        sample = [bodies[-1], bodies[len(bodies) // 2], bodies[0]]  # longer than the window, and padded ones
+        checks = parity(base, variants[BI_BASE].path, sample, size.seq_len)
+        note["text"] = "our logits vs transformers'"
+    record = {
+        "table": table,
+        "results": results,
+        "eval": {
+            "queries": len(data.queries),
+            "documents": len(data.corpus),
+            "instruction": EVAL_INSTRUCTION,
+            "held_out_packages": corpus.held_out_packages,
+        },
+        "parity": {name: err for name, err in checks},
+        "phases_seconds": timer.phases,
+        "size": dataclasses.asdict(size),
+        "model": str(model) if model else None,
+        "recipe": {"merge_ratio": recipe.merge_ratio, "contrastive_from": recipe.contrastive_from},
+    }
+    (tmp / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _warn_if_cpu(model: Path, quick: bool) -> None:
+    import jax
+
+    from bidirlm_jax.models.params import param_count
+
+    count = param_count(model)
+    if jax.default_backend() == "cpu" and count > 50_000_000 and not quick:
+        print(
+            f"note: --model has {count / 1e6:.0f}M parameters and JAX runs on the CPU; the variants' "
+            f"{FULL.mntp_steps} + 2 × {FULL.contrastive_steps} training steps will take hours (--quick: a few steps)",
+            file=sys.stderr,
+        )
+
+
+def run_demo(
+    out_dir: str | os.PathLike = "demo_out",
+    *,
+    overwrite: bool = False,
+    model: str | os.PathLike | None = None,
+    quick: bool = False,
+    progress: bool | None = None,
+) -> int:
+    """Run the demo into `out_dir`; 0 when it finished and the parity checks are within `TOLERANCE`."""
     import transformers
 
     from bidirlm_jax.io.atomic import atomic_directory
 
     out = check_output(out_dir, overwrite=overwrite)
+    if model is not None:
+        model = Path(model).expanduser().resolve()
+        if not (model / "config.json").is_file() or not (model / "tokenizer.json").is_file():
+            raise ConfigError(
+                f"--model {model} must be a Hugging Face checkpoint directory with config.json and tokenizer.json"
+            )
+    size = QUICK if quick else FULL
+    if model is not None:  # a pre-trained model: the paper's order of learning rates, not a fresh model's
+        size = dataclasses.replace(size, mntp_learning_rate=1e-4, contrastive_learning_rate=5e-5)
+        _warn_if_cpu(model, quick)
+    progress = sys.stderr.isatty() and not quick if progress is None else progress
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    start, cpu = time.perf_counter(), _cpu_seconds()
     with atomic_directory(out, overwrite=out.exists()) as tmp:
-        trained = _train_base(tmp)
-        rows = _family("gemma3", tmp) + _family("qwen3", tmp)
+        record = _pipeline(tmp, model=model, size=size, progress=progress)
         (tmp / MARKER).write_text(json.dumps({"entries": sorted(p.name for p in tmp.iterdir())}) + "\n")
-    print(f"{'check':<50} max |Δlogit| / max |logit|")
-    for name, err in rows:
-        print(f"{name:<50} {err:.2e}  {'ok' if err < TOLERANCE else 'MISMATCH'}")
-    print(f"checkpoints and exports in {out}/")
-    return 0 if trained and all(err < TOLERANCE for _, err in rows) else 1
+    print()
+    print(record["table"])
+    print()
+    ok = True
+    for name, err in record["parity"].items():
+        good = err < TOLERANCE
+        ok &= good
+        print(
+            f"parity vs transformers, {name:<28} max |Δlogit| / max |logit| {err:.2e}  {'ok' if good else 'MISMATCH'}"
+        )
+    print(
+        f"\n{time.perf_counter() - start:.0f}s in all ({_cpu_seconds() - cpu:.0f} CPU seconds). Written to {out}/: "
+        "base/ (the causal base, HF), encoder/ (sentence-transformers), variants/, variants.png, results.json; "
+        f"training curves: tensorboard --logdir {out}"
+    )
+    return 0 if ok else 1

@@ -1,6 +1,7 @@
-"""`bidirlm demo`: where it may write (never over what it did not write), atomically, from an installed package.
+"""`bidirlm demo`: where it may write (never over what it did not write), atomically, from an installed package;
+its corpus split, table and plot; and one real run at a reduced size (`slow`).
 
-The heavy stages are replaced by fakes that write a file each, except in the one slow end-to-end run.
+The pipeline is replaced by a fake that writes a directory except in the slow end-to-end run.
 """
 
 import json
@@ -17,40 +18,38 @@ import bidirlm_jax
 from bidirlm_jax import demo
 from bidirlm_jax.cli import main
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.variants import VARIANTS
 
 PACKAGE = Path(bidirlm_jax.__file__).parent
 
 
 @pytest.fixture
-def fake_stages(monkeypatch):
-    """The demo's stages as fakes: the base 'learns', each family writes one directory and passes."""
+def fake_pipeline(monkeypatch):
+    """The demo's pipeline as a fake: it writes `base/` and `encoder/` and checks nothing."""
 
-    def train_base(out):
-        (out / "lm").mkdir()
-        (out / "lm" / "metrics.jsonl").write_text('{"loss": 1.0}\n')
-        return True
+    def pipeline(tmp, *, model, size, progress):
+        for name in ("base", "encoder"):
+            (tmp / name).mkdir()
+            (tmp / name / "config.json").write_text("{}")
+        return {"table": "the table", "parity": {"base, causal attention": 0.0}}
 
-    def family(name, out):
-        (out / f"{name}-hf").mkdir()
-        return [(name, 0.0)]
-
-    monkeypatch.setattr(demo, "_train_base", train_base)
-    monkeypatch.setattr(demo, "_family", family)
+    monkeypatch.setattr(demo, "_pipeline", pipeline)
 
 
 def _tree(path: Path) -> dict[str, str]:
     return {str(p.relative_to(path)): p.read_text() if p.is_file() else "/" for p in sorted(path.rglob("*"))}
 
 
-def test_writes_its_outputs_and_a_marker(fake_stages, tmp_path):
+def test_writes_its_outputs_and_a_marker(fake_pipeline, tmp_path, capsys):
     out = tmp_path / "new" / "demo_out"
     assert main(["demo", "--out", str(out)]) == 0
-    assert json.loads((out / demo.MARKER).read_text()) == {"entries": ["gemma3-hf", "lm", "qwen3-hf"]}
+    assert json.loads((out / demo.MARKER).read_text()) == {"entries": ["base", "encoder"]}
     assert sorted(os.listdir(out.parent)) == ["demo_out"]  # no temporary directory left beside it
+    assert "the table" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
-def test_the_current_directory_is_never_replaced(fake_stages, tmp_path, monkeypatch, capsys, overwrite):
+def test_the_current_directory_is_never_replaced(fake_pipeline, tmp_path, monkeypatch, capsys, overwrite):
     """The reported bug: `--out .` deleted the working directory."""
     (tmp_path / "work.txt").write_text("precious")
     monkeypatch.chdir(tmp_path)
@@ -61,7 +60,7 @@ def test_the_current_directory_is_never_replaced(fake_stages, tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
-def test_a_directory_the_demo_did_not_write_is_refused_untouched(fake_stages, tmp_path, capsys, overwrite):
+def test_a_directory_the_demo_did_not_write_is_refused_untouched(fake_pipeline, tmp_path, capsys, overwrite):
     out = tmp_path / "mine"
     (out / "sub").mkdir(parents=True)
     (out / "sub" / "thesis.tex").write_text("precious")
@@ -70,17 +69,17 @@ def test_a_directory_the_demo_did_not_write_is_refused_untouched(fake_stages, tm
     assert _tree(out) == {"sub": "/", "sub/thesis.tex": "precious"}
 
 
-def test_a_previous_output_is_replaced_only_with_overwrite(fake_stages, tmp_path, capsys):
+def test_a_previous_output_is_replaced_only_with_overwrite(fake_pipeline, tmp_path, capsys):
     out = tmp_path / "demo_out"
     assert main(["demo", "--out", str(out)]) == 0
-    (out / "lm" / "stale.txt").write_text("from the last run")  # inside a directory the demo wrote: replaced
+    (out / "base" / "stale.txt").write_text("from the last run")  # inside a directory the demo wrote: replaced
     assert main(["demo", "--out", str(out)]) == 2
-    assert "pass --overwrite" in capsys.readouterr().err and (out / "lm" / "stale.txt").exists()
+    assert "pass --overwrite" in capsys.readouterr().err and (out / "base" / "stale.txt").exists()
     assert main(["demo", "--out", str(out), "--overwrite"]) == 0
-    assert not (out / "lm" / "stale.txt").exists() and (out / demo.MARKER).is_file()
+    assert not (out / "base" / "stale.txt").exists() and (out / demo.MARKER).is_file()
 
 
-def test_files_added_beside_a_previous_output_block_the_overwrite(fake_stages, tmp_path, capsys):
+def test_files_added_beside_a_previous_output_block_the_overwrite(fake_pipeline, tmp_path, capsys):
     out = tmp_path / "demo_out"
     assert main(["demo", "--out", str(out)]) == 0
     (out / "notes.md").write_text("mine")
@@ -90,7 +89,7 @@ def test_files_added_beside_a_previous_output_block_the_overwrite(fake_stages, t
     assert _tree(out) == before
 
 
-def test_an_empty_directory_is_used_and_a_file_refused(fake_stages, tmp_path, capsys):
+def test_an_empty_directory_is_used_and_a_file_refused(fake_pipeline, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["demo", "--out", str(tmp_path / "empty")]) == 0
     assert (tmp_path / "empty" / demo.MARKER).is_file()
@@ -99,50 +98,53 @@ def test_an_empty_directory_is_used_and_a_file_refused(fake_stages, tmp_path, ca
     assert "is a file" in capsys.readouterr().err and (tmp_path / "file").read_text() == "x"
 
 
-def test_a_failure_leaves_nothing_behind(fake_stages, tmp_path, monkeypatch, capsys):
-    def broken(name, out):
-        (out / f"{name}-hf").mkdir()
+def test_a_failure_leaves_nothing_behind(fake_pipeline, tmp_path, monkeypatch, capsys):
+    def broken(tmp, **kwargs):
+        (tmp / "base").mkdir()
         raise ConfigError("simulated failure")
 
-    monkeypatch.setattr(demo, "_family", broken)
+    monkeypatch.setattr(demo, "_pipeline", broken)
     assert main(["demo", "--out", str(tmp_path / "demo_out")]) == 2
     assert "simulated failure" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
 
 
-def test_the_config_is_read_from_the_installed_package(tmp_path):
-    """A copy of the package alone (no repository around it) finds the demo's training config."""
+def test_a_model_that_is_not_a_checkpoint_is_refused_before_any_work(fake_pipeline, tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="config.json and tokenizer.json"):
+        demo.run_demo(tmp_path / "demo_out", model=tmp_path / "model")
+    assert sorted(os.listdir(tmp_path)) == ["model"]
+
+
+def test_the_configs_are_read_from_the_installed_package(tmp_path):
+    """A copy of the package alone (no repository around it) builds every training config of the demo."""
     site = tmp_path / "site"
     shutil.copytree(PACKAGE, site / "bidirlm_jax", ignore=shutil.ignore_patterns("__pycache__"))
     script = textwrap.dedent(
         """
         import json, sys
         from pathlib import Path
-        import bidirlm_jax, bidirlm_jax.train
         from bidirlm_jax import demo
-        seen = {}
-        def train(config, workdir):
-            seen["preset"] = config.model.preset
-            Path(workdir).mkdir()
-            Path(workdir, "metrics.jsonl").write_text('{"loss": 3.0}\\n{"loss": 1.0}\\n')
-        bidirlm_jax.train.train = train
-        out = Path(sys.argv[1])
-        out.mkdir()
-        assert demo._train_base(out)
-        files = [m.__file__ for m in list(sys.modules.values()) if m.__name__.split(".")[0] in ("bidirlm_jax", "configs")]
-        print(json.dumps({"preset": seen["preset"], "outside": [f for f in files if not f.startswith(sys.argv[2])]}))
+        from bidirlm_jax.variants import Recipe
+        lm = demo._lm_config(demo.FULL, Path("init"), Path("tokens.npy"), False)
+        mntp, con = demo.stage_configs(demo.FULL, Path("data"), Path("tok"))
+        Recipe(mntp=mntp, contrastive=con)
+        files = [m.__file__ for m in list(sys.modules.values())
+                 if m.__name__.split(".")[0] in ("bidirlm_jax", "configs") and getattr(m, "__file__", None)]
+        print(json.dumps({"objectives": [lm.objective, mntp.objective, con.objective],
+                          "outside": [f for f in files if not f.startswith(sys.argv[1])]}))
         """
     )
     env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "out"), str(site)],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
+        [sys.executable, "-c", script, str(site)], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.splitlines()[-1]) == {"preset": "tiny-qwen3", "outside": []}
+    assert json.loads(result.stdout.splitlines()[-1]) == {
+        "objectives": ["causal_lm", "mntp", "contrastive"],
+        "outside": [],
+    }
 
 
 def test_train_takes_the_package_config_path_and_the_repository_shim():
@@ -154,10 +156,86 @@ def test_train_takes_the_package_config_path_and_the_repository_shim():
         assert config.model.preset == "tiny-qwen3"
 
 
+# --- the corpus, the table, the plot --------------------------------------------------------------------
+
+
+def test_whole_packages_are_held_out_deterministically():
+    assert demo.held_out("json") == demo.held_out("json.decoder") == demo.held_out("json.tool")
+    docs = demo.stdlib_documents()
+    packages = sorted({d.module.split(".")[0] for d in docs})
+    held = [p for p in packages if demo.held_out(p)]
+    assert 0.1 < len(held) / len(packages) < 0.3
+    assert any(d.name for d in docs) and any(not d.name for d in docs)  # members and module docstrings
+
+
+def test_the_corpus_keeps_the_held_out_packages_out_of_training():
+    corpus = demo.build_corpus(num_negatives=1, max_eval_queries=40)
+    data = corpus.eval_data
+    assert len(data.queries) == len(data.corpus) == 40 and len(data.evaluated_queries()) == 40
+    held_bodies = {text for _, text in data.corpus.values()}
+    held_queries = set(data.queries.values())
+    assert not held_bodies & set(corpus.train_texts)
+    for name, records in corpus.pairs.items():
+        assert records, name
+        for r in records:
+            assert r["query"] not in held_queries and r["positive"] not in held_bodies
+            assert len(r["negatives"]) == 1 and r["negatives"][0] != r["positive"]
+    assert set(corpus.pairs) == set(demo.INSTRUCTIONS)
+
+
+def test_summary_pairs_drop_ambiguous_and_short_ones():
+    docs = [
+        demo.Doc("m", "a", "Return the value of x.\n" + "x" * 60),
+        demo.Doc("m", "b", "Return the value of x.\n" + "y" * 60),  # same summary: neither is a usable query
+        demo.Doc("m", "c", "Too short body here.\nshort"),
+        demo.Doc("m", "d", ">>> import io\n" + "z" * 60),  # no real words... still three tokens, kept
+        demo.Doc("m", "e", "Emit.\n" + "w" * 60),  # one word
+    ]
+    assert [d.name for d, _, _ in demo.summary_pairs(docs)] == ["d"]
+
+
+def test_table_and_plot(tmp_path):
+    results = {
+        "Base": {"attention": "causal", "ndcg_at_10": 0.1, "mrr_at_10": 0.1, "recall_at_100": 0.5},
+        "Bi+Base": {"attention": "bidirectional", "ndcg_at_10": 0.05, "mrr_at_10": 0.2, "recall_at_100": 0.5},
+    }
+    table = demo.format_table(results, 10, 10)
+    assert "Bi+Base" in table.splitlines()[-2] and "-5.0" in table and "+10.0" in table and "+0.0" in table
+    chance = demo.chance_level(10)  # one relevant document among ten, ranked at random
+    assert chance["recall_at_100"] == 1.0 and chance["mrr_at_10"] == pytest.approx(
+        sum(1 / r for r in range(1, 11)) / 10
+    )
+    assert table.splitlines()[-1].split()[:2] == ["(chance)", f"{100 * chance['ndcg_at_10']:.1f}"]
+    png = demo.plot_deltas(results, tmp_path / "plot.png", "title")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- the whole demo, at a reduced size ------------------------------------------------------------------
+
+
 @pytest.mark.slow
-def test_the_whole_demo_passes(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "demo_out")]) == 0
+def test_the_whole_demo_runs(tmp_path, capsys):
+    out = tmp_path / "demo_out"
+    assert demo.run_demo(out, quick=True) == 0
     printed = capsys.readouterr().out
-    assert "MISMATCH" not in printed and printed.count(" ok") == 6
-    entries = json.loads((tmp_path / "demo_out" / demo.MARKER).read_text())["entries"]
-    assert {"lm", "gemma3-encoder-hf", "qwen3-encoder-hf"} <= set(entries)
+    lines = printed.splitlines()
+    for name in VARIANTS:
+        assert any(line.startswith(f"{name} ") for line in lines), name
+    assert printed.count(" ok") == 2 and "MISMATCH" not in printed
+    record = json.loads((out / "results.json").read_text())
+    assert list(record["results"]) == list(VARIANTS)
+    for row in record["results"].values():
+        assert all(0.0 <= row[key] <= 1.0 for key, _ in demo.METRICS)
+    assert (out / "variants.png").read_bytes()[:4] == b"\x89PNG"
+    entries = set(json.loads((out / demo.MARKER).read_text())["entries"])
+    assert {"base", "encoder", "variants", "runs", "data", "results.json", "variants.png"} <= entries
+
+    from sentence_transformers import SentenceTransformer
+
+    from bidirlm_jax.io.hf_config import read_config
+
+    assert read_config(out / "base").attention == "causal" and (out / "base" / "tokenizer.json").is_file()
+    encoder = SentenceTransformer(str(out / "encoder"), device="cpu")
+    embeddings = encoder.encode(["Heap queue algorithm.", "Parse JSON text."])
+    assert embeddings.shape == (2, demo.QUICK.hidden_size)
+    assert list((out / "variants" / "runs").iterdir()) and (out / "runs" / "lm" / "tensorboard").is_dir()

@@ -14,7 +14,6 @@ from flax import nnx
 
 from bidirlm_jax import cli
 from bidirlm_jax.data.tokenizer import load_tokenizer, train_tokenizer
-from bidirlm_jax.embed.cli import register_embed, register_eval, register_export
 from bidirlm_jax.embed.encode import bucket_lengths, encode, encode_texts, query_prompt, tokenize
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.hf import from_pretrained
@@ -49,15 +48,8 @@ def make_encoder_src(model_dir, out_dir):
 
 
 def run_cli(argv, capsys=None):
-    """`bidirlm` with this module's commands registered (once the lead adds them to cli._COMMANDS, as they are)."""
-    names = {r.__name__ for r in cli._COMMANDS}
-    extra = [r for r in (register_embed, register_export, register_eval) if r.__name__ not in names]
-    saved = list(cli._COMMANDS)
-    cli._COMMANDS[:] = saved + extra
-    try:
-        return cli.main([str(a) for a in argv])
-    finally:
-        cli._COMMANDS[:] = saved
+    """`bidirlm ARGV`, its exit status."""
+    return cli.main([str(a) for a in argv])
 
 
 @pytest.fixture(scope="module", params=["qwen3", "gemma3"])
