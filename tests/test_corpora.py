@@ -17,3 +17,13 @@ def test_stdlib_docstrings():
     assert all(isinstance(doc, str) and doc.strip() for _, doc in docs)
     again = stdlib_docstrings()
     assert again == docs and again is not docs  # cached, but callers get their own list
+
+
+def test_mined_pairs_never_use_a_positive_as_its_own_hard_negative():
+    from bidirlm_jax.data.corpora import stdlib_pairs
+
+    datasets, instructions = stdlib_pairs(num_negatives=2)
+    assert {d.name for d in datasets} == set(instructions) == {"summaries", "halves"}
+    for d in datasets:
+        assert len(set(d.positives)) == len(d.positives)  # modules sharing one docstring appear once
+        assert all(p not in negatives for p, negatives in zip(d.positives, d.negatives))

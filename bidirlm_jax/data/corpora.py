@@ -89,7 +89,8 @@ def stdlib_pairs(*, num_negatives: int = 1, exclude: Callable[[str], bool] | Non
     from bidirlm_jax.data.pairs import Instruction, PairDataset  # pairs needs transformers; corpora does not
 
     docs = [(m, *_summary_and_body(d)) for m, d in stdlib_docstrings() if not (exclude and exclude(m))]
-    docs = [(m, s, b) for m, s, b in docs if s and len(b) >= 200]
+    unique = {b: (m, s, b) for m, s, b in reversed(docs) if s and len(b) >= 200}  # modules sharing a docstring
+    docs = sorted(unique.values())  # (importlib._bootstrap{,_external}) would be each other's false negatives
     if len(docs) <= num_negatives:
         raise ConfigError(f"only {len(docs)} standard-library modules are left to mine pairs from")
     halves = [(b[: len(b) // 2], b[len(b) // 2 :]) for _, _, b in docs]
