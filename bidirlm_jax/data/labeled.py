@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from bidirlm_jax.data.sources import data_files
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.heads import IGNORE_INDEX, TASKS
 
@@ -87,20 +88,7 @@ class LabeledSplit:
 
 
 def _files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.suffix in EXTENSIONS and p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
-        )
-        if not files:
-            raise ConfigError(f"directory {path} holds no {'/'.join(EXTENSIONS)} files; give {_FORMATS}")
-        return files
-    if not path.exists():
-        raise ConfigError(f"data path {path} does not exist; give {_FORMATS}")
-    if path.suffix not in EXTENSIONS:
-        raise ConfigError(f"{path}: cannot read {path.suffix or 'extension-less'} files; give {_FORMATS}")
-    return [path]
+    return data_files(path, EXTENSIONS, _FORMATS)
 
 
 def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:

@@ -32,20 +32,25 @@ def source_files(path: str | os.PathLike) -> list[Path]:
         if not matches:
             raise ConfigError(f"no files match {text}; give {_FORMATS}")
         return [f for m in matches for f in source_files(m)]
-    path = Path(text)
+    return data_files(Path(text), EXTENSIONS, _FORMATS)
+
+
+def data_files(path: Path, extensions: tuple[str, ...], formats: str) -> list[Path]:
+    """The files `path` names: itself, or a directory's files with one of `extensions` (recursive, sorted,
+    hidden ones skipped). `formats` says in errors what the caller accepts."""
     if path.is_dir():
         files = sorted(
             p
             for p in path.rglob("*")
-            if p.suffix in EXTENSIONS and p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
+            if p.suffix in extensions and p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
         )
         if not files:
-            raise ConfigError(f"directory {path} holds no {'/'.join(EXTENSIONS)} files; give {_FORMATS}")
+            raise ConfigError(f"directory {path} holds no {'/'.join(extensions)} files; give {formats}")
         return files
     if not path.exists():
-        raise ConfigError(f"data path {path} does not exist; give {_FORMATS}")
-    if path.suffix not in EXTENSIONS:
-        raise ConfigError(f"{path}: cannot read {path.suffix or 'extension-less'} files; give {_FORMATS}")
+        raise ConfigError(f"data path {path} does not exist; give {formats}")
+    if path.suffix not in extensions:
+        raise ConfigError(f"{path}: cannot read {path.suffix or 'extension-less'} files; give {formats}")
     return [path]
 
 
