@@ -73,11 +73,11 @@ def test_an_output_under_a_file_is_reported(tmp_path, capsys):
 
 
 def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, monkeypatch, capsys):
-    def interrupted(out):
-        (out / "lm").mkdir()
+    def interrupted(tmp, **_):
+        (tmp / "variants").mkdir()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo, "_train_base", interrupted)
+    monkeypatch.setattr(demo, "_pipeline", interrupted)
     _fails_cleanly(capsys, ["demo", "--out", str(tmp_path / "out")], "interrupted", code=130)
     assert os.listdir(tmp_path) == []
 
