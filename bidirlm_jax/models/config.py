@@ -23,7 +23,7 @@ BIDIRECTIONAL_WINDOWS = ("half", "full", "none")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 POOLING_MODES = ("mean", "last", "first")  # how an encoder turns hidden states into one embedding (models.pooling)
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked", "reference")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked", "reference", "chunked", "splash", "triton")  # kernels.attention
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"
     attention_impl: str = "auto"  # one of ATTENTION_IMPLS
+    attention_block_q: int = 512  # query / key block sizes of the blocked kernels (splash, chunked), clipped to T
+    attention_block_kv: int = 512
+    scan_layers: bool = False  # one scanned layer over stacked parameters: compile time flat in depth
     # Fields of the source config.json this class does not model, JSON-encoded, carried into exports.
     extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
@@ -94,6 +97,10 @@ class ModelConfig:
             (
                 self.attention_impl in ATTENTION_IMPLS,
                 f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}",
+            ),
+            (
+                min(self.attention_block_q, self.attention_block_kv) > 0,
+                f"attention blocks {self.attention_block_q}/{self.attention_block_kv} must be positive",
             ),
             (
                 len(self.layer_types) == self.num_layers,

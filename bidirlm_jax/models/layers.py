@@ -65,7 +65,9 @@ class Embedder(nnx.Module):
         self.embedding = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        x = jnp.take(self.embedding[...].astype(self.dtype), input_ids, axis=0)
+        # Gather, then cast: the same values as casting the table first, without a [vocab, d] copy in the
+        # compute dtype, and the gradient scatter-adds straight into the table's dtype.
+        x = jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype)
         if self.scale is not None:
             x = x * jnp.asarray(self.scale, self.dtype)
         return x
