@@ -107,6 +107,19 @@ def variable_sharding(variable: nnx.Variable, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(names, variable.shape, mesh))
 
 
+def place(module: nnx.Module, mesh: Mesh | None) -> nnx.Module:
+    """`module` with every variable moved into the sharding its logical axes give on `mesh` (None: as is)."""
+    if mesh is None:
+        return module
+    graphdef, state = nnx.split(module)
+    moved = jax.tree.map(
+        lambda v: v.replace(jax.device_put(v.get_value(), variable_sharding(v, mesh))),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.merge(graphdef, moved)
+
+
 def _kind(path) -> str:
     """A parameter's name without its layer index or container: `k_proj`, `embedding`."""
     names = [k.key if hasattr(k, "key") else getattr(k, "name", None) for k in path]

@@ -2,15 +2,21 @@
 both families with sliding layers in both attention modes; `stack_layers` / `unstack_layers` convert
 between the two parameter layouts exactly (states, pure dicts, abstract shapes)."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from bidirlm_jax.io.checkpoint import load_checkpoint, save_checkpoint
+from bidirlm_jax.io.hf import from_pretrained, save_pretrained
 from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.presets import get_preset
-from bidirlm_jax.models.transformer import Transformer, abstract_model, stack_layers, unstack_layers
+from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout, stack_layers, unstack_layers
+
+ROOT = Path(__file__).resolve().parents[1]
 
 B, T = 2, 24
 MODELS = {
@@ -94,3 +100,51 @@ def test_stack_and_unstack_layouts():
     _, abstract = abstract_model(config.replace(scan_layers=True))
     shapes = unstack_layers(abstract)
     assert shapes["layers"][0]["attn"]["k_proj"].shape == (config.num_kv_heads, config.head_dim, config.hidden_size)
+
+
+# --- the boundary: HF files, exchange checkpoints and training runs keep one tensor per layer -----------
+
+
+def _params(model) -> dict:
+    return _flat(nnx.state(relayout(model, False), nnx.Param))
+
+
+def test_hf_files_load_scanned_and_save_per_layer(qwen_dir, tmp_path):
+    unrolled = from_pretrained(qwen_dir)
+    scanned = from_pretrained(qwen_dir, scan_layers=True)
+    assert scanned.config.scan_layers and "0" not in nnx.state(scanned)["layers"]
+    ids = np.arange(3, 3 + 2 * T, dtype=np.int32).reshape(2, T) % scanned.config.vocab_size
+    np.testing.assert_allclose(scanned(ids).logits, unrolled(ids).logits, rtol=1e-5, atol=1e-5)
+    save_pretrained(scanned, tmp_path / "hf")
+    save_checkpoint(scanned, tmp_path / "ckpt")
+    expected = _params(unrolled)
+    for loaded in (
+        from_pretrained(tmp_path / "hf"),
+        load_checkpoint(tmp_path / "ckpt"),
+        from_pretrained(tmp_path / "ckpt", scan_layers=True),
+    ):
+        got = _params(loaded)
+        assert got.keys() == expected.keys()
+        for path, value in expected.items():
+            np.testing.assert_array_equal(got[path], value, err_msg=str(path))
+
+
+@pytest.mark.slow
+def test_a_scanned_run_trains_resumes_and_exports_per_layer(qwen_dir, tmp_path, capsys):
+    """A run with scan_layers=True starts from HF weights, checkpoints stacked, reads back in either layout,
+    and refuses to resume unrolled."""
+    from bidirlm_jax.cli import main as cli_main
+
+    args = ["train", "--config", f"{ROOT}/configs/lm.py:tiny", "--workdir", str(tmp_path / "run")]
+    args += ["--config.metrics.progress_bar=False", "--config.metrics.tensorboard=False", "--config.train.steps=1"]
+    args += [f"--config.model.init_from={qwen_dir}", "--config.optim.learning_rate=0"]
+    assert cli_main([*args, "--config.model.scan_layers=True"]) == 0
+    expected = _params(from_pretrained(qwen_dir))
+    for loaded in (from_pretrained(tmp_path / "run"), from_pretrained(tmp_path / "run", scan_layers=True)):
+        got = _params(loaded)
+        assert got.keys() == expected.keys()
+        for path, value in expected.items():
+            np.testing.assert_array_equal(got[path], value, err_msg=str(path))  # learning rate 0: the HF weights
+    capsys.readouterr()
+    assert cli_main([*args, "--config.train.steps=2"]) == 2
+    assert "written with model.scan_layers=True, the config says False" in capsys.readouterr().err

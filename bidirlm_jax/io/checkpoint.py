@@ -25,7 +25,7 @@ from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.transformer import Transformer, abstract_model
+from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 
 PARAMS_DIR = "params"
 RUN_MODEL_DIR = "model"  # a training run's model description: config.json and the tokenizer's files
@@ -63,6 +63,7 @@ def save_checkpoint(
     `save_pretrained` takes them. In a multi-process run every process calls this: orbax writes each
     process's shards into one agreed temporary directory, which process 0 renames into place.
     """
+    model = relayout(model, False)  # the per-layer layout, whichever way the model runs
     dtype = dtype or model.config.param_dtype
     hf = config_to_hf(model.config, dtype=dtype)
     exceptions = {k: v for k, v in (tensor_dtypes or {}).items() if v != dtype}
@@ -105,17 +106,21 @@ def load_checkpoint(
             "bidirlm_jax.io.heads.load_finetuned, or export it with `bidirlm export`"
         )
     config = config or read_config(description_dir(path))
+    wanted = config.scan_layers
+    # A training run's checkpoints hold the layout it trained with; exchange checkpoints hold one per layer.
+    where = _latest_state(path) if is_training_run(path) else path / PARAMS_DIR
+    config = config.replace(scan_layers=is_training_run(path) and _stacked(where))
     graphdef, abstract = abstract_model(config)
 
     def target(var: nnx.Variable):
-        where = sharding.variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
-        return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=where))
+        placement = (
+            sharding.variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
+        )
+        return var.replace(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=placement))
 
     abstract = jax.tree.map(target, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    where = path / PARAMS_DIR
     try:
         if is_training_run(path):
-            where = _latest_state(path)
             item = {"params": abstract}
             args = ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
@@ -131,7 +136,20 @@ def load_checkpoint(
             f"cannot restore {where} ({type(e).__name__}: {detail}); the checkpoint is damaged or "
             "was written for another config — write it again"
         ) from e
-    return nnx.merge(graphdef, state)
+    model = relayout(nnx.merge(graphdef, state), wanted)
+    return sharding.place(model, mesh) if wanted != config.scan_layers else model
+
+
+def _stacked(state_dir: Path) -> bool:
+    """Whether a train state holds its layers stacked (`scan_layers=True`): `params/layers/` then has
+    parameter names, not layer indices."""
+    try:
+        tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
+        return "0" not in tree["params"]["layers"]
+    except Exception as e:  # orbax raises many types for a damaged or foreign checkpoint
+        raise CheckpointError(
+            f"cannot read the metadata of {state_dir} ({type(e).__name__}: {e}); write it again"
+        ) from e
 
 
 def _latest_state(run: Path) -> Path:

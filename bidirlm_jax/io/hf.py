@@ -40,7 +40,7 @@ from bidirlm_jax.io.shards import (
     torch_dtype_name,
 )
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.transformer import Transformer, abstract_model
+from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -222,6 +222,9 @@ def load_params(
     path: str | os.PathLike, config: ModelConfig, *, mesh: Mesh | None = None, allow_pickle: bool = False
 ) -> Transformer:
     """Build a `Transformer` for `config` whose parameters are read from the checkpoint at `path`."""
+    if config.scan_layers:  # HF files hold one tensor per layer: read them so, then stack
+        unrolled = load_params(path, config.replace(scan_layers=False), mesh=mesh, allow_pickle=allow_pickle)
+        return sharding.place(relayout(unrolled, True), mesh)
     reader = open_weights(path, allow_pickle=allow_pickle)
     layout = detect_layout(reader.keys())
     graphdef, state = abstract_model(config)
@@ -249,18 +252,20 @@ def from_pretrained(
     dtype: str = "float32",
     mesh: Mesh | None = None,
     allow_pickle: bool = False,
+    scan_layers: bool = False,
 ) -> Transformer:
     """Load an HF checkpoint directory, a bidirlm checkpoint (`bidirlm convert`) or a training run (its
     latest step) as a model.
 
     `attention`/`bidirectional_window` default to what the checkpoint's config.json says (causal for
-    a plain decoder). `dtype` is both the parameter and the compute dtype.
+    a plain decoder). `dtype` is both the parameter and the compute dtype. `scan_layers` stacks the
+    layers' parameters for a scanned model, whatever layout the files hold.
     """
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     mode = {"attention": attention, "bidirectional_window": bidirectional_window}
     overrides = {k: v for k, v in mode.items() if v is not None}
-    config = read_config(description_dir(path), dtype=dtype, param_dtype=dtype, **overrides)
+    config = read_config(description_dir(path), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, **overrides)
     if is_checkpoint(path):
         return load_checkpoint(path, config, mesh=mesh)
     return load_params(path, config, mesh=mesh, allow_pickle=allow_pickle)
@@ -297,6 +302,7 @@ def save_pretrained(
     index above `max_shard_bytes`; `extra_files` (e.g. `tokenizer_files(src)`) are copied beside them.
     In a multi-process run every process calls this: each tensor is gathered to process 0, which writes.
     """
+    model = relayout(model, False)  # HF files hold one tensor per layer
     config = model.config
     arrays = _param_arrays(model)
     table = weight_table(config)

@@ -197,6 +197,16 @@ def unstack_layers(state):
     return _with_layers(state, nnx.State(per_layer) if isinstance(state, nnx.State) else per_layer)
 
 
+def relayout(model: Transformer, scan_layers: bool) -> Transformer:
+    """`model` with its layers scanned (stacked parameters) or unrolled: the boundary between a scanned
+    training state and the per-layer layout of checkpoints and HF files. Arrays are restacked, not shared."""
+    if model.config.scan_layers == scan_layers:
+        return model
+    graphdef, _ = abstract_model(model.config.replace(scan_layers=scan_layers))
+    state = nnx.state(model)
+    return nnx.merge(graphdef, stack_layers(state) if scan_layers else unstack_layers(state))
+
+
 def _stacked(blocks: list[Block]) -> Block:
     """One block holding every block's parameters stacked on a leading `layers` axis."""
     graphdef, _ = nnx.split(blocks[0])

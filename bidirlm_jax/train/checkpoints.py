@@ -99,6 +99,11 @@ class Checkpointer:
             )
             if part
         )
+        stacked = [
+            any(k.startswith("layers/") and not k.split("/")[1].isdigit() for k in d) for d in (saved, param_shapes)
+        ]
+        if stacked[0] != stacked[1]:
+            detail = f"they were written with model.scan_layers={stacked[0]}, the config says {stacked[1]}"
         raise CheckpointError(
             f"{self.directory} holds checkpoints (latest step {step}) of a different model than the config "
             f"describes: {detail}. Use a new --workdir, or the config that wrote these checkpoints"

@@ -16,7 +16,7 @@ from absl import flags
 from ml_collections import ConfigDict, config_dict, config_flags
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.models.config import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, REMAT_POLICIES
+from bidirlm_jax.models.config import ATTENTION_IMPLS, ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, REMAT_POLICIES
 
 _MODEL_OVERRIDES = {
     "vocab_size": int,
@@ -41,6 +41,10 @@ def base_config() -> ConfigDict:
             bidirectional_window="half",
             dtype="float32",  # compute dtype; master weights and the loss stay fp32
             remat="none",  # none | full | save_dots
+            scan_layers=False,  # scan one layer over stacked parameters: compile time flat in depth
+            attention_impl="auto",  # kernels.attention: auto picks splash on TPU, cuDNN/Triton on GPU, XLA on CPU
+            attention_block_q=512,  # splash / chunked kernels' block sizes, clipped to the sequence length
+            attention_block_kv=512,
             **{k: config_dict.placeholder(t) for k, t in _MODEL_OVERRIDES.items()},
         )
     )
@@ -118,6 +122,7 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
 def validate(config: ConfigDict) -> None:
     """Refuse values the engine cannot run before anything is built or written."""
     _one_of(config.model.remat, REMAT_POLICIES, "model.remat")
+    _one_of(config.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
     _one_of(config.model.dtype, ("float32", "bfloat16"), "model.dtype")  # master weights stay fp32 either way
     _one_of(config.model.attention, ATTENTION_MODES, "model.attention")
     _one_of(config.model.bidirectional_window, BIDIRECTIONAL_WINDOWS, "model.bidirectional_window")

@@ -42,12 +42,22 @@ from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout, param_shapes
 from bidirlm_jax.train.step import jit_step, make_step_fn
 
+# `model.*` keys that say how the architecture runs (ModelConfig fields), whatever its source.
+_RUN_SETTINGS = (
+    "attention",
+    "bidirectional_window",
+    "dtype",
+    "remat",
+    "scan_layers",
+    "attention_impl",
+    "attention_block_q",
+    "attention_block_kv",
+)
+
 
 def model_config(model: ConfigDict) -> ModelConfig:
     """The architecture to train: the `init_from` checkpoint's or the preset's, plus the run settings."""
-    run = dict(
-        attention=model.attention, bidirectional_window=model.bidirectional_window, dtype=model.dtype, remat=model.remat
-    )
+    run = {k: model[k] for k in _RUN_SETTINGS}
     overrides = model_overrides(model)
     if not model.init_from:
         if "num_layers" in overrides:  # the preset's layer-type pattern, cut or repeated to the new depth
@@ -74,6 +84,7 @@ def _init_params(model: ConfigDict, config: ModelConfig, mesh, objective: Object
         bidirectional_window=config.bidirectional_window,
         dtype="float32",
         mesh=mesh,
+        scan_layers=config.scan_layers,
     )
     params = nnx.state(loaded, nnx.Param)
     return objective.init_params(params) if objective.init_params is not None else params
@@ -214,7 +225,8 @@ def _write_model_description(workdir: Path, plan: _Plan) -> None:
 
 class _Validation:
     """Every `objective.eval_every` steps (and at the last one): score the model on the validation split,
-    log `eval/<metric>`, and keep the best step's parameters in `RUN/best/` (`io.heads.save_best`)."""
+    log `eval/<metric>`, and keep the best step's parameters in `RUN/best/` (`io.heads.save_best`) when the
+    objective names a `best_metric`."""
 
     def __init__(self, workdir: Path, plan: _Plan, last_step: int):
         from bidirlm_jax.io.heads import read_best
@@ -233,7 +245,7 @@ class _Validation:
 
         objective = self._plan.objective
         scores = objective.evaluate(nnx.merge(self._plan.layout.graphdef, state.params))
-        if is_better(scores[objective.best_metric], self._best):
+        if objective.best_metric and is_better(scores[objective.best_metric], self._best):
             self._best = scores[objective.best_metric]
             save_best(self._workdir, state.params, step=step, metrics=scores)
         return {f"eval/{k}": float(v) for k, v in scores.items()}

@@ -287,6 +287,11 @@ def _check_settings(config: ConfigDict, model: ModelConfig) -> tuple[str, str]:
         raise ConfigError(f"objective {config.objective!r} is not a fine-tuning task; choose one of {OBJECTIVES}")
     if "finetune" not in config:
         raise ConfigError(f"objective {config.objective} needs the finetune.* settings: use configs/finetune.py")
+    if model.scan_layers:
+        raise ConfigError(
+            "model.scan_layers=True is not supported for fine-tuning (heads are saved, read and exported with "
+            "one tensor per layer); set --config.model.scan_layers=False"
+        )
     task, ft = config.objective, config.finetune
     if config.data.source not in SOURCES:
         raise ConfigError(f"data.source={config.data.source!r} is not one of {SOURCES} for objective {task}")
