@@ -69,6 +69,7 @@ _NEUTRAL_KEYS = {
     "mesh": None,
     "data": ("read_threads", "prefetch"),
     "train": ("log_every", "checkpoint_every", "keep_checkpoints"),
+    "mntp": ("eval_data", "eval_every", "eval_texts"),  # held-out measurements during the run
 }
 
 

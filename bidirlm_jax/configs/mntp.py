@@ -41,6 +41,9 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             capacity_factor=1.2,  # sparse head slots per row = ceil(factor * ratio * seq_len); overflow is logged
             chunk_size=16384,  # vocabulary chunk of the fused LM head + cross-entropy
             sparse=True,  # LM head only where a masked token is predicted
+            eval_data="",  # held-out sets "NAME:PATH;NAME:PATH": eval/loss/NAME, eval/masked_accuracy/NAME
+            eval_every=0,  # steps between held-out evaluations (0: the last step only)
+            eval_texts=256,  # documents read from each held-out set
         )
     )
     c.optim.update(b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip_norm=1.0, schedule="wsd")

@@ -6,11 +6,15 @@ drawn per text from `(seed, text index)`, so the score depends on neither batch 
 tokens, padding and each text's first token (nothing precedes it) are never masked. Texts are sorted by
 length and padded to `encode`'s bucket lengths; the LM head runs on the masked positions only, in vocabulary
 chunks, so a 262k-word head never materialises full logits.
+
+`evaluate_domains` scores several held-out sets at once (`{"loss/NAME", "masked_accuracy/NAME"}`), the
+measure of forgetting: MNTP runs with `mntp.eval_data="english:PATH;code:PATH"` log it as `eval/loss/NAME`
+every `mntp.eval_every` steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax.numpy as jnp
@@ -18,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from bidirlm_jax.data.mntp import validate
+from bidirlm_jax.data.sources import iter_documents
 from bidirlm_jax.data.tokenizer import resolve_mask_token
 from bidirlm_jax.embed.encode import bucket_lengths, pad_batch, tokenize
 from bidirlm_jax.errors import ConfigError
@@ -69,6 +74,51 @@ def evaluate_mntp(
         "masked_tokens": int(count),
         "num_texts": len(ids),
     }
+
+
+def parse_domains(spec: str) -> list[tuple[str, str]]:
+    """`"NAME:PATH;NAME:PATH"` (`mntp.eval_data`) → [(name, path)]; a path may hold `:` (`hf:NAME`)."""
+    domains = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        name, sep, path = part.partition(":")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(
+                f"held-out set {part!r} is not NAME:PATH (e.g. 'english:/data/en.txt;code:/data/code.jsonl')"
+            )
+        domains.append((name.strip(), path.strip()))
+    names = [n for n, _ in domains]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"held-out set names {names} must be unique")
+    return domains
+
+
+def read_domains(spec: str, *, max_texts: int = 256, text_field: str = "text") -> dict[str, list[str]]:
+    """The first `max_texts` documents of each held-out set `spec` names (`parse_domains`), in file order."""
+    if max_texts < 1:
+        raise ConfigError(f"max_texts must be positive, got {max_texts}")
+    out = {}
+    for name, path in parse_domains(spec):
+        texts = []
+        for text in iter_documents(path, text_field=text_field):
+            texts.append(text)
+            if len(texts) == max_texts:
+                break
+        if not texts:
+            raise ConfigError(f"held-out set {name!r} ({path}) holds no documents")
+        out[name] = texts
+    return out
+
+
+def evaluate_domains(
+    model: Transformer, tokenizer: Any, domains: Mapping[str, Sequence[str]], **kwargs: Any
+) -> dict[str, float]:
+    """`evaluate_mntp` on each held-out set: `{"loss/NAME": …, "masked_accuracy/NAME": …}` (same `kwargs`)."""
+    out = {}
+    for name, texts in domains.items():
+        scores = evaluate_mntp(model, tokenizer, texts, **kwargs)
+        out[f"loss/{name}"] = scores["loss"]
+        out[f"masked_accuracy/{name}"] = scores["masked_accuracy"]
+    return out
 
 
 @nnx.jit(static_argnames="slots")

@@ -19,11 +19,13 @@ Metric contract (see `base.token_sum_grads` for the engine's sums-then-divide co
 number of scored masked targets, so the engine's `loss` is the mean over masked tokens across
 micro-batches and devices. Sums returned: `masked_accuracy` (correct targets), `mntp_overflow` (dropped
 targets) and, with `num_sources`, `loss/source_{k}` and `tokens/source_{k}` per mixture source.
-`logged_metrics` turns the engine's token means back into the values worth logging.
+`logged_metrics` turns the engine's token means back into the values worth logging. Held-out sets
+(`mntp.eval_data`) add `eval/loss/NAME` and `eval/masked_accuracy/NAME` every `mntp.eval_every` steps.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -261,6 +263,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         return out
 
     tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)  # saved with the run, so exports carry it
+    evaluate = _held_out_evaluation(config, tokenizer, mask_id)
     return Objective(
         rows=text.rows,
         grad_fn=token_sum_grads(loss_fn, grad_accum=config.train.grad_accum_steps),
@@ -268,4 +271,29 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         tokens_per_step=data.global_batch_size * data.seq_len,
         report=report,
         tokenizer=tokenizer,
+        evaluate=evaluate,
+        eval_every=int(mntp.get("eval_every", 0)) if evaluate else 0,
+    )
+
+
+def _held_out_evaluation(config: ConfigDict, tokenizer, mask_id: int):
+    """`mntp.eval_data` ("NAME:PATH;…"): held-out loss and masked accuracy per set (`evals.lm.evaluate_domains`),
+    logged as `eval/loss/NAME` every `mntp.eval_every` steps and at the last one; None without held-out sets."""
+    from bidirlm_jax.evals.lm import evaluate_domains, read_domains
+
+    mntp = config.mntp
+    spec = mntp.get("eval_data", "")
+    if not spec:
+        return None
+    if int(mntp.get("eval_every", 0)) < 0:
+        raise ConfigError(f"mntp.eval_every must be 0 (the last step only) or positive, got {mntp.eval_every}")
+    domains = read_domains(spec, max_texts=int(mntp.get("eval_texts", 256)), text_field=config.data.text_field)
+    return functools.partial(
+        evaluate_domains,
+        tokenizer=tokenizer,
+        domains=domains,
+        mask_ratio=mntp.mask_ratio,
+        mask_token=mask_id,
+        max_length=config.data.seq_len,
+        seed=config.data.seed,
     )
