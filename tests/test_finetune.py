@@ -216,6 +216,10 @@ def test_other_bad_settings(tmp_path, tokenizer_dir):
     config.data.path, config.finetune.validation_path = _files(data, GOOD, GOOD)
     with pytest.raises(ConfigError, match="needs the checkpoint's tokenizer"):
         _build(config, tmp_path)
+    config.model.scan_layers = True
+    with pytest.raises(ConfigError, match="scan_layers=True is not supported for fine-tuning"):
+        _build(config, tmp_path)
+    config.model.scan_layers = False
     del config["finetune"]
     with pytest.raises(ConfigError, match="use configs/finetune.py"):
         _build(config, tmp_path)

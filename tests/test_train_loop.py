@@ -296,3 +296,19 @@ def test_a_data_change_can_be_allowed(runs, tmp_path):
     shutil.copytree(whole / "checkpoints", tmp_path / "checkpoints")
     args = ["train", "--config", TINY, "--workdir", str(tmp_path), *QUIET, *RUN, "--config.data.seed=1"]
     assert cli_main([*args, "--config.train.allow_data_change=true"]) == 0  # at train.steps already: no step runs
+
+
+def test_the_host_waits_only_to_log_save_or_stop(tmp_path, monkeypatch):
+    """Steps run ahead of the host: metrics are read every `log_every` steps and before each save, all
+    of them, in order."""
+    from bidirlm_jax.train import loop
+
+    reads = []
+    read = loop._read_metrics
+    monkeypatch.setattr(loop, "_read_metrics", lambda outs: reads.append(len(outs)) or read(outs))
+    overrides = ["--config.train.steps=10", "--config.train.log_every=4", "--config.train.checkpoint_every=6"]
+    config, workdir = parse_train_args(["--config", TINY, "--workdir", str(tmp_path), *QUIET, *overrides])
+    train(config, workdir)
+    assert reads == [4, 2, 2, 2]  # steps 1-4 (log), 5-6 (save), 7-8 (log), 9-10 (last)
+    assert [r["step"] for r in _metrics(tmp_path)] == [4, 8, 10]
+    assert _saved_steps(tmp_path) == [6, 10]

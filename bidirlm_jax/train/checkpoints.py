@@ -121,6 +121,10 @@ class Checkpointer:
                 "settings that wrote it, or use a new --workdir"
             ) from None
 
+    def due(self, step: int) -> bool:
+        """Whether `step` is a multiple of the save interval."""
+        return step % self._every == 0
+
     def save(
         self,
         step: int,
@@ -129,8 +133,8 @@ class Checkpointer:
         *,
         force: bool = False,
     ) -> bool:
-        """Start an asynchronous save if `step` is a multiple of the interval (or `force`); True if one started."""
-        if not force and step % self._every:
+        """Start an asynchronous save if one is `due` (or `force`); True if one started."""
+        if not (force or self.due(step)):
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         return self._manager.save(step, args=args, force=True)

@@ -1,9 +1,11 @@
 """`train(config, workdir)`: the whole run — validate, build or resume, step, log, checkpoint, stop.
 
 Everything that can reject the inputs (config values, mesh, batch split, `init_from`, a workdir holding
-checkpoints of another model or another data stream) runs before the first byte is written. The loop
-syncs on each step's metrics, so a non-finite loss is caught before the state that produced it could be
-checkpointed. A resumed run continues the data stream at the batch of its step, whatever its process
+checkpoints of another model or another data stream) runs before the first byte is written. The next
+batch is read and placed on the devices while a step runs, and the host waits for the devices only when
+it must read metrics: every `train.log_every` steps, before a checkpoint, an evaluation or a preemption
+stop. It then reads every step's metrics since the last time, so a non-finite loss is caught before the
+state that produced it could be evaluated or checkpointed. A resumed run continues the data stream at the batch of its step, whatever its process
 count or mesh (`data.loader`).
 """
 
@@ -210,6 +212,11 @@ def _nonfinite_error(
     )
 
 
+def _read_metrics(outs: list[dict[str, jax.Array]]) -> list[dict[str, np.ndarray]]:
+    """Wait for the devices and bring steps' metrics to the host: the loop's only sync."""
+    return jax.device_get(outs)
+
+
 def _write_model_description(workdir: Path, plan: _Plan) -> None:
     """`WORKDIR/model/`: what `from_pretrained(WORKDIR)` and `bidirlm export` need besides the weights."""
     if (workdir / RUN_MODEL_DIR / "config.json").is_file():
@@ -285,31 +292,48 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
     try:
         with jax.set_mesh(plan.mesh):
             last = time.perf_counter()
+            pending: list[tuple[int, dict[str, jax.Array]]] = []  # steps whose metrics the host has not read
+            batch = next(plan.batches)
             while step < config.train.steps:
-                state, out = plan.step_fn(state, next(plan.batches))
-                out = {k: float(v) for k, v in jax.device_get(out).items()}
+                state, out = plan.step_fn(state, batch)
                 step += 1
-                now = time.perf_counter()
-                seconds, last = now - last, now
-                skipped = 0 if out.pop("finite") else skipped + 1
-                if validation.due(step):  # before the next step, which donates this state
-                    out.update(validation.run(step, state))
-                evaluated = any(k.startswith("eval/") for k in out)
-                if skipped or evaluated or step % config.train.log_every == 0 or step == config.train.steps:
-                    logged = dict(
-                        objective.report(out),
-                        step_seconds=seconds,
-                        tokens_per_second=objective.tokens_per_step / seconds,
-                        samples_per_second=config.data.global_batch_size / seconds,
-                        mfu=metrics_lib.mfu(objective.flops_per_step, seconds, peak, jax.device_count()),
-                    )
-                    writer.write(step, logged)
-                    bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['learning_rate']:.2e}", refresh=False)
-                if skipped and (config.train.nonfinite == "stop" or skipped >= config.train.max_consecutive_skips):
-                    raise _nonfinite_error(config.train, out, step, skipped, checkpointer)
+                pending.append((step, out))
+                if step < config.train.steps:
+                    batch = next(plan.batches)  # read and placed on the devices while they run the step
                 bar.update(1)
                 preempted = preemption.requested()
-                checkpointer.save(step, state, plan.meta, force=preempted or step == config.train.steps)
+                validating = validation.due(step)
+                final = step == config.train.steps
+                if not (
+                    preempted or validating or final or checkpointer.due(step) or step % config.train.log_every == 0
+                ):
+                    continue
+                # The one host sync: every metric since the last one, before any save or evaluation, so a
+                # state that a non-finite step produced is never evaluated or saved.
+                outs = _read_metrics([o for _, o in pending])
+                seconds = (time.perf_counter() - last) / len(pending)
+                for (at, out), raw in zip(pending, outs):
+                    out = {k: float(v) for k, v in raw.items()}
+                    skipped = 0 if out.pop("finite") else skipped + 1
+                    if at == step and validating:  # before the next step, which donates this state
+                        out.update(validation.run(step, state))
+                    evaluated = any(k.startswith("eval/") for k in out)
+                    if skipped or evaluated or at % config.train.log_every == 0 or at == config.train.steps:
+                        logged = dict(
+                            objective.report(out),
+                            step_seconds=seconds,
+                            tokens_per_second=objective.tokens_per_step / seconds,
+                            samples_per_second=config.data.global_batch_size / seconds,
+                            mfu=metrics_lib.mfu(objective.flops_per_step, seconds, peak, jax.device_count()),
+                        )
+                        writer.write(at, logged)
+                        bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['learning_rate']:.2e}", refresh=False)
+                    if skipped and (config.train.nonfinite == "stop" or skipped >= config.train.max_consecutive_skips):
+                        raise _nonfinite_error(config.train, out, at, skipped, checkpointer)
+                pending.clear()
+                preempted = preempted or preemption.requested()  # a notice that came while logging
+                checkpointer.save(step, state, plan.meta, force=preempted or final)
+                last = time.perf_counter()  # evaluation and saving are not a step's time
                 if preempted:
                     break
         checkpointer.wait()
