@@ -227,6 +227,46 @@ def _run_train(args) -> int:
 _COMMANDS.append(_register_train)
 
 
+_ABLATE_USAGE = """usage: bidirlm ablate --config configs/ablation.py[:PRESET] --workdir DIR [--config.key=value ...]
+
+The paper's ablation for one base model: build (or take) the variants Base, Bi+Base, Bi+MNTP, Bi+Contrastive,
+Bi+MNTP+Contrastive, fine-tune each on each task, and write DIR/results.jsonl, DIR/results.md, DIR/deltas.png
+(deltas vs Base, Figure 2) and the merge-ratio sweep DIR/merge_ratio.json, DIR/merge_ratio.png (Figure 4).
+Running it again reuses every finished cell. Keys: bidirlm_jax/configs/ablation.py, e.g.
+--config.tasks=fruit,docstrings --config.finetune.steps=100 --config.paths.bi_mntp=HF_DIR."""
+
+
+def _register_ablate(sub) -> None:
+    p = sub.add_parser(
+        "ablate",
+        help="variants x tasks table and merge-ratio sweep (paper Fig. 2, 4)",
+        prefix_chars="+",
+        add_help=False,
+    )
+    p.add_argument("flags", nargs=argparse.REMAINDER)
+    p.set_defaults(run=_run_ablate)
+
+
+def _run_ablate(args) -> int:
+    if not args.flags or {"-h", "--help"} & set(args.flags):
+        print(_ABLATE_USAGE, file=sys.stdout if args.flags else sys.stderr)
+        return 0 if args.flags else 2
+    from bidirlm_jax.ablation.harness import parse_args, run_ablation
+
+    config, workdir = parse_args(args.flags)
+    result = run_ablation(config, workdir)
+    print()
+    print(result.markdown)
+    sweep = ", merge_ratio.json, merge_ratio.png" if result.sweep_png else ""
+    print(
+        f"\n{len(result.computed)} cells computed, {len(result.reused)} reused; in {workdir}/: results.jsonl, results.md, deltas.png{sweep}"
+    )
+    return 0
+
+
+_COMMANDS.append(_register_ablate)
+
+
 def _register_tokenize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "tokenize",

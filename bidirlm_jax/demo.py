@@ -45,12 +45,12 @@ from typing import Any
 
 import numpy as np
 
+from bidirlm_jax.ablation.report import METRICS, chance_level, plot_deltas
 from bidirlm_jax.errors import CheckpointError, ConfigError
 
 TOLERANCE = 1e-4
 MARKER = ".bidirlm-demo"  # JSON {"entries": [...]}: the names the demo wrote into its output directory
 HELD_OUT_BUCKETS = 5  # a package is held out when crc32(name) % 5 == 0: about a fifth of the packages
-METRICS = (("ndcg_at_10", "nDCG@10"), ("mrr_at_10", "MRR@10"), ("recall_at_100", "R@100"))
 INSTRUCTIONS = {
     "members": ("Given the summary line of a Python function's or class's docstring, retrieve the rest of it", False),
     "summaries": ("Given a one-line summary of a Python module, retrieve its documentation", False),
@@ -475,43 +475,6 @@ def format_table(results: dict[str, dict[str, float]], num_queries: int, num_doc
     chance = chance_level(num_documents)
     lines.append(f"{'(chance)':<22} {'':<14}" + "".join(f"{100 * chance[key]:9.1f} {'':>6}" for key, _ in METRICS))
     return "\n".join(lines)
-
-
-def chance_level(num_documents: int) -> dict[str, float]:
-    """The expected metrics of a random ranking when each query has one relevant document among `num_documents`."""
-    n = num_documents
-    return {
-        "ndcg_at_10": sum(1 / np.log2(r + 1) for r in range(1, min(10, n) + 1)) / n,
-        "mrr_at_10": sum(1 / r for r in range(1, min(10, n) + 1)) / n,
-        "recall_at_100": min(100, n) / n,
-    }
-
-
-def plot_deltas(results: dict[str, dict[str, float]], path: Path, title: str) -> Path:
-    """Bar plot of every variant's delta vs Base, one group per variant, one bar per metric (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [n for n in results if n != "Base"]
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
-    width = 0.8 / len(METRICS)
-    for k, (key, label) in enumerate(METRICS):
-        deltas = [100 * (results[n][key] - results["Base"][key]) for n in names]
-        xs = [i + (k - (len(METRICS) - 1) / 2) * width for i in range(len(names))]
-        bars = ax.bar(xs, deltas, width, label=label)
-        ax.bar_label(bars, fmt="%+.1f", fontsize=7, padding=2)
-    ax.axhline(0.0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=15)
-    ax.set_ylabel("Δ vs Base (points)")
-    base = ", ".join(f"{label} {100 * results['Base'][key]:.1f}" for key, label in METRICS)
-    ax.set_title(f"{title}\nBase ({results['Base']['attention']}): {base}", fontsize=10)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 def parity(base: Path, bi_base: Path, texts: list[str], seq_len: int) -> list[tuple[str, float]]:
