@@ -119,10 +119,11 @@ def main() -> None:
     parser.add_argument("--fsdp", type=int, default=8, help="devices the state is split over, besides one")
     parser.add_argument("--usable", type=float, default=0.9, help="fraction of a chip's memory the step may use")
     parser.add_argument("--scan", action="store_true", help="scanned layers (config.scan_layers)")
+    parser.add_argument("--attention-impl", default="auto", help="config.attention_impl (xla: dense scores)")
     parser.add_argument("--no-fit", action="store_true", help="compile batch 1 only (no per-chip batch)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "memory.json"))
     args = parser.parse_args()
-    overrides = {"scan_layers": True} if args.scan else {}
+    overrides = dict(attention_impl=args.attention_impl, **({"scan_layers": True} if args.scan else {}))
     layout = "scanned" if args.scan else "unrolled"
     rows = []
     print(f"MNTP step, seq {args.seq}, batch 1, bf16 compute, fp32 state, {layout} layers, "

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bidirlm_jax.cli import main as cli_main
-from bidirlm_jax.errors import BidirLMError
+from bidirlm_jax.errors import BidirLMError, ConfigError
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.train import parse_train_args, train
 from bidirlm_jax.train.checkpoints import latest_step
@@ -239,6 +239,8 @@ def test_init_from_an_hf_directory(tmp_path):
         (["--config.mesh.fsdp=2", "--config.train.grad_accum_steps=3"], "use a multiple of 24"),
         (["--config.model.init_from=/nonexistent"], "not a Hugging Face checkpoint directory"),
         (["--config.optim.schedule=cosine"], "optim.schedule"),
+        (["--config.train.max_rows_per_device=-1"], "max_rows_per_device must be 0"),
+        (["--config.model.attention_impl=flash"], "model.attention_impl='flash' is not one of"),
     ],
 )
 def test_bad_inputs_fail_clearly_without_writing(tmp_path, capsys, overrides, message):
@@ -312,3 +314,21 @@ def test_the_host_waits_only_to_log_save_or_stop(tmp_path, monkeypatch):
     assert reads == [4, 2, 2, 2]  # steps 1-4 (log), 5-6 (save), 7-8 (log), 9-10 (last)
     assert [r["step"] for r in _metrics(tmp_path)] == [4, 8, 10]
     assert _saved_steps(tmp_path) == [6, 10]
+
+
+def test_max_rows_per_device_raises_the_micro_batch_count():
+    """16 rows over 8 batch shards = 2 rows per device in one micro-batch; a limit of 1 needs 2 of them."""
+    from bidirlm_jax.sharding import make_mesh
+    from bidirlm_jax.train.loop import _check_batch
+
+    config, _ = parse_train_args(["--config", TINY, "--workdir", "unused", "--config.train.max_rows_per_device=1"])
+    mesh = make_mesh(8, 1, 1)
+    _check_batch(config, mesh)
+    assert config.train.grad_accum_steps == 2
+    config.train.update(max_rows_per_device=0, grad_accum_steps=1)
+    _check_batch(config, mesh)
+    assert config.train.grad_accum_steps == 1
+    config.data.global_batch_size = 12
+    config.train.max_rows_per_device = 4
+    with pytest.raises(ConfigError, match="cannot be split over the 8 batch shards"):
+        _check_batch(config, mesh)

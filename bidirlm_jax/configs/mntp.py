@@ -15,7 +15,8 @@ the Python standard library's docstrings, which every machine has) and the paper
 7e-5 / 5e-5, 8192-token packed sequences, 288 × 8192 = 2,359,296 tokens per step in 3 micro-batches,
 WSD with 1 % warmup and a linear decay to 0 over the last 10 % (the paper does not give the decay
 length), AdamW β2 0.95, ε 1e-5, weight decay 0.1, clip 1.0, bf16 compute with fp32 master weights,
-seed 42, 10B tokens (4,240 steps), 30 % masking with every selected token replaced by the mask id,
+seed 42, 10B tokens (4,240 steps; at least 3 micro-batches, more where a device would hold more rows than
+fit a 16 GB chip), 30 % masking with every selected token replaced by the mask id,
 Gemma3 sliding layers `"half"` (|i−j| ≤ 256, as transformers' `use_bidirectional_attention`).
 """
 
@@ -25,6 +26,10 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.train.config import base_config
 
 _SIZES = {"gemma3-270m": 5e-4, "qwen3-0.6b": 1e-4, "gemma3-1b": 7e-5, "qwen3-1.7b": 5e-5}
+# Rows of 8192 tokens one device's micro-batch may hold: what fits a 16 GB chip with the state split over
+# 8 devices (remat "full", scanned layers; BENCHMARKS.md "Memory at 8192 tokens", rounded down). Raise it
+# on larger chips: fewer micro-batches, same global batch.
+_ROWS_PER_DEVICE = {"gemma3-270m": 8, "qwen3-0.6b": 4, "gemma3-1b": 4, "qwen3-1.7b": 4}
 PRESETS = ("tiny", *_SIZES)
 
 
@@ -54,10 +59,12 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         c.mntp.update(chunk_size=128, capacity_factor=1.5)  # short rows: more room for the masked count's spread
         c.train.update(steps=150, checkpoint_every=50, log_every=10)
     elif preset in _SIZES:
-        c.model.update(preset=preset, dtype="bfloat16", remat="save_dots")
+        # remat "save_dots" keeps 3-4x the temporaries of "full" at 8192 tokens: nothing past 270M fits 16 GB
+        c.model.update(preset=preset, dtype="bfloat16", remat="full", scan_layers=True)
         c.data.update(seq_len=8192, global_batch_size=288)
         c.optim.update(learning_rate=_SIZES[preset], warmup_steps=42, decay_fraction=0.1, final_lr_fraction=0.0)
         c.train.update(steps=4240, seed=42, grad_accum_steps=3, checkpoint_every=250, log_every=10)
+        c.train.max_rows_per_device = _ROWS_PER_DEVICE[preset]
         c.data.seed = 42
         c.mesh.update(data=1, fsdp=-1, tensor=1)
     else:

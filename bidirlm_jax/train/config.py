@@ -83,6 +83,7 @@ def base_config() -> ConfigDict:
             steps=100,
             seed=0,
             grad_accum_steps=1,
+            max_rows_per_device=0,  # > 0: raise grad_accum_steps until each device's micro-batch has at most this
             log_every=1,
             checkpoint_every=50,
             keep_checkpoints=3,
@@ -123,6 +124,8 @@ def validate(config: ConfigDict) -> None:
     """Refuse values the engine cannot run before anything is built or written."""
     _one_of(config.model.remat, REMAT_POLICIES, "model.remat")
     _one_of(config.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
+    if config.train.max_rows_per_device < 0:
+        raise ConfigError("train.max_rows_per_device must be 0 (no limit) or positive")
     _one_of(config.model.dtype, ("float32", "bfloat16"), "model.dtype")  # master weights stay fp32 either way
     _one_of(config.model.attention, ATTENTION_MODES, "model.attention")
     _one_of(config.model.bidirectional_window, BIDIRECTIONAL_WINDOWS, "model.bidirectional_window")

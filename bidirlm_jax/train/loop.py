@@ -116,8 +116,21 @@ class _Preemption:
 
 
 def _check_batch(config: ConfigDict, mesh) -> None:
+    """The global batch must split into micro-batches over the mesh's batch shards. With
+    `train.max_rows_per_device`, `train.grad_accum_steps` is raised to the fewest micro-batches that keep
+    each device's rows within it (what fits a chip depends on the device count: `benchmarks/memory.py`)."""
     batch, accum = config.data.global_batch_size, config.train.grad_accum_steps
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    limit = config.train.max_rows_per_device
+    if limit:
+        fits = [a for a in range(accum, batch + 1) if batch % (a * shards) == 0 and batch // (a * shards) <= limit]
+        if not fits:
+            raise ConfigError(
+                f"data.global_batch_size={batch} cannot be split over the {shards} batch shards of the mesh into "
+                f"micro-batches of at most train.max_rows_per_device={limit} rows per device; use a batch size "
+                f"that is a multiple of {shards}, or change the device count"
+            )
+        config.train.grad_accum_steps = accum = fits[0]
     if batch % (accum * shards):
         raise ConfigError(
             f"data.global_batch_size={batch} does not split into train.grad_accum_steps={accum} micro-batches "
