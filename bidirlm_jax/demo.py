@@ -254,6 +254,33 @@ def build_corpus(*, num_negatives: int, max_eval_queries: int) -> Corpus:
     )
 
 
+def write_domains(
+    out_dir: str | os.PathLike, *, max_train: int | None = None, max_held_out: int | None = None
+) -> dict[str, dict[str, Path]]:
+    """Two text domains every machine has, split by package as the demo splits (`held_out`), as `.jsonl` files
+    (`{"text": ...}` per line) for MNTP mixtures and held-out evaluation (`mntp.eval_data`): `english`, the
+    docstrings (`stdlib_documents`), and `code`, the functions and classes (`data.corpora.stdlib_code`).
+    Returns `{domain: {"train": path, "held_out": path}}`; `max_*` keep an even spread of that many documents."""
+    from bidirlm_jax.data.corpora import stdlib_code
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    docs = {
+        "english": [(d.module, d.text) for d in stdlib_documents()],
+        "code": [(m, block) for m, block in stdlib_code() if len(block) >= 80],
+    }
+    paths: dict[str, dict[str, Path]] = {}
+    for domain, rows in docs.items():
+        paths[domain] = {}
+        for split, limit in (("train", max_train), ("held_out", max_held_out)):
+            texts = [text for module, text in rows if held_out(module) == (split == "held_out")]
+            if limit is not None and len(texts) > limit:
+                texts = [texts[i * len(texts) // limit] for i in range(limit)]
+            paths[domain][split] = out / f"{domain}-{split}.jsonl"
+            _write_jsonl(paths[domain][split], ({"text": t} for t in texts))
+    return paths
+
+
 def _write_data(corpus: Corpus, data_dir: Path) -> None:
     """Training text (`.jsonl`), pairs (one `.jsonl` per dataset), instructions, the held-out BEIR set."""
     (data_dir / "pairs").mkdir(parents=True)
@@ -387,25 +414,48 @@ def _base_config(size: Size):
 
 
 def _pretrain_base(tmp: Path, corpus: Corpus, size: Size, timer: Timer, progress: bool) -> Path:
-    """Tokenizer, random Gemma3-shaped init, causal-LM pre-training; returns `tmp/base` (HF + tokenizer)."""
+    return pretrain_base(tmp, corpus.train_texts, size=size, timer=timer, progress=progress)
+
+
+def pretrain_base(
+    out_dir: str | os.PathLike,
+    texts: list[str] | None = None,
+    *,
+    size: Size = QUICK,
+    timer: Timer | None = None,
+    progress: bool = False,
+) -> Path:
+    """A small causal base made from scratch, offline: a byte-level BPE with `<mask>` trained on `texts`, a
+    random Gemma3-shaped model of `size` and `size.lm_steps` steps of causal-LM pre-training (none: the random
+    model as is). Writes `out_dir/data/` (tokenizer, token stream), `out_dir/runs/lm/` (the run) and returns
+    `out_dir/base` (HF directory with its tokenizer). `texts`: default the docstrings of the packages the demo
+    trains on. The demo's step 1-2; notebooks and tests use it for a checkpoint that needs no download."""
     from flax import nnx
 
-    from bidirlm_jax.io.hf import save_pretrained
+    from bidirlm_jax.io.hf import save_pretrained, tokenizer_files
     from bidirlm_jax.models.transformer import Transformer
     from bidirlm_jax.train import train
     from bidirlm_jax.variants import run_to_hf
 
-    data = tmp / "data"
+    out = Path(out_dir)
+    data = out / "data"
+    timer = timer or Timer(echo=lambda _: None)
+    if texts is None:
+        texts = [d.text for d in stdlib_documents() if not held_out(d.module)]
     with timer.phase("tokenizer") as note:
-        tokenizer = _train_tokenizer(corpus.train_texts, size, data / "tokenizer")
-        count = _tokens_file(corpus.train_texts, tokenizer, data / "train_tokens.npy")
+        tokenizer = _train_tokenizer(texts, size, data / "tokenizer")
+        count = _tokens_file(texts, tokenizer, data / "train_tokens.npy")
         note["text"] = f"byte-level BPE, {len(tokenizer)} tokens with <mask>; {count:,} training tokens"
     with timer.phase("base: causal LM") as note:
         config = _base_config(size)
-        save_pretrained(Transformer(config, rngs=nnx.Rngs(0)), data / "base-init")
-        run = tmp / "runs" / "lm"
+        model = Transformer(config, rngs=nnx.Rngs(0))
+        if size.lm_steps == 0:
+            note["text"] = f"{_params(config):,} parameters, random (no pre-training)"
+            return save_pretrained(model, out / "base", extra_files=tokenizer_files(data / "tokenizer"))
+        save_pretrained(model, data / "base-init")
+        run = out / "runs" / "lm"
         train(_lm_config(size, data / "base-init", data / "train_tokens.npy", progress), str(run))
-        base = run_to_hf(run, tmp / "base", attention="causal", tokenizer_from=data / "tokenizer")
+        base = run_to_hf(run, out / "base", attention="causal", tokenizer_from=data / "tokenizer")
         note["text"] = f"{_params(config):,} parameters, {size.lm_steps} steps, {_loss_summary(run)}"
     return base
 

@@ -66,3 +66,17 @@ def test_mntp_run_logs_the_held_out_loss_of_each_domain(domains, tmp_path):
     )
     for key, value in again.items():
         assert evaluated[5][f"eval/{key}"] == pytest.approx(value, rel=1e-5), key
+
+
+def test_write_domains_splits_by_package(tmp_path):
+    from bidirlm_jax.data.sources import iter_documents
+    from bidirlm_jax.demo import write_domains
+
+    files = write_domains(tmp_path, max_train=30, max_held_out=10)
+    assert sorted(files) == ["code", "english"]
+    for name, split in files.items():
+        train, held = list(iter_documents(split["train"])), list(iter_documents(split["held_out"]))
+        assert len(train) == 30 and len(held) == 10, name
+        assert not set(train) & set(held), name
+    code = list(iter_documents(files["code"]["train"]))
+    assert all(t.startswith(("def ", "async def ", "class ", "@")) for t in code)
