@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -222,9 +223,10 @@ def _build_one(
     manifest = _read_manifest(out)
     if (path / "config.json").is_file():
         recorded = manifest.get(name, {}).get("settings")
-        if recorded is not None and recorded != settings:
+        difference = settings_difference(recorded, settings) if recorded is not None else ""
+        if difference:
             raise ConfigError(
-                f"{path} holds a {name} built with other settings ({_difference(recorded, settings)}); remove it "
+                f"{path} holds a {name} built with other settings ({difference}); remove it "
                 "(and its run under runs/) to rebuild, or choose another output directory"
             )
         if recorded is None:
@@ -255,23 +257,23 @@ def _run_config(template: ConfigDict, init_from: Path) -> ConfigDict:
 def _settings(name: str, source: Path, base: Path, out: Path, recipe: Recipe) -> dict[str, Any]:
     """What determines a variant's weights, as JSON values (compared when an existing one is reused). Paths
     inside `out` are recorded relative to it, so a moved or copied output directory stays reusable."""
-    settings: dict[str, Any] = {"from": _where(source, out)}
+    settings: dict[str, Any] = {"from": relative_path(source, out)}
     if name == BI_MNTP_MERGE:
-        settings["base"], settings["base_weight"] = _where(base, out), recipe.merge_ratio
+        settings["base"], settings["base_weight"] = relative_path(base, out), recipe.merge_ratio
     elif name in RUNS:
         config = json.loads(
             _run_config(recipe.mntp if name == BI_MNTP else recipe.contrastive, source).to_json_best_effort()
         )
         config["model"]["init_from"] = settings["from"]
-        settings["config"] = _relevant(config)
+        settings["config"] = relevant_settings(config)
     return settings
 
 
-def _where(path: Path, out: Path) -> str:
+def relative_path(path: Path, out: Path) -> str:
     return path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
 
 
-def _relevant(config: dict[str, Any]) -> dict[str, Any]:
+def relevant_settings(config: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for section, value in config.items():
         neutral = _NEUTRAL_KEYS.get(section, ())
@@ -281,17 +283,38 @@ def _relevant(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _difference(recorded: dict[str, Any], settings: dict[str, Any], prefix: str = "") -> str:
+def settings_difference(recorded: dict[str, Any], settings: dict[str, Any], prefix: str = "", defaults=None) -> str:
+    """How `settings` differ from `recorded` ("" when they agree). A key the record lacks that holds the
+    engine's default is no difference: it was added to the engine after the record, as its old behaviour."""
+    defaults = _engine_defaults() if defaults is None else defaults
     diffs = []
     for key in sorted(set(recorded) | set(settings)):
         a, b = recorded.get(key), settings.get(key)
+        default = defaults.get(key) if isinstance(defaults, dict) else None
         if isinstance(a, dict) and isinstance(b, dict):
-            inner = _difference(a, b, f"{prefix}{key}.")
+            inner = settings_difference(a, b, f"{prefix}{key}.", default if isinstance(default, dict) else {})
             if inner:
                 diffs.append(inner)
+        elif key not in recorded and isinstance(defaults, dict) and key in defaults and b == default:
+            continue
         elif a != b:
             diffs.append(f"{prefix}{key}: {a!r} then, {b!r} now")
     return "; ".join(diffs)
+
+
+@functools.cache
+def _engine_defaults() -> dict[str, Any]:
+    """The defaults of recorded settings: every config key's, as JSON values (the engine's, and each
+    objective section's from its tiny preset)."""
+    from bidirlm_jax.configs import finetune
+
+    merged: dict[str, Any] = {}
+    for config in (default_mntp_config(), default_contrastive_config(), finetune.get_config("tiny")):
+        for section, value in json.loads(config.to_json_best_effort()).items():
+            merged.setdefault(section, value)
+    settings: dict[str, Any] = {"config": merged}  # settings nest a run's config, and their parent's settings
+    settings["parent"] = settings
+    return settings
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:

@@ -117,8 +117,8 @@ def test_the_sweep_ends_are_the_two_sources(ablation):
     [
         (["--config.tasks=fruit,nope"], "unknown task(s) ['nope']"),
         (["--config.paths.bi_mntp={tmp}"], "paths.bi_mntp="),
-        (["--config.nope=1"], "unknown config key(s) ['nope']"),
-        (["--config.finetune.nope=1"], "unknown config key(s) ['finetune.nope']"),
+        (["--config.nope=1"], "unknown config key 'nope'"),
+        (["--config.finetune.nope=1"], "unknown config key 'finetune.nope'"),
         (["--config.variants=Bi+MNTP"], "must include Base"),
         (["--config.variants=Base,Bi+Nope"], "unknown variant(s) ['Bi+Nope']"),
         (["--config.sweep.ratios=0,1.5"], "outside [0, 1]"),

@@ -126,6 +126,19 @@ def test_finished_variants_are_reused(built, base_dir):
     assert again["Bi+MNTP"].path == out / "bi-mntp"
 
 
+def test_settings_recorded_before_a_key_existed_still_match():
+    """A key added to the engine after a variant was recorded compares equal at its default only."""
+    recorded = {"from": "base", "config": {"train": {"steps": 2}}, "parent": {"config": {"model": {}}}}
+    now = {"from": "base", "config": {"train": {"steps": 2, "max_rows_per_device": 0}}}
+    now["parent"] = {"config": {"model": {"scan_layers": False}}}
+    assert v.settings_difference(recorded, now) == ""
+    now["config"]["train"]["max_rows_per_device"] = 4
+    now["parent"]["config"]["model"]["scan_layers"] = True
+    assert v.settings_difference(recorded, now) == (
+        "config.train.max_rows_per_device: None then, 4 now; parent.config.model.scan_layers: None then, True now"
+    )
+
+
 def test_a_variant_built_with_other_settings_is_refused(built, base_dir):
     out, _, _ = built
     recipe = _recipe()

@@ -42,9 +42,9 @@ from bidirlm_jax.variants import (
     VARIANTS,
     Recipe,
     Variant,
-    _difference,
-    _relevant,
-    _where,
+    relative_path,
+    relevant_settings,
+    settings_difference,
 )
 
 PATH_KEYS = {name: directory.replace("-", "_") for name, directory in DIRECTORIES.items()}  # Bi+MNTP -> bi_mntp
@@ -173,35 +173,12 @@ def check(config: ConfigDict, workdir: str | os.PathLike) -> _Plan:
     return _Plan(config, workdir, names, tasks, given, generate_data, ratios)
 
 
-def _has_key(config: ConfigDict, dotted: str) -> bool:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, ConfigDict) or part not in node:
-            return False
-        node = node[part]
-    return True
-
-
 def parse_args(argv: list[str]) -> tuple[ConfigDict, str]:
     """`--config FILE.py[:PRESET] --workdir DIR [--config.key=value ...]` (as `bidirlm train` parses them) ->
     (config, workdir); an unknown override key is refused by name."""
-    from bidirlm_jax.train.config import _OVERRIDE, _flag_values, _loaded
+    from bidirlm_jax.train.config import parse_config_args
 
-    argv = ["bidirlm ablate", *argv]
-    try:
-        loaded = _loaded(_flag_values([a for a in argv if not _OVERRIDE.match(a)]))
-        keys = [m.group(1) for m in map(_OVERRIDE.match, argv) if m]
-        if bad := [k for k in keys if not _has_key(loaded, k)]:
-            raise ConfigError(f"unknown config key(s) {bad}; see bidirlm_jax/configs/ablation.py for the valid ones")
-        fv = _flag_values(argv)
-        config = _loaded(fv)
-    except ConfigError:
-        raise
-    except Exception as e:  # the config file is the user's code: whatever it raises is theirs to fix
-        raise ConfigError(f"cannot load the --config file: {type(e).__name__}: {e}") from None
-    if not fv.workdir:
-        raise ConfigError("missing --workdir DIR (where the variants, cells, table and plots go)")
-    return config, fv.workdir
+    return parse_config_args(argv, command="ablate", workdir="where the variants, cells, table and plots go")
 
 
 def _task_config(task: Task, config: ConfigDict) -> ConfigDict:
@@ -269,7 +246,7 @@ def _run(plan: _Plan, timer) -> AblationResult:
             row, fresh = _cell(variants[name], task, config, work, timer)
             rows.append(row)
             (computed if fresh else reused).append(f"{name} / {task.name}")
-    title = f"Variants vs Base, fine-tuned on each task (base: {_where(base, work)})"
+    title = f"Variants vs Base, fine-tuned on each task (base: {relative_path(base, work)})"
     markdown = report.write_table(rows, work / "results.jsonl", work / "results.md")
     deltas = report.plot_table(rows, work / "deltas.png", title)
     points, sweep_json, sweep_png = [], None, None
@@ -314,9 +291,9 @@ def _reuse(path: Path, settings: dict[str, Any], what: str) -> Any | None:
     if not path.is_file():
         return None
     record = _read_json(path)
-    if record.get("settings") != settings:
+    if difference := settings_difference(record.get("settings") or {}, settings):
         raise ConfigError(
-            f"{path} holds {what} made with other settings ({_difference(record.get('settings') or {}, settings)}); "
+            f"{path} holds {what} made with other settings ({difference}); "
             "remove it to recompute it, or choose another --workdir"
         )
     return record
@@ -387,8 +364,8 @@ def _given(name: str, path: Path) -> Variant:
 
 
 def _settings(config: ConfigDict, variant: Variant, work: Path) -> dict[str, Any]:
-    record = _relevant(json.loads(config.to_json_best_effort()))
-    record["model"]["init_from"] = _where(variant.path, work)
+    record = relevant_settings(json.loads(config.to_json_best_effort()))
+    record["model"]["init_from"] = relative_path(variant.path, work)
     return record
 
 
@@ -515,8 +492,8 @@ def _sweep(plan: _Plan, config: ConfigDict, variants: dict[str, Variant], genera
     adapted, base = variants[config.sweep.adapted], variants[BASE]
     path = plan.workdir / "merge_ratio.json"
     settings = {
-        "adapted": _where(adapted.path, plan.workdir),
-        "base": _where(base.path, plan.workdir),
+        "adapted": relative_path(adapted.path, plan.workdir),
+        "base": relative_path(base.path, plan.workdir),
         "ratios": plan.ratios,
         "texts": config.sweep.texts,
         "max_texts": config.sweep.max_texts,

@@ -176,12 +176,13 @@ def _loaded(fv: flags.FlagValues) -> ConfigDict:
     return config
 
 
-def parse_train_args(argv: list[str]) -> tuple[ConfigDict, str]:
-    """`--config FILE.py[:PRESET] --workdir DIR [--config.key=value ...]` → (validated config, workdir).
+def parse_config_args(argv: list[str], *, command: str = "train", workdir: str = "") -> tuple[ConfigDict, str]:
+    """`--config FILE.py[:PRESET] --workdir DIR [--config.key=value ...]` → (config, workdir), for any
+    command with an ml_collections config (`bidirlm COMMAND`); `workdir` says what goes there.
 
     Overrides are checked against the loaded config first, so a typo is reported by name.
     """
-    argv = ["bidirlm train", *argv]
+    argv = [f"bidirlm {command}", *argv]
     base = _loaded(_flag_values([a for a in argv if not _OVERRIDE.match(a)]))
     for arg in argv:
         if match := _OVERRIDE.match(arg):
@@ -196,6 +197,12 @@ def parse_train_args(argv: list[str]) -> tuple[ConfigDict, str]:
     fv = _flag_values(argv)
     config = _loaded(fv)
     if not fv.workdir:
-        raise ConfigError("missing --workdir DIR (where checkpoints, tensorboard logs and metrics.jsonl go)")
-    validate(config)
+        raise ConfigError(f"missing --workdir DIR ({workdir or 'where the outputs go'})")
     return config, fv.workdir
+
+
+def parse_train_args(argv: list[str]) -> tuple[ConfigDict, str]:
+    """`bidirlm train`'s arguments → (validated config, workdir)."""
+    config, workdir = parse_config_args(argv, workdir="where checkpoints, tensorboard logs and metrics.jsonl go")
+    validate(config)
+    return config, workdir
