@@ -1,11 +1,18 @@
 """Test-wide settings: 8 fake CPU devices (set before jax is imported) and no network."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiled programs are cached on disk and shared by the xdist workers and the subprocesses tests start
+# (training runs killed and resumed, notebooks): the same tiny steps are compiled once, not dozens of times.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"bidirlm-tests-jax-cache-{os.getuid()}")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 
 import pytest
