@@ -240,6 +240,7 @@ def test_init_from_an_hf_directory(tmp_path):
         (["--config.model.init_from=/nonexistent"], "not a Hugging Face checkpoint directory"),
         (["--config.optim.schedule=cosine"], "optim.schedule"),
         (["--config.train.max_rows_per_device=-1"], "max_rows_per_device must be 0"),
+        (["--workdir=gs://bucket/run"], "mount the bucket (gcsfuse"),
         (["--config.model.attention_impl=flash"], "model.attention_impl='flash' is not one of"),
     ],
 )

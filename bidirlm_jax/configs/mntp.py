@@ -1,7 +1,7 @@
 """MNTP: masked next-token prediction, the adaptation phase of BidirLM (bidirectional attention).
 
     bidirlm train --config configs/mntp.py:tiny --workdir /tmp/mntp          # built-in text, seconds on a CPU
-    bidirlm train --config configs/mntp.py:qwen3-0.6b --workdir gs://bucket/runs/q06-mntp \\
+    bidirlm train --config configs/mntp.py:qwen3-0.6b --workdir /mnt/bucket/runs/q06-mntp \\
         --config.model.init_from=/ckpt/Qwen3-0.6B --config.data.path=/data/fineweb-tokens
 
 `data.path` takes `.txt` (a document per line), `.jsonl` (`data.text_field`), `.parquet`, directories or

@@ -279,6 +279,11 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
     loss turns non-finite with `train.nonfinite="stop"`, and after `train.max_consecutive_skips` non-finite
     steps in a row with `"skip"`.
     """
+    if "://" in str(workdir):
+        raise ConfigError(
+            f"--workdir {workdir}: the engine writes through the local file system; mount the bucket (gcsfuse, as "
+            "launch/tpu/launch.py does on every worker) and give the mounted path"
+        )
     workdir = Path(workdir)
     plan = _plan(config, workdir, loss_fn)
     checkpointer = Checkpointer(
