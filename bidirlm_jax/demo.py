@@ -281,7 +281,7 @@ def write_domains(
     return paths
 
 
-def _write_data(corpus: Corpus, data_dir: Path) -> None:
+def write_data(corpus: Corpus, data_dir: Path) -> None:
     """Training text (`.jsonl`), pairs (one `.jsonl` per dataset), instructions, the held-out BEIR set."""
     (data_dir / "pairs").mkdir(parents=True)
     _write_jsonl(data_dir / "train_text.jsonl", ({"text": t} for t in corpus.train_texts))
@@ -411,10 +411,6 @@ def _base_config(size: Size):
         sliding_window=size.sliding_window,
         layer_types=tuple(pattern[i % len(pattern)] for i in range(size.num_layers)),
     )
-
-
-def _pretrain_base(tmp: Path, corpus: Corpus, size: Size, timer: Timer, progress: bool) -> Path:
-    return pretrain_base(tmp, corpus.train_texts, size=size, timer=timer, progress=progress)
 
 
 def pretrain_base(
@@ -560,14 +556,14 @@ def _pipeline(tmp: Path, *, model: str | None, size: Size, progress: bool) -> di
     timer = Timer()
     with timer.phase("data") as note:
         corpus = build_corpus(num_negatives=size.num_negatives, max_eval_queries=size.max_eval_queries)
-        _write_data(corpus, tmp / "data")
+        write_data(corpus, tmp / "data")
         pairs = ", ".join(f"{len(v)} {k}" for k, v in corpus.pairs.items())
         note["text"] = (
             f"{len(corpus.train_texts)} training docstrings; pairs: {pairs}; held out: "
             f"{len(corpus.held_out_packages)} packages, {len(corpus.eval_data.queries)} queries"
         )
     if model is None:
-        base = _pretrain_base(tmp, corpus, size, timer, progress)
+        base = pretrain_base(tmp, corpus.train_texts, size=size, timer=timer, progress=progress)
         tokenizer = tmp / "data" / "tokenizer"
     else:
         with timer.phase("base: --model") as note:

@@ -311,9 +311,9 @@ def _generate(plan: _Plan, timer) -> Path:
     size = demo.Size(**plan.config.generate.to_dict())
     with atomic_directory(out) as tmp, timer.phase("generated data and base") as note:
         corpus = demo.build_corpus(num_negatives=size.num_negatives, max_eval_queries=size.max_eval_queries)
-        demo._write_data(corpus, tmp / "data")
+        demo.write_data(corpus, tmp / "data")
         if settings["base"]:
-            demo._pretrain_base(tmp, corpus, size, timer, False)
+            demo.pretrain_base(tmp, corpus.train_texts, size=size, timer=timer)
         _write_json(tmp / "settings.json", {"settings": settings})
         note["text"] = (
             f"{len(corpus.train_texts)} training docstrings, {len(corpus.eval_data.queries)} held-out queries"
