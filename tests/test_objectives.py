@@ -2,10 +2,6 @@
 exact mixtures, single-dataset batches, exports that carry the tokenizer, and inputs refused up front."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,6 @@ from bidirlm_jax.data.tokenizer import train_tokenizer
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.train import build_objective, train
 
-INTERRUPTED = str(Path(__file__).with_name("interrupted_train.py"))
 DOCS = [doc for _, doc in stdlib_docstrings()][:120]
 
 
@@ -111,30 +106,6 @@ def test_mntp_learns_and_its_run_exports_an_encoder_with_its_mask_token(tmp_path
     assert encoder.tokenizer.mask_token == "<mask>"
     model = bidirlm_jax.from_pretrained(workdir)
     assert model.config.attention == "bidirectional"
-
-
-def _run(config_file: str, workdir, *overrides, env=None):
-    command = [sys.executable, INTERRUPTED, "train", f"--config={config_file}", f"--workdir={workdir}"]
-    command += ["--config.metrics.progress_bar=false", "--config.metrics.tensorboard=false", *overrides]
-    return subprocess.run(command, env={**os.environ, **(env or {})}, capture_output=True, text=True)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "preset",
-    ["configs/mntp.py:tiny", "configs/contrastive.py:tiny"],
-)
-def test_a_run_killed_mid_save_resumes_bit_exactly(preset, tmp_path):
-    """SIGKILL while step 8 is being saved, then restart: the curve equals an uninterrupted run's, bit for bit
-    (MNTP's masks come from the checkpointed RNG; contrastive batches from the step)."""
-    args = ["--config.train.steps=10", "--config.train.checkpoint_every=4", "--config.train.log_every=1"]
-    whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"
-    assert _run(preset, whole, *args).returncode == 0
-    killed = _run(preset, interrupted, *args, env={"KILL_SAVE_AT": "8"})
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    resumed = _run(preset, interrupted, *args)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert [r["loss"] for r in _metrics(interrupted)] == [r["loss"] for r in _metrics(whole)]
 
 
 def test_contrastive_batches_each_come_from_one_dataset(tmp_path):
