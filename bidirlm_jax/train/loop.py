@@ -5,8 +5,8 @@ checkpoints of another model or another data stream) runs before the first byte 
 batch is read and placed on the devices while a step runs, and the host waits for the devices only when
 it must read metrics: every `train.log_every` steps, before a checkpoint, an evaluation or a preemption
 stop. It then reads every step's metrics since the last time, so a non-finite loss is caught before the
-state that produced it could be evaluated or checkpointed. A resumed run continues the data stream at the batch of its step, whatever its process
-count or mesh (`data.loader`).
+state that produced it could be evaluated or checkpointed. A resumed run continues the data stream at the
+batch of its step, whatever its process count or mesh (`data.loader`).
 """
 
 from __future__ import annotations
