@@ -10,6 +10,7 @@ for tensors stored otherwise), which an HF export of it defaults to; its paramet
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Mapping
@@ -143,6 +144,9 @@ def load_checkpoint(
 def _stacked(state_dir: Path) -> bool:
     """Whether a train state holds its layers stacked (`scan_layers=True`): `params/layers/` then has
     parameter names, not layer indices."""
+    absl = logging.getLogger("absl")  # orbax warns that train states have no step-level metadata file
+    level = absl.level
+    absl.setLevel(logging.ERROR)
     try:
         tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
         return "0" not in tree["params"]["layers"]
@@ -150,6 +154,8 @@ def _stacked(state_dir: Path) -> bool:
         raise CheckpointError(
             f"cannot read the metadata of {state_dir} ({type(e).__name__}: {e}); write it again"
         ) from e
+    finally:
+        absl.setLevel(level)
 
 
 def _latest_state(run: Path) -> Path:
