@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -41,25 +40,18 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
+from peers import OPTIM, constant_optimizer, interleaved, loadavg, memory_row, ratio, show, torch_adamw
 
 import bidirlm_jax
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
-from bidirlm_jax.train.config import base_config
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
-from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout
 from bidirlm_jax.train.step import jit_step, make_step_fn
 
-OPTIM = dict(learning_rate=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
 TEMPERATURE = 0.05
-GIB = 1024**3
-
-
-def loadavg() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def save_reference(path: Path, layers: int) -> None:
@@ -101,12 +93,6 @@ def make_batch(vocab: int, batch: int, negatives: int, length: int, seed: int = 
 # --- ours ----------------------------------------------------------------------------------------------------
 
 
-def _tx():
-    optim = base_config().optim
-    optim.update(warmup_steps=0, schedule="constant", **OPTIM)
-    return make_optimizer(optim, total_steps=1000)
-
-
 def _grad_fn(chunk_size: int | None):
     def grad_fn(graphdef, params, batch, rng):
         loss, grads, metrics = contrastive_loss_and_grads(
@@ -121,7 +107,7 @@ def _grad_fn(chunk_size: int | None):
 def jax_step(path: Path, batch: dict, chunk_size: int | None):
     """(one-step callable, step-0 loss, compile seconds) of the engine's jitted contrastive step."""
     model = bidirlm_jax.from_pretrained(path, attention="bidirectional")
-    tx, schedule = _tx()
+    tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     layout = StateLayout(model.config, tx, mesh, seed=0)
     state = layout.from_params(nnx.state(model, nnx.Param))
@@ -168,15 +154,7 @@ def st_step(path: Path, batch: dict, mini_batch: int | None):
     else:
         loss_fn = CachedMultipleNegativesRankingLoss(model, scale=1.0 / TEMPERATURE, mini_batch_size=mini_batch)
     params = list(model.parameters())
-    opt = torch.optim.AdamW(
-        [
-            {"params": [p for p in params if p.ndim > 1], "weight_decay": OPTIM["weight_decay"]},
-            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-        ],
-        lr=OPTIM["learning_rate"],
-        betas=(OPTIM["b1"], OPTIM["b2"]),
-        eps=OPTIM["eps"],
-    )
+    opt = torch_adamw(params)
 
     def features(name: str, j: int | None = None) -> dict[str, torch.Tensor]:
         ids, mask = batch[f"{name}_ids"], batch[f"{name}_mask"]
@@ -201,43 +179,6 @@ def st_step(path: Path, batch: dict, mini_batch: int | None):
 
 
 # --- runs ----------------------------------------------------------------------------------------------------
-
-
-def interleaved(variants: dict, iters: int) -> dict[str, dict]:
-    """`iters` rounds, each variant once per round; wall and process CPU seconds (all threads) of every step."""
-    wall = {name: [] for name in variants}
-    cpu = {name: [] for name in variants}
-    for i in range(iters):
-        for name, run in variants.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-        steps = ", ".join(f"{n} {t[-1]:.2f}s" for n, t in wall.items())
-        print(f"  round {i + 1}/{iters}: {steps}; load {loadavg()}")
-    return {
-        name: dict(
-            best=min(wall[name]),
-            median=statistics.median(wall[name]),
-            cpu_best=min(cpu[name]),
-            cpu_median=statistics.median(cpu[name]),
-            times=wall[name],
-            cpu_times=cpu[name],
-        )
-        for name in variants
-    }
-
-
-def ratio(rows: dict, ours: str, peer: str) -> dict[str, float]:
-    """peer time / our time: of the best steps, the median of the per-round ratios (both ran in the same
-    minute of every round, so this one is the least sensitive to the machine's load), and of the CPU times."""
-    paired = [p / o for p, o in zip(rows[peer]["times"], rows[ours]["times"])]
-    return dict(
-        best=rows[peer]["best"] / rows[ours]["best"],
-        paired_median=statistics.median(paired),
-        paired=paired,
-        cpu_best=rows[peer]["cpu_best"] / rows[ours]["cpu_best"],
-    )
 
 
 def timing(args) -> dict:
@@ -277,21 +218,8 @@ def timing(args) -> dict:
             f"{r['cpu_best']:>12.2f}{r['cpu_median']:>14.2f}"
         )
     ratios = {f"st {label} / ours {label}": ratio(rows, f"ours {label}", f"st {label}") for label, _ in pairs}
-    for k, r in ratios.items():
-        print(
-            f"  {k}: {r['best']:.2f}x (best), {r['paired_median']:.2f}x (median of per-round ratios "
-            f"{'/'.join(f'{x:.2f}' for x in r['paired'])}), {r['cpu_best']:.2f}x (CPU time)"
-        )
+    show(ratios)
     return dict(rows=rows, ratios=ratios, params=param_count(config))
-
-
-def memory_row(ma) -> dict[str, float]:
-    return {
-        "temp_gib": ma.temp_size_in_bytes / GIB,
-        "argument_gib": ma.argument_size_in_bytes / GIB,
-        "output_gib": ma.output_size_in_bytes / GIB,
-        "alias_gib": ma.alias_size_in_bytes / GIB,
-    }
 
 
 def memory(args) -> dict:
@@ -314,7 +242,7 @@ def memory(args) -> dict:
     )
     logging.basicConfig(format="  %(message)s")  # which attention kernel "auto" takes
     logging.getLogger("bidirlm_jax.kernels.attention").setLevel(logging.INFO)
-    tx, schedule = _tx()
+    tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     layout = StateLayout(config, tx, mesh, seed=0)
     sds = jax.ShapeDtypeStruct

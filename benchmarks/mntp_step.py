@@ -34,7 +34,6 @@ import argparse
 import json
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,36 +46,21 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
+from peers import GIB, OPTIM, constant_optimizer, interleaved, loadavg, memory_row, ratio, show, torch_adamw, vm
 
 import bidirlm_jax
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
-from bidirlm_jax.train.config import base_config
 from bidirlm_jax.train.objectives import token_sum_grads
 from bidirlm_jax.train.objectives.mntp import capacity, mntp_loss_from_mask
-from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout
 from bidirlm_jax.train.step import jit_step, make_step_fn
 
-OPTIM = dict(learning_rate=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
 RATIO, CAPACITY_FACTOR = 0.3, 1.2
 MASK_ID = 4  # any id works for random weights (Gemma3's <mask> is 4)
 BIDIRECTIONAL = dict(attention="bidirectional", bidirectional_window="half")
-GIB = 1024**3
-
-
-def loadavg() -> str:
-    return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def vm(field: str) -> float:
-    """`VmHWM` / `VmRSS` of this process in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return float(line.split()[1]) * 1024
-    return float("nan")
 
 
 def gemma_small():
@@ -110,12 +94,6 @@ def save_reference(name: str, path: Path) -> None:
 # --- ours ----------------------------------------------------------------------------------------------------
 
 
-def _tx():
-    optim = base_config().optim
-    optim.update(warmup_steps=0, schedule="constant", **OPTIM)
-    return make_optimizer(optim, total_steps=1000)
-
-
 def _loss(seq: int, sparse: bool, chunk_size: int):
     slots = capacity(seq, RATIO, CAPACITY_FACTOR) if sparse else None
 
@@ -132,7 +110,7 @@ def jax_step(path: Path, batch: dict, *, sparse: bool, chunk_size: int):
     """(one-step callable, step-0 metrics, compiled memory analysis, compile seconds) of the engine's step."""
     model = bidirlm_jax.from_pretrained(path, **BIDIRECTIONAL)
     config = model.config
-    tx, schedule = _tx()
+    tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     layout = StateLayout(config, tx, mesh, seed=0)
     state = layout.from_params(nnx.state(model, nnx.Param))
@@ -164,14 +142,7 @@ def torch_step(path: Path, batch: dict, mode: str = "eager"):
     `labels` = original token where masked, transformers shifting them once."""
     model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").train()
     kwargs = {"is_causal": False} if model.config.model_type == "qwen3" else {}  # Gemma3: from its config
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": OPTIM["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=OPTIM["learning_rate"],
-        betas=(OPTIM["b1"], OPTIM["b2"]),
-        eps=OPTIM["eps"],
-    )
+    opt = torch_adamw(model.parameters())
     forward = torch.compile(model) if mode == "compile" else model
     inputs = torch.as_tensor(batch["corrupted"], dtype=torch.long)
     labels = torch.as_tensor(np.where(batch["masked"], batch["input_ids"], -100), dtype=torch.long)
@@ -193,66 +164,12 @@ def torch_step(path: Path, batch: dict, mode: str = "eager"):
 # --- timing --------------------------------------------------------------------------------------------------
 
 
-def interleaved(variants: dict, iters: int) -> dict[str, dict]:
-    """`iters` rounds, each variant once per round; wall and process CPU seconds (all threads) of every step."""
-    wall = {name: [] for name in variants}
-    cpu = {name: [] for name in variants}
-    for i in range(iters):
-        for name, run in variants.items():
-            start, start_cpu = time.perf_counter(), time.process_time()
-            run()
-            wall[name].append(time.perf_counter() - start)
-            cpu[name].append(time.process_time() - start_cpu)
-        steps = ", ".join(f"{n} {t[-1]:.2f}s" for n, t in wall.items())
-        print(f"  round {i + 1}/{iters}: {steps}; load {loadavg()}")
-    return {
-        name: dict(
-            best=min(wall[name]),
-            median=statistics.median(wall[name]),
-            cpu_best=min(cpu[name]),
-            cpu_median=statistics.median(cpu[name]),
-            times=wall[name],
-            cpu_times=cpu[name],
-        )
-        for name in variants
-    }
-
-
-def ratio(rows: dict, ours: str, peer: str) -> dict[str, float]:
-    """peer time / our time: of the best steps, the median of the per-round ratios (both ran in the same
-    minute of every round, so this one is the least sensitive to the machine's load), and of the CPU times."""
-    paired = [p / o for p, o in zip(rows[peer]["times"], rows[ours]["times"])]
-    return dict(
-        best=rows[peer]["best"] / rows[ours]["best"],
-        paired_median=statistics.median(paired),
-        paired=paired,
-        cpu_best=rows[peer]["cpu_best"] / rows[ours]["cpu_best"],
-    )
-
-
-def show(ratios: dict[str, dict]) -> None:
-    for k, r in ratios.items():
-        print(
-            f"  {k}: {r['best']:.2f}x (best), {r['paired_median']:.2f}x (median of per-round ratios "
-            f"{'/'.join(f'{x:.2f}' for x in r['paired'])}), {r['cpu_best']:.2f}x (CPU time)"
-        )
-
-
 def check_losses(ours: dict, theirs: dict[str, float]) -> None:
     assert ours["mntp_overflow"] == 0, f"sparse head dropped {ours['mntp_overflow']} targets; raise the capacity"
     for name, loss in theirs.items():
         rel = abs(ours["loss"] - loss) / abs(loss)
         print(f"  step-0 loss: ours {ours['loss']:.6f}, {name} {loss:.6f} (relative difference {rel:.1e})")
         assert rel < 1e-4, f"step-0 losses differ: ours {ours['loss']} vs {name} {loss}"
-
-
-def memory_row(ma) -> dict[str, float]:
-    return {
-        "temp_gib": ma.temp_size_in_bytes / GIB,
-        "argument_gib": ma.argument_size_in_bytes / GIB,
-        "output_gib": ma.output_size_in_bytes / GIB,
-        "alias_gib": ma.alias_size_in_bytes / GIB,
-    }
 
 
 def part_a(tmp: Path, args) -> dict:
@@ -401,7 +318,7 @@ def part_c(args) -> dict:
     config = get_preset("gemma3-270m", dtype=paper.dtype, remat=remat, scan_layers=scan, **BIDIRECTIONAL)
     logging.basicConfig(format="  %(message)s")  # which attention kernel "auto" takes at this length
     logging.getLogger("bidirlm_jax.kernels.attention").setLevel(logging.INFO)
-    tx, schedule = _tx()
+    tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     layout = StateLayout(config, tx, mesh, seed=0)
     seq = 8192

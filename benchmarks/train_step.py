@@ -24,20 +24,17 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from peers import OPTIM, constant_optimizer, torch_adamw
 
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
-from bidirlm_jax.train.config import base_config
 from bidirlm_jax.train.metrics import training_flops_per_token
 from bidirlm_jax.train.objectives import token_sum_grads
 from bidirlm_jax.train.objectives.causal_lm import causal_lm_loss
-from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout
 from bidirlm_jax.train.step import jit_step, make_step_fn
-
-OPTIM = dict(learning_rate=3e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip_norm=1.0)
 
 
 def _seconds(fn) -> float:
@@ -57,9 +54,7 @@ def matmul(dtype, n: int = 2048):
 def jax_step(dtype: str, ids: np.ndarray):
     """(one-step callable, first-step loss) of the engine's jitted step on one device."""
     config = get_preset("bench-qwen3", dtype=dtype)
-    optim = base_config().optim
-    optim.update(warmup_steps=0, schedule="constant", **OPTIM)
-    tx, schedule = make_optimizer(optim, total_steps=1000)
+    tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     layout = StateLayout(config, tx, mesh, seed=0)
     batch = {"input_ids": ids.astype(np.int32)}
@@ -86,14 +81,7 @@ def torch_step(mode: str, ids: np.ndarray):
     hf._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = transformers.Qwen3ForCausalLM(hf).train()
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": OPTIM["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=OPTIM["learning_rate"],
-        betas=(OPTIM["b1"], OPTIM["b2"]),
-        eps=OPTIM["eps"],
-    )
+    opt = torch_adamw(model.parameters())
     forward = torch.compile(model) if mode == "compile" else model
     tids = torch.as_tensor(ids, dtype=torch.long)
 
