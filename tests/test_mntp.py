@@ -15,6 +15,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.testing import reference as hm
+from bidirlm_jax.testing.tolerance import fp32_tol
 from bidirlm_jax.train.objectives.base import token_sum_grads
 from bidirlm_jax.train.objectives.mntp import (
     capacity,
@@ -267,6 +268,37 @@ def test_objective_through_the_engine_with_sources(gemma):
     assert logged["tokens/source_0"] + logged["tokens/source_1"] == pytest.approx(float(count))
     total = sum(logged[f"loss/source_{k}"] * logged[f"tokens/source_{k}"] for k in range(2))
     assert total / float(count) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_each_source_reports_the_mean_loss_of_its_own_targets(gemma):
+    """Asymmetric sources (three rows of one, one of the other, all different documents): each source's
+    logged loss is the mean over its own targets, computed here in float64 from the model's logits, and
+    the two differ from each other and from the global mean."""
+    first, second = packed_batch(3), packed_batch(4)
+    batch = {k: np.concatenate([first[k], second[k]]) for k in first}
+    batch["source"] = np.array([0, 0, 1, 0], np.int32)
+    masked = random_mask(batch, seed=7)
+    corrupted = corrupt(batch["input_ids"], masked)
+    ids, segments = batch["input_ids"], batch["segment_ids"]
+    logits = gemma(corrupted, batch["attention_mask"], segment_ids=segments, positions=batch["positions"]).logits
+    logp = _log_softmax(np.asarray(logits, np.float64))
+    scored = masked[:, 1:] & (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)  # j predicts j + 1
+    nll = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+    row_loss, row_count = (nll * scored).sum(axis=1), scored.sum(axis=1)
+    expected = [row_loss[batch["source"] == k].sum() / row_count[batch["source"] == k].sum() for k in range(2)]
+
+    run = nnx.jit(functools.partial(mntp_loss_from_mask, slots=capacity(32, 0.3, 2.0), chunk_size=CHUNK, num_sources=2))
+    loss, count, sums = run(gemma, batch, corrupted, masked)
+    means = {"loss": float(loss) / float(count), "tokens": float(count)}
+    logged = logged_metrics(means | {k: float(v) / float(count) for k, v in sums.items()}, num_sources=2)
+    # Each target's log-softmax normalises over the 512-entry vocabulary: fp32 rounding of that sum, relative.
+    rtol = fp32_tol(VOCAB)
+    for k in range(2):
+        assert logged[f"tokens/source_{k}"] == row_count[batch["source"] == k].sum()
+        assert logged[f"loss/source_{k}"] == pytest.approx(expected[k], rel=rtol), k
+    overall = row_loss.sum() / row_count.sum()
+    assert abs(expected[0] - expected[1]) > 10 * rtol * overall  # a per-source mean is not the global one
+    assert min(abs(e - overall) for e in expected) > 10 * rtol * overall
 
 
 # --- step-0 parity with transformers ---------------------------------------------------------------------

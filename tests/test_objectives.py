@@ -80,10 +80,11 @@ def test_a_mixture_is_exact_and_reports_a_loss_per_source(text_files, tokenizer_
     objective = build_objective(config, model, workdir=tmp_path)
     sources = np.array([objective.rows[i]["source"] for i in range(400)])
     assert np.bincount(sources).tolist() == [300, 100]
-    means = {"loss": 5.0, "tokens": 10.0, "masked_accuracy": 0.1, "mntp_overflow": 0.0}
-    means |= {"loss/source_0": 3.0, "tokens/source_0": 0.6, "loss/source_1": 2.0, "tokens/source_1": 0.4}
+    # The engine's means divide every sum by the 10 targets: prose scored 6 at mean 3.0, code 4 at mean 7.0.
+    means = {"loss": 4.6, "tokens": 10.0, "masked_accuracy": 0.1, "mntp_overflow": 0.0}
+    means |= {"loss/source_0": 1.8, "tokens/source_0": 0.6, "loss/source_1": 2.8, "tokens/source_1": 0.4}
     logged = objective.report(means)
-    assert logged["loss/prose"] == pytest.approx(5.0) and logged["loss/code"] == pytest.approx(5.0)
+    assert logged["loss/prose"] == pytest.approx(3.0) and logged["loss/code"] == pytest.approx(7.0)
     assert logged["tokens/prose"] == 6 and logged["tokens/code"] == 4 and logged["masked_tokens"] == 10
 
 
