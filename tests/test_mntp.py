@@ -5,6 +5,7 @@ import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 import torch
 from flax import nnx
@@ -12,8 +13,10 @@ from flax import nnx
 import bidirlm_jax
 from bidirlm_jax.data.mntp import _random_tokens, mask_tokens
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.transformer import Transformer
+from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.testing import reference as hm
 from bidirlm_jax.testing.tolerance import fp32_tol
 from bidirlm_jax.train.objectives.base import token_sum_grads
@@ -24,6 +27,7 @@ from bidirlm_jax.train.objectives.mntp import (
     mntp_loss_from_mask,
     target_losses,
 )
+from bidirlm_jax.train.state import StateLayout
 
 VOCAB, MASK_ID, BOS = 512, 4, 2
 CHUNK = 96  # does not divide the vocabulary
@@ -299,6 +303,52 @@ def test_each_source_reports_the_mean_loss_of_its_own_targets(gemma):
     overall = row_loss.sum() / row_count.sum()
     assert abs(expected[0] - expected[1]) > 10 * rtol * overall  # a per-source mean is not the global one
     assert min(abs(e - overall) for e in expected) > 10 * rtol * overall
+
+
+# Unoptimised CPU code compiles several times faster; the sharded programs' results do not depend on it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@pytest.fixture(scope="module")
+def mntp_grads_on():
+    """The MNTP objective's gradient program (masks drawn on device, sparse head, per-source sums, two
+    micro-batches) on a mesh, from the same initial parameters; each mesh compiled once."""
+    config = get_preset("tiny-gemma3", attention="bidirectional", num_layers=2, layer_types=(SLIDING, FULL))
+    parts = [packed_batch(seed) for seed in range(4)]
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # 8 packed rows
+    batch["source"] = np.array([0, 1, 1, 0, 0, 0, 1, 0], np.int32)
+    loss_fn = make_mntp_loss(mask_id=MASK_ID, ratio=0.3, vocab_size=VOCAB, chunk_size=CHUNK, num_sources=2)
+    cache = {}
+
+    def get(mesh_shape):
+        if mesh_shape not in cache:
+            mesh = make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
+            layout = StateLayout(config, optax.sgd(1.0), mesh, seed=0)
+            fn = functools.partial(token_sum_grads(loss_fn, grad_accum=2), layout.graphdef)
+            with jax.set_mesh(mesh):
+                out = jax.jit(fn, compiler_options=FAST_COMPILE)(layout.init().params, batch, jax.random.key(3))
+            cache[mesh_shape] = jax.tree.map(np.asarray, out)
+        return cache[mesh_shape]
+
+    return get
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_sharded_step_equals_single_device(mesh_shape, mntp_grads_on):
+    """Rows split over devices (and parameters over fsdp/tensor) draw the same masks, gather the same
+    targets into the sparse head's slots and give the one-device loss, metrics and gradients."""
+    ref_loss, ref_grads, ref_count, ref_metrics = mntp_grads_on((1, 1, 1))
+    loss, grads, count, metrics = mntp_grads_on(mesh_shape)
+    assert count == ref_count > 0  # the same masked targets: counts are exact
+    for name in ("masked_accuracy", "mntp_overflow", "tokens/source_0", "tokens/source_1"):
+        assert metrics[name] == ref_metrics[name], name  # counts divided by the same count
+    # Every gradient and loss sums over the batch's 8×32 tokens, in another order on another mesh.
+    tol = fp32_tol(8 * 32)
+    assert loss == pytest.approx(ref_loss, rel=tol)
+    for name in ("loss/source_0", "loss/source_1"):
+        assert metrics[name] == pytest.approx(ref_metrics[name], rel=tol), name
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=tol * np.abs(b).max())
 
 
 # --- step-0 parity with transformers ---------------------------------------------------------------------
