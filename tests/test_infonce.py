@@ -1,22 +1,30 @@
 """The contrastive loss on fixed embeddings: a numpy reference, sentence-transformers' own loss, metrics,
-duplicate masking, global vs local gathering on 8 fake devices, and the objective's FLOPs."""
+duplicate masking, the objective's own step on meshes (global and local gathering) against one device,
+and its FLOPs."""
+
+import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from bidirlm_jax import sharding
+from bidirlm_jax.configs import contrastive as contrastive_configs
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.transformer import abstract_model
+from bidirlm_jax.testing.tolerance import fp32_tol
+from bidirlm_jax.train import build_objective
 from bidirlm_jax.train.infonce import (
     contrastive_flops_per_step,
     contrastive_loss,
     contrastive_loss_and_metrics,
     text_keys,
 )
+from bidirlm_jax.train.state import StateLayout
 
 
 def _embeddings(b: int, k: int, d: int = 16, seed: int = 0):
@@ -107,34 +115,69 @@ def test_local_groups_are_per_device_batches():
     )
 
 
-@pytest.mark.parametrize("gather", ["global", "local"])
-def test_on_eight_devices(gather):
-    """Sharded over 8 devices: global gathering equals the one-device loss; local equals a loop over the
-    8 per-device batches. Gradients with respect to every embedding too."""
-    mesh = sharding.make_mesh(data=-1)
-    assert mesh.shape["data"] == 8
-    q, p, n = _embeddings(16, 2, seed=4)
-    groups = 8 if gather == "local" else 1
-    fn = jax.value_and_grad(lambda *x: contrastive_loss_and_metrics(*x, groups=groups)[0], argnums=(0, 1, 2))
-    with jax.set_mesh(mesh):
-        args = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in (q, p, n)]
-        loss, grads = jax.jit(fn)(*args)
-    assert len(args[0].sharding.device_set) == 8
+# Unoptimised CPU code compiles several times faster; the sharded programs' results do not depend on it.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+MODEL = get_preset("tiny-gemma3", attention="bidirectional", num_layers=2, layer_types=(SLIDING, FULL))
 
-    def reference(q, p, n):
-        if gather == "global":
-            return contrastive_loss(q, p, n)
-        return jnp.mean(
-            jnp.stack([contrastive_loss(q[i : i + 2], p[i : i + 2], n[i : i + 2]) for i in range(0, 16, 2)])
-        )
 
-    device = jax.devices()[0]
-    ref_loss, ref_grads = jax.value_and_grad(reference, argnums=(0, 1, 2))(
-        *(jax.device_put(x, device) for x in (q, p, n))
-    )
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-    for g, r in zip(grads, ref_grads):
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+@pytest.fixture(scope="module")
+def objective_grads(tmp_path_factory):
+    """The contrastive objective's own gradient program (stdlib pairs, GradCache with chunks of 2 rows per
+    shard, mean pooling) for `gather` on a mesh, from the same initial parameters and global batch."""
+    objectives, cache = {}, {}
+
+    def get(gather: str, mesh_shape, rows=slice(None)):
+        if gather not in objectives:
+            config = contrastive_configs.get_config("tiny")
+            config.data.seq_len = 32
+            config.contrastive.update(chunk_size=2, gather=gather)
+            objectives[gather] = build_objective(config, MODEL, workdir=tmp_path_factory.mktemp("contrastive"))
+        key = (gather, mesh_shape, rows.start)
+        if key not in cache:
+            objective = objectives[gather]
+            batch = {k: np.stack([objective.rows[r][k] for r in range(16)])[rows] for k in objective.rows[0]}
+            mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
+            layout = StateLayout(MODEL, optax.sgd(1.0), mesh, seed=0)
+            fn = jax.jit(functools.partial(objective.grad_fn, layout.graphdef), compiler_options=FAST_COMPILE)
+            with jax.set_mesh(mesh):
+                cache[key] = jax.tree.map(np.asarray, fn(layout.init().params, batch, jax.random.key(0)))
+        return cache[key]
+
+    return get
+
+
+def _assert_same_step(ours, theirs, tokens: int) -> None:
+    """Scores are cosines of d-dim embeddings pooled over up to 32 tokens, times 1/temperature: that fp32
+    rounding bounds the loss (a log-sum-exp of scores minus one) and the cosine metrics; every gradient
+    sums over all `tokens` of the batch, at its leaf's scale."""
+    loss, grads, count, metrics = ours
+    ref_loss, ref_grads, ref_count, ref_metrics = theirs
+    assert count == ref_count == tokens
+    cosine_tol = fp32_tol(MODEL.hidden_size + 32)
+    assert abs(loss - ref_loss) <= 2 * cosine_tol / 0.05
+    assert metrics["in_batch_accuracy"] == ref_metrics["in_batch_accuracy"]  # the same argmax per query
+    for name in ("positive_cosine", "hardest_negative_cosine"):
+        assert abs(metrics[name] - ref_metrics[name]) <= cosine_tol, name
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=fp32_tol(tokens, np.abs(b).max()))
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 2, 2)])
+def test_objective_step_on_a_mesh_equals_one_device(mesh_shape, objective_grads):
+    """Global gathering: the objective's sharded GradCache step (rows over data×fsdp, parameters over
+    fsdp/tensor) gives the one-device loss, metrics and gradients."""
+    ours, theirs = objective_grads("global", mesh_shape), objective_grads("global", (1, 1, 1))
+    _assert_same_step(ours, theirs, tokens=int(theirs[2]))
+
+
+def test_objective_step_with_local_gathering_is_the_mean_over_device_batches(objective_grads):
+    """Local gathering on 8 devices: each device's 2 queries see only their own candidates, so the step is
+    the mean of the one-device steps on the 8 two-row batches (token counts add up)."""
+    ours = objective_grads("local", (8, 1, 1))
+    parts = [objective_grads("local", (1, 1, 1), slice(i, i + 2)) for i in range(0, 16, 2)]
+    mean = jax.tree.map(lambda *x: np.mean(np.stack(x), axis=0), *[(p[0], p[1], p[3]) for p in parts])
+    _assert_same_step(ours, (mean[0], mean[1], ours[2], mean[2]), tokens=int(sum(p[2] for p in parts)))
+    assert abs(ours[0] - objective_grads("global", (8, 1, 1))[0]) > 0.01  # local is not global
 
 
 def test_bad_inputs():
