@@ -40,6 +40,14 @@ from bidirlm_jax.train.state import TrainState, param_shapes
 
 PAD = 0  # reference.batch draws real ids from 3 up, so no real token is the pad token
 TASKS = [("classification", 3), ("regression", 1), ("token_classification", 5)]
+# The transformers class each (family, task) must load as, spelled out (not asked of the code under test).
+HF_CLASSES = {
+    ("gemma3", "classification"): "Gemma3TextForSequenceClassification",
+    ("gemma3", "regression"): "Gemma3TextForSequenceClassification",
+    ("qwen3", "classification"): "Qwen3ForSequenceClassification",
+    ("qwen3", "regression"): "Qwen3ForSequenceClassification",
+    ("qwen3", "token_classification"): "Qwen3ForTokenClassification",
+}
 
 
 def _padded_batch():
@@ -76,7 +84,8 @@ def test_logits_equal_transformers_classes(family, attention, gemma_dir, qwen_di
             transformers.AutoModelForSequenceClassification)  # fmt: skip
         hf, info = auto.from_pretrained(out, attn_implementation="eager", output_loading_info=True)
         assert not any(info.values()), info  # no missing, unexpected or mismatched tensor
-        assert type(hf).__name__ == hf_class_name(encoder.config, head)
+        assert type(hf).__name__ == HF_CLASSES[family, task] == hf_class_name(encoder.config, head)
+        assert json.loads((out / "config.json").read_text())["architectures"] == [HF_CLASSES[family, task]]
         if attention == "bidirectional":
             flag = hf.config.use_bidirectional_attention if family == "gemma3" else not hf.config.is_causal
             assert flag
@@ -88,7 +97,7 @@ def test_logits_equal_transformers_classes(family, attention, gemma_dir, qwen_di
             ours, theirs = ours[mask > 0], theirs[mask > 0]
             assert hf.config.id2label == {i: f"c{i}" for i in range(n)}
         err = np.abs(ours - theirs).max() / np.abs(theirs).max()
-        assert err <= 1e-4, (task, err)
+        assert err <= 1e-4, (task, err)  # the parity contract with transformers (fp32, eager attention)
         if task == "regression":
             assert hf.config.problem_type == "regression" and hf.config.num_labels == 1
 
@@ -162,6 +171,7 @@ def test_a_fine_tuning_run_exports_with_its_tokenizer_and_labels(tmp_path, token
 
     out = export_finetuned(run, tmp_path / "hf")
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(hf).__name__ == "Gemma3TextForSequenceClassification"
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     assert hf.config.id2label == {0: "neg", 1: "pos"} and hf.config.pad_token_id == hf_tokenizer.pad_token_id
     for side in ("right", "left"):
@@ -170,7 +180,7 @@ def test_a_fine_tuning_run_exports_with_its_tokenizer_and_labels(tmp_path, token
         with torch.no_grad():
             theirs = hf(**{k: torch.as_tensor(v) for k, v in batch.items()}).logits.numpy()
         ours = np.asarray(_logits(model, batch["input_ids"], batch["attention_mask"]))
-        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())  # parity contract
 
     with pytest.raises(CheckpointError, match="already exists"):
         export_finetuned(run, tmp_path / "hf")  # an existing output is never overwritten unasked
