@@ -1,7 +1,7 @@
 """`bidirlm ablate` / `run_ablation`: one tiny run shared by the module (every variant, a sequence task and the
 generated retrieval task, a few steps each) gives the table and both plots with numbers from the run; a second
 call recomputes nothing; bad inputs are refused with one line, exit 2 and nothing written; the merge-ratio
-sweep's ends are its two sources exactly."""
+sweep's ends are its two sources exactly and its interior ratios numpy's mixtures."""
 
 import json
 import os
@@ -15,6 +15,7 @@ from bidirlm_jax.ablation.sweep import merge_ratio_sweep, mix
 from bidirlm_jax.cli import main
 from bidirlm_jax.configs.ablation import get_config
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.testing.tolerance import ulps
 
 FIVE = ["Base", "Bi+Base", "Bi+MNTP", "Bi+Contrastive", "Bi+MNTP+Contrastive"]
 
@@ -108,8 +109,23 @@ def test_the_sweep_ends_are_the_two_sources(ablation):
         for x, y in zip(nnx.to_flat_state(mixed), nnx.to_flat_state(source)):
             np.testing.assert_array_equal(np.asarray(x[1][...]), np.asarray(y[1][...]))
     seen = []
-    points = merge_ratio_sweep(adapted, base, lambda m: {"first": float(seen.append(m) or 0)}, ratios=[0, 1])
-    assert [p["ratio"] for p in points] == [0.0, 1.0] and len(seen) == 2
+
+    def record(model):
+        seen.append([np.asarray(x[...]) for _, x in nnx.to_flat_state(nnx.state(model, nnx.Param))])
+        return {"first": 0.0}
+
+    # Interior ratios, on both sides of ½ (each side interpolates from its nearer end), against numpy in
+    # float64: r·base + (1 − r)·adapted. fp32 a + α(b − a) rounds three times at the operands' scale.
+    ratios = [0.0, 0.25, 0.75, 1.0]
+    points = merge_ratio_sweep(adapted, base, record, ratios=ratios)
+    assert [p["ratio"] for p in points] == ratios and len(seen) == 4
+    pairs = [(np.asarray(x[...], np.float64), np.asarray(y[...], np.float64)) for (_, x), (_, y) in
+             zip(nnx.to_flat_state(a), nnx.to_flat_state(b), strict=True)]  # fmt: skip
+    for ratio, mixed in zip(ratios, seen):
+        for (x, y), m in zip(pairs, mixed, strict=True):
+            expected = ratio * y + (1 - ratio) * x
+            assert (np.abs(m - expected) <= ulps(np.maximum(np.abs(x), np.abs(y)), 3)).all(), ratio
+    assert any(not np.allclose(u, v) for u, v in zip(seen[1], seen[2]))  # the sources differ, so do the ratios
 
 
 @pytest.mark.parametrize(
