@@ -134,6 +134,38 @@ def test_word_labels_sit_on_each_words_first_sub_token(tokenizer):
     assert cut.word_starts[0].tolist() == [1, 5, -1] and cut.num_dropped_words == 1 and cut.num_truncated == 1
 
 
+def test_word_labels_follow_the_running_texts_character_offsets(tokenizer):
+    """On real sentences, each word's label sits on the first token whose characters overlap that word in
+    the running text (the fast tokenizer's character offsets, not the word_ids() the code aligns with),
+    and every other position is ignored."""
+    sentences = [doc.split()[:12] for _, doc in stdlib_docstrings()[300:340] if len(doc.split()) >= 3]
+    rng = np.random.default_rng(0)
+    names = ("O", "B-X", "I-X")
+    tags = [[names[t] for t in rng.integers(0, 3, len(words))] for words in sentences]
+    split = labeled.LabeledSplit("train", "mem", "token_classification", tokens=sentences, labels=tags,
+                                 where=[f"line {i}" for i in range(len(sentences))])  # fmt: skip
+    label_map = LabelMap("token_classification", names)
+    encoded = encode_split(split, tokenizer, label_map, max_length=512)
+    for i, words in enumerate(sentences):
+        text = " ".join(words)
+        # word k covers text[starts[k] : ends[k]], with the space before it (as in the hand-checked test above,
+        # a word after the first carries its space, so a lone "Ġ" token opens the word that follows it)
+        ends = np.cumsum([len(w) + 1 for w in words]) - 1
+        starts = np.array([0] + list(ends[:-1]))
+        enc = tokenizer(text, return_offsets_mapping=True)
+        expected, seen = [], set()
+        for start, end in enc["offset_mapping"]:
+            hit = [k for k in range(len(words)) if start < ends[k] and end > starts[k]]
+            first = hit and hit[0] not in seen
+            expected.append(label_map.id(tags[i][hit[0]], "test") if first else IGNORE_INDEX)
+            seen.update(hit[:1])
+        lo, hi = encoded.offsets[i], encoded.offsets[i + 1]
+        assert encoded.ids[lo:hi].tolist() == enc["input_ids"], i
+        assert encoded.labels[lo:hi].tolist() == expected, i
+        assert len(seen) == len(words)  # every word labelled once
+    assert sum(len(w) for w in sentences) > 3 * len(sentences) and (encoded.labels == 2).any()
+
+
 def test_sequences_and_pairs_are_cut_and_counted(tokenizer):
     split = labeled.LabeledSplit("train", "mem", "classification", texts=["short", "a much longer text " * 5],
                                  pairs=["b", "c"], labels=["x", "y"], where=["1", "2"])  # fmt: skip
