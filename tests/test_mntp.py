@@ -31,6 +31,9 @@ from bidirlm_jax.train.state import StateLayout
 
 VOCAB, MASK_ID, BOS = 512, 4, 2
 CHUNK = 96  # does not divide the vocabulary
+# Two programs scoring the same targets (sparse chunked head vs dense logits, jit vs float64 numpy) regroup
+# each target's log-softmax normaliser over the vocabulary: relative to the loss, at most VOCAB eps.
+CE_RTOL = fp32_tol(VOCAB)
 
 
 def packed_batch(seed: int = 0) -> dict[str, np.ndarray]:
@@ -190,7 +193,7 @@ def test_hand_computed_packed_row(gemma, slots):
 
     loss, count, metrics = loss_from_mask(gemma, batch, corrupted, masked, slots=slots)
     assert float(count) == len(pairs)
-    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    np.testing.assert_allclose(float(loss), expected, rtol=CE_RTOL)
     assert float(metrics["masked_accuracy"]) == hits and float(metrics["mntp_overflow"]) == 0
 
 
@@ -208,13 +211,15 @@ def test_sparse_chunked_equals_dense(request, model_name):
     slots = capacity(32, 0.3, 2.0)  # room for every target of this draw
     dense_loss, dense_grads = value_and_grads(model, batch, corrupted, masked)
     sparse_loss, sparse_grads = value_and_grads(model, batch, corrupted, masked, slots=slots)
-    assert _rel(sparse_loss, dense_loss) <= 1e-6
-    # fp32 rounding alone puts either path ~1e-6 (max-relative) off the float64 truth (optax's too), so the
-    # whole gradient is compared in L2, and each parameter loosely (a wrong or missing one is off by ~1).
+    assert _rel(sparse_loss, dense_loss) <= CE_RTOL
+    # Every gradient entry sums over the vocabulary's softmax terms and the 64 positions of the batch, in
+    # another order on each path: the whole gradient in L2, and each parameter at its own scale (a wrong or
+    # missing one is off by ~1).
     ours, theirs = jax.tree.leaves(nnx.state(sparse_grads)), jax.tree.leaves(nnx.state(dense_grads))
     flat = lambda leaves: np.concatenate([np.ravel(x) for x in leaves]).astype(np.float64)
-    assert np.linalg.norm(flat(ours) - flat(theirs)) <= 1e-6 * np.linalg.norm(flat(theirs))
-    assert max(map(_rel, ours, theirs)) <= 5e-6
+    grad_rtol = fp32_tol(VOCAB + 2 * 32)
+    assert np.linalg.norm(flat(ours) - flat(theirs)) <= grad_rtol * np.linalg.norm(flat(theirs))
+    assert max(map(_rel, ours, theirs)) <= grad_rtol
     _, dense_count, dense_metrics = loss_from_mask(model, batch, corrupted, masked)
     _, count, metrics = loss_from_mask(model, batch, corrupted, masked, slots=slots)
     assert float(count) == float(dense_count) and float(metrics["mntp_overflow"]) == 0
@@ -235,7 +240,7 @@ def test_overflow_is_counted_and_the_rest_scored(gemma):
     assert (per_row > slots).all()
     assert float(metrics["mntp_overflow"]) == np.maximum(per_row - slots, 0).sum()
     assert float(count) == kept.sum()
-    np.testing.assert_allclose(float(loss), (dense.loss * kept).sum(), rtol=1e-6)
+    np.testing.assert_allclose(float(loss), (dense.loss * kept).sum(), rtol=CE_RTOL)
 
 
 def test_packed_documents_are_isolated(gemma):
@@ -252,7 +257,9 @@ def test_packed_documents_are_isolated(gemma):
     doc_b[0] = batch["segment_ids"][0, before.position[0]] == 2
     untouched = (before.weight > 0) & ~doc_b
     assert untouched[0].any() and untouched[1].any() and (doc_b & (before.weight > 0)).any()
-    np.testing.assert_allclose(after.loss[untouched], before.loss[untouched], rtol=1e-6)
+    # Keys of another document are masked out (exact zeros in the softmax), so only how XLA groups a
+    # query's 32 key terms can move these losses; leaked attention would move them as doc B's own move (below).
+    np.testing.assert_allclose(after.loss[untouched], before.loss[untouched], rtol=CE_RTOL)
     assert not np.allclose(after.loss[doc_b & (before.weight > 0)], before.loss[doc_b & (before.weight > 0)])
 
 
@@ -271,7 +278,7 @@ def test_objective_through_the_engine_with_sources(gemma):
     assert logged["mntp_overflow"] == pytest.approx(round(logged["mntp_overflow"]), abs=1e-3)  # a count again
     assert logged["tokens/source_0"] + logged["tokens/source_1"] == pytest.approx(float(count))
     total = sum(logged[f"loss/source_{k}"] * logged[f"tokens/source_{k}"] for k in range(2))
-    assert total / float(count) == pytest.approx(float(loss), rel=1e-6)
+    assert total / float(count) == pytest.approx(float(loss), rel=fp32_tol(int(count)))  # positive terms regrouped
 
 
 def test_each_source_reports_the_mean_loss_of_its_own_targets(gemma):
@@ -295,8 +302,7 @@ def test_each_source_reports_the_mean_loss_of_its_own_targets(gemma):
     loss, count, sums = run(gemma, batch, corrupted, masked)
     means = {"loss": float(loss) / float(count), "tokens": float(count)}
     logged = logged_metrics(means | {k: float(v) / float(count) for k, v in sums.items()}, num_sources=2)
-    # Each target's log-softmax normalises over the 512-entry vocabulary: fp32 rounding of that sum, relative.
-    rtol = fp32_tol(VOCAB)
+    rtol = CE_RTOL
     for k in range(2):
         assert logged[f"tokens/source_{k}"] == row_count[batch["source"] == k].sum()
         assert logged[f"loss/source_{k}"] == pytest.approx(expected[k], rel=rtol), k
@@ -387,4 +393,4 @@ def test_step0_matches_transformers(family, tmp_path):
     corrupted = corrupt(ids, masked)
     loss, count, _ = loss_from_mask(model, batch, corrupted, masked, slots=capacity(24, 0.3, 2.0))
     theirs = _torch_mntp_loss(ref, ids, mask, corrupted, masked, **kwargs)
-    assert abs(float(loss) / float(count) - theirs) <= 1e-4 * abs(theirs)
+    assert abs(float(loss) / float(count) - theirs) <= 1e-4 * abs(theirs)  # the parity contract (fp32)
