@@ -24,3 +24,11 @@ def fp32_tol(reduction_len: int, scale: float = 1.0) -> float:
 def ulps(x, n: float = 1.0) -> np.ndarray:
     """`n` ULPs of fp32 at each value of `x`: the error of `n` correctly rounded operations on it."""
     return n * np.spacing(np.abs(np.asarray(x, np.float32)))
+
+
+def merge_tol(*parts) -> np.ndarray:
+    """Per entry, the fp32 rounding of a linear merge of `parts` as `merge.linear.combine` computes it
+    (s·x₀ + Σ cᵢ(xᵢ − x₀)): a rounded coefficient, difference, product and sum per part, each at most one
+    ULP of twice the entry's largest input."""
+    largest = np.max([np.abs(np.asarray(p, np.float32)) for p in parts], axis=0)
+    return ulps(2 * largest, 4 * len(parts))
