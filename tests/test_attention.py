@@ -13,6 +13,7 @@ from bidirlm_jax.kernels import attention
 from bidirlm_jax.kernels.attention import Case, attend, choose
 from bidirlm_jax.models.masks import MaskSpec, Segments, layer_specs
 from bidirlm_jax.models.presets import PRESETS
+from bidirlm_jax.testing.tolerance import fp32_tol
 
 T, W = 32, 8
 CONFIG = PRESETS["tiny-gemma3"].replace(sliding_window=W)  # causal; 2 sliding + 2 global layers
@@ -63,9 +64,11 @@ def test_xla_kernels_equal_the_reference(spec):
     assert np.isfinite(ref).all()
     for impl, blocks in [("xla", {}), ("blocked", {}), ("chunked", {"block_q": 12})]:
         out, grads = outputs_and_grads(impl, q, k, v, spec, segments, **blocks)
-        np.testing.assert_allclose(out, ref, atol=2e-6, err_msg=impl)
+        # Outputs are softmax-weighted means of unit-normal values over <= T = 32 keys: fp32_tol(16 + T) ≈ 6e-6
+        # bounds the 16-wide scores and the key sums; the gradients sum again over the 32 queries.
+        np.testing.assert_allclose(out, ref, atol=fp32_tol(16 + T), err_msg=impl)
         for g, r in zip(grads, ref_grads):
-            np.testing.assert_allclose(g, r, atol=1e-5, err_msg=impl)
+            np.testing.assert_allclose(g, r, atol=fp32_tol(16 + 2 * T, 2), err_msg=impl)
 
 
 # --- the decision table (compiles faked: only the logic is tested here) ---------------------------------

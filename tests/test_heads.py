@@ -54,7 +54,7 @@ def test_pooled_heads_score_the_pooled_token_by_hand():
             real = np.flatnonzero(MASK[b])
             pooled = {"mean": hidden[b, real].mean(0), "first": hidden[b, real[0]], "last": hidden[b, real[-1]]}
             rows.append(pooled[pooling] @ w.T)
-        np.testing.assert_allclose(out.logits, np.stack(rows), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out.logits, np.stack(rows), rtol=1e-5, atol=1e-6)  # fp32 vs float64: 64-wide
         assert out.logits.dtype == jnp.float32 and out.logits.shape == (3, 3)
         assert set(_arrays(model.head)) == {"score"}  # no bias: as transformers' `score`
 
@@ -71,14 +71,14 @@ def test_late_head_is_dense_gelu_classifier_then_masked_mean():
     h = 0.5 * h * (1 + np.vectorize(math.erf)(h / math.sqrt(2)))  # exact GELU, from its definition
     per_token = h @ params["classifier"].T + params["classifier_bias"]  # [B, T, 4]
     expected = np.stack([per_token[b, MASK[b] > 0].mean(0) for b in range(3)])
-    np.testing.assert_allclose(out.logits, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.logits, expected, rtol=1e-5, atol=1e-6)  # fp32 vs float64: two 64-wide matmuls
 
 
 def test_token_and_regression_heads():
     model = _model(HeadConfig("token_classification", 5, dropout=0.3))
     out = _run(model, IDS, MASK)
     w, b = (np.asarray(model.head.score[...]), np.asarray(model.head.score_bias[...]))
-    np.testing.assert_allclose(out.logits, np.asarray(out.hidden_states) @ w.T + b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out.logits, np.asarray(out.hidden_states) @ w.T + b, rtol=1e-5, atol=1e-6)  # 64-wide
     assert out.logits.shape == (3, 12, 5) and model.head_config.pooling == "none"
     regression = _model(HeadConfig("regression", 1, pooling="last"))
     assert _run(regression, IDS, MASK).logits.shape == (3,)

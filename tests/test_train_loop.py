@@ -164,6 +164,7 @@ def test_a_run_moves_between_process_counts_and_meshes(runs, tmp_path):
     for key in ("loss", "grad_norm", "accuracy"):  # all-reduces sum in another order: ulps, not bits
         np.testing.assert_allclose([r[key] for r in ours], [r[key] for r in theirs], rtol=2e-5, err_msg=key)
     for a, b in zip(_params(tmp_path, STEPS), _params(whole, STEPS), strict=True):
+        # AdamW steps amplify ulp-level gradient differences near its eps (see test_train_step) into the params
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 

@@ -183,7 +183,7 @@ def test_output_loads_in_transformers_and_from_pretrained(tmp_path, family):
     ids = np.array([[1, 5, 9, 3, 7, 2, 11, 4, 6, 8, 10, 12]])
     with torch.no_grad():
         ref = model(torch.tensor(ids)).logits.numpy()
-    np.testing.assert_allclose(np.asarray(ours(ids).logits), ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ours(ids).logits), ref, rtol=1e-4, atol=1e-4)  # parity contract, fp32
 
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
