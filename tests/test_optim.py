@@ -23,6 +23,8 @@ def _values(schedule, steps):
     [("linear", 0.5), ("cosine", 0.5), ("1-sqrt", 1 - np.sqrt(0.5))],
 )
 def test_wsd_warms_up_holds_and_decays_with_its_shape(shape, midpoint):
+    """Schedules are a few fp32 operations on the step: rtol 1e-6 is ~8 ulps; the midpoint takes a cos or
+    sqrt of a rounded fraction (1e-5), and the end is 0 within one ulp of the peak."""
     s = make_schedule("wsd", peak=1.0, total_steps=100, warmup_steps=10, decay_fraction=0.2, decay_shape=shape)
     np.testing.assert_allclose(_values(s, [0, 4, 9]), [0.1, 0.5, 1.0], rtol=1e-6)  # linear warmup
     np.testing.assert_allclose(_values(s, [10, 50, 80]), 1.0)  # stable until the decay starts at step 80
