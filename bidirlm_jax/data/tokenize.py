@@ -4,7 +4,8 @@
 on the fly; `tokenize_corpus` (`bidirlm tokenize SRC OUT --tokenizer DIR`) tokenises a large one once, in
 several processes, into `tokens-NNNNN.npy` (uint32 ids of the documents, concatenated), `docs-NNNNN.npy`
 (int64 document offsets into them, starting at 0) and a `corpus.json` manifest with the tokenizer's
-special ids and the largest id, recorded once so that no start rescans gigabytes. Documents are encoded
+record (vocabulary size, a hash of what decides the ids, special ids) and the largest id, recorded once so
+that no start rescans gigabytes. Documents are encoded
 as the tokenizer encodes them with `add_special_tokens=True` (BOS/EOS as it adds them); a document of
 special tokens only (an empty text) is skipped and counted.
 
@@ -102,13 +103,26 @@ class Corpus:
             )
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Refuse a pre-tokenised corpus whose tokenizer differs from the model's (size or special ids)."""
-        mine = {k: self.tokenizer[k] for k in ("vocab_size", "special_ids")}
-        theirs = {k: _tokenizer_record(tokenizer)[k] for k in mine}
+        """Refuse a pre-tokenised corpus whose tokenizer encodes text differently from the model's.
+
+        Compared: the vocabulary size and the hash of the backend (`backend_sha256`), not the special ids,
+        which recording a mask token (an MNTP checkpoint's tokenizer) extends without changing any id.
+        """
+        record = _tokenizer_record(tokenizer)
+        if "backend_sha256" in self.tokenizer:
+            mine = {k: self.tokenizer[k] for k in ("vocab_size", "backend_sha256")}
+            theirs = {"vocab_size": record["vocab_size"], "backend_sha256": _backend_sha256(tokenizer)}
+            fix = "re-run bidirlm tokenize with the checkpoint's tokenizer"
+        else:  # a corpus written before the hash was recorded: its special ids, the mask tokens aside
+            masks = {self.tokenizer.get("mask_id"), record["mask_id"]}
+            mine, theirs = (
+                {"vocab_size": r["vocab_size"], "special_ids": [i for i in r["special_ids"] if i not in masks]}
+                for r in (self.tokenizer, record)
+            )
+            fix = "re-run bidirlm tokenize with the checkpoint's tokenizer (this corpus predates tokenizer hashes)"
         if mine != theirs:
             raise ConfigError(
-                f"the corpus {self.path} was tokenised with another tokenizer ({mine}, the model's: {theirs}); "
-                "re-run bidirlm tokenize with the checkpoint's tokenizer"
+                f"the corpus {self.path} was tokenised with another tokenizer ({mine}, the model's: {theirs}); {fix}"
             )
 
     @classmethod
@@ -142,7 +156,13 @@ class Corpus:
         # A memory-mapped corpus travels to worker processes as its path, not as a copy of its tokens.
         if self.path is None:
             return super().__reduce__()
-        return Corpus.load, (self.path,)
+        return _reopen, (self.path, self.tokenizer)
+
+
+def _reopen(path: Path, tokenizer: dict[str, Any]) -> Corpus:
+    corpus = Corpus.load(path)
+    corpus.tokenizer = tokenizer
+    return corpus
 
 
 def tokenize_documents(
@@ -172,6 +192,8 @@ def load_corpus(
     if (Path(path) / MANIFEST).is_file():
         corpus = Corpus.load(path)
         corpus.check_tokenizer(tokenizer)
+        # The same ids, but which are special (never masked) is the run tokenizer's say, as on the fly.
+        corpus.tokenizer = _tokenizer_record(tokenizer)
         return corpus
     return tokenize_documents(iter_documents(path, text_field=text_field, split=split), tokenizer)
 
@@ -199,7 +221,8 @@ def tokenize_corpus(
         from bidirlm_jax.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
-    record, encoder_args = _tokenizer_record(tokenizer), _Encoder.args(tokenizer)
+    record = {**_tokenizer_record(tokenizer), "backend_sha256": _backend_sha256(tokenizer)}
+    encoder_args = _Encoder.args(tokenizer)
     work = out.parent / f".{out.name}.partial"
     settings = {
         "source": _fingerprint(src),
@@ -339,6 +362,18 @@ def _tokenizer_record(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         "special_ids": sorted(int(i) for i in tokenizer.all_special_ids),
         **{f"{name}_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos", "mask")},
     }
+
+
+def _backend_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of what decides the ids a text becomes: the backend (normaliser, pre-tokeniser, model, added
+    tokens, post-processor) without its runtime truncation and padding, and without the added tokens'
+    `special` flags, which only say how a token decodes (and flip when a mask token is recorded)."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    backend.pop("truncation", None)
+    backend.pop("padding", None)
+    for token in backend.get("added_tokens") or []:
+        token.pop("special", None)
+    return hashlib.sha256(json.dumps(backend, sort_keys=True).encode()).hexdigest()
 
 
 def _fingerprint(src: str | os.PathLike) -> list:
