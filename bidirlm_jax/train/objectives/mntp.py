@@ -240,6 +240,9 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
     data, mntp = config.data, config.mntp
     tokenizer = run_tokenizer(config, model, workdir)
     mask_id = resolve_mask_token(tokenizer, mntp.mask_token, family=model.family)
+    # Recorded before the text is packed, so the mask token is special (never a target) as it is for the
+    # tokenizer saved with the run, which a resumed run loads: both pack the same rows.
+    tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)  # saved with the run, so exports carry it
     text = packed_text(data, tokenizer, model.vocab_size)
     names = text.source_names
     loss_fn = make_mntp_loss(
@@ -262,7 +265,6 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
             out[f"tokens/{name}"] = out.pop(f"tokens/source_{k}")
         return out
 
-    tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)  # saved with the run, so exports carry it
     evaluate = _held_out_evaluation(config, tokenizer, mask_id)
     return Objective(
         rows=text.rows,
