@@ -147,6 +147,55 @@ def test_bad_inputs_write_nothing(tokenizer_dir, tmp_path, capsys):
         tokenize_corpus(bad, tmp_path / "out", tokenizer_dir, progress=False)
 
 
+def _cut_in_half(text: str) -> str:
+    return text[: len(text) // 2]
+
+
+def _without_num_docs(text: str) -> str:
+    manifest = json.loads(text)
+    del manifest["shards"][1]["num_docs"]
+    return json.dumps(manifest, indent=2)
+
+
+def _string_max_id(text: str) -> str:
+    return json.dumps({**json.loads(text), "max_token_id": "319"})
+
+
+@pytest.fixture(scope="module")
+def tokenized(tokenizer, corpus_file, tmp_path_factory):
+    return tokenize_corpus(
+        corpus_file, tmp_path_factory.mktemp("tok") / "tokens", tokenizer, shard_tokens=1500, progress=False
+    )
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_cut_in_half, r"corpus\.json:\d+: not valid JSON \(.*; truncated\?\)"),
+        (_without_num_docs, r"corpus\.json: shards\[1\]\.num_docs is missing \(an incomplete manifest\)"),
+        (_string_max_id, r"corpus\.json: max_token_id holds \"319\", not an integer"),
+        ("docs-00001.npy", r"cannot read a shard of .*corpus\.json \("),
+    ],
+)
+def test_a_damaged_corpus_is_refused_by_train(tokenized, tokenizer_dir, tmp_path, capsys, damage, message):
+    """A truncated, incomplete or hand-edited corpus: `bidirlm train` exits 2 naming the file, nothing written."""
+    import re
+    import shutil
+
+    corpus = shutil.copytree(tokenized, tmp_path / "tokens")
+    if callable(damage):
+        (corpus / "corpus.json").write_text(damage((corpus / "corpus.json").read_text()))
+    else:  # a shard file cut short (a copy that stopped part-way)
+        (corpus / damage).write_bytes((corpus / damage).read_bytes()[:100])
+    workdir = tmp_path / "run"
+    argv = ["train", "--config=configs/mntp.py:tiny", f"--workdir={workdir}", "--config.data.source=text"]
+    argv += [f"--config.data.path={corpus}", f"--config.data.tokenizer={tokenizer_dir}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert not workdir.exists()
+
+
 def test_load_corpus_checks_tokenizer_and_vocab(tokenizer, corpus_file, tmp_path):
     out = tokenize_corpus(corpus_file, tmp_path / "tokens", tokenizer, progress=False)
     corpus = load_corpus(out, tokenizer)

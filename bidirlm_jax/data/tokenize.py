@@ -3,11 +3,10 @@
 `Corpus` is what training reads, whichever way it was made: `tokenize_documents` tokenises a small source
 on the fly; `tokenize_corpus` (`bidirlm tokenize SRC OUT --tokenizer DIR`) tokenises a large one once, in
 several processes, into `tokens-NNNNN.npy` (uint32 ids of the documents, concatenated), `docs-NNNNN.npy`
-(int64 document offsets into them, starting at 0) and a `corpus.json` manifest with the tokenizer's
-record (vocabulary size, a hash of what decides the ids, special ids) and the largest id, recorded once so
-that no start rescans gigabytes. Documents are encoded
-as the tokenizer encodes them with `add_special_tokens=True` (BOS/EOS as it adds them); a document of
-special tokens only (an empty text) is skipped and counted.
+(int64 document offsets into them, starting at 0) and a `corpus.json` manifest (`data.manifest`: the
+tokenizer's record and the largest id, recorded once so that no start rescans gigabytes). Documents are
+encoded as the tokenizer encodes them with `add_special_tokens=True` (BOS/EOS as it adds them); a document
+of special tokens only (an empty text) is skipped and counted.
 
 A run works in a hidden `.OUT.partial` directory: each finished shard is recorded by a marker written
 after its arrays, so an interrupted run resumes after its last finished shard (a shard ends with the
@@ -34,6 +33,14 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from bidirlm_jax.data.manifest import (
+    FORMAT,
+    MANIFEST,
+    backend_sha256,
+    check_same_encoding,
+    read_manifest,
+    tokenizer_record,
+)
 from bidirlm_jax.data.sources import HUB_PREFIX, iter_documents, source_files
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
@@ -41,8 +48,6 @@ from bidirlm_jax.io.atomic import atomic_directory, check_destination
 if TYPE_CHECKING:  # transformers is imported only where a tokenizer is loaded, so tokenising workers start fast
     from transformers import PreTrainedTokenizerBase
 
-MANIFEST = "corpus.json"
-FORMAT = "bidirlm-tokens/1"
 _SETTINGS = "settings.json"
 
 
@@ -103,27 +108,8 @@ class Corpus:
             )
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Refuse a pre-tokenised corpus whose tokenizer encodes text differently from the model's.
-
-        Compared: the vocabulary size and the hash of the backend (`backend_sha256`), not the special ids,
-        which recording a mask token (an MNTP checkpoint's tokenizer) extends without changing any id.
-        """
-        record = _tokenizer_record(tokenizer)
-        if "backend_sha256" in self.tokenizer:
-            mine = {k: self.tokenizer[k] for k in ("vocab_size", "backend_sha256")}
-            theirs = {"vocab_size": record["vocab_size"], "backend_sha256": _backend_sha256(tokenizer)}
-            fix = "re-run bidirlm tokenize with the checkpoint's tokenizer"
-        else:  # a corpus written before the hash was recorded: its special ids, the mask tokens aside
-            masks = {self.tokenizer.get("mask_id"), record["mask_id"]}
-            mine, theirs = (
-                {"vocab_size": r["vocab_size"], "special_ids": [i for i in r["special_ids"] if i not in masks]}
-                for r in (self.tokenizer, record)
-            )
-            fix = "re-run bidirlm tokenize with the checkpoint's tokenizer (this corpus predates tokenizer hashes)"
-        if mine != theirs:
-            raise ConfigError(
-                f"the corpus {self.path} was tokenised with another tokenizer ({mine}, the model's: {theirs}); {fix}"
-            )
+        """Refuse a pre-tokenised corpus whose tokenizer encodes text differently from the model's."""
+        check_same_encoding(self.tokenizer, tokenizer, self.path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Corpus:
@@ -131,12 +117,13 @@ class Corpus:
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise ConfigError(f"{path} is not a tokenised corpus (no {MANIFEST}); write one with bidirlm tokenize")
-        manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format") != FORMAT:
-            raise ConfigError(f"{path / MANIFEST} is not a {FORMAT} manifest; re-run bidirlm tokenize")
+        manifest = read_manifest(path)
         shards = []
         for shard in manifest["shards"]:
-            tokens, offsets = (np.load(path / shard[k], mmap_mode="r") for k in ("tokens", "docs"))
+            try:
+                tokens, offsets = (np.load(path / shard[k], mmap_mode="r") for k in ("tokens", "docs"))
+            except (OSError, ValueError) as e:  # missing, truncated, not an array file
+                raise ConfigError(f"cannot read a shard of {path / MANIFEST} ({e}); re-run bidirlm tokenize") from None
             if (
                 tokens.dtype != np.uint32
                 or tokens.shape != (shard["num_tokens"],)
@@ -179,7 +166,7 @@ def tokenize_documents(
         )
     return Corpus(
         [(tokens, offsets)],
-        tokenizer=_tokenizer_record(tokenizer),
+        tokenizer=tokenizer_record(tokenizer),
         max_token_id=int(tokens.max()),
         skipped_docs=skipped,
     )
@@ -193,7 +180,7 @@ def load_corpus(
         corpus = Corpus.load(path)
         corpus.check_tokenizer(tokenizer)
         # The same ids, but which are special (never masked) is the run tokenizer's say, as on the fly.
-        corpus.tokenizer = _tokenizer_record(tokenizer)
+        corpus.tokenizer = tokenizer_record(tokenizer)
         return corpus
     return tokenize_documents(iter_documents(path, text_field=text_field, split=split), tokenizer)
 
@@ -221,7 +208,7 @@ def tokenize_corpus(
         from bidirlm_jax.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
-    record = {**_tokenizer_record(tokenizer), "backend_sha256": _backend_sha256(tokenizer)}
+    record = {**tokenizer_record(tokenizer), "backend_sha256": backend_sha256(tokenizer)}
     encoder_args = _Encoder.args(tokenizer)
     work = out.parent / f".{out.name}.partial"
     settings = {
@@ -300,7 +287,7 @@ class _Encoder:
 
     @staticmethod
     def args(tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
-        return tokenizer.backend_tokenizer.to_str(), _tokenizer_record(tokenizer)["special_ids"]
+        return tokenizer.backend_tokenizer.to_str(), tokenizer_record(tokenizer)["special_ids"]
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase) -> _Encoder:
@@ -353,27 +340,6 @@ def _encoding(
                 yield pending.popleft().get()
 
         yield encode
-
-
-def _tokenizer_record(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    return {
-        "name_or_path": str(tokenizer.name_or_path),
-        "vocab_size": len(tokenizer),
-        "special_ids": sorted(int(i) for i in tokenizer.all_special_ids),
-        **{f"{name}_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos", "mask")},
-    }
-
-
-def _backend_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of what decides the ids a text becomes: the backend (normaliser, pre-tokeniser, model, added
-    tokens, post-processor) without its runtime truncation and padding, and without the added tokens'
-    `special` flags, which only say how a token decodes (and flip when a mask token is recorded)."""
-    backend = json.loads(tokenizer.backend_tokenizer.to_str())
-    backend.pop("truncation", None)
-    backend.pop("padding", None)
-    for token in backend.get("added_tokens") or []:
-        token.pop("special", None)
-    return hashlib.sha256(json.dumps(backend, sort_keys=True).encode()).hexdigest()
 
 
 def _fingerprint(src: str | os.PathLike) -> list:
