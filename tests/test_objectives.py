@@ -178,6 +178,11 @@ def test_contrastive_learns(tmp_path):
         ("configs/mntp.py:tiny", ["--config.data.source=text"], "tokenizer"),
         ("configs/mntp.py:tiny", ["--config.mntp.mask_token=<nope>"], "mask_token"),
         ("configs/contrastive.py:tiny", ["--config.train.grad_accum_steps=2"], "GradCache"),
+        (
+            "configs/contrastive.py:tiny",
+            ["--config.train.max_rows_per_device=1"],
+            "train.max_rows_per_device=1 (set it to 0) splits the batch",
+        ),
         ("configs/contrastive.py:tiny", ["--config.contrastive.pooling=max"], "pooling"),
         ("configs/lm.py:tiny", ["--config.data.source=npy"], "data.path"),
         ("configs/contrastive.py:tiny", ["--config.data.global_batch_size=512"], "fewer than one batch"),
