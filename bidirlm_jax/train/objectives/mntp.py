@@ -20,7 +20,8 @@ number of scored masked targets, so the engine's `loss` is the mean over masked 
 micro-batches and devices. Sums returned: `masked_accuracy` (correct targets), `mntp_overflow` (dropped
 targets) and, with `num_sources`, `loss/source_{k}` and `tokens/source_{k}` per mixture source.
 `logged_metrics` turns the engine's token means back into the values worth logging. Held-out sets
-(`mntp.eval_data`) add `eval/loss/NAME` and `eval/masked_accuracy/NAME` every `mntp.eval_every` steps.
+(`mntp.eval_data`) add `eval/loss/NAME`, `eval/masked_accuracy/NAME` and `eval/truncated_texts/NAME` (texts
+longer than `data.seq_len`, cut) every `mntp.eval_every` steps.
 """
 
 from __future__ import annotations
