@@ -7,7 +7,7 @@ import pytest
 
 from bidirlm_jax.data.tokenizer import load_tokenizer
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.evals.lm import evaluate_mntp
+from bidirlm_jax.evals.lm import evaluate_domains, evaluate_mntp
 from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.testing import reference
 from bidirlm_jax.testing.tolerance import fp32_tol
@@ -53,6 +53,24 @@ def test_matches_direct_computation_and_ignores_batching(src):
         assert result["loss"] == pytest.approx(loss, rel=fp32_tol(model.config.vocab_size))  # log-softmax over V
     with pytest.raises(ConfigError, match="mask_ratio"):
         evaluate_mntp(model, tokenizer, TEXTS, mask_ratio=1.5)
+
+
+def test_truncated_texts_are_counted_and_logged(src, caplog):
+    """Held-out texts longer than `max_length` are cut: the result, each domain's scores and the log say how many."""
+    model = from_pretrained(src, attention="bidirectional")
+    tokenizer = load_tokenizer(src)
+    lengths = [len(ids) for ids in tokenizer(TEXTS)["input_ids"]]
+    max_length = sorted(lengths)[len(lengths) // 2]
+    expected = sum(n > max_length for n in lengths)
+    assert 0 < expected < len(TEXTS)
+    with caplog.at_level("WARNING", logger="bidirlm_jax.evals.lm"):
+        result = evaluate_mntp(model, tokenizer, TEXTS, max_length=max_length, batch_size=8)
+    assert result["num_truncated"] == expected
+    assert f"{expected} of {len(TEXTS)} texts were longer than {max_length} tokens" in caplog.text
+    scores = evaluate_domains(model, tokenizer, {"all": TEXTS, "short": TEXTS[:1]}, max_length=256, batch_size=8)
+    assert scores["truncated_texts/all"] == scores["truncated_texts/short"] == 0
+    scores = evaluate_domains(model, tokenizer, {"all": TEXTS}, max_length=max_length, batch_size=8)
+    assert scores["truncated_texts/all"] == expected
 
 
 def test_eval_cli_mntp(src, tmp_path, capsys):

@@ -88,6 +88,46 @@ def test_a_mixture_is_exact_and_reports_a_loss_per_source(text_files, tokenizer_
     assert logged["tokens/prose"] == 6 and logged["tokens/code"] == 4 and logged["masked_tokens"] == 10
 
 
+def test_a_resumed_run_uses_its_saved_tokenizer(text_files, tokenizer_dir, tmp_path):
+    """The engine saves the run's tokenizer in `WORKDIR/model/`; a resumed run reads it from there, whatever
+    has become of `data.tokenizer` since (here: gone)."""
+    import shutil
+
+    own = shutil.copytree(tokenizer_dir, tmp_path / "tokenizer")
+    config = _mntp_config(source="text", path=str(text_files / "docs.txt"), tokenizer=str(own), seq_len=32)
+    config.data.global_batch_size = 8
+    config.train.update(steps=1, checkpoint_every=1, log_every=1)
+    workdir = tmp_path / "run"
+    train(config, str(workdir))
+    assert (workdir / "model" / "tokenizer.json").is_file()
+    shutil.rmtree(own)
+    config.train.steps = 2
+    train(config, str(workdir))
+    assert [row["step"] for row in _metrics(workdir)] == [1, 2]
+
+
+def test_a_reserved_mask_row_is_never_a_target_as_in_the_saved_tokenizer(tmp_path):
+    """Qwen3 masks with a reserved, non-special row. The run records it as the mask token before packing, so
+    text holding that token packs as a resumed run (which loads the saved tokenizer, mask token special) packs it."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    backend = train_tokenizer(DOCS, 511).backend_tokenizer
+    backend.add_tokens([AddedToken("<|reserved|>", special=False, normalized=False)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<bos>").save_pretrained(
+        tmp_path / "tok"
+    )
+    (tmp_path / "docs.txt").write_text("".join(f"<|reserved|> {d.replace(chr(10), ' ')}\n" for d in DOCS[:40]))
+    config = _mntp_config(source="text", path=str(tmp_path / "docs.txt"), tokenizer=str(tmp_path / "tok"))
+    config.mntp.mask_token = "<|reserved|>"
+    objective = build_objective(config, get_preset("tiny-gemma3"), workdir=tmp_path / "run")
+    reserved = objective.tokenizer.mask_token_id
+    assert reserved == 511 and reserved in objective.tokenizer.all_special_ids
+    rows = [objective.rows[i] for i in range(8)]
+    assert sum((row["input_ids"] == reserved).sum() for row in rows) > 0
+    assert not any(row["maskable"][row["input_ids"] == reserved].any() for row in rows)
+
+
 @pytest.mark.slow
 def test_mntp_learns_and_its_run_exports_an_encoder_with_its_mask_token(tmp_path):
     workdir = tmp_path / "run"
@@ -139,6 +179,11 @@ def test_contrastive_learns(tmp_path):
         ("configs/mntp.py:tiny", ["--config.data.source=text"], "tokenizer"),
         ("configs/mntp.py:tiny", ["--config.mntp.mask_token=<nope>"], "mask_token"),
         ("configs/contrastive.py:tiny", ["--config.train.grad_accum_steps=2"], "GradCache"),
+        (
+            "configs/contrastive.py:tiny",
+            ["--config.train.max_rows_per_device=1"],
+            "train.max_rows_per_device=1 (set it to 0) splits the batch",
+        ),
         ("configs/contrastive.py:tiny", ["--config.contrastive.pooling=max"], "pooling"),
         ("configs/lm.py:tiny", ["--config.data.source=npy"], "data.path"),
         ("configs/contrastive.py:tiny", ["--config.data.global_batch_size=512"], "fewer than one batch"),

@@ -93,6 +93,41 @@ def test_load_beir_and_bad_layouts(tmp_path):
         load_beir(tmp_path / "nothing")
 
 
+@pytest.mark.parametrize(
+    "file, line, message",
+    [
+        (
+            "corpus.jsonl",
+            '{"_id": "doc3", "title": "t", "text": null}',
+            r"corpus\.jsonl:4: 'text' holds null, not a string",
+        ),
+        (
+            "corpus.jsonl",
+            '{"_id": "doc3", "title": 7, "text": "x"}',
+            r"corpus\.jsonl:4: 'title' holds 7, not a string or null",
+        ),
+        (
+            "queries.jsonl",
+            '{"_id": null, "text": "x"}',
+            r"queries\.jsonl:4: '_id' holds null, not a string or an integer",
+        ),
+        ("queries.jsonl", '{"_id": "q3", "text": ["x"]}', r"queries\.jsonl:4: 'text' holds \[\"x\"\], not a string"),
+    ],
+)
+def test_a_bad_field_fails_before_the_model_loads(tmp_path, capsys, file, line, message):
+    """`bidirlm eval`: a record whose field has the wrong type exits 2 naming file and line, before the model is
+    read (the model path does not even exist; a null text used to fail only when the documents were encoded)."""
+    import re
+
+    beir = make_beir(tmp_path / "beir")
+    lines = (beir / file).read_text().splitlines()
+    lines[3] = line
+    (beir / file).write_text("\n".join(lines) + "\n")
+    assert run_cli(["eval", "--model", tmp_path / "no-model", "--beir", beir]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+
+
 @pytest.fixture(scope="module")
 def qwen_src(qwen_dir, tmp_path_factory):
     return make_encoder_src(qwen_dir, tmp_path_factory.mktemp("retrieval") / "src")

@@ -108,6 +108,30 @@ def test_single_token_poolings_match(qwen_dir, tmp_path, pooling):
         assert_same_embeddings(st.encode(TEXTS, batch_size=4), expected)
 
 
+def test_a_first_pooling_export_pads_right_for_every_sentence_transformers(qwen_dir, tmp_path):
+    """sentence-transformers 5.0-5.4 pool `cls` at position 0 whatever the padding side: the export pads
+    right, so that position (what those releases read) is the first real token, from a left-padding source."""
+    src = make_encoder_src(qwen_dir, tmp_path / "src")
+    config = json.loads((src / "tokenizer_config.json").read_text())
+    (src / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    mean = export_encoder(src, tmp_path / "mean", max_length=MAX_LENGTH)
+    assert AutoTokenizer.from_pretrained(mean).padding_side == "left"  # other poolings keep the source's
+    dst = export_encoder(src, tmp_path / "first", pooling="first", max_length=MAX_LENGTH)
+    assert json.loads((dst / "tokenizer_config.json").read_text())["padding_side"] == "right"
+    model, tokenizer, settings = load_encoder(dst)
+    expected = encode(model, tokenizer, TEXTS, pooling="first", max_length=MAX_LENGTH, batch_size=len(TEXTS))
+
+    st = SentenceTransformer(str(dst), device="cpu")
+    assert st.tokenizer.padding_side == "right"
+    features = st.tokenize(TEXTS)
+    assert len(set(features["attention_mask"].sum(1).tolist())) > 1  # padded: the side matters
+    with torch.no_grad():
+        position_0 = st[0](features)["token_embeddings"][:, 0]  # sentence-transformers 5.0-5.4's `cls`
+    pooled = torch.nn.functional.normalize(position_0, dim=-1).numpy()
+    # torch vs JAX in fp32 on unit vectors: a 64-wide reduction rounds within 64 × 1.19e-7 ≈ 7.6e-6 (seen: 2.8e-7)
+    np.testing.assert_allclose(pooled, expected, atol=1e-5)
+
+
 def test_bad_sources_write_nothing(qwen_dir, tmp_path):
     not_model = tmp_path / "notes"
     not_model.mkdir()

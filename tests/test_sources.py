@@ -54,6 +54,21 @@ def test_directory_and_glob_sorted_recursive(tmp_path):
     assert list(iter_documents(f"{tmp_path}/**/*.parquet")) == ["c1"]
 
 
+def test_recursive_glob_reads_each_file_once(tmp_path):
+    """`dir/**` matches the directory, every subdirectory and every file: each names the files below it
+    again, so a file at depth k came k+1 times."""
+    (tmp_path / "corpus" / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "corpus" / "a.txt").write_text("a1\n")
+    (tmp_path / "corpus" / "sub" / "b.txt").write_text("b1\n")
+    _jsonl(tmp_path / "corpus" / "sub" / "deeper" / "c.jsonl", [{"text": "c1"}])
+    expected = ["a1", "b1", "c1"]
+    assert list(iter_documents(tmp_path / "corpus")) == expected
+    assert list(iter_documents(f"{tmp_path}/corpus/**")) == expected
+    assert list(iter_documents(f"{tmp_path}/corpus/*")) == expected  # a.txt and the directory sub/
+    assert list(iter_documents(f"{tmp_path}/corpus/**/*.txt")) == ["a1", "b1"]
+    assert source_files(f"{tmp_path}/corpus/**") == source_files(tmp_path / "corpus")
+
+
 @pytest.mark.parametrize(
     "lines, message",
     [

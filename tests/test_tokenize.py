@@ -147,6 +147,55 @@ def test_bad_inputs_write_nothing(tokenizer_dir, tmp_path, capsys):
         tokenize_corpus(bad, tmp_path / "out", tokenizer_dir, progress=False)
 
 
+def _cut_in_half(text: str) -> str:
+    return text[: len(text) // 2]
+
+
+def _without_num_docs(text: str) -> str:
+    manifest = json.loads(text)
+    del manifest["shards"][1]["num_docs"]
+    return json.dumps(manifest, indent=2)
+
+
+def _string_max_id(text: str) -> str:
+    return json.dumps({**json.loads(text), "max_token_id": "319"})
+
+
+@pytest.fixture(scope="module")
+def tokenized(tokenizer, corpus_file, tmp_path_factory):
+    return tokenize_corpus(
+        corpus_file, tmp_path_factory.mktemp("tok") / "tokens", tokenizer, shard_tokens=1500, progress=False
+    )
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_cut_in_half, r"corpus\.json:\d+: not valid JSON \(.*; truncated\?\)"),
+        (_without_num_docs, r"corpus\.json: shards\[1\]\.num_docs is missing \(an incomplete manifest\)"),
+        (_string_max_id, r"corpus\.json: max_token_id holds \"319\", not an integer"),
+        ("docs-00001.npy", r"cannot read a shard of .*corpus\.json \("),
+    ],
+)
+def test_a_damaged_corpus_is_refused_by_train(tokenized, tokenizer_dir, tmp_path, capsys, damage, message):
+    """A truncated, incomplete or hand-edited corpus: `bidirlm train` exits 2 naming the file, nothing written."""
+    import re
+    import shutil
+
+    corpus = shutil.copytree(tokenized, tmp_path / "tokens")
+    if callable(damage):
+        (corpus / "corpus.json").write_text(damage((corpus / "corpus.json").read_text()))
+    else:  # a shard file cut short (a copy that stopped part-way)
+        (corpus / damage).write_bytes((corpus / damage).read_bytes()[:100])
+    workdir = tmp_path / "run"
+    argv = ["train", "--config=configs/mntp.py:tiny", f"--workdir={workdir}", "--config.data.source=text"]
+    argv += [f"--config.data.path={corpus}", f"--config.data.tokenizer={tokenizer_dir}"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err, err
+    assert not workdir.exists()
+
+
 def test_load_corpus_checks_tokenizer_and_vocab(tokenizer, corpus_file, tmp_path):
     out = tokenize_corpus(corpus_file, tmp_path / "tokens", tokenizer, progress=False)
     corpus = load_corpus(out, tokenizer)
@@ -163,6 +212,62 @@ def test_load_corpus_checks_tokenizer_and_vocab(tokenizer, corpus_file, tmp_path
     # A memory-mapped corpus pickles as its path (grain worker processes), not as a copy of its tokens.
     assert len(pickle.dumps(corpus)) < 1000
     assert _documents(pickle.loads(pickle.dumps(corpus))) == _documents(corpus)
+
+
+def _reserved_row_tokenizer(out, texts=TEXTS):
+    """Qwen3's layout in small: no mask token, a reserved non-special added token that MNTP masks with."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    backend = train_tokenizer(texts, 320).backend_tokenizer
+    backend.add_tokens([AddedToken("<|reserved|>", special=False, normalized=False)])
+    special = {f"{name}_token": f"<{name}>" for name in ("pad", "eos", "bos", "unk")}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(out)
+    return out
+
+
+def test_a_recorded_mask_token_keeps_the_corpus(corpus_file, tmp_path):
+    """Continuing MNTP from an MNTP checkpoint: its tokenizer records the mask token (now special), ids unchanged."""
+    import shutil
+
+    from bidirlm_jax.data.tokenizer import load_tokenizer, set_mask_token
+
+    base = _reserved_row_tokenizer(tmp_path / "base")
+    mntp = shutil.copytree(base, tmp_path / "mntp")
+    reserved = load_tokenizer(base).convert_tokens_to_ids("<|reserved|>")
+    set_mask_token(mntp, reserved)
+    base_tok, mntp_tok = load_tokenizer(base), load_tokenizer(mntp)
+    assert reserved not in base_tok.all_special_ids and reserved in mntp_tok.all_special_ids
+
+    out = tokenize_corpus(corpus_file, tmp_path / "tokens", base, progress=False)
+    corpus = load_corpus(out, mntp_tok)
+    on_the_fly = load_corpus(corpus_file, mntp_tok)
+    assert corpus.special_ids == on_the_fly.special_ids  # the run tokenizer's: its mask token is never masked
+    for a, b in zip(_batches(corpus), _batches(on_the_fly), strict=True):
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    pickled = pickle.loads(pickle.dumps(corpus))
+    assert pickled.special_ids == corpus.special_ids and _documents(pickled) == _documents(corpus)
+
+    # Same size, other merges: refused by the hash.
+    other = load_tokenizer(_reserved_row_tokenizer(tmp_path / "other", TEXTS[60:]))
+    assert len(other) == len(base_tok) and other.all_special_ids == base_tok.all_special_ids
+    with pytest.raises(ConfigError, match="tokenised with another tokenizer"):
+        load_corpus(out, other)
+
+
+def test_a_corpus_written_before_tokenizer_hashes_still_loads(corpus_file, tmp_path):
+    """Old manifests carry no backend hash: their special ids are compared, mask tokens aside."""
+    from bidirlm_jax.data.tokenizer import load_tokenizer, set_mask_token
+
+    base = _reserved_row_tokenizer(tmp_path / "base")
+    out = tokenize_corpus(corpus_file, tmp_path / "tokens", base, progress=False)
+    manifest = json.loads((out / "corpus.json").read_text())
+    del manifest["tokenizer"]["backend_sha256"]
+    (out / "corpus.json").write_text(json.dumps(manifest))
+    reserved = load_tokenizer(base).convert_tokens_to_ids("<|reserved|>")
+    assert load_corpus(out, load_tokenizer(set_mask_token(base, reserved))).num_docs == manifest["num_docs"]
+    with pytest.raises(ConfigError, match="predates tokenizer hashes"):
+        load_corpus(out, train_tokenizer(TEXTS, 300))
 
 
 def test_txt_jsonl_parquet_give_the_same_corpus(tokenizer, tmp_path):

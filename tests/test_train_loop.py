@@ -318,6 +318,34 @@ def test_the_host_waits_only_to_log_save_or_stop(tmp_path, monkeypatch):
     assert _saved_steps(tmp_path) == [6, 10]
 
 
+def test_several_processes_agree_on_a_preemption_only_at_sync_steps(tmp_path, monkeypatch):
+    """With more than one process, the stop flag's all-gather runs only where the host syncs anyway (log,
+    save, last step), not every step; a notice another process got at step 5 stops the run at step 6."""
+    import types
+
+    from bidirlm_jax.train import loop
+
+    steps_run, polls = [0], []
+
+    def counted(*args, **kwargs):
+        step_fn = jit_step(*args, **kwargs)
+        return lambda state, batch: steps_run.__setitem__(0, steps_run[0] + 1) or step_fn(state, batch)
+
+    def allgather(flag):  # this process's flag, and another process's: SIGTERM from step 5 on
+        polls.append(steps_run[0])
+        return np.array([flag, steps_run[0] >= 5])
+
+    jit_step = loop.jit_step
+    monkeypatch.setattr(loop, "jit_step", counted)
+    monkeypatch.setattr(loop, "multihost_utils", types.SimpleNamespace(process_allgather=allgather))
+    monkeypatch.setattr(loop, "jax", types.SimpleNamespace(**{**vars(jax), "process_count": lambda: 2}))
+    overrides = ["--config.train.steps=10", "--config.train.log_every=4", "--config.train.checkpoint_every=6"]
+    config, workdir = parse_train_args(["--config", TINY, "--workdir", str(tmp_path), *QUIET, *overrides])
+    assert train(config, workdir)["preempted"] and steps_run[0] == 6
+    assert polls == [4, 4, 6]  # step 4 (log): before reading metrics and after; step 6 (save): stop
+    assert _saved_steps(tmp_path) == [6]
+
+
 def test_max_rows_per_device_raises_the_micro_batch_count():
     """16 rows over 8 batch shards = 2 rows per device in one micro-batch; a limit of 1 needs 2 of them."""
     from bidirlm_jax.sharding import make_mesh

@@ -25,13 +25,14 @@ _FORMATS = "a .txt (one document per line), .jsonl or .parquet file, a directory
 
 
 def source_files(path: str | os.PathLike) -> list[Path]:
-    """The files a local source names, sorted; raises `ConfigError` for a missing path or a file type we cannot read."""
+    """The files a local source names, each once, sorted; raises `ConfigError` for a missing path or a file type we cannot read."""
     text = os.fspath(path)
     if any(c in text for c in "*?["):
-        matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
+        matches = glob.glob(text, recursive=True)
         if not matches:
             raise ConfigError(f"no files match {text}; give {_FORMATS}")
-        return [f for m in matches for f in source_files(m)]
+        # `dir/**` matches a directory, its subdirectories and their files, each naming the same files again
+        return sorted({f for m in matches for f in data_files(Path(m), EXTENSIONS, _FORMATS)})
     return data_files(Path(text), EXTENSIONS, _FORMATS)
 
 

@@ -3,10 +3,10 @@
 `Corpus` is what training reads, whichever way it was made: `tokenize_documents` tokenises a small source
 on the fly; `tokenize_corpus` (`bidirlm tokenize SRC OUT --tokenizer DIR`) tokenises a large one once, in
 several processes, into `tokens-NNNNN.npy` (uint32 ids of the documents, concatenated), `docs-NNNNN.npy`
-(int64 document offsets into them, starting at 0) and a `corpus.json` manifest with the tokenizer's
-special ids and the largest id, recorded once so that no start rescans gigabytes. Documents are encoded
-as the tokenizer encodes them with `add_special_tokens=True` (BOS/EOS as it adds them); a document of
-special tokens only (an empty text) is skipped and counted.
+(int64 document offsets into them, starting at 0) and a `corpus.json` manifest (`data.manifest`: the
+tokenizer's record and the largest id, recorded once so that no start rescans gigabytes). Documents are
+encoded as the tokenizer encodes them with `add_special_tokens=True` (BOS/EOS as it adds them); a document
+of special tokens only (an empty text) is skipped and counted.
 
 A run works in a hidden `.OUT.partial` directory: each finished shard is recorded by a marker written
 after its arrays, so an interrupted run resumes after its last finished shard (a shard ends with the
@@ -33,6 +33,14 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from bidirlm_jax.data.manifest import (
+    FORMAT,
+    MANIFEST,
+    backend_sha256,
+    check_same_encoding,
+    read_manifest,
+    tokenizer_record,
+)
 from bidirlm_jax.data.sources import HUB_PREFIX, iter_documents, source_files
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
@@ -40,8 +48,6 @@ from bidirlm_jax.io.atomic import atomic_directory, check_destination
 if TYPE_CHECKING:  # transformers is imported only where a tokenizer is loaded, so tokenising workers start fast
     from transformers import PreTrainedTokenizerBase
 
-MANIFEST = "corpus.json"
-FORMAT = "bidirlm-tokens/1"
 _SETTINGS = "settings.json"
 
 
@@ -102,14 +108,8 @@ class Corpus:
             )
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase) -> None:
-        """Refuse a pre-tokenised corpus whose tokenizer differs from the model's (size or special ids)."""
-        mine = {k: self.tokenizer[k] for k in ("vocab_size", "special_ids")}
-        theirs = {k: _tokenizer_record(tokenizer)[k] for k in mine}
-        if mine != theirs:
-            raise ConfigError(
-                f"the corpus {self.path} was tokenised with another tokenizer ({mine}, the model's: {theirs}); "
-                "re-run bidirlm tokenize with the checkpoint's tokenizer"
-            )
+        """Refuse a pre-tokenised corpus whose tokenizer encodes text differently from the model's."""
+        check_same_encoding(self.tokenizer, tokenizer, self.path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Corpus:
@@ -117,12 +117,13 @@ class Corpus:
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise ConfigError(f"{path} is not a tokenised corpus (no {MANIFEST}); write one with bidirlm tokenize")
-        manifest = json.loads((path / MANIFEST).read_text())
-        if manifest.get("format") != FORMAT:
-            raise ConfigError(f"{path / MANIFEST} is not a {FORMAT} manifest; re-run bidirlm tokenize")
+        manifest = read_manifest(path)
         shards = []
         for shard in manifest["shards"]:
-            tokens, offsets = (np.load(path / shard[k], mmap_mode="r") for k in ("tokens", "docs"))
+            try:
+                tokens, offsets = (np.load(path / shard[k], mmap_mode="r") for k in ("tokens", "docs"))
+            except (OSError, ValueError) as e:  # missing, truncated, not an array file
+                raise ConfigError(f"cannot read a shard of {path / MANIFEST} ({e}); re-run bidirlm tokenize") from None
             if (
                 tokens.dtype != np.uint32
                 or tokens.shape != (shard["num_tokens"],)
@@ -142,7 +143,13 @@ class Corpus:
         # A memory-mapped corpus travels to worker processes as its path, not as a copy of its tokens.
         if self.path is None:
             return super().__reduce__()
-        return Corpus.load, (self.path,)
+        return _reopen, (self.path, self.tokenizer)
+
+
+def _reopen(path: Path, tokenizer: dict[str, Any]) -> Corpus:
+    corpus = Corpus.load(path)
+    corpus.tokenizer = tokenizer
+    return corpus
 
 
 def tokenize_documents(
@@ -159,7 +166,7 @@ def tokenize_documents(
         )
     return Corpus(
         [(tokens, offsets)],
-        tokenizer=_tokenizer_record(tokenizer),
+        tokenizer=tokenizer_record(tokenizer),
         max_token_id=int(tokens.max()),
         skipped_docs=skipped,
     )
@@ -172,6 +179,8 @@ def load_corpus(
     if (Path(path) / MANIFEST).is_file():
         corpus = Corpus.load(path)
         corpus.check_tokenizer(tokenizer)
+        # The same ids, but which are special (never masked) is the run tokenizer's say, as on the fly.
+        corpus.tokenizer = tokenizer_record(tokenizer)
         return corpus
     return tokenize_documents(iter_documents(path, text_field=text_field, split=split), tokenizer)
 
@@ -199,7 +208,8 @@ def tokenize_corpus(
         from bidirlm_jax.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
-    record, encoder_args = _tokenizer_record(tokenizer), _Encoder.args(tokenizer)
+    record = {**tokenizer_record(tokenizer), "backend_sha256": backend_sha256(tokenizer)}
+    encoder_args = _Encoder.args(tokenizer)
     work = out.parent / f".{out.name}.partial"
     settings = {
         "source": _fingerprint(src),
@@ -277,7 +287,7 @@ class _Encoder:
 
     @staticmethod
     def args(tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
-        return tokenizer.backend_tokenizer.to_str(), _tokenizer_record(tokenizer)["special_ids"]
+        return tokenizer.backend_tokenizer.to_str(), tokenizer_record(tokenizer)["special_ids"]
 
     @classmethod
     def of(cls, tokenizer: PreTrainedTokenizerBase) -> _Encoder:
@@ -330,15 +340,6 @@ def _encoding(
                 yield pending.popleft().get()
 
         yield encode
-
-
-def _tokenizer_record(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
-    return {
-        "name_or_path": str(tokenizer.name_or_path),
-        "vocab_size": len(tokenizer),
-        "special_ids": sorted(int(i) for i in tokenizer.all_special_ids),
-        **{f"{name}_id": getattr(tokenizer, f"{name}_token_id") for name in ("pad", "bos", "eos", "mask")},
-    }
 
 
 def _fingerprint(src: str | os.PathLike) -> list:

@@ -7,13 +7,16 @@ tokens, padding and each text's first token (nothing precedes it) are never mask
 length and padded to `encode`'s bucket lengths; the LM head runs on the masked positions only, in vocabulary
 chunks, so a 262k-word head never materialises full logits.
 
-`evaluate_domains` scores several held-out sets at once (`{"loss/NAME", "masked_accuracy/NAME"}`), the
-measure of forgetting: MNTP runs with `mntp.eval_data="english:PATH;code:PATH"` log it as `eval/loss/NAME`
-every `mntp.eval_every` steps.
+Texts longer than `max_length` tokens are cut to it (counted in `num_truncated`, and logged).
+
+`evaluate_domains` scores several held-out sets at once (`{"loss/NAME", "masked_accuracy/NAME",
+"truncated_texts/NAME"}`), the measure of forgetting: MNTP runs with `mntp.eval_data="english:PATH;code:PATH"`
+log it as `eval/loss/NAME` every `mntp.eval_every` steps.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +31,8 @@ from bidirlm_jax.embed.encode import bucket_lengths, pad_batch, tokenize
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.train.objectives.mntp import mntp_loss_from_mask
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_mntp(
@@ -47,7 +52,14 @@ def evaluate_mntp(
     validate(ratio=mask_ratio, mask_id=mask_id, vocab_size=model.config.vocab_size)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be positive, got {batch_size}")
-    ids, _ = tokenize(tokenizer, list(texts), max_length)
+    ids, num_truncated = tokenize(tokenizer, list(texts), max_length)
+    if num_truncated:
+        log.warning(
+            "MNTP evaluation: %d of %d texts were longer than %d tokens and were truncated",
+            num_truncated,
+            len(ids),
+            max_length,
+        )
     specials = np.array(sorted(set(tokenizer.all_special_ids)), np.int64)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     loss_sum = correct = count = 0.0
@@ -73,6 +85,7 @@ def evaluate_mntp(
         "loss": loss_sum / count,
         "masked_tokens": int(count),
         "num_texts": len(ids),
+        "num_truncated": num_truncated,
     }
 
 
@@ -112,12 +125,14 @@ def read_domains(spec: str, *, max_texts: int = 256, text_field: str = "text") -
 def evaluate_domains(
     model: Transformer, tokenizer: Any, domains: Mapping[str, Sequence[str]], **kwargs: Any
 ) -> dict[str, float]:
-    """`evaluate_mntp` on each held-out set: `{"loss/NAME": …, "masked_accuracy/NAME": …}` (same `kwargs`)."""
+    """`evaluate_mntp` on each held-out set: `{"loss/NAME": …, "masked_accuracy/NAME": …,
+    "truncated_texts/NAME": …}` (same `kwargs`)."""
     out = {}
     for name, texts in domains.items():
         scores = evaluate_mntp(model, tokenizer, texts, **kwargs)
         out[f"loss/{name}"] = scores["loss"]
         out[f"masked_accuracy/{name}"] = scores["masked_accuracy"]
+        out[f"truncated_texts/{name}"] = scores["num_truncated"]
     return out
 
 

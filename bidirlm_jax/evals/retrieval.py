@@ -51,11 +51,8 @@ def load_beir(path: str | os.PathLike, split: str = "test") -> RetrievalData:
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; give a BEIR directory with {_LAYOUT}")
-    corpus = {
-        doc_id: (str(row.get("title") or ""), row["text"])
-        for doc_id, row in _read_jsonl(path / "corpus.jsonl", ("_id", "text"))
-    }
-    queries = {query_id: row["text"] for query_id, row in _read_jsonl(path / "queries.jsonl", ("_id", "text"))}
+    corpus = {doc_id: (row.get("title") or "", row["text"]) for doc_id, row in _read_jsonl(path / "corpus.jsonl")}
+    queries = {query_id: row["text"] for query_id, row in _read_jsonl(path / "queries.jsonl")}
     qrels = _read_qrels(path / "qrels" / f"{split}.tsv")
     data = RetrievalData(corpus, queries, qrels)
     if not corpus or not data.evaluated_queries():
@@ -140,7 +137,16 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[tuple[str, dict[str, Any]]]:
+# field -> (the types it may hold, their JSON names, whether it must be there)
+_FIELDS = {
+    "_id": ((str, int), "a string or an integer", True),
+    "text": (str, "a string", True),
+    "title": ((str, type(None)), "a string or null", False),
+}
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(id, record) of each line, every field of `_FIELDS` checked, so that bad data fails before a model loads."""
     if not path.is_file():
         raise ConfigError(f"{path} is missing; a BEIR directory holds {_LAYOUT}")
     rows = []
@@ -152,9 +158,16 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[tuple[str, dict[str
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one object") from None
-            missing = [k for k in fields if not isinstance(row, dict) or k not in row]
+            missing = [
+                k for k, (*_, required) in _FIELDS.items() if required and (not isinstance(row, dict) or k not in row)
+            ]
             if missing:
                 raise ConfigError(f"{path}:{lineno}: missing field(s) {missing}; a BEIR directory holds {_LAYOUT}")
+            for key, (types, expected, _) in _FIELDS.items():
+                if key in row and (not isinstance(row[key], types) or isinstance(row[key], bool)):
+                    raise ConfigError(
+                        f"{path}:{lineno}: {key!r} holds {json.dumps(row[key])[:40]}, not {expected}; fix or drop the line"
+                    )
             rows.append((str(row["_id"]), row))
     return rows
 

@@ -5,7 +5,8 @@ it, no remote code) plus sentence-transformers' files: `modules.json` (Transform
 `1_Pooling/config.json`, `2_Normalize/`, `sentence_bert_config.json` and `config_sentence_transformers.json`
 (query prompts, cosine similarity). The module types and pooling keys are the long-standing ones
 (`sentence_transformers.models.*`, `pooling_mode_*_tokens`), which every sentence-transformers release from
-2.x to 6.x reads. `include_prompt` is true: the instruction tokens are pooled, as in training.
+2.x to 6.x reads. `include_prompt` is true: the instruction tokens are pooled, as in training. A `first`
+pooling export writes `padding_side: right` into its tokenizer config (see `_ST_POOLING_FLAGS`).
 `read_encoder_settings` / `load_encoder` read such a directory back for `encode`, `bidirlm embed` and `eval`.
 """
 
@@ -25,8 +26,9 @@ from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, t
 from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
 from bidirlm_jax.models.transformer import Transformer
 
-# our pooling mode -> sentence-transformers' legacy flag (their `cls` and `lasttoken` take the first / last
-# real token under either padding side, as ours do)
+# our pooling mode -> sentence-transformers' legacy flag. Their `lasttoken` takes the last real token under
+# either padding side, as ours does; their `cls` takes the first real token only from 5.5 on (5.0-5.4: position
+# 0, a pad under left padding), so a `first` export pads right (`_pad_right`), where both agree.
 _ST_POOLING_FLAGS = {
     "mean": "pooling_mode_mean_tokens",
     "first": "pooling_mode_cls_token",
@@ -94,6 +96,8 @@ def export_encoder(
             extra_files=tokenizer_files(src),
         )
         _record_mask_token(tmp, tokenizer, model.config.family)
+        if pooling == "first":
+            _pad_right(tmp)
         _write_st_files(tmp, model, pooling=pooling, normalize=normalize, max_length=max_length, prompts=prompts or {})
         (tmp / "README.md").write_text(_model_card(src, model, pooling, normalize, max_length, prompts or {}))
     return Path(dst)
@@ -177,6 +181,15 @@ def _record_mask_token(out: Path, tokenizer: Any, family: str) -> None:
         return
     with contextlib.suppress(ConfigError):  # no mask token and no reserved row for one: nothing to record
         set_mask_token(out, resolve_mask_token(tokenizer, "auto", family=family))
+
+
+def _pad_right(out: Path) -> None:
+    """Make the exported tokenizer pad right: position 0 is then the first real token, which is what
+    sentence-transformers 5.0-5.4 pool for `cls` whatever the padding side."""
+    path = out / "tokenizer_config.json"
+    config = _read_json(path) if path.is_file() else {}
+    config["padding_side"] = "right"
+    _write_json(path, config)
 
 
 def _model_card(

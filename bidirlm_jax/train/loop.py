@@ -105,10 +105,13 @@ class _Preemption:
     def _handle(self, signum, frame) -> None:
         self._flag = True
 
-    def requested(self) -> bool:
+    def requested(self, *, sync: bool = True) -> bool:
+        """Whether to stop after this step. With several processes they must agree, by an all-gather that
+        every one reaches at the same step: only at a `sync` step (the loop waits for the devices there
+        anyway), so a notice waits for the next one (at most `train.log_every` steps)."""
         if jax.process_count() == 1:
             return self._flag
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self._flag))))
+        return sync and bool(np.any(multihost_utils.process_allgather(np.asarray(self._flag))))
 
     def close(self) -> None:
         if self._previous is not None:
@@ -319,12 +322,11 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
                 if step < config.train.steps:
                     batch = next(plan.batches)  # read and placed on the devices while they run the step
                 bar.update(1)
-                preempted = preemption.requested()
                 validating = validation.due(step)
                 final = step == config.train.steps
-                if not (
-                    preempted or validating or final or checkpointer.due(step) or step % config.train.log_every == 0
-                ):
+                sync = validating or final or checkpointer.due(step) or step % config.train.log_every == 0
+                preempted = preemption.requested(sync=sync)
+                if not (preempted or sync):
                     continue
                 # The one host sync: every metric since the last one, before any save or evaluation, so a
                 # state that a non-finite step produced is never evaluated or saved.

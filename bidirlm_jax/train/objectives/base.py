@@ -21,6 +21,7 @@ from ml_collections import ConfigDict
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
 from bidirlm_jax.models.config import ModelConfig
 
 Batch = Mapping[str, jax.Array]
@@ -108,7 +109,7 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     from bidirlm_jax.data.corpora import stdlib_docstrings
     from bidirlm_jax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
-    saved = workdir / "tokenizer"
+    saved = workdir / RUN_MODEL_DIR  # where the engine saves it (`loop._write_model_description`)
     path = saved if (saved / "tokenizer.json").is_file() else (config.data.tokenizer or config.model.init_from)
     if path:
         tokenizer = load_tokenizer(path)

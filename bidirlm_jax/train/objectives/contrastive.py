@@ -78,10 +78,12 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         raise ConfigError(f"data.source={data.source!r} is not one of {SOURCES} for objective contrastive")
     if con.pooling not in POOLING_MODES or con.gather not in GATHER:
         raise ConfigError(f"contrastive.pooling must be one of {POOLING_MODES} and contrastive.gather one of {GATHER}")
-    if config.train.grad_accum_steps != 1:
+    accum, limit = config.train.grad_accum_steps, config.train.max_rows_per_device
+    if accum != 1:  # `loop._check_batch` raises grad_accum_steps to honour max_rows_per_device: name what was set
+        setting = f"max_rows_per_device={limit} (set it to 0)" if limit else f"grad_accum_steps={accum} (keep it 1)"
         raise ConfigError(
-            "train.grad_accum_steps must be 1 for contrastive training: micro-batches would shrink the in-batch "
-            "negatives; set contrastive.chunk_size (GradCache) to bound memory instead"
+            f"train.{setting} splits the batch into {accum} micro-batches, which would shrink contrastive "
+            "training's in-batch negatives; bound memory with contrastive.chunk_size (GradCache) instead"
         )
     if con.temperature <= 0 or con.chunk_size < 0:
         raise ConfigError("contrastive.temperature must be positive and contrastive.chunk_size >= 0 (0 = no GradCache)")

@@ -20,7 +20,8 @@ number of scored masked targets, so the engine's `loss` is the mean over masked 
 micro-batches and devices. Sums returned: `masked_accuracy` (correct targets), `mntp_overflow` (dropped
 targets) and, with `num_sources`, `loss/source_{k}` and `tokens/source_{k}` per mixture source.
 `logged_metrics` turns the engine's token means back into the values worth logging. Held-out sets
-(`mntp.eval_data`) add `eval/loss/NAME` and `eval/masked_accuracy/NAME` every `mntp.eval_every` steps.
+(`mntp.eval_data`) add `eval/loss/NAME`, `eval/masked_accuracy/NAME` and `eval/truncated_texts/NAME` (texts
+longer than `data.seq_len`, cut) every `mntp.eval_every` steps.
 """
 
 from __future__ import annotations
@@ -240,6 +241,9 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
     data, mntp = config.data, config.mntp
     tokenizer = run_tokenizer(config, model, workdir)
     mask_id = resolve_mask_token(tokenizer, mntp.mask_token, family=model.family)
+    # Recorded before the text is packed, so the mask token is special (never a target) as it is for the
+    # tokenizer saved with the run, which a resumed run loads: both pack the same rows.
+    tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)  # saved with the run, so exports carry it
     text = packed_text(data, tokenizer, model.vocab_size)
     names = text.source_names
     loss_fn = make_mntp_loss(
@@ -262,7 +266,6 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
             out[f"tokens/{name}"] = out.pop(f"tokens/source_{k}")
         return out
 
-    tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)  # saved with the run, so exports carry it
     evaluate = _held_out_evaluation(config, tokenizer, mask_id)
     return Objective(
         rows=text.rows,
