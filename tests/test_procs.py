@@ -53,3 +53,23 @@ def test_a_taken_port_is_retried_on_another(tmp_path):
     always = lambda port: [[sys.executable, "-c", "import sys; sys.exit('Failed to start RPC server')"]]
     with pytest.raises(pytest.fail.Exception, match="could not bind a port in 2 attempts"):
         cluster.run_cluster(always, env={}, timeout=60, attempts=2)
+
+
+def test_every_subprocess_call_in_the_tests_has_a_timeout():
+    """So that no new test can hang the suite again: `subprocess.run` / `call` / `check_call` / `check_output`
+    and `communicate` carry a `timeout` (or go through `procs.run`, which requires one)."""
+    import ast
+    from pathlib import Path
+
+    bounded = {"run", "call", "check_call", "check_output", "communicate"}
+    unbounded = []
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in bounded):
+                continue
+            owner = node.func.value
+            if node.func.attr != "communicate" and not (isinstance(owner, ast.Name) and owner.id == "subprocess"):
+                continue
+            if not any(k.arg == "timeout" for k in node.keywords):
+                unbounded.append(f"{path.name}:{node.lineno}")
+    assert not unbounded, f"subprocess calls without a timeout: {unbounded}"
