@@ -176,6 +176,21 @@ def test_paper_presets_name_the_datasets_and_need_their_files(tmp_path):
         finetune_config(TASKS["seahorse"], c.finetune, c.task_paths)
 
 
+def test_sequence_cells_use_the_authors_head_by_default():
+    """Figure 2's rows fine-tune the authors' released head (dense → GELU → classifier); token tasks keep theirs."""
+    from bidirlm_jax.ablation.tasks import TASKS, finetune_config
+
+    for preset in ("tiny", "gemma3-270m"):
+        c = get_config(preset)
+        assert c.finetune.classifier == "eurobert"
+        for name in ("fruit", "sentiment", "xnli"):
+            assert finetune_config(TASKS[name], c.finetune, c.task_paths).finetune.classifier == "eurobert"
+        for name in ("names", "pan-x"):
+            assert finetune_config(TASKS[name], c.finetune, c.task_paths).finetune.classifier == "auto"
+        c.finetune.classifier = "linear"
+        assert finetune_config(TASKS["fruit"], c.finetune, c.task_paths).finetune.classifier == "linear"
+
+
 def test_markdown_table_deltas():
     rows = [
         {"variant": "Base", "attention": "causal", "task": "t", "metric": "accuracy", "score": 0.5},

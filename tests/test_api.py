@@ -2,12 +2,12 @@
 
 import inspect
 import pkgutil
-import subprocess
 import sys
 
 import pytest
 
 import bidirlm_jax
+from tests import procs
 
 CALLABLES = [name for name in bidirlm_jax.__all__ if name != "PRESETS"]
 
@@ -40,7 +40,7 @@ def test_no_public_name_is_also_a_submodule():
 
 
 def _run(code: str) -> str:
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    result = procs.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

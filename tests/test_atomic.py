@@ -3,7 +3,6 @@ appeared meanwhile, cleaning what killed runs left behind (and nothing else)."""
 
 import contextlib
 import os
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io import atomic
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
+from tests import procs
 
 
 def _write(tmp):
@@ -64,7 +64,9 @@ def test_the_destination_is_checked_again_at_commit(overwrite, tmp_path):
 
 
 def test_stale_temporaries_of_dead_runs_are_removed(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = procs.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, timeout=60
+    )
     dead_pid, host = int(dead.stdout), atomic._host()
     names = {
         "dead": f".out.tmp-{host}-{dead_pid}-0badf00d",

@@ -48,12 +48,10 @@ def test_a_damaged_checkpoint_raises_a_checkpoint_error(qwen_dir, tmp_path, caps
 @pytest.mark.slow
 def test_two_processes_save_what_one_process_saves(gemma_dir, tmp_path):
     """A model no process holds whole, saved by both processes: the same checkpoint and export as one process."""
-    port = cluster.free_port()
-    commands = [
+    commands = lambda port: [
         [sys.executable, str(WORKER), str(port), str(i), str(gemma_dir), str(tmp_path / "two")] for i in range(2)
     ]
-    for code, _, err in cluster.run_together(commands, env={}):
-        assert code == 0, err
+    cluster.check(cluster.run_cluster(commands, env={}))
     one = bidirlm_jax.from_pretrained(gemma_dir)
     save_checkpoint(one, tmp_path / "one" / "ckpt")
     bidirlm_jax.save_pretrained(one, tmp_path / "one" / "hf")

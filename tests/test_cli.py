@@ -2,7 +2,6 @@
 status, never a traceback. (Bad inputs of convert, merge and train's config keys are tested with them.)"""
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from bidirlm_jax import demo
 from bidirlm_jax.cli import main
+from tests import procs
 
 TINY = str(Path(__file__).resolve().parents[1] / "configs" / "lm.py") + ":tiny"
 
@@ -85,12 +85,13 @@ def test_ctrl_c_exits_130_and_leaves_nothing(tmp_path, monkeypatch, capsys):
 def test_the_installed_command_prints_one_line(tmp_path):
     """Through the real entry point: exit status 2, one `error:` line, no traceback."""
     (tmp_path / "broken.py").write_text("def get_config(:\n")
-    result = subprocess.run(
+    result = procs.run(
         [sys.executable, "-m", "bidirlm_jax.cli", "train", "--config", "broken.py", "--workdir", "run"],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -7,7 +7,6 @@ The pipeline is replaced by a fake that writes a directory except in the slow en
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -19,6 +18,7 @@ from bidirlm_jax import demo
 from bidirlm_jax.cli import main
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.variants import VARIANTS
+from tests import procs
 
 PACKAGE = Path(bidirlm_jax.__file__).parent
 
@@ -137,8 +137,8 @@ def test_the_configs_are_read_from_the_installed_package(tmp_path):
         """
     )
     env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run(
-        [sys.executable, "-c", script, str(site)], cwd=tmp_path, env=env, capture_output=True, text=True
+    result = procs.run(
+        [sys.executable, "-c", script, str(site)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.splitlines()[-1]) == {

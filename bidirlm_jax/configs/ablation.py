@@ -17,7 +17,8 @@ Keys:
 - `tasks`: the table's columns (see `bidirlm_jax.ablation.tasks`): generated `fruit`, `sentiment`, `names`,
   `docstrings`; the paper's `xnli`, `pan-x`, `seahorse`, `miracl`. `task_paths.*`: local files some need.
 - `finetune.*`: applied to every sequence / token task's `configs/finetune.py` preset (0 or "" keeps the
-  preset's value); `retrieval.*`: the contrastive fine-tuning of retrieval tasks (`steps=0`: zero-shot).
+  preset's value); `finetune.classifier` (sequence tasks): `eurobert`, the authors' released head that the
+  paper's Figure 2 rows use (dense → GELU → classifier), or `linear` (a bias-free probe); `retrieval.*`: the contrastive fine-tuning of retrieval tasks (`steps=0`: zero-shot).
 - `sweep.*`: the merge-ratio sweep — `adapted` ⊕ Base at `ratios` (weight on the base), scored by MNTP masked
   accuracy on held-out text (`texts`: a `.txt` / `.jsonl` file; empty = the generated held-out docstrings,
   else the first task's validation texts); `enabled=False` skips it.
@@ -63,6 +64,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             seed=0,
             synthetic_train_size=0,
             synthetic_validation_size=0,
+            classifier="eurobert",  # sequence tasks' head (models.heads): eurobert | linear | auto
         )
     )
     c.retrieval = ConfigDict(dict(steps=1000, learning_rate=0.0, batch_size=0, seq_len=0, max_length=512))

@@ -12,8 +12,10 @@
 `finetune.label_field`, or `finetune.tokens_field` + `finetune.tags_field` (token tasks).
 `data.source="synthetic"` generates a task (a fruit mentioned or not; the share of positive words; person
 and place names). `finetune.pooling`: `auto` (the paper: `last` for a causal model, `mean` for a
-bidirectional one), `mean`, `first`, `last` (the one transformers' classes can load), `late` (the
-BidirLM authors' released head). `finetune.labels="a,b,c"` fixes the label order (default: the dataset's
+bidirectional one), `mean`, `first`, `last`, `late` (the BidirLM authors' default: per-token logits, then
+their mean). `finetune.classifier`: `linear` (a bias-free probe; with `last` pooling the one transformers'
+classes load), `eurobert` (the authors' released head: dense → GELU → classifier, with biases; what the
+ablation uses), `auto` (`eurobert` for `late`, else `linear`). `finetune.labels="a,b,c"` fixes the label order (default: the dataset's
 class names, else the sorted training labels). The run records its head and label map in
 `WORKDIR/model/head.json`; `finetune.eval_every` steps it scores the validation split
 (`finetune.best_metric`, default accuracy / spearman / entity F1).
@@ -48,6 +50,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.finetune = ConfigDict(
         dict(
             pooling="auto",  # auto | mean | first | last | late
+            classifier="auto",  # auto | linear | eurobert (models.heads)
             dropout=0.1,
             num_labels=0,  # 0: as many as the label map; otherwise checked against it
             labels="",  # "neg,pos": explicit label order (default: ClassLabel names, else sorted training labels)

@@ -5,9 +5,10 @@ Which heads transformers can load (transformers 5.24):
 
 | our head | Gemma3 | Qwen3 |
 |---|---|---|
-| classification / regression, pooling `last` | `Gemma3TextForSequenceClassification` | `Qwen3ForSequenceClassification` |
+| classification / regression, `linear`, pooling `last` | `Gemma3TextForSequenceClassification` | `Qwen3ForSequenceClassification` |
 | token classification | — (transformers has no Gemma3 token classifier) | `Qwen3ForTokenClassification` |
-| pooling `mean`, `first`, `late` | — | — |
+| `linear`, pooling `mean`, `first` | — | — |
+| `eurobert` (the authors' head), any pooling | sentence-transformers (`io.st_heads`) | sentence-transformers |
 
 transformers' sequence classifiers (`GenericForSequenceClassification`) score the *last* position and
 take, per row, the rightmost token whose id is not `pad_token_id` — with left or right padding. That is
@@ -15,8 +16,10 @@ our `last` pooling (the last position the attention mask marks real) as long as 
 `pad_token_id` and a text's last real token is not the pad token, so the export writes the tokenizer's
 pad id into config.json and `export_finetuned` refuses a tokenizer that ends texts with it. Their
 `score` has no bias, as ours. Their token classifier is dropout + `score` (with bias) on every token, as
-ours. Every other pooling has no transformers class: the export refuses it; save the encoder
-(`save_pretrained(model.encoder, dir)`) and keep the head in JAX, or fine-tune with `pooling=last`.
+ours. A linear probe with another pooling has no transformers class: the export refuses it; save the
+encoder (`save_pretrained(model.encoder, dir)`) and keep the head in JAX, or fine-tune with `pooling=last`.
+The authors' head (dense → GELU → classifier) has no transformers class on these backbones either;
+`export_finetuned` writes it as a sentence-transformers model of stock modules (`io.st_heads`).
 
 A fine-tuning run keeps `model/head.json` (`describe`: the head and its label map) beside its config
 and tokenizer, and its best validation step in `best/` (`save_best`: params + `best.json`);
@@ -110,6 +113,13 @@ def hf_class_name(config: ModelConfig, head: HeadConfig) -> str:
                 "and keep the head in JAX"
             )
         return _TOKEN_CLASSES[config.family]
+    if head.classifier == "eurobert":
+        raise ConfigError(
+            "the eurobert classifier (dense → GELU → classifier) has no transformers class on a "
+            f"{config.family} backbone; export it with io.st_heads.export_st_classifier (export_finetuned does) "
+            "as a sentence-transformers model, or fine-tune with --config.finetune.classifier=linear "
+            "--config.finetune.pooling=last"
+        )
     if head.pooling != "last":
         raise ConfigError(
             f"pooling {head.pooling!r} has no transformers class: {_SEQUENCE_CLASSES[config.family]} scores the last "
@@ -303,22 +313,37 @@ def export_finetuned(
     dtype: str | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """A fine-tuning run (`bidirlm train --config configs/finetune.py`) → transformers classifier directory,
-    with the run's tokenizer and label map; `step` as `load_finetuned` takes it (default: the best one)."""
+    """A fine-tuning run (`bidirlm train --config configs/finetune.py`) → transformers classifier directory
+    (a sentence-transformers one for the eurobert head), with the run's tokenizer and label map; `step` as
+    `load_finetuned` takes it (default: the best one)."""
     from bidirlm_jax.data.labeled import pad_id
     from bidirlm_jax.data.tokenizer import load_tokenizer
+    from bidirlm_jax.io.st_heads import export_st_classifier
 
     run = Path(run)
     description = read_description(run)
     config = read_config(run / RUN_MODEL_DIR)
-    hf_class_name(config, HeadConfig.from_json(description["head"]))  # refuse before reading any weight
+    head = HeadConfig.from_json(description["head"])
+    labels = description["labels"] or None
+    if head.classifier == "eurobert":  # the authors' head: a sentence-transformers model (io.st_heads)
+        check_destination(out_dir, overwrite=overwrite)
+        model, _ = load_finetuned(run, step=step)
+        return export_st_classifier(
+            model,
+            out_dir,
+            labels=labels,
+            max_length=int(description.get("max_length", 512)),
+            dtype=dtype,
+            overwrite=overwrite,
+            extra_files=tokenizer_files(run),
+        )
+    hf_class_name(config, head)  # refuse before reading any weight
     check_destination(out_dir, overwrite=overwrite)
     tokenizer = load_tokenizer(run / RUN_MODEL_DIR)
     pad = pad_id(tokenizer)
-    if description["head"]["task"] != "token_classification":
+    if head.task != "token_classification":
         check_last_token(tokenizer, pad)
     model, _ = load_finetuned(run, step=step)
-    labels = description["labels"] or None
     return export_classifier(
         model,
         out_dir,

@@ -1,11 +1,14 @@
 """Task heads over the encoder: sequence classification / regression and token classification.
 
-Sequence heads pool the final hidden states into one vector per text and score it:
-- `mean` | `first` | `last`: `models.pooling.pool` (positions from the attention mask, so left and right
-  padding agree), dropout, then `score` (no bias). `last` with `score` is exactly transformers'
+Sequence heads pool the final hidden states (`mean` | `first` | `last`: `models.pooling.pool`, positions
+from the attention mask, so left and right padding agree) and score them with one of two classifiers:
+- `linear`: a probe — dropout, then `score` (no bias). `last` with `score` is exactly transformers'
   `…ForSequenceClassification` (`score` has no bias there either), so it exports to those classes.
-- `late` (the BidirLM authors' released classification code, their default): on every token
-  `dense` → GELU → dropout → `classifier`, then the masked mean of the per-token logits.
+- `eurobert`: the BidirLM authors' released classifier (EuroBERT's `…ForSequenceClassification`):
+  `dense` (+bias) → exact GELU → dropout → `classifier` (+bias). Their `bos` pooling is our `first`
+  (position 0 under their right padding), their `mean` ours. Their `late` pooling (their default) runs
+  `dense` → GELU → `classifier` on every token, then takes the masked mean of the per-token logits; it
+  exists only with this classifier. Their code has no dropout (`finetune.dropout=0` matches it).
 Regression is a sequence head with one output, squeezed: logits `[B]`.
 
 The token head is transformers' `GenericForTokenClassification`: dropout, then `score` with a bias, on
@@ -39,17 +42,20 @@ from bidirlm_jax.models.transformer import Transformer
 
 TASKS = ("classification", "regression", "token_classification")
 HEAD_POOLINGS = ("mean", "first", "last", "late")
+CLASSIFIERS = ("linear", "eurobert")  # a bias-free probe | the authors' dense → GELU → classifier
 IGNORE_INDEX = -100  # token labels that do not score (special tokens, a word's later sub-tokens, padding)
 
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """What a head is: its task, output count, pooling (sequence tasks) and dropout rate."""
+    """What a head is: its task, output count, pooling and classifier (sequence tasks) and dropout rate.
+    `classifier=""` picks `eurobert` for `late` pooling (the only one it has) and `linear` otherwise."""
 
     task: str
     num_labels: int
     pooling: str = "mean"
     dropout: float = 0.0
+    classifier: str = ""
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -62,8 +68,18 @@ class HeadConfig:
             )
         if not self.sequence:
             object.__setattr__(self, "pooling", "none")  # a token head pools nothing
+            object.__setattr__(self, "classifier", "none")  # and has one layer (with a bias): transformers'
         elif self.pooling not in HEAD_POOLINGS:
             raise ConfigError(f"pooling {self.pooling!r} is not one of {HEAD_POOLINGS}; fix finetune.pooling")
+        elif not self.classifier:
+            object.__setattr__(self, "classifier", "eurobert" if self.pooling == "late" else "linear")
+        elif self.classifier not in CLASSIFIERS:
+            raise ConfigError(f"classifier {self.classifier!r} is not one of {CLASSIFIERS}; fix finetune.classifier")
+        elif self.pooling == "late" and self.classifier != "eurobert":
+            raise ConfigError(
+                "pooling 'late' averages the per-token logits of the authors' dense → GELU → classifier head; set "
+                "finetune.classifier=eurobert (a linear probe averaged per token is 'mean' pooling)"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout {self.dropout} must lie in [0, 1); fix finetune.dropout")
 
@@ -83,6 +99,7 @@ class HeadConfig:
                 num_labels=int(d["num_labels"]),
                 pooling=d.get("pooling", "mean"),
                 dropout=float(d.get("dropout", 0.0)),
+                classifier=d.get("classifier", ""),  # runs recorded before the option: their pooling's default
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"malformed head description {d!r}: {e!r}") from None
@@ -99,9 +116,9 @@ class SequenceHead(nnx.Module):
 
     def __init__(self, config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
         d, n = config.hidden_size, head.num_labels
-        self.pooling = head.pooling
+        self.pooling, self.kind = head.pooling, head.classifier
         self.dropout = nnx.Dropout(head.dropout)
-        if head.pooling == "late":
+        if head.classifier == "eurobert":
             self.dense = param(rngs, (d, d), (None, "embed"), config)
             self.dense_bias = param(rngs, (d,), (None,), config, init="zeros")
             self.classifier = param(rngs, (n, d), (None, "embed"), config)
@@ -111,10 +128,14 @@ class SequenceHead(nnx.Module):
 
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         drop = functools.partial(self.dropout, deterministic=rng is None, rngs=rng)
-        if self.pooling != "late":
+        if self.kind == "linear":
             return _dense(drop(pool(hidden, attention_mask, self.pooling)), self.score)
-        h = jax.nn.gelu(_dense(hidden.astype(jnp.float32), self.dense, self.dense_bias), approximate=False)
-        logits = _dense(drop(h), self.classifier, self.classifier_bias)  # [B, T, n]
+        late = self.pooling == "late"
+        x = hidden.astype(jnp.float32) if late else pool(hidden, attention_mask, self.pooling)
+        h = jax.nn.gelu(_dense(x, self.dense, self.dense_bias), approximate=False)  # torch's nn.GELU(): exact
+        logits = _dense(drop(h), self.classifier, self.classifier_bias)  # [B, n], or [B, T, n] when late
+        if not late:
+            return logits
         weights = (jnp.asarray(attention_mask) > 0).astype(jnp.float32)
         total = jnp.einsum("btn,bt->bn", logits, weights)
         return total / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)

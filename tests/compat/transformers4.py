@@ -46,9 +46,9 @@ def ensure_venv(venv: Path) -> Path:
     if not stamp.exists():
         start = time.time()
         print(f"creating {venv} with transformers=={TRANSFORMERS} torch=={TORCH} (a few minutes, once)", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
         packages = [f"transformers=={TRANSFORMERS}", f"torch=={TORCH}", "safetensors", "numpy"]
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True, timeout=1800)
         stamp.touch()
         print(f"installed in {time.time() - start:.0f} s", flush=True)
     return python
@@ -110,7 +110,12 @@ def main() -> int:
         )
     (work / "jobs.json").write_text(json.dumps(jobs))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    subprocess.run([str(python), "-c", CHILD, str(work / "jobs.json")], check=True, env={**env, "HF_HUB_OFFLINE": "1"})
+    subprocess.run(
+        [str(python), "-c", CHILD, str(work / "jobs.json")],
+        check=True,
+        env={**env, "HF_HUB_OFFLINE": "1"},
+        timeout=1800,
+    )
     failed = 0
     for job in jobs:
         err = reference.max_rel_err(expected[job["name"]], np.load(job["output"]), mask)

@@ -72,6 +72,7 @@ from bidirlm_jax.train.objectives.base import Batch, LossFn, Objective, run_toke
 OBJECTIVES = TASKS  # objective name = task name
 SOURCES = ("labeled", "synthetic")
 POOLINGS = ("auto", "mean", "first", "last", "late")  # auto: last for causal, mean for bidirectional (the paper)
+CLASSIFIER_SETTINGS = ("auto", "linear", "eurobert")  # auto: eurobert for late pooling, else linear
 
 
 # --- losses ---------------------------------------------------------------------------------------
@@ -282,7 +283,7 @@ def _tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path, train: Lab
     return tokenizer
 
 
-def _check_settings(config: ConfigDict, model: ModelConfig) -> tuple[str, str]:
+def _check_settings(config: ConfigDict, model: ModelConfig) -> tuple[str, str, str]:
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"objective {config.objective!r} is not a fine-tuning task; choose one of {OBJECTIVES}")
     if "finetune" not in config:
@@ -303,12 +304,15 @@ def _check_settings(config: ConfigDict, model: ModelConfig) -> tuple[str, str]:
     allowed = tuple(m for m in TASK_METRICS[task] if m != "mse")
     if best not in allowed:
         raise ConfigError(f"finetune.best_metric={best!r} is not one of {allowed} (higher is better) for {task}")
-    pooling = ft.pooling
-    if task == "token_classification" and pooling != "auto":
-        raise ConfigError(f"finetune.pooling={pooling!r} applies to sequence tasks; leave it at 'auto' for {task}")
+    pooling, classifier = ft.pooling, ft.get("classifier", "auto")
+    if classifier not in CLASSIFIER_SETTINGS:
+        raise ConfigError(f"finetune.classifier={classifier!r} is not one of {CLASSIFIER_SETTINGS}")
+    for key, value in (("pooling", pooling), ("classifier", classifier)):
+        if task == "token_classification" and value != "auto":
+            raise ConfigError(f"finetune.{key}={value!r} applies to sequence tasks; leave it at 'auto' for {task}")
     if pooling == "auto":
         pooling = "mean" if model.attention == "bidirectional" else "last"
-    return pooling, best
+    return pooling, "" if classifier == "auto" else classifier, best
 
 
 def _labels_setting(value: str) -> tuple[str, ...]:
@@ -354,7 +358,7 @@ def finetune_flops_per_step(model: ModelConfig, seq_len: int, rows: int) -> floa
 
 def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneObjective:
     """The fine-tuning objective of a run, every input checked before anything is computed or written."""
-    pooling, best = _check_settings(config, model)
+    pooling, classifier, best = _check_settings(config, model)
     task, data, ft = config.objective, config.data, config.finetune
     train, validation = load_splits(config, task)
     label_map = build_label_map(train, explicit=_labels_setting(ft.labels))
@@ -364,7 +368,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneO
             f"{list(label_map.names)}; fix num_labels (0 = from the data) or finetune.labels"
         )
     check_labels(validation, label_map)
-    head = HeadConfig(task, label_map.num_labels, pooling=pooling, dropout=ft.dropout)
+    head = HeadConfig(task, label_map.num_labels, pooling=pooling, dropout=ft.dropout, classifier=classifier)
     _check_recorded(Path(workdir), head, label_map, _stream(config))
     tokenizer = _tokenizer(config, model, Path(workdir), train)
     encode = functools.partial(
