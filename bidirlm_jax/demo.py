@@ -451,7 +451,7 @@ def pretrain_base(
         save_pretrained(model, data / "base-init")
         run = out / "runs" / "lm"
         result = train(_lm_config(size, data / "base-init", data / "train_tokens.npy", progress), str(run))
-        if result["preempted"]:  # a half-trained base is no base; the same call resumes the run
+        if result["preempted"]:  # a half-trained base is no base: stop, exporting nothing
             raise Preempted(run, result["step"])
         base = run_to_hf(run, out / "base", attention="causal", tokenizer_from=data / "tokenizer")
         note["text"] = f"{_params(config):,} parameters, {size.lm_steps} steps, {_loss_summary(run)}"
