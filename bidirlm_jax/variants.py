@@ -242,8 +242,7 @@ def _build_one(
         config = _run_config(recipe.mntp if name == BI_MNTP else recipe.contrastive, source)
         from bidirlm_jax.train import train
 
-        result = train(config, str(run))
-        if result["preempted"]:  # half-trained: neither exported nor recorded; the same call resumes the run
+        if (result := train(config, str(run)))["preempted"]:  # half-trained: not exported nor recorded; resumable
             raise Preempted(run, result["step"])
         run_to_hf(run, path, attention="bidirectional", tokenizer_from=source)
     _record(out, variant, settings)
