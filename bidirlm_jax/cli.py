@@ -1,7 +1,8 @@
 """The `bidirlm` command. Each subcommand is a thin shell over one function of the Python API.
 
 Failures the user caused (a `BidirLMError`, a bad path, a usage error) print one `error: ...` line without
-a traceback and exit with status 2; Ctrl-C exits with 130.
+a traceback and exit with status 2; Ctrl-C exits with 130. A preemption (SIGTERM) exits with 0 after a training
+run saved its checkpoint, whichever command was training (`errors.Preempted`): the same command resumes it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bidirlm_jax.errors import BidirLMError, ConfigError
+from bidirlm_jax.errors import BidirLMError, ConfigError, Preempted
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -327,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 2
     try:
         return int(args.run(args) or 0)
+    except Preempted as e:  # a pipeline stopped at a run's checkpoint: as `bidirlm train` on SIGTERM
+        print(e, file=sys.stderr)
+        return 0
     except BidirLMError as e:
         print(f"error: {e}", file=sys.stderr)
     except OSError as e:  # a path the user gave: missing, not a directory, not writable, disk full

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from bidirlm_jax.ablation.report import METRICS, chance_level, plot_deltas
-from bidirlm_jax.errors import CheckpointError, ConfigError
+from bidirlm_jax.errors import CheckpointError, ConfigError, Preempted
 
 TOLERANCE = 1e-4
 MARKER = ".bidirlm-demo"  # JSON {"entries": [...]}: the names the demo wrote into its output directory
@@ -450,7 +450,9 @@ def pretrain_base(
             return save_pretrained(model, out / "base", extra_files=tokenizer_files(data / "tokenizer"))
         save_pretrained(model, data / "base-init")
         run = out / "runs" / "lm"
-        train(_lm_config(size, data / "base-init", data / "train_tokens.npy", progress), str(run))
+        result = train(_lm_config(size, data / "base-init", data / "train_tokens.npy", progress), str(run))
+        if result["preempted"]:  # a half-trained base is no base: stop, exporting nothing
+            raise Preempted(run, result["step"])
         base = run_to_hf(run, out / "base", attention="causal", tokenizer_from=data / "tokenizer")
         note["text"] = f"{_params(config):,} parameters, {size.lm_steps} steps, {_loss_summary(run)}"
     return base
@@ -657,9 +659,12 @@ def run_demo(
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     start, cpu = time.perf_counter(), _cpu_seconds()
-    with atomic_directory(out, overwrite=out.exists()) as tmp:
-        record = _pipeline(tmp, model=model, size=size, progress=progress)
-        (tmp / MARKER).write_text(json.dumps({"entries": sorted(p.name for p in tmp.iterdir())}) + "\n")
+    try:
+        with atomic_directory(out, overwrite=out.exists()) as tmp:
+            record = _pipeline(tmp, model=model, size=size, progress=progress)
+            (tmp / MARKER).write_text(json.dumps({"entries": sorted(p.name for p in tmp.iterdir())}) + "\n")
+    except Preempted as e:  # its runs lay in the temporary output, now removed
+        raise Preempted(e.workdir, e.step, kept=False) from None
     print()
     print(record["table"])
     print()

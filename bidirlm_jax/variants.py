@@ -18,10 +18,11 @@ is. `build_variants(base, out_dir, recipe)` writes them under `out_dir`:
     out_dir/runs/mntp/ ...            the training runs (checkpoints/, tensorboard/, metrics.jsonl)
 
 Each directory is written atomically, so one that exists is finished: a second call reuses it (and an
-interrupted run resumes from its last checkpoint) — unless it was built with other settings, which is
-refused by name rather than silently mixed into a comparison. The recipe's configs are whole training
-configs (`configs/mntp.py`, `configs/contrastive.py`), so an ablation runs the variants at any size; the
-model-specific keys (`model.init_from`, `model.attention`) are set here.
+interrupted run resumes from its last checkpoint; a preempted one raises `errors.Preempted`, building nothing
+from it) — unless it was built with other settings, which is refused by name rather than silently mixed into
+a comparison. The recipe's configs are whole training configs (`configs/mntp.py`, `configs/contrastive.py`),
+so an ablation runs the variants at any size; the model-specific keys (`model.init_from`, `model.attention`)
+are set here.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.errors import ConfigError, Preempted
 from bidirlm_jax.io.atomic import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -241,7 +242,8 @@ def _build_one(
         config = _run_config(recipe.mntp if name == BI_MNTP else recipe.contrastive, source)
         from bidirlm_jax.train import train
 
-        train(config, str(run))
+        if (result := train(config, str(run)))["preempted"]:  # half-trained: not exported nor recorded; resumable
+            raise Preempted(run, result["step"])
         run_to_hf(run, path, attention="bidirectional", tokenizer_from=source)
     _record(out, variant, settings)
     return variant, False

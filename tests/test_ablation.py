@@ -1,10 +1,13 @@
 """`bidirlm ablate` / `run_ablation`: one tiny run shared by the module (every variant, a sequence task and the
-generated retrieval task, a few steps each) gives the table and both plots with numbers from the run; a second
-call recomputes nothing; bad inputs are refused with one line, exit 2 and nothing written; the merge-ratio
-sweep's ends are its two sources exactly and its interior ratios numpy's mixtures."""
+generated retrieval task, a few steps each; preempted once in its first cell, then resumed) gives the table and
+both plots with numbers from the run; a second call recomputes nothing; a cell or sweep made from an older build
+of its variant is refused; mteb cells are named by their weights and instructed as they were trained; bad inputs
+are refused with one line, exit 2 and nothing written; the merge-ratio sweep's ends are its two sources exactly
+and its interior ratios numpy's mixtures."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -14,8 +17,9 @@ from bidirlm_jax.ablation.harness import run_ablation
 from bidirlm_jax.ablation.sweep import merge_ratio_sweep, mix
 from bidirlm_jax.cli import main
 from bidirlm_jax.configs.ablation import get_config
-from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.errors import ConfigError, Preempted
 from bidirlm_jax.testing.tolerance import ulps
+from tests.test_variants import sigterm_at
 
 FIVE = ["Base", "Bi+Base", "Bi+MNTP", "Bi+Contrastive", "Bi+MNTP+Contrastive"]
 
@@ -40,8 +44,26 @@ def _small(**changes):
 
 
 @pytest.fixture(scope="module")
-def ablation(tmp_path_factory):
+def preempted(tmp_path_factory):
+    """The module's run, first stopped by SIGTERM at step 3 of its first cell (`ablation` resumes it): the
+    exception, what `cells/base/` held then, the run's last checkpoint and logged rows, and whether a table
+    was written."""
+    from bidirlm_jax.train.checkpoints import latest_step
+
     work = tmp_path_factory.mktemp("ablation") / "run"
+    run = work / "cells" / "base" / "fruit"
+    with pytest.MonkeyPatch.context() as m:
+        sigterm_at(m, step=3, run=run)
+        with pytest.raises(Preempted) as stop:
+            run_ablation(_small(), work, echo=None)
+    cells = sorted(os.listdir(work / "cells" / "base"))
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    return work, stop.value, cells, latest_step(run / "checkpoints"), rows, (work / "results.jsonl").exists()
+
+
+@pytest.fixture(scope="module")
+def ablation(preempted):
+    work = preempted[0]
     return work, run_ablation(_small(), work, echo=None)
 
 
@@ -73,7 +95,7 @@ def test_the_table_and_both_plots_hold_the_runs_numbers(ablation):
 
 
 def report_slug(variant):
-    from bidirlm_jax.ablation.harness import SLUGS
+    from bidirlm_jax.ablation.cells import SLUGS
 
     return SLUGS[variant]
 
@@ -90,6 +112,152 @@ def test_a_second_run_recomputes_nothing(ablation, capsys):
     # a cell recorded with other settings is refused by name, not silently reused
     with pytest.raises(ConfigError, match="fruit cell made with other settings"):
         run_ablation(_small(**{"finetune.learning_rate": 1e-4}), work, echo=None)
+
+
+def test_a_preempted_cell_records_nothing_and_is_resumed(preempted, ablation):
+    """SIGTERM in the first cell's run: its checkpoint is kept, no score is recorded, the next cell is not
+    started and no table is written; the next call resumes that run (its first steps are not trained again)."""
+    work, stop, cells, step, first, table = preempted
+    run = work / "cells" / "base" / "fruit"
+    assert stop.workdir == run and f"after step 3; nothing was recorded: checkpoint saved in {run}" in str(stop)
+    assert cells == ["fruit"] and step == 3 and not table
+    assert [json.loads(line)["step"] for line in first] == [1, 2, 3]
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert rows[:3] == first and [json.loads(line)["step"] for line in rows] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((work / "cells" / "base" / "fruit.json").read_text())["row"]["step"] == 6
+
+
+def test_a_preempted_ablation_exits_as_train_does(monkeypatch, capsys, tmp_path):
+    from bidirlm_jax.ablation import harness
+
+    def preempted(config, workdir):
+        raise Preempted(tmp_path / "cells" / "base" / "fruit", 3)
+
+    monkeypatch.setattr(harness, "run_ablation", preempted)
+    assert main(["ablate", "--config", "configs/ablation.py:tiny", "--workdir", str(tmp_path)]) == 0
+    assert capsys.readouterr().err == (
+        f"stopped by SIGTERM after step 3; nothing was recorded: checkpoint saved in {tmp_path}/cells/base/fruit — "
+        "run the same command again to resume\n"
+    )
+
+
+def _copy(src, work, *parts):
+    for part in parts:
+        (work / part).parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (src / part).is_dir() else shutil.copy2)(src / part, work / part)
+
+
+def _header(safetensors: bytes) -> bytes:
+    """A safetensors file's header: tensor names, dtypes, shapes and offsets."""
+    return safetensors[: 8 + int.from_bytes(safetensors[:8], "little")]
+
+
+def test_cells_and_sweep_of_a_rebuilt_variant_are_refused(ablation, tmp_path):
+    """Bi+MNTP's weights replaced as a rebuild (or a retraining into a given directory) replaces them — same
+    tensor names, shapes and offsets, other values: its finished cell, its interrupted run and the sweep are
+    refused by name, not reused or resumed; with its files back, everything is reused or resumed as it was."""
+    src, work = ablation[0], tmp_path / "run"
+    _copy(src, work, "generated", "variants/bi-mntp", "variants/bi-contrastive", "cells/base", "cells/bi-mntp")
+    _copy(src, work, "merge_ratio.json")
+    given = {"paths.bi_mntp": str(work / "variants" / "bi-mntp")}  # the copy's variant, at the path recorded
+    small = dict(variants="Base,Bi+MNTP", tasks="fruit", **given)
+    copied = run_ablation(_small(**small), work, echo=None)  # a copy (new files, same bytes) is the same ablation
+    assert copied.computed == [] and copied.reused == ["Base / fruit", "Bi+MNTP / fruit"]
+
+    weights = work / "variants" / "bi-mntp" / "model.safetensors"
+    original = weights.read_bytes()
+    shutil.copyfile(work / "variants" / "bi-contrastive" / "model.safetensors", weights)
+    assert _header(weights.read_bytes()) == _header(original) and weights.read_bytes() != original
+    with pytest.raises(ConfigError, match=r"bi-mntp/fruit.json holds the Bi\+MNTP / fruit cell made with other "):
+        run_ablation(_small(**small), work, echo=None)
+    with pytest.raises(ConfigError, match=r"variant.files: '[0-9a-f]{16}' then, '[0-9a-f]{16}' now"):
+        run_ablation(_small(**small), work, echo=None)
+    (work / "cells" / "bi-mntp" / "fruit.json").unlink()  # its run stays, as an interrupted one would
+    with pytest.raises(ConfigError, match=r"bi-mntp/fruit holds an interrupted run of the Bi\+MNTP / fruit cell"):
+        run_ablation(_small(**small), work, echo=None)
+    with pytest.raises(
+        ConfigError, match=r"merge_ratio.json holds a merge-ratio sweep made with other .*adapted_files"
+    ):
+        run_ablation(_small(variants="Base", tasks="fruit", **given), work, echo=None)
+
+    weights.write_bytes(original)
+    again = run_ablation(_small(**small), work, echo=None)
+    assert again.computed == ["Bi+MNTP / fruit"]  # the finished run resumed at its end, its best score read back
+    assert again.rows == [json.loads((src / f"cells/{v}/fruit.json").read_text())["row"] for v in ("base", "bi-mntp")]
+
+
+def _fake_run_mteb(seen):
+    """`evals.mteb.run_mteb` without MIRACL's data (none offline): notes each encoder's revision and the
+    instruction it gives MIRACL's queries, under the variant's slug."""
+    import mteb
+    from mteb.types import PromptType
+
+    miracl = mteb.get_task("MIRACLRetrievalHardNegatives").metadata
+
+    def run_mteb(encoder, tasks, *, cache_dir=None):
+        meta = encoder.mteb_model_meta
+        slug = meta.name.split("/")[1]
+        seen.setdefault(slug, []).append((meta.revision, encoder.instruction(miracl, PromptType.query)))
+        return {tasks[0]: {"main_score": 0.5}}
+
+    return run_mteb
+
+
+@pytest.fixture(scope="module")
+def miracl(ablation, tmp_path_factory):
+    """MIRACL zero-shot (`retrieval.steps=0`) for three variants, in a copy of the module's run: its workdir,
+    config and what mteb was asked."""
+    pytest.importorskip("mteb")
+    from bidirlm_jax.evals import mteb as adapter
+
+    work, seen = tmp_path_factory.mktemp("miracl") / "run", {}
+    _copy(ablation[0], work, "generated", "variants/bi-mntp", "variants/bi-contrastive")
+    config = _small(
+        variants="Base,Bi+MNTP,Bi+Contrastive",
+        tasks="miracl",
+        **{"retrieval.steps": 0, "task_paths.msmarco_pairs": "@generated/pairs", "sweep.enabled": False},
+        **{f"paths.{v}": str(work / "variants" / v.replace("_", "-")) for v in ("bi_mntp", "bi_contrastive")},
+    )
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(adapter, "run_mteb", _fake_run_mteb(seen))
+        run_ablation(config, work, echo=None)
+    return work, config, seen
+
+
+def test_mteb_cells_are_instructed_as_they_were_trained(ablation, miracl):
+    """Queries are instructed exactly when the model was trained contrastively with instructions, on an mteb task
+    (MIRACL) as on a BEIR directory (docstrings); each cell records which instruction it used."""
+    from bidirlm_jax.ablation import cells
+    from bidirlm_jax.ablation.tasks import DOCSTRING_INSTRUCTION, TASKS
+    from bidirlm_jax.variants import Variant
+
+    work, config, seen = miracl
+    assert seen["base"][0][1] is None and seen["bi-mntp"][0][1] is None  # never trained with instructions
+    assert isinstance(seen["bi-contrastive"][0][1], str) and seen["bi-contrastive"][0][1]
+    recorded = {v: json.loads((work / f"cells/{v}/miracl.json").read_text())["settings"] for v in seen}
+    assert [recorded[v]["instruction"] for v in ("base", "bi-mntp", "bi-contrastive")] == [None, None, cells.MTEB_TABLE]
+    beir = json.loads((ablation[0] / "cells/base/docstrings.json").read_text())["settings"]
+    assert beir["instruction"] == DOCSTRING_INSTRUCTION  # fine-tuned on the generated pairs, with instructions
+    # MIRACL cells fine-tune on MS MARCO pairs without instructions: so they are evaluated, whatever the variant
+    variant = Variant("Bi+Contrastive", work / "variants" / "bi-contrastive", "bidirectional", contrastive=True)
+    assert cells.instruction(TASKS["miracl"], variant, cells.task_config(TASKS["miracl"], config), True) is None
+
+
+def test_mteb_revisions_follow_the_weights(miracl, monkeypatch):
+    """A recomputed MIRACL cell of a variant with other weights gets another mteb revision (mteb's cache never
+    answers with the old score); with the same weights, the same revision (the cache is used)."""
+    from bidirlm_jax.evals import mteb as adapter
+
+    work, config, seen = miracl
+    monkeypatch.setattr(adapter, "run_mteb", _fake_run_mteb(seen))
+    weights = work / "variants" / "bi-mntp" / "model.safetensors"
+    original = weights.read_bytes()
+    for replacement in ((work / "variants" / "bi-contrastive" / "model.safetensors").read_bytes(), original):
+        weights.write_bytes(replacement)
+        (work / "cells" / "bi-mntp" / "miracl.json").unlink()
+        run_ablation(config, work, echo=None)
+    revisions = [revision for revision, _ in seen["bi-mntp"]]
+    assert len(revisions) == 3 and revisions[1] != revisions[0] == revisions[2]
 
 
 def test_the_sweep_ends_are_the_two_sources(ablation):

@@ -16,7 +16,7 @@ import pytest
 import bidirlm_jax
 from bidirlm_jax import demo
 from bidirlm_jax.cli import main
-from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.errors import ConfigError, Preempted
 from bidirlm_jax.variants import VARIANTS
 from tests import procs
 
@@ -107,6 +107,28 @@ def test_a_failure_leaves_nothing_behind(fake_pipeline, tmp_path, monkeypatch, c
     assert main(["demo", "--out", str(tmp_path / "demo_out")]) == 2
     assert "simulated failure" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_preempted_demo_says_its_run_is_gone(fake_pipeline, tmp_path, monkeypatch, capsys):
+    def preempted(tmp, **kwargs):
+        raise Preempted(tmp / "runs" / "lm", 2)
+
+    monkeypatch.setattr(demo, "_pipeline", preempted)
+    assert main(["demo", "--out", str(tmp_path / "demo_out")]) == 0  # as `bidirlm train` on SIGTERM
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM after step 2; nothing was recorded" in err and "start over" in err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_preempted_base_is_not_exported(tmp_path, monkeypatch):
+    """The base's pre-training run stopped by SIGTERM (`train` says so): no base/ from a half-trained run."""
+    from bidirlm_jax import train
+
+    monkeypatch.setattr(train, "train", lambda config, workdir: {"step": 2, "preempted": True})
+    texts = ["def f(x): return x + 1", "class A: pass", "import os"] * 20
+    with pytest.raises(Preempted, match=f"after step 2; nothing was recorded: checkpoint saved in {tmp_path}/runs/lm"):
+        demo.pretrain_base(tmp_path, texts)
+    assert not (tmp_path / "base").exists()
 
 
 def test_a_model_that_is_not_a_checkpoint_is_refused_before_any_work(fake_pipeline, tmp_path):

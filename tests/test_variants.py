@@ -2,19 +2,36 @@
 
 What matters is the wiring, not the quality: each variant's attention mode (in its object and its config.json),
 Bi+Base holding the base's weights bit for bit, the merge being the average, each trained variant starting
-from the variant it should, the tokenizer carried along, and finished variants reused (never silently with
-other settings).
+from the variant it should, the tokenizer carried along, finished variants reused (never silently with
+other settings), and a preempted build recording nothing and resuming its run.
 """
 
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
 
 from bidirlm_jax import variants as v
-from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.errors import ConfigError, Preempted
 from bidirlm_jax.testing.tolerance import merge_tol
+
+
+def sigterm_at(monkeypatch, step, run=None):
+    """Send this process a real SIGTERM (a preemption notice) while a training run (the one in `run`, or any)
+    logs `step`: the loop's own handler takes it, as it would from a scheduler (the run must log that step)."""
+    from bidirlm_jax.train import metrics
+
+    write = metrics.MetricsWriter.write
+
+    def write_then_term(self, at, values):
+        write(self, at, values)
+        if at == step and (run is None or self.path.parent == run):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(metrics.MetricsWriter, "write", write_then_term)
 
 
 def _params(path, attention):
@@ -55,8 +72,26 @@ def base_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def built(base_dir, tmp_path_factory):
+def preempted(base_dir, tmp_path_factory):
+    """A first build of every variant, stopped by SIGTERM during Bi+MNTP's run (`built` resumes it): the exception
+    and what the output directory held then."""
+    from bidirlm_jax.train.checkpoints import latest_step
+
     out = tmp_path_factory.mktemp("built")
+    run = out / "runs" / "mntp"
+    with pytest.MonkeyPatch.context() as m:
+        sigterm_at(m, step=1)
+        with pytest.raises(Preempted) as stop:
+            v.build_variants(base_dir, out, _recipe())
+    manifest = json.loads((out / v.MANIFEST).read_text())
+    metrics = (run / "metrics.jsonl").read_text().splitlines()
+    entries = sorted(p.relative_to(out).as_posix() for p in [*out.iterdir(), *(out / "runs").iterdir()])
+    return out, stop.value, entries, manifest, latest_step(run / "checkpoints"), metrics
+
+
+@pytest.fixture(scope="module")
+def built(preempted, base_dir):
+    out = preempted[0]
     phases = []
     result = v.build_variants(base_dir, out, _recipe(), on_phase=lambda n, _, s: phases.append((n, s)))
     return out, result, phases
@@ -74,6 +109,20 @@ def test_every_variant_in_its_attention_mode(built, base_dir):
         assert read_config(variant.path).attention == "bidirectional"  # the directory says so itself
         assert variant.tokenizer().mask_token == "<mask>"
     assert read_config(base_dir).attention == "causal"
+
+
+def test_a_preempted_variant_is_neither_exported_nor_recorded(preempted, built):
+    """The preempted build stopped at Bi+MNTP's checkpoint with nothing exported or recorded for it (nor started
+    after it); the next build resumed that run — its first step was not trained again — and finished it."""
+    out, stop, entries, manifest, step, first = preempted
+    run = out / "runs" / "mntp"
+    assert stop.workdir == run and stop.step == 1
+    assert f"after step 1; nothing was recorded: checkpoint saved in {run}" in str(stop)
+    assert entries == ["bi-base", "runs", "runs/mntp", v.MANIFEST] and list(manifest) == ["Bi+Base"] and step == 1
+    assert [json.loads(line)["step"] for line in first] == [1]
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert rows[0] == first[0] and [json.loads(line)["step"] for line in rows] == [1, 2]
+    assert built[1]["Bi+MNTP"].path == out / "bi-mntp" and "Bi+MNTP" in json.loads((out / v.MANIFEST).read_text())
 
 
 def test_bi_base_is_the_base_bit_for_bit(built, base_dir):

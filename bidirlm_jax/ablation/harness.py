@@ -3,17 +3,21 @@ for one base model — what `bidirlm ablate --config configs/ablation.py:PRESET 
 
     WORKDIR/generated/        the generated data (and base) when the config asks for them (`@generated/...`)
     WORKDIR/variants/         the variants built here (`bidirlm_jax.variants`: HF directories, runs, manifest)
-    WORKDIR/cells/V/TASK/     the fine-tuning run of variant V on TASK (checkpoints, best/, metrics.jsonl)
+    WORKDIR/cells/V/TASK/     the fine-tuning run of variant V on TASK (checkpoints, best/, metrics.jsonl, cell.json)
     WORKDIR/cells/V/TASK.json the finished cell: its score, every validation metric, the settings it ran with
     WORKDIR/results.jsonl     one row per cell;  results.md: the table (×100, Δ vs Base);  deltas.png
     WORKDIR/merge_ratio.json  the sweep's points and settings;  merge_ratio.png
+    WORKDIR/digests.json      the digests of the variants' files, remembered (`io.digest`)
 
 Every input is checked before anything is written (unknown keys, tasks or variants, variant paths that are
 not checkpoints, missing task files, an output under a file). Every output is written whole or not at all:
 directories through `io.atomic.atomic_directory`, files by renaming a finished temporary. So a run resumes:
 a finished cell (its `.json` exists) is read back, not recomputed — unless it was computed with other
-settings, which is refused by name rather than mixed into the table; an interrupted fine-tuning run resumes
-from its last checkpoint; finished variants and the generated data are reused the same way.
+settings or from other files of its variant (rebuilt since), which is refused by name rather than mixed into
+the table (`ablation.cells`); an interrupted fine-tuning run resumes from its last checkpoint, under the same
+condition; finished variants, the generated data and the sweep are reused the same way. A SIGTERM during a
+training run (a preemption) saves its checkpoint, records nothing and ends the ablation with
+`errors.Preempted` (`bidirlm ablate` exits 0, as `bidirlm train` does), so the same command resumes it.
 """
 
 from __future__ import annotations
@@ -21,9 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,11 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from bidirlm_jax.ablation import report
+from bidirlm_jax.ablation.cells import run_cell, task_config, variant_files
+from bidirlm_jax.ablation.records import reuse, write_json
 from bidirlm_jax.ablation.sweep import check_ratios, merge_ratio_sweep, mntp_scorer
-from bidirlm_jax.ablation.tasks import GENERATED, Task, finetune_config, resolve_tasks, retrieval_config
-from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.ablation.tasks import GENERATED, Task, resolve_generated, resolve_tasks
+from bidirlm_jax.errors import ConfigError, Preempted
 from bidirlm_jax.variants import (
     BASE,
     BI_CONTRASTIVE,
@@ -43,12 +47,9 @@ from bidirlm_jax.variants import (
     Recipe,
     Variant,
     relative_path,
-    relevant_settings,
-    settings_difference,
 )
 
 PATH_KEYS = {name: directory.replace("-", "_") for name, directory in DIRECTORIES.items()}  # Bi+MNTP -> bi_mntp
-SLUGS = {BASE: "base", **DIRECTORIES}
 GENERATE = "generate"  # config.base: pre-train a small base on the standard library (as `bidirlm demo` does)
 
 
@@ -163,7 +164,7 @@ def check(config: ConfigDict, workdir: str | os.PathLike) -> _Plan:
     validate(recipe.mntp)
     validate(recipe.contrastive)
     for task in tasks:  # builds (and so checks) every cell's config, local files included
-        validate(_task_config(task, config))
+        validate(task_config(task, config))
     ratios = check_ratios(config.sweep.ratios.split(",")) if config.sweep.enabled else []
     if config.sweep.enabled and config.sweep.adapted not in VARIANTS:
         raise ConfigError(f"sweep.adapted={config.sweep.adapted!r} is not one of {', '.join(VARIANTS)}")
@@ -179,12 +180,6 @@ def parse_args(argv: list[str]) -> tuple[ConfigDict, str]:
     from bidirlm_jax.train.config import parse_config_args
 
     return parse_config_args(argv, command="ablate", workdir="where the variants, cells, table and plots go")
-
-
-def _task_config(task: Task, config: ConfigDict) -> ConfigDict:
-    if task.kind == "retrieval":
-        return retrieval_config(task, config.contrastive, config.retrieval, config.task_paths)
-    return finetune_config(task, config.finetune, config.task_paths)
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -237,13 +232,13 @@ def _compilation_cache(directory: Path | None):
 def _run(plan: _Plan, timer) -> AblationResult:
     work = plan.workdir
     generated = _generate(plan, timer) if plan.generate_data else None
-    config = _resolve(copy.deepcopy(plan.config), work / "generated")
+    config = resolve_generated(copy.deepcopy(plan.config), work / "generated")
     base = generated / "base" if config.base == GENERATE else _check_checkpoint(Path(config.base), "base")
     variants = _variants(plan, config, base, timer)
     rows, computed, reused = [], [], []
     for name in plan.variants:
         for task in plan.tasks:
-            row, fresh = _cell(variants[name], task, config, work, timer)
+            row, fresh = run_cell(variants[name], task, config, work, timer)
             rows.append(row)
             (computed if fresh else reused).append(f"{name} / {task.name}")
     title = f"Variants vs Base, fine-tuned on each task (base: {relative_path(base, work)})"
@@ -273,32 +268,6 @@ def _run(plan: _Plan, timer) -> AblationResult:
     )
 
 
-def _write_json(path: Path, record: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is unreadable ({e}); remove it to recompute it") from None
-
-
-def _reuse(path: Path, settings: dict[str, Any], what: str) -> Any | None:
-    """The record at `path` when it exists and was made with `settings`; None when it does not exist."""
-    if not path.is_file():
-        return None
-    record = _read_json(path)
-    if difference := settings_difference(record.get("settings") or {}, settings):
-        raise ConfigError(
-            f"{path} holds {what} made with other settings ({difference}); "
-            "remove it to recompute it, or choose another --workdir"
-        )
-    return record
-
-
 def _generate(plan: _Plan, timer) -> Path:
     """`WORKDIR/generated/`: the demo's corpus (data/) and, for `base="generate"`, its pre-trained base (base/)."""
     from bidirlm_jax import demo
@@ -306,36 +275,22 @@ def _generate(plan: _Plan, timer) -> Path:
 
     out = plan.workdir / "generated"
     settings = {"generate": plan.config.generate.to_dict(), "base": plan.config.base == GENERATE}
-    if _reuse(out / "settings.json", settings, "generated data") is not None:
+    if reuse(out / "settings.json", settings, "generated data") is not None:
         return out
     size = demo.Size(**plan.config.generate.to_dict())
-    with atomic_directory(out) as tmp, timer.phase("generated data and base") as note:
-        corpus = demo.build_corpus(num_negatives=size.num_negatives, max_eval_queries=size.max_eval_queries)
-        demo.write_data(corpus, tmp / "data")
-        if settings["base"]:
-            demo.pretrain_base(tmp, corpus.train_texts, size=size, timer=timer)
-        _write_json(tmp / "settings.json", {"settings": settings})
-        note["text"] = (
-            f"{len(corpus.train_texts)} training docstrings, {len(corpus.eval_data.queries)} held-out queries"
-        )
+    try:
+        with atomic_directory(out) as tmp, timer.phase("generated data and base") as note:
+            corpus = demo.build_corpus(num_negatives=size.num_negatives, max_eval_queries=size.max_eval_queries)
+            demo.write_data(corpus, tmp / "data")
+            if settings["base"]:
+                demo.pretrain_base(tmp, corpus.train_texts, size=size, timer=timer)
+            write_json(tmp / "settings.json", {"settings": settings})
+            note["text"] = (
+                f"{len(corpus.train_texts)} training docstrings, {len(corpus.eval_data.queries)} held-out queries"
+            )
+    except Preempted as e:  # the small base's run lay in the temporary directory, now removed
+        raise Preempted(e.workdir, e.step, kept=False) from None
     return out
-
-
-def _at(value: Any, generated: Path) -> Any:
-    """`@generated/X` -> `generated/data/X`; any other value as it is."""
-    if isinstance(value, str) and value.startswith(GENERATED):
-        return str(generated / "data" / value[len(GENERATED) :].lstrip("/"))
-    return value
-
-
-def _resolve(config: ConfigDict, generated: Path) -> ConfigDict:
-    """`_at` on every string of `config`."""
-    for key, value in config.items():
-        if isinstance(value, ConfigDict):
-            _resolve(value, generated)
-        else:
-            config[key] = _at(value, generated)
-    return config
 
 
 def _variants(plan: _Plan, config: ConfigDict, base: Path, timer) -> dict[str, Variant]:
@@ -361,102 +316,6 @@ def _variants(plan: _Plan, config: ConfigDict, base: Path, timer) -> dict[str, V
 def _given(name: str, path: Path) -> Variant:
     attention = "causal" if name == BASE else "bidirectional"
     return Variant(name, path, attention, contrastive=name in (BI_CONTRASTIVE, BI_MNTP_CONTRASTIVE))
-
-
-def _settings(config: ConfigDict, variant: Variant, work: Path) -> dict[str, Any]:
-    record = relevant_settings(json.loads(config.to_json_best_effort()))
-    record["model"]["init_from"] = relative_path(variant.path, work)
-    return record
-
-
-def _cell(variant: Variant, task: Task, config: ConfigDict, work: Path, timer) -> tuple[dict[str, Any], bool]:
-    """(the cell's row, whether it was computed now)."""
-    from bidirlm_jax.train import train
-
-    run = work / "cells" / SLUGS[variant.name] / task.name
-    path = run.with_suffix(".json")
-    cfg = _resolve(_task_config(task, config), work / "generated")
-    cfg.model.update(init_from=str(variant.path), attention=variant.attention)
-    if task.kind == "retrieval":
-        cfg.contrastive.pooling = "mean" if variant.attention == "bidirectional" else "last"  # paper §7.1
-    settings = {"variant": variant.name, "config": _settings(cfg, variant, work)}
-    if (record := _reuse(path, settings, f"the {variant.name} / {task.name} cell")) is not None:
-        timer.record(f"cell: {variant.name} / {task.name}", 0.0, "reused")
-        return record["row"], False
-    start = time.perf_counter()
-    trained = task.kind != "retrieval" or config.retrieval.steps > 0
-    if trained:
-        run.parent.mkdir(parents=True, exist_ok=True)
-        train(cfg, str(run))
-    if task.kind == "retrieval":
-        metrics = _retrieval_metrics(variant, task, cfg, run if trained else None, config.retrieval.max_length, work)
-        step = cfg.train.steps if trained else 0
-    else:
-        from bidirlm_jax.io.heads import read_best
-
-        best = read_best(run)
-        if best is None:
-            raise ConfigError(f"{run} recorded no validation score; remove it and run again")
-        metrics, step = best["metrics"], best["step"]
-    row = {
-        "variant": variant.name,
-        "attention": variant.attention,
-        "task": task.name,
-        "kind": task.kind,
-        "metric": task.metric,
-        "score": float(metrics[task.metric]),
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "step": int(step),
-    }
-    _write_json(path, {"settings": settings, "row": row})
-    timer.record(
-        f"cell: {variant.name} / {task.name}", time.perf_counter() - start, f"{task.metric} {100 * row['score']:.1f}"
-    )
-    return row, True
-
-
-def _retrieval_metrics(
-    variant: Variant, task: Task, cfg: ConfigDict, run: Path | None, max_length: int, work: Path
-) -> dict[str, float]:
-    """The retrieval scores of the fine-tuned model (`run`), or of the variant as it is (`run` None)."""
-    from bidirlm_jax.data.tokenizer import load_tokenizer
-    from bidirlm_jax.io.hf import from_pretrained
-
-    if run is not None:
-        model = from_pretrained(run, attention=variant.attention)
-        tokenizer = load_tokenizer(run / "model")
-        instructed = bool(cfg.contrastive.instructions)
-    else:
-        model, tokenizer, instructed = variant.load(), variant.tokenizer(), variant.contrastive
-    pooling = cfg.contrastive.pooling
-    instruction = task.instruction if instructed and task.instruction else None
-    if task.evaluation.startswith("mteb:"):
-        from bidirlm_jax.evals.mteb import MTEBEncoder, run_mteb
-
-        name = task.evaluation[len("mteb:") :]
-        revision = f"{SLUGS[variant.name]}-{task.name}-{cfg.train.steps}"
-        encoder = MTEBEncoder(
-            model,
-            tokenizer,
-            name=f"bidirlm-ablation/{SLUGS[variant.name]}",
-            revision=revision,
-            pooling=pooling,
-            max_length=max_length,
-        )
-        return {task.metric: run_mteb(encoder, [name], cache_dir=work / "mteb")[name]["main_score"]}
-    from bidirlm_jax.evals.retrieval import evaluate_retrieval
-
-    data = _at(task.evaluation, work / "generated")
-    return evaluate_retrieval(
-        model,
-        tokenizer,
-        data,
-        instruction=instruction,
-        pooling=pooling,
-        max_length=max_length,
-        batch_size=64,
-        progress=False,
-    )
 
 
 # --- the merge-ratio sweep ---------------------------------------------------------------------------
@@ -485,7 +344,7 @@ def _sweep_texts(plan: _Plan, config: ConfigDict, generated: Path | None) -> lis
     from bidirlm_jax.data.labeled import synthetic_texts
     from bidirlm_jax.train.objectives.finetune import load_splits
 
-    return synthetic_texts(load_splits(_task_config(task, config), task.kind)[1])[:limit]
+    return synthetic_texts(load_splits(task_config(task, config), task.kind)[1])[:limit]
 
 
 def _sweep(plan: _Plan, config: ConfigDict, variants: dict[str, Variant], generated: Path | None, timer):
@@ -494,12 +353,14 @@ def _sweep(plan: _Plan, config: ConfigDict, variants: dict[str, Variant], genera
     settings = {
         "adapted": relative_path(adapted.path, plan.workdir),
         "base": relative_path(base.path, plan.workdir),
+        "adapted_files": variant_files(adapted, plan.workdir),  # a rebuilt variant makes the sweep stale
+        "base_files": variant_files(base, plan.workdir),
         "ratios": plan.ratios,
         "texts": config.sweep.texts,
         "max_texts": config.sweep.max_texts,
         "score": "mntp masked accuracy",
     }
-    if (record := _reuse(path, settings, "a merge-ratio sweep")) is not None:
+    if (record := reuse(path, settings, "a merge-ratio sweep")) is not None:
         timer.record("merge-ratio sweep", 0.0, "reused")
         return record["points"], path
     texts = _sweep_texts(plan, config, generated)
@@ -507,5 +368,5 @@ def _sweep(plan: _Plan, config: ConfigDict, variants: dict[str, Variant], genera
     with timer.phase("merge-ratio sweep") as note:
         points = merge_ratio_sweep(adapted.path, base.path, score, ratios=plan.ratios)
         note["text"] = ", ".join(f"{p['ratio']:g}: {100 * p['masked_accuracy']:.1f}" for p in points)
-    _write_json(path, {"settings": settings, "points": points})
+    write_json(path, {"settings": settings, "points": points})
     return points, path

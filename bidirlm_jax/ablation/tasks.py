@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ml_collections import ConfigDict
@@ -109,6 +110,23 @@ def resolve_tasks(names: str | Sequence[str]) -> list[Task]:
     if len(set(names)) != len(names):
         raise ConfigError(f"tasks {list(names)} name a task twice")
     return [TASKS[n] for n in names]
+
+
+def generated_path(value: Any, generated: Path) -> Any:
+    """`@generated/X` -> `generated/data/X`; any other value as it is."""
+    if isinstance(value, str) and value.startswith(GENERATED):
+        return str(generated / "data" / value[len(GENERATED) :].lstrip("/"))
+    return value
+
+
+def resolve_generated(config: ConfigDict, generated: Path) -> ConfigDict:
+    """`generated_path` on every string of `config` (in place); returns it."""
+    for key, value in config.items():
+        if isinstance(value, ConfigDict):
+            resolve_generated(value, generated)
+        else:
+            config[key] = generated_path(value, generated)
+    return config
 
 
 def local_paths(task: Task, task_paths: ConfigDict) -> dict[str, str]:

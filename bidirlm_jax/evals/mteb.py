@@ -2,7 +2,8 @@
 
 Instructions come from the table mteb's own BidirLM wrapper lists (`bidirlm_models.bidirlm_task_prompts`), with
 the paper's defaults for symmetric tasks; they go on queries and on the texts of symmetric tasks, never on
-documents (`prompt_type == document`), in the template training used (`Instruct: ...\\nQuery: `). mteb caches
+documents (`prompt_type == document`), in the template training used (`Instruct: ...\\nQuery: `); an empty table
+(`instructions={}`) means none at all. mteb caches
 results by model name and revision, and an unnamed model is cached as "no_model_name": every checkpoint gets
 its own name (from its directory) and a revision hashed from its files and encoding settings, so a new
 checkpoint never silently reuses an old one's scores. mteb needs torch; import this module only to use it.
@@ -30,6 +31,7 @@ from mteb.types import PromptType
 from bidirlm_jax.embed.encode import encode
 from bidirlm_jax.errors import BidirLMError, ConfigError
 from bidirlm_jax.evals.retrieval import load_beir
+from bidirlm_jax.io.digest import directory_digest
 from bidirlm_jax.io.sentence_transformers import load_encoder
 from bidirlm_jax.models.transformer import Transformer
 
@@ -152,8 +154,9 @@ class MTEBEncoder(AbsEncoder):
         )
 
     def instruction(self, task_metadata: TaskMetadata, prompt_type: PromptType | None) -> str | None:
-        """The instruction for a task's texts of one kind; None for documents."""
-        if prompt_type == PromptType.document:
+        """The instruction for a task's texts of one kind; None for documents, and for every text with an empty
+        table (`instructions={}`: a model trained without instructions, not mteb's per-task defaults)."""
+        if prompt_type == PromptType.document or not self.prompts_dict:
             return None
         instruction = self.get_instruction(task_metadata, prompt_type)
         return instruction if isinstance(instruction, str) and instruction else None
@@ -182,16 +185,7 @@ class MTEBEncoder(AbsEncoder):
 def checkpoint_revision(path: str | os.PathLike, settings: dict[str, Any] | None = None) -> str:
     """A hash of every file of a model directory (weights, config, tokenizer, prompts) and of the encoding
     settings: equal only for the same checkpoint evaluated the same way."""
-    digest = hashlib.blake2b(digest_size=8)
-    root = Path(path)
-    for file in sorted(p for p in root.rglob("*") if p.is_file()):
-        relative = file.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts):
-            continue
-        digest.update(str(relative).encode() + b"\0")
-        with file.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
+    digest = hashlib.blake2b(directory_digest(path).encode(), digest_size=8)
     digest.update(repr(sorted((settings or {}).items())).encode())
     return digest.hexdigest()
 
