@@ -611,3 +611,42 @@ def test_scripts_are_shellcheck_clean():
     assert {p.name for p in scripts} >= {"worker.sh", "local.sh", "single_node.sh", "train.sbatch"}
     result = subprocess.run([SHELLCHECK, "--severity=style", *map(str, scripts)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_local_script_finds_bidirlm_without_the_repository_venv(tmp_path):
+    """local.sh runs the `bidirlm` of the active environment, else the PATH's (a copy of the scripts in a
+    repository without .venv), says how to point to one when there is none, and honours BIDIRLM."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    for name in ("local.sh", "find_bidirlm.sh"):
+        shutil.copy(LAUNCH / name, repo / "launch" / name)
+    system_path = "/usr/bin:/bin"
+    if shutil.which("bidirlm", path=system_path):
+        pytest.skip("a bidirlm is installed system-wide")
+    venv, on_path = tmp_path / "venv" / "bin", tmp_path / "elsewhere"
+    venv.mkdir(parents=True)
+    on_path.mkdir()
+    for where in (venv, on_path):
+        (where / "bidirlm").write_text(f'#!/usr/bin/env bash\necho "{where.name}: $*"\n')
+        (where / "bidirlm").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("BIDIRLM", "VIRTUAL_ENV", "CONDA_PREFIX")}
+
+    def local(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(repo / "launch" / "local.sh"), "configs/lm.py:tiny", "/tmp/w"],
+            env={**base, "PATH": system_path, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    active = local(VIRTUAL_ENV=str(venv.parent), PATH=f"{on_path}:{system_path}")
+    assert (active.returncode, active.stdout) == (0, "bin: train --config configs/lm.py:tiny --workdir /tmp/w\n")
+    path = local(PATH=f"{on_path}:{system_path}")
+    assert (path.returncode, path.stdout) == (0, "elsewhere: train --config configs/lm.py:tiny --workdir /tmp/w\n")
+    override = local(BIDIRLM=str(on_path / "bidirlm"), VIRTUAL_ENV=str(venv.parent))
+    assert override.stdout.startswith("elsewhere: train")
+    none = local()
+    assert none.returncode == 2 and "set BIDIRLM=/path/to/bidirlm" in none.stderr, none.stderr
+    wrong = local(BIDIRLM=str(tmp_path / "missing"))
+    assert wrong.returncode == 2 and "is not an executable" in wrong.stderr, wrong.stderr
