@@ -53,6 +53,7 @@ class Objective:
     eval_every: int = 0  # steps between evaluations (0: never)
     best_metric: str = ""  # the score whose best step is kept (`RUN/best/`)
     run_files: Mapping[str, str] = dataclasses.field(default_factory=dict)  # extra files of `RUN/model/`
+    key_metric: str = ""  # the step metric the run's log lines show beside the loss
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:

@@ -70,4 +70,5 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path, loss_fn: Los
         flops_per_step=training_flops_per_token(model, data.seq_len) * tokens_per_step,
         tokens_per_step=tokens_per_step,
         tokenizer=tokenizer,
+        key_metric="accuracy",
     )

@@ -120,4 +120,5 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         ),
         tokens_per_step=b * (2 + k) * length,
         tokenizer=tokenizer,
+        key_metric="in_batch_accuracy",
     )

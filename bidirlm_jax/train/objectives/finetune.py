@@ -401,6 +401,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneO
         eval_every=ft.eval_every,
         best_metric=best,
         run_files={HEAD_FILE: json.dumps(description, indent=2) + "\n"},
+        key_metric="abs_error" if task == "regression" else "accuracy",
     )
 
 
