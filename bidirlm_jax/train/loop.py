@@ -43,6 +43,7 @@ from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
 from bidirlm_jax.train.config import data_stream, model_overrides, validate
 from bidirlm_jax.train.objectives import LossFn, Objective, build_objective, causal_lm
 from bidirlm_jax.train.optim import make_optimizer
+from bidirlm_jax.train.preflight import preflight
 from bidirlm_jax.train.state import StateLayout, param_shapes
 from bidirlm_jax.train.step import jit_step, make_step_fn
 
@@ -125,30 +126,6 @@ class _Preemption:
             signal.signal(signum, previous)
 
 
-def _check_batch(config: ConfigDict, mesh) -> None:
-    """The global batch must split into micro-batches over the mesh's batch shards. With
-    `train.max_rows_per_device`, `train.grad_accum_steps` is raised to the fewest micro-batches that keep
-    each device's rows within it (what fits a chip depends on the device count: `benchmarks/memory.py`)."""
-    batch, accum = config.data.global_batch_size, config.train.grad_accum_steps
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    limit = config.train.max_rows_per_device
-    if limit:
-        fits = [a for a in range(accum, batch + 1) if batch % (a * shards) == 0 and batch // (a * shards) <= limit]
-        if not fits:
-            raise ConfigError(
-                f"data.global_batch_size={batch} cannot be split over the {shards} batch shards of the mesh into "
-                f"micro-batches of at most train.max_rows_per_device={limit} rows per device; use a batch size "
-                f"that is a multiple of {shards}, or change the device count"
-            )
-        config.train.grad_accum_steps = accum = fits[0]
-    if batch % (accum * shards):
-        raise ConfigError(
-            f"data.global_batch_size={batch} does not split into train.grad_accum_steps={accum} micro-batches "
-            f"over the {shards} batch shards of the mesh (data={mesh.shape['data']} × fsdp={mesh.shape['fsdp']}); "
-            f"use a multiple of {accum * shards}"
-        )
-
-
 @dataclasses.dataclass
 class _Plan:
     """Everything a run needs, decided and checked before anything is written."""
@@ -167,8 +144,7 @@ class _Plan:
 def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     validate(config)
     distributed.initialize(config.distributed)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    _check_batch(config, mesh)
+    mesh = make_mesh(**preflight(config, jax.device_count()))
     model_cfg = model_config(config.model)
     if loss_fn is None:
         objective = build_objective(config, model_cfg, workdir=workdir)
