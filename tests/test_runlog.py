@@ -38,7 +38,11 @@ def _train(workdir, *overrides) -> list[str]:
 
 
 def test_a_run_without_progress_bar_logs_plan_start_steps_checkpoints_and_end(tmp_path):
-    run = ["--config.train.log_every=2", "--config.train.checkpoint_every=2"]
+    run = [
+        "--config.train.log_every=2",
+        "--config.train.checkpoint_every=2",
+        "--config.metrics.peak_flops_per_device=1e9",
+    ]
     first = _train(tmp_path, "--config.train.steps=4", *run)
     params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract_model(get_preset("tiny-qwen3"))[1], nnx.Param)))
     assert first[:7] == [
@@ -64,7 +68,8 @@ def test_a_run_without_progress_bar_logs_plan_start_steps_checkpoints_and_end(tm
             f"lr {records[step]['learning_rate']:.2e}",
         ]
         assert fields[4] == f"{records[step]['tokens_per_second']:,.0f} tokens/s"
-        assert re.fullmatch(r"eta \d+:\d\d:\d\d", fields[-1])  # no MFU on a CPU without metrics.peak_flops_per_device
+        assert fields[5] == f"mfu {100 * records[step]['mfu']:.1f}%"  # against metrics.peak_flops_per_device
+        assert re.fullmatch(r"eta \d+:\d\d:\d\d", fields[6])
     assert {"checkpoint 2 saved", "checkpoint 4 saved"} <= set(first)
     assert first[-1] == "finished at step 4 of 4"
 
