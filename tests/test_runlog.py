@@ -53,7 +53,7 @@ def test_a_run_without_progress_bar_logs_plan_start_steps_checkpoints_and_end(tm
         "mesh: data=4 fsdp=1 tensor=1 over 4 cpu devices, 1 process",
         "batch: 16 rows of 64 tokens in 1 micro-batch of 16 rows (4 rows per batch shard, 4 shards); "
         "1,024 tokens per step, 4,096 over the run",
-        "attention kernels: auto (block q/kv 512/512); the kernel of each layer type is logged when the step compiles",
+        "attention kernels: auto (block q/kv 512/512); each layer type's is logged when the step compiles",
         f"starting fresh; checkpoints in {tmp_path}/checkpoints",
     ]
     assert any(re.fullmatch(r"attention full_attention \(16, 64, 4, 32\) float32: \w+ kernel", x) for x in first)

@@ -113,12 +113,11 @@ def log_plan(
         f"{tokens_per_step:,}",
         f"{tokens_per_step * train.steps:,}",
     )
-    log.info(
-        "attention kernels: %s (block q/kv %d/%d); the kernel of each layer type is logged when the step compiles",
-        model.attention_impl,
-        model.attention_block_q,
-        model.attention_block_kv,
-    )
+    blocks = f"block q/kv {model.attention_block_q}/{model.attention_block_kv}"
+    if model.attention_impl == "auto":
+        log.info("attention kernels: auto (%s); each layer type's is logged when the step compiles", blocks)
+    else:
+        log.info("attention kernels: %s for every layer type (%s)", model.attention_impl, blocks)
 
 
 def log_start(resume_step: int | None, checkpoints: str) -> None:
