@@ -15,7 +15,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.sharding import mesh_shape
 from bidirlm_jax.train.config import validate
 from bidirlm_jax.train.objectives import check_objective
-from bidirlm_jax.train.objectives.base import check_data_path, check_tokenizer
+from bidirlm_jax.train.objectives.base import PATH_SOURCES, check_data_path, check_tokenizer
 
 
 def check_batch(config: ConfigDict, mesh: dict[str, int]) -> None:
@@ -63,10 +63,8 @@ def input_paths(config: ConfigDict) -> list[tuple[str, str]]:
     """`(key, path)` of every file or directory the run reads (Hub datasets, `hf:NAME`, excluded)."""
     data = config.data
     found = [("model.init_from", config.model.init_from), ("data.tokenizer", data.tokenizer)]
-    if data.source in ("text", "npy", "pairs", "labeled"):
-        found += (
-            [("data.path", p) for p in data.path.split(",")] if data.source == "pairs" else [("data.path", data.path)]
-        )
+    if data.source in PATH_SOURCES:
+        found += [("data.path", p) for p in (data.path.split(",") if data.source == "pairs" else [data.path])]
     found += [("data.mixture", p) for p in _entry_paths(data.get("mixture", ""), 3)]
     if "mntp" in config:
         found += [("mntp.eval_data", p) for p in _entry_paths(config.mntp.get("eval_data", ""), 2)]
