@@ -1,8 +1,9 @@
 """The `bidirlm` command. Each subcommand is a thin shell over one function of the Python API.
 
 Failures the user caused (a `BidirLMError`, a bad path, a usage error) print one `error: ...` line without
-a traceback and exit with status 2; Ctrl-C exits with 130. A preemption (SIGTERM) exits with 0 after a training
-run saved its checkpoint, whichever command was training (`errors.Preempted`): the same command resumes it.
+a traceback and exit with status 2; Ctrl-C exits with 130 (`bidirlm train` saves a checkpoint first; a second
+Ctrl-C stops it at once). A preemption (SIGTERM) exits with 0 after a training run saved its checkpoint,
+whichever command was training (`errors.Preempted`): the same command resumes it.
 """
 
 from __future__ import annotations
@@ -212,6 +213,7 @@ def _run_train(args) -> int:
         return 0 if args.flags else 2
     from bidirlm_jax.train.config import parse_train_args
     from bidirlm_jax.train.loop import train
+    from bidirlm_jax.train.runlog import console_logging
 
     try:
         config, workdir = parse_train_args(args.flags)
@@ -219,10 +221,9 @@ def _run_train(args) -> int:
         raise
     except Exception as e:  # parsing runs the user's config file: whatever it raises is the user's to fix
         raise ConfigError(f"cannot load the --config file: {type(e).__name__}: {e}") from None
-    result = train(config, workdir)
-    if result["preempted"]:
-        print(f"stopped by SIGTERM after step {result['step']}; checkpoint saved in {workdir}", file=sys.stderr)
-    return 0
+    with console_logging(all_processes=config.metrics.log_all_processes):
+        result = train(config, workdir, ctrl_c_saves=True)  # its log lines say how it ended, where a rerun resumes
+    return 130 if result["stopped_by"] == "SIGINT" else 0
 
 
 _COMMANDS.append(_register_train)

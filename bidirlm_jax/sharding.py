@@ -48,21 +48,7 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequen
     `devices` when given. On several TPU slices, `data` is split over the slices (DCN) first.
     """
     devices = list(devices if devices is not None else jax.devices())
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ConfigError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
-    known = math.prod(s for s in sizes if s != -1)
-    if known <= 0 or len(devices) % known:
-        raise ConfigError(
-            f"mesh data={data} fsdp={fsdp} tensor={tensor} does not divide the {len(devices)} available devices; "
-            "choose sizes whose product divides the device count"
-        )
-    sizes = [len(devices) // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != len(devices):
-        raise ConfigError(
-            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} uses {math.prod(sizes)} devices but "
-            f"{len(devices)} are available; set one axis to -1 to use them all"
-        )
+    sizes = list(mesh_shape(data, fsdp, tensor, len(devices)).values())
     auto = (AxisType.Auto,) * len(MESH_AXES)  # jax.make_mesh defaults to explicit axes; the rules need auto ones
     slices = len({getattr(d, "slice_index", 0) for d in devices})
     if slices == 1:
@@ -74,6 +60,27 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequen
     per_slice = (sizes[0] // slices, sizes[1], sizes[2])
     grid = mesh_utils.create_hybrid_device_mesh(per_slice, (slices, 1, 1), devices)
     return Mesh(grid, MESH_AXES, axis_types=auto)
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> dict[str, int]:
+    """`{"data", "fsdp", "tensor"}` sizes over `num_devices` devices (one size may be -1: the rest), checked
+    without devices, so that a launcher can check a mesh for the slice it will get."""
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ConfigError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if known <= 0 or num_devices % known:
+        raise ConfigError(
+            f"mesh data={data} fsdp={fsdp} tensor={tensor} does not divide the {num_devices} available devices; "
+            "choose sizes whose product divides the device count"
+        )
+    sizes = [num_devices // known if s == -1 else s for s in sizes]
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(
+            f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} uses {math.prod(sizes)} devices but "
+            f"{num_devices} are available; set one axis to -1 to use them all"
+        )
+    return dict(zip(MESH_AXES, sizes))
 
 
 def _spec_and_dropped(

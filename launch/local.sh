@@ -8,7 +8,8 @@
 # (coordinator 127.0.0.1:PORT, default 12355), reads only its share of each batch and writes its
 # checkpoint shards, as the workers of a pod slice do; their output is prefixed with [process i].
 # Rerunning the same command resumes from WORKDIR's latest checkpoint, as after a preemption.
-# BIDIRLM overrides the binary (default: .venv/bin/bidirlm of this repository).
+# The `bidirlm` it runs: $BIDIRLM when set, else the active environment's ($VIRTUAL_ENV, $CONDA_PREFIX),
+# else this repository's .venv, else the one on the PATH (launch/find_bidirlm.sh).
 set -euo pipefail
 
 usage() { sed -n '2,3p' "$0" | sed 's/^# //'; }
@@ -47,7 +48,9 @@ done
 config=$1 workdir=$2
 shift 2
 repo=$(cd "$(dirname "$0")/.." && pwd)
-bidirlm=${BIDIRLM:-$repo/.venv/bin/bidirlm}
+# shellcheck source=launch/find_bidirlm.sh
+source "$repo/launch/find_bidirlm.sh"
+bidirlm=$(find_bidirlm "$repo") || exit $?
 
 export JAX_PLATFORMS=cpu
 export XLA_FLAGS="--xla_force_host_platform_device_count=$((devices / processes))${XLA_FLAGS:+ $XLA_FLAGS}"

@@ -2,6 +2,7 @@
 `eval/loss/NAME` during training (the forgetting curves of notebooks/forgetting.ipynb)."""
 
 import json
+import logging
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_stdlib_code_is_functions_and_classes():
     assert any(m == "json.decoder" and b.startswith("class JSONDecoder") for m, b in blocks)
 
 
-def test_mntp_run_logs_the_held_out_loss_of_each_domain(domains, tmp_path):
+def test_mntp_run_logs_the_held_out_loss_of_each_domain(domains, tmp_path, caplog):
     config = mntp_configs.get_config("tiny")
     config.data.update(source="text", path=str(domains / "english.jsonl"), tokenizer=str(domains / "tokenizer"))
     config.data.update(seq_len=32, global_batch_size=8)
@@ -55,10 +56,14 @@ def test_mntp_run_logs_the_held_out_loss_of_each_domain(domains, tmp_path):
     config.train.update(steps=5, checkpoint_every=5, log_every=5)
     config.metrics.update(progress_bar=False, tensorboard=False)
     workdir = tmp_path / "run"
-    train(config, str(workdir))
+    with caplog.at_level(logging.INFO, logger="bidirlm_jax.train"):
+        train(config, str(workdir))
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evaluated = {r["step"]: r for r in rows if "eval/loss/code" in r}
     assert sorted(evaluated) == [2, 4, 5]  # every eval_every steps and at the last one
+    lines = [m for m in caplog.messages if m.startswith("eval at step ")]  # the run's log lines say the same
+    assert [m.split(":")[0] for m in lines] == ["eval at step 2", "eval at step 4", "eval at step 5"]
+    assert f"eval/loss/code {evaluated[5]['eval/loss/code']:.4f}" in lines[-1]
     assert not (workdir / "best").exists()  # nothing to select: held-out loss is a measurement here
     model = bidirlm_jax.from_pretrained(workdir, attention="bidirectional")
     again = evaluate_domains(

@@ -350,8 +350,8 @@ def fake_gcloud(tmp_path, monkeypatch):
             ["--config", "configs/lm.py:tiny", "--workdir", "gs://bkt/r", "--config.distributed.num_processes=2"],
             "--config.distributed",
         ),
-        # the paper's 288-row batch in 3 micro-batches does not split over v5p-128's 64 FSDP shards
-        (["--config", "configs/mntp.py:qwen3-0.6b", "--workdir", "gs://bkt/r"], "use a multiple of 192"),
+        # the paper's 288-row batch does not split over v5p-128's 64 FSDP shards (the engine's own check)
+        (["--config", "configs/mntp.py:qwen3-0.6b", "--workdir", "gs://bkt/r"], "data.global_batch_size=288"),
         (["--config", "configs/lm.py:tiny", "--workdir", "gs://bkt/r", "--config.mesh.tensor=3"], "does not divide"),
         (
             ["--config", "configs/lm.py:tiny", "--workdir", "gs://My_Bucket/r", "--config.data.global_batch_size=64"],
@@ -612,3 +612,111 @@ def test_scripts_are_shellcheck_clean():
         [SHELLCHECK, "--severity=style", *map(str, scripts)], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_local_script_finds_bidirlm_without_the_repository_venv(tmp_path):
+    """local.sh runs the `bidirlm` of the active environment, else the PATH's (a copy of the scripts in a
+    repository without .venv), says how to point to one when there is none, and honours BIDIRLM."""
+    repo = tmp_path / "repo"
+    (repo / "launch").mkdir(parents=True)
+    for name in ("local.sh", "find_bidirlm.sh"):
+        shutil.copy(LAUNCH / name, repo / "launch" / name)
+    system_path = "/usr/bin:/bin"
+    if shutil.which("bidirlm", path=system_path):
+        pytest.skip("a bidirlm is installed system-wide")
+    venv, on_path = tmp_path / "venv" / "bin", tmp_path / "elsewhere"
+    venv.mkdir(parents=True)
+    on_path.mkdir()
+    for where in (venv, on_path):
+        (where / "bidirlm").write_text(f'#!/usr/bin/env bash\necho "{where.name}: $*"\n')
+        (where / "bidirlm").chmod(0o755)
+    base = {k: v for k, v in os.environ.items() if k not in ("BIDIRLM", "VIRTUAL_ENV", "CONDA_PREFIX")}
+
+    def local(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", str(repo / "launch" / "local.sh"), "configs/lm.py:tiny", "/tmp/w"],
+            env={**base, "PATH": system_path, **env},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    active = local(VIRTUAL_ENV=str(venv.parent), PATH=f"{on_path}:{system_path}")
+    assert (active.returncode, active.stdout) == (0, "bin: train --config configs/lm.py:tiny --workdir /tmp/w\n")
+    path = local(PATH=f"{on_path}:{system_path}")
+    assert (path.returncode, path.stdout) == (0, "elsewhere: train --config configs/lm.py:tiny --workdir /tmp/w\n")
+    override = local(BIDIRLM=str(on_path / "bidirlm"), VIRTUAL_ENV=str(venv.parent))
+    assert override.stdout.startswith("elsewhere: train")
+    none = local()
+    assert none.returncode == 2 and "set BIDIRLM=/path/to/bidirlm" in none.stderr, none.stderr
+    wrong = local(BIDIRLM=str(tmp_path / "missing"))
+    assert wrong.returncode == 2 and "is not an executable" in wrong.stderr, wrong.stderr
+
+
+POD_MNTP = ["--config", "configs/mntp.py:qwen3-0.6b", "--workdir", "gs://bkt/r", "--config.mesh.fsdp=32",
+            "--config.mesh.tensor=2"]  # fmt: skip
+
+
+def _dry_run(accelerator: str, *train_args: str, flags: tuple[str, ...] = ()) -> tuple[int, str, str]:
+    return run_launcher("up", "t", "--zone", "z", "--accelerator", accelerator, *flags, "--dry-run", "--", *train_args)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ([], "needs the checkpoint's tokenizer"),  # an MNTP preset without model.init_from nor data.tokenizer
+        (["--config.data.tokenizer=gs://bkt/tok"], "needs --config.data.path="),
+    ],
+)
+def test_dry_run_refuses_configs_that_fail_at_start(overrides, message):
+    rc, out, err = _dry_run("v5p-128", *POD_MNTP, *overrides)
+    assert (rc, out) == (2, "") and message in err and err.startswith("error: "), err
+
+
+def test_dry_run_runs_the_engines_own_start_checks(tmp_path, monkeypatch):
+    """The same config fails the dry run and the engine with the same message, the engine writing nothing."""
+    from bidirlm_jax.errors import ConfigError
+    from bidirlm_jax.train import parse_train_args, train
+
+    args = ["--config", "configs/mntp.py:tiny", "--workdir", "gs://bkt/r", "--config.data.source=text",
+            "--config.data.path=gs://bkt/corpus"]  # fmt: skip
+    rc, _, err = _dry_run("v5e-8", *args)
+    assert rc == 2
+    monkeypatch.chdir(REPO)
+    config, _ = parse_train_args(args)
+    with pytest.raises(ConfigError) as engine:
+        train(config, str(tmp_path / "run"))
+    assert err.rstrip("\n").endswith(str(engine.value)) and "needs the checkpoint's tokenizer" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("accelerator", ["v5e-8", "v5p-128"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "--config.model.init_from=/home/me/models/Qwen3-0.6B",
+        "--config.data.path=/data/tokens",
+        "--config.data.tokenizer=~/tokenizer",
+        "--config.data.mixture=en:0.8:gs://bkt/en;code:0.2:/data/code",
+        "--config.mntp.eval_data=wiki:../outside-the-repository",
+    ],
+)
+def test_dry_run_refuses_input_paths_the_workers_do_not_have(accelerator, override):
+    args = [*POD_MNTP, "--config.model.init_from=gs://bkt/m", "--config.data.path=gs://bkt/data", override]
+    if accelerator == "v5e-8":
+        args += ["--config.mesh.fsdp=8", "--config.mesh.tensor=1"]
+    rc, out, err = _dry_run(accelerator, *args)
+    key, path = override.removeprefix("--config.").split("=", 1)
+    assert (rc, out) == (2, ""), err
+    assert f"--config.{key}=" in err and "which the TPU workers do not have" in err, err
+    rc, out, err = _dry_run(accelerator, *args, flags=("--allow-local-inputs",))
+    assert rc == 0 and "config OK" in out, err
+
+
+def test_dry_run_accepts_buckets_hub_datasets_and_shipped_paths():
+    rc, out, err = _dry_run(
+        "v5p-128", *POD_MNTP, "--config.model.init_from=gs://bkt/m", "--config.data.path=hf:wikitext",
+        "--config.mntp.eval_data=readme:README.md;code:gs://bkt/code",  # README.md travels with the code
+    )  # fmt: skip
+    assert rc == 0, err
+    assert "--config.mntp.eval_data=readme:README.md;code:/mnt/gcs/bkt/code" in out

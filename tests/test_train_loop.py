@@ -346,11 +346,10 @@ def test_several_processes_agree_on_a_preemption_only_at_sync_steps(tmp_path, mo
 
 def test_max_rows_per_device_raises_the_micro_batch_count():
     """16 rows over 8 batch shards = 2 rows per device in one micro-batch; a limit of 1 needs 2 of them."""
-    from bidirlm_jax.sharding import make_mesh
-    from bidirlm_jax.train.loop import _check_batch
+    from bidirlm_jax.train.preflight import check_batch as _check_batch
 
     config, _ = parse_train_args(["--config", TINY, "--workdir", "unused", "--config.train.max_rows_per_device=1"])
-    mesh = make_mesh(8, 1, 1)
+    mesh = {"data": 8, "fsdp": 1, "tensor": 1}
     _check_batch(config, mesh)
     assert config.train.grad_accum_steps == 2
     config.train.update(max_rows_per_device=0, grad_accum_steps=1)

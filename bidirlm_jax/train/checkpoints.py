@@ -47,6 +47,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             _remove_uncommitted(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+        self._started: list[int] = []  # saves started and not yet reported committed (`newly_committed`)
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
@@ -137,7 +138,17 @@ class Checkpointer:
         if not (force or self.due(step)):
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        return self._manager.save(step, args=args, force=True)
+        started = self._manager.save(step, args=args, force=True)
+        if started:
+            self._started.append(step)
+        return started
+
+    def newly_committed(self) -> list[int]:
+        """The steps whose saves have committed since the last call (a save starts only once the one before
+        it has committed, so only the newest can still be in flight)."""
+        done = self._started if not self._manager.is_saving_in_progress() else self._started[:-1]
+        self._started = self._started[len(done) :]
+        return done
 
     def wait(self) -> None:
         """Block until pending saves are committed."""

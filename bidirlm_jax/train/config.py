@@ -93,7 +93,9 @@ def base_config() -> ConfigDict:
         )
     )
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
-    c.metrics = ConfigDict(dict(peak_flops_per_device=0.0, tensorboard=True, progress_bar=True))
+    c.metrics = ConfigDict(
+        dict(peak_flops_per_device=0.0, tensorboard=True, progress_bar=True, log_all_processes=False)
+    )  # log_all_processes: every process prints the run's log lines (default: process 0 only)
     c.distributed = ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1))
     return c
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import threading
 import time
@@ -37,10 +38,12 @@ from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train import metrics as metrics_lib
+from bidirlm_jax.train import runlog
 from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
 from bidirlm_jax.train.config import data_stream, model_overrides, validate
 from bidirlm_jax.train.objectives import LossFn, Objective, build_objective, causal_lm
 from bidirlm_jax.train.optim import make_optimizer
+from bidirlm_jax.train.preflight import preflight
 from bidirlm_jax.train.state import StateLayout, param_shapes
 from bidirlm_jax.train.step import jit_step, make_step_fn
 
@@ -93,16 +96,24 @@ def _init_params(model: ConfigDict, config: ModelConfig, mesh, objective: Object
 
 
 class _Preemption:
-    """SIGTERM (Cloud TPU preemption, SLURM/K8s stop) → finish the step, checkpoint, exit cleanly.
-    All processes agree on stopping at the same step."""
+    """SIGTERM (Cloud TPU preemption, SLURM/K8s stop) and, with `ctrl_c`, a first Ctrl-C → finish the step,
+    checkpoint, exit cleanly; a second Ctrl-C stops at once (KeyboardInterrupt). All processes agree on
+    stopping at the same step. `signal_name` is the first signal's."""
 
-    def __init__(self):
+    def __init__(self, *, ctrl_c: bool = False):
         self._flag = False
-        self._previous = None
+        self.signal_name: str | None = None
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            signals = (signal.SIGTERM, signal.SIGINT) if ctrl_c else (signal.SIGTERM,)
+            self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and jax.process_index() == 0:  # os.write: safe inside a signal handler
+            os.write(2, b"\nCtrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now)\n")
+        self.signal_name = self.signal_name or signal.Signals(signum).name
         self._flag = True
 
     def requested(self, *, sync: bool = True) -> bool:
@@ -114,32 +125,8 @@ class _Preemption:
         return sync and bool(np.any(multihost_utils.process_allgather(np.asarray(self._flag))))
 
     def close(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
-def _check_batch(config: ConfigDict, mesh) -> None:
-    """The global batch must split into micro-batches over the mesh's batch shards. With
-    `train.max_rows_per_device`, `train.grad_accum_steps` is raised to the fewest micro-batches that keep
-    each device's rows within it (what fits a chip depends on the device count: `benchmarks/memory.py`)."""
-    batch, accum = config.data.global_batch_size, config.train.grad_accum_steps
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    limit = config.train.max_rows_per_device
-    if limit:
-        fits = [a for a in range(accum, batch + 1) if batch % (a * shards) == 0 and batch // (a * shards) <= limit]
-        if not fits:
-            raise ConfigError(
-                f"data.global_batch_size={batch} cannot be split over the {shards} batch shards of the mesh into "
-                f"micro-batches of at most train.max_rows_per_device={limit} rows per device; use a batch size "
-                f"that is a multiple of {shards}, or change the device count"
-            )
-        config.train.grad_accum_steps = accum = fits[0]
-    if batch % (accum * shards):
-        raise ConfigError(
-            f"data.global_batch_size={batch} does not split into train.grad_accum_steps={accum} micro-batches "
-            f"over the {shards} batch shards of the mesh (data={mesh.shape['data']} × fsdp={mesh.shape['fsdp']}); "
-            f"use a multiple of {accum * shards}"
-        )
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 @dataclasses.dataclass
@@ -160,8 +147,7 @@ class _Plan:
 def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     validate(config)
     distributed.initialize(config.distributed)
-    mesh = make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    _check_batch(config, mesh)
+    mesh = make_mesh(**preflight(config, jax.device_count()))
     model_cfg = model_config(config.model)
     if loss_fn is None:
         objective = build_objective(config, model_cfg, workdir=workdir)
@@ -274,13 +260,18 @@ class _Validation:
         return {f"eval/{k}": float(v) for k, v in scores.items()}
 
 
-def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) -> dict[str, Any]:
+def train(
+    config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None, ctrl_c_saves: bool = False
+) -> dict[str, Any]:
     """Train (or resume from the workdir's latest checkpoint) as `config` says.
 
     `loss_fn` replaces the causal-LM loss on the causal-LM objective's data (tests, experiments).
-    Returns `{"step", "preempted", **last logged metrics}`. Raises a `BidirLMError` for unusable inputs (before writing anything), when the
-    loss turns non-finite with `train.nonfinite="stop"`, and after `train.max_consecutive_skips` non-finite
-    steps in a row with `"skip"`.
+    `ctrl_c_saves`: a first Ctrl-C stops the run like SIGTERM, at a checkpoint (`bidirlm train`); otherwise
+    it raises KeyboardInterrupt at once, for callers such as the demo that run several phases.
+    Returns `{"step", "preempted", "stopped_by" (the signal that ended it early), **last logged metrics}`.
+    Raises a `BidirLMError` for unusable inputs (before writing anything), when the loss turns non-finite
+    with `train.nonfinite="stop"`, and after `train.max_consecutive_skips` non-finite steps in a row with
+    `"skip"`.
     """
     if "://" in str(workdir):
         raise ConfigError(
@@ -289,6 +280,14 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
         )
     workdir = Path(workdir)
     plan = _plan(config, workdir, loss_fn)
+    runlog.log_plan(
+        config,
+        plan.model,
+        dict(plan.mesh.shape),
+        params=sum(x.size for x in jax.tree.leaves(plan.layout.abstract.params)),
+        tokens_per_step=plan.objective.tokens_per_step,
+    )
+    runlog.log_start(plan.resume_step, str(workdir / "checkpoints"))
     checkpointer = Checkpointer(
         workdir / "checkpoints", save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
     )
@@ -305,10 +304,11 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
     objective = plan.objective
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device)
     bar = metrics_lib.progress_bar(config.train.steps, step, enabled=config.metrics.progress_bar)
-    preemption = _Preemption()
+    preemption = _Preemption(ctrl_c=ctrl_c_saves)
     validation = _Validation(workdir, plan, config.train.steps)
     logged: dict[str, Any] = {}
-    preempted = False
+    preempted = interrupted = False
+    start = step
     skipped = 0  # non-finite steps in a row (train.nonfinite="skip")
     try:
         with jax.set_mesh(plan.mesh):
@@ -347,19 +347,34 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
                             mfu=metrics_lib.mfu(objective.flops_per_step, seconds, peak, jax.device_count()),
                         )
                         writer.write(at, logged)
+                        runlog.log_step(at, config.train.steps, logged, objective.key_metric)
+                        if evaluated:
+                            runlog.log_eval(at, {k: v for k, v in out.items() if k.startswith("eval/")})
                         bar.set_postfix(loss=f"{out['loss']:.4f}", lr=f"{out['learning_rate']:.2e}", refresh=False)
                     if skipped and (config.train.nonfinite == "stop" or skipped >= config.train.max_consecutive_skips):
                         raise _nonfinite_error(config.train, out, at, skipped, checkpointer)
                 pending.clear()
                 preempted = preempted or preemption.requested()  # a notice that came while logging
                 checkpointer.save(step, state, plan.meta, force=preempted or final)
+                for saved in checkpointer.newly_committed():
+                    runlog.log_checkpoint(saved)
                 last = time.perf_counter()  # evaluation and saving are not a step's time
                 if preempted:
                     break
         checkpointer.wait()
+        for saved in checkpointer.newly_committed():
+            runlog.log_checkpoint(saved)
+        stopped_by = (preemption.signal_name or "another process's signal") if preempted else None
+        stopped_by = stopped_by if step < config.train.steps else None
+        runlog.log_end(step, config.train.steps, stopped_by=stopped_by, already=start >= config.train.steps)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         preemption.close()
         bar.close()
         writer.close()
         checkpointer.close()
-    return {"step": step, "preempted": preempted, **logged}
+        if interrupted:
+            runlog.log_stopped_at_once(step, latest_step(checkpointer.directory))
+    return {"step": step, "preempted": preempted, "stopped_by": stopped_by, **logged}

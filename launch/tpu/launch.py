@@ -3,8 +3,9 @@
     .venv/bin/python launch/tpu/launch.py up NAME --zone ZONE --accelerator v5p-128 --spot --watch \\
         -- --config configs/mntp.py:qwen3-0.6b --workdir gs://BUCKET/runs/q06 [--config.key=value ...]
 
-`up` validates the config here first (a bad value, key, mesh or batch split exits 2 before any cloud
-command), then: creates the TPU VM (single host) or a queued resource (pod slices, spot), waits for it,
+`up` validates the config here first, with the engine's own start checks for the slice's device count (a
+bad value, key, mesh or batch split, a missing tokenizer or data path, an input path the workers would not
+have: exit 2 before any cloud command), then: creates the TPU VM (single host) or a queued resource (pod slices, spot), waits for it,
 ships the working tree (or `git clone`s `--git-url`), installs the pinned packages with `jax[tpu]` on
 every worker, mounts the `gs://` buckets the arguments name (gcsfuse), and starts the same
 `bidirlm train` on every worker, detached, one log per worker. `--watch` then polls: a preempted or
@@ -19,7 +20,6 @@ import argparse
 import dataclasses
 import datetime
 import io
-import math
 import re
 import shlex
 import subprocess
@@ -143,21 +143,20 @@ def _shipped(path: Path, repo: Path) -> bool:
     return tracked.returncode == 0 or ignored.returncode != 0
 
 
-def mesh_shards(mesh: dict[str, int], devices: int) -> dict[str, int]:
-    """The engine's mesh sizing (bidirlm_jax.sharding.make_mesh) for `devices` devices, without devices."""
-    sizes = [mesh["data"], mesh["fsdp"], mesh["tensor"]]
-    text = f"mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}"
-    if sizes.count(-1) > 1:
-        raise LaunchError(f"{text}: at most one mesh axis may be -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if known <= 0 or devices % known:
-        raise LaunchError(f"{text} does not divide the slice's {devices} devices; fix --config.mesh.*")
-    sizes = [devices // known if s == -1 else s for s in sizes]
-    if math.prod(sizes) != devices:
-        raise LaunchError(
-            f"{text} uses {math.prod(sizes)} of the slice's {devices} devices; set one axis to -1 to use them all"
-        )
-    return dict(zip(("data", "fsdp", "tensor"), sizes))
+def _check_reachable(key: str, path: str, repo: Path, check_shipped: bool) -> None:
+    """An input the workers can read: in a bucket (gcsfuse-mounted on each), or a path relative to the
+    repository root that travels with the code (the workers run from its copy)."""
+    if path.startswith("gs://"):
+        return
+    local = (repo / path).resolve()
+    in_repo = not Path(path).is_absolute() and local.is_relative_to(repo.resolve()) and local.exists()
+    if in_repo and (not check_shipped or _shipped(local, repo)):
+        return
+    raise LaunchError(
+        f"--config.{key}={path} is a path on this machine, which the TPU workers do not have; put it in a bucket "
+        "(gs://BUCKET/...: every worker mounts it) or in the repository (a path relative to its root is shipped "
+        "with the code), or pass --allow-local-inputs if every worker has this path (a shared mount, an image)"
+    )
 
 
 def validate_train_args(
@@ -166,10 +165,12 @@ def validate_train_args(
     *,
     mount_root: str = "/mnt/gcs",
     allow_local_workdir: bool = False,
+    allow_local_inputs: bool = False,
     check_shipped: bool = True,
     repo: Path = REPO,
 ) -> TrainPlan:
-    """Check the `bidirlm train` arguments here, as the engine will on the workers, and for this slice."""
+    """Check the `bidirlm train` arguments here, as the engine will on the workers (`train.preflight`, for
+    this slice's device count), and refuse input paths the workers would not have."""
     args = list(train_args)
     if not args:
         raise LaunchError(
@@ -201,6 +202,7 @@ def validate_train_args(
     try:
         from bidirlm_jax.errors import BidirLMError
         from bidirlm_jax.train.config import parse_train_args
+        from bidirlm_jax.train.preflight import input_paths, preflight
     except ImportError as e:
         raise LaunchError(f"cannot import bidirlm_jax ({e}); run this with the project's .venv/bin/python") from None
     try:
@@ -215,15 +217,14 @@ def validate_train_args(
             f"--workdir {workdir}: use a gs:// directory (every worker writes its checkpoint shards there, and it "
             "outlives the TPU VMs); --allow-local-workdir for a shared mount such as Filestore"
         )
-    mesh = mesh_shards(dict(config.mesh), slice_.chips)
-    batch, accum = config.data.global_batch_size, config.train.grad_accum_steps
-    shards = mesh["data"] * mesh["fsdp"]
-    if batch % (accum * shards):
-        raise LaunchError(
-            f"data.global_batch_size={batch} does not split into train.grad_accum_steps={accum} micro-batches over "
-            f"the {shards} batch shards (mesh data={mesh['data']} x fsdp={mesh['fsdp']}) of {slice_.accelerator_type}'s "
-            f"{slice_.chips} devices; use a multiple of {accum * shards}, or more tensor parallelism (--config.mesh.*)"
-        )
+    try:
+        mesh = preflight(config, slice_.chips)
+    except BidirLMError as e:
+        raise LaunchError(f"config, on {slice_.accelerator_type}'s {slice_.chips} devices: {e}") from None
+    if not allow_local_inputs:
+        for key, path in input_paths(config):
+            _check_reachable(key, path, repo, check_shipped)
+    batch = config.data.global_batch_size
     if not any(re.match(r"^--?(no)?config\.metrics\.progress_bar", a) for a in args):
         args.append("--config.metrics.progress_bar=False")  # the logs are files: no carriage-return bars
 
@@ -451,7 +452,8 @@ class Launcher:
         self.runtime = args.runtime_version or self.slice.runtime_version
         self.plan = validate_train_args(
             args.train_args, self.slice, mount_root=args.mount_root,
-            allow_local_workdir=args.allow_local_workdir, check_shipped=not args.git_url,
+            allow_local_workdir=args.allow_local_workdir, allow_local_inputs=args.allow_local_inputs,
+            check_shipped=not args.git_url,
         )  # fmt: skip
         self.packages = tpu_packages()
         self.tarball = Path(args.tarball or f"/tmp/bidirlm-jax-{args.name}.tar.gz")
@@ -753,6 +755,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="environment of `bidirlm train` on the workers (repeat)")  # fmt: skip
     up.add_argument("--mount-root", default="/mnt/gcs", help="where gs://BUCKET is mounted (default /mnt/gcs)")
     up.add_argument("--allow-local-workdir", action="store_true", help="a non-gs:// workdir (a shared mount)")
+    up.add_argument(
+        "--allow-local-inputs", action="store_true",
+        help="input paths (model.init_from, data.path, data.tokenizer, ...) that every worker has, outside gs://",
+    )  # fmt: skip
     up.add_argument("--watch", action="store_true", help="supervise: recreate and resume after preemption")
     up.add_argument("--max-restarts", type=int, default=20, help="with --watch (default 20)")
     up.add_argument("--delete-when-done", action="store_true", help="with --watch: delete the slice at the end")

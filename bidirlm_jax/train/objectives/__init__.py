@@ -21,11 +21,24 @@ OBJECTIVES = {
     "token_classification": "bidirlm_jax.train.objectives.finetune",
 }
 
-__all__ = ["OBJECTIVES", "Batch", "GradFn", "LossFn", "Objective", "build_objective", "token_sum_grads"]
+__all__ = [
+    "OBJECTIVES",
+    "Batch",
+    "GradFn",
+    "LossFn",
+    "Objective",
+    "build_objective",
+    "check_objective",
+    "token_sum_grads",
+]
+
+
+def check_objective(name: str) -> None:
+    if name not in OBJECTIVES:
+        raise ConfigError(f"objective {name!r} is not one of {sorted(OBJECTIVES)}; fix --config.objective")
 
 
 def build_objective(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective:
     """The objective `config.objective` names, built for `model` (modules are imported on demand)."""
-    if config.objective not in OBJECTIVES:
-        raise ConfigError(f"objective {config.objective!r} is not one of {sorted(OBJECTIVES)}; fix --config.objective")
+    check_objective(config.objective)
     return importlib.import_module(OBJECTIVES[config.objective]).build(config, model, workdir=workdir)

@@ -54,6 +54,7 @@ class Objective:
     eval_every: int = 0  # steps between evaluations (0: never)
     best_metric: str = ""  # the score whose best step is kept (`RUN/best/`)
     run_files: Mapping[str, str] = dataclasses.field(default_factory=dict)  # extra files of `RUN/model/`
+    key_metric: str = ""  # the step metric the run's log lines show beside the loss
 
 
 def _micro_batches(batch: Batch, k: int) -> Batch:
@@ -102,6 +103,36 @@ def token_sum_grads(loss_fn: LossFn, *, grad_accum: int = 1) -> GradFn:
     return grad_fn
 
 
+# Sources whose text the run generates (training its tokenizer on it) or that hold token ids already.
+OWN_TEXT_SOURCES = ("stdlib", "synthetic", "npy")
+# Sources that read `data.path`, and what it must name.
+PATH_SOURCES = {
+    "text": "FILES_DIR_GLOB_OR_TOKENIZED_DIR (or data.mixture)",
+    "npy": "FILE.npy (a 1-D array of token ids)",
+    "pairs": "FILES_OR_DIRS (comma-separated)",
+    "labeled": "FILE_DIR_OR_hf:NAME (the training split)",
+}
+
+
+def missing_tokenizer(config: ConfigDict) -> ConfigError:
+    return ConfigError(
+        f"objective {config.objective} needs the checkpoint's tokenizer: set --config.data.tokenizer=DIR or "
+        "--config.model.init_from=HF_DIR"
+    )
+
+
+def check_tokenizer(config: ConfigDict) -> None:
+    """A run on the user's text needs a tokenizer: `data.tokenizer` or `model.init_from`'s."""
+    if config.data.source not in OWN_TEXT_SOURCES and not (config.data.tokenizer or config.model.init_from):
+        raise missing_tokenizer(config)
+
+
+def check_data_path(data: ConfigDict) -> None:
+    """A source that reads `data.path` needs one (`text` may take `data.mixture` instead)."""
+    if data.source in PATH_SOURCES and not data.path and not (data.source == "text" and data.get("mixture")):
+        raise ConfigError(f"data.source={data.source!r} needs --config.data.path={PATH_SOURCES[data.source]}")
+
+
 def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     """The run's tokenizer: the one saved in its workdir (a resumed run keeps its own), else
     `data.tokenizer`, else `model.init_from`'s, else — for the built-in `stdlib` text only — a byte-level
@@ -116,9 +147,6 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     elif config.data.source == "stdlib":
         tokenizer = train_tokenizer((doc for _, doc in stdlib_docstrings()), model.vocab_size)
     else:
-        raise ConfigError(
-            f"objective {config.objective} needs the checkpoint's tokenizer: set --config.data.tokenizer=DIR or "
-            "--config.model.init_from=HF_DIR"
-        )
+        raise missing_tokenizer(config)
     check_vocab(tokenizer, model.vocab_size)
     return tokenizer

@@ -19,7 +19,14 @@ from bidirlm_jax.data.lm import lm_rows, load_tokens
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.train.metrics import training_flops_per_token
-from bidirlm_jax.train.objectives.base import Batch, LossFn, Objective, run_tokenizer, token_sum_grads
+from bidirlm_jax.train.objectives.base import (
+    Batch,
+    LossFn,
+    Objective,
+    check_data_path,
+    run_tokenizer,
+    token_sum_grads,
+)
 from bidirlm_jax.train.objectives.text import SOURCES as TEXT_SOURCES
 from bidirlm_jax.train.objectives.text import packed_text
 
@@ -54,8 +61,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path, loss_fn: Los
     data = config.data
     if data.source not in SOURCES:
         raise ConfigError(f"data.source={data.source!r} is not one of {SOURCES} for objective causal_lm")
-    if data.source == "npy" and not data.path:
-        raise ConfigError("data.source='npy' needs --config.data.path=FILE.npy (a 1-D array of token ids)")
+    check_data_path(data)
     tokenizer = None
     if data.source in TEXT_SOURCES:
         tokenizer = run_tokenizer(config, model, workdir)
@@ -70,4 +76,5 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path, loss_fn: Los
         flops_per_step=training_flops_per_token(model, data.seq_len) * tokens_per_step,
         tokens_per_step=tokens_per_step,
         tokenizer=tokenizer,
+        key_metric="accuracy",
     )

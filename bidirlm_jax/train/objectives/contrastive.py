@@ -26,7 +26,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES, ModelConfig
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
 from bidirlm_jax.train.infonce import contrastive_flops_per_step
-from bidirlm_jax.train.objectives.base import Objective, run_tokenizer
+from bidirlm_jax.train.objectives.base import Objective, check_data_path, run_tokenizer
 
 SOURCES = ("pairs", "stdlib")
 GATHER = ("global", "local")
@@ -91,8 +91,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
     if data.source == "stdlib":
         datasets, instructions = stdlib_pairs(num_negatives=con.num_negatives)
     else:
-        if not data.path:
-            raise ConfigError("data.source='pairs' needs --config.data.path=FILES_OR_DIRS (comma-separated)")
+        check_data_path(data)
         datasets = read_pairs([p for p in data.path.split(",") if p])
         instructions = _instructions(con.instructions, [d.name for d in datasets])
     batches = PairBatches(
@@ -122,4 +121,5 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         ),
         tokens_per_step=b * (2 + k) * length,
         tokenizer=tokenizer,
+        key_metric="in_batch_accuracy",
     )

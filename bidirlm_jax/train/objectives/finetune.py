@@ -67,7 +67,15 @@ from bidirlm_jax.io.heads import HEAD_FILE, describe, read_description
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.heads import IGNORE_INDEX, TASKS, HeadConfig, model_factory, with_encoder_params
 from bidirlm_jax.train.metrics import training_flops_per_token
-from bidirlm_jax.train.objectives.base import Batch, LossFn, Objective, run_tokenizer, token_sum_grads
+from bidirlm_jax.train.objectives.base import (
+    Batch,
+    LossFn,
+    Objective,
+    check_data_path,
+    missing_tokenizer,
+    run_tokenizer,
+    token_sum_grads,
+)
 
 OBJECTIVES = TASKS  # objective name = task name
 SOURCES = ("labeled", "synthetic")
@@ -248,8 +256,7 @@ def load_splits(config: ConfigDict, task: str) -> tuple[LabeledSplit, LabeledSpl
             synthetic_split(task, ft.synthetic_train_size, seed=data.seed, name="train"),
             synthetic_split(task, ft.synthetic_validation_size, seed=data.seed, name="validation"),
         )
-    if not data.path:
-        raise ConfigError("data.source='labeled' needs --config.data.path=FILE_DIR_OR_hf:NAME (the training split)")
+    check_data_path(data)
     fields = _fields(config)
     train = read_split(data.path, task, fields=fields, split=ft.train_split, name="train")
     if ft.validation_path:
@@ -275,10 +282,7 @@ def _tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path, train: Lab
     elif config.data.source == "synthetic":
         tokenizer = train_tokenizer(synthetic_texts(train), model.vocab_size)
     else:
-        raise ConfigError(
-            f"objective {config.objective} needs the checkpoint's tokenizer: set --config.data.tokenizer=DIR or "
-            "--config.model.init_from=HF_DIR"
-        )
+        raise missing_tokenizer(config)
     check_vocab(tokenizer, model.vocab_size)
     return tokenizer
 
@@ -405,6 +409,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneO
         eval_every=ft.eval_every,
         best_metric=best,
         run_files={HEAD_FILE: json.dumps(description, indent=2) + "\n"},
+        key_metric="abs_error" if task == "regression" else "accuracy",
     )
 
 

@@ -276,6 +276,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         tokenizer=tokenizer,
         evaluate=evaluate,
         eval_every=int(mntp.get("eval_every", 0)) if evaluate else 0,
+        key_metric="masked_accuracy",
     )
 
 

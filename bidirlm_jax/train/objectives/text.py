@@ -18,6 +18,7 @@ from bidirlm_jax.data.mixture import MixtureSource, mixture_dataset
 from bidirlm_jax.data.packing import packed_dataset
 from bidirlm_jax.data.tokenize import Corpus, load_corpus, tokenize_documents
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.train.objectives.base import check_data_path
 
 SOURCES = ("text", "stdlib")
 
@@ -47,10 +48,7 @@ def parse_mixture(spec: str) -> list[tuple[str, float, str]]:
 def _corpus(data: ConfigDict, path: str, tokenizer) -> Corpus:
     if data.source == "stdlib":
         return tokenize_documents([doc for _, doc in stdlib_docstrings()], tokenizer)
-    if not path:
-        raise ConfigError(
-            "data.source='text' needs --config.data.path=FILES_DIR_GLOB_OR_TOKENIZED_DIR (or data.mixture)"
-        )
+    check_data_path(data)
     return load_corpus(path, tokenizer, text_field=data.text_field)
 
 
