@@ -44,6 +44,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.paths import user_path
 
 EXTENSIONS = (".jsonl", ".parquet")
 HUB_PREFIX = "hf:"
@@ -90,7 +91,7 @@ def read_pairs(paths: str | os.PathLike | Sequence[str | os.PathLike], *, split:
         if text.startswith(HUB_PREFIX):
             sources = [(text, text[len(HUB_PREFIX) :].split(":")[0])]
         else:
-            sources = [(str(f), f.stem) for f in _pair_files(Path(text))]
+            sources = [(str(f), f.stem) for f in _pair_files(user_path(text))]
         for source, default_name in sources:
             empty = True
             for where, record in _records(source, split):

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from bidirlm_jax.data.sources import HUB_PREFIX, iter_documents, source_files
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.paths import user_path
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 
 if TYPE_CHECKING:  # transformers is imported only where a tokenizer is loaded, so tokenising workers start fast
@@ -169,8 +170,8 @@ def load_corpus(
     path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, *, text_field: str = "text", split: str = "train"
 ) -> Corpus:
     """The corpus `data.path` names: a `bidirlm tokenize` directory (memory-mapped), else text tokenised now."""
-    if (Path(path) / MANIFEST).is_file():
-        corpus = Corpus.load(path)
+    if (user_path(path) / MANIFEST).is_file():
+        corpus = Corpus.load(user_path(path))
         corpus.check_tokenizer(tokenizer)
         return corpus
     return tokenize_documents(iter_documents(path, text_field=text_field, split=split), tokenizer)

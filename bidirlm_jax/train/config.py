@@ -7,6 +7,7 @@ the preset (or of the `init_from` checkpoint's config) without a new preset.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from absl import flags
 from ml_collections import ConfigDict, config_dict, config_flags
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.paths import user_path
 from bidirlm_jax.models.config import ATTENTION_IMPLS, ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, REMAT_POLICIES
 
 _MODEL_OVERRIDES = {
@@ -186,19 +188,26 @@ def parse_config_args(argv: list[str], *, command: str = "train", workdir: str =
     base = _loaded(_flag_values([a for a in argv if not _OVERRIDE.match(a)]))
     for arg in argv:
         if match := _OVERRIDE.match(arg):
-            node = base
-            for part in match.group(1).split("."):
-                if not isinstance(node, ConfigDict) or part not in node:
-                    raise ConfigError(
-                        f"unknown config key {match.group(1)!r} (from {arg!r}); see the config file "
-                        f"(and bidirlm_jax/train/config.py for the engine's keys) for the valid ones"
-                    )
-                node = node[part]
+            _check_key(base, match.group(1), arg)
     fv = _flag_values(argv)
     config = _loaded(fv)
     if not fv.workdir:
         raise ConfigError(f"missing --workdir DIR ({workdir or 'where the outputs go'})")
-    return config, fv.workdir
+    return config, str(user_path(fv.workdir))
+
+
+def _check_key(config: ConfigDict, key: str, arg: str) -> None:
+    """Refuse an override of a key the config does not have, naming the closest one it has."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ConfigDict) or part not in node:
+            close = difflib.get_close_matches(part, list(node) if isinstance(node, ConfigDict) else [], n=1)
+            hint = f"; did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1 :]])!r}?" if close else "."
+            raise ConfigError(
+                f"unknown config key {key!r} (from {arg!r}){hint} See the config file (and "
+                "bidirlm_jax/train/config.py for the engine's keys) for the valid ones"
+            )
+        node = node[part]
 
 
 def parse_train_args(argv: list[str]) -> tuple[ConfigDict, str]:

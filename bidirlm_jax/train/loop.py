@@ -29,6 +29,7 @@ from ml_collections import ConfigDict
 from bidirlm_jax import distributed
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
+from bidirlm_jax.paths import user_path
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
 from bidirlm_jax.io.hf import from_pretrained
@@ -68,7 +69,7 @@ def model_config(model: ConfigDict) -> ModelConfig:
         return get_preset(model.preset, **overrides, **run)
     if overrides:
         raise ConfigError(f"model.init_from fixes the architecture; drop the overrides {sorted(overrides)}")
-    path = Path(model.init_from)
+    path = user_path(model.init_from)
     if not (path / "config.json").is_file():
         raise CheckpointError(
             f"model.init_from={path} is not a Hugging Face checkpoint directory (no config.json there); "

@@ -23,6 +23,7 @@ from ml_collections import ConfigDict
 from bidirlm_jax.data.corpora import stdlib_pairs
 from bidirlm_jax.data.pairs import Instruction, PairBatches, read_pairs
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.paths import user_path
 from bidirlm_jax.models.config import POOLING_MODES, ModelConfig
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
 from bidirlm_jax.train.infonce import contrastive_flops_per_step
@@ -52,7 +53,7 @@ def _instructions(path: str, names: list[str]) -> dict[str, Instruction]:
     if not path:
         return {}
     try:
-        table = json.loads(Path(path).read_text())
+        table = json.loads(user_path(path).read_text())
         return {k: Instruction(v["instruction"], bool(v.get("symmetric", False))) for k, v in table.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(

@@ -1,0 +1,15 @@
+"""User-given paths, read once through one helper so that `~` works wherever a path is taken.
+
+bash leaves `~` alone after `--flag=` and in config values, and Python never expands it: without this,
+`--config.model.init_from=~/ckpt` looks for a directory named `~` in the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def user_path(path: str | os.PathLike) -> Path:
+    """`path` with a leading `~` or `~user` expanded to that home directory; nothing else changes."""
+    return Path(os.path.expanduser(os.fspath(path)))
