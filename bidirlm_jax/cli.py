@@ -80,7 +80,9 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo output (and nothing else)")
     p.add_argument(
-        "--model", type=user_path, help="start from this causal HF checkpoint (with its tokenizer) instead of pre-training"
+        "--model",
+        type=user_path,
+        help="start from this causal HF checkpoint (with its tokenizer) instead of pre-training",
     )
     p.add_argument("--quick", action="store_true", help="a few steps per phase (a smoke run)")
     p.set_defaults(run=_run_demo)
@@ -113,10 +115,17 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
         help="a checkpoint directory and its weight (repeat)",
     )
     p.add_argument(
-        "--config", type=user_path, metavar="FILE.yaml", help="a mergekit `merge_method: linear` recipe instead of --model"
+        "--config",
+        type=user_path,
+        metavar="FILE.yaml",
+        help="a mergekit `merge_method: linear` recipe instead of --model",
     )
     p.add_argument(
-        "--out", type=user_path, required=True, metavar="DIR", help="output directory (must not exist, unless --overwrite)"
+        "--out",
+        type=user_path,
+        required=True,
+        metavar="DIR",
+        help="output directory (must not exist, unless --overwrite)",
     )
     p.add_argument(
         "--base", metavar="PATH", help="the model whose layout, config, tokenizer and extra tensors the output takes"
@@ -293,7 +302,11 @@ def _register_tokenize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="the text corpus")
     p.add_argument("out", type=user_path, help="output directory (must not exist, unless --overwrite)")
     p.add_argument(
-        "--tokenizer", type=user_path, required=True, metavar="DIR", help="the tokenizer's directory (the HF checkpoint)"
+        "--tokenizer",
+        type=user_path,
+        required=True,
+        metavar="DIR",
+        help="the tokenizer's directory (the HF checkpoint)",
     )
     p.add_argument("--workers", type=int, default=1, help="tokenising processes (default 1)")
     p.add_argument("--text-field", default="text", help="the .jsonl field / .parquet column of the text (default text)")

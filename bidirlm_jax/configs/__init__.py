@@ -14,6 +14,24 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 
 
+# What a short smoke run of a paper preset on one CPU overrides (README "Smoke runs"): two steps of three
+# short rows — one per micro-batch of the presets' 3, so the batch split is exercised — a warmup shorter
+# than the run, the built-in text (a BPE of the preset's vocabulary is trained on it) instead of a corpus.
+_SMOKE = ["--config.train.steps=2", "--config.train.checkpoint_every=2", "--config.optim.warmup_steps=1"]
+SMOKE = {
+    "lm": [*_SMOKE, "--config.data.source=synthetic", "--config.data.seq_len=64", "--config.data.global_batch_size=3"],
+    "mntp": [*_SMOKE, "--config.data.source=stdlib", "--config.data.seq_len=64", "--config.data.global_batch_size=3"],
+    "contrastive": [
+        *_SMOKE,
+        "--config.data.source=stdlib",
+        "--config.data.seq_len=32",
+        "--config.data.global_batch_size=4",
+        "--config.contrastive.chunk_size=2",
+        "--config.contrastive.num_negatives=1",
+    ],
+}
+
+
 def names() -> list[str]:
     """The packaged config files, by name (`lm`, `mntp`, ...)."""
     return sorted(p.stem for p in _HERE.glob("*.py") if not p.stem.startswith("_"))

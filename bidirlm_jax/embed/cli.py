@@ -173,13 +173,17 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
         "--beir", type=user_path, action="append", default=[], metavar="DIR", help="BEIR-layout directory (repeat)"
     )
     p.add_argument("--mteb", action="append", default=[], metavar="TASK", help="MTEB task name (repeat)")
-    p.add_argument("--mntp-text", type=user_path, metavar="FILE", help="held-out .txt/.jsonl: MNTP masked accuracy and loss")
+    p.add_argument(
+        "--mntp-text", type=user_path, metavar="FILE", help="held-out .txt/.jsonl: MNTP masked accuracy and loss"
+    )
     p.add_argument("--mask-ratio", type=float, default=0.3, help="MNTP masking probability (default 0.3)")
     p.add_argument("--mask-token", default="auto", help="MNTP mask token or id (default: the tokenizer's)")
     p.add_argument("--split", default="test", help="qrels split of the BEIR directories (default test)")
     p.add_argument("--instruction", help="query instruction for the BEIR directories (default: none)")
     _encoding_args(p)
-    p.add_argument("--mteb-cache", type=user_path, metavar="DIR", help="mteb's result cache (default: none, always recompute)")
+    p.add_argument(
+        "--mteb-cache", type=user_path, metavar="DIR", help="mteb's result cache (default: none, always recompute)"
+    )
     p.add_argument("--output", type=user_path, metavar="FILE.json", help="write the results here (atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE.json if it exists")
     p.set_defaults(run=_run_eval)

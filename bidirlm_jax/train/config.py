@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,36 @@ def validate(config: ConfigDict) -> None:
         section, name = key.split(".")
         if config[section][name] <= 0:
             raise ConfigError(f"{key}={config[section][name]} must be positive; fix --config.{key}")
+    _check_data_path(config)
+
+
+# Sources with built-in data, and per objective the source that reads `data.path` instead.
+_BUILT_IN_SOURCES = ("synthetic", "stdlib")
+_PATH_SOURCES = {"causal_lm": "text (documents) or npy (token ids)", "mntp": "text", "contrastive": "pairs"}
+
+
+def _check_data_path(config: ConfigDict) -> None:
+    """A `data.path` (or `data.mixture`) the source would never read is a mistake, not something to ignore."""
+    data = config.data
+    given = [f"data.{k}={data[k]!r}" for k in ("path", "mixture") if k in data and data[k]]
+    if data.source in _BUILT_IN_SOURCES and given:
+        reader = _PATH_SOURCES.get(config.objective, "the objective's file source")
+        raise ConfigError(
+            f"{' and '.join(given)} would be ignored: data.source={data.source!r} generates its own data; set "
+            f"--config.data.source={reader.split(' ')[0]} to train on it (objective {config.objective}: {reader})"
+        )
+
+
+def warn_if_warmup_exceeds_run(config: ConfigDict) -> None:
+    """A run shorter than its warmup never reaches its peak learning rate: say so, naming both keys."""
+    warmup, steps = config.optim.warmup_steps, config.train.steps
+    if warmup >= steps:
+        logging.getLogger(__name__).warning(
+            "optim.warmup_steps=%d is not shorter than train.steps=%d: the learning rate never reaches "
+            "optim.learning_rate; lower --config.optim.warmup_steps for a short run",
+            warmup,
+            steps,
+        )
 
 
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
@@ -214,4 +245,5 @@ def parse_train_args(argv: list[str]) -> tuple[ConfigDict, str]:
     """`bidirlm train`'s arguments → (validated config, workdir)."""
     config, workdir = parse_config_args(argv, workdir="where checkpoints, tensorboard logs and metrics.jsonl go")
     validate(config)
+    warn_if_warmup_exceeds_run(config)
     return config, workdir

@@ -103,17 +103,25 @@ def token_sum_grads(loss_fn: LossFn, *, grad_accum: int = 1) -> GradFn:
 
 def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     """The run's tokenizer: the one saved in its workdir (a resumed run keeps its own), else
-    `data.tokenizer`, else `model.init_from`'s, else — for the built-in `stdlib` text only — a byte-level
-    BPE of the model's vocabulary size trained on that text. Checked against the model's embedding."""
+    `data.tokenizer`, else `model.init_from`'s, else — for a randomly initialised model on the built-in
+    `stdlib` text or the user's `text` files — a byte-level BPE of the model's vocabulary size trained on
+    that text (deterministic, so a resumed run trains the same one). Checked against the model's embedding."""
     from bidirlm_jax.data.corpora import stdlib_docstrings
+    from bidirlm_jax.data.sources import iter_documents
     from bidirlm_jax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+    from bidirlm_jax.train.objectives.text import parse_mixture
 
+    data = config.data
     saved = workdir / "tokenizer"
-    path = saved if (saved / "tokenizer.json").is_file() else (config.data.tokenizer or config.model.init_from)
+    path = saved if (saved / "tokenizer.json").is_file() else (data.tokenizer or config.model.init_from)
+    user_text = ([p for *_, p in parse_mixture(data.mixture)] or [data.path]) if data.source == "text" else []
     if path:
         tokenizer = load_tokenizer(path)
-    elif config.data.source == "stdlib":
+    elif data.source == "stdlib":
         tokenizer = train_tokenizer((doc for _, doc in stdlib_docstrings()), model.vocab_size)
+    elif any(user_text):
+        texts = (doc for p in user_text for doc in iter_documents(p, text_field=data.text_field))
+        tokenizer = train_tokenizer(texts, model.vocab_size)
     else:
         raise ConfigError(
             f"objective {config.objective} needs the checkpoint's tokenizer: set --config.data.tokenizer=DIR or "
