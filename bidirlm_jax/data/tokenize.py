@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from bidirlm_jax.data.sources import HUB_PREFIX, iter_documents, source_files
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.paths import user_path
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
+from bidirlm_jax.paths import user_path
 
 if TYPE_CHECKING:  # transformers is imported only where a tokenizer is loaded, so tokenising workers start fast
     from transformers import PreTrainedTokenizerBase

@@ -18,8 +18,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.paths import user_path
 from bidirlm_jax.io.atomic import atomic_directory
+from bidirlm_jax.paths import user_path
 
 # The reserved Qwen3 row BidirLM masks with (`<|repo_name|>` in the stock vocabulary, renamed `<|mask|>` in
 # their tokenizer): no embedding resize, and its row is trained by MNTP.

@@ -23,11 +23,11 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
-from bidirlm_jax.paths import user_path
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
+from bidirlm_jax.paths import user_path
 
 PARAMS_DIR = "params"
 RUN_MODEL_DIR = "model"  # a training run's model description: config.json and the tokenizer's files

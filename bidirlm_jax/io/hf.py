@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
-from bidirlm_jax.paths import user_path
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, load_checkpoint
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
@@ -42,6 +41,7 @@ from bidirlm_jax.io.shards import (
 )
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
+from bidirlm_jax.paths import user_path
 
 TOKENIZER_FILES = (
     "tokenizer.json",

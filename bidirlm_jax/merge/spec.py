@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.paths import user_path
 from bidirlm_jax.models.config import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, DTYPES
+from bidirlm_jax.paths import user_path
 
 RECORD_FILE = "mergekit_config.yml"  # the recipe, written beside the merged weights
 ARITHMETICS = ("float32", "mergekit")  # ours (float32 from the stored values), or mergekit's replayed

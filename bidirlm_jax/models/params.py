@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+
 import jax
 from flax import nnx
 
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.paths import user_path
 from bidirlm_jax.models.transformer import abstract_model
+from bidirlm_jax.paths import user_path
 
 
 def param_count(path_or_config: str | os.PathLike | ModelConfig) -> int:

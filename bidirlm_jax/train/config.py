@@ -18,8 +18,8 @@ from absl import flags
 from ml_collections import ConfigDict, config_dict, config_flags
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.paths import user_path
 from bidirlm_jax.models.config import ATTENTION_IMPLS, ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, REMAT_POLICIES
+from bidirlm_jax.paths import user_path
 
 _MODEL_OVERRIDES = {
     "vocab_size": int,

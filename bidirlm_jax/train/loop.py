@@ -29,13 +29,13 @@ from ml_collections import ConfigDict
 from bidirlm_jax import distributed
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
-from bidirlm_jax.paths import user_path
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
 from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.paths import user_path
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train import metrics as metrics_lib
 from bidirlm_jax.train.checkpoints import Checkpointer, latest_step

@@ -23,8 +23,8 @@ from ml_collections import ConfigDict
 from bidirlm_jax.data.corpora import stdlib_pairs
 from bidirlm_jax.data.pairs import Instruction, PairBatches, read_pairs
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.paths import user_path
 from bidirlm_jax.models.config import POOLING_MODES, ModelConfig
+from bidirlm_jax.paths import user_path
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
 from bidirlm_jax.train.infonce import contrastive_flops_per_step
 from bidirlm_jax.train.objectives.base import Objective, run_tokenizer
