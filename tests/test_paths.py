@@ -59,4 +59,3 @@ def test_cli_paths(home, capsys):
     assert main(["convert", "~/merged", "~/ckpt"]) == 0
     assert bidirlm_jax.param_count("~/ckpt") == bidirlm_jax.param_count(home / "base")
     assert not any(p.name == "~" for p in (home.parent / "cwd").iterdir())  # nothing written to a literal "~"
-
