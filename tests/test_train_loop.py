@@ -333,3 +333,25 @@ def test_max_rows_per_device_raises_the_micro_batch_count():
     config.train.max_rows_per_device = 4
     with pytest.raises(ConfigError, match="cannot be split over the 8 batch shards"):
         _check_batch(config, mesh)
+
+
+def test_the_progress_bar_shows_each_logged_steps_own_loss(tmp_path, monkeypatch):
+    """The bar moved on (and was drawn) before a step's metrics were read, so it showed the previous step's loss."""
+    import io
+    import re
+
+    import tqdm
+
+    from bidirlm_jax.train import metrics
+
+    shown = io.StringIO()  # every redraw, whatever the time between steps
+    bar = lambda total, initial, enabled: tqdm.tqdm(total=total, initial=initial, file=shown, mininterval=0, miniters=1)
+    monkeypatch.setattr(metrics, "progress_bar", bar)
+    config, workdir = parse_train_args(["--config", TINY, "--workdir", str(tmp_path / "run"), *QUIET])
+    config.train.update(steps=3, log_every=1)
+    train(config, workdir)
+    losses = {row["step"]: row["loss"] for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())}
+    drawn = re.findall(r"\b(\d)/3 \[[^\]]*loss=([0-9.]+)", shown.getvalue().replace("\r", "\n"))
+    assert {int(step) for step, _ in drawn} == {1, 2, 3}, drawn
+    for step, loss in drawn:  # printed with 4 decimals: within half a unit of the last one
+        assert float(loss) == pytest.approx(losses[int(step)], abs=5e-5), (step, loss, losses)

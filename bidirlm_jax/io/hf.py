@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, load_checkpoint
+from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, is_training_run, load_checkpoint
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.layouts import CAUSAL_LM, LM_HEAD, Layout, detect_layout
 from bidirlm_jax.io.shards import (
@@ -184,6 +184,12 @@ def open_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> Shar
                 "or convert them to safetensors first"
             )
         return _PickleReader(path)
+    if is_checkpoint(path):
+        kind = "training run" if is_training_run(path) else "checkpoint (orbax)"
+        raise CheckpointError(
+            f"{path} is a bidirlm {kind}, which this reads as safetensors only once converted: run "
+            f"`bidirlm convert {path} {path.name}-hf` first and use that directory"
+        )
     raise CheckpointError(
         f"no weights in {path}: expected model.safetensors, a sharded safetensors index or pytorch_model.bin"
     )

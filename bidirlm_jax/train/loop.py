@@ -322,13 +322,13 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
                 pending.append((step, out))
                 if step < config.train.steps:
                     batch = next(plan.batches)  # read and placed on the devices while they run the step
-                bar.update(1)
                 preempted = preemption.requested()
                 validating = validation.due(step)
                 final = step == config.train.steps
                 if not (
                     preempted or validating or final or checkpointer.due(step) or step % config.train.log_every == 0
                 ):
+                    bar.update(1)
                     continue
                 # The one host sync: every metric since the last one, before any save or evaluation, so a
                 # state that a non-finite step produced is never evaluated or saved.
@@ -353,6 +353,7 @@ def train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None) ->
                     if skipped and (config.train.nonfinite == "stop" or skipped >= config.train.max_consecutive_skips):
                         raise _nonfinite_error(config.train, out, at, skipped, checkpointer)
                 pending.clear()
+                bar.update(1)  # after the postfix: the bar never shows a step with the previous step's loss
                 preempted = preempted or preemption.requested()  # a notice that came while logging
                 checkpointer.save(step, state, plan.meta, force=preempted or final)
                 last = time.perf_counter()  # evaluation and saving are not a step's time
