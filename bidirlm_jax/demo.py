@@ -662,6 +662,11 @@ def run_demo(
         (tmp / MARKER).write_text(json.dumps({"entries": sorted(p.name for p in tmp.iterdir())}) + "\n")
     print()
     print(record["table"])
+    if quick:
+        print(
+            "\nsmoke run (--quick: a few steps per phase), not meaningful: these numbers say the pipeline runs, "
+            "not what BidirLM does; run `bidirlm demo` without --quick for the README's table"
+        )
     print()
     ok = True
     for name, err in record["parity"].items():
