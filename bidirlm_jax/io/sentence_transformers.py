@@ -56,7 +56,7 @@ class EncoderSettings:
     normalize: bool = True
     max_length: int = 512
     prompts: dict[str, str] = field(default_factory=dict)  # e.g. {"query": "Instruct: ...\nQuery: "}
-    origin: str = ""  # what recorded these settings ("" = the defaults of a plain HF directory)
+    origin: str = field(default="", compare=False)  # who recorded them ("" = a plain HF directory's defaults)
 
 
 def export_encoder(
