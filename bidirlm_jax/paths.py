@@ -10,6 +10,12 @@ import os
 from pathlib import Path
 
 
+def expand_user(path: str | os.PathLike) -> str:
+    """`path` with a leading `~` or `~user` expanded to that home directory; nothing else changes (a URL
+    such as `gs://bucket/run` stays as it is, for the caller to accept or refuse)."""
+    return os.path.expanduser(os.fspath(path))
+
+
 def user_path(path: str | os.PathLike) -> Path:
-    """`path` with a leading `~` or `~user` expanded to that home directory; nothing else changes."""
-    return Path(os.path.expanduser(os.fspath(path)))
+    """`expand_user(path)` as a `Path`, for paths on the local file system."""
+    return Path(expand_user(path))

@@ -234,9 +234,9 @@ def test_init_from_an_hf_directory(tmp_path):
         (["--config.mesh.data=3"], "does not divide the 8 available devices"),
         (
             ["--config.data.global_batch_size=12"],
-            "does not split into train.grad_accum_steps=1 micro-batches over the 8",
+            "must be train.grad_accum_steps=1 micro-batches × 8 batch shards (mesh.data=8 × mesh.fsdp=1)",
         ),
-        (["--config.mesh.fsdp=2", "--config.train.grad_accum_steps=3"], "use a multiple of 24"),
+        (["--config.mesh.fsdp=2", "--config.train.grad_accum_steps=3"], "a multiple of 24"),
         (["--config.model.init_from=/nonexistent"], "not a Hugging Face checkpoint directory"),
         (["--config.optim.schedule=cosine"], "optim.schedule"),
         (["--config.train.max_rows_per_device=-1"], "max_rows_per_device must be 0"),

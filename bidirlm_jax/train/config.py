@@ -19,7 +19,7 @@ from ml_collections import ConfigDict, config_dict, config_flags
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import ATTENTION_IMPLS, ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, REMAT_POLICIES
-from bidirlm_jax.paths import user_path
+from bidirlm_jax.paths import expand_user
 
 _MODEL_OVERRIDES = {
     "vocab_size": int,
@@ -224,7 +224,7 @@ def parse_config_args(argv: list[str], *, command: str = "train", workdir: str =
     config = _loaded(fv)
     if not fv.workdir:
         raise ConfigError(f"missing --workdir DIR ({workdir or 'where the outputs go'})")
-    return config, str(user_path(fv.workdir))
+    return config, expand_user(fv.workdir)
 
 
 def _check_key(config: ConfigDict, key: str, arg: str) -> None:

@@ -124,8 +124,9 @@ def _check_batch(config: ConfigDict, mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     limit = config.train.max_rows_per_device
     rule = (
-        f"data.global_batch_size={batch} must be train.grad_accum_steps={accum} (or more) micro-batches × "
-        f"{shards} batch shards (mesh.data={mesh.shape['data']} × mesh.fsdp={mesh.shape['fsdp']}) × rows per device"
+        f"data.global_batch_size={batch} must be train.grad_accum_steps={accum}{' (or more)' if limit else ''} "
+        f"micro-batches × {shards} batch shards (mesh.data={mesh.shape['data']} × mesh.fsdp={mesh.shape['fsdp']}) × "
+        "rows per device"
     )
     if limit:
         fits = [a for a in range(accum, batch + 1) if batch % (a * shards) == 0 and batch // (a * shards) <= limit]
