@@ -41,6 +41,7 @@ def test_train_help_lists_configs_and_presets(capsys):
     for name in ("lm", "mntp", "contrastive"):
         line = next(line for line in out.splitlines() if line.split()[:1] == [name])
         assert all(preset in line for preset in ("tiny", *PAPER_PRESETS)), line
+    assert "(bidirlm ablate)" in next(line for line in out.splitlines() if line.split()[:1] == ["ablation"])
 
 
 def test_the_cli_resolves_a_name_and_suggests_a_mistyped_key(tmp_path, monkeypatch, capsys):

@@ -65,6 +65,8 @@ def listing() -> str:
     """One line per packaged config: its name and presets, for `bidirlm train --help`."""
     lines = []
     for name in names():
-        presets = getattr(importlib.import_module(f"{__name__}.{name}"), "PRESETS", ())
-        lines.append(f"  {name:<12} {', '.join(presets)}")
+        module = importlib.import_module(f"{__name__}.{name}")
+        command = getattr(module, "COMMAND", "train")
+        note = f"  (bidirlm {command})" if command != "train" else ""
+        lines.append(f"  {name:<12} {', '.join(getattr(module, 'PRESETS', ()))}{note}")
     return "\n".join(lines)
