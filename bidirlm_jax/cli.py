@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from bidirlm_jax.errors import BidirLMError, ConfigError, Preempted
+from bidirlm_jax.paths import user_path
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -32,8 +33,8 @@ def _register_convert(sub: argparse._SubParsersAction) -> None:
         description="Convert a Hugging Face model directory into a bidirlm (orbax) checkpoint, or back. "
         "The output is written to a temporary directory and renamed into place.",
     )
-    p.add_argument("src", help="HF directory (config.json + safetensors) or bidirlm checkpoint")
-    p.add_argument("dst", help="output directory (must not exist, unless --overwrite)")
+    p.add_argument("src", type=user_path, help="HF directory (config.json + safetensors) or bidirlm checkpoint")
+    p.add_argument("dst", type=user_path, help="output directory (must not exist, unless --overwrite)")
     p.add_argument("--to", choices=["hf", "checkpoint"], help="output format (default: the other one)")
     p.add_argument("--attention", choices=["causal", "bidirectional"], help="attention mode to record (default: SRC's)")
     p.add_argument(
@@ -76,9 +77,15 @@ def _register_demo(sub: argparse._SubParsersAction) -> None:
         "on held-out modules and print the variant table and plot. The outputs are written to a temporary "
         "directory and renamed into place.",
     )
-    p.add_argument("--out", default="demo_out", help="output directory: new, empty, or a previous demo output")
+    p.add_argument(
+        "--out", type=user_path, default="demo_out", help="output directory: new, empty, or a previous demo output"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace a previous demo output (and nothing else)")
-    p.add_argument("--model", help="start from this causal HF checkpoint (with its tokenizer) instead of pre-training")
+    p.add_argument(
+        "--model",
+        type=user_path,
+        help="start from this causal HF checkpoint (with its tokenizer) instead of pre-training",
+    )
     p.add_argument("--quick", action="store_true", help="a few steps per phase (a smoke run)")
     p.set_defaults(run=_run_demo)
 
@@ -109,8 +116,19 @@ def _register_merge(sub: argparse._SubParsersAction) -> None:
         metavar="PATH=WEIGHT",
         help="a checkpoint directory and its weight (repeat)",
     )
-    p.add_argument("--config", metavar="FILE.yaml", help="a mergekit `merge_method: linear` recipe instead of --model")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist, unless --overwrite)")
+    p.add_argument(
+        "--config",
+        type=user_path,
+        metavar="FILE.yaml",
+        help="a mergekit `merge_method: linear` recipe instead of --model",
+    )
+    p.add_argument(
+        "--out",
+        type=user_path,
+        required=True,
+        metavar="DIR",
+        help="output directory (must not exist, unless --overwrite)",
+    )
     p.add_argument(
         "--base", metavar="PATH", help="the model whose layout, config, tokenizer and extra tensors the output takes"
     )
@@ -191,11 +209,14 @@ def _run_merge(args: argparse.Namespace) -> int:
 _COMMANDS.append(_register_merge)
 
 
-_TRAIN_USAGE = """usage: bidirlm train --config configs/FILE.py[:PRESET] --workdir DIR [--config.key=value ...]
+_TRAIN_USAGE = """usage: bidirlm train --config NAME[:PRESET] --workdir DIR [--config.key=value ...]
 
 Train (or resume from DIR's latest checkpoint) as the config says. Writes DIR/checkpoints/ (orbax),
-DIR/tensorboard/ and DIR/metrics.jsonl. Overrides use the config's dotted keys, e.g.
---config.train.steps=100 --config.mesh.fsdp=4 --config.model.init_from=HF_DIR."""
+DIR/tensorboard/ and DIR/metrics.jsonl. --config takes a packaged config by name from any directory
+(--config mntp:qwen3-0.6b) or a config file (FILE.py[:PRESET]). Overrides use the config's dotted keys,
+e.g. --config.train.steps=100 --config.mesh.fsdp=4 --config.model.init_from=HF_DIR.
+
+Packaged configs (bidirlm_jax/configs/NAME.py) and their presets:"""
 
 
 def _register_train(sub) -> None:
@@ -208,15 +229,17 @@ def _register_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    from bidirlm_jax import configs
+
     if not args.flags or {"-h", "--help"} & set(args.flags):
-        print(_TRAIN_USAGE, file=sys.stdout if args.flags else sys.stderr)
+        print(f"{_TRAIN_USAGE}\n{configs.listing()}", file=sys.stdout if args.flags else sys.stderr)
         return 0 if args.flags else 2
     from bidirlm_jax.train.config import parse_train_args
     from bidirlm_jax.train.loop import train
     from bidirlm_jax.train.runlog import console_logging
 
     try:
-        config, workdir = parse_train_args(args.flags)
+        config, workdir = parse_train_args(configs.resolve_args(args.flags))
     except BidirLMError:
         raise
     except Exception as e:  # parsing runs the user's config file: whatever it raises is the user's to fix
@@ -253,9 +276,10 @@ def _run_ablate(args) -> int:
     if not args.flags or {"-h", "--help"} & set(args.flags):
         print(_ABLATE_USAGE, file=sys.stdout if args.flags else sys.stderr)
         return 0 if args.flags else 2
+    from bidirlm_jax import configs
     from bidirlm_jax.ablation.harness import parse_args, run_ablation
 
-    config, workdir = parse_args(args.flags)
+    config, workdir = parse_args(configs.resolve_args(args.flags))
     result = run_ablation(config, workdir)
     print()
     print(result.markdown)
@@ -278,8 +302,14 @@ def _register_tokenize(sub: argparse._SubParsersAction) -> None:
         "Training reads OUT memory-mapped (--config.data.path=OUT). An interrupted run resumes when re-run.",
     )
     p.add_argument("src", help="the text corpus")
-    p.add_argument("out", help="output directory (must not exist, unless --overwrite)")
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="the tokenizer's directory (the HF checkpoint)")
+    p.add_argument("out", type=user_path, help="output directory (must not exist, unless --overwrite)")
+    p.add_argument(
+        "--tokenizer",
+        type=user_path,
+        required=True,
+        metavar="DIR",
+        help="the tokenizer's directory (the HF checkpoint)",
+    )
     p.add_argument("--workers", type=int, default=1, help="tokenising processes (default 1)")
     p.add_argument("--text-field", default="text", help="the .jsonl field / .parquet column of the text (default text)")
     p.add_argument("--split", default="train", help="split of an hf: corpus (default train)")

@@ -667,6 +667,11 @@ def run_demo(
         raise Preempted(e.workdir, e.step, kept=False) from None
     print()
     print(record["table"])
+    if quick:
+        print(
+            "\nsmoke run (--quick: a few steps per phase), not meaningful: these numbers say the pipeline runs, "
+            "not what BidirLM does; run `bidirlm demo` without --quick for the README's table"
+        )
     print()
     ok = True
     for name, err in record["parity"].items():

@@ -48,6 +48,12 @@ def test_writes_its_outputs_and_a_marker(fake_pipeline, tmp_path, capsys):
     assert "the table" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("quick", [False, True])
+def test_a_quick_run_says_its_numbers_are_not_meaningful(fake_pipeline, tmp_path, capsys, quick):
+    assert main(["demo", "--out", str(tmp_path / "out"), *(["--quick"] if quick else [])]) == 0
+    assert ("smoke run" in capsys.readouterr().out) == quick
+
+
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_the_current_directory_is_never_replaced(fake_pipeline, tmp_path, monkeypatch, capsys, overwrite):
     """The reported bug: `--out .` deleted the working directory."""

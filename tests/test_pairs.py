@@ -181,7 +181,9 @@ def test_negatives_missing_where_required(tmp_path, tokenizer):
     records[1] = {"query": "q", "positive": "p"}
     _write(tmp_path / "neg.jsonl", records)
     datasets = pairs.read_pairs(tmp_path)
-    with pytest.raises(ConfigError, match=r"neg\.jsonl:2: record has 0 hard negatives but num_negatives .* is 1"):
+    with pytest.raises(
+        ConfigError, match=r"neg\.jsonl:2: record has 0 hard negatives but contrastive\.num_negatives .* is 1"
+    ):
         pairs.PairBatches(datasets, tokenizer, batch_size=2, num_negatives=1)
     with pytest.raises(ConfigError, match=r"neg\.jsonl:1: record has 2 hard negatives .* is 3"):
         pairs.PairBatches(datasets, tokenizer, batch_size=2, num_negatives={"neg": 3})

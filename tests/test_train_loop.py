@@ -233,9 +233,9 @@ def test_init_from_an_hf_directory(tmp_path):
         (["--config.mesh.data=3"], "does not divide the 8 available devices"),
         (
             ["--config.data.global_batch_size=12"],
-            "does not split into train.grad_accum_steps=1 micro-batches over the 8",
+            "must be train.grad_accum_steps=1 micro-batches × 8 batch shards (mesh.data=8 × mesh.fsdp=1)",
         ),
-        (["--config.mesh.fsdp=2", "--config.train.grad_accum_steps=3"], "use a multiple of 24"),
+        (["--config.mesh.fsdp=2", "--config.train.grad_accum_steps=3"], "a multiple of 24"),
         (["--config.model.init_from=/nonexistent"], "not a Hugging Face checkpoint directory"),
         (["--config.optim.schedule=cosine"], "optim.schedule"),
         (["--config.train.max_rows_per_device=-1"], "max_rows_per_device must be 0"),
@@ -357,5 +357,27 @@ def test_max_rows_per_device_raises_the_micro_batch_count():
     assert config.train.grad_accum_steps == 1
     config.data.global_batch_size = 12
     config.train.max_rows_per_device = 4
-    with pytest.raises(ConfigError, match="cannot be split over the 8 batch shards"):
+    with pytest.raises(ConfigError, match=r"8 batch shards .* ≤ train.max_rows_per_device=4; no split fits"):
         _check_batch(config, mesh)
+
+
+def test_the_progress_bar_shows_each_logged_steps_own_loss(tmp_path, monkeypatch):
+    """The bar moved on (and was drawn) before a step's metrics were read, so it showed the previous step's loss."""
+    import io
+    import re
+
+    import tqdm
+
+    from bidirlm_jax.train import metrics
+
+    shown = io.StringIO()  # every redraw, whatever the time between steps
+    bar = lambda total, initial, enabled: tqdm.tqdm(total=total, initial=initial, file=shown, mininterval=0, miniters=1)
+    monkeypatch.setattr(metrics, "progress_bar", bar)
+    config, workdir = parse_train_args(["--config", TINY, "--workdir", str(tmp_path / "run"), *QUIET])
+    config.train.update(steps=3, log_every=1)
+    train(config, workdir)
+    losses = {row["step"]: row["loss"] for row in map(json.loads, (tmp_path / "run" / "metrics.jsonl").open())}
+    drawn = re.findall(r"\b(\d)/3 \[[^\]]*loss=([0-9.]+)", shown.getvalue().replace("\r", "\n"))
+    assert {int(step) for step, _ in drawn} == {1, 2, 3}, drawn
+    for step, loss in drawn:  # printed with 4 decimals: within half a unit of the last one
+        assert float(loss) == pytest.approx(losses[int(step)], abs=5e-5), (step, loss, losses)

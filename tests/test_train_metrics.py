@@ -70,3 +70,19 @@ def test_a_line_torn_by_a_crash_does_not_break_resuming(tmp_path, caplog):
         {"step": 3, "loss": 2.3},
     ]
     assert "unreadable line" in caplog.text
+
+
+def test_the_readme_says_where_mfu_is_logged_and_how_to_view_the_curves():
+    """README listed `mfu` among every run's metrics, but a CPU has no known peak; and it said to run
+    `tensorboard` while nothing installed it."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = root / "README.md"
+    note = next(p for p in readme.read_text().split("\n\n") if "`mfu` is logged where" in p)
+    assert "accelerators only" in note and "metrics.peak_flops_per_device" in note
+    assert peak_flops_per_device("cpu") is None  # hence "accelerators only"
+    assert any(line.startswith("tensorboard==") for line in (root / "requirements.lock").read_text().splitlines())
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(req.startswith("tensorboard>=") for req in extras["tensorboard"])

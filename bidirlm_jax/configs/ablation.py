@@ -36,6 +36,7 @@ from bidirlm_jax.errors import ConfigError
 
 PAPER_PRESETS = ("gemma3-270m", "qwen3-0.6b")
 PRESETS = ("tiny", *PAPER_PRESETS)
+COMMAND = "ablate"  # the command that takes this config (the others are `bidirlm train`'s)
 VARIANTS = "Base,Bi+Base,Bi+MNTP,Bi+Contrastive,Bi+MNTP+Contrastive"
 
 

@@ -18,6 +18,7 @@ from bidirlm_jax.train.config import base_config
 
 # Peak learning rates of the paper's MNTP runs (paper-recipe.md §2.4), a sound start for this objective too.
 _SIZES = {"gemma3-270m": 5e-4, "qwen3-0.6b": 1e-4, "gemma3-1b": 7e-5, "qwen3-1.7b": 5e-5}
+PRESETS = ("tiny", "bench", *_SIZES)
 
 
 def get_config(preset: str = "tiny") -> ConfigDict:
@@ -39,5 +40,5 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         c.train.update(steps=4240, seed=42, grad_accum_steps=3, checkpoint_every=250, log_every=10)
         c.mesh.update(data=1, fsdp=-1, tensor=1)
     else:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of tiny, bench, {', '.join(_SIZES)}")
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return c

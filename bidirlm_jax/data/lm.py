@@ -24,6 +24,7 @@ from ml_collections import ConfigDict
 
 from bidirlm_jax.data.synthetic import markov_tokens
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.paths import user_path
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def load_tokens(data: ConfigDict, vocab_size: int) -> np.ndarray:
     """The token stream the `data` config names: generated (`synthetic`) or a memory-mapped `.npy`."""
     if data.source == "synthetic":
         return markov_tokens(vocab_size, data.synthetic_tokens, seed=data.seed)
-    path = Path(data.path)
+    path = user_path(data.path)
     if not path.is_file():
         raise ConfigError(f"data.path {path} does not exist; give a .npy file holding a 1-D array of token ids")
     try:

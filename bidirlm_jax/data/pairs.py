@@ -44,6 +44,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.paths import user_path
 
 EXTENSIONS = (".jsonl", ".parquet")
 HUB_PREFIX = "hf:"
@@ -90,7 +91,7 @@ def read_pairs(paths: str | os.PathLike | Sequence[str | os.PathLike], *, split:
         if text.startswith(HUB_PREFIX):
             sources = [(text, text[len(HUB_PREFIX) :].split(":")[0])]
         else:
-            sources = [(str(f), f.stem) for f in _pair_files(Path(text))]
+            sources = [(str(f), f.stem) for f in _pair_files(user_path(text))]
         for source, default_name in sources:
             empty = True
             for where, record in _records(source, split):
@@ -238,18 +239,19 @@ class PairBatches:
         if isinstance(num_negatives, Mapping):
             missing = set(self.names) - set(num_negatives)
             if missing:
-                raise ConfigError(f"num_negatives gives no count for datasets {sorted(missing)}")
+                raise ConfigError(f"contrastive.num_negatives gives no count for datasets {sorted(missing)}")
             counts = [int(num_negatives[name]) for name in self.names]
         else:
             counts = [int(num_negatives)] * len(self.datasets)
         for ds, k in zip(self.datasets, counts):
             if k < 0:
-                raise ConfigError(f"num_negatives for {ds.name!r} must be >= 0, got {k}")
+                raise ConfigError(f"contrastive.num_negatives for {ds.name!r} must be >= 0, got {k}")
             for where, negatives in zip(ds.where, ds.negatives):
                 if len(negatives) < k:
                     raise ConfigError(
-                        f"{where}: record has {len(negatives)} hard negatives but num_negatives for dataset {ds.name!r} "
-                        f'is {k}; give every record at least {k} "negatives", or lower num_negatives for this dataset'
+                        f"{where}: record has {len(negatives)} hard negatives but contrastive.num_negatives for dataset "
+                        f'{ds.name!r} is {k}; give every record at least {k} "negatives", or lower '
+                        f"--config.contrastive.num_negatives"
                     )
         return counts
 

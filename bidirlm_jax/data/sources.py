@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.paths import user_path
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 HUB_PREFIX = "hf:"
@@ -26,7 +27,7 @@ _FORMATS = "a .txt (one document per line), .jsonl or .parquet file, a directory
 
 def source_files(path: str | os.PathLike) -> list[Path]:
     """The files a local source names, each once, sorted; raises `ConfigError` for a missing path or a file type we cannot read."""
-    text = os.fspath(path)
+    text = os.fspath(user_path(path))
     if any(c in text for c in "*?["):
         matches = glob.glob(text, recursive=True)
         if not matches:

@@ -44,6 +44,7 @@ from bidirlm_jax.data.manifest import (
 from bidirlm_jax.data.sources import HUB_PREFIX, iter_documents, source_files
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
+from bidirlm_jax.paths import user_path
 
 if TYPE_CHECKING:  # transformers is imported only where a tokenizer is loaded, so tokenising workers start fast
     from transformers import PreTrainedTokenizerBase
@@ -176,8 +177,8 @@ def load_corpus(
     path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase, *, text_field: str = "text", split: str = "train"
 ) -> Corpus:
     """The corpus `data.path` names: a `bidirlm tokenize` directory (memory-mapped), else text tokenised now."""
-    if (Path(path) / MANIFEST).is_file():
-        corpus = Corpus.load(path)
+    if (user_path(path) / MANIFEST).is_file():
+        corpus = Corpus.load(user_path(path))
         corpus.check_tokenizer(tokenizer)
         # The same ids, but which are special (never masked) is the run tokenizer's say, as on the fly.
         corpus.tokenizer = tokenizer_record(tokenizer)

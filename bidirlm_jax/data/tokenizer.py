@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
+from bidirlm_jax.paths import user_path
 
 # The reserved Qwen3 row BidirLM masks with (`<|repo_name|>` in the stock vocabulary, renamed `<|mask|>` in
 # their tokenizer): no embedding resize, and its row is trained by MNTP.
@@ -30,7 +31,7 @@ _MASK_HINT = "set --config.mntp.mask_token=TOKEN_OR_ID"
 
 def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     """The fast tokenizer saved in `path` (an HF checkpoint or tokenizer directory)."""
-    path = Path(path)
+    path = user_path(path)
     if not path.is_dir():
         raise ConfigError(
             f"tokenizer directory {path} does not exist; give the checkpoint's directory (data.tokenizer)"

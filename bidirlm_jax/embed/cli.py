@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import check_destination
 from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
+from bidirlm_jax.paths import user_path
 
 # --- embed --------------------------------------------------------------------------------------
 
@@ -29,9 +31,11 @@ def register_embed(sub: argparse._SubParsersAction) -> None:
         "model in DIR and its tokenizer; write a float32 [N, d] .npy, row i for text i. Pooling, normalisation and "
         "length default to what an exported encoder declares (mean, normalised, 512 for a plain HF directory).",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="encoder or HF directory, with its tokenizer")
-    p.add_argument("--input", required=True, metavar="FILE", help=".txt (one text per line) or .jsonl")
-    p.add_argument("--output", required=True, metavar="FILE.npy", help="embeddings [N, d], float32")
+    p.add_argument(
+        "--model", type=user_path, required=True, metavar="DIR", help="encoder or HF directory, with its tokenizer"
+    )
+    p.add_argument("--input", type=user_path, required=True, metavar="FILE", help=".txt (one text per line) or .jsonl")
+    p.add_argument("--output", type=user_path, required=True, metavar="FILE.npy", help="embeddings [N, d], float32")
     p.add_argument("--instruction", help="query instruction: each text becomes 'Instruct: TEXT\\nQuery: {text}'")
     _encoding_args(p)
     p.add_argument("--text-field", default="text", help="the .jsonl field holding the text (default text)")
@@ -52,10 +56,10 @@ def _run_embed(args: argparse.Namespace) -> int:
         tokenizer,
         texts,
         instruction=args.instruction,
-        pooling=args.pooling or settings.pooling,
+        pooling=chosen(args.pooling, settings, "pooling"),
         normalize=settings.normalize,
         batch_size=args.batch_size,
-        max_length=args.max_length or settings.max_length,
+        max_length=chosen(args.max_length, settings, "max_length"),
         progress=False if args.no_progress else None,
     )
     _write_atomically(args.output, lambda f: np.save(f, result.embeddings))
@@ -106,11 +110,15 @@ def register_export(sub: argparse._SubParsersAction) -> None:
         "encoder directory DST that transformers (AutoModel) and sentence-transformers (SentenceTransformer) load "
         "as-is, without remote code. Written to a temporary directory and renamed into place.",
     )
-    p.add_argument("src", help="HF directory or bidirlm checkpoint, with its tokenizer files")
-    p.add_argument("dst", help="output directory (must not exist, unless --overwrite)")
-    p.add_argument("--pooling", choices=POOLING_MODES, default="mean", help="pooling used in training (default mean)")
+    p.add_argument("src", type=user_path, help="HF directory or bidirlm checkpoint, with its tokenizer files")
+    p.add_argument("dst", type=user_path, help="output directory (must not exist, unless --overwrite)")
+    p.add_argument(
+        "--pooling", choices=POOLING_MODES, help="pooling used in training (default: a run's or encoder's, else mean)"
+    )
     p.add_argument("--no-normalize", dest="normalize", action="store_false", help="no L2 normalisation module")
-    p.add_argument("--max-length", type=int, default=512, help="sentence-transformers' max_seq_length (default 512)")
+    p.add_argument(
+        "--max-length", type=int, help="sentence-transformers' max_seq_length (default: a run's data.seq_len, else 512)"
+    )
     p.add_argument("--instruction", help="default query instruction, saved as the 'query' prompt")
     p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional", help="(default bidirectional)")
     p.add_argument("--dtype", choices=DTYPES, help="stored precision (default: the source's)")
@@ -123,18 +131,19 @@ def _run_export(args: argparse.Namespace) -> int:
     from bidirlm_jax.embed.encode import query_prompt
     from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
     from bidirlm_jax.io.heads import HEAD_FILE, export_finetuned
-    from bidirlm_jax.io.sentence_transformers import export_encoder
+    from bidirlm_jax.io.sentence_transformers import export_encoder, read_encoder_settings
 
     if (Path(args.src) / RUN_MODEL_DIR / HEAD_FILE).is_file():  # a fine-tuning run: transformers' task class
         out = export_finetuned(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {out}")
         return 0
+    settings = read_encoder_settings(args.src)
     out = export_encoder(
         args.src,
         args.dst,
-        pooling=args.pooling,
+        pooling=chosen(args.pooling, settings, "pooling"),
         normalize=args.normalize,
-        max_length=args.max_length,
+        max_length=chosen(args.max_length, settings, "max_length"),
         prompts={"query": query_prompt(args.instruction)} if args.instruction else None,
         attention=args.attention,
         dtype=args.dtype,
@@ -157,17 +166,25 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
         "instructions) and, for MNTP checkpoints, by masked-token accuracy and loss on held-out text. Prints a "
         "table; --output writes the results as JSON.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="encoder or HF directory, with its tokenizer")
-    p.add_argument("--beir", action="append", default=[], metavar="DIR", help="BEIR-layout directory (repeat)")
+    p.add_argument(
+        "--model", type=user_path, required=True, metavar="DIR", help="encoder or HF directory, with its tokenizer"
+    )
+    p.add_argument(
+        "--beir", type=user_path, action="append", default=[], metavar="DIR", help="BEIR-layout directory (repeat)"
+    )
     p.add_argument("--mteb", action="append", default=[], metavar="TASK", help="MTEB task name (repeat)")
-    p.add_argument("--mntp-text", metavar="FILE", help="held-out .txt/.jsonl: MNTP masked accuracy and loss")
+    p.add_argument(
+        "--mntp-text", type=user_path, metavar="FILE", help="held-out .txt/.jsonl: MNTP masked accuracy and loss"
+    )
     p.add_argument("--mask-ratio", type=float, default=0.3, help="MNTP masking probability (default 0.3)")
     p.add_argument("--mask-token", default="auto", help="MNTP mask token or id (default: the tokenizer's)")
     p.add_argument("--split", default="test", help="qrels split of the BEIR directories (default test)")
     p.add_argument("--instruction", help="query instruction for the BEIR directories (default: none)")
     _encoding_args(p)
-    p.add_argument("--mteb-cache", metavar="DIR", help="mteb's result cache (default: none, always recompute)")
-    p.add_argument("--output", metavar="FILE.json", help="write the results here (atomically)")
+    p.add_argument(
+        "--mteb-cache", type=user_path, metavar="DIR", help="mteb's result cache (default: none, always recompute)"
+    )
+    p.add_argument("--output", type=user_path, metavar="FILE.json", help="write the results here (atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE.json if it exists")
     p.set_defaults(run=_run_eval)
 
@@ -189,7 +206,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
         tasks = [load_task(name) for name in args.mteb]
     model, tokenizer, settings = _load(args)
-    pooling, max_length = args.pooling or settings.pooling, args.max_length or settings.max_length
+    pooling, max_length = chosen(args.pooling, settings, "pooling"), chosen(args.max_length, settings, "max_length")
     results: dict[str, Any] = {"model": str(args.model), "retrieval": {}, "mteb": {}, "mntp": {}}
     for path, split_data in data.items():
         results["retrieval"][str(path)] = evaluate_retrieval(
@@ -278,6 +295,20 @@ def _encoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=ATTENTION_MODES, help="default: what the model's config.json says")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def chosen(flag: Any, settings: Any, name: str) -> Any:
+    """A flag's value, else what the run or encoder recorded; a flag that disagrees with a record is warned of."""
+    recorded = getattr(settings, name)
+    if flag is None:
+        return recorded
+    if settings.origin and flag != recorded:
+        option = "--" + name.replace("_", "-")
+        print(
+            f"warning: {option} {flag} disagrees with {name}={recorded} recorded by {settings.origin}; using {flag}",
+            file=sys.stderr,
+        )
+    return flag
 
 
 def _load(args: argparse.Namespace):

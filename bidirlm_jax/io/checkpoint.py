@@ -27,6 +27,7 @@ from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
+from bidirlm_jax.paths import user_path
 
 PARAMS_DIR = "params"
 RUN_MODEL_DIR = "model"  # a training run's model description: config.json and the tokenizer's files
@@ -98,7 +99,7 @@ def load_checkpoint(
 
     A training run gives the parameters of its latest committed step (only they are read, not the
     optimizer state)."""
-    path = Path(path).resolve()
+    path = user_path(path).resolve()
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a bidirlm checkpoint (expected config.json and {PARAMS_DIR}/)")
     if (description_dir(path) / "head.json").is_file():
@@ -156,6 +157,15 @@ def _stacked(state_dir: Path) -> bool:
         ) from e
     finally:
         absl.setLevel(level)
+
+
+def run_config(run: str | os.PathLike) -> dict:
+    """The config a training run trained with (as JSON values), from its latest committed checkpoint."""
+    step_dir = _latest_state(user_path(run)).parent
+    try:
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta").get("config") or {}
+    except Exception as e:  # orbax raises many types for a damaged checkpoint
+        raise CheckpointError(f"cannot read the run config in {step_dir / 'meta'} ({type(e).__name__}: {e})") from e
 
 
 def _latest_state(run: Path) -> Path:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, load_checkpoint
+from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, is_training_run, load_checkpoint
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.layouts import CAUSAL_LM, LM_HEAD, Layout, detect_layout
 from bidirlm_jax.io.shards import (
@@ -41,6 +41,7 @@ from bidirlm_jax.io.shards import (
 )
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
+from bidirlm_jax.paths import user_path
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -172,7 +173,7 @@ class _PickleReader:
 
 
 def open_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> ShardReader | _PickleReader:
-    path = Path(path)
+    path = user_path(path)
     if has_safetensors(path):
         return ShardReader(path)
     if (path / "pytorch_model.bin").is_file() or (path / "pytorch_model.bin.index.json").is_file():
@@ -183,6 +184,12 @@ def open_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> Shar
                 "or convert them to safetensors first"
             )
         return _PickleReader(path)
+    if is_checkpoint(path):
+        kind = "training run" if is_training_run(path) else "checkpoint (orbax)"
+        raise CheckpointError(
+            f"{path} is a bidirlm {kind}, which this reads as safetensors only once converted: run "
+            f"`bidirlm convert {path} {path.name}-hf` first and use that directory"
+        )
     raise CheckpointError(
         f"no weights in {path}: expected model.safetensors, a sharded safetensors index or pytorch_model.bin"
     )
@@ -263,6 +270,7 @@ def from_pretrained(
     """
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
+    path = user_path(path)
     mode = {"attention": attention, "bidirectional_window": bidirectional_window}
     overrides = {k: v for k, v in mode.items() if v is not None}
     config = read_config(description_dir(path), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, **overrides)

@@ -21,10 +21,11 @@ from typing import Any
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
-from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, recorded_dtypes
+from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, is_training_run, recorded_dtypes, run_config
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, tokenizer_files
 from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
 from bidirlm_jax.models.transformer import Transformer
+from bidirlm_jax.paths import user_path
 
 # our pooling mode -> sentence-transformers' legacy flag. Their `lasttoken` takes the last real token under
 # either padding side, as ours does; their `cls` takes the first real token only from 5.5 on (5.0-5.4: position
@@ -57,6 +58,7 @@ class EncoderSettings:
     normalize: bool = True
     max_length: int = 512
     prompts: dict[str, str] = field(default_factory=dict)  # e.g. {"query": "Instruct: ...\nQuery: "}
+    origin: str = field(default="", compare=False)  # who recorded them ("" = a plain HF directory's defaults)
 
 
 def export_encoder(
@@ -98,6 +100,7 @@ def export_encoder(
         _record_mask_token(tmp, tokenizer, model.config.family)
         if pooling == "first":
             _pad_right(tmp)
+        _offline_tokenizer(tmp)
         _write_st_files(tmp, model, pooling=pooling, normalize=normalize, max_length=max_length, prompts=prompts or {})
         (tmp / "README.md").write_text(_model_card(src, model, pooling, normalize, max_length, prompts or {}))
     return Path(dst)
@@ -105,8 +108,11 @@ def export_encoder(
 
 def read_encoder_settings(path: str | os.PathLike) -> EncoderSettings:
     """The pooling, normalisation, length and prompts an encoder directory declares; defaults for a plain HF
-    directory (mean pooling, normalised, 512 tokens, no prompts)."""
-    path = Path(path)
+    directory (mean pooling, normalised, 512 tokens, no prompts). A contrastive training run gives the pooling
+    and maximum length it trained with (`contrastive.pooling`, `data.seq_len`)."""
+    path = user_path(path)
+    if is_training_run(path):
+        return _run_settings(path)
     if not (path / _MODULES).is_file():
         return EncoderSettings()
     modules = _read_json(path / _MODULES)
@@ -125,6 +131,18 @@ def read_encoder_settings(path: str | os.PathLike) -> EncoderSettings:
         normalize="Normalize" in types,
         max_length=int(bert.get("max_seq_length") or 512),
         prompts={k: v for k, v in (st.get("prompts") or {}).items() if v},
+        origin=f"the encoder {path}",
+    )
+
+
+def _run_settings(run: Path) -> EncoderSettings:
+    config = run_config(run)
+    if config.get("objective") != "contrastive":
+        return EncoderSettings()  # no embedding was trained: the defaults
+    return EncoderSettings(
+        pooling=config["contrastive"]["pooling"],
+        max_length=int(config["data"]["seq_len"]),
+        origin=f"the training run {run}",
     )
 
 
@@ -190,6 +208,13 @@ def _pad_right(out: Path) -> None:
     config = _read_json(path) if path.is_file() else {}
     config["padding_side"] = "right"
     _write_json(path, config)
+
+
+def _offline_tokenizer(out: Path) -> None:
+    """`local_files_only` in tokenizer_config.json: loading the export never asks the Hub for files."""
+    path = out / "tokenizer_config.json"
+    if path.is_file():
+        _write_json(path, {**_read_json(path), "local_files_only": True})
 
 
 def _model_card(

@@ -25,6 +25,7 @@ import yaml
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, DTYPES
+from bidirlm_jax.paths import user_path
 
 RECORD_FILE = "mergekit_config.yml"  # the recipe, written beside the merged weights
 ARITHMETICS = ("float32", "mergekit")  # ours (float32 from the stored values), or mergekit's replayed
@@ -192,7 +193,7 @@ class MergeSpec:
 
 
 def _same_path(a: str, b: str) -> bool:
-    return a == b or os.path.realpath(a) == os.path.realpath(b)
+    return a == b or os.path.realpath(user_path(a)) == os.path.realpath(user_path(b))
 
 
 def parse_model_arg(text: str) -> MergeModel:
@@ -201,7 +202,7 @@ def parse_model_arg(text: str) -> MergeModel:
     if not sep or not path:
         raise ConfigError(f"--model expects PATH=WEIGHT (e.g. ./encoder=0.5), got {text!r}")
     try:
-        return MergeModel(path, float(weight))
+        return MergeModel(str(user_path(path)), float(weight))
     except ValueError:
         raise ConfigError(f"--model {text!r}: weight {weight!r} is not a number") from None
 
@@ -272,7 +273,7 @@ def load_merge_yaml(path: str | os.PathLike) -> MergeSpec:
                 f"{path}: models[{i}] weight {weight!r}: only a single number per model is supported "
                 "(no layer gradients or per-tensor filters)"
             )
-        models.append(MergeModel(entry["model"], weight))
+        models.append(MergeModel(str(user_path(entry["model"])), weight))
     extra = _mapping(doc.get("bidirlm"), f"{path}: bidirlm", _BIDIRLM_KEYS)
     exclude = extra.get("exclude", [])
     if isinstance(exclude, str):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import jax
 from flax import nnx
 
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import abstract_model
+from bidirlm_jax.paths import user_path
 
 
 def param_count(path_or_config: str | os.PathLike | ModelConfig) -> int:
@@ -19,6 +19,6 @@ def param_count(path_or_config: str | os.PathLike | ModelConfig) -> int:
     if not isinstance(config, ModelConfig):
         from bidirlm_jax.io.hf_config import read_config  # the model package knows no file format
 
-        config = read_config(Path(path_or_config))
+        config = read_config(user_path(path_or_config))
     _, state = abstract_model(config)
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state.filter(nnx.Param)))

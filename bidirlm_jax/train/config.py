@@ -7,7 +7,9 @@ the preset (or of the `init_from` checkpoint's config) without a new preset.
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from ml_collections import ConfigDict, config_dict, config_flags
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import ATTENTION_IMPLS, ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, REMAT_POLICIES
+from bidirlm_jax.paths import expand_user
 
 _MODEL_OVERRIDES = {
     "vocab_size": int,
@@ -145,6 +148,36 @@ def validate(config: ConfigDict) -> None:
         section, name = key.split(".")
         if config[section][name] <= 0:
             raise ConfigError(f"{key}={config[section][name]} must be positive; fix --config.{key}")
+    _check_data_path(config)
+
+
+# Sources with built-in data, and per objective the source that reads `data.path` instead.
+_BUILT_IN_SOURCES = ("synthetic", "stdlib")
+_PATH_SOURCES = {"causal_lm": "text (documents) or npy (token ids)", "mntp": "text", "contrastive": "pairs"}
+
+
+def _check_data_path(config: ConfigDict) -> None:
+    """A `data.path` (or `data.mixture`) the source would never read is a mistake, not something to ignore."""
+    data = config.data
+    given = [f"data.{k}={data[k]!r}" for k in ("path", "mixture") if k in data and data[k]]
+    if data.source in _BUILT_IN_SOURCES and given:
+        reader = _PATH_SOURCES.get(config.objective, "the objective's file source")
+        raise ConfigError(
+            f"{' and '.join(given)} would be ignored: data.source={data.source!r} generates its own data; set "
+            f"--config.data.source={reader.split(' ')[0]} to train on it (objective {config.objective}: {reader})"
+        )
+
+
+def warn_if_warmup_exceeds_run(config: ConfigDict) -> None:
+    """A run shorter than its warmup never reaches its peak learning rate: say so, naming both keys."""
+    warmup, steps = config.optim.warmup_steps, config.train.steps
+    if warmup >= steps:
+        logging.getLogger(__name__).warning(
+            "optim.warmup_steps=%d is not shorter than train.steps=%d: the learning rate never reaches "
+            "optim.learning_rate; lower --config.optim.warmup_steps for a short run",
+            warmup,
+            steps,
+        )
 
 
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=]+)")
@@ -188,23 +221,31 @@ def parse_config_args(argv: list[str], *, command: str = "train", workdir: str =
     base = _loaded(_flag_values([a for a in argv if not _OVERRIDE.match(a)]))
     for arg in argv:
         if match := _OVERRIDE.match(arg):
-            node = base
-            for part in match.group(1).split("."):
-                if not isinstance(node, ConfigDict) or part not in node:
-                    raise ConfigError(
-                        f"unknown config key {match.group(1)!r} (from {arg!r}); see the config file "
-                        f"(and bidirlm_jax/train/config.py for the engine's keys) for the valid ones"
-                    )
-                node = node[part]
+            _check_key(base, match.group(1), arg)
     fv = _flag_values(argv)
     config = _loaded(fv)
     if not fv.workdir:
         raise ConfigError(f"missing --workdir DIR ({workdir or 'where the outputs go'})")
-    return config, fv.workdir
+    return config, expand_user(fv.workdir)
+
+
+def _check_key(config: ConfigDict, key: str, arg: str) -> None:
+    """Refuse an override of a key the config does not have, naming the closest one it has."""
+    node, parts = config, key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, ConfigDict) or part not in node:
+            close = difflib.get_close_matches(part, list(node) if isinstance(node, ConfigDict) else [], n=1)
+            hint = f"; did you mean {'.'.join([*parts[:i], close[0], *parts[i + 1 :]])!r}?" if close else "."
+            raise ConfigError(
+                f"unknown config key {key!r} (from {arg!r}){hint} See the config file (and "
+                "bidirlm_jax/train/config.py for the engine's keys) for the valid ones"
+            )
+        node = node[part]
 
 
 def parse_train_args(argv: list[str]) -> tuple[ConfigDict, str]:
     """`bidirlm train`'s arguments → (validated config, workdir)."""
     config, workdir = parse_config_args(argv, workdir="where checkpoints, tensorboard logs and metrics.jsonl go")
     validate(config)
+    warn_if_warmup_exceeds_run(config)
     return config, workdir

@@ -36,6 +36,7 @@ from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.paths import user_path
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train import metrics as metrics_lib
 from bidirlm_jax.train import runlog
@@ -71,7 +72,7 @@ def model_config(model: ConfigDict) -> ModelConfig:
         return get_preset(model.preset, **overrides, **run)
     if overrides:
         raise ConfigError(f"model.init_from fixes the architecture; drop the overrides {sorted(overrides)}")
-    path = Path(model.init_from)
+    path = user_path(model.init_from)
     if not (path / "config.json").is_file():
         raise CheckpointError(
             f"model.init_from={path} is not a Hugging Face checkpoint directory (no config.json there); "
@@ -321,12 +322,12 @@ def train(
                 pending.append((step, out))
                 if step < config.train.steps:
                     batch = next(plan.batches)  # read and placed on the devices while they run the step
-                bar.update(1)
                 validating = validation.due(step)
                 final = step == config.train.steps
                 sync = validating or final or checkpointer.due(step) or step % config.train.log_every == 0
                 preempted = preemption.requested(sync=sync)
                 if not (preempted or sync):
+                    bar.update(1)
                     continue
                 # The one host sync: every metric since the last one, before any save or evaluation, so a
                 # state that a non-finite step produced is never evaluated or saved.
@@ -354,6 +355,7 @@ def train(
                     if skipped and (config.train.nonfinite == "stop" or skipped >= config.train.max_consecutive_skips):
                         raise _nonfinite_error(config.train, out, at, skipped, checkpointer)
                 pending.clear()
+                bar.update(1)  # after the postfix: the bar never shows a step with the previous step's loss
                 preempted = preempted or preemption.requested()  # a notice that came while logging
                 checkpointer.save(step, state, plan.meta, force=preempted or final)
                 for saved in checkpointer.newly_committed():

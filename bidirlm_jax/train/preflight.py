@@ -25,20 +25,24 @@ def check_batch(config: ConfigDict, mesh: dict[str, int]) -> None:
     batch, accum = config.data.global_batch_size, config.train.grad_accum_steps
     shards = mesh["data"] * mesh["fsdp"]
     limit = config.train.max_rows_per_device
+    rule = (
+        f"data.global_batch_size={batch} must be train.grad_accum_steps={accum}{' (or more)' if limit else ''} "
+        f"micro-batches × {shards} batch shards (mesh.data={mesh['data']} × mesh.fsdp={mesh['fsdp']}) × "
+        "rows per device"
+    )
     if limit:
         fits = [a for a in range(accum, batch + 1) if batch % (a * shards) == 0 and batch // (a * shards) <= limit]
         if not fits:
             raise ConfigError(
-                f"data.global_batch_size={batch} cannot be split over the {shards} batch shards of the mesh into "
-                f"micro-batches of at most train.max_rows_per_device={limit} rows per device; use a batch size "
-                f"that is a multiple of {shards}, or change the device count"
+                f"{rule} ≤ train.max_rows_per_device={limit}; no split fits. Use a data.global_batch_size that "
+                f"is a multiple of {accum * shards} (at least {accum * shards}), or lower train.grad_accum_steps "
+                "(or change the device count)"
             )
         config.train.grad_accum_steps = accum = fits[0]
     if batch % (accum * shards):
         raise ConfigError(
-            f"data.global_batch_size={batch} does not split into train.grad_accum_steps={accum} micro-batches "
-            f"over the {shards} batch shards of the mesh (data={mesh['data']} × fsdp={mesh['fsdp']}); "
-            f"use a multiple of {accum * shards}"
+            f"{rule}, but {batch} does not split so. Use a data.global_batch_size that is a multiple of "
+            f"{accum * shards}, or change train.grad_accum_steps or the mesh"
         )
 
 

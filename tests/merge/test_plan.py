@@ -198,3 +198,13 @@ def test_warns_about_gemma_norms_when_unnormalised(tmp_path):
     paths = [write(tmp_path / f"in{seed}", random(shapes, seed), config) for seed in range(2)]
     with pytest.warns(UserWarning, match=r"\(1 \+ w\)"):
         merge(tmp_path, paths, [1.0, 1.0], normalize=False)
+
+
+def test_a_training_run_is_refused_with_the_convert_command(tmp_path, ckpts, capsys):
+    """A run's directory (checkpoints/ + model/config.json) said only "no weights"; it names `bidirlm convert`."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "model").mkdir()
+    (run / "model" / "config.json").write_text((ckpts["float32", 0] / "config.json").read_text())
+    err = refused(tmp_path, capsys, "--model", f"{ckpts['float32', 0]}=0.5", "--model", f"{run}=0.5")
+    assert "training run" in err and f"bidirlm convert {run}" in err

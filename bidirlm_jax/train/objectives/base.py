@@ -135,17 +135,25 @@ def check_data_path(data: ConfigDict) -> None:
 
 def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     """The run's tokenizer: the one saved in its workdir (a resumed run keeps its own), else
-    `data.tokenizer`, else `model.init_from`'s, else — for the built-in `stdlib` text only — a byte-level
-    BPE of the model's vocabulary size trained on that text. Checked against the model's embedding."""
+    `data.tokenizer`, else `model.init_from`'s, else — for a randomly initialised model on the built-in
+    `stdlib` text or the user's `text` files — a byte-level BPE of the model's vocabulary size trained on
+    that text (deterministic, so a resumed run trains the same one). Checked against the model's embedding."""
     from bidirlm_jax.data.corpora import stdlib_docstrings
+    from bidirlm_jax.data.sources import iter_documents
     from bidirlm_jax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+    from bidirlm_jax.train.objectives.text import parse_mixture
 
+    data = config.data
     saved = workdir / RUN_MODEL_DIR  # where the engine saves it (`loop._write_model_description`)
-    path = saved if (saved / "tokenizer.json").is_file() else (config.data.tokenizer or config.model.init_from)
+    path = saved if (saved / "tokenizer.json").is_file() else (data.tokenizer or config.model.init_from)
+    user_text = ([p for *_, p in parse_mixture(data.mixture)] or [data.path]) if data.source == "text" else []
     if path:
         tokenizer = load_tokenizer(path)
-    elif config.data.source == "stdlib":
+    elif data.source == "stdlib":
         tokenizer = train_tokenizer((doc for _, doc in stdlib_docstrings()), model.vocab_size)
+    elif any(user_text):
+        texts = (doc for p in user_text for doc in iter_documents(p, text_field=data.text_field))
+        tokenizer = train_tokenizer(texts, model.vocab_size)
     else:
         raise missing_tokenizer(config)
     check_vocab(tokenizer, model.vocab_size)

@@ -24,6 +24,7 @@ from bidirlm_jax.data.corpora import stdlib_pairs
 from bidirlm_jax.data.pairs import Instruction, PairBatches, read_pairs
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES, ModelConfig
+from bidirlm_jax.paths import user_path
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
 from bidirlm_jax.train.infonce import contrastive_flops_per_step
 from bidirlm_jax.train.objectives.base import Objective, check_data_path, run_tokenizer
@@ -52,7 +53,7 @@ def _instructions(path: str, names: list[str]) -> dict[str, Instruction]:
     if not path:
         return {}
     try:
-        table = json.loads(Path(path).read_text())
+        table = json.loads(user_path(path).read_text())
         return {k: Instruction(v["instruction"], bool(v.get("symmetric", False))) for k, v in table.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(
@@ -79,7 +80,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
     if con.pooling not in POOLING_MODES or con.gather not in GATHER:
         raise ConfigError(f"contrastive.pooling must be one of {POOLING_MODES} and contrastive.gather one of {GATHER}")
     accum, limit = config.train.grad_accum_steps, config.train.max_rows_per_device
-    if accum != 1:  # `loop._check_batch` raises grad_accum_steps to honour max_rows_per_device: name what was set
+    if accum != 1:  # `preflight.check_batch` raises grad_accum_steps to honour max_rows_per_device: name what was set
         setting = f"max_rows_per_device={limit} (set it to 0)" if limit else f"grad_accum_steps={accum} (keep it 1)"
         raise ConfigError(
             f"train.{setting} splits the batch into {accum} micro-batches, which would shrink contrastive "

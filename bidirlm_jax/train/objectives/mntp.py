@@ -212,10 +212,11 @@ def make_mntp_loss(
 
 def logged_metrics(means: Mapping[str, float], num_sources: int = 0) -> dict[str, float]:
     """The engine's step metrics (every objective sum divided by `tokens`, the masked-target count) →
-    what to log: `masked_tokens` and `mntp_overflow` as counts per step, `loss/source_{k}` as that
-    source's mean loss (NaN when it had no target this step) and `tokens/source_{k}` as its count."""
+    what to log: `masked_tokens` (the engine's `tokens`, renamed: MNTP's count is of masked targets, not
+    of the step's tokens) and `mntp_overflow` as counts per step, `loss/source_{k}` as that source's mean
+    loss (NaN when it had no target this step) and `tokens/source_{k}` as its count."""
     tokens = float(means["tokens"])
-    out = {k: float(v) for k, v in means.items()}
+    out = {k: float(v) for k, v in means.items() if k != "tokens"}
     out["masked_tokens"] = tokens
     out["mntp_overflow"] = float(round(float(means["mntp_overflow"]) * tokens))
     for k in range(num_sources):
