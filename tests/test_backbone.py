@@ -132,7 +132,7 @@ def test_bad_entries_are_refused():
     with pytest.raises(ConfigError, match="mrope_section"):
         model.hidden_states(ids, positions=np.zeros((3, B, T), np.int32))
     with pytest.raises(ConfigError, match="mrope_section"):
-        CONFIGS["qwen3"].replace(mrope_section=(8, 5, 5))
+        CONFIGS["qwen3"].replace(mrope_section=(11, 5))
 
 
 def test_the_model_reads_flags_not_the_family():

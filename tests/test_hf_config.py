@@ -236,3 +236,24 @@ def test_bad_config_files_are_refused(text, message, tmp_path):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=message):
         read_config(tmp_path)
+
+
+def test_mrope_section_is_read_and_written_back(tmp_path):
+    """Qwen3-VL's text config names its M-RoPE sections (v5 `rope_parameters`, v4 `rope_scaling`, or none:
+    transformers' default [24, 20, 20]); an export carries them, so reading it back gives the same model."""
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+    text = {**reference.qwen3_config().to_dict(), "model_type": "qwen3_vl_text", "rope_parameters": rope}
+    config = config_from_hf(text)
+    assert config.mrope_section == (6, 5, 5) and config.rope_full == Rope(5e6)
+    legacy = {**text, "rope_parameters": None, "rope_scaling": rope, "rope_theta": 5e6}
+    assert config_from_hf(legacy) == config
+    exported = config_to_hf(config)
+    assert exported["rope_parameters"]["mrope_section"] == [6, 5, 5]
+    assert config_from_hf(exported) == config
+    (tmp_path / "config.json").write_text(json.dumps(exported))
+    transformers.AutoConfig.from_pretrained(tmp_path)  # still a config transformers loads
+    unnamed = {**text, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6}}
+    assert config_from_hf(unnamed).mrope_section == (24, 20, 20)
+    bare = {k: v for k, v in unnamed.items() if k != "model_type"}
+    assert config_from_hf({"model_type": "qwen3_vl", "text_config": bare}).mrope_section == (24, 20, 20)
+    assert config_from_hf(reference.qwen3_config().to_dict()).mrope_section is None

@@ -32,6 +32,9 @@ from bidirlm_jax.models.config import FULL, SLIDING, ModelConfig, Rope
 # model_type -> family; multimodal types contribute their `text_config`.
 TEXT_MODEL_TYPES = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_vl_text": "qwen3"}
 MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3"}
+_MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "qwen3_vl": "qwen3_vl_text"}
+# transformers' Qwen3-VL text model rotates with M-RoPE [24, 20, 20] when its config names no sections.
+_MROPE_DEFAULTS = {"qwen3_vl_text": (24, 20, 20)}
 SUPPORTED_MODEL_TYPES = tuple(TEXT_MODEL_TYPES) + tuple(MULTIMODAL_MODEL_TYPES)
 _ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _EXPORT_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3": "qwen3"}
@@ -68,7 +71,7 @@ def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type in MULTIMODAL_MODEL_TYPES:
         text = dict(d.get("text_config") or {})
-        text.setdefault("model_type", "gemma3_text" if MULTIMODAL_MODEL_TYPES[model_type] == "gemma3" else "qwen3")
+        text.setdefault("model_type", _MULTIMODAL_TEXT_TYPES[model_type])
         return config_from_hf(text, **overrides)
     if model_type not in TEXT_MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -341,9 +344,8 @@ def _qwen3_fields(d: Mapping[str, Any]) -> dict[str, Any]:
         SLIDING if window is not None and i >= max_window_layers else FULL for i in range(n)
     ]
     params = d.get("rope_parameters") or d.get("rope_scaling")
-    section = (d.get("rope_parameters") or {}).get("mrope_section") or (d.get("rope_scaling") or {}).get(
-        "mrope_section"
-    )
+    sections = [(d.get(k) or {}).get("mrope_section") for k in ("rope_parameters", "rope_scaling")]
+    section = next((s for s in sections if s is not None), _MROPE_DEFAULTS.get(d.get("model_type")))
     return dict(
         fields,
         layer_types=tuple(layer_types),

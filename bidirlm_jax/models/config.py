@@ -60,7 +60,8 @@ class ModelConfig:
     post_norms: bool = False  # each branch's output is normalised before the residual add (Gemma3)
     embed_scale: bool = False  # embeddings × √d, rounded to the compute dtype (Gemma)
     qk_norm: bool = True  # RMSNorm over head_dim on queries and keys before RoPE
-    mrope_section: tuple[int, int, int] | None = None  # interleaved M-RoPE (T, H, W) frequencies (Qwen3-VL)
+    # Interleaved M-RoPE (Qwen3-VL): frequencies per axis (T, H, W); sizes past head_dim/2 are clipped, as transformers does.
+    mrope_section: tuple[int, int, int] | None = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False
     attn_logit_softcapping: float | None = None  # kept for export; transformers' Gemma3 never applies it
@@ -127,13 +128,8 @@ class ModelConfig:
                 "sliding layers need a positive sliding_window",
             ),
             (
-                self.mrope_section is None
-                or (
-                    len(self.mrope_section) == 3
-                    and min(self.mrope_section) >= 0
-                    and sum(self.mrope_section) == self.head_dim // 2
-                ),
-                f"mrope_section {self.mrope_section} must be 3 sizes ≥ 0 summing to head_dim/2 = {self.head_dim // 2}",
+                self.mrope_section is None or (len(self.mrope_section) == 3 and min(self.mrope_section) >= 0),
+                f"mrope_section {self.mrope_section} must be 3 sizes ≥ 0 (temporal, height, width)",
             ),
         ]
         for ok, message in checks:
