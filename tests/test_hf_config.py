@@ -13,6 +13,7 @@ from bidirlm_jax.io.hf_config import (
     WINDOW_MODE_KEY,
     config_from_hf,
     config_to_hf,
+    norm_plus_one,
     read_config,
     set_attention_mode,
 )
@@ -257,3 +258,11 @@ def test_mrope_section_is_read_and_written_back(tmp_path):
     bare = {k: v for k, v in unnamed.items() if k != "model_type"}
     assert config_from_hf({"model_type": "qwen3_vl", "text_config": bare}).mrope_section == (24, 20, 20)
     assert config_from_hf(reference.qwen3_config().to_dict()).mrope_section is None
+
+
+def test_norm_plus_one_follows_the_family_flags():
+    """Tensor-level tools (the merge's norm warning) ask this module, not the model type's spelling."""
+    assert norm_plus_one(GEMMA3_4B_LEGACY) and norm_plus_one({"model_type": "gemma3"})
+    assert norm_plus_one({"model_type": "gemma2"})  # not loadable here, but its norms are (1 + w) too
+    assert not norm_plus_one({"model_type": "qwen3"}) and not norm_plus_one({"model_type": "qwen3_vl_text"})
+    assert not norm_plus_one({})

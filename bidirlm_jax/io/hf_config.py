@@ -43,6 +43,7 @@ FAMILY_FLAGS: dict[str, dict[str, Any]] = {
     "gemma3": dict(norm_plus_one=True, post_norms=True, embed_scale=True),
     "qwen3": {},
 }
+_OLDER_PLUS_ONE_NORMS = ("gemma", "gemma2")  # model types we do not load whose norms are (1 + w) as well
 _GEMMA3 = "gemma3"  # the family whose config.json spells its fields Gemma's way
 # Our own fields: the declared window and the bidirectional window mode of an export (see above).
 WINDOW_KEY = "bidirlm_sliding_window"
@@ -152,6 +153,14 @@ def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, 
     if not gemma:
         d["use_sliding_window"] = window is not None and SLIDING in config.layer_types
     return d
+
+
+def norm_plus_one(d: Mapping[str, Any]) -> bool:
+    """Whether a config.json's model applies RMSNorm as (1 + w) (for tensor-level tools that build no model;
+    Gemma 1 and 2 do too, and raw merges may meet them)."""
+    model_type = d.get("model_type")
+    family = TEXT_MODEL_TYPES.get(model_type) or MULTIMODAL_MODEL_TYPES.get(model_type)
+    return model_type in _OLDER_PLUS_ONE_NORMS or bool(FAMILY_FLAGS.get(family, {}).get("norm_plus_one"))
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
