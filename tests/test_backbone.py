@@ -48,9 +48,10 @@ def test_inputs_embeds_path_equals_ids_path(family, scan):
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected))  # the same ops on the same values
 
 
-def test_three_equal_position_rows_are_bit_identical_to_rope():
-    plain = _model(CONFIGS["qwen3"])
-    config = CONFIGS["qwen3"].replace(mrope_section=MROPE)
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_three_equal_position_rows_are_bit_identical_to_rope(scan):
+    plain = _model(CONFIGS["qwen3"], scan)
+    config = CONFIGS["qwen3"].replace(mrope_section=MROPE, scan_layers=scan)
     mrope = nnx.merge(nnx.graphdef(Transformer(config, rngs=nnx.Rngs(1))), nnx.state(plain))  # plain's weights
     ids, mask = _inputs()
     positions = np.broadcast_to(np.arange(T), (B, T))
