@@ -48,6 +48,15 @@ def test_inputs_embeds_path_equals_ids_path(family, scan):
     np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected))  # the same ops on the same values
 
 
+def test_inputs_embeds_are_cast_to_the_compute_dtype():
+    model = _model(CONFIGS["qwen3"].replace(dtype="bfloat16"))
+    ids, mask = _inputs()
+    embeds = np.asarray(model.embed(ids).astype(jnp.float32))  # a tower's fp32 output, bf16 values
+    ours = model.hidden_states(inputs_embeds=embeds, attention_mask=mask)
+    assert ours.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(model.hidden_states(ids, mask), np.float32))
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_three_equal_position_rows_are_bit_identical_to_rope(scan):
     plain = _model(CONFIGS["qwen3"], scan)

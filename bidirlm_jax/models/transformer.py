@@ -138,10 +138,14 @@ class Transformer(nnx.Module):
         inputs_embeds=None,
         add: Mapping[int, jax.Array] | None = None,
     ) -> jax.Array:
-        """Final-normed hidden states [B, T, d] of `input_ids`, or of `inputs_embeds` [B, T, d] given instead."""
+        """Final-normed hidden states [B, T, d] of `input_ids`, or of `inputs_embeds` [B, T, d] given instead
+        (embeddings with a tower's tokens merged in; cast to the compute dtype, as `embed` returns)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ConfigError("pass exactly one of input_ids and inputs_embeds")
-        x = self.embed(input_ids) if inputs_embeds is None else constrain(jnp.asarray(inputs_embeds), HIDDEN_AXES)
+        if inputs_embeds is None:
+            x = self.embed(input_ids)
+        else:
+            x = constrain(jnp.asarray(inputs_embeds).astype(self.config.dtype), HIDDEN_AXES)
         b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
