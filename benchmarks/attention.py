@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bidirlm_jax.kernels.attention import KERNELS, Case, Options, refusal
-from bidirlm_jax.models.masks import MaskSpec, Segments
+from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.presets import get_preset
 
 PLATFORM_KERNELS = {"tpu": ["splash"], "gpu": ["cudnn", "triton"], "cpu": ["blocked"]}

@@ -33,7 +33,7 @@ from attention import PLATFORM_KERNELS, inputs
 
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.kernels.attention import KERNELS, Case, Options, refusal
-from bidirlm_jax.models.masks import MaskSpec, Segments
+from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.config import base_config

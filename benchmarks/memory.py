@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bidirlm_jax.kernels import xla
-from bidirlm_jax.models.masks import MaskSpec, Segments
+from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh

@@ -329,7 +329,7 @@ def part_c(args) -> dict:
     }
 
     def no_head(model, batch, rng):  # the floor: the same encoder and optimizer, no LM head at all
-        hidden = model.encode(batch["corrupted"], None)
+        hidden = model.hidden_states(batch["corrupted"], None)
         return 1e-3 * jnp.sum(hidden.astype(jnp.float32)), jnp.sum(batch["masked"], dtype=jnp.float32), {}
 
     rows = {}

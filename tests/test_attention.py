@@ -11,7 +11,8 @@ import pytest
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.kernels import attention
 from bidirlm_jax.kernels.attention import Case, attend, choose
-from bidirlm_jax.models.masks import MaskSpec, Segments, layer_specs
+from bidirlm_jax.kernels.masks import MaskSpec, Segments
+from bidirlm_jax.models.masks import layer_specs
 from bidirlm_jax.models.presets import PRESETS
 from bidirlm_jax.testing.tolerance import fp32_tol
 

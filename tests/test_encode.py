@@ -104,7 +104,7 @@ def test_bidirectional_hidden_states_see_the_future(qwen_src):
 
 @nnx.jit
 def _hidden(model, ids, mask):
-    return model.encode(ids, mask)
+    return model.hidden_states(ids, mask)
 
 
 def test_instruction_prefixes_every_text(qwen_src):

@@ -29,7 +29,7 @@ loss_and_grads = jax.jit(
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
 def _embed(graphdef, params, ids, mask):
-    return pool(nnx.merge(graphdef, params).encode(ids, mask), mask)
+    return pool(nnx.merge(graphdef, params).hidden_states(ids, mask), mask)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from bidirlm_jax.io.hf_config import (
     WINDOW_MODE_KEY,
     config_from_hf,
     config_to_hf,
+    norm_plus_one,
     read_config,
     set_attention_mode,
 )
@@ -236,3 +237,32 @@ def test_bad_config_files_are_refused(text, message, tmp_path):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=message):
         read_config(tmp_path)
+
+
+def test_mrope_section_is_read_and_written_back(tmp_path):
+    """Qwen3-VL's text config names its M-RoPE sections (v5 `rope_parameters`, v4 `rope_scaling`, or none:
+    transformers' default [24, 20, 20]); an export carries them, so reading it back gives the same model."""
+    rope = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True}
+    text = {**reference.qwen3_config().to_dict(), "model_type": "qwen3_vl_text", "rope_parameters": rope}
+    config = config_from_hf(text)
+    assert config.mrope_section == (6, 5, 5) and config.rope_full == Rope(5e6)
+    legacy = {**text, "rope_parameters": None, "rope_scaling": rope, "rope_theta": 5e6}
+    assert config_from_hf(legacy) == config
+    exported = config_to_hf(config)
+    assert exported["rope_parameters"]["mrope_section"] == [6, 5, 5]
+    assert config_from_hf(exported) == config
+    (tmp_path / "config.json").write_text(json.dumps(exported))
+    transformers.AutoConfig.from_pretrained(tmp_path)  # still a config transformers loads
+    unnamed = {**text, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6}}
+    assert config_from_hf(unnamed).mrope_section == (24, 20, 20)
+    bare = {k: v for k, v in unnamed.items() if k != "model_type"}
+    assert config_from_hf({"model_type": "qwen3_vl", "text_config": bare}).mrope_section == (24, 20, 20)
+    assert config_from_hf(reference.qwen3_config().to_dict()).mrope_section is None
+
+
+def test_norm_plus_one_follows_the_family_flags():
+    """Tensor-level tools (the merge's norm warning) ask this module, not the model type's spelling."""
+    assert norm_plus_one(GEMMA3_4B_LEGACY) and norm_plus_one({"model_type": "gemma3"})
+    assert norm_plus_one({"model_type": "gemma2"})  # not loadable here, but its norms are (1 + w) too
+    assert not norm_plus_one({"model_type": "qwen3"}) and not norm_plus_one({"model_type": "qwen3_vl_text"})
+    assert not norm_plus_one({})

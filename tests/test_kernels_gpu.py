@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from bidirlm_jax.models.masks import MaskSpec
+from bidirlm_jax.kernels.masks import MaskSpec
 from bidirlm_jax.sharding import make_mesh
 from tests.test_attention import outputs_and_grads, qkv
 from tests.test_kernels_splash import _segments

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bidirlm_jax.kernels.masks import MaskSpec, Segments, dense_mask
 from bidirlm_jax.models.config import FULL, SLIDING
-from bidirlm_jax.models.masks import MaskSpec, Segments, dense_mask, layer_specs, mask_spec
+from bidirlm_jax.models.masks import layer_specs, mask_spec
 from bidirlm_jax.models.presets import get_preset
 
 T, W = 32, 8

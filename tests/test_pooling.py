@@ -18,7 +18,7 @@ from bidirlm_jax.models.transformer import Transformer
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options={"xla_backend_optimization_level": 0})  # compile-bound
 def _encode_state(graphdef, state, ids, mask):
-    return nnx.merge(graphdef, state).encode(ids, mask)
+    return nnx.merge(graphdef, state).hidden_states(ids, mask)
 
 
 def _encode(model, ids, mask):

@@ -179,7 +179,7 @@ def _embed(
 ) -> jax.Array:
     """One compiled function per (model graph, batch shape, pooling, normalize): jit's own cache."""
     model = nnx.merge(graphdef, state)
-    embeddings = pool(model.encode(ids, mask), mask, pooling)
+    embeddings = pool(model.hidden_states(ids, mask), mask, pooling)
     embeddings = jnp.where(mask.any(axis=1, keepdims=True), embeddings, 0.0)  # a text of no tokens embeds as zeros
     if normalize:  # as torch.nn.functional.normalize (sentence-transformers' Normalize)
         embeddings = embeddings / jnp.maximum(jnp.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)

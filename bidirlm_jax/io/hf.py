@@ -90,7 +90,7 @@ def weight_table(config: ModelConfig) -> list[WeightEntry]:
 
     add(("embedder", "embedding"), "embed_tokens.weight", (config.vocab_size, d))
     norms = {"attn_norm": "input_layernorm"}
-    if config.is_gemma:
+    if config.post_norms:
         norms.update(
             post_attn_norm="post_attention_layernorm",
             mlp_norm="pre_feedforward_layernorm",
@@ -114,8 +114,8 @@ def weight_table(config: ModelConfig) -> list[WeightEntry]:
         add(("layers", i, "attn", "o_proj"), f"{p}self_attn.o_proj.weight", (d, h * hd), (d, h, hd))
         if config.attention_bias:
             add(("layers", i, "attn", "o_bias"), f"{p}self_attn.o_proj.bias", (d,))
-        add(("layers", i, "attn", "q_norm", "weight"), f"{p}self_attn.q_norm.weight", (hd,))
-        add(("layers", i, "attn", "k_norm", "weight"), f"{p}self_attn.k_norm.weight", (hd,))
+        for name in ("q_norm", "k_norm") if config.qk_norm else ():
+            add(("layers", i, "attn", name, "weight"), f"{p}self_attn.{name}.weight", (hd,))
         add(("layers", i, "mlp", "gate_proj"), f"{p}mlp.gate_proj.weight", (f, d))
         add(("layers", i, "mlp", "up_proj"), f"{p}mlp.up_proj.weight", (f, d))
         add(("layers", i, "mlp", "down_proj"), f"{p}mlp.down_proj.weight", (d, f))

@@ -1,5 +1,8 @@
 """transformers' `config.json` <-> `ModelConfig`: the model knows no file format, this module does.
 
+It is the one place that maps a family to the model's feature flags (`FAMILY_FLAGS`) and to its
+field names in config.json, so a third family is an entry here, not a branch in the model.
+
 Reads legacy (`rope_theta`, `rope_scaling`, `sliding_window_pattern`) and transformers-5
 (`rope_parameters`) fields, multimodal configs (their `text_config`), and the flags through which
 transformers decides causal vs bidirectional attention; writes both generations of fields, so
@@ -29,9 +32,19 @@ from bidirlm_jax.models.config import FULL, SLIDING, ModelConfig, Rope
 # model_type -> family; multimodal types contribute their `text_config`.
 TEXT_MODEL_TYPES = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_vl_text": "qwen3"}
 MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3"}
+_MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "qwen3_vl": "qwen3_vl_text"}
+# transformers' Qwen3-VL text model rotates with M-RoPE [24, 20, 20] when its config names no sections.
+_MROPE_DEFAULTS = {"qwen3_vl_text": (24, 20, 20)}
 SUPPORTED_MODEL_TYPES = tuple(TEXT_MODEL_TYPES) + tuple(MULTIMODAL_MODEL_TYPES)
 _ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 _EXPORT_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3": "qwen3"}
+# What each family's architecture does beyond `ModelConfig`'s defaults (models.config names each flag).
+FAMILY_FLAGS: dict[str, dict[str, Any]] = {
+    "gemma3": dict(norm_plus_one=True, post_norms=True, embed_scale=True),
+    "qwen3": {},
+}
+_OLDER_PLUS_ONE_NORMS = ("gemma", "gemma2")  # model types we do not load whose norms are (1 + w) as well
+_GEMMA3 = "gemma3"  # the family whose config.json spells its fields Gemma's way
 # Our own fields: the declared window and the bidirectional window mode of an export (see above).
 WINDOW_KEY = "bidirlm_sliding_window"
 WINDOW_MODE_KEY = "bidirlm_bidirectional_window"
@@ -59,18 +72,18 @@ def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     model_type = d.get("model_type")
     if model_type in MULTIMODAL_MODEL_TYPES:
         text = dict(d.get("text_config") or {})
-        text.setdefault("model_type", "gemma3_text" if MULTIMODAL_MODEL_TYPES[model_type] == "gemma3" else "qwen3")
+        text.setdefault("model_type", _MULTIMODAL_TEXT_TYPES[model_type])
         return config_from_hf(text, **overrides)
     if model_type not in TEXT_MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
     family = TEXT_MODEL_TYPES[model_type]
     try:
-        fields = _gemma3_fields(d) if family == "gemma3" else _qwen3_fields(d)
+        fields = _gemma3_fields(d) if family == _GEMMA3 else _qwen3_fields(d)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ConfigError(f"config.json for {model_type} is malformed: {e!r}") from e
     known = _CONSUMED_KEYS | {"model_type"}
     extra = tuple(sorted((k, json.dumps(v)) for k, v in d.items() if k not in known))
-    return ModelConfig(family=family, extra=extra, **{**fields, **overrides})
+    return ModelConfig(family=family, extra=extra, **{**FAMILY_FLAGS[family], **fields, **overrides})
 
 
 def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
@@ -106,7 +119,8 @@ def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, 
     rope_sliding = config.rope_sliding or config.rope_full
     # transformers 5 reads `rope_parameters`; 4.x the legacy fields beside it (5 reads them identically).
     d.update(rope_theta=config.rope_full.theta, rope_scaling=_legacy_scaling(config.rope_full))
-    if config.is_gemma:
+    gemma = config.family == _GEMMA3
+    if gemma:
         d.update(
             hidden_activation=config.activation,
             query_pre_attn_scalar=config.query_pre_attn_scalar,
@@ -120,14 +134,14 @@ def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, 
         if pattern is not None:
             d["sliding_window_pattern"] = pattern
     else:
-        d.update(hidden_act=config.activation, rope_parameters=_rope_dict(config.rope_full))
+        d.update(hidden_act=config.activation, rope_parameters=_rope_dict(config.rope_full, config.mrope_section))
         full_layers = config.layer_types.index(SLIDING) if SLIDING in config.layer_types else None
         if full_layers is not None and set(config.layer_types[full_layers:]) == {SLIDING}:
             d["max_window_layers"] = full_layers
     if config.attention == "bidirectional":
         d[WINDOW_KEY] = window
         d[WINDOW_MODE_KEY] = config.bidirectional_window
-        if config.is_gemma and config.bidirectional_window == "half":
+        if gemma and config.bidirectional_window == "half":
             d["use_bidirectional_attention"] = True  # transformers halves the declared window itself
         else:
             d["is_causal"] = False  # generic route: sliding layers see |i-j| <= W
@@ -136,9 +150,17 @@ def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, 
             elif window is not None and config.bidirectional_window == "none":
                 window = max(config.max_position_embeddings, window)
     d["sliding_window"] = window
-    if not config.is_gemma:
+    if not gemma:
         d["use_sliding_window"] = window is not None and SLIDING in config.layer_types
     return d
+
+
+def norm_plus_one(d: Mapping[str, Any]) -> bool:
+    """Whether a config.json's model applies RMSNorm as (1 + w) (for tensor-level tools that build no model;
+    Gemma 1 and 2 do too, and raw merges may meet them)."""
+    model_type = d.get("model_type")
+    family = TEXT_MODEL_TYPES.get(model_type) or MULTIMODAL_MODEL_TYPES.get(model_type)
+    return model_type in _OLDER_PLUS_ONE_NORMS or bool(FAMILY_FLAGS.get(family, {}).get("norm_plus_one"))
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
@@ -220,10 +242,13 @@ _CONSUMED_KEYS = {
 }
 
 
-def _rope_dict(rope: Rope) -> dict[str, Any]:
-    if rope.factor == 1.0:
-        return {"rope_type": "default", "rope_theta": rope.theta}
-    return {"rope_type": "linear", "factor": rope.factor, "rope_theta": rope.theta}
+def _rope_dict(rope: Rope, mrope_section: tuple[int, ...] | None = None) -> dict[str, Any]:
+    d = {"rope_type": "default", "rope_theta": rope.theta}
+    if rope.factor != 1.0:
+        d = {"rope_type": "linear", "factor": rope.factor, "rope_theta": rope.theta}
+    if mrope_section is not None:  # Qwen3-VL always interleaves; the flag tells readers that expect it
+        d.update(mrope_section=list(mrope_section), mrope_interleaved=True)
+    return d
 
 
 def _legacy_scaling(rope: Rope) -> dict[str, Any] | None:
@@ -328,10 +353,13 @@ def _qwen3_fields(d: Mapping[str, Any]) -> dict[str, Any]:
         SLIDING if window is not None and i >= max_window_layers else FULL for i in range(n)
     ]
     params = d.get("rope_parameters") or d.get("rope_scaling")
+    sections = [(d.get(k) or {}).get("mrope_section") for k in ("rope_parameters", "rope_scaling")]
+    section = next((s for s in sections if s is not None), _MROPE_DEFAULTS.get(d.get("model_type")))
     return dict(
         fields,
         layer_types=tuple(layer_types),
         rope_full=_parse_rope(params, d.get("rope_theta", 10_000.0)),
+        mrope_section=None if section is None else tuple(int(s) for s in section),
         sliding_window=window if SLIDING in layer_types else None,
         activation=d.get("hidden_act", "silu"),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),

@@ -34,8 +34,8 @@ import jax.numpy as jnp
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.kernels import gpu, splash, xla
+from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.kernels.reference import reference_attention
-from bidirlm_jax.models.masks import MaskSpec, Segments
 
 logger = logging.getLogger(__name__)
 

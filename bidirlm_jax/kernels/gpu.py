@@ -18,8 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.kernels.shard import per_device
-from bidirlm_jax.models.masks import MaskSpec, Segments
 
 # jax's defaults (`BlockSizes.get_default()`); the config's block sizes are splash's and chunked's.
 TRITON_BLOCKS = dict(block_q=128, block_k=128, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32, block_kv_dq=32)

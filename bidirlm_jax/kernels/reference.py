@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bidirlm_jax.models.masks import MaskSpec, Segments, dense_mask
+from bidirlm_jax.kernels.masks import MaskSpec, Segments, dense_mask
 
 
 def softmax_attention(q, k, v, mask, scale: float) -> jax.Array:

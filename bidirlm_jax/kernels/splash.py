@@ -18,8 +18,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.kernels.shard import per_device
-from bidirlm_jax.models.masks import MaskSpec, Segments
 
 LANES = 128  # block sizes must be multiples of the TPU's lane count
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from bidirlm_jax.kernels.masks import MaskSpec, Segments, dense_mask
 from bidirlm_jax.kernels.reference import heads_first, heads_last, softmax_attention
-from bidirlm_jax.models.masks import MaskSpec, Segments, dense_mask
 
 
 def dense(q, k, v, spec: MaskSpec, segments: Segments, *, scale: float) -> jax.Array:

@@ -26,7 +26,7 @@ import numpy as np
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.hf import open_weights
-from bidirlm_jax.io.hf_config import set_attention_mode
+from bidirlm_jax.io.hf_config import norm_plus_one, set_attention_mode
 from bidirlm_jax.io.layouts import LM_HEAD, detect_layout
 from bidirlm_jax.io.shards import ShardReader, TensorInfo
 from bidirlm_jax.merge.linear import listing
@@ -213,7 +213,7 @@ def _check_configs(inputs: list[Input]) -> None:
 def _warn_gemma_norms(inputs: list[Input], spec: MergeSpec) -> None:
     """Gemma's RMSNorm applies (1 + w): Σ wᵢθᵢ gives the norms the intended scale only when Σ wᵢ = 1."""
     total = sum(m.weight for m in spec.models)
-    gemma = any(str(inp.text_config.get("model_type", "")).startswith("gemma") for inp in inputs)
+    gemma = any(norm_plus_one(inp.text_config) for inp in inputs)
     if gemma and not spec.normalize and abs(total - 1) > 1e-6:
         warnings.warn(
             f"unnormalised weights summing to {total:g} on a Gemma model: its norms store w and apply (1 + w), "

@@ -1,9 +1,12 @@
 """One config for every supported decoder; `io/hf_config.py` reads and writes it as transformers' `config.json`.
 
-Gemma3 and Qwen3 differ only in details the config decides (`family`): Gemma3 normalises with
-`(1 + w)`, adds post-attention and post-MLP norms, scales embeddings by √d, uses GELU-tanh, a
-`query_pre_attn_scalar` attention scale, and alternates sliding and global layers with two RoPE bases.
-The config is frozen and hashable because NNX keeps it in the model's static graph definition.
+Gemma3 and Qwen3 differ only in details, each a named field: Gemma3 normalises with `(1 + w)`
+(`norm_plus_one`), adds post-attention and post-MLP norms (`post_norms`), scales embeddings by √d
+(`embed_scale`), uses GELU-tanh (`activation`), a `query_pre_attn_scalar` attention scale, and
+alternates sliding and global layers with two RoPE bases; Qwen3-VL's text model adds interleaved
+M-RoPE (`mrope_section`). The model reads only these fields, never `family`, which names the export
+format; `io/hf_config.py` is the one place that maps a family to its fields, so a third family is a
+config. The config is frozen and hashable because NNX keeps it in the model's static graph definition.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ class Rope:
 class ModelConfig:
     """Architecture (what the weights need) and run settings (how to run them) of one decoder."""
 
-    family: str  # "gemma3" | "qwen3"
+    family: str  # "gemma3" | "qwen3": the transformers format it exports to, never read by the model
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -53,6 +56,12 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (default: head_dim)
     rms_norm_eps: float = 1e-6
     activation: str = "silu"
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w) in fp32 (Gemma) instead of by w in the input dtype
+    post_norms: bool = False  # each branch's output is normalised before the residual add (Gemma3)
+    embed_scale: bool = False  # embeddings × √d, rounded to the compute dtype (Gemma)
+    qk_norm: bool = True  # RMSNorm over head_dim on queries and keys before RoPE
+    # Interleaved M-RoPE (Qwen3-VL): frequencies per axis (T, H, W); sizes past head_dim/2 are clipped, as transformers does.
+    mrope_section: tuple[int, int, int] | None = None
     tie_word_embeddings: bool = True
     attention_bias: bool = False
     attn_logit_softcapping: float | None = None  # kept for export; transformers' Gemma3 never applies it
@@ -118,16 +127,16 @@ class ModelConfig:
                 SLIDING not in self.layer_types or (self.sliding_window or 0) > 0,
                 "sliding layers need a positive sliding_window",
             ),
+            (
+                self.mrope_section is None or (len(self.mrope_section) == 3 and min(self.mrope_section) >= 0),
+                f"mrope_section {self.mrope_section} must be 3 sizes ≥ 0 (temporal, height, width)",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"invalid model config: {message}")
 
     # --- derived properties -------------------------------------------------------------------
-    @property
-    def is_gemma(self) -> bool:
-        return self.family == "gemma3"
-
     @property
     def attention_scale(self) -> float:
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5

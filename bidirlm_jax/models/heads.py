@@ -119,12 +119,12 @@ class SequenceHead(nnx.Module):
         self.pooling, self.kind = head.pooling, head.classifier
         self.dropout = nnx.Dropout(head.dropout)
         if head.classifier == "eurobert":
-            self.dense = param(rngs, (d, d), (None, "embed"), config)
-            self.dense_bias = param(rngs, (d,), (None,), config, init="zeros")
-            self.classifier = param(rngs, (n, d), (None, "embed"), config)
-            self.classifier_bias = param(rngs, (n,), (None,), config, init="zeros")
+            self.dense = param(rngs, (d, d), (None, "embed"), config.param_dtype)
+            self.dense_bias = param(rngs, (d,), (None,), config.param_dtype, init="zeros")
+            self.classifier = param(rngs, (n, d), (None, "embed"), config.param_dtype)
+            self.classifier_bias = param(rngs, (n,), (None,), config.param_dtype, init="zeros")
         else:
-            self.score = param(rngs, (n, d), (None, "embed"), config)
+            self.score = param(rngs, (n, d), (None, "embed"), config.param_dtype)
 
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         drop = functools.partial(self.dropout, deterministic=rng is None, rngs=rng)
@@ -146,8 +146,8 @@ class TokenHead(nnx.Module):
 
     def __init__(self, config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
         self.dropout = nnx.Dropout(head.dropout)
-        self.score = param(rngs, (head.num_labels, config.hidden_size), (None, "embed"), config)
-        self.score_bias = param(rngs, (head.num_labels,), (None,), config, init="zeros")
+        self.score = param(rngs, (head.num_labels, config.hidden_size), (None, "embed"), config.param_dtype)
+        self.score_bias = param(rngs, (head.num_labels,), (None,), config.param_dtype, init="zeros")
 
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         del attention_mask  # every position gets logits; the labels say which score
@@ -183,7 +183,7 @@ class EncoderWithHead(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, *, rng: jax.Array | None = None) -> HeadOutput:
         input_ids = jnp.asarray(input_ids)
         mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
-        hidden = self.encoder.encode(input_ids, mask)
+        hidden = self.encoder.hidden_states(input_ids, mask)
         logits = self.head(hidden, mask, rng=rng)
         if self.head_config.task == "regression":
             logits = logits[..., 0]

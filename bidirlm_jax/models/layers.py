@@ -1,4 +1,4 @@
-"""Building blocks shared by every decoder family: parameters, RMSNorm, embedding, MLP, RoPE.
+"""Leaf layers with explicit arguments (no model config): parameters, RMSNorm, embedding, MLP, linear.
 
 Numerics follow transformers line by line (where each cast happens matters in bf16): Gemma3's norm
 computes `x·rsqrt(mean x²+eps)·(1+w)` in fp32 and casts last, Qwen3's casts back before multiplying by
@@ -12,12 +12,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from bidirlm_jax.models.config import ModelConfig, Rope
-
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -25,14 +22,12 @@ _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
-def param(
-    rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], config: ModelConfig, *, init: str = "normal"
-) -> nnx.Param:
-    """A parameter tagged with logical axis names (see `bidirlm_jax.sharding.LOGICAL_RULES`).
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], dtype: str, *, init: str = "normal") -> nnx.Param:
+    """A parameter of `dtype` tagged with logical axis names (see `bidirlm_jax.sharding.LOGICAL_RULES`).
 
     Sharding is applied by whoever places the model on a mesh, so building a model never needs one.
     """
-    dtype = jnp.dtype(config.param_dtype)
+    dtype = jnp.dtype(dtype)
     if init == "zeros":
         value = jnp.zeros(shape, dtype)
     elif init == "ones":
@@ -43,11 +38,13 @@ def param(
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.plus_one = config.is_gemma
-        self.eps = config.rms_norm_eps
+    """`plus_one`: scale by (1 + w) in fp32, w stored with the 1 taken out (Gemma); else by w in x's dtype."""
+
+    def __init__(self, dim: int, *, eps: float, plus_one: bool, param_dtype: str, rngs: nnx.Rngs):
+        self.plus_one = plus_one
+        self.eps = eps
         # Gemma stores w with the +1 taken out (zeros = identity); Qwen stores the scale itself.
-        self.weight = param(rngs, (dim,), ("norm",), config, init="zeros" if self.plus_one else "ones")
+        self.weight = param(rngs, (dim,), ("norm",), param_dtype, init="zeros" if plus_one else "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = x.astype(jnp.float32)
@@ -59,10 +56,12 @@ class RMSNorm(nnx.Module):
 
 
 class Embedder(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        self.scale = config.hidden_size**0.5 if config.is_gemma else None
-        self.dtype = jnp.dtype(config.dtype)
-        self.embedding = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
+    """Token embedding gathered into `dtype`, times `scale` (rounded to `dtype`) when one is given."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype: str, param_dtype: str, scale: float | None, rngs: nnx.Rngs):
+        self.scale = scale
+        self.dtype = jnp.dtype(dtype)
+        self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), param_dtype)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         # Gather, then cast: the same values as casting the table first, without a [vocab, d] copy in the
@@ -85,30 +84,13 @@ def linear(x: jax.Array, w: nnx.Param, *, in_dims: int = 1, **kwargs) -> jax.Arr
 
 
 class MLP(nnx.Module):
-    """Gated MLP: down(act(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)), `activation` one of `ACTIVATIONS`."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
-        d, f = config.hidden_size, config.intermediate_size
-        self.act = _ACTIVATIONS[config.activation]
-        self.gate_proj = param(rngs, (f, d), ("mlp", "embed"), config)
-        self.up_proj = param(rngs, (f, d), ("mlp", "embed"), config)
-        self.down_proj = param(rngs, (d, f), ("embed", "mlp"), config)
+    def __init__(self, dim: int, hidden: int, *, activation: str, param_dtype: str, rngs: nnx.Rngs):
+        self.act = ACTIVATIONS[activation]
+        self.gate_proj = param(rngs, (hidden, dim), ("mlp", "embed"), param_dtype)
+        self.up_proj = param(rngs, (hidden, dim), ("mlp", "embed"), param_dtype)
+        self.down_proj = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return linear(self.act(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
-
-
-def rope_tables(positions: jax.Array, rope: Rope, head_dim: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape [B, T, head_dim] for integer `positions` [B, T] (linear scaling divides freqs)."""
-    inv_freq = 1.0 / (rope.theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)))
-    inv_freq = jnp.asarray(inv_freq / np.float32(rope.factor), jnp.float32)
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate-half RoPE on x [B, T, heads, head_dim] (the layout transformers' checkpoints expect)."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]

@@ -1,15 +1,23 @@
 """The decoder stack, causal or bidirectional, for every family the config describes.
 
+`embed(input_ids)` → `backbone(x, positions=..., segments=..., add=...)` → final-normed hidden states;
+`hidden_states` chains them from ids or from precomputed embeddings (a tower's tokens merged into the
+text), `__call__` adds the LM head. Positions are `[B, T]` (RoPE) or `[3, B, T]` (M-RoPE).
+
 Layers run unrolled (`nnx.List` of blocks, one traced copy each) or, with `config.scan_layers`, as one
 block scanned over parameters stacked on a leading `layers` axis, so compile time stays flat in depth.
 A scanned layer picks its layer type's RoPE table and attention mask by data: an index per layer
-selects among the stacked tables and (`lax.switch`) among the layer types' kernel calls. Checkpoints
-and HF conversion keep the per-layer layout; `stack_layers` / `unstack_layers` convert at the boundary.
+selects among the stacked tables and (`lax.switch`) among the layer types' kernel calls. `add`
+(`{layer: [B, T, d]}`, Qwen3-VL's DeepStack features) is added to the residual stream after the given
+layers; scanned, the layers up to the last addition run unrolled and the rest stays one scan, so towers
+keep scanning available. Checkpoints and HF conversion keep the per-layer layout; `stack_layers` /
+`unstack_layers` convert at the boundary.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import jax
@@ -17,11 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.kernels.attention import attend
+from bidirlm_jax.kernels.masks import Segments
 from bidirlm_jax.models.attention import AttendFn, Attention
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.layers import MLP, Embedder, RMSNorm, linear, param, rope_tables
-from bidirlm_jax.models.masks import Segments, layer_specs
+from bidirlm_jax.models.layers import MLP, Embedder, RMSNorm, linear, param
+from bidirlm_jax.models.masks import layer_specs
+from bidirlm_jax.models.positions import rope_tables
 from bidirlm_jax.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -29,6 +40,7 @@ _REMAT_POLICIES = {
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 LAYER_AXIS = "layers"  # logical name of the stacked parameters' leading axis (never sharded)
+HIDDEN_AXES = ("batch", "seq", "embed")
 
 
 @jax.tree_util.register_dataclass
@@ -40,26 +52,34 @@ class ModelOutput:
     hidden_states: jax.Array  # [B, T, d], after the final norm
 
 
+def rms_norm(config: ModelConfig, dim: int, rngs: nnx.Rngs) -> RMSNorm:
+    """An RMSNorm of the config's kind."""
+    return RMSNorm(
+        dim, eps=config.rms_norm_eps, plus_one=config.norm_plus_one, param_dtype=config.param_dtype, rngs=rngs
+    )
+
+
 class Block(nnx.Module):
-    """Pre-norm residual block; Gemma3 also normalises each branch's output before the residual add."""
+    """Pre-norm residual block; with `post_norms` (Gemma3) each branch's output is normalised before the add."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d = config.hidden_size
-        self.attn_norm = RMSNorm(d, config, rngs=rngs)
+        self.attn_norm = rms_norm(config, d, rngs)
         self.attn = Attention(config, rngs=rngs)
-        self.mlp_norm = RMSNorm(d, config, rngs=rngs)
-        self.mlp = MLP(config, rngs=rngs)
-        if config.is_gemma:
-            self.post_attn_norm = RMSNorm(d, config, rngs=rngs)
-            self.post_mlp_norm = RMSNorm(d, config, rngs=rngs)
-        self.post_norms = config.is_gemma
+        self.mlp_norm = rms_norm(config, d, rngs)
+        mlp = dict(activation=config.activation, param_dtype=config.param_dtype)
+        self.mlp = MLP(d, config.intermediate_size, **mlp, rngs=rngs)
+        if config.post_norms:
+            self.post_attn_norm = rms_norm(config, d, rngs)
+            self.post_mlp_norm = rms_norm(config, d, rngs)
+        self.post_norms = config.post_norms
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], attend: AttendFn) -> jax.Array:
         h = self.attn(self.attn_norm(x), rope, attend)
         x = x + (self.post_attn_norm(h) if self.post_norms else h)
         h = self.mlp(self.mlp_norm(x))
         x = x + (self.post_mlp_norm(h) if self.post_norms else h)
-        return constrain(x, ("batch", "seq", "embed"))
+        return constrain(x, HIDDEN_AXES)
 
 
 class Transformer(nnx.Module):
@@ -72,74 +92,125 @@ class Transformer(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        self.embedder = Embedder(config, rngs=rngs)
+        scale = config.hidden_size**0.5 if config.embed_scale else None
+        dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+        self.embedder = Embedder(config.vocab_size, config.hidden_size, **dtypes, scale=scale, rngs=rngs)
         blocks = [Block(config, rngs=rngs) for _ in config.layer_types]
         self.layers = _stacked(blocks) if config.scan_layers else nnx.List(blocks)
-        self.final_norm = RMSNorm(config.hidden_size, config, rngs=rngs)
+        self.final_norm = rms_norm(config, config.hidden_size, rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config)
+            self.lm_head = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config.param_dtype)
 
-    def encode(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None) -> jax.Array:
-        """Final-normed hidden states [B, T, d]."""
+    def embed(self, input_ids) -> jax.Array:
+        """Token embeddings [B, T, d] in the compute dtype (scaled as the config says)."""
+        return constrain(self.embedder(jnp.asarray(input_ids)), HIDDEN_AXES)
+
+    def backbone(
+        self, x: jax.Array, *, positions: jax.Array, segments: Segments, add: Mapping[int, jax.Array] | None = None
+    ) -> jax.Array:
+        """The layers and the final norm over embeddings `x` [B, T, d]: final-normed hidden states.
+
+        `positions` [B, T] or [3, B, T] (M-RoPE); `add` `{layer: [B, T, d]}` is added to the residual
+        stream after each given layer (0-based).
+        """
         cfg = self.config
-        input_ids = jnp.asarray(input_ids)
-        b, t = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-        positions = jnp.asarray(positions)
-        dtype = jnp.dtype(cfg.dtype)
-        segments = Segments.of(attention_mask, segment_ids, (b, t))
+        add = dict(add or {})
+        if any(not 0 <= k < cfg.num_layers for k in add):
+            raise ConfigError(f"additions after layers {sorted(add)}: the model has layers 0..{cfg.num_layers - 1}")
         specs = layer_specs(cfg)
         kernel = functools.partial(attend, segments=segments, scale=cfg.attention_scale,
                                    implementation=cfg.attention_impl, block_q=cfg.attention_block_q,
                                    block_kv=cfg.attention_block_kv)  # fmt: skip
         attends = {lt: functools.partial(kernel, spec=spec, layer_type=lt) for lt, spec in specs.items()}
-        ropes = {lt: rope_tables(positions, cfg.rope_for(lt), cfg.head_dim, dtype) for lt in specs}
-
-        x = constrain(self.embedder(input_ids), ("batch", "seq", "embed"))
-        x = self._scanned(x, ropes, attends) if cfg.scan_layers else self._unrolled(x, ropes, attends)
+        positions = jnp.asarray(positions)
+        dtype = jnp.dtype(cfg.dtype)
+        ropes = {lt: rope_tables(positions, cfg.rope_for(lt), cfg.head_dim, dtype, cfg.mrope_section) for lt in specs}
+        x = self._scanned(x, ropes, attends, add) if cfg.scan_layers else self._unrolled(x, ropes, attends, add)
         return self.final_norm(x)
+
+    def hidden_states(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        *,
+        segment_ids=None,
+        positions=None,
+        inputs_embeds=None,
+        add: Mapping[int, jax.Array] | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states [B, T, d] of `input_ids`, or of `inputs_embeds` [B, T, d] given instead
+        (embeddings with a tower's tokens merged in; cast to the compute dtype, as `embed` returns)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ConfigError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            x = self.embed(input_ids)
+        else:
+            x = constrain(jnp.asarray(inputs_embeds).astype(self.config.dtype), HIDDEN_AXES)
+        b, t = x.shape[:2]
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+        segments = Segments.of(attention_mask, segment_ids, (b, t))
+        return self.backbone(x, positions=positions, segments=segments, add=add)
 
     def _remat(self, fn):
         policy = self.config.remat
         return fn if policy == "none" else jax.checkpoint(fn, policy=_REMAT_POLICIES[policy])
 
-    def _unrolled(self, x, ropes, attends) -> jax.Array:
-        def layer(graphdef, state, x, rope, attend):
+    @staticmethod
+    def _plus(x: jax.Array, extra: jax.Array | None) -> jax.Array:
+        return x if extra is None else constrain(x + jnp.asarray(extra).astype(x.dtype), HIDDEN_AXES)
+
+    def _run_layer(self, graphdef, state, x, rope, attend) -> jax.Array:
+        def layer(state, x, rope):
             return nnx.merge(graphdef, state)(x, rope, attend)
 
-        for block, layer_type in zip(self.layers, self.config.layer_types):
+        return self._remat(layer)(state, x, rope)
+
+    def _unrolled(self, x, ropes, attends, add) -> jax.Array:
+        for i, (block, layer_type) in enumerate(zip(self.layers, self.config.layer_types)):
             graphdef, state = nnx.split(block)
-            run = self._remat(functools.partial(layer, graphdef, attend=attends[layer_type]))
-            x = run(state, x, ropes[layer_type])
+            x = self._plus(self._run_layer(graphdef, state, x, ropes[layer_type], attends[layer_type]), add.get(i))
         return x
 
-    def _scanned(self, x, ropes, attends) -> jax.Array:
+    def _scanned(self, x, ropes, attends, add) -> jax.Array:
+        """Layers 0..max(add) unrolled from the stacked parameters, then one scan over the rest."""
+        layer_types = self.config.layer_types
+        graphdef, state = nnx.split(self.layers)
+        prefix = max(add) + 1 if add else 0
+        for i in range(prefix):
+            layer = jax.tree.map(lambda a, i=i: a[i], state)
+            lt = layer_types[i]
+            x = self._plus(self._run_layer(graphdef, layer, x, ropes[lt], attends[lt]), add.get(i))
+        if prefix == len(layer_types):
+            return x
         types = list(attends)
-        index = jnp.asarray([types.index(lt) for lt in self.config.layer_types], jnp.int32)
+        index = jnp.asarray([types.index(lt) for lt in layer_types[prefix:]], jnp.int32)
         cos, sin = (jnp.stack([ropes[lt][n] for lt in types]) for n in (0, 1))
         calls = [attends[lt] for lt in types]
-        graphdef, state = nnx.split(self.layers)
 
         def layer(x, state, i):
             attend = calls[0] if len(calls) == 1 else functools.partial(jax.lax.switch, i, calls)
             return nnx.merge(graphdef, state)(x, (cos[i], sin[i]), attend)
 
         run = self._remat(layer)
-        x, _ = jax.lax.scan(lambda x, xs: (run(x, *xs), None), x, (state, index))
+        rest = state if prefix == 0 else jax.tree.map(lambda a: a[prefix:], state)
+        x, _ = jax.lax.scan(lambda x, xs: (run(x, *xs), None), x, (rest, index))
         return x
+
+    def lm_head_weight(self) -> nnx.Param:
+        """The LM head [vocab, d]: the tied embedding or the `lm_head` parameter."""
+        return self.embedder.embedding if self.config.tie_word_embeddings else self.lm_head
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """LM-head logits in fp32 (bf16 inputs are multiplied with fp32 accumulation)."""
-        w = self.embedder.embedding if self.config.tie_word_embeddings else self.lm_head
-        logits = linear(hidden, w, preferred_element_type=jnp.float32)
+        logits = linear(hidden, self.lm_head_weight(), preferred_element_type=jnp.float32)
         cap = self.config.final_logit_softcapping
         if cap is not None:
             logits = jnp.tanh(logits / cap) * cap
         return constrain(logits, ("batch", "seq", "vocab"))
 
     def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None) -> ModelOutput:
-        hidden = self.encode(input_ids, attention_mask, segment_ids=segment_ids, positions=positions)
+        hidden = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids, positions=positions)
         return ModelOutput(logits=self.logits(hidden), hidden_states=hidden)
 
 

@@ -84,7 +84,7 @@ def contrastive_loss_and_grads(
 
     def embed(p: nnx.State, ids: jax.Array, mask: jax.Array) -> jax.Array:
         model = nnx.merge(graphdef, p)
-        return pool(model.encode(ids, mask), mask, pooling)
+        return pool(model.hidden_states(ids, mask), mask, pooling)
 
     if chunk_size is None:
 

@@ -43,7 +43,7 @@ def causal_lm_loss(
     ids = batch["input_ids"]
     mask = batch.get("attention_mask")
     segments = batch.get("segment_ids")
-    hidden = model.encode(ids, mask, segment_ids=segments, positions=batch.get("positions"))
+    hidden = model.hidden_states(ids, mask, segment_ids=segments, positions=batch.get("positions"))
     logits = model.logits(hidden[:, :-1]).astype(jnp.float32)  # the last position predicts nothing
     targets = ids[:, 1:]
     weight = jnp.ones(targets.shape, jnp.float32)

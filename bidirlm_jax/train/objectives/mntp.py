@@ -83,8 +83,7 @@ def _segments(batch: Batch) -> jax.Array:
 
 def _lm_head(model: nnx.Module, dtype) -> jax.Array:
     """The LM head [V, d] as `Transformer.logits` applies it (tied embedding or `lm_head`, compute dtype)."""
-    w = model.embedder.embedding if model.config.tie_word_embeddings else model.lm_head
-    return w[...].astype(dtype)
+    return model.lm_head_weight()[...].astype(dtype)
 
 
 def _dense(model: nnx.Module, hidden: jax.Array, targets: jax.Array, predicts: jax.Array) -> Targets:
@@ -131,7 +130,7 @@ def target_losses(
     """
     ids = jnp.asarray(batch["input_ids"])
     segments = _segments(batch)
-    hidden = model.encode(
+    hidden = model.hidden_states(
         corrupted, batch.get("attention_mask"), segment_ids=batch.get("segment_ids"), positions=batch.get("positions")
     )
     targets, predicts = next_token_targets(ids, jnp.asarray(masked, bool), segments)
