@@ -678,8 +678,8 @@ def test_dry_run_runs_the_engines_own_start_checks(tmp_path, monkeypatch):
     from bidirlm_jax.errors import ConfigError
     from bidirlm_jax.train import parse_train_args, train
 
-    args = ["--config", "configs/mntp.py:tiny", "--workdir", "gs://bkt/r", "--config.data.source=text",
-            "--config.data.path=gs://bkt/corpus"]  # fmt: skip
+    args = ["--config", "configs/contrastive.py:tiny", "--workdir", "gs://bkt/r", "--config.data.source=pairs",
+            "--config.data.path=gs://bkt/pairs"]  # fmt: skip
     rc, _, err = _dry_run("v5e-8", *args)
     assert rc == 2
     monkeypatch.chdir(REPO)

@@ -121,9 +121,17 @@ def missing_tokenizer(config: ConfigDict) -> ConfigError:
     )
 
 
+def trains_on_user_text(config: ConfigDict) -> bool:
+    """A tiny random model on the user's `text` trains its BPE on that text; a real-size model is adapted from a
+    checkpoint (`model.init_from`) and takes its tokenizer, so a missing one is refused before anything runs."""
+    named = config.data.tokenizer or config.model.init_from
+    return config.data.source == "text" and not named and str(config.model.get("preset") or "").startswith("tiny")
+
+
 def check_tokenizer(config: ConfigDict) -> None:
-    """A run on the user's text needs a tokenizer: `data.tokenizer` or `model.init_from`'s."""
-    if config.data.source not in OWN_TEXT_SOURCES and not (config.data.tokenizer or config.model.init_from):
+    """A run on the user's text needs a tokenizer: `data.tokenizer`, `model.init_from`'s, or (tiny models) its own."""
+    needs = config.data.source not in OWN_TEXT_SOURCES and not trains_on_user_text(config)
+    if needs and not (config.data.tokenizer or config.model.init_from):
         raise missing_tokenizer(config)
 
 
@@ -135,8 +143,8 @@ def check_data_path(data: ConfigDict) -> None:
 
 def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     """The run's tokenizer: the one saved in its workdir (a resumed run keeps its own), else
-    `data.tokenizer`, else `model.init_from`'s, else — for a randomly initialised model on the built-in
-    `stdlib` text or the user's `text` files — a byte-level BPE of the model's vocabulary size trained on
+    `data.tokenizer`, else `model.init_from`'s, else — on the built-in `stdlib` text, or the user's `text` files
+    for a tiny model (`trains_on_user_text`) — a byte-level BPE of the model's vocabulary size trained on
     that text (deterministic, so a resumed run trains the same one). Checked against the model's embedding."""
     from bidirlm_jax.data.corpora import stdlib_docstrings
     from bidirlm_jax.data.sources import iter_documents
@@ -146,7 +154,7 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     data = config.data
     saved = workdir / RUN_MODEL_DIR  # where the engine saves it (`loop._write_model_description`)
     path = saved if (saved / "tokenizer.json").is_file() else (data.tokenizer or config.model.init_from)
-    user_text = ([p for *_, p in parse_mixture(data.mixture)] or [data.path]) if data.source == "text" else []
+    user_text = ([p for *_, p in parse_mixture(data.mixture)] or [data.path]) if trains_on_user_text(config) else []
     if path:
         tokenizer = load_tokenizer(path)
     elif data.source == "stdlib":
