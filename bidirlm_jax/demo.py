@@ -152,8 +152,13 @@ def _pipeline(tmp: Path, *, model: str | None, size: Size, progress: bool) -> di
     title = f"BidirLM variants vs Base: retrieval on held-out stdlib packages ({len(data.queries)} queries)"
     plot_deltas(results, tmp / "variants.png", title)
     with timer.phase("export encoder") as note:
-        export_encoder(variants[BI_MNTP_CONTRASTIVE].path, tmp / "encoder", pooling="mean",
-                       max_length=size.seq_len, prompts={"query": query_prompt(EVAL_INSTRUCTION)})  # fmt: skip
+        export_encoder(
+            variants[BI_MNTP_CONTRASTIVE].path,
+            tmp / "encoder",
+            pooling="mean",
+            max_length=size.seq_len,
+            prompts={"query": query_prompt(EVAL_INSTRUCTION)},
+        )
         note["text"] = "Bi+MNTP+Contrastive, sentence-transformers format"
     with timer.phase("parity") as note:
         bodies = sorted((text for _, text in data.corpus.values()), key=len)

@@ -20,10 +20,15 @@ def evaluate_variants(variants: dict, corpus: Corpus, size: Size, timer: Timer) 
         for name, variant in variants.items():
             with timer.phase(f"eval: {name}") as note:
                 metrics = evaluate_retrieval(
-                    variant.load(), variant.tokenizer(), corpus.eval_data, pooling="mean",
-                    instruction=EVAL_INSTRUCTION if variant.contrastive else None, max_length=size.seq_len,
-                    batch_size=64, progress=False,
-                )  # fmt: skip
+                    variant.load(),
+                    variant.tokenizer(),
+                    corpus.eval_data,
+                    pooling="mean",
+                    instruction=EVAL_INSTRUCTION if variant.contrastive else None,
+                    max_length=size.seq_len,
+                    batch_size=64,
+                    progress=False,
+                )
                 results[name] = {"attention": variant.attention, **metrics}
                 note["text"] = f"nDCG@10 {100 * metrics['ndcg_at_10']:.1f}"
     return results
