@@ -34,6 +34,7 @@ from attention import PLATFORM_KERNELS, inputs
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.kernels.attention import KERNELS, Case, Options, refusal
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
+from bidirlm_jax.models.config import REMAT_POLICIES
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.config import base_config
@@ -212,7 +213,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--remat", default="save_dots", choices=["none", "full", "save_dots"])
+    parser.add_argument("--remat", default="save_dots", choices=REMAT_POLICIES)
     parser.add_argument("--numerics-len", type=int, default=1024)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "gpu_check.json"))

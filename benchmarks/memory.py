@@ -48,6 +48,7 @@ from bidirlm_jax.train.state import StateLayout
 from bidirlm_jax.train.step import jit_step, make_step_fn
 
 MODELS = ("gemma3-270m", "gemma3-1b", "qwen3-0.6b", "qwen3-1.7b")
+HEADS = ("sparse", "dense")  # the MNTP head measured: `mntp.sparse` True / False
 CHIPS_GB = (16, 32, 80, 141)
 MASK_IDS = {"gemma3": 4, "qwen3": 151_663}
 GB = 1e9
@@ -114,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--remat", nargs="+", default=["full", "save_dots"])
-    parser.add_argument("--heads", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
+    parser.add_argument("--heads", nargs="+", default=list(HEADS), choices=HEADS)
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--fsdp", type=int, default=8, help="devices the state is split over, besides one")
     parser.add_argument("--usable", type=float, default=0.9, help="fraction of a chip's memory the step may use")

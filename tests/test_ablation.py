@@ -229,7 +229,7 @@ def test_mteb_cells_are_instructed_as_they_were_trained(ablation, miracl):
     (MIRACL) as on a BEIR directory (docstrings); each cell records which instruction it used."""
     from bidirlm_jax.ablation import cells
     from bidirlm_jax.ablation.tasks import DOCSTRING_INSTRUCTION, TASKS
-    from bidirlm_jax.variants import Variant
+    from bidirlm_jax.pipeline.variants import Variant
 
     work, config, seen = miracl
     assert seen["base"][0][1] is None and seen["bi-mntp"][0][1] is None  # never trained with instructions

@@ -1,15 +1,16 @@
 """io/atomic.py: all-or-nothing output directories — durable before the rename, never clobbering what
-appeared meanwhile, cleaning what killed runs left behind (and nothing else)."""
+appeared meanwhile, cleaning what killed runs left behind (and nothing else) — and all-or-nothing single files."""
 
 import contextlib
 import os
 import sys
 
+import numpy as np
 import pytest
 
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io import atomic
-from bidirlm_jax.io.atomic import atomic_directory, check_destination
+from bidirlm_jax.io.atomic import atomic_directory, check_destination, write_atomically
 from tests import procs
 
 
@@ -94,3 +95,32 @@ def test_destination_checks(tmp_path):
         check_destination(tmp_path / "exists")
     assert check_destination(tmp_path / "exists", overwrite=True) == tmp_path / "exists"
     assert check_destination(tmp_path / "new" / "deeper" / "out") == tmp_path / "new" / "deeper" / "out"
+
+
+def test_a_single_file_is_replaced_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "deeper" / "table.json"
+    assert write_atomically(path, "first\n") == path and path.read_text() == "first\n"  # parents made
+    write_atomically(path, b"second\n")
+    assert path.read_bytes() == b"second\n"
+
+    def torn(f):
+        f.write(b"half of a thi")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomically(path, torn)
+    assert path.read_text() == "second\n"  # the old content, and no temporary left beside it
+    assert os.listdir(path.parent) == ["table.json"]
+
+
+def test_a_single_file_is_fsynced_takes_a_writer_and_honours_the_umask(tmp_path, monkeypatch):
+    synced, replaced = [], []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (replaced.append(bool(synced)), replace(a, b))[1])
+    path = write_atomically(tmp_path / "x.npy", lambda f: np.save(f, np.arange(3)))
+    assert replaced == [True]  # fsync'ed before the rename
+    np.testing.assert_array_equal(np.load(path), np.arange(3))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would make it, not 0o600

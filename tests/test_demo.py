@@ -1,5 +1,5 @@
 """`bidirlm demo`: where it may write (never over what it did not write), atomically, from an installed package;
-its corpus split, table and plot; and one real run at a reduced size (`slow`).
+and one real run at a reduced size (`slow`). Its parts (corpus, base, table, plot) are tests/test_pipeline.py's.
 
 The pipeline is replaced by a fake that writes a directory except in the slow end-to-end run.
 """
@@ -16,8 +16,10 @@ import pytest
 import bidirlm_jax
 from bidirlm_jax import demo
 from bidirlm_jax.cli import main
+from bidirlm_jax.configs.sizes import QUICK
 from bidirlm_jax.errors import ConfigError, Preempted
-from bidirlm_jax.variants import VARIANTS
+from bidirlm_jax.pipeline.report import METRICS
+from bidirlm_jax.pipeline.variants import VARIANTS
 from tests import procs
 
 PACKAGE = Path(bidirlm_jax.__file__).parent
@@ -126,17 +128,6 @@ def test_a_preempted_demo_says_its_run_is_gone(fake_pipeline, tmp_path, monkeypa
     assert os.listdir(tmp_path) == []
 
 
-def test_a_preempted_base_is_not_exported(tmp_path, monkeypatch):
-    """The base's pre-training run stopped by SIGTERM (`train` says so): no base/ from a half-trained run."""
-    from bidirlm_jax import train
-
-    monkeypatch.setattr(train, "train", lambda config, workdir: {"step": 2, "preempted": True})
-    texts = ["def f(x): return x + 1", "class A: pass", "import os"] * 20
-    with pytest.raises(Preempted, match=f"after step 2; nothing was recorded: checkpoint saved in {tmp_path}/runs/lm"):
-        demo.pretrain_base(tmp_path, texts)
-    assert not (tmp_path / "base").exists()
-
-
 def test_a_model_that_is_not_a_checkpoint_is_refused_before_any_work(fake_pipeline, tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
@@ -153,10 +144,10 @@ def test_the_configs_are_read_from_the_installed_package(tmp_path):
         """
         import json, sys
         from pathlib import Path
-        from bidirlm_jax import demo
-        from bidirlm_jax.variants import Recipe
-        lm = demo._lm_config(demo.FULL, Path("init"), Path("tokens.npy"), False)
-        mntp, con = demo.stage_configs(demo.FULL, Path("data"), Path("tok"))
+        from bidirlm_jax.configs import sizes
+        from bidirlm_jax.pipeline.variants import Recipe
+        lm = sizes.lm_config(sizes.FULL, Path("init"), Path("tokens.npy"), False)
+        mntp, con = sizes.stage_configs(sizes.FULL, Path("data"), Path("tok"))
         Recipe(mntp=mntp, contrastive=con)
         files = [m.__file__ for m in list(sys.modules.values())
                  if m.__name__.split(".")[0] in ("bidirlm_jax", "configs") and getattr(m, "__file__", None)]
@@ -184,60 +175,6 @@ def test_train_takes_the_package_config_path_and_the_repository_shim():
         assert config.model.preset == "tiny-qwen3"
 
 
-# --- the corpus, the table, the plot --------------------------------------------------------------------
-
-
-def test_whole_packages_are_held_out_deterministically():
-    assert demo.held_out("json") == demo.held_out("json.decoder") == demo.held_out("json.tool")
-    docs = demo.stdlib_documents()
-    packages = sorted({d.module.split(".")[0] for d in docs})
-    held = [p for p in packages if demo.held_out(p)]
-    assert 0.1 < len(held) / len(packages) < 0.3
-    assert any(d.name for d in docs) and any(not d.name for d in docs)  # members and module docstrings
-
-
-def test_the_corpus_keeps_the_held_out_packages_out_of_training():
-    corpus = demo.build_corpus(num_negatives=1, max_eval_queries=40)
-    data = corpus.eval_data
-    assert len(data.queries) == len(data.corpus) == 40 and len(data.evaluated_queries()) == 40
-    held_bodies = {text for _, text in data.corpus.values()}
-    held_queries = set(data.queries.values())
-    assert not held_bodies & set(corpus.train_texts)
-    for name, records in corpus.pairs.items():
-        assert records, name
-        for r in records:
-            assert r["query"] not in held_queries and r["positive"] not in held_bodies
-            assert len(r["negatives"]) == 1 and r["negatives"][0] != r["positive"]
-    assert set(corpus.pairs) == set(demo.INSTRUCTIONS)
-
-
-def test_summary_pairs_drop_ambiguous_and_short_ones():
-    docs = [
-        demo.Doc("m", "a", "Return the value of x.\n" + "x" * 60),
-        demo.Doc("m", "b", "Return the value of x.\n" + "y" * 60),  # same summary: neither is a usable query
-        demo.Doc("m", "c", "Too short body here.\nshort"),
-        demo.Doc("m", "d", ">>> import io\n" + "z" * 60),  # no real words... still three tokens, kept
-        demo.Doc("m", "e", "Emit.\n" + "w" * 60),  # one word
-    ]
-    assert [d.name for d, _, _ in demo.summary_pairs(docs)] == ["d"]
-
-
-def test_table_and_plot(tmp_path):
-    results = {
-        "Base": {"attention": "causal", "ndcg_at_10": 0.1, "mrr_at_10": 0.1, "recall_at_100": 0.5},
-        "Bi+Base": {"attention": "bidirectional", "ndcg_at_10": 0.05, "mrr_at_10": 0.2, "recall_at_100": 0.5},
-    }
-    table = demo.format_table(results, 10, 10)
-    assert "Bi+Base" in table.splitlines()[-2] and "-5.0" in table and "+10.0" in table and "+0.0" in table
-    chance = demo.chance_level(10)  # one relevant document among ten, ranked at random
-    assert chance["recall_at_100"] == 1.0 and chance["mrr_at_10"] == pytest.approx(
-        sum(1 / r for r in range(1, 11)) / 10
-    )
-    assert table.splitlines()[-1].split()[:2] == ["(chance)", f"{100 * chance['ndcg_at_10']:.1f}"]
-    png = demo.plot_deltas(results, tmp_path / "plot.png", "title")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 # --- the whole demo, at a reduced size ------------------------------------------------------------------
 
 
@@ -253,7 +190,7 @@ def test_the_whole_demo_runs(tmp_path, capsys):
     record = json.loads((out / "results.json").read_text())
     assert list(record["results"]) == list(VARIANTS)
     for row in record["results"].values():
-        assert all(0.0 <= row[key] <= 1.0 for key, _ in demo.METRICS)
+        assert all(0.0 <= row[key] <= 1.0 for key, _ in METRICS)
     assert (out / "variants.png").read_bytes()[:4] == b"\x89PNG"
     entries = set(json.loads((out / demo.MARKER).read_text())["entries"])
     assert {"base", "encoder", "variants", "runs", "data", "results.json", "variants.png"} <= entries
@@ -265,5 +202,5 @@ def test_the_whole_demo_runs(tmp_path, capsys):
     assert read_config(out / "base").attention == "causal" and (out / "base" / "tokenizer.json").is_file()
     encoder = SentenceTransformer(str(out / "encoder"), device="cpu")
     embeddings = encoder.encode(["Heap queue algorithm.", "Parse JSON text."])
-    assert embeddings.shape == (2, demo.QUICK.hidden_size)
+    assert embeddings.shape == (2, QUICK.hidden_size)
     assert list((out / "variants" / "runs").iterdir()) and (out / "runs" / "lm" / "tensorboard").is_dir()

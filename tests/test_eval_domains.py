@@ -76,7 +76,7 @@ def test_mntp_run_logs_the_held_out_loss_of_each_domain(domains, tmp_path, caplo
 
 def test_write_domains_splits_by_package(tmp_path):
     from bidirlm_jax.data.sources import iter_documents
-    from bidirlm_jax.demo import write_domains
+    from bidirlm_jax.pipeline.corpus import write_domains
 
     files = write_domains(tmp_path, max_train=30, max_held_out=10)
     assert sorted(files) == ["code", "english"]

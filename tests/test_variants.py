@@ -1,4 +1,4 @@
-"""`bidirlm_jax.variants`: the paper's variants from one causal base, at a tiny scale (a few steps each).
+"""`bidirlm_jax.pipeline.variants`: the paper's variants from one causal base, at a tiny scale (a few steps each).
 
 What matters is the wiring, not the quality: each variant's attention mode (in its object and its config.json),
 Bi+Base holding the base's weights bit for bit, the merge being the average, each trained variant starting
@@ -14,8 +14,9 @@ import signal
 import numpy as np
 import pytest
 
-from bidirlm_jax import variants as v
 from bidirlm_jax.errors import ConfigError, Preempted
+from bidirlm_jax.pipeline import stages
+from bidirlm_jax.pipeline import variants as v
 from bidirlm_jax.testing.tolerance import merge_tol
 
 
@@ -231,9 +232,9 @@ def test_contrastive_from_the_merge_in_a_copied_output(built, base_dir, tmp_path
 def test_switch_attention_changes_only_the_config(qwen_dir, tmp_path):
     from bidirlm_jax.io.hf_config import read_config
 
-    bi = v.switch_attention(qwen_dir, tmp_path / "bi", "bidirectional")
+    bi = stages.switch_attention(qwen_dir, tmp_path / "bi", "bidirectional")
     assert json.loads((bi / "config.json").read_text())["is_causal"] is False
-    back = v.switch_attention(bi, tmp_path / "back", "causal")
+    back = stages.switch_attention(bi, tmp_path / "back", "causal")
     assert read_config(back) == read_config(qwen_dir)
     assert (back / "model.safetensors").read_bytes() == (qwen_dir / "model.safetensors").read_bytes()
 

@@ -7,7 +7,7 @@
     result = run_ablation(get_config("tiny"), "/tmp/ablation")
     print(result.markdown)            # the table; result.rows, result.deltas_png, result.sweep, result.sweep_png
 
-The names are imported on first use, so `bidirlm_jax.ablation.report` (which the demo imports) stays light.
+The names are imported on first use, so importing one module of the package does not import them all.
 """
 
 import importlib

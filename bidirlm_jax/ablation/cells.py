@@ -33,7 +33,14 @@ from ml_collections import ConfigDict
 from bidirlm_jax.ablation.records import read_json, reuse, write_json
 from bidirlm_jax.ablation.tasks import Task, finetune_config, generated_path, resolve_generated, retrieval_config
 from bidirlm_jax.errors import ConfigError, Preempted
-from bidirlm_jax.variants import BASE, DIRECTORIES, Variant, relative_path, relevant_settings, settings_difference
+from bidirlm_jax.pipeline.variants import (
+    BASE,
+    DIRECTORIES,
+    Variant,
+    relative_path,
+    relevant_settings,
+    settings_difference,
+)
 
 SLUGS = {BASE: "base", **DIRECTORIES}
 DIGESTS = "digests.json"  # WORKDIR/: the files' digests `io.digest` remembers between runs

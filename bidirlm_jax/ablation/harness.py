@@ -2,7 +2,7 @@
 for one base model — what `bidirlm ablate --config configs/ablation.py:PRESET --workdir DIR` runs.
 
     WORKDIR/generated/        the generated data (and base) when the config asks for them (`@generated/...`)
-    WORKDIR/variants/         the variants built here (`bidirlm_jax.variants`: HF directories, runs, manifest)
+    WORKDIR/variants/         the variants built here (`bidirlm_jax.pipeline.variants`: HF directories, runs, manifest)
     WORKDIR/cells/V/TASK/     the fine-tuning run of variant V on TASK (checkpoints, best/, metrics.jsonl, cell.json)
     WORKDIR/cells/V/TASK.json the finished cell: its score, every validation metric, the settings it ran with
     WORKDIR/results.jsonl     one row per cell;  results.md: the table (×100, Δ vs Base);  deltas.png
@@ -38,7 +38,7 @@ from bidirlm_jax.ablation.records import reuse, write_json
 from bidirlm_jax.ablation.sweep import check_ratios, merge_ratio_sweep, mntp_scorer
 from bidirlm_jax.ablation.tasks import GENERATED, Task, resolve_generated, resolve_tasks
 from bidirlm_jax.errors import ConfigError, Preempted
-from bidirlm_jax.variants import (
+from bidirlm_jax.pipeline.variants import (
     BASE,
     BI_CONTRASTIVE,
     BI_MNTP_CONTRASTIVE,
@@ -196,7 +196,7 @@ def run_ablation(
     reused by a second call. `echo` prints one line per phase (None: silent). Raises `ConfigError` before
     writing anything when an input is unusable.
     """
-    from bidirlm_jax.demo import Timer
+    from bidirlm_jax.pipeline.timer import Timer
 
     plan = check(config, workdir)
     plan.workdir.mkdir(parents=True, exist_ok=True)
@@ -270,20 +270,22 @@ def _run(plan: _Plan, timer) -> AblationResult:
 
 def _generate(plan: _Plan, timer) -> Path:
     """`WORKDIR/generated/`: the demo's corpus (data/) and, for `base="generate"`, its pre-trained base (base/)."""
-    from bidirlm_jax import demo
+    from bidirlm_jax.configs.sizes import Size
     from bidirlm_jax.io.atomic import atomic_directory
+    from bidirlm_jax.pipeline.base import pretrain_base
+    from bidirlm_jax.pipeline.corpus import build_corpus, write_data
 
     out = plan.workdir / "generated"
     settings = {"generate": plan.config.generate.to_dict(), "base": plan.config.base == GENERATE}
     if reuse(out / "settings.json", settings, "generated data") is not None:
         return out
-    size = demo.Size(**plan.config.generate.to_dict())
+    size = Size(**plan.config.generate.to_dict())
     try:
         with atomic_directory(out) as tmp, timer.phase("generated data and base") as note:
-            corpus = demo.build_corpus(num_negatives=size.num_negatives, max_eval_queries=size.max_eval_queries)
-            demo.write_data(corpus, tmp / "data")
+            corpus = build_corpus(num_negatives=size.num_negatives, max_eval_queries=size.max_eval_queries)
+            write_data(corpus, tmp / "data")
             if settings["base"]:
-                demo.pretrain_base(tmp, corpus.train_texts, size=size, timer=timer)
+                pretrain_base(tmp, corpus.train_texts, size=size, timer=timer)
             write_json(tmp / "settings.json", {"settings": settings})
             note["text"] = (
                 f"{len(corpus.train_texts)} training docstrings, {len(corpus.eval_data.queries)} held-out queries"
@@ -294,7 +296,7 @@ def _generate(plan: _Plan, timer) -> Path:
 
 
 def _variants(plan: _Plan, config: ConfigDict, base: Path, timer) -> dict[str, Variant]:
-    from bidirlm_jax.variants import build_variants
+    from bidirlm_jax.pipeline.variants import build_variants
 
     wanted = set(plan.variants) | ({config.sweep.adapted} if plan.ratios else set())
     out = {n: _given(n, p) for n, p in plan.given.items() if n in wanted}

@@ -8,20 +8,18 @@ other settings is never mixed into a table, nor silently overwritten: the user r
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.variants import settings_difference
+from bidirlm_jax.io.atomic import write_atomically
+from bidirlm_jax.pipeline.variants import settings_difference
 
 RECOMPUTE = "remove it to recompute it, or choose another --workdir"
 
 
 def write_json(path: Path, record: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(record, indent=2) + "\n")
 
 
 def read_json(path: Path) -> Any:

@@ -31,8 +31,8 @@ from typing import Any
 
 from ml_collections import ConfigDict
 
-from bidirlm_jax.demo import EVAL_INSTRUCTION as DOCSTRING_INSTRUCTION
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.pipeline.corpus import EVAL_INSTRUCTION as DOCSTRING_INSTRUCTION
 
 GENERATED = "@generated"
 KINDS = ("classification", "regression", "token_classification", "retrieval")

@@ -32,9 +32,12 @@ SMOKE = {
 }
 
 
+_NOT_CONFIGS = {"sizes"}  # the tiny pipeline's sizes, which configs are built from: no `get_config`
+
+
 def names() -> list[str]:
     """The packaged config files, by name (`lm`, `mntp`, ...)."""
-    return sorted(p.stem for p in _HERE.glob("*.py") if not p.stem.startswith("_"))
+    return sorted(p.stem for p in _HERE.glob("*.py") if not p.stem.startswith("_") and p.stem not in _NOT_CONFIGS)
 
 
 def resolve(spec: str) -> str:

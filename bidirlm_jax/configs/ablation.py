@@ -11,7 +11,7 @@ Keys:
 - `variants`: the table's rows, a comma-separated subset of Base, Bi+Base, Bi+MNTP, Bi+MNTP+Merge,
   Bi+Contrastive, Bi+MNTP+Contrastive (Base is required: every delta is against it).
 - `paths.*`: variants made elsewhere (HF directories), taken as they are; the others are built from `base`
-  by `bidirlm_jax.variants` with the recipe `mntp` / `contrastive` (whole `configs/mntp.py` and
+  by `bidirlm_jax.pipeline.variants` with the recipe `mntp` / `contrastive` (whole `configs/mntp.py` and
   `configs/contrastive.py` configs, so `--config.mntp.train.steps=...` works), `merge_ratio` and
   `contrastive_from`.
 - `tasks`: the table's columns (see `bidirlm_jax.ablation.tasks`): generated `fruit`, `sentiment`, `names`,
@@ -41,8 +41,8 @@ VARIANTS = "Base,Bi+Base,Bi+MNTP,Bi+Contrastive,Bi+MNTP+Contrastive"
 
 
 def get_config(preset: str = "tiny") -> ConfigDict:
-    from bidirlm_jax import demo
     from bidirlm_jax.configs import contrastive, mntp
+    from bidirlm_jax.configs.sizes import Size, stage_configs
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -72,7 +72,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.sweep = ConfigDict(
         dict(enabled=True, adapted="Bi+MNTP", ratios="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", texts="", max_texts=256)
     )
-    # The generated base (base="generate"): `demo.Size` fields.
+    # The generated base (base="generate"): `configs.sizes.Size` fields.
     c.generate = ConfigDict(
         dict(
             vocab_size=512,
@@ -92,7 +92,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         )
     )
     if preset == "tiny":
-        size = demo.Size(
+        size = Size(
             **c.generate.to_dict(),
             mntp_steps=30,
             mntp_batch=16,
@@ -101,7 +101,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             contrastive_seq_len=48,
         )
         c.base = "generate"
-        c.mntp, c.contrastive = demo.stage_configs(size, Path("@generated"), None)  # paths into the generated data
+        c.mntp, c.contrastive = stage_configs(size, Path("@generated"), None)  # paths into the generated data
         c.tasks = "fruit,sentiment,names,docstrings"
         c.finetune.update(
             steps=40,

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import grain
@@ -24,6 +22,7 @@ from ml_collections import ConfigDict
 
 from bidirlm_jax.data.synthetic import markov_tokens
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.atomic import write_atomically
 from bidirlm_jax.paths import user_path
 
 log = logging.getLogger(__name__)
@@ -71,15 +70,9 @@ def id_range(path: Path, tokens: np.ndarray) -> tuple[int, int]:
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no sidecar, or one we cannot use: scan
     low, high = scan_id_range(tokens)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{stats_path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump({**key, "min": low, "max": high}, f)
-        os.replace(tmp, stats_path)
+        write_atomically(stats_path, json.dumps({**key, "min": low, "max": high}))
     except OSError as e:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         log.info("cannot record the id range of %s in %s (%s); it will be rescanned next time", path, stats_path, e)
     return low, high
 

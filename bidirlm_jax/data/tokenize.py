@@ -43,7 +43,7 @@ from bidirlm_jax.data.manifest import (
 )
 from bidirlm_jax.data.sources import HUB_PREFIX, iter_documents, source_files
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io.atomic import atomic_directory, check_destination
+from bidirlm_jax.io.atomic import atomic_directory, check_destination, write_atomically
 from bidirlm_jax.paths import user_path
 
 if TYPE_CHECKING:  # transformers is imported only where a tokenizer is loaded, so tokenising workers start fast
@@ -374,7 +374,7 @@ def _write_shard(work: Path, settings: dict, index: int, parts: list[_Encoded], 
     """Write one shard's arrays, then its marker (each through a temporary file renamed into place)."""
     if not work.is_dir():
         work.mkdir(parents=True)
-        _write_atomic(work / _SETTINGS, lambda f: f.write(json.dumps(settings).encode()))
+        write_atomically(work / _SETTINGS, json.dumps(settings))
     tokens, offsets = _concatenate(parts)
     record = {
         "tokens": f"tokens-{index:05d}.npy",
@@ -385,17 +385,10 @@ def _write_shard(work: Path, settings: dict, index: int, parts: list[_Encoded], 
         "source_start": source_start,
         "source_end": source_start + sum(p.num_read for p in parts),
     }
-    _write_atomic(work / record["tokens"], lambda f: np.save(f, tokens))
-    _write_atomic(work / record["docs"], lambda f: np.save(f, offsets))
-    _write_atomic(work / f"shard-{index:05d}.json", lambda f: f.write(json.dumps(record).encode()))
+    write_atomically(work / record["tokens"], lambda f: np.save(f, tokens))
+    write_atomically(work / record["docs"], lambda f: np.save(f, offsets))
+    write_atomically(work / f"shard-{index:05d}.json", json.dumps(record))
     return record
-
-
-def _write_atomic(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("wb") as f:
-        write(f)
-    os.replace(tmp, path)
 
 
 def _concatenate(parts: list[_Encoded]) -> tuple[np.ndarray, np.ndarray]:

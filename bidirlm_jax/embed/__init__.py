@@ -1,1 +1,1 @@
-"""Embedding texts with a loaded model: `encode` (length buckets, cached `jit`, pooling) and `bidirlm embed`."""
+"""Embedding texts with a loaded model: `encode` (length buckets, cached `jit`, pooling); `bidirlm embed` is `cli.encoders`."""

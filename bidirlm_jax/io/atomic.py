@@ -1,4 +1,4 @@
-"""Write a whole output directory or nothing.
+"""Write a whole output directory, or a single file, or nothing.
 
 Work happens in a hidden temporary sibling of the destination, which is renamed into place only when
 everything succeeded, so an interrupted or failing command never leaves a half-written checkpoint.
@@ -16,8 +16,9 @@ import re
 import secrets
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import jax
 import numpy as np
@@ -70,6 +71,29 @@ def remove_stale_temporaries(dst: str | os.PathLike) -> None:
                     shutil.rmtree(entry, ignore_errors=True)
                 else:
                     entry.unlink(missing_ok=True)
+
+
+def write_atomically(path: str | os.PathLike, content: str | bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write the single file `path` whole or not at all: into a temporary sibling (named as `atomic_directory`
+    names its own, so `remove_stale_temporaries` knows it), fsync'ed, then renamed over `path`; on any failure
+    the temporary is removed and `path` keeps what it held. `content`: text (UTF-8), bytes, or a function that
+    writes into the open binary file (e.g. `lambda f: np.save(f, array)`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, "tmp")
+    try:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:  # 0o666: the umask applies
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 @contextlib.contextmanager

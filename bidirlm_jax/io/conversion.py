@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io import FORMATS
 from bidirlm_jax.io.atomic import check_destination
 from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, save_checkpoint
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, tokenizer_files
@@ -36,8 +37,8 @@ def convert(
     """
     src_is_checkpoint = is_checkpoint(src)
     to = to or ("hf" if src_is_checkpoint else "checkpoint")
-    if to not in ("hf", "checkpoint"):
-        raise ConfigError(f"--to must be 'hf' or 'checkpoint', got {to!r}")
+    if to not in FORMATS:
+        raise ConfigError(f"--to must be {' or '.join(map(repr, FORMATS))}, got {to!r}")
     check_destination(dst, overwrite=overwrite)
     model = from_pretrained(
         src, attention=attention, bidirectional_window=bidirectional_window, allow_pickle=allow_pickle

@@ -14,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
+
+from bidirlm_jax.io.atomic import write_atomically
 
 RECENT_NS = 2_000_000_000  # coarser than any file system's timestamp tick
 
@@ -62,7 +63,4 @@ def _read_cache(path: Path) -> dict[str, dict]:
 
 
 def _write_cache(path: Path, table: dict[str, dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(table, f, indent=1)
-    os.replace(f.name, path)
+    write_atomically(path, json.dumps(table, indent=1))

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import tqdm
 
+from bidirlm_jax.io.atomic import write_atomically
 from bidirlm_jax.models.config import SLIDING, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,7 @@ class MetricsWriter:
                 continue
             if isinstance(record, dict) and record.get("step", math.inf) <= step:
                 lines.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, self.path)
+        write_atomically(self.path, "".join(line + "\n" for line in lines))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:

@@ -11,7 +11,8 @@
 
 Every variant is an HF directory with the tokenizer (`Variant.path`), in the attention mode it declares
 (`Variant.attention`), so `from_pretrained(variant.path)`, transformers and `export_encoder` all read it as
-is. `build_variants(base, out_dir, recipe)` writes them under `out_dir`:
+is (`pipeline.stages` makes each directory). `build_variants(base, out_dir, recipe)` writes them under
+`out_dir`:
 
     out_dir/variants.json             what was built, from what, with which settings
     out_dir/bi-base/ bi-mntp/ ...     the variants (HF directories)
@@ -33,7 +34,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -42,7 +42,8 @@ from typing import Any
 from ml_collections import ConfigDict
 
 from bidirlm_jax.errors import ConfigError, Preempted
-from bidirlm_jax.io.atomic import atomic_directory
+from bidirlm_jax.io.atomic import write_atomically
+from bidirlm_jax.pipeline.stages import merge_with_base, run_to_hf, switch_attention
 
 log = logging.getLogger(__name__)
 
@@ -340,61 +341,4 @@ def _record(out: Path, variant: Variant, settings: dict[str, Any]) -> None:
         "run": os.path.relpath(variant.run, out) if variant.run else None,
         "settings": settings,
     }
-    tmp = out / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / MANIFEST)
-
-
-# --- the three ways a variant directory is made ---------------------------------------------------
-
-
-def switch_attention(src: str | os.PathLike, dst: str | os.PathLike, attention: str) -> Path:
-    """`dst`: the HF directory `src` with its config in `attention` mode; every other file (weights,
-    tokenizer) hard-linked where the file system allows, else copied — bit for bit either way."""
-    from bidirlm_jax.io.hf_config import set_attention_mode
-
-    src = Path(src)
-    with atomic_directory(dst) as tmp:
-        for file in sorted(src.iterdir()):
-            if file.is_dir() or file.name == "config.json":
-                continue
-            try:
-                os.link(file, tmp / file.name)
-            except OSError:
-                shutil.copy2(file, tmp / file.name)
-        config = set_attention_mode(json.loads((src / "config.json").read_text()), attention)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return Path(dst)
-
-
-def merge_with_base(
-    adapted: str | os.PathLike, base: str | os.PathLike, dst: str | os.PathLike, *, base_weight: float = 0.5
-) -> Path:
-    """`dst` = (1 − base_weight)·adapted + base_weight·base, streamed tensor by tensor; the adapted model gives
-    the layout, config (bidirectional) and tokenizer (with its mask token)."""
-    from bidirlm_jax.merge import MergeModel, MergeSpec, merge_checkpoints
-
-    spec = MergeSpec(
-        (MergeModel(str(adapted), 1.0 - base_weight), MergeModel(str(base), base_weight)), attention="bidirectional"
-    )
-    merge_checkpoints(spec, dst, progress=False)
-    return Path(dst)
-
-
-def run_to_hf(
-    workdir: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    attention: str = "bidirectional",
-    tokenizer_from: str | os.PathLike | None = None,
-) -> Path:
-    """The latest checkpoint of a training run as an HF directory with the run's tokenizer (the one it saved in
-    `WORKDIR/model/`, with MNTP's mask token; else `tokenizer_from`'s)."""
-    from bidirlm_jax.io.hf import from_pretrained, save_pretrained, tokenizer_files
-
-    workdir = Path(workdir)
-    model = from_pretrained(workdir, attention=attention, dtype="float32")
-    files = tokenizer_files(workdir / "model")
-    if not any(f.name == "tokenizer.json" for f in files) and tokenizer_from is not None:
-        files = tokenizer_files(tokenizer_from)
-    return save_pretrained(model, dst, extra_files=files)
+    write_atomically(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")

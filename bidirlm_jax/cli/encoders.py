@@ -1,7 +1,7 @@
-"""`bidirlm embed`, `bidirlm export` and `bidirlm eval`: argparse registration and thin runs over the Python API.
+"""`bidirlm embed`, `bidirlm export` and `bidirlm eval`: an encoder's commands, thin runs over the Python API.
 
-Each `register_*` adds one subcommand to `bidirlm`'s subparsers; heavy imports happen inside the runs, so
-`bidirlm --help` stays fast. Outputs are written to a temporary file and renamed into place.
+Heavy imports happen inside the runs, so `bidirlm --help` stays fast. Outputs are written to a temporary
+file and renamed into place (`io.atomic.write_atomically`).
 """
 
 from __future__ import annotations
@@ -10,22 +10,19 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io.atomic import check_destination
 from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
 from bidirlm_jax.paths import user_path
 
 # --- embed --------------------------------------------------------------------------------------
 
 
-def register_embed(sub: argparse._SubParsersAction) -> None:
+def add_embed(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "embed",
+        name,
         help="embed texts with an encoder into a .npy file",
         description="Embed every text of INPUT (.txt: one text per line; .jsonl: a `text` field per line) with the "
         "model in DIR and its tokenizer; write a float32 [N, d] .npy, row i for text i. Pooling, normalisation and "
@@ -40,13 +37,14 @@ def register_embed(sub: argparse._SubParsersAction) -> None:
     _encoding_args(p)
     p.add_argument("--text-field", default="text", help="the .jsonl field holding the text (default text)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE.npy if it exists")
-    p.set_defaults(run=_run_embed)
+    return p
 
 
-def _run_embed(args: argparse.Namespace) -> int:
+def run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
     from bidirlm_jax.embed.encode import encode_texts
+    from bidirlm_jax.io.atomic import check_destination, write_atomically
 
     texts = read_texts(args.input, text_field=args.text_field)
     check_destination(args.output, overwrite=args.overwrite)
@@ -62,7 +60,7 @@ def _run_embed(args: argparse.Namespace) -> int:
         max_length=chosen(args.max_length, settings, "max_length"),
         progress=False if args.no_progress else None,
     )
-    _write_atomically(args.output, lambda f: np.save(f, result.embeddings))
+    write_atomically(args.output, lambda f: np.save(f, result.embeddings))
     n, d = result.embeddings.shape
     truncated = f"; {result.num_truncated} truncated to the maximum length" if result.num_truncated else ""
     print(f"embedded {n} texts ({d} dimensions){truncated} -> {args.output}")
@@ -102,9 +100,9 @@ def _jsonl_text(line: str, where: str, field: str) -> str:
 # --- export -------------------------------------------------------------------------------------
 
 
-def register_export(sub: argparse._SubParsersAction) -> None:
+def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "export",
+        name,
         help="HF directory or checkpoint -> encoder loadable by transformers and sentence-transformers",
         description="Write SRC (an HF directory, a merged one, a bidirlm checkpoint or a training run, with its tokenizer) as an "
         "encoder directory DST that transformers (AutoModel) and sentence-transformers (SentenceTransformer) load "
@@ -124,10 +122,10 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPES, help="stored precision (default: the source's)")
     p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (only from sources you trust)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.set_defaults(run=_run_export)
+    return p
 
 
-def _run_export(args: argparse.Namespace) -> int:
+def run_export(args: argparse.Namespace) -> int:
     from bidirlm_jax.embed.encode import query_prompt
     from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
     from bidirlm_jax.io.heads import HEAD_FILE, export_finetuned
@@ -157,9 +155,9 @@ def _run_export(args: argparse.Namespace) -> int:
 # --- eval ---------------------------------------------------------------------------------------
 
 
-def register_eval(sub: argparse._SubParsersAction) -> None:
+def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
-        "eval",
+        name,
         help="retrieval (BEIR layout) and MTEB scores of an encoder",
         description="Score the model in DIR on local retrieval data in the BEIR layout (nDCG@10, MRR@10, "
         "Recall@100), on MTEB tasks whose data is available locally (through the adapter, with BidirLM's "
@@ -186,11 +184,12 @@ def register_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--output", type=user_path, metavar="FILE.json", help="write the results here (atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE.json if it exists")
-    p.set_defaults(run=_run_eval)
+    return p
 
 
-def _run_eval(args: argparse.Namespace) -> int:
+def run_eval(args: argparse.Namespace) -> int:
     from bidirlm_jax.evals.retrieval import evaluate_retrieval, load_beir
+    from bidirlm_jax.io.atomic import check_destination, write_atomically
 
     if not args.beir and not args.mteb and not args.mntp_text:
         raise ConfigError(
@@ -245,7 +244,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         )
     print(format_table(results))
     if args.output:
-        _write_atomically(args.output, lambda f: f.write(json.dumps(results, indent=2).encode() + b"\n"))
+        write_atomically(args.output, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0
 
@@ -315,19 +314,3 @@ def _load(args: argparse.Namespace):
     from bidirlm_jax.io.sentence_transformers import load_encoder
 
     return load_encoder(args.model, attention=args.attention, dtype=args.dtype)
-
-
-def _write_atomically(path: str | os.PathLike, write: Callable[[Any], None]) -> None:
-    """Write through `write(file)` into a temporary sibling, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
