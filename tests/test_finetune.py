@@ -22,7 +22,6 @@ from bidirlm_jax.io.heads import HEAD_FILE
 from bidirlm_jax.losses import classification
 from bidirlm_jax.models.heads import IGNORE_INDEX, EncoderWithHead, HeadConfig
 from bidirlm_jax.sharding import make_mesh
-from bidirlm_jax.train.checkpoints import is_better
 from bidirlm_jax.train.loop import model_config
 from bidirlm_jax.train.objectives import finetune
 from bidirlm_jax.train.optim import make_optimizer
@@ -267,8 +266,3 @@ def test_presets_are_complete():
         c = get_config(preset)
         assert c.objective in finetune.OBJECTIVES and c.finetune.pooling in finetune.POOLINGS
     assert get_config("pan-x").finetune.tags_field == "ner_tags" and get_config("xnli").optim.warmup_steps == 1000
-
-
-def test_is_better():
-    assert is_better(0.5, None) and is_better(0.6, 0.5) and not is_better(0.5, 0.5)
-    assert not is_better(float("nan"), None)
