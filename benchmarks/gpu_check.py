@@ -34,13 +34,14 @@ from attention import PLATFORM_KERNELS, inputs
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.kernels.attention import KERNELS, Case, Options, refusal
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
+from bidirlm_jax.losses.mntp import capacity, make_mntp_loss
 from bidirlm_jax.models.config import REMAT_POLICIES
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.config import base_config
 from bidirlm_jax.train.metrics import peak_flops_per_device
 from bidirlm_jax.train.objectives.base import token_sum_grads
-from bidirlm_jax.train.objectives.mntp import capacity, make_mntp_loss, mntp_flops_per_step
+from bidirlm_jax.train.objectives.mntp import mntp_flops_per_step
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout
 from bidirlm_jax.train.step import jit_step, make_step_fn

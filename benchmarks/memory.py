@@ -1,7 +1,7 @@
 """Compiled memory of the MNTP training step at 8192 tokens, and the largest batch each chip size fits.
 
 The step is the engine's own (`train.step`: forward, backward, clipping, AdamW, state donated) on the
-MNTP objective (`train.objectives.mntp.make_mntp_loss`, sparse or dense head), lowered on abstract
+MNTP objective (`losses.mntp.make_mntp_loss`, sparse or dense head), lowered on abstract
 inputs (`jax.ShapeDtypeStruct`: nothing is allocated) and compiled for one device of this machine;
 XLA's `memory_analysis()` gives the bytes of arguments (fp32 params, Adam moments, the batch),
 outputs (aliased to the arguments: the state is donated) and temporaries (gradients, activations,
@@ -37,12 +37,12 @@ import numpy as np
 
 from bidirlm_jax.kernels import xla
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
+from bidirlm_jax.losses.mntp import make_mntp_loss
 from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.config import base_config
 from bidirlm_jax.train.objectives.base import token_sum_grads
-from bidirlm_jax.train.objectives.mntp import make_mntp_loss
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout
 from bidirlm_jax.train.step import jit_step, make_step_fn

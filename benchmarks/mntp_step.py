@@ -2,7 +2,7 @@
 
 The peer is BidirLM's own recipe: transformers' `…ForCausalLM` run bidirectionally on the corrupted ids with
 `labels` = the original token where masked, -100 elsewhere (transformers shifts the labels itself, so the logits at
-i-1 score the masked token at i: our definition, `objectives.mntp.next_token_targets`), dense logits, and
+i-1 score the masked token at i: our definition, `losses.mntp.next_token_targets`), dense logits, and
 `torch.optim.AdamW`. Both sides start from the same weights (saved by transformers, loaded by us) and see the same
 batch and masks (Bernoulli 30 % of every position but the first, drawn once in numpy); the step-0 losses must agree
 before anything is timed. One step = forward, backward, global grad-norm clipping (1.0), AdamW (β 0.9/0.95, ε 1e-8,
@@ -50,11 +50,11 @@ from peers import GIB, OPTIM, constant_optimizer, interleaved, loadavg, memory_r
 
 import bidirlm_jax
 from bidirlm_jax.io.hf_config import config_to_hf
+from bidirlm_jax.losses.mntp import capacity, mntp_loss_from_mask
 from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.objectives import token_sum_grads
-from bidirlm_jax.train.objectives.mntp import capacity, mntp_loss_from_mask
 from bidirlm_jax.train.state import StateLayout
 from bidirlm_jax.train.step import jit_step, make_step_fn
 

@@ -17,7 +17,7 @@ _EXPORTS = {
     "convert": "bidirlm_jax.io.conversion",
     "ModelConfig": "bidirlm_jax.models.config",
     "param_count": "bidirlm_jax.models.params",
-    "contrastive_loss": "bidirlm_jax.train.infonce",
+    "contrastive_loss": "bidirlm_jax.losses.infonce",
     "encode": "bidirlm_jax.embed.encode",
     "export_encoder": "bidirlm_jax.io.sentence_transformers",
     "evaluate_retrieval": "bidirlm_jax.evals.retrieval",

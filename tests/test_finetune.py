@@ -17,7 +17,9 @@ from bidirlm_jax.data import labeled
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.evals import finetune as evals_finetune
 from bidirlm_jax.io.heads import HEAD_FILE
+from bidirlm_jax.losses import classification
 from bidirlm_jax.models.heads import IGNORE_INDEX, EncoderWithHead, HeadConfig
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.loop import model_config
@@ -110,7 +112,7 @@ def test_losses_are_sums_the_engine_divides():
     logits = jnp.asarray([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]])
     batch = {"input_ids": jnp.zeros((2, 4), jnp.int32), "attention_mask": jnp.ones((2, 4), jnp.int32),
              "labels": jnp.asarray([0, 2])}  # fmt: skip
-    loss, count, metrics = finetune.classification_loss(_fake_model(logits), batch, None)
+    loss, count, metrics = classification.classification_loss(_fake_model(logits), batch, None)
     # Cross-entropy from its definition, log Σ exp(logits) − logit[label], one term per row
     expected = math.log(math.exp(2) + 1 + math.exp(-1)) - 2 + math.log(1 + math.e + math.exp(0.5)) - 0.5
     assert float(loss) == pytest.approx(
@@ -118,12 +120,12 @@ def test_losses_are_sums_the_engine_divides():
     )  # fp32 exp/log of 3 logits: a few ulps and float(count) == 2 and float(metrics["accuracy"]) == 1
 
     batch["labels"] = jnp.asarray([0.5, -1.0])
-    loss, count, metrics = finetune.regression_loss(_fake_model(jnp.asarray([1.0, 1.0])), batch, None)
+    loss, count, metrics = classification.regression_loss(_fake_model(jnp.asarray([1.0, 1.0])), batch, None)
     assert float(loss) == pytest.approx(0.25 + 4.0) and float(count) == 2 and float(metrics["abs_error"]) == 2.5
 
     token_logits = jnp.zeros((1, 4, 3)).at[0, 1, 2].set(5.0)
     batch["labels"] = jnp.asarray([[IGNORE_INDEX, 2, 0, IGNORE_INDEX]])
-    loss, count, metrics = finetune.token_classification_loss(_fake_model(token_logits), batch, None)
+    loss, count, metrics = classification.token_classification_loss(_fake_model(token_logits), batch, None)
     per = math.log(2 + math.exp(5)) - 5 + math.log(3)  # token 1 (label 2, logit 5) and token 2 (all zero)
     assert float(loss) == pytest.approx(per, rel=1e-6) and float(count) == 2 and float(metrics["accuracy"]) == 2
 
@@ -150,7 +152,7 @@ def test_objective_brings_model_params_evaluation_and_run_files(tmp_path, tokeni
     # the standalone evaluation (any split, tokenised as training does) equals the objective's
     validation = labeled.synthetic_split("classification", 256, seed=0, name="validation")
     tokenizer = load_tokenizer(tokenizer_dir)
-    direct = finetune.evaluate(model, tokenizer, validation, label_map=obj.label_map, max_length=32, batch_size=7)
+    direct = evals_finetune.evaluate(model, tokenizer, validation, label_map=obj.label_map, max_length=32, batch_size=7)
     assert direct == pytest.approx(obj.evaluate(model))
     assert set(direct) == {"accuracy", "macro_f1", "loss", "examples", "truncated"}
 
@@ -176,7 +178,7 @@ def test_a_label_count_that_disagrees_with_the_head_is_refused(tmp_path, tokeniz
     obj = _build(_config("classification", tokenizer_dir), tmp_path)
     model = EncoderWithHead(model_config(_config().model), HeadConfig("classification", 3), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="head has 3 outputs but the label map has 2 labels"):
-        finetune.evaluate(model, load_tokenizer(tokenizer_dir), labeled.synthetic_split("classification", 4, seed=0),
+        evals_finetune.evaluate(model, load_tokenizer(tokenizer_dir), labeled.synthetic_split("classification", 4, seed=0),
                           label_map=obj.label_map)  # fmt: skip
     with pytest.raises(ConfigError, match=r"finetune.num_labels=3 but the classification data has 2 labels"):
         _build(_config("classification", tokenizer_dir, num_labels=3), tmp_path)
@@ -264,8 +266,3 @@ def test_presets_are_complete():
         c = get_config(preset)
         assert c.objective in finetune.OBJECTIVES and c.finetune.pooling in finetune.POOLINGS
     assert get_config("pan-x").finetune.tags_field == "ner_tags" and get_config("xnli").optim.warmup_steps == 1000
-
-
-def test_is_better():
-    assert finetune.is_better(0.5, None) and finetune.is_better(0.6, 0.5) and not finetune.is_better(0.5, 0.5)
-    assert not finetune.is_better(float("nan"), None)

@@ -12,12 +12,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.losses.infonce import contrastive_loss_and_metrics
 from bidirlm_jax.models.config import FULL
 from bidirlm_jax.models.pooling import pool
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
-from bidirlm_jax.train.infonce import contrastive_loss_and_metrics
 
 STATIC = ("chunk_size", "temperature", "pooling", "gather", "num_shards", "mask_duplicates")
 # Unoptimised CPU code compiles ~2.5x faster, and these tests are compile-bound

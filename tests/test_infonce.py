@@ -13,17 +13,13 @@ from flax import nnx
 from bidirlm_jax import sharding
 from bidirlm_jax.configs import contrastive as contrastive_configs
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.losses.infonce import contrastive_loss, contrastive_loss_and_metrics, text_keys
 from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.transformer import abstract_model
 from bidirlm_jax.testing.tolerance import fp32_tol
 from bidirlm_jax.train import build_objective
-from bidirlm_jax.train.infonce import (
-    contrastive_flops_per_step,
-    contrastive_loss,
-    contrastive_loss_and_metrics,
-    text_keys,
-)
+from bidirlm_jax.train.objectives.contrastive import contrastive_flops_per_step
 from bidirlm_jax.train.state import StateLayout
 
 D = 16  # embedding width of these tests

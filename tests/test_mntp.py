@@ -13,6 +13,7 @@ from flax import nnx
 import bidirlm_jax
 from bidirlm_jax.data.mntp import _random_tokens, mask_tokens
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.losses.mntp import capacity, make_mntp_loss, mntp_loss_from_mask, target_losses
 from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.transformer import Transformer
@@ -20,13 +21,7 @@ from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.testing import reference as hm
 from bidirlm_jax.testing.tolerance import fp32_tol
 from bidirlm_jax.train.objectives.base import token_sum_grads
-from bidirlm_jax.train.objectives.mntp import (
-    capacity,
-    logged_metrics,
-    make_mntp_loss,
-    mntp_loss_from_mask,
-    target_losses,
-)
+from bidirlm_jax.train.objectives.mntp import logged_metrics
 from bidirlm_jax.train.state import StateLayout
 
 VOCAB, MASK_ID, BOS = 512, 4, 2

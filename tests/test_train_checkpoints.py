@@ -1,15 +1,17 @@
-"""Train checkpoints: round trip (state, meta), resharding on restore, refusals by name, and the
-temporary directories of killed saves."""
+"""Train checkpoints: round trip (state, meta), resharding on restore, refusals by name, the
+temporary directories of killed saves, and the best validation step kept beside them."""
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
+from bidirlm_jax.io.heads import read_best
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
-from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
+from bidirlm_jax.train.checkpoints import BestStep, Checkpointer, is_better, latest_step
 from bidirlm_jax.train.config import base_config, data_stream
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout, param_shapes
@@ -98,3 +100,22 @@ def test_opening_a_directory_removes_saves_a_killed_run_never_committed(saved, t
     Checkpointer(directory, save_every=1, keep=1).close()
     assert not ocp.utils.tmp_checkpoints(directory) and (directory / "notes").is_dir()
     assert latest_step(directory) == 1
+
+
+def test_is_better():
+    assert is_better(0.5, None) and is_better(0.6, 0.5) and not is_better(0.5, 0.5)
+    assert not is_better(float("nan"), None)
+
+
+def test_best_step_keeps_only_improvements_and_resumes_from_the_recorded_best(tmp_path):
+    params = nnx.State({"w": nnx.Param(np.arange(4, dtype=np.float32))})
+    best = BestStep(tmp_path, "accuracy")
+    assert best.value is None
+    assert best.offer(2, params, {"accuracy": 0.5, "loss": 1.0})
+    assert not best.offer(4, params, {"accuracy": 0.4, "loss": 0.9})  # worse: RUN/best/ keeps step 2
+    assert not best.offer(5, params, {"accuracy": float("nan"), "loss": 0.9})
+    assert read_best(tmp_path) == {"step": 2, "metrics": {"accuracy": 0.5, "loss": 1.0}}
+    resumed = BestStep(tmp_path, "accuracy")  # a resumed run competes with the best its earlier part kept
+    assert resumed.value == 0.5
+    assert not resumed.offer(6, params, {"accuracy": 0.5})
+    assert resumed.offer(7, params, {"accuracy": 0.75}) and read_best(tmp_path)["step"] == 7

@@ -18,9 +18,9 @@ import pytest
 from bidirlm_jax.cli import main as cli_main
 from bidirlm_jax.errors import BidirLMError, ConfigError
 from bidirlm_jax.io.hf_config import config_to_hf
+from bidirlm_jax.losses.causal_lm import causal_lm_loss
 from bidirlm_jax.train import parse_train_args, train
 from bidirlm_jax.train.checkpoints import latest_step
-from bidirlm_jax.train.objectives.causal_lm import causal_lm_loss
 from tests import procs
 from tests.cluster import check, run_cluster
 

@@ -11,12 +11,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from bidirlm_jax.losses.causal_lm import causal_lm_loss
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import logical_to_spec, make_mesh
 from bidirlm_jax.testing.tolerance import EPS32, fp32_tol, ulps
 from bidirlm_jax.train.config import base_config
 from bidirlm_jax.train.objectives import token_sum_grads
-from bidirlm_jax.train.objectives.causal_lm import causal_lm_loss
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout
 from bidirlm_jax.train.step import jit_step, make_step_fn

@@ -99,3 +99,18 @@ def _deal(counts: np.ndarray, period: int) -> np.ndarray:
         sources[t] = np.argmin(np.where(released, deadlines, np.iinfo(np.int64).max))
         dealt[sources[t]] += 1
     return sources
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float, str]]:
+    """`"NAME:WEIGHT:PATH;NAME:WEIGHT:PATH"` (`data.mixture`) → [(name, weight, path)]."""
+    entries = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        fields = part.split(":", 2)
+        try:
+            name, weight, path = fields
+            entries.append((name, float(weight), path))
+        except ValueError:
+            raise ConfigError(
+                f"data.mixture entry {part!r} is not NAME:WEIGHT:PATH (e.g. 'english:0.8:/data/fineweb;code:0.2:/data/stack')"
+            ) from None
+    return entries

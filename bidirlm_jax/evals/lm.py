@@ -1,6 +1,6 @@
 """MNTP on held-out text: masked-token accuracy and loss, the numbers that say whether adaptation worked.
 
-Scored exactly as training scores (`train.objectives.mntp`: the state at j predicts the masked token at j + 1), with
+Scored with training's own loss (`losses.mntp`: the state at j predicts the masked token at j + 1), with
 BidirLM's masking (each eligible token replaced by the mask id with probability `mask_ratio`). Masks are
 drawn per text from `(seed, text index)`, so the score depends on neither batch size nor order. Special
 tokens, padding and each text's first token (nothing precedes it) are never masked. Texts are sorted by
@@ -29,8 +29,8 @@ from bidirlm_jax.data.sources import iter_documents
 from bidirlm_jax.data.tokenizer import resolve_mask_token
 from bidirlm_jax.embed.encode import bucket_lengths, pad_batch, tokenize
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.losses.mntp import mntp_loss_from_mask
 from bidirlm_jax.models.transformer import Transformer
-from bidirlm_jax.train.objectives.mntp import mntp_loss_from_mask
 
 log = logging.getLogger(__name__)
 

@@ -8,11 +8,14 @@ asynchronous and keep the last N; orbax commits a step only when every item is w
 run never leaves a half checkpoint that resuming would pick up (the temporary directories of such
 saves are removed when the next run opens the directory). `meta` lets a resume refuse, by name, a
 checkpoint of a different model or one that read a different data stream.
+
+`BestStep` keeps, beside them, the parameters of the step with the best validation score (`RUN/best/`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -20,8 +23,10 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
+from bidirlm_jax.io.heads import read_best, save_best
 from bidirlm_jax.train.state import TrainState
 
 
@@ -156,3 +161,27 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+def is_better(value: float, best: float | None) -> bool:
+    """Whether a validation value beats the best so far (higher is better; NaN never wins)."""
+    return not math.isnan(value) and (best is None or value > best)
+
+
+class BestStep:
+    """The parameters of the step whose validation `metric` is highest, kept in `RUN/best/`
+    (`io.heads.save_best`); a resumed run starts from the best score its earlier part recorded."""
+
+    def __init__(self, workdir: Path, metric: str):
+        self._workdir, self.metric = workdir, metric
+        best = read_best(workdir)
+        self.value: float | None = best["metrics"].get(metric) if best else None
+
+    def offer(self, step: int, params: nnx.State, scores: dict[str, float]) -> bool:
+        """Keep `params` if `scores[metric]` beats the best so far (every process calls this: a collective
+        save); True if kept."""
+        if not is_better(scores[self.metric], self.value):
+            return False
+        self.value = scores[self.metric]
+        save_best(self._workdir, params, step=step, metrics=scores)
+        return True

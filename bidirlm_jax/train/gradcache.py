@@ -27,8 +27,8 @@ from flax import nnx
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.losses.infonce import contrastive_loss_and_metrics, text_keys
 from bidirlm_jax.models.pooling import pool
-from bidirlm_jax.train.infonce import contrastive_loss_and_metrics, text_keys
 
 GATHER_MODES = ("global", "local")
 

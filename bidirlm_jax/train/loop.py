@@ -27,6 +27,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+import bidirlm_jax.train.metrics as metrics_lib
+import bidirlm_jax.train.runlog as runlog
 from bidirlm_jax import distributed
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
@@ -38,9 +40,7 @@ from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.paths import user_path
 from bidirlm_jax.sharding import make_mesh
-from bidirlm_jax.train import metrics as metrics_lib
-from bidirlm_jax.train import runlog
-from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
+from bidirlm_jax.train.checkpoints import BestStep, Checkpointer, latest_step
 from bidirlm_jax.train.config import data_stream, model_overrides, validate
 from bidirlm_jax.train.objectives import LossFn, Objective, build_objective, causal_lm
 from bidirlm_jax.train.optim import make_optimizer
@@ -235,29 +235,23 @@ def _write_model_description(workdir: Path, plan: _Plan) -> None:
 
 class _Validation:
     """Every `objective.eval_every` steps (and at the last one): score the model on the validation split,
-    log `eval/<metric>`, and keep the best step's parameters in `RUN/best/` (`io.heads.save_best`) when the
-    objective names a `best_metric`."""
+    log `eval/<metric>`, and keep the best step (`checkpoints.BestStep`) when the objective names a
+    `best_metric`."""
 
     def __init__(self, workdir: Path, plan: _Plan, last_step: int):
-        from bidirlm_jax.io.heads import read_best
-
-        self._workdir, self._plan, self._last = workdir, plan, last_step
-        best = read_best(workdir) if plan.objective.evaluate is not None else None
-        self._best = best["metrics"].get(plan.objective.best_metric) if best else None
+        self._plan, self._last = plan, last_step
+        objective = plan.objective
+        keeps = objective.evaluate is not None and objective.best_metric
+        self._best = BestStep(workdir, objective.best_metric) if keeps else None
 
     def due(self, step: int) -> bool:
         every = self._plan.objective.eval_every
         return self._plan.objective.evaluate is not None and (step == self._last or (every and step % every == 0))
 
     def run(self, step: int, state) -> dict[str, float]:
-        from bidirlm_jax.io.heads import save_best
-        from bidirlm_jax.train.objectives.finetune import is_better
-
-        objective = self._plan.objective
-        scores = objective.evaluate(nnx.merge(self._plan.layout.graphdef, state.params))
-        if objective.best_metric and is_better(scores[objective.best_metric], self._best):
-            self._best = scores[objective.best_metric]
-            save_best(self._workdir, state.params, step=step, metrics=scores)
+        scores = self._plan.objective.evaluate(nnx.merge(self._plan.layout.graphdef, state.params))
+        if self._best is not None:
+            self._best.offer(step, state.params, scores)
         return {f"eval/{k}": float(v) for k, v in scores.items()}
 
 

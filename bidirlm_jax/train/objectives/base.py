@@ -22,11 +22,9 @@ from ml_collections import ConfigDict
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
+from bidirlm_jax.losses.base import Batch, LossFn
 from bidirlm_jax.models.config import ModelConfig
 
-Batch = Mapping[str, jax.Array]
-# loss_fn(model, batch, rng) -> (sum of per-item losses, item count, metric sums over the same items)
-LossFn = Callable[[nnx.Module, Batch, jax.Array], tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 # grad_fn(graphdef, params, batch, rng) -> (mean loss, mean gradients, item count, mean metrics) of a global batch
 GradFn = Callable[[nnx.GraphDef, nnx.State, Batch, jax.Array], tuple[jax.Array, nnx.State, jax.Array, dict]]
 
@@ -147,9 +145,9 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     for a tiny model (`trains_on_user_text`) — a byte-level BPE of the model's vocabulary size trained on
     that text (deterministic, so a resumed run trains the same one). Checked against the model's embedding."""
     from bidirlm_jax.data.corpora import stdlib_docstrings
+    from bidirlm_jax.data.mixture import parse_mixture
     from bidirlm_jax.data.sources import iter_documents
     from bidirlm_jax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
-    from bidirlm_jax.train.objectives.text import parse_mixture
 
     data = config.data
     saved = workdir / RUN_MODEL_DIR  # where the engine saves it (`loop._write_model_description`)

@@ -1,4 +1,4 @@
-"""The contrastive objective: cosine InfoNCE over in-batch and hard negatives (`train.infonce`), with its
+"""The contrastive objective: cosine InfoNCE over in-batch and hard negatives (`losses.infonce`), with its
 gradient formed by GradCache (`train.gradcache`) — token-sum accumulation over micro-batches would be
 wrong here, since every query's candidates span the whole batch.
 
@@ -26,7 +26,6 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES, ModelConfig
 from bidirlm_jax.paths import user_path
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
-from bidirlm_jax.train.infonce import contrastive_flops_per_step
 from bidirlm_jax.train.objectives.base import Objective, check_data_path, run_tokenizer
 
 SOURCES = ("pairs", "stdlib")
@@ -124,3 +123,21 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         tokenizer=tokenizer,
         key_metric="in_batch_accuracy",
     )
+
+
+def contrastive_flops_per_step(
+    config: ModelConfig, *, batch_size: int, query_len: int, doc_len: int, num_negatives: int, chunked: bool
+) -> float:
+    """Model FLOPs of one step over the padded batch shapes: every text's encoder forward (no LM head) with
+    full T² attention, times 3 for forward + backward, or 4 with GradCache (its second forward per chunk)."""
+    d, hd = config.hidden_size, config.head_dim
+    matmuls = config.num_layers * (
+        d * hd * (2 * config.num_heads + 2 * config.num_kv_heads) + 3 * d * config.intermediate_size
+    )
+
+    def forward(length: int) -> float:
+        attention = config.num_layers * 4 * config.num_heads * hd * length  # scores and values, per token
+        return length * (2 * matmuls + attention)
+
+    texts = batch_size * forward(query_len) + batch_size * (1 + num_negatives) * forward(doc_len)
+    return (4.0 if chunked else 3.0) * texts

@@ -7,18 +7,16 @@ file or directory, or `hf:NAME[:CONFIG]`, split `finetune.train_split`) and the 
 `data.source="synthetic"` generates a small task (offline presets and tests). Examples are cut to
 `data.seq_len` tokens and every row is padded to it.
 
-Losses (`token_sum_grads`, so gradient accumulation is exact): cross-entropy per example
-(classification), squared error per example (regression), cross-entropy per labelled token — each
-word's first sub-token — (token classification). Step metrics: `accuracy` (classification, token
-classification), `abs_error` (regression). Dropout draws from the step's RNG.
+Losses (`losses.classification`, through `token_sum_grads`, so gradient accumulation is exact): step
+metrics `accuracy` (classification, token classification), `abs_error` (regression).
 
 What the engine needs beyond `Objective` (`FinetuneObjective`):
 - `model_factory(rngs) -> EncoderWithHead`: the model the train state holds (instead of a `Transformer`);
 - `init_params(encoder_params) -> params`: a start from `model.init_from` (the encoder's parameters as
   loaded, plus the head `model_factory` would create);
 - `evaluate(model) -> {metric: value}` on the validation split (accuracy and macro-F1; Pearson, Spearman
-  and MSE; entity precision/recall/F1 and word accuracy — `evals.metrics`), plus `loss`, `examples`,
-  `truncated`; `best_metric` (higher is better) picks the checkpoint to keep; `eval_every` steps
+  and MSE; entity precision/recall/F1 and word accuracy — `evals.finetune`), plus `loss`, `examples`,
+  `truncated`; `best_metric` (higher is better) picks the step the engine keeps (`checkpoints.BestStep`); `eval_every` steps
   (0: at the end only);
 - `run_files`: `{name: text}` to write into the run's `model/` directory (`head.json`: the head and its
   label map, which `io.heads` reads back to export the run).
@@ -29,19 +27,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from pathlib import Path
 
 import grain
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
 from ml_collections import ConfigDict
 
 from bidirlm_jax.data.labeled import (
-    Encoded,
     Fields,
     LabeledSplit,
     LabelMap,
@@ -55,21 +46,15 @@ from bidirlm_jax.data.labeled import (
     synthetic_texts,
 )
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.evals.metrics import (
-    BEST_METRIC,
-    TASK_METRICS,
-    classification_metrics,
-    regression_metrics,
-    token_classification_metrics,
-)
+from bidirlm_jax.evals.finetune import evaluate_encoded
+from bidirlm_jax.evals.metrics import BEST_METRIC, TASK_METRICS
 from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
 from bidirlm_jax.io.heads import HEAD_FILE, describe, read_description
+from bidirlm_jax.losses.classification import LOSSES
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.heads import IGNORE_INDEX, TASKS, HeadConfig, model_factory, with_encoder_params
+from bidirlm_jax.models.heads import TASKS, HeadConfig, model_factory, with_encoder_params
 from bidirlm_jax.train.metrics import training_flops_per_token
 from bidirlm_jax.train.objectives.base import (
-    Batch,
-    LossFn,
     Objective,
     check_data_path,
     missing_tokenizer,
@@ -81,149 +66,6 @@ OBJECTIVES = TASKS  # objective name = task name
 SOURCES = ("labeled", "synthetic")
 POOLINGS = ("auto", "mean", "first", "last", "late")  # auto: last for causal, mean for bidirectional (the paper)
 CLASSIFIER_SETTINGS = ("auto", "linear", "eurobert")  # auto: eurobert for late pooling, else linear
-
-
-# --- losses ---------------------------------------------------------------------------------------
-
-
-def classification_loss(model: nnx.Module, batch: Batch, rng: jax.Array):
-    """Cross-entropy summed over the batch's examples; counts examples; sums correct predictions."""
-    logits = model(batch["input_ids"], batch["attention_mask"], rng=rng).logits
-    labels = jnp.asarray(batch["labels"], jnp.int32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-    return jnp.sum(losses), jnp.asarray(labels.shape[0], jnp.float32), {"accuracy": jnp.sum(correct)}
-
-
-def regression_loss(model: nnx.Module, batch: Batch, rng: jax.Array):
-    """Squared error summed over the batch's examples; counts examples; sums absolute errors."""
-    predictions = model(batch["input_ids"], batch["attention_mask"], rng=rng).logits
-    error = predictions - jnp.asarray(batch["labels"], jnp.float32)
-    return jnp.sum(error * error), jnp.asarray(error.shape[0], jnp.float32), {"abs_error": jnp.sum(jnp.abs(error))}
-
-
-def token_classification_loss(model: nnx.Module, batch: Batch, rng: jax.Array):
-    """Cross-entropy summed over labelled tokens (labels != IGNORE_INDEX); counts them; sums correct ones."""
-    logits = model(batch["input_ids"], batch["attention_mask"], rng=rng).logits
-    labels = jnp.asarray(batch["labels"], jnp.int32)
-    valid = labels != IGNORE_INDEX
-    safe = jnp.where(valid, labels, 0)
-    weight = valid.astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
-    correct = (jnp.argmax(logits, axis=-1) == safe).astype(jnp.float32)
-    return jnp.sum(losses * weight), jnp.sum(weight), {"accuracy": jnp.sum(correct * weight)}
-
-
-LOSSES: dict[str, LossFn] = {
-    "classification": classification_loss,
-    "regression": regression_loss,
-    "token_classification": token_classification_loss,
-}
-
-
-# --- evaluation -----------------------------------------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params)(ids, mask).logits
-
-
-def predict(model: nnx.Module, encoded: Encoded, *, pad: int, batch_size: int = 32) -> list[np.ndarray]:
-    """The model's logits for every example of `encoded`, in order (each cut to its own length for token
-    tasks). Examples are sorted by length into fixed-size batches padded to a few bucket lengths, so the
-    forward compiles a handful of shapes; a last short batch is filled with copies of a real row."""
-    from bidirlm_jax.embed.encode import bucket_lengths
-
-    n = len(encoded)
-    if n == 0:
-        raise ConfigError("nothing to evaluate: the split holds no examples")
-    if batch_size <= 0:
-        raise ConfigError(f"evaluation batch size {batch_size} must be positive")
-    lengths = encoded.lengths
-    longest = int(lengths.max())
-    buckets = np.asarray(bucket_lengths(max(longest, 1)))
-    graphdef, params = nnx.split(model)
-    order = np.argsort(lengths, kind="stable")
-    out: list[np.ndarray | None] = [None] * n
-    for lo in range(0, n, batch_size):
-        picked = order[lo : lo + batch_size]
-        width = int(buckets[np.searchsorted(buckets, lengths[picked].max())])
-        rows = [encoded.row(int(i), width, pad) for i in picked]
-        rows += [rows[-1]] * (batch_size - len(rows))
-        ids = np.stack([r["input_ids"] for r in rows])
-        mask = np.stack([r["attention_mask"] for r in rows])
-        logits = np.asarray(jax.device_get(_logits(graphdef, params, ids, mask)), np.float32)
-        for k, i in enumerate(picked):
-            out[int(i)] = logits[k, : lengths[i]] if encoded.task == "token_classification" else logits[k]
-    return out  # type: ignore[return-value]
-
-
-def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    return -np.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
-
-
-def evaluate_encoded(
-    model: nnx.Module, encoded: Encoded, label_map: LabelMap, *, pad: int, batch_size: int = 32
-) -> dict[str, float]:
-    """Validation metrics of `model` on an encoded split (see `evaluate`)."""
-    head = getattr(model, "head_config", None)
-    if head is None or head.task != label_map.task:
-        raise ConfigError(f"the model has no {label_map.task} head (got {head}); build it with models.heads")
-    if head.num_labels != label_map.num_labels:
-        raise ConfigError(
-            f"the model's head has {head.num_labels} outputs but the label map has {label_map.num_labels} labels "
-            f"{list(label_map.names)}; evaluate with the label map the model was trained with"
-        )
-    logits = predict(model, encoded, pad=pad, batch_size=batch_size)
-    out: dict[str, float] = {}
-    if encoded.task == "regression":
-        predictions = np.asarray(logits, np.float64)
-        out.update(regression_metrics(encoded.labels, predictions))
-        out["loss"] = float(np.mean((predictions - encoded.labels) ** 2))
-    elif encoded.task == "classification":
-        stacked = np.stack(logits)
-        out.update(classification_metrics(encoded.labels, stacked.argmax(axis=-1)))
-        out["loss"] = float(np.mean(_cross_entropy(stacked, encoded.labels)))
-    else:
-        names = np.asarray(label_map.names, dtype=object)
-        true, pred, losses = [], [], []
-        for row_logits, tags, starts in zip(logits, encoded.word_labels, encoded.word_starts):
-            kept = starts >= 0
-            if not kept.any():
-                continue
-            at = row_logits[starts[kept]]
-            true.append(list(names[tags[kept]]))
-            pred.append(list(names[at.argmax(axis=-1)]))
-            losses.append(_cross_entropy(at, tags[kept]))
-        if not true:
-            raise ConfigError("no word of the split kept a token within data.seq_len; raise data.seq_len")
-        out.update(token_classification_metrics(true, pred))
-        out["loss"] = float(np.mean(np.concatenate(losses)))
-        out["dropped_words"] = float(encoded.num_dropped_words)
-    out["examples"] = float(len(encoded))
-    out["truncated"] = float(encoded.num_truncated)
-    return out
-
-
-def evaluate(
-    model: nnx.Module,
-    tokenizer,
-    split: LabeledSplit,
-    *,
-    label_map: LabelMap,
-    max_length: int = 512,
-    batch_size: int = 32,
-    word_separator: str = " ",
-) -> dict[str, float]:
-    """Metrics of a fine-tuned `model` (`EncoderWithHead`) on a labeled split: tokenise it as training
-    did, predict, score (`evals.metrics`). Keys: classification `accuracy`, `macro_f1`; regression
-    `pearson`, `spearman`, `mse`; token classification `precision`, `recall`, `f1` (entities), `accuracy`
-    (words), `dropped_words`; always `loss` (the training loss on this split), `examples`, `truncated`."""
-    encoded = encode_split(split, tokenizer, label_map, max_length=max_length, word_separator=word_separator)
-    return evaluate_encoded(model, encoded, label_map, pad=pad_id(tokenizer), batch_size=batch_size)
 
 
 # --- the objective of a run -----------------------------------------------------------------------
@@ -413,18 +255,8 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneO
     )
 
 
-def is_better(value: float, best: float | None) -> bool:
-    """Whether a validation value beats the best so far (higher is better; NaN never wins)."""
-    return not math.isnan(value) and (best is None or value > best)
-
-
 __all__ = [
-    "LOSSES",
     "FinetuneObjective",
     "build",
-    "evaluate",
-    "evaluate_encoded",
-    "is_better",
     "load_splits",
-    "predict",
 ]

@@ -14,7 +14,7 @@ import grain
 from ml_collections import ConfigDict
 
 from bidirlm_jax.data.corpora import stdlib_docstrings
-from bidirlm_jax.data.mixture import MixtureSource, mixture_dataset
+from bidirlm_jax.data.mixture import MixtureSource, mixture_dataset, parse_mixture
 from bidirlm_jax.data.packing import packed_dataset
 from bidirlm_jax.data.tokenize import Corpus, load_corpus, tokenize_documents
 from bidirlm_jax.errors import ConfigError
@@ -28,21 +28,6 @@ class PackedText:
     rows: grain.MapDataset  # global packed rows (mixture rows carry `source`)
     source_names: list[str]  # the mixture's source names, in `source` order; empty without a mixture
     special_ids: list[int]  # ids never masked (BERT-style random replacements avoid them too)
-
-
-def parse_mixture(spec: str) -> list[tuple[str, float, str]]:
-    """`"NAME:WEIGHT:PATH;NAME:WEIGHT:PATH"` (`data.mixture`) → [(name, weight, path)]."""
-    entries = []
-    for part in filter(None, (p.strip() for p in spec.split(";"))):
-        fields = part.split(":", 2)
-        try:
-            name, weight, path = fields
-            entries.append((name, float(weight), path))
-        except ValueError:
-            raise ConfigError(
-                f"data.mixture entry {part!r} is not NAME:WEIGHT:PATH (e.g. 'english:0.8:/data/fineweb;code:0.2:/data/stack')"
-            ) from None
-    return entries
 
 
 def _corpus(data: ConfigDict, path: str, tokenizer) -> Corpus:

@@ -1,4 +1,4 @@
-"""The contrastive objective's loss: cosine InfoNCE with in-batch and hard negatives, and its FLOPs.
+"""The contrastive loss: cosine InfoNCE with in-batch and hard negatives.
 
 The definition is sentence-transformers' `MultipleNegativesRankingLoss` (which BidirLM trained with, in its
 cached form): each query is scored against every positive and every hard negative of the batch, the target
@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.models.config import ModelConfig
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # TPUs multiply fp32 in bf16 passes by default
 
@@ -108,21 +107,3 @@ def text_keys(ids: jax.Array, mask: jax.Array) -> jax.Array:
     t = tokens.shape[-1]
     weights = jax.random.bits(jax.random.key(0), (2, t), jnp.uint32) | jnp.uint32(1)  # odd multipliers
     return jnp.sum(tokens[..., None, :] * weights, axis=-1, dtype=jnp.uint32)
-
-
-def contrastive_flops_per_step(
-    config: ModelConfig, *, batch_size: int, query_len: int, doc_len: int, num_negatives: int, chunked: bool
-) -> float:
-    """Model FLOPs of one step over the padded batch shapes: every text's encoder forward (no LM head) with
-    full T² attention, times 3 for forward + backward, or 4 with GradCache (its second forward per chunk)."""
-    d, hd = config.hidden_size, config.head_dim
-    matmuls = config.num_layers * (
-        d * hd * (2 * config.num_heads + 2 * config.num_kv_heads) + 3 * d * config.intermediate_size
-    )
-
-    def forward(length: int) -> float:
-        attention = config.num_layers * 4 * config.num_heads * hd * length  # scores and values, per token
-        return length * (2 * matmuls + attention)
-
-    texts = batch_size * forward(query_len) + batch_size * (1 + num_negatives) * forward(doc_len)
-    return (4.0 if chunked else 3.0) * texts
