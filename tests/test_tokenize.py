@@ -12,8 +12,8 @@ from bidirlm_jax.data.corpora import stdlib_docstrings
 from bidirlm_jax.data.packing import packed_dataset
 from bidirlm_jax.data.sources import iter_documents
 from bidirlm_jax.data.tokenize import Corpus, load_corpus, tokenize_corpus, tokenize_documents
-from bidirlm_jax.data.tokenizer import train_tokenizer
 from bidirlm_jax.errors import BidirLMError, ConfigError
+from bidirlm_jax.io.tokenizer import train_tokenizer
 
 TEXTS = [doc for _, doc in stdlib_docstrings()][:120]
 
@@ -27,7 +27,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    from bidirlm_jax.data.tokenizer import load_tokenizer
+    from bidirlm_jax.io.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 
@@ -230,7 +230,7 @@ def test_a_recorded_mask_token_keeps_the_corpus(corpus_file, tmp_path):
     """Continuing MNTP from an MNTP checkpoint: its tokenizer records the mask token (now special), ids unchanged."""
     import shutil
 
-    from bidirlm_jax.data.tokenizer import load_tokenizer, set_mask_token
+    from bidirlm_jax.io.tokenizer import load_tokenizer, set_mask_token
 
     base = _reserved_row_tokenizer(tmp_path / "base")
     mntp = shutil.copytree(base, tmp_path / "mntp")
@@ -257,7 +257,7 @@ def test_a_recorded_mask_token_keeps_the_corpus(corpus_file, tmp_path):
 
 def test_a_corpus_written_before_tokenizer_hashes_still_loads(corpus_file, tmp_path):
     """Old manifests carry no backend hash: their special ids are compared, mask tokens aside."""
-    from bidirlm_jax.data.tokenizer import load_tokenizer, set_mask_token
+    from bidirlm_jax.io.tokenizer import load_tokenizer, set_mask_token
 
     base = _reserved_row_tokenizer(tmp_path / "base")
     out = tokenize_corpus(corpus_file, tmp_path / "tokens", base, progress=False)

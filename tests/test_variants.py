@@ -60,8 +60,8 @@ def base_dir(tmp_path_factory):
     from flax import nnx
 
     from bidirlm_jax.data.corpora import stdlib_docstrings
-    from bidirlm_jax.data.tokenizer import train_tokenizer
     from bidirlm_jax.io.hf import save_pretrained, tokenizer_files
+    from bidirlm_jax.io.tokenizer import train_tokenizer
     from bidirlm_jax.models.presets import get_preset
     from bidirlm_jax.models.transformer import Transformer
 

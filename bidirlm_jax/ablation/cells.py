@@ -166,8 +166,8 @@ def _retrieval_metrics(
 ) -> dict[str, float]:
     """The retrieval scores of the fine-tuned model (`run`), or of the variant as it is (`run` None), its queries
     instructed as `instruction` chose (`query_instruction`)."""
-    from bidirlm_jax.data.tokenizer import load_tokenizer
     from bidirlm_jax.io.hf import from_pretrained
+    from bidirlm_jax.io.tokenizer import load_tokenizer
 
     if run is not None:
         model, tokenizer, source = from_pretrained(run, attention=variant.attention), load_tokenizer(run / "model"), run

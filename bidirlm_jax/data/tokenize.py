@@ -206,7 +206,7 @@ def tokenize_corpus(
     """
     out = check_destination(out_dir, overwrite=overwrite)
     if isinstance(tokenizer, (str, os.PathLike)):
-        from bidirlm_jax.data.tokenizer import load_tokenizer
+        from bidirlm_jax.io.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
     record = {**tokenizer_record(tokenizer), "backend_sha256": backend_sha256(tokenizer)}

@@ -316,9 +316,8 @@ def export_finetuned(
     """A fine-tuning run (`bidirlm train --config configs/finetune.py`) → transformers classifier directory
     (a sentence-transformers one for the eurobert head), with the run's tokenizer and label map; `step` as
     `load_finetuned` takes it (default: the best one)."""
-    from bidirlm_jax.data.labeled import pad_id
-    from bidirlm_jax.data.tokenizer import load_tokenizer
     from bidirlm_jax.io.st_heads import export_st_classifier
+    from bidirlm_jax.io.tokenizer import load_tokenizer, pad_id
 
     run = Path(run)
     description = read_description(run)

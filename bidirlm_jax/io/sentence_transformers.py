@@ -193,7 +193,7 @@ def _write_st_files(
 
 def _record_mask_token(out: Path, tokenizer: Any, family: str) -> None:
     """Keep the mask token MNTP trained with findable: a Qwen3 tokenizer without one gets BidirLM's reserved row."""
-    from bidirlm_jax.data.tokenizer import resolve_mask_token, set_mask_token
+    from bidirlm_jax.io.tokenizer import resolve_mask_token, set_mask_token
 
     if tokenizer.mask_token is not None or not (out / "tokenizer.json").is_file():
         return
@@ -282,7 +282,7 @@ def _check_source(src: Path) -> None:
 
 
 def _load_tokenizer(path: Path) -> Any:
-    from bidirlm_jax.data.tokenizer import load_tokenizer  # transformers, imported only when a tokenizer is read
+    from bidirlm_jax.io.tokenizer import load_tokenizer  # transformers, imported only when a tokenizer is read
 
     try:
         return load_tokenizer(description_dir(path))

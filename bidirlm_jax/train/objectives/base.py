@@ -140,7 +140,7 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     that text (deterministic, so a resumed run trains the same one). Checked against the model's embedding."""
     from bidirlm_jax.data.corpora import stdlib_docstrings
     from bidirlm_jax.data.sources import iter_documents
-    from bidirlm_jax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+    from bidirlm_jax.io.tokenizer import check_vocab, load_tokenizer, train_tokenizer
     from bidirlm_jax.train.objectives.text import parse_mixture
 
     data = config.data

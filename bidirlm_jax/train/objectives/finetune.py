@@ -41,19 +41,15 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from bidirlm_jax.data.labeled import (
-    Encoded,
     Fields,
     LabeledSplit,
     LabelMap,
-    TrainRows,
     build_label_map,
     check_labels,
-    encode_split,
-    pad_id,
     read_split,
-    synthetic_split,
-    synthetic_texts,
 )
+from bidirlm_jax.data.labeled_rows import Encoded, TrainRows, encode_split
+from bidirlm_jax.data.labeled_synthetic import synthetic_split, synthetic_texts
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.metrics import (
     BEST_METRIC,
@@ -64,6 +60,7 @@ from bidirlm_jax.evals.metrics import (
 )
 from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
 from bidirlm_jax.io.heads import HEAD_FILE, describe, read_description
+from bidirlm_jax.io.tokenizer import pad_id
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.heads import IGNORE_INDEX, TASKS, HeadConfig, model_factory, with_encoder_params
 from bidirlm_jax.train.metrics import training_flops_per_token
@@ -272,7 +269,7 @@ def load_splits(config: ConfigDict, task: str) -> tuple[LabeledSplit, LabeledSpl
 
 
 def _tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path, train: LabeledSplit):
-    from bidirlm_jax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+    from bidirlm_jax.io.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
     saved = workdir / RUN_MODEL_DIR
     if (saved / "tokenizer.json").is_file():  # a resumed run keeps its own

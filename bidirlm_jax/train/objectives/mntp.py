@@ -39,8 +39,8 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from bidirlm_jax.data.mntp import mask_tokens, validate
-from bidirlm_jax.data.tokenizer import resolve_mask_token
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.tokenizer import resolve_mask_token
 from bidirlm_jax.kernels.cross_entropy import chunked_cross_entropy
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.train.metrics import training_flops_per_token
