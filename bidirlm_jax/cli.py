@@ -320,7 +320,7 @@ def _register_tokenize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_tokenize(args: argparse.Namespace) -> int:
-    from bidirlm_jax.data.tokenize import Corpus, tokenize_corpus
+    from bidirlm_jax.data.corpus_shards import Corpus, tokenize_corpus
 
     out = tokenize_corpus(
         args.src,

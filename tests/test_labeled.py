@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from bidirlm_jax.data import labeled, labeled_rows, labeled_synthetic
-from bidirlm_jax.data.corpora import stdlib_docstrings
 from bidirlm_jax.data.labeled import Fields, LabelMap, build_label_map, check_labels, read_split
 from bidirlm_jax.data.labeled_rows import encode_split
+from bidirlm_jax.data.stdlib_text import stdlib_docstrings
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.heads import IGNORE_INDEX

@@ -6,7 +6,7 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from bidirlm_jax.data.corpora import stdlib_docstrings
+from bidirlm_jax.data.stdlib_text import stdlib_docstrings
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.tokenizer import (
     QWEN3_MASK_ID,

@@ -138,8 +138,8 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     `data.tokenizer`, else `model.init_from`'s, else — for a randomly initialised model on the built-in
     `stdlib` text or the user's `text` files — a byte-level BPE of the model's vocabulary size trained on
     that text (deterministic, so a resumed run trains the same one). Checked against the model's embedding."""
-    from bidirlm_jax.data.corpora import stdlib_docstrings
     from bidirlm_jax.data.sources import iter_documents
+    from bidirlm_jax.data.stdlib_text import stdlib_docstrings
     from bidirlm_jax.io.tokenizer import check_vocab, load_tokenizer, train_tokenizer
     from bidirlm_jax.train.objectives.text import parse_mixture
 
