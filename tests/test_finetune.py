@@ -16,7 +16,7 @@ from bidirlm_jax.configs.finetune import PRESETS, get_config
 from bidirlm_jax.data import labeled_synthetic
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io.heads import HEAD_FILE
+from bidirlm_jax.io.run import HEAD_FILE
 from bidirlm_jax.io.tokenizer import load_tokenizer, train_tokenizer
 from bidirlm_jax.models.heads import IGNORE_INDEX, EncoderWithHead, HeadConfig
 from bidirlm_jax.sharding import make_mesh

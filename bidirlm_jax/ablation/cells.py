@@ -135,6 +135,7 @@ def _config_settings(cfg: ConfigDict, variant: Variant, work: Path) -> dict[str,
 def _claim(run: Path, settings: dict[str, Any], what: str) -> None:
     """Start (or resume) the cell's run: record its settings in it, and refuse to resume one started with
     others — its checkpoints are a model fine-tuned from another variant, or in another way."""
+    from bidirlm_jax.io.run import checkpoints_dir
     from bidirlm_jax.train.checkpoints import latest_step
 
     record = run / RUN_RECORD
@@ -146,7 +147,7 @@ def _claim(run: Path, settings: dict[str, Any], what: str) -> None:
                 "be resumed: remove it to restart the cell, or choose another --workdir"
             )
         return
-    if latest_step(run / "checkpoints") is not None:
+    if latest_step(checkpoints_dir(run)) is not None:
         raise ConfigError(
             f"{run} holds a run of {what} that does not record what it was started from ({RUN_RECORD}); remove it "
             "to restart the cell"

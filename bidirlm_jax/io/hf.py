@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, is_training_run, load_checkpoint
+from bidirlm_jax.io.checkpoint import is_checkpoint, load_checkpoint
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.layouts import CAUSAL_LM, LM_HEAD, Layout, detect_layout
+from bidirlm_jax.io.run import description_dir, is_training_run
 from bidirlm_jax.io.shards import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardReader,

@@ -21,8 +21,9 @@ from typing import Any
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
-from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, is_training_run, recorded_dtypes, run_config
+from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, run_config
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, tokenizer_files
+from bidirlm_jax.io.run import description_dir, is_training_run
 from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.paths import user_path

@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import tqdm
 
+from bidirlm_jax.io.run import metrics_file
 from bidirlm_jax.models.config import SLIDING, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class MetricsWriter:
 
     def __init__(self, workdir: str | os.PathLike, *, tensorboard: bool = True):
         self.enabled = jax.process_index() == 0
-        self.path = Path(workdir) / "metrics.jsonl"
+        self.path = metrics_file(workdir)
         self._tb = None
         if self.enabled and tensorboard:
             from tensorboardX import SummaryWriter  # imports torch when installed: seconds a run without it saves

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
+from bidirlm_jax.io.run import model_dir
 from bidirlm_jax.models.config import ModelConfig
 
 Batch = Mapping[str, jax.Array]
@@ -144,7 +144,7 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     from bidirlm_jax.train.objectives.text import parse_mixture
 
     data = config.data
-    saved = workdir / RUN_MODEL_DIR  # where the engine saves it (`loop._write_model_description`)
+    saved = model_dir(workdir)  # where the engine saves it (`loop._write_model_description`)
     path = saved if (saved / "tokenizer.json").is_file() else (data.tokenizer or config.model.init_from)
     user_text = ([p for *_, p in parse_mixture(data.mixture)] or [data.path]) if data.source == "text" else []
     if path:
