@@ -44,7 +44,7 @@ from peers import OPTIM, constant_optimizer, interleaved, loadavg, memory_row, r
 
 import bidirlm_jax
 from bidirlm_jax.io.hf_config import config_to_hf
-from bidirlm_jax.models.params import param_count
+from bidirlm_jax.io.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads

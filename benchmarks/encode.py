@@ -22,11 +22,11 @@ import torch
 import transformers
 from sentence_transformers import SentenceTransformer
 
-from bidirlm_jax.data.corpora import stdlib_docstrings
-from bidirlm_jax.data.tokenizer import train_tokenizer
+from bidirlm_jax.data.stdlib_text import stdlib_docstrings
 from bidirlm_jax.embed.encode import encode
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.io.sentence_transformers import export_encoder, load_encoder
+from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.presets import get_preset
 
 

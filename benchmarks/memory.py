@@ -35,10 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bidirlm_jax.io.params import param_count
 from bidirlm_jax.kernels import xla
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.losses.mntp import make_mntp_loss
-from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.config import base_config

@@ -50,8 +50,8 @@ from peers import GIB, OPTIM, constant_optimizer, interleaved, loadavg, memory_r
 
 import bidirlm_jax
 from bidirlm_jax.io.hf_config import config_to_hf
+from bidirlm_jax.io.params import param_count
 from bidirlm_jax.losses.mntp import capacity, mntp_loss_from_mask
-from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.objectives import token_sum_grads

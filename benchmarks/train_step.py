@@ -27,8 +27,8 @@ import transformers
 from peers import OPTIM, constant_optimizer, torch_adamw
 
 from bidirlm_jax.io.hf_config import config_to_hf
+from bidirlm_jax.io.params import param_count
 from bidirlm_jax.losses.causal_lm import causal_lm_loss
-from bidirlm_jax.models.params import param_count
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.metrics import training_flops_per_token

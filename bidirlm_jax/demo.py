@@ -91,8 +91,8 @@ def parity(base: Path, bi_base: Path, texts: list[str], seq_len: int) -> list[tu
     longer than the sliding window. transformers reads the mode from each directory's config."""
     import transformers
 
-    from bidirlm_jax.data.tokenizer import load_tokenizer
     from bidirlm_jax.io.hf import from_pretrained
+    from bidirlm_jax.io.tokenizer import load_tokenizer
     from bidirlm_jax.testing import reference
 
     tokenizer = load_tokenizer(base)
@@ -187,7 +187,7 @@ def _pipeline(tmp: Path, *, model: str | None, size: Size, progress: bool) -> di
 def _warn_if_cpu(model: Path, quick: bool) -> None:
     import jax
 
-    from bidirlm_jax.models.params import param_count
+    from bidirlm_jax.io.params import param_count
 
     count = param_count(model)
     if jax.default_backend() == "cpu" and count > 50_000_000 and not quick:

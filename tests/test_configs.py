@@ -9,7 +9,7 @@ import pytest
 
 from bidirlm_jax import configs
 from bidirlm_jax.cli import main
-from bidirlm_jax.models.params import param_count
+from bidirlm_jax.io.params import param_count
 from bidirlm_jax.sharding import mesh_shape
 from bidirlm_jax.train.config import parse_train_args
 from bidirlm_jax.train.loop import model_config

@@ -2,7 +2,7 @@
 
 import sys
 
-from bidirlm_jax.data.corpora import stdlib_docstrings
+from bidirlm_jax.data.stdlib_text import stdlib_docstrings
 
 
 def test_stdlib_docstrings():
@@ -20,7 +20,7 @@ def test_stdlib_docstrings():
 
 
 def test_mined_pairs_never_use_a_positive_as_its_own_hard_negative():
-    from bidirlm_jax.data.corpora import stdlib_pairs
+    from bidirlm_jax.data.stdlib_text import stdlib_pairs
 
     datasets, instructions = stdlib_pairs(num_negatives=2)
     assert {d.name for d in datasets} == set(instructions) == {"summaries", "halves"}

@@ -8,10 +8,10 @@ import pytest
 
 import bidirlm_jax
 from bidirlm_jax.configs import mntp as mntp_configs
-from bidirlm_jax.data.corpora import stdlib_code, stdlib_docstrings
-from bidirlm_jax.data.tokenizer import load_tokenizer, train_tokenizer
+from bidirlm_jax.data.stdlib_text import stdlib_code, stdlib_docstrings
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.lm import evaluate_domains, parse_domains, read_domains
+from bidirlm_jax.io.tokenizer import load_tokenizer, train_tokenizer
 from bidirlm_jax.train import train
 
 ENGLISH = [doc for _, doc in stdlib_docstrings()][:80]

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from bidirlm_jax.data.tokenizer import load_tokenizer
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.lm import evaluate_domains, evaluate_mntp
 from bidirlm_jax.io.hf import from_pretrained
+from bidirlm_jax.io.tokenizer import load_tokenizer
 from bidirlm_jax.testing import reference
 from bidirlm_jax.testing.tolerance import fp32_tol
 from tests.test_encode import MAX_LENGTH, TEXTS, make_encoder_src, run_cli

@@ -13,12 +13,12 @@ from flax import nnx
 
 from bidirlm_jax import sharding
 from bidirlm_jax.configs.finetune import PRESETS, get_config
-from bidirlm_jax.data import labeled
+from bidirlm_jax.data import labeled_synthetic
 from bidirlm_jax.data.loader import DeviceBatches
-from bidirlm_jax.data.tokenizer import load_tokenizer, train_tokenizer
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals import finetune as evals_finetune
-from bidirlm_jax.io.heads import HEAD_FILE
+from bidirlm_jax.io.run import HEAD_FILE
+from bidirlm_jax.io.tokenizer import load_tokenizer, train_tokenizer
 from bidirlm_jax.losses import classification
 from bidirlm_jax.models.heads import IGNORE_INDEX, EncoderWithHead, HeadConfig
 from bidirlm_jax.sharding import make_mesh
@@ -33,7 +33,9 @@ from bidirlm_jax.train.step import jit_step, make_step_fn
 def tokenizer_dir(tmp_path_factory):
     """A 512-token BPE (tiny-gemma3's vocabulary) trained on every generated task's text."""
     texts = [
-        t for task in finetune.OBJECTIVES for t in labeled.synthetic_texts(labeled.synthetic_split(task, 300, seed=0))
+        t
+        for task in finetune.OBJECTIVES
+        for t in labeled_synthetic.synthetic_texts(labeled_synthetic.synthetic_split(task, 300, seed=0))
     ]
     out = tmp_path_factory.mktemp("tok") / "tokenizer"
     train_tokenizer(texts, 512, out)
@@ -150,7 +152,7 @@ def test_objective_brings_model_params_evaluation_and_run_files(tmp_path, tokeni
     assert description["stream"]["word_separator"] == " "
 
     # the standalone evaluation (any split, tokenised as training does) equals the objective's
-    validation = labeled.synthetic_split("classification", 256, seed=0, name="validation")
+    validation = labeled_synthetic.synthetic_split("classification", 256, seed=0, name="validation")
     tokenizer = load_tokenizer(tokenizer_dir)
     direct = evals_finetune.evaluate(model, tokenizer, validation, label_map=obj.label_map, max_length=32, batch_size=7)
     assert direct == pytest.approx(obj.evaluate(model))
@@ -178,7 +180,7 @@ def test_a_label_count_that_disagrees_with_the_head_is_refused(tmp_path, tokeniz
     obj = _build(_config("classification", tokenizer_dir), tmp_path)
     model = EncoderWithHead(model_config(_config().model), HeadConfig("classification", 3), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="head has 3 outputs but the label map has 2 labels"):
-        evals_finetune.evaluate(model, load_tokenizer(tokenizer_dir), labeled.synthetic_split("classification", 4, seed=0),
+        evals_finetune.evaluate(model, load_tokenizer(tokenizer_dir), labeled_synthetic.synthetic_split("classification", 4, seed=0),
                           label_map=obj.label_map)  # fmt: skip
     with pytest.raises(ConfigError, match=r"finetune.num_labels=3 but the classification data has 2 labels"):
         _build(_config("classification", tokenizer_dir, num_labels=3), tmp_path)

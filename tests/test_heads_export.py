@@ -15,10 +15,8 @@ import transformers
 from flax import nnx
 
 from bidirlm_jax.data.labeled import LabelMap
-from bidirlm_jax.data.tokenizer import train_tokenizer
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.heads import (
-    HEAD_FILE,
     check_last_token,
     describe,
     export_classifier,
@@ -30,6 +28,8 @@ from bidirlm_jax.io.heads import (
 )
 from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.hf_config import config_to_hf
+from bidirlm_jax.io.run import HEAD_FILE
+from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, attach_head
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.testing import reference

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bidirlm_jax.data.tokenizer import train_tokenizer
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.heads import export_classifier, export_finetuned, hf_class_name, save_best
 from bidirlm_jax.io.hf import tokenizer_files
 from bidirlm_jax.io.st_heads import export_st_classifier
+from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig
 from bidirlm_jax.models.presets import get_preset
 
@@ -94,7 +94,7 @@ def test_regression_and_refusals(tokenizer_dir, tmp_path):
 
 
 def test_a_fine_tuning_run_exports_its_best_step(tokenizer_dir, tmp_path):
-    from bidirlm_jax.data.tokenizer import load_tokenizer
+    from bidirlm_jax.io.tokenizer import load_tokenizer
     from tests.test_heads_export import _write_run  # a run as the loop leaves it
 
     head = HeadConfig("classification", 2, pooling="late", classifier="eurobert")

@@ -8,11 +8,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bidirlm_jax.data import labeled
-from bidirlm_jax.data.corpora import stdlib_docstrings
-from bidirlm_jax.data.labeled import Fields, LabelMap, build_label_map, check_labels, encode_split, read_split
-from bidirlm_jax.data.tokenizer import train_tokenizer
+from bidirlm_jax.data import labeled, labeled_rows, labeled_synthetic
+from bidirlm_jax.data.labeled import Fields, LabelMap, build_label_map, check_labels, read_split
+from bidirlm_jax.data.labeled_rows import encode_split
+from bidirlm_jax.data.stdlib_text import stdlib_docstrings
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.heads import IGNORE_INDEX
 
 
@@ -192,25 +193,25 @@ def test_an_example_without_tokens_is_refused():
 
 
 def test_train_rows_are_endless_and_reshuffled_per_epoch(tokenizer):
-    split = labeled.synthetic_split("classification", 10, seed=0)
+    split = labeled_synthetic.synthetic_split("classification", 10, seed=0)
     label_map = build_label_map(split)
     encoded = encode_split(split, tokenizer, label_map, max_length=24)
-    rows = labeled.TrainRows(encoded, seq_len=24, pad_id=0, seed=3)
+    rows = labeled_rows.TrainRows(encoded, seq_len=24, pad_id=0, seed=3)
     first = [int(rows[i]["labels"]) for i in range(10)]
     epochs = [[rows[e * 10 + i]["input_ids"].tobytes() for i in range(10)] for e in range(2)]
     assert sorted(epochs[0]) == sorted(epochs[1]) and epochs[0] != epochs[1]  # each epoch: all examples, reordered
     assert sorted(first) == sorted(encoded.labels.tolist())
     assert len(rows) > 10**12 and rows[10**12]["input_ids"].shape == (24,)
-    again = labeled.TrainRows(encoded, seq_len=24, pad_id=0, seed=3)
+    again = labeled_rows.TrainRows(encoded, seq_len=24, pad_id=0, seed=3)
     assert all(np.array_equal(rows[i]["input_ids"], again[i]["input_ids"]) for i in range(30))
 
 
 def test_synthetic_tasks_are_deterministic():
     for task in ("classification", "regression", "token_classification"):
-        a, b = (labeled.synthetic_split(task, 50, seed=1) for _ in range(2))
+        a, b = (labeled_synthetic.synthetic_split(task, 50, seed=1) for _ in range(2))
         assert a.labels == b.labels and (a.texts or a.tokens) == (b.texts or b.tokens)
-        assert labeled.synthetic_split(task, 50, seed=1, name="validation").labels != a.labels
-    ner = labeled.synthetic_split("token_classification", 50, seed=0)
+        assert labeled_synthetic.synthetic_split(task, 50, seed=1, name="validation").labels != a.labels
+    ner = labeled_synthetic.synthetic_split("token_classification", 50, seed=0)
     assert {t for s in ner.labels for t in s} == {"O", "B-PER", "I-PER", "B-LOC"}
     with pytest.raises(ConfigError, match="positive size"):
-        labeled.synthetic_split("classification", 0, seed=0)
+        labeled_synthetic.synthetic_split("classification", 0, seed=0)

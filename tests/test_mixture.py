@@ -6,9 +6,9 @@ import grain
 import numpy as np
 import pytest
 
+from bidirlm_jax.data.corpus_shards import Corpus
 from bidirlm_jax.data.mixture import MixtureSource, ProportionalSchedule, mixture_dataset
 from bidirlm_jax.data.packing import packed_dataset
-from bidirlm_jax.data.tokenize import Corpus
 from bidirlm_jax.errors import ConfigError
 
 PAPER = [0.8, 0.2 / 3, 0.2 / 3, 0.2 / 3]  # English; multilingual, math, code

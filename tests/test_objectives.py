@@ -14,8 +14,8 @@ import bidirlm_jax
 from bidirlm_jax.cli import main
 from bidirlm_jax.configs import contrastive as contrastive_configs
 from bidirlm_jax.configs import mntp as mntp_configs
-from bidirlm_jax.data.corpora import stdlib_docstrings
-from bidirlm_jax.data.tokenizer import train_tokenizer
+from bidirlm_jax.data.stdlib_text import stdlib_docstrings
+from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.train import build_objective, train
 

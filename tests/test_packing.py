@@ -6,8 +6,8 @@ import grain
 import numpy as np
 import pytest
 
+from bidirlm_jax.data.corpus_shards import Corpus
 from bidirlm_jax.data.packing import PackedRows, packed_dataset, packing_efficiency
-from bidirlm_jax.data.tokenize import Corpus
 from bidirlm_jax.errors import ConfigError
 
 SPECIALS = {"special_ids": [0, 1, 2], "pad_id": 0}  # 0 pad, 1 eos, 2 bos

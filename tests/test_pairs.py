@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from bidirlm_jax.data import pairs
-from bidirlm_jax.data.tokenizer import train_tokenizer
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.tokenizer import train_tokenizer
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu", "nu"]
 

@@ -9,8 +9,8 @@ import bidirlm_jax
 from bidirlm_jax import configs
 from bidirlm_jax.cli import main
 from bidirlm_jax.data.sources import source_files
-from bidirlm_jax.data.tokenizer import load_tokenizer
 from bidirlm_jax.io.sentence_transformers import read_encoder_settings
+from bidirlm_jax.io.tokenizer import load_tokenizer
 from bidirlm_jax.train.config import base_config, parse_train_args
 from bidirlm_jax.train.loop import model_config
 from bidirlm_jax.train.objectives.base import run_tokenizer

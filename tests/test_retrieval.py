@@ -6,10 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from bidirlm_jax.data.tokenizer import load_tokenizer
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.retrieval import document_text, evaluate_retrieval, load_beir, rank, retrieval_metrics
 from bidirlm_jax.io.hf import from_pretrained
+from bidirlm_jax.io.tokenizer import load_tokenizer
 from tests.test_encode import MAX_LENGTH, WORDS, make_encoder_src, run_cli
 
 # q1: d2 and d1 tie at 0.8 -> d2 first (id descending, as trec_eval); d9 is relevant but never retrieved.

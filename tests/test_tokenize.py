@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from bidirlm_jax import cli
-from bidirlm_jax.data import tokenize
-from bidirlm_jax.data.corpora import stdlib_docstrings
+from bidirlm_jax.data import corpus_encoder, corpus_shards
+from bidirlm_jax.data.corpus_shards import Corpus, load_corpus, tokenize_corpus, tokenize_documents
 from bidirlm_jax.data.packing import packed_dataset
 from bidirlm_jax.data.sources import iter_documents
-from bidirlm_jax.data.tokenize import Corpus, load_corpus, tokenize_corpus, tokenize_documents
-from bidirlm_jax.data.tokenizer import train_tokenizer
+from bidirlm_jax.data.stdlib_text import stdlib_docstrings
 from bidirlm_jax.errors import BidirLMError, ConfigError
+from bidirlm_jax.io.tokenizer import train_tokenizer
 
 TEXTS = [doc for _, doc in stdlib_docstrings()][:120]
 
@@ -27,7 +27,7 @@ def tokenizer_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tokenizer(tokenizer_dir):
-    from bidirlm_jax.data.tokenizer import load_tokenizer
+    from bidirlm_jax.io.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 
@@ -100,25 +100,25 @@ def test_tokenize_resumes_after_an_interruption(tokenizer, corpus_file, tmp_path
     kwargs = dict(shard_tokens=1000, chunk_docs=4, progress=False)
     reference = Corpus.load(tokenize_corpus(corpus_file, tmp_path / "reference", tokenizer, **kwargs))
 
-    write_shard = tokenize._write_shard
+    write_shard = corpus_shards._write_shard
 
     def killed_after_three(work, settings, index, *args):
         if index == 3:
             raise KeyboardInterrupt
         return write_shard(work, settings, index, *args)
 
-    monkeypatch.setattr(tokenize, "_write_shard", killed_after_three)
+    monkeypatch.setattr(corpus_shards, "_write_shard", killed_after_three)
     with pytest.raises(KeyboardInterrupt):
         tokenize_corpus(corpus_file, tmp_path / "out", tokenizer, **kwargs)
     partial = tmp_path / ".out.partial"
     assert not (tmp_path / "out").exists() and (partial / "shard-00002.json").is_file()
     (partial / "shard-00002.json").unlink()  # killed after shard 2's arrays, before its marker
 
-    monkeypatch.setattr(tokenize, "_write_shard", write_shard)
+    monkeypatch.setattr(corpus_shards, "_write_shard", write_shard)
     encoded = []
-    encode = tokenize._Encoder.__call__
+    encode = corpus_encoder.Encoder.__call__
     monkeypatch.setattr(
-        tokenize._Encoder, "__call__", lambda self, texts: encoded.append(len(texts)) or encode(self, texts)
+        corpus_encoder.Encoder, "__call__", lambda self, texts: encoded.append(len(texts)) or encode(self, texts)
     )
     resumed = Corpus.load(tokenize_corpus(corpus_file, tmp_path / "out", tokenizer, **kwargs))
     assert 0 < sum(encoded) < 60  # shards 0 and 1 were not tokenised again
@@ -230,7 +230,7 @@ def test_a_recorded_mask_token_keeps_the_corpus(corpus_file, tmp_path):
     """Continuing MNTP from an MNTP checkpoint: its tokenizer records the mask token (now special), ids unchanged."""
     import shutil
 
-    from bidirlm_jax.data.tokenizer import load_tokenizer, set_mask_token
+    from bidirlm_jax.io.tokenizer import load_tokenizer, set_mask_token
 
     base = _reserved_row_tokenizer(tmp_path / "base")
     mntp = shutil.copytree(base, tmp_path / "mntp")
@@ -257,7 +257,7 @@ def test_a_recorded_mask_token_keeps_the_corpus(corpus_file, tmp_path):
 
 def test_a_corpus_written_before_tokenizer_hashes_still_loads(corpus_file, tmp_path):
     """Old manifests carry no backend hash: their special ids are compared, mask tokens aside."""
-    from bidirlm_jax.data.tokenizer import load_tokenizer, set_mask_token
+    from bidirlm_jax.io.tokenizer import load_tokenizer, set_mask_token
 
     base = _reserved_row_tokenizer(tmp_path / "base")
     out = tokenize_corpus(corpus_file, tmp_path / "tokens", base, progress=False)

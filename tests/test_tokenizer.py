@@ -6,8 +6,9 @@ import pytest
 from tokenizers import Tokenizer, models
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from bidirlm_jax.data.corpora import stdlib_docstrings
-from bidirlm_jax.data.tokenizer import (
+from bidirlm_jax.data.stdlib_text import stdlib_docstrings
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.tokenizer import (
     QWEN3_MASK_ID,
     check_vocab,
     load_tokenizer,
@@ -15,7 +16,6 @@ from bidirlm_jax.data.tokenizer import (
     set_mask_token,
     train_tokenizer,
 )
-from bidirlm_jax.errors import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -73,7 +73,7 @@ def test_a_data_path_the_source_would_not_read_is_refused(spec, reader, tmp_path
 
 def test_own_text_with_a_tiny_model_trains_its_tokenizer_on_that_text(tmp_path):
     """mntp:tiny on a user's file, no tokenizer given: a BPE trained on that text (its made-up word is one token)."""
-    from bidirlm_jax.data.tokenizer import load_tokenizer
+    from bidirlm_jax.io.tokenizer import load_tokenizer
     from bidirlm_jax.train import train
 
     text = tmp_path / "mine.txt"

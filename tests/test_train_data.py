@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data import lm
-from bidirlm_jax.data.lm import lm_rows, load_tokens
+from bidirlm_jax.data import token_windows
 from bidirlm_jax.data.loader import DeviceBatches, local_row_ranges
 from bidirlm_jax.data.synthetic import markov_tokens
+from bidirlm_jax.data.token_windows import lm_rows, load_tokens
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.sharding import make_mesh
 from tests.cluster import check, run_cluster
@@ -92,8 +92,8 @@ def test_token_files(tmp_path):
 
 def test_a_token_file_is_scanned_once_and_again_only_when_it_changes(tmp_path, monkeypatch):
     scans = []
-    scan = lm.scan_id_range
-    monkeypatch.setattr(lm, "scan_id_range", lambda tokens: scans.append(len(tokens)) or scan(tokens))
+    scan = token_windows.scan_id_range
+    monkeypatch.setattr(token_windows, "scan_id_range", lambda tokens: scans.append(len(tokens)) or scan(tokens))
     path = tmp_path / "tokens.npy"
     np.save(path, np.arange(3, 90, dtype=np.int32))
     load_tokens(_data(str(path)), vocab_size=128)
@@ -114,7 +114,8 @@ def test_a_token_file_in_a_read_only_directory_is_scanned_each_time(tmp_path, mo
     def refuse(*args, **kwargs):
         raise PermissionError("read-only file system")
 
-    monkeypatch.setattr(lm, "write_atomically", refuse)  # the sidecar's write (io.atomic's own failure: test_atomic)
+    # the sidecar's write (io.atomic's own failure: test_atomic)
+    monkeypatch.setattr(token_windows, "write_atomically", refuse)
     for _ in range(2):
         assert len(load_tokens(_data(str(path)), vocab_size=128)) == 10
     assert os.listdir(tmp_path) == ["tokens.npy"]

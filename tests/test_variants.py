@@ -60,9 +60,9 @@ def base_dir(tmp_path_factory):
     """A random tiny causal Gemma3 in HF format with a BPE tokenizer (with <mask>) trained on the stdlib."""
     from flax import nnx
 
-    from bidirlm_jax.data.corpora import stdlib_docstrings
-    from bidirlm_jax.data.tokenizer import train_tokenizer
+    from bidirlm_jax.data.stdlib_text import stdlib_docstrings
     from bidirlm_jax.io.hf import save_pretrained, tokenizer_files
+    from bidirlm_jax.io.tokenizer import train_tokenizer
     from bidirlm_jax.models.presets import get_preset
     from bidirlm_jax.models.transformer import Transformer
 

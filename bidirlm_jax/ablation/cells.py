@@ -142,6 +142,7 @@ def _config_settings(cfg: ConfigDict, variant: Variant, work: Path) -> dict[str,
 def _claim(run: Path, settings: dict[str, Any], what: str) -> None:
     """Start (or resume) the cell's run: record its settings in it, and refuse to resume one started with
     others — its checkpoints are a model fine-tuned from another variant, or in another way."""
+    from bidirlm_jax.io.run import checkpoints_dir
     from bidirlm_jax.train.checkpoints import latest_step
 
     record = run / RUN_RECORD
@@ -153,7 +154,7 @@ def _claim(run: Path, settings: dict[str, Any], what: str) -> None:
                 "be resumed: remove it to restart the cell, or choose another --workdir"
             )
         return
-    if latest_step(run / "checkpoints") is not None:
+    if latest_step(checkpoints_dir(run)) is not None:
         raise ConfigError(
             f"{run} holds a run of {what} that does not record what it was started from ({RUN_RECORD}); remove it "
             "to restart the cell"
@@ -173,8 +174,8 @@ def _retrieval_metrics(
 ) -> dict[str, float]:
     """The retrieval scores of the fine-tuned model (`run`), or of the variant as it is (`run` None), its queries
     instructed as `instruction` chose (`query_instruction`)."""
-    from bidirlm_jax.data.tokenizer import load_tokenizer
     from bidirlm_jax.io.hf import from_pretrained
+    from bidirlm_jax.io.tokenizer import load_tokenizer
 
     if run is not None:
         model, tokenizer, source = from_pretrained(run, attention=variant.attention), load_tokenizer(run / "model"), run

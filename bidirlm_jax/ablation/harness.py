@@ -343,7 +343,7 @@ def _sweep_texts(plan: _Plan, config: ConfigDict, generated: Path | None) -> lis
     task = next((t for t in plan.tasks if t.kind != "retrieval"), None)
     if task is None:
         raise ConfigError("the merge-ratio sweep needs held-out text: set --config.sweep.texts=FILE (.txt or .jsonl)")
-    from bidirlm_jax.data.labeled import synthetic_texts
+    from bidirlm_jax.data.labeled_synthetic import synthetic_texts
     from bidirlm_jax.train.objectives.finetune import load_splits
 
     return synthetic_texts(load_splits(task_config(task, config), task.kind)[1])[:limit]

@@ -127,11 +127,11 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def run_export(args: argparse.Namespace) -> int:
     from bidirlm_jax.embed.encode import query_prompt
-    from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
-    from bidirlm_jax.io.heads import HEAD_FILE, export_finetuned
+    from bidirlm_jax.io.heads import export_finetuned
+    from bidirlm_jax.io.run import head_file
     from bidirlm_jax.io.sentence_transformers import export_encoder, read_encoder_settings
 
-    if (Path(args.src) / RUN_MODEL_DIR / HEAD_FILE).is_file():  # a fine-tuning run: transformers' task class
+    if head_file(args.src).is_file():  # a fine-tuning run: transformers' task class
         out = export_finetuned(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {out}")
         return 0

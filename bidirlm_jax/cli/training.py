@@ -36,7 +36,7 @@ def add_tokenize(sub: argparse._SubParsersAction, name: str) -> argparse.Argumen
 
 
 def run_tokenize(args: argparse.Namespace) -> int:
-    from bidirlm_jax.data.tokenize import Corpus, tokenize_corpus
+    from bidirlm_jax.data.corpus_shards import Corpus, tokenize_corpus
 
     out = tokenize_corpus(
         args.src,

@@ -26,7 +26,7 @@ import threading
 import grain
 import numpy as np
 
-from bidirlm_jax.data.tokenize import Corpus
+from bidirlm_jax.data.corpus_shards import Corpus
 from bidirlm_jax.errors import ConfigError
 
 

@@ -10,10 +10,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bidirlm_jax.data.labeled import Encoded, LabeledSplit, LabelMap, encode_split, pad_id
+from bidirlm_jax.data.labeled import LabeledSplit, LabelMap
+from bidirlm_jax.data.labeled_rows import Encoded, encode_split
 from bidirlm_jax.embed.encode import bucket_lengths
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.metrics import classification_metrics, regression_metrics, token_classification_metrics
+from bidirlm_jax.io.tokenizer import pad_id
 
 
 @functools.partial(jax.jit, static_argnums=0)

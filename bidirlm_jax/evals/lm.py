@@ -26,9 +26,9 @@ from flax import nnx
 
 from bidirlm_jax.data.mntp import validate
 from bidirlm_jax.data.sources import iter_documents
-from bidirlm_jax.data.tokenizer import resolve_mask_token
 from bidirlm_jax.embed.encode import bucket_lengths, pad_batch, tokenize
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.tokenizer import resolve_mask_token
 from bidirlm_jax.losses.mntp import mntp_loss_from_mask
 from bidirlm_jax.models.transformer import Transformer
 

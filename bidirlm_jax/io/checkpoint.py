@@ -25,29 +25,18 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config
+from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
 
 PARAMS_DIR = "params"
-RUN_MODEL_DIR = "model"  # a training run's model description: config.json and the tokenizer's files
-RUN_CHECKPOINTS_DIR = "checkpoints"  # a training run's orbax train states, one directory per step
-
-
-def is_training_run(path: str | os.PathLike) -> bool:
-    path = Path(path)
-    return (path / RUN_CHECKPOINTS_DIR).is_dir() and (path / RUN_MODEL_DIR / "config.json").is_file()
 
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """A bidirlm checkpoint (`bidirlm convert`) or a training run (`bidirlm train`'s workdir)."""
     path = Path(path)
     return ((path / PARAMS_DIR).is_dir() and (path / "config.json").is_file()) or is_training_run(path)
-
-
-def description_dir(path: str | os.PathLike) -> Path:
-    """Where `path`'s config.json and tokenizer files are: a run's `model/`, else the directory itself."""
-    return Path(path) / RUN_MODEL_DIR if is_training_run(path) else Path(path)
 
 
 def save_checkpoint(
@@ -102,7 +91,7 @@ def load_checkpoint(
     path = user_path(path).resolve()
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a bidirlm checkpoint (expected config.json and {PARAMS_DIR}/)")
-    if (description_dir(path) / "head.json").is_file():
+    if (description_dir(path) / HEAD_FILE).is_file():
         raise CheckpointError(
             f"{path} is a fine-tuning run (an encoder with a task head): load it with "
             "bidirlm_jax.io.heads.load_finetuned, or export it with `bidirlm export`"
@@ -169,7 +158,7 @@ def run_config(run: str | os.PathLike) -> dict:
 
 
 def _latest_state(run: Path) -> Path:
-    steps = ocp.utils.checkpoint_steps(run / RUN_CHECKPOINTS_DIR)  # committed steps only
+    steps = ocp.utils.checkpoint_steps(checkpoints_dir(run))  # committed steps only
     if not steps:
         raise CheckpointError(f"training run {run} has no committed checkpoint yet; train it for more steps first")
-    return run / RUN_CHECKPOINTS_DIR / str(max(steps)) / "state"
+    return checkpoints_dir(run) / str(max(steps)) / "state"

@@ -50,17 +50,15 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
-from bidirlm_jax.io.checkpoint import PARAMS_DIR, RUN_CHECKPOINTS_DIR, RUN_MODEL_DIR
+from bidirlm_jax.io.checkpoint import PARAMS_DIR
 from bidirlm_jax.io.hf import _param_arrays, _to_host, tokenizer_files, weight_table
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.layouts import LM_HEAD
+from bidirlm_jax.io.run import BEST_DIR, BEST_FILE, HEAD_FILE, RUN_CHECKPOINTS_DIR, RUN_MODEL_DIR
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSpec, torch_dtype_name
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, abstract_model_with_head
 
-HEAD_FILE = "head.json"  # in a fine-tuning run's `model/` directory
-BEST_DIR = "best"  # a fine-tuning run's best validation step: params/ and best.json
-BEST_FILE = "best.json"
 BACKBONE_PREFIX = "model."
 _SEQUENCE_CLASSES = {"gemma3": "Gemma3TextForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
 _TOKEN_CLASSES = {"qwen3": "Qwen3ForTokenClassification"}
@@ -316,9 +314,8 @@ def export_finetuned(
     """A fine-tuning run (`bidirlm train --config configs/finetune.py`) → transformers classifier directory
     (a sentence-transformers one for the eurobert head), with the run's tokenizer and label map; `step` as
     `load_finetuned` takes it (default: the best one)."""
-    from bidirlm_jax.data.labeled import pad_id
-    from bidirlm_jax.data.tokenizer import load_tokenizer
     from bidirlm_jax.io.st_heads import export_st_classifier
+    from bidirlm_jax.io.tokenizer import load_tokenizer, pad_id
 
     run = Path(run)
     description = read_description(run)

@@ -28,13 +28,15 @@ from tqdm.auto import tqdm
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, is_training_run, load_checkpoint
+from bidirlm_jax.io.checkpoint import is_checkpoint, load_checkpoint
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.layouts import CAUSAL_LM, LM_HEAD, Layout, detect_layout
+from bidirlm_jax.io.run import description_dir, is_training_run
 from bidirlm_jax.io.shards import (
     DEFAULT_MAX_SHARD_BYTES,
     ShardReader,
     ShardWriter,
+    TensorInfo,
     TensorSpec,
     has_safetensors,
     torch_dtype_name,
@@ -129,7 +131,8 @@ def weight_table(config: ModelConfig) -> list[WeightEntry]:
 
 
 class _PickleReader:
-    """`pytorch_model.bin` (single or sharded), read with `torch.load(weights_only=True)`."""
+    """`pytorch_model.bin` (single or sharded), read with `torch.load(weights_only=True)`; also behind
+    `ShardReader`'s `info`/`read_flat`, which the streamed merge reads through (torch memory-maps the file)."""
 
     def __init__(self, path: Path):
         try:
@@ -146,12 +149,14 @@ class _PickleReader:
             if index.is_file()
             else ["pytorch_model.bin"]
         )
+        self._path = path
         self._tensors: dict[str, Any] = {}
         for name in files:
             try:
                 self._tensors.update(torch.load(path / name, map_location="cpu", weights_only=True, mmap=True))
             except Exception as e:  # torch raises many types for a bad pickle
                 raise CheckpointError(f"cannot read {path / name} as a PyTorch checkpoint: {e}") from e
+        self._position = {key: i for i, key in enumerate(self._tensors)}
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -170,6 +175,20 @@ class _PickleReader:
         if t.dtype == torch.bfloat16:
             return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
         return t.numpy()
+
+    def info(self, name: str) -> TensorInfo:
+        """The tensor's record; its `offset` is the tensor's position in the checkpoint (only the order is used)."""
+        array = self.get(name)  # a view of the memory map: nothing is read
+        return TensorInfo(tuple(array.shape), array.dtype, self._path, self._position[name])
+
+    def read_flat(
+        self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        piece = self.get(name).reshape(-1)[start:stop]
+        if out is None:
+            return piece.copy()
+        out[...] = piece
+        return out
 
 
 def open_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> ShardReader | _PickleReader:

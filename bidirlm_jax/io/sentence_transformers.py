@@ -21,8 +21,9 @@ from typing import Any
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
-from bidirlm_jax.io.checkpoint import description_dir, is_checkpoint, is_training_run, recorded_dtypes, run_config
+from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, run_config
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, tokenizer_files
+from bidirlm_jax.io.run import description_dir, is_training_run
 from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.paths import user_path
@@ -193,7 +194,7 @@ def _write_st_files(
 
 def _record_mask_token(out: Path, tokenizer: Any, family: str) -> None:
     """Keep the mask token MNTP trained with findable: a Qwen3 tokenizer without one gets BidirLM's reserved row."""
-    from bidirlm_jax.data.tokenizer import resolve_mask_token, set_mask_token
+    from bidirlm_jax.io.tokenizer import resolve_mask_token, set_mask_token
 
     if tokenizer.mask_token is not None or not (out / "tokenizer.json").is_file():
         return
@@ -282,7 +283,7 @@ def _check_source(src: Path) -> None:
 
 
 def _load_tokenizer(path: Path) -> Any:
-    from bidirlm_jax.data.tokenizer import load_tokenizer  # transformers, imported only when a tokenizer is read
+    from bidirlm_jax.io.tokenizer import load_tokenizer  # transformers, imported only when a tokenizer is read
 
     try:
         return load_tokenizer(description_dir(path))

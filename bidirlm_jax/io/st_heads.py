@@ -28,6 +28,7 @@ from safetensors.numpy import save_file
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.hf import _to_host, save_pretrained
+from bidirlm_jax.io.run import HEAD_FILE
 from bidirlm_jax.io.sentence_transformers import _ALL_ST_FLAGS, _ST_POOLING_FLAGS
 from bidirlm_jax.models.heads import EncoderWithHead
 
@@ -92,7 +93,7 @@ def export_st_classifier(
         config = json.loads((tmp / "config.json").read_text())
         config.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
         _write_json(tmp / "config.json", config)
-        _write_json(tmp / "head.json", {"head": head.to_json(), "labels": [] if head.task == "regression" else names})
+        _write_json(tmp / HEAD_FILE, {"head": head.to_json(), "labels": [] if head.task == "regression" else names})
         modules = [{"idx": 0, "name": "0", "path": "", "type": _MODULE + "Transformer"}]
         for idx, (folder, kind, options) in enumerate(_modules(head.pooling), start=1):
             modules.append({"idx": idx, "name": str(idx), "path": folder, "type": _MODULE + kind})

@@ -28,7 +28,7 @@ from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.hf import open_weights
 from bidirlm_jax.io.hf_config import norm_plus_one, set_attention_mode
 from bidirlm_jax.io.layouts import LM_HEAD, detect_layout
-from bidirlm_jax.io.shards import ShardReader, TensorInfo
+from bidirlm_jax.io.shards import ShardReader
 from bidirlm_jax.merge.linear import listing
 from bidirlm_jax.merge.spec import RECORD_FILE, MergeModel, MergeSpec
 from bidirlm_jax.models.config import DTYPES
@@ -56,41 +56,12 @@ _ARCH_FIELDS = (
 _Name = tuple[str, str]
 
 
-class _PickleTensors:
-    """A pickled `pytorch_model.bin` checkpoint behind `ShardReader`'s interface (torch memory-maps it).
-
-    `info(key).offset` is the tensor's position in the checkpoint: only its order is used.
-    """
-
-    def __init__(self, reader, path: Path):
-        self._reader = reader
-        arrays = {key: reader.get(key) for key in reader.keys()}  # views of the memory map: nothing is read
-        self._info = {
-            key: TensorInfo(tuple(a.shape), a.dtype, path, position) for position, (key, a) in enumerate(arrays.items())
-        }
-
-    def keys(self) -> list[str]:
-        return list(self._info)
-
-    def info(self, name: str) -> TensorInfo:
-        return self._info[name]
-
-    def read_flat(
-        self, name: str, start: int = 0, stop: int | None = None, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        piece = self._reader.get(name).reshape(-1)[start:stop]
-        if out is None:
-            return piece.copy()
-        out[...] = piece
-        return out
-
-
 @dataclass
 class Input:
     """One model of the merge: its weights, its config.json and which of its tensors go where."""
 
     model: MergeModel
-    reader: ShardReader | _PickleTensors
+    reader: ShardReader  # or io.hf's pickle reader, behind the same interface
     config: dict | None
     names: dict[_Name, str] = field(default_factory=dict)  # identity -> checkpoint key (not excluded)
     excluded: list[str] = field(default_factory=list)
@@ -151,8 +122,6 @@ def _open(model: MergeModel, allow_pickle: bool) -> Input:
             "(download hub models first, e.g. with `hf download`)"
         )
     reader = ShardReader(path) if path.is_file() else open_weights(path, allow_pickle=allow_pickle)
-    if not isinstance(reader, ShardReader):
-        reader = _PickleTensors(reader, path)
     inp = Input(model, reader, None)
     config_file = inp.directory / "config.json"
     if config_file.is_file():

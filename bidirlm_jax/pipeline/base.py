@@ -15,7 +15,7 @@ from bidirlm_jax.pipeline.timer import Timer
 
 
 def _train_tokenizer(texts: list[str], size: Size, out: Path):
-    from bidirlm_jax.data.tokenizer import train_tokenizer
+    from bidirlm_jax.io.tokenizer import train_tokenizer
 
     return train_tokenizer(texts, size.vocab_size, out)
 
@@ -93,6 +93,6 @@ def pretrain_base(
 
 
 def _params(config) -> int:
-    from bidirlm_jax.models.params import param_count
+    from bidirlm_jax.io.params import param_count
 
     return param_count(config)

@@ -37,9 +37,9 @@ def held_out(module: str) -> bool:
 
 
 def stdlib_documents() -> list[Doc]:
-    """Every module docstring of the standard library (`data.corpora.stdlib_docstrings`) and the docstrings of
+    """Every module docstring of the standard library (`data.stdlib_text.stdlib_docstrings`) and the docstrings of
     the public classes and functions defined in those modules, in module order (a few seconds of parsing)."""
-    from bidirlm_jax.data.corpora import stdlib_docstrings
+    from bidirlm_jax.data.stdlib_text import stdlib_docstrings
 
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
@@ -106,7 +106,7 @@ class Corpus:
 
 
 def build_corpus(*, num_negatives: int, max_eval_queries: int) -> Corpus:
-    from bidirlm_jax.data.corpora import stdlib_pairs
+    from bidirlm_jax.data.stdlib_text import stdlib_pairs
     from bidirlm_jax.evals.retrieval import RetrievalData
 
     docs = stdlib_documents()
@@ -150,9 +150,9 @@ def write_domains(
 ) -> dict[str, dict[str, Path]]:
     """Two text domains every machine has, split by package as the demo splits (`held_out`), as `.jsonl` files
     (`{"text": ...}` per line) for MNTP mixtures and held-out evaluation (`mntp.eval_data`): `english`, the
-    docstrings (`stdlib_documents`), and `code`, the functions and classes (`data.corpora.stdlib_code`).
+    docstrings (`stdlib_documents`), and `code`, the functions and classes (`data.stdlib_text.stdlib_code`).
     Returns `{domain: {"train": path, "held_out": path}}`; `max_*` keep an even spread of that many documents."""
-    from bidirlm_jax.data.corpora import stdlib_code
+    from bidirlm_jax.data.stdlib_text import stdlib_code
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

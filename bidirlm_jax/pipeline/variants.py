@@ -94,7 +94,7 @@ class Variant:
         return from_pretrained(self.path, attention=self.attention, dtype=dtype)
 
     def tokenizer(self):
-        from bidirlm_jax.data.tokenizer import load_tokenizer
+        from bidirlm_jax.io.tokenizer import load_tokenizer
 
         return load_tokenizer(self.path)
 

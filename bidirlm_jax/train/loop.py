@@ -33,9 +33,9 @@ from bidirlm_jax import distributed
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
 from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
+from bidirlm_jax.io.run import checkpoints_dir, model_dir
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.paths import user_path
@@ -161,9 +161,9 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         "data_stream": data_stream(config.data),
         "config": json.loads(config.to_json_best_effort()),
     }
-    resume_step = latest_step(workdir / "checkpoints")
+    resume_step = latest_step(checkpoints_dir(workdir))
     if resume_step is not None:
-        existing = Checkpointer(workdir / "checkpoints", save_every=1, keep=1)
+        existing = Checkpointer(checkpoints_dir(workdir), save_every=1, keep=1)
         try:
             existing.check_resumable(resume_step, meta, allow_data_change=config.train.allow_data_change)
         finally:
@@ -222,9 +222,9 @@ def _read_metrics(outs: list[dict[str, jax.Array]]) -> list[dict[str, np.ndarray
 
 def _write_model_description(workdir: Path, plan: _Plan) -> None:
     """`WORKDIR/model/`: what `from_pretrained(WORKDIR)` and `bidirlm export` need besides the weights."""
-    if (workdir / RUN_MODEL_DIR / "config.json").is_file():
+    if (model_dir(workdir) / "config.json").is_file():
         return
-    with atomic_directory(workdir / RUN_MODEL_DIR, collective=True) as tmp:
+    with atomic_directory(model_dir(workdir), collective=True) as tmp:
         if jax.process_index() == 0:
             (tmp / "config.json").write_text(json.dumps(config_to_hf(plan.model), indent=2) + "\n")
             if plan.objective.tokenizer is not None:
@@ -282,9 +282,9 @@ def train(
         params=sum(x.size for x in jax.tree.leaves(plan.layout.abstract.params)),
         tokens_per_step=plan.objective.tokens_per_step,
     )
-    runlog.log_start(plan.resume_step, str(workdir / "checkpoints"))
+    runlog.log_start(plan.resume_step, str(checkpoints_dir(workdir)))
     checkpointer = Checkpointer(
-        workdir / "checkpoints", save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
+        checkpoints_dir(workdir), save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
     )
     if plan.resume_step is not None:
         state = checkpointer.restore(plan.resume_step, plan.layout.abstract)

@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
+from bidirlm_jax.io.run import RUN_MODEL_DIR
 from bidirlm_jax.losses.base import Batch, LossFn
 from bidirlm_jax.models.config import ModelConfig
 
@@ -144,10 +144,10 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     `data.tokenizer`, else `model.init_from`'s, else — on the built-in `stdlib` text, or the user's `text` files
     for a tiny model (`trains_on_user_text`) — a byte-level BPE of the model's vocabulary size trained on
     that text (deterministic, so a resumed run trains the same one). Checked against the model's embedding."""
-    from bidirlm_jax.data.corpora import stdlib_docstrings
     from bidirlm_jax.data.mixture import parse_mixture
     from bidirlm_jax.data.sources import iter_documents
-    from bidirlm_jax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+    from bidirlm_jax.data.stdlib_text import stdlib_docstrings
+    from bidirlm_jax.io.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
     data = config.data
     saved = workdir / RUN_MODEL_DIR  # where the engine saves it (`loop._write_model_description`)

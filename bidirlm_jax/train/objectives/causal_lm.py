@@ -1,7 +1,7 @@
 """Causal language modelling (next-token prediction): pre-training or continued pre-training of a decoder.
 
 Data: a 1-D token stream (`data.source`: `synthetic`, generated; `npy`, a memory-mapped array of ids)
-cut into `data.seq_len` windows (`data.lm`), or documents packed with their segments (`text`, `stdlib`:
+cut into `data.seq_len` windows (`data.token_windows`), or documents packed with their segments (`text`, `stdlib`:
 see `objectives.text`; each document attends only to itself).
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data.lm import lm_rows, load_tokens
+from bidirlm_jax.data.token_windows import lm_rows, load_tokens
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.losses.causal_lm import causal_lm_loss
 from bidirlm_jax.models.config import ModelConfig

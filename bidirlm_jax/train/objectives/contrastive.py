@@ -20,8 +20,8 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data.corpora import stdlib_pairs
 from bidirlm_jax.data.pairs import Instruction, PairBatches, read_pairs
+from bidirlm_jax.data.stdlib_text import stdlib_pairs
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES, ModelConfig
 from bidirlm_jax.paths import user_path

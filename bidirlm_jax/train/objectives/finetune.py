@@ -32,24 +32,15 @@ from pathlib import Path
 import grain
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data.labeled import (
-    Fields,
-    LabeledSplit,
-    LabelMap,
-    TrainRows,
-    build_label_map,
-    check_labels,
-    encode_split,
-    pad_id,
-    read_split,
-    synthetic_split,
-    synthetic_texts,
-)
+from bidirlm_jax.data.labeled import Fields, LabeledSplit, LabelMap, build_label_map, check_labels, read_split
+from bidirlm_jax.data.labeled_rows import TrainRows, encode_split
+from bidirlm_jax.data.labeled_synthetic import synthetic_split, synthetic_texts
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.finetune import evaluate_encoded
 from bidirlm_jax.evals.metrics import BEST_METRIC, TASK_METRICS
-from bidirlm_jax.io.checkpoint import RUN_MODEL_DIR
-from bidirlm_jax.io.heads import HEAD_FILE, describe, read_description
+from bidirlm_jax.io.heads import describe, read_description
+from bidirlm_jax.io.run import HEAD_FILE, head_file, model_dir
+from bidirlm_jax.io.tokenizer import pad_id
 from bidirlm_jax.losses.classification import LOSSES
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.heads import TASKS, HeadConfig, model_factory, with_encoder_params
@@ -114,9 +105,9 @@ def load_splits(config: ConfigDict, task: str) -> tuple[LabeledSplit, LabeledSpl
 
 
 def _tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path, train: LabeledSplit):
-    from bidirlm_jax.data.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+    from bidirlm_jax.io.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
-    saved = workdir / RUN_MODEL_DIR
+    saved = model_dir(workdir)
     if (saved / "tokenizer.json").is_file():  # a resumed run keeps its own
         tokenizer = load_tokenizer(saved)
     elif config.data.tokenizer or config.model.init_from:
@@ -177,7 +168,7 @@ def _stream(config: ConfigDict) -> dict:
 def _check_recorded(workdir: Path, head: HeadConfig, label_map: LabelMap, stream: dict) -> None:
     """A resumed run must keep its head and label map (checkpoints hold the head's weights for them) and the
     settings that define its training rows."""
-    path = workdir / RUN_MODEL_DIR / HEAD_FILE
+    path = head_file(workdir)
     if not path.is_file():
         return
     recorded = read_description(path)

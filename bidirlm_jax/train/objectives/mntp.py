@@ -21,9 +21,9 @@ from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data.tokenizer import resolve_mask_token
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.lm import evaluate_domains, read_domains
+from bidirlm_jax.io.tokenizer import resolve_mask_token
 from bidirlm_jax.losses.mntp import capacity, make_mntp_loss
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.train.metrics import training_flops_per_token

@@ -13,10 +13,10 @@ import dataclasses
 import grain
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data.corpora import stdlib_docstrings
+from bidirlm_jax.data.corpus_shards import Corpus, load_corpus, tokenize_documents
 from bidirlm_jax.data.mixture import MixtureSource, mixture_dataset, parse_mixture
 from bidirlm_jax.data.packing import packed_dataset
-from bidirlm_jax.data.tokenize import Corpus, load_corpus, tokenize_documents
+from bidirlm_jax.data.stdlib_text import stdlib_docstrings
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.train.objectives.base import check_data_path
 

@@ -16,23 +16,19 @@ when complete.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import hashlib
 import itertools
 import json
-import multiprocessing
 import os
 import shutil
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from bidirlm_jax.data.corpus_encoder import Encoded, Encoder, chunks, encoding
 from bidirlm_jax.data.manifest import (
     FORMAT,
     MANIFEST,
@@ -157,8 +153,8 @@ def tokenize_documents(
     documents: Iterable[str], tokenizer: PreTrainedTokenizerBase, *, chunk_docs: int = 1024
 ) -> Corpus:
     """Tokenise `documents` in this process into an in-memory `Corpus`."""
-    encoder = _Encoder.of(tokenizer)
-    parts = [encoder(chunk) for chunk in _chunks(documents, chunk_docs)]
+    encoder = Encoder.of(tokenizer)
+    parts = [encoder(chunk) for chunk in chunks(documents, chunk_docs)]
     tokens, offsets = _concatenate(parts)
     skipped = sum(p.num_read for p in parts) - (len(offsets) - 1)
     if len(offsets) == 1:
@@ -206,11 +202,11 @@ def tokenize_corpus(
     """
     out = check_destination(out_dir, overwrite=overwrite)
     if isinstance(tokenizer, (str, os.PathLike)):
-        from bidirlm_jax.data.tokenizer import load_tokenizer
+        from bidirlm_jax.io.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(tokenizer)
     record = {**tokenizer_record(tokenizer), "backend_sha256": backend_sha256(tokenizer)}
-    encoder_args = _Encoder.args(tokenizer)
+    encoder_args = Encoder.args(tokenizer)
     work = out.parent / f".{out.name}.partial"
     settings = {
         "source": _fingerprint(src),
@@ -223,10 +219,10 @@ def tokenize_corpus(
     shards = _finished_shards(work, settings)
     read = shards[-1]["source_end"] if shards else 0
     documents = itertools.islice(iter_documents(src, text_field=text_field, split=split), read, None)
-    buffer: list[_Encoded] = []
+    buffer: list[Encoded] = []
     bar = tqdm(desc=f"tokenize {Path(src).name}", unit="doc", initial=read, disable=not progress)
-    with _encoding(encoder_args, num_workers) as encode, bar:
-        for encoded in encode(_chunks(documents, chunk_docs)):
+    with encoding(encoder_args, num_workers) as encode, bar:
+        for encoded in encode(chunks(documents, chunk_docs)):
             bar.update(encoded.num_read)
             # A shard ends with the document that fills it, so shards end at the same documents on every run.
             filled = sum(len(p.tokens) for p in buffer) + np.cumsum(encoded.lengths) >= shard_tokens
@@ -263,86 +259,6 @@ def tokenize_corpus(
     return out
 
 
-@dataclasses.dataclass
-class _Encoded:
-    tokens: np.ndarray  # uint32: the kept documents' ids, concatenated
-    lengths: np.ndarray  # int64: one per kept document
-    read_through: np.ndarray  # int64: per kept document, the documents read up to it (itself included)
-    num_read: int  # documents read, kept or skipped
-
-    def split(self, n: int) -> tuple[_Encoded, _Encoded]:
-        """The first `n` kept documents (with the skipped ones before them), and the rest."""
-        cut, read = int(self.lengths[:n].sum()), int(self.read_through[n - 1])
-        head = _Encoded(self.tokens[:cut], self.lengths[:n], self.read_through[:n], read)
-        return head, _Encoded(self.tokens[cut:], self.lengths[n:], self.read_through[n:] - read, self.num_read - read)
-
-
-class _Encoder:
-    """Encodes chunks of texts as the tokenizer does with `add_special_tokens=True`; needs only `tokenizers`."""
-
-    def __init__(self, tokenizer_json: str, special_ids: Sequence[int]):
-        self.backend = Tokenizer.from_str(tokenizer_json)
-        self.backend.no_truncation()
-        self.backend.no_padding()
-        self.special_ids = np.asarray(special_ids, np.int64)
-
-    @staticmethod
-    def args(tokenizer: PreTrainedTokenizerBase) -> tuple[str, list[int]]:
-        return tokenizer.backend_tokenizer.to_str(), tokenizer_record(tokenizer)["special_ids"]
-
-    @classmethod
-    def of(cls, tokenizer: PreTrainedTokenizerBase) -> _Encoder:
-        return cls(*cls.args(tokenizer))
-
-    def __call__(self, texts: list[str]) -> _Encoded:
-        encodings = self.backend.encode_batch(texts, add_special_tokens=True)
-        lengths = np.array([len(e.ids) for e in encodings], np.int64)
-        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64, count=int(lengths.sum()))
-        if ids.size and (ids.min() < 0 or ids.max() > np.iinfo(np.uint32).max):
-            raise ConfigError(f"the tokenizer produced id {ids.min() if ids.min() < 0 else ids.max()}, outside uint32")
-        plain = np.concatenate([[0], np.cumsum(~np.isin(ids, self.special_ids))])
-        ends = np.cumsum(lengths)
-        keep = plain[ends] - plain[ends - lengths] > 0  # at least one non-special token
-        tokens = ids[np.repeat(keep, lengths)].astype(np.uint32)
-        return _Encoded(tokens, lengths[keep], np.flatnonzero(keep) + 1, len(texts))
-
-
-_worker_encoder: _Encoder | None = None
-
-
-def _start_worker(tokenizer_json: str, special_ids: list[int]) -> None:
-    global _worker_encoder
-    _worker_encoder = _Encoder(tokenizer_json, special_ids)
-
-
-def _encode_in_worker(texts: list[str]) -> _Encoded:
-    return _worker_encoder(texts)
-
-
-@contextlib.contextmanager
-def _encoding(
-    encoder_args: tuple[str, list[int]], num_workers: int
-) -> Iterator[Callable[[Iterable[list[str]]], Iterator[_Encoded]]]:
-    """A function mapping chunks of texts to their encodings, in order, over `num_workers` processes."""
-    if num_workers <= 1:
-        encoder = _Encoder(*encoder_args)
-        yield lambda chunks: map(encoder, chunks)
-        return
-    # spawn, not fork: the parent may hold JAX's threads. A bounded window keeps memory flat on huge corpora.
-    with multiprocessing.get_context("spawn").Pool(num_workers, _start_worker, encoder_args) as pool:
-
-        def encode(chunks: Iterable[list[str]]) -> Iterator[_Encoded]:
-            pending: deque = deque()
-            for chunk in chunks:
-                pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
-                if len(pending) >= 4 * num_workers:
-                    yield pending.popleft().get()
-            while pending:
-                yield pending.popleft().get()
-
-        yield encode
-
-
 def _fingerprint(src: str | os.PathLike) -> list:
     """What identifies the source's content cheaply: hub name, or each file's path, size and mtime."""
     if os.fspath(src).startswith(HUB_PREFIX):
@@ -370,7 +286,7 @@ def _finished_shards(work: Path, settings: dict) -> list[dict]:
 _SHARD_FILES = (("tokens", "npy"), ("docs", "npy"), ("shard", "json"))
 
 
-def _write_shard(work: Path, settings: dict, index: int, parts: list[_Encoded], source_start: int) -> dict:
+def _write_shard(work: Path, settings: dict, index: int, parts: list[Encoded], source_start: int) -> dict:
     """Write one shard's arrays, then its marker (each through a temporary file renamed into place)."""
     if not work.is_dir():
         work.mkdir(parents=True)
@@ -391,13 +307,7 @@ def _write_shard(work: Path, settings: dict, index: int, parts: list[_Encoded], 
     return record
 
 
-def _concatenate(parts: list[_Encoded]) -> tuple[np.ndarray, np.ndarray]:
+def _concatenate(parts: list[Encoded]) -> tuple[np.ndarray, np.ndarray]:
     tokens = np.concatenate([np.zeros(0, np.uint32)] + [p.tokens for p in parts])
     lengths = np.concatenate([np.zeros(0, np.int64)] + [p.lengths for p in parts])
     return tokens, np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-
-
-def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    iterator = iter(items)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk

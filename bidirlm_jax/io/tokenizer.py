@@ -114,6 +114,14 @@ def resolve_mask_token(tokenizer: PreTrainedTokenizerBase, setting: str | int, *
     return int(token_id)
 
 
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The id padding positions carry (masked out everywhere): the tokenizer's pad, else eos, else 0."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
 def check_vocab(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> None:
     """Refuse a tokenizer that can emit ids beyond the model's `vocab_size` embedding rows.
 
