@@ -3,7 +3,13 @@
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA's CPU runtime may issue two independent collectives of one program in different orders on different
+# fake devices when the scheduler optimises for concurrency; on a loaded machine each device then waits at a
+# different rendezvous until XLA aborts the process ("Termination timeout ... of 40 seconds exceeded"). The
+# sequential schedule keeps every device's collectives in one order.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false"
+)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
