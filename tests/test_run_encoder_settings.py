@@ -90,3 +90,26 @@ def test_a_run_of_another_objective_keeps_the_defaults(tmp_path):
     settings = read_encoder_settings(tmp_path / "lm")
     assert (settings.pooling, settings.max_length, settings.origin) == ("mean", 512, "")
     assert from_pretrained(tmp_path / "lm").config.num_layers > 0
+
+
+def test_export_of_a_run_names_the_prompts_it_trained_with(run, tmp_path, capsys):
+    """The run's datasets' query instructions become the export's sentence-transformers prompts (by dataset,
+    and `query` when the asymmetric datasets share one); `--instruction` replaces `query`, with a warning."""
+    from bidirlm_jax.data.stdlib_text import stdlib_pairs
+
+    _, instructions = stdlib_pairs(num_negatives=contrastive.get_config("tiny").contrastive.num_negatives)
+    expected = {name: f"Instruct: {i.text}\nQuery: " for name, i in instructions.items()}
+    asymmetric = {f"Instruct: {i.text}\nQuery: " for i in instructions.values() if not i.symmetric}
+    if len(asymmetric) == 1:
+        expected["query"] = asymmetric.pop()
+    assert expected and read_encoder_settings(run).prompts == expected
+
+    assert main(["export", str(run), str(tmp_path / "enc")]) == 0
+    written = json.loads((tmp_path / "enc" / "config_sentence_transformers.json").read_text())["prompts"]
+    assert written == expected and "warning" not in capsys.readouterr().err
+
+    assert main(["export", str(run), str(tmp_path / "told"), "--instruction", "Find the docstring"]) == 0
+    written = json.loads((tmp_path / "told" / "config_sentence_transformers.json").read_text())["prompts"]
+    assert written == {**expected, "query": "Instruct: Find the docstring\nQuery: "}
+    err = capsys.readouterr().err
+    assert ("replaces the query prompt" in err) == ("query" in expected)

@@ -126,12 +126,11 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from bidirlm_jax.embed.encode import query_prompt
     from bidirlm_jax.io.heads import export_finetuned
     from bidirlm_jax.io.run import head_file
     from bidirlm_jax.io.sentence_transformers import export_encoder, read_encoder_settings
 
-    if head_file(args.src).is_file():  # a fine-tuning run: transformers' task class
+    if head_file(args.src).is_file():  # a fine-tuning run: its head's export (io.heads)
         out = export_finetuned(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {out}")
         return 0
@@ -142,7 +141,7 @@ def run_export(args: argparse.Namespace) -> int:
         pooling=chosen(args.pooling, settings, "pooling"),
         normalize=args.normalize,
         max_length=chosen(args.max_length, settings, "max_length"),
-        prompts={"query": query_prompt(args.instruction)} if args.instruction else None,
+        prompts=_prompts(args.instruction, settings),
         attention=args.attention,
         dtype=args.dtype,
         overwrite=args.overwrite,
@@ -294,6 +293,23 @@ def _encoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", choices=ATTENTION_MODES, help="default: what the model's config.json says")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _prompts(instruction: str | None, settings: Any) -> dict[str, str]:
+    """The prompts the run or encoder recorded (a contrastive run: its datasets' query prefixes), with
+    `--instruction` as the `query` prompt; one that replaces a recorded `query` prompt is warned of."""
+    from bidirlm_jax.embed.encode import query_prompt
+
+    prompts = dict(settings.prompts)
+    if instruction:
+        query = query_prompt(instruction)
+        if prompts.get("query", query) != query:
+            print(
+                f"warning: --instruction replaces the query prompt {prompts['query']!r} recorded by {settings.origin}",
+                file=sys.stderr,
+            )
+        prompts["query"] = query
+    return prompts
 
 
 def chosen(flag: Any, settings: Any, name: str) -> Any:

@@ -1,6 +1,7 @@
 """A training run's directory (`bidirlm train --workdir RUN`): the one module that names its parts.
 
-RUN/model/          config.json, the run's tokenizer files and (fine-tuning) head.json: what
+RUN/model/          config.json, the run's tokenizer files, (fine-tuning) head.json and (contrastive)
+                    prompts.json, the query prompts its datasets trained with: what
                     `from_pretrained(RUN)` and the exports read besides the weights
 RUN/checkpoints/N/  orbax train states, one directory per step
 RUN/best/           fine-tuning's best validation step: params/ and best.json
@@ -17,6 +18,7 @@ RUN_CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 HEAD_FILE = "head.json"  # in the run's `model/` directory
+PROMPTS_FILE = "prompts.json"  # in `model/`: {"prompts": {name: prefix}}, what an encoder export names its prompts
 METRICS_FILE = "metrics.jsonl"
 
 

@@ -14,15 +14,17 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import grain
 import numpy as np
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data.pairs import Instruction, PairBatches, read_pairs
+from bidirlm_jax.data.pairs import Instruction, PairBatches, read_pairs, with_instruction
 from bidirlm_jax.data.stdlib_text import stdlib_pairs
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.run import PROMPTS_FILE
 from bidirlm_jax.models.config import POOLING_MODES, ModelConfig
 from bidirlm_jax.paths import user_path
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
@@ -122,7 +124,18 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         tokens_per_step=b * (2 + k) * length,
         tokenizer=tokenizer,
         key_metric="in_batch_accuracy",
+        run_files={PROMPTS_FILE: json.dumps({"prompts": trained_prompts(instructions)}, indent=2) + "\n"},
     )
+
+
+def trained_prompts(instructions: Mapping[str, Instruction]) -> dict[str, str]:
+    """The query prefixes the run trained with, by dataset name, for the export's sentence-transformers prompts;
+    `query` too when every asymmetric dataset had the same instruction (the one a retrieval user wants)."""
+    prompts = {name: with_instruction("", i.text) for name, i in sorted(instructions.items())}
+    asymmetric = {with_instruction("", i.text) for i in instructions.values() if not i.symmetric}
+    if len(asymmetric) == 1 and "query" not in prompts:
+        prompts["query"] = asymmetric.pop()
+    return prompts
 
 
 def contrastive_flops_per_step(
