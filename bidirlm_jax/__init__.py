@@ -16,7 +16,7 @@ _EXPORTS = {
     "save_pretrained": "bidirlm_jax.io.hf",
     "convert": "bidirlm_jax.io.conversion",
     "ModelConfig": "bidirlm_jax.models.config",
-    "param_count": "bidirlm_jax.models.params",
+    "param_count": "bidirlm_jax.io.params",
     "contrastive_loss": "bidirlm_jax.losses.infonce",
     "encode": "bidirlm_jax.embed.encode",
     "export_encoder": "bidirlm_jax.io.sentence_transformers",

@@ -176,7 +176,9 @@ def test_contrastive_learns(tmp_path):
     "config_file, overrides, message",
     [
         ("configs/mntp.py:tiny", ["--config.mntp.mask_ratio=1.5"], "ratio"),
-        ("configs/mntp.py:tiny", ["--config.data.source=text"], "tokenizer"),
+        # a real text source with no checkpoint and no tokenizer (a tiny MNTP model would train its own BPE)
+        ("configs/contrastive.py:tiny", ["--config.data.source=pairs", "--config.data.path=p.jsonl"], "tokenizer"),
+        ("configs/mntp.py:tiny", ["--config.data.source=text"], "data.path"),
         ("configs/mntp.py:tiny", ["--config.mntp.mask_token=<nope>"], "mask_token"),
         ("configs/contrastive.py:tiny", ["--config.train.grad_accum_steps=2"], "GradCache"),
         (
