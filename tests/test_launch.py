@@ -621,9 +621,12 @@ def test_local_script_finds_bidirlm_without_the_repository_venv(tmp_path):
     (repo / "launch").mkdir(parents=True)
     for name in ("local.sh", "find_bidirlm.sh"):
         shutil.copy(LAUNCH / name, repo / "launch" / name)
-    system_path = "/usr/bin:/bin"
-    if shutil.which("bidirlm", path=system_path):
-        pytest.skip("a bidirlm is installed system-wide")
+    # a PATH with only the tools the scripts use, so that no bidirlm installed on this machine is found
+    system = tmp_path / "system"
+    system.mkdir()
+    for tool in ("bash", "dirname", "sed", "env"):
+        (system / tool).symlink_to(shutil.which(tool))
+    system_path = str(system)
     venv, on_path = tmp_path / "venv" / "bin", tmp_path / "elsewhere"
     venv.mkdir(parents=True)
     on_path.mkdir()
