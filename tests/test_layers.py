@@ -16,7 +16,7 @@ from bidirlm_jax.io.hf import weight_table
 from bidirlm_jax.io.hf_config import config_from_hf
 from bidirlm_jax.kernels.attention import attend
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
-from bidirlm_jax.models.layers import MLP, RMSNorm
+from bidirlm_jax.models.layers import MLP, LayerNorm, RMSNorm
 from bidirlm_jax.models.positions import apply_rope, rope_tables
 from bidirlm_jax.models.transformer import Block
 from bidirlm_jax.testing import reference
@@ -44,6 +44,17 @@ def _randomise(module: torch.nn.Module, *, plus_one: bool) -> None:
 
 def _torch(x) -> torch.Tensor:
     return torch.from_numpy(np.array(x))  # a writable copy (broadcast views are read-only)
+
+
+def test_layernorm():
+    theirs = torch.nn.LayerNorm(D, eps=1e-6)
+    _randomise(theirs, plus_one=True)  # weight and bias both away from their initial values
+    ours = LayerNorm(D, eps=1e-6, param_dtype="float32", rngs=nnx.Rngs(0))
+    ours.weight[...] = jnp.asarray(theirs.weight.detach().numpy())
+    ours.bias[...] = jnp.asarray(theirs.bias.detach().numpy())
+    x = 3.0 + _x()  # an offset mean, which the centring must remove
+    expected = theirs(_torch(x)).detach().numpy()
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), expected, rtol=ELEMENTWISE_TOL, atol=ELEMENTWISE_TOL)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

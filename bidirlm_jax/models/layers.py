@@ -1,4 +1,4 @@
-"""Leaf layers with explicit arguments (no model config): parameters, RMSNorm, embedding, MLP, linear.
+"""Leaf layers with explicit arguments (no model config): parameters, RMSNorm, LayerNorm, embedding, MLP, linear.
 
 Numerics follow transformers line by line (where each cast happens matters in bf16): Gemma3's norm
 computes `x·rsqrt(mean x²+eps)·(1+w)` in fp32 and casts last, Qwen3's casts back before multiplying by
@@ -53,6 +53,25 @@ class RMSNorm(nnx.Module):
         if self.plus_one:
             return (h * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
         return w.astype(x.dtype) * h.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """torch.nn.LayerNorm: `(x − mean) · rsqrt(var + eps) · w + b`, statistics in fp32, cast back last.
+
+    The vision and audio towers (Qwen3-VL's ViT, Qwen3-ASR's AuT) normalise this way; the text stack never does.
+    """
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: str, rngs: nnx.Rngs, axis: str = "norm"):
+        self.eps = eps
+        self.weight = param(rngs, (dim,), (axis,), param_dtype, init="ones")
+        self.bias = param(rngs, (dim,), (axis,), param_dtype, init="zeros")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x.astype(jnp.float32)
+        mean = jnp.mean(h, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(h - mean), axis=-1, keepdims=True)
+        h = (h - mean) * jax.lax.rsqrt(var + self.eps)
+        return (h * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
 class Embedder(nnx.Module):
