@@ -1,0 +1,1 @@
+"""Modality towers that feed the text stack: one sub-package per released tower."""

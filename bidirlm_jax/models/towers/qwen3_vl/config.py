@@ -1,0 +1,87 @@
+"""The vision tower's configuration: transformers' `Qwen3VLVisionConfig` field names, plus run settings.
+
+`io/hf_config_vision.py` reads it from a checkpoint's `vision_config`; the tower reads only these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.config import ATTENTION_IMPLS, DTYPES
+from bidirlm_jax.models.layers import ACTIVATIONS
+
+LAYER_NORM_EPS = 1e-6  # transformers hard-codes it for every LayerNorm of the tower and its mergers
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """Architecture of a Qwen3-VL vision tower (Qwen3-VL-2B's by default) and how to run it."""
+
+    depth: int = 24
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_heads: int = 16
+    out_hidden_size: int = 2048
+    hidden_act: str = "gelu_pytorch_tanh"
+    in_channels: int = 3
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    num_position_embeddings: int = 2304  # a square table, 48 × 48
+    # Blocks after which a DeepStack merger runs; indexes ≥ depth are declared (their mergers carried) but never run.
+    deepstack_visual_indexes: tuple[int, ...] = (5, 11, 17)
+    rope_theta: float = 10000.0
+    # How to run it; none of these changes a weight.
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"
+    attention_block_q: int = 512
+    attention_block_kv: int = 512
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        side = math.isqrt(self.num_position_embeddings)
+        checks = [
+            (min(self.depth, self.hidden_size, self.num_heads, self.out_hidden_size) > 0, "sizes must be positive"),
+            (self.hidden_size % self.num_heads == 0, f"hidden_size {self.hidden_size} not a multiple of num_heads"),
+            (self.head_dim % 4 == 0, f"head_dim {self.head_dim} must be a multiple of 4 (2-D rotary pairs)"),
+            (side * side == self.num_position_embeddings, "num_position_embeddings must be a square"),
+            (self.hidden_act in ACTIVATIONS, f"hidden_act {self.hidden_act!r} not one of {sorted(ACTIVATIONS)}"),
+            (min(self.deepstack_visual_indexes, default=0) >= 0, "deepstack_visual_indexes must be ≥ 0"),
+            (self.dtype in DTYPES and self.param_dtype in DTYPES, f"dtypes {self.dtype}/{self.param_dtype}"),
+            (self.attention_impl in ATTENTION_IMPLS, f"attention_impl {self.attention_impl!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"invalid vision config: {message}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one processor row: channels × temporal patch × patch × patch (1536 for Qwen3-VL)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches per merged token (4 for a 2 × 2 merge)."""
+        return self.spatial_merge_size**2
+
+    @property
+    def grid_side(self) -> int:
+        return math.isqrt(self.num_position_embeddings)
+
+    @property
+    def taps(self) -> tuple[tuple[int, int], ...]:
+        """`(block, merger)` for each DeepStack merger that runs, in block order (as transformers emits them)."""
+        index = self.deepstack_visual_indexes
+        return tuple((block, index.index(block)) for block in range(self.depth) if block in index)
+
+    def replace(self, **changes: Any) -> VisionConfig:
+        return dataclasses.replace(self, **changes)
