@@ -12,57 +12,30 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-import transformers
 from flax import nnx
 from transformers import vision_utils
-from transformers.models.qwen3_vl import modeling_qwen3_vl as hf_vl
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.vision_weights import vision_from_tensors, vision_to_tensors, vision_weight_table
 from bidirlm_jax.models.towers.qwen3_vl.config import VisionConfig
 from bidirlm_jax.models.towers.qwen3_vl.layout import vision_layout
 from bidirlm_jax.models.towers.qwen3_vl.vision import VisionTower, relayout, rotary_tables
+from bidirlm_jax.testing import qwen3_vl as ref
 from bidirlm_jax.testing.tolerance import EPS32
 
 REL_TOL = 1e-5  # see the module docstring
 # Three non-square images, one of two frames (its frames attend separately), 52 patches.
 GRIDS = [(1, 4, 6), (1, 6, 2), (2, 2, 4)]
-TINY = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
-            temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)  # fmt: skip
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random at a scale that keeps activations O(1): the initialisers leave norms at 1
-    and biases at 0, which would hide a misplaced norm weight or bias."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias") or p.ndim == 1:
-                p.copy_(0.2 * noise)
-            elif name.startswith("pos_embed"):
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(noise / p[0].numel() ** 0.5)
-    return model.eval()
-
-
-def hf_tower(deepstack=(0, 1), **overrides):
-    config = transformers.Qwen3VLVisionConfig(**{**TINY, **overrides}, deepstack_visual_indexes=list(deepstack))
-    config._attn_implementation = "eager"
-    return randomize(hf_vl.Qwen3VLVisionModel(config))
 
 
 def our_config(hf, **run) -> VisionConfig:
     c = hf.config
-    return VisionConfig(**{k: getattr(c, k) for k in TINY}, hidden_act=c.hidden_act,
+    return VisionConfig(**{k: getattr(c, k) for k in ref.VISION}, hidden_act=c.hidden_act,
                         deepstack_visual_indexes=tuple(c.deepstack_visual_indexes), **run)  # fmt: skip
 
 
-def tensors(model: torch.nn.Module, prefix: str = "visual.") -> dict[str, np.ndarray]:
-    return {prefix + k: v.detach().numpy() for k, v in model.state_dict().items()}
+def tensors(model) -> dict[str, np.ndarray]:
+    return ref.state_tensors(model, "visual.")
 
 
 def pixels(grids, seed=0) -> np.ndarray:
@@ -78,7 +51,7 @@ def rel_err(ours, theirs) -> float:
 
 @pytest.fixture(scope="module")
 def hf():
-    return hf_tower()
+    return ref.vision_tower()
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +208,7 @@ def test_scanned_equals_unrolled(hf, ours):
 def test_deepstack_index_beyond_depth_is_carried_never_run():
     """The released Omni tower declares a tap at index = depth: its merger is loaded and written back,
     only the reachable taps run (transformers: the same two features)."""
-    hf = hf_tower(deepstack=(1, 3, 0))  # unsorted too: features come in block order, each by its own merger
+    hf = ref.vision_tower(deepstack=(1, 3, 0))  # unsorted too: features come in block order, each by its own merger
     config = our_config(hf)
     assert config.taps == ((0, 2), (1, 0))
     tower = vision_from_tensors(config, tensors(hf))

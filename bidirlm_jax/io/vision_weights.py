@@ -1,4 +1,5 @@
-"""The Qwen3-VL vision tower's key table (`visual.*` ↔ our parameters) and loading a module from tensors.
+"""Qwen3-VL key tables (`visual.*` ↔ the tower's parameters; with the text table, the whole model) and
+loading a module from a state dict's tensors.
 
 Every entry is a reshape, never a transpose: our parameters keep transformers' `[out, in]` order, with
 the fused qkv split into (3, heads, head_dim) and the Conv3d patch kernel `[D, C, T, p, p]` flattened to
@@ -16,8 +17,11 @@ import numpy as np
 from flax import nnx
 
 from bidirlm_jax.errors import CheckpointError
-from bidirlm_jax.io.hf import WeightEntry
-from bidirlm_jax.models.towers.qwen3_vl.config import VisionConfig
+from bidirlm_jax.io.hf import WeightEntry, weight_table
+from bidirlm_jax.io.layouts import LM_HEAD
+from bidirlm_jax.models import transformer
+from bidirlm_jax.models.towers.qwen3_vl.config import Qwen3VLConfig, VisionConfig
+from bidirlm_jax.models.towers.qwen3_vl.model import Qwen3VL
 from bidirlm_jax.models.towers.qwen3_vl.vision import VisionTower, relayout
 
 
@@ -98,3 +102,34 @@ def vision_to_tensors(tower: VisionTower, prefix: str = "visual.") -> dict[str, 
     tower = relayout(tower, False)
     flat = dict(nnx.to_flat_state(nnx.state(tower, nnx.Param)))
     return {prefix + e.hf_key: e.to_hf(np.asarray(flat[e.path][...])) for e in vision_weight_table(tower.config)}
+
+
+def qwen3_vl_weight_table(
+    config: Qwen3VLConfig, *, text_prefix: str = "language_model.", vision_prefix: str = "visual."
+) -> list[WeightEntry]:
+    """Every parameter of `Qwen3VL(config)` (unrolled) under full keys: the text table under `text_prefix`
+    (an untied LM head at the top, `lm_head.weight`), the tower's under `vision_prefix`. The defaults are
+    transformers' `Qwen3VLModel`; `Qwen3VLForConditionalGeneration` nests both under `model.`."""
+    text = [
+        WeightEntry(("text", *e.path), e.hf_key if e.hf_key == LM_HEAD else text_prefix + e.hf_key, e.hf_shape, e.shape)
+        for e in weight_table(config.text)
+    ]
+    vision = [
+        WeightEntry(("visual", *e.path), vision_prefix + e.hf_key, e.hf_shape, e.shape)
+        for e in vision_weight_table(config.vision)
+    ]
+    return text + vision
+
+
+def qwen3_vl_from_tensors(config: Qwen3VLConfig, tensors: Mapping[str, np.ndarray], **prefixes: str) -> Qwen3VL:
+    """A `Qwen3VL` whose parameters are the tensors of a transformers Qwen3-VL state dict (`prefixes` as
+    `qwen3_vl_weight_table` takes them); scanned parts are stacked after loading."""
+    unrolled = config.replace(
+        text=config.text.replace(scan_layers=False), vision=config.vision.replace(scan_layers=False)
+    )
+    abstract = nnx.eval_shape(lambda: Qwen3VL(unrolled, rngs=nnx.Rngs(0)))
+    model = load_table(abstract, qwen3_vl_weight_table(unrolled, **prefixes), tensors)
+    text = transformer.relayout(model.text, config.text.scan_layers)
+    visual = relayout(model.visual, config.vision.scan_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen3VL(config, rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, nnx.State({"text": nnx.state(text), "visual": nnx.state(visual)}))

@@ -1,6 +1,7 @@
-"""The vision tower's configuration: transformers' `Qwen3VLVisionConfig` field names, plus run settings.
+"""Qwen3-VL configs: the vision tower's (transformers' `Qwen3VLVisionConfig` field names, plus run
+settings) and the whole model's (text + vision + special token ids).
 
-`io/hf_config_vision.py` reads it from a checkpoint's `vision_config`; the tower reads only these fields.
+`io/hf_config_vision.py` reads both from a checkpoint's config.json; the models read only these fields.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.models.config import ATTENTION_IMPLS, DTYPES
+from bidirlm_jax.models.config import ATTENTION_IMPLS, DTYPES, ModelConfig
 from bidirlm_jax.models.layers import ACTIVATIONS
 
 LAYER_NORM_EPS = 1e-6  # transformers hard-codes it for every LayerNorm of the tower and its mergers
@@ -19,13 +20,15 @@ LAYER_NORM_EPS = 1e-6  # transformers hard-codes it for every LayerNorm of the t
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """Architecture of a Qwen3-VL vision tower (Qwen3-VL-2B's by default) and how to run it."""
+    """Architecture of a Qwen3-VL vision tower and how to run it. The defaults are transformers'
+    `Qwen3VLVisionConfig` defaults (what a config.json that omits a field means); Qwen3-VL-2B's tower is
+    depth 24, width 1024, MLP 4096, output 2048, taps (5, 11, 17)."""
 
-    depth: int = 24
-    hidden_size: int = 1024
-    intermediate_size: int = 4096
+    depth: int = 27
+    hidden_size: int = 1152
+    intermediate_size: int = 4304
     num_heads: int = 16
-    out_hidden_size: int = 2048
+    out_hidden_size: int = 3584
     hidden_act: str = "gelu_pytorch_tanh"
     in_channels: int = 3
     patch_size: int = 16
@@ -33,7 +36,7 @@ class VisionConfig:
     spatial_merge_size: int = 2
     num_position_embeddings: int = 2304  # a square table, 48 × 48
     # Blocks after which a DeepStack merger runs; indexes ≥ depth are declared (their mergers carried) but never run.
-    deepstack_visual_indexes: tuple[int, ...] = (5, 11, 17)
+    deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
     rope_theta: float = 10000.0
     # How to run it; none of these changes a weight.
     dtype: str = "float32"
@@ -84,4 +87,29 @@ class VisionConfig:
         return tuple((block, index.index(block)) for block in range(self.depth) if block in index)
 
     def replace(self, **changes: Any) -> VisionConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Qwen3VLConfig:
+    """A Qwen3-VL model: the text stack's config, the tower's, and the special token ids (transformers'
+    `Qwen3VLConfig` defaults, Qwen's tokenizer)."""
+
+    text: ModelConfig
+    vision: VisionConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+
+    def __post_init__(self):
+        if self.text.mrope_section is None:
+            raise ConfigError("a Qwen3-VL text config needs an mrope_section (rope_parameters.mrope_section)")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ConfigError(
+                f"the vision tower's out_hidden_size {self.vision.out_hidden_size} must equal the text "
+                f"hidden_size {self.text.hidden_size}"
+            )
+
+    def replace(self, **changes: Any) -> Qwen3VLConfig:
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,113 @@
+"""Qwen3-VL: the text stack fed by the vision tower (transformers' `Qwen3VLModel` + LM head).
+
+`model(input_ids, attention_mask=None, *, pixel_values=None, image_grid_thw=None)` takes what
+transformers' Qwen3-VL processor returns (placeholders already expanded: t·h·w/4 `<|image_pad|>` per
+image) and returns `.hidden_states` (final-normed) and `.logits`. The host part (`prepare`) checks
+the inputs, computes the M-RoPE positions and the patch layout; `hidden_states` is the array part (one
+`nnx.jit` away): the tower's tokens replace the placeholders in order (`merge_placeholders`), and the
+DeepStack features are added at the image positions after text layers 0…K−1. Bidirectional or causal
+as the text config says; without images it is the text model (positions 0…T−1, as transformers does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.towers.qwen3_vl.config import Qwen3VLConfig
+from bidirlm_jax.models.towers.qwen3_vl.layout import VisionLayout, vision_layout
+from bidirlm_jax.models.towers.qwen3_vl.rope_index import get_rope_index
+from bidirlm_jax.models.towers.qwen3_vl.vision import VisionTower
+from bidirlm_jax.models.transformer import ModelOutput, Transformer
+
+
+def merge_placeholders(x: jax.Array, placeholders: jax.Array, tokens: jax.Array) -> jax.Array:
+    """`x` [B, T, d] with the positions where `placeholders` [B, T] is true replaced, in row-major order,
+    by the rows of `tokens` [M, d] (M ≥ the number of placeholders; later rows are never read)."""
+    index = jnp.cumsum(placeholders.reshape(-1)).reshape(placeholders.shape) - 1
+    gathered = jnp.take(tokens, jnp.clip(index, 0, tokens.shape[0] - 1), axis=0).astype(x.dtype)
+    return jnp.where(placeholders[..., None], gathered, x)
+
+
+class Qwen3VL(nnx.Module):
+    def __init__(self, config: Qwen3VLConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.text = Transformer(config.text, rngs=rngs)
+        self.visual = VisionTower(config.vision, rngs=rngs)
+
+    def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> dict[str, Any]:
+        """Host side: check the inputs and compute `positions` [3, B, T] and the patch `layout` (all images
+        back to back in one row, as transformers packs them); the keyword arguments of `hidden_states`."""
+        ids = np.asarray(input_ids)
+        b, t = ids.shape
+        inputs: dict[str, Any] = dict(input_ids=ids, attention_mask=attention_mask)
+        if (pixel_values is None) != (image_grid_thw is None):
+            raise ConfigError("pass pixel_values and image_grid_thw together (both from the image processor)")
+        if pixel_values is None:
+            inputs["positions"] = np.broadcast_to(np.arange(t), (3, b, t))
+            return inputs
+        vision = self.config.vision
+        grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+        pixels = np.asarray(pixel_values)
+        patches = int(np.prod(grids, axis=1).sum())
+        if pixels.shape != (patches, vision.patch_dim):
+            raise ConfigError(
+                f"pixel_values of shape {pixels.shape} for image grids {grids.tolist()}: expected ({patches}, "
+                f"{vision.patch_dim}), one row per patch as the Qwen3-VL image processor returns them"
+            )
+        placeholders = int((ids == self.config.image_token_id).sum())
+        if placeholders != patches // vision.merge_unit:
+            raise ConfigError(
+                f"input_ids hold {placeholders} image placeholders (id {self.config.image_token_id}) but the "
+                f"images give {patches // vision.merge_unit} tokens; expand each image's placeholders to t·h·w/"
+                f"{vision.merge_unit} as the processor does"
+            )
+        inputs["positions"], _ = get_rope_index(ids, grids, attention_mask, image_token_id=self.config.image_token_id,
+                                                spatial_merge_size=vision.spatial_merge_size)  # fmt: skip
+        inputs["pixel_values"] = pixels[None]
+        inputs["layout"] = vision_layout([grids], merge=vision.spatial_merge_size, side=vision.grid_side)
+        return inputs
+
+    def hidden_states(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        positions,
+        pixel_values: jax.Array | None = None,
+        layout: VisionLayout | None = None,
+    ) -> jax.Array:
+        """Final-normed hidden states [B, T, d]; `pixel_values` [R, P, patch_dim] with its `layout` (rows of
+        images back to back whose valid tokens, in order, are the placeholders' tokens)."""
+        ids = jnp.asarray(input_ids)
+        x = self.text.embed(ids)
+        add = None
+        if pixel_values is not None:
+            vision = self.visual(pixel_values, layout)
+            valid = jnp.asarray(layout.lengths).sum(axis=1) // self.config.vision.merge_unit  # tokens per row
+            order = _valid_first(vision.tokens.shape[:2], valid)
+            placeholders = ids == self.config.image_token_id
+            x = merge_placeholders(x, placeholders, vision.tokens.reshape(-1, x.shape[-1])[order])
+            zeros = jnp.zeros_like(x)
+            layers = min(vision.deepstack.shape[0], self.config.text.num_layers)  # transformers drops the rest
+            add = {
+                k: merge_placeholders(zeros, placeholders, vision.deepstack[k].reshape(-1, x.shape[-1])[order])
+                for k in range(layers)
+            }
+        return self.text.hidden_states(inputs_embeds=x, attention_mask=attention_mask, positions=positions, add=add)
+
+    def __call__(self, input_ids, attention_mask=None, *, pixel_values=None, image_grid_thw=None) -> ModelOutput:
+        hidden = self.hidden_states(**self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw))
+        return ModelOutput(logits=self.text.logits(hidden), hidden_states=hidden)
+
+
+def _valid_first(shape: tuple[int, int], valid: jax.Array) -> jax.Array:
+    """Flat indices into [R, N] tokens listing each row's first `valid[r]` tokens, row after row, then the rest."""
+    n = jnp.arange(shape[1])
+    is_valid = (n[None, :] < valid[:, None]).reshape(-1)
+    return jnp.argsort(~is_valid, stable=True)
