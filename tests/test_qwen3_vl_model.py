@@ -113,16 +113,18 @@ def test_get_rope_index_refuses_placeholders_that_do_not_fit_the_grids():
         get_rope_index(ids, [*GRIDS, (1, 2, 2)], mask, image_token_id=IMG, spatial_merge_size=2)
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
-def test_model_matches_transformers(hf, scan):
+def test_model_matches_transformers_scanned_or_not(hf):
     ids, mask = batch()
-    model = ours_for(hf, scan)
-    inputs = model.prepare(ids, mask, pixels(), GRIDS)
-    ours = nnx.jit(lambda m, kw: m.hidden_states(**kw))(model, inputs)
+    unrolled, scanned = ours_for(hf), ours_for(hf, scan=True)
+    inputs = unrolled.prepare(ids, mask, pixels(), GRIDS)
+    run = nnx.jit(lambda m, kw: m.hidden_states(**kw))
+    ours = run(unrolled, inputs)
     assert rel_err(ours, hf_forward(hf, ids, mask), mask) < REL_TOL
-    out = model(ids, mask, pixel_values=pixels(), image_grid_thw=GRIDS)  # the eager call: the same numbers
+    # The same operations regrouped by other fusions (fp32 rounding only): far inside the parity bar.
+    assert rel_err(run(scanned, inputs), ours, mask) < 1e-5
+    out = unrolled(ids, mask, pixel_values=pixels(), image_grid_thw=GRIDS)  # the eager call: the same numbers
     assert out.logits.shape == (3, T, 1024)
-    assert rel_err(out.hidden_states, ours, mask) < REL_TOL
+    assert rel_err(out.hidden_states, ours, mask) < 1e-5
 
 
 def test_parity_sees_the_deepstack_additions(hf):

@@ -108,7 +108,7 @@ class PatchMerger(nnx.Module):
         self.fc2 = Dense((config.out_hidden_size,), (wide,), ("embed", "mlp"), dtype, rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        b, p, _ = x.shape
+        b = x.shape[0]
         x = self.norm(x.reshape(b, -1, self.wide)) if self.postshuffle else self.norm(x).reshape(b, -1, self.wide)
         return self.fc2(ACTIVATIONS["gelu"](self.fc1(x)))
 
