@@ -9,11 +9,14 @@ hidden states by 1e-2 or more.
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.hf_config_vision import qwen3_vl_config_from_hf
 from bidirlm_jax.io.vision_weights import qwen3_vl_from_tensors
@@ -125,6 +128,23 @@ def test_model_matches_transformers_scanned_or_not(hf):
     out = unrolled(ids, mask, pixel_values=pixels(), image_grid_thw=GRIDS)  # the eager call: the same numbers
     assert out.logits.shape == (3, T, 1024)
     assert rel_err(out.hidden_states, ours, mask) < 1e-5
+
+
+def test_sharded_on_8_devices_equals_one():
+    """Parameters placed by their logical axes on a data × fsdp × tensor = 2 × 2 × 2 mesh (tower and text)."""
+    model = ours_for(ref.qwen3_vl_model(ref.qwen3_vl_config(causal=False, deepstack=(0, 1, 3))))
+    ids, mask = batch()
+    inputs = model.prepare(ids, mask, pixels(), GRIDS)
+    run = nnx.jit(lambda m, kw: m.hidden_states(**kw))
+    expected = run(model, inputs)
+    mesh = sharding.make_mesh(2, 2, 2)
+    placed = sharding.place(model, mesh)
+    qkv = placed.visual.layers[0].attn.qkv.weight[...]
+    assert qkv.sharding.spec == P(None, "tensor", None, "fsdp")
+    with jax.set_mesh(mesh):
+        got = run(placed, inputs)
+    # Sharded matmuls sum their contractions in other groups: fp32 regrouping only, as scanned vs unrolled.
+    assert rel_err(got, expected, mask) < 1e-5
 
 
 def test_parity_sees_the_deepstack_additions(hf):
