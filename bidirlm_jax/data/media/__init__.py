@@ -1,0 +1,1 @@
+"""Host-side media inputs for the towers (numpy only): decoding, features, layout."""
