@@ -184,3 +184,49 @@ def test_weight_table_refusals(oracle):
     with pytest.raises(CheckpointError, match="does not fit"):
         load_audio_tower(model, {**tensors, "audio_tower.proj2.weight": np.zeros((3, 3), np.float32)})
     load_audio_tower(model, {"thinker." + k: v for k, v in tensors.items()}, prefix="thinker.audio_tower.")
+
+
+def test_every_cpu_kernel_computes_the_same():
+    """The window segments (ids and padding) run on the kernels `attend` picks on CPU (blocked) and
+    everywhere else as the fallback (chunked), a row with no clip (a batch bucket's padding) included;
+    real tokens agree with the reference kernel."""
+    encoder = ref.build_encoder(ref.omni_audio_config(n_window=50, n_window_infer=200))
+    features = np.random.default_rng(3).standard_normal((3, 128, 250)).astype(np.float32)
+    lengths = np.array([250, 37, 0])
+    outputs = {}
+    for impl in ("reference", "blocked", "chunked"):
+        config = audio_config_from_hf(encoder.config.to_dict(), attention_impl=impl)
+        model = AudioEncoder(config, rngs=nnx.Rngs(0))
+        load_audio_tower(model, ref.tower_tensors(encoder))
+        out = _run(model, features, lengths)
+        outputs[impl] = np.asarray(out.tokens)[np.asarray(out.valid)]
+        assert np.isfinite(np.asarray(out.tokens)).all()
+    assert len(outputs["reference"]) == 33 + 5
+    for tokens in outputs.values():
+        _close(tokens, outputs["reference"])  # kernels regroup the same fp32 sums
+
+
+def test_hidden_states_match_qwen3_asr_encoder():
+    """`hidden_states` (before the projector) = transformers' -hf `Qwen3ASREncoder.last_hidden_state` on
+    clips of several chunks, whose tails both zero-pad (the -hf encoder always pads single chunks too,
+    which the release does not: those are the per-clip tests' business)."""
+    from transformers import Qwen3ASREncoder, Qwen3ASREncoderConfig
+
+    encoder = ref.build_encoder(ref.omni_audio_config(n_window=50))  # -hf keeps 13 positions: n_window 50
+    tensors = ref.tower_tensors(encoder)
+    fields = ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "d_model",
+              "downsample_hidden_size", "output_dim", "n_window", "n_window_infer")  # fmt: skip
+    hf = Qwen3ASREncoder(Qwen3ASREncoderConfig(**{f: getattr(encoder.config, f) for f in fields})).eval()
+    hf.config._attn_implementation = "eager"
+    outside = ("audio_tower.proj1", "audio_tower.proj2")  # the -hf projector is not the encoder's
+    hf.load_state_dict({k.removeprefix("audio_tower."): torch.from_numpy(v) for k, v in tensors.items()
+                        if not k.startswith(outside)})  # fmt: skip
+    lengths = np.array([137, 250])
+    mask = np.arange(300)[None, :] < lengths[:, None]  # padded to whole chunks, as -hf requires
+    padded = np.random.default_rng(4).standard_normal((2, 128, 300)).astype(np.float32) * mask[:, None, :]
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(padded), torch.from_numpy(mask.astype(np.int64))).last_hidden_state.numpy()
+    model = AudioEncoder(audio_config_from_hf(encoder.config.to_dict()), rngs=nnx.Rngs(0))
+    load_audio_tower(model, tensors)
+    hidden, valid = nnx.jit(lambda m, x, n: m.hidden_states(x, n))(model, padded, lengths)
+    _close(np.asarray(hidden)[np.asarray(valid)], expected)
