@@ -10,6 +10,8 @@ features' units x = (log10 P + 4)/4 (`_log_tol`): tight on loud bins, loose near
 """
 
 import math
+import sysconfig
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +101,20 @@ def test_resampled_file(tmp_path, whisper, rate):
     assert np.all(np.abs(ours[:, EDGE:-EDGE] - direct) <= _log_tol(direct, SOXR_HQ))
 
 
+def test_recorded_stereo_file(whisper):
+    """A real recording (CPython's test data: a plucked string, stereo, 11,025 Hz, 32-bit PCM): averaged
+    to mono, resampled, then the extractor's features of those samples."""
+    path = Path(sysconfig.get_paths()["stdlib"]) / "test" / "audiodata" / "pluck-pcm32.wav"
+    if not path.is_file():
+        pytest.skip(f"{path} is not installed with this Python")
+    decoded, rate = soundfile.read(path, dtype="float32")
+    assert decoded.shape[1] == 2 and rate == 11025
+    mono = soxr.resample(decoded.mean(axis=1), rate, SAMPLING_RATE).astype(np.float32)
+    ours = audio_features(path).features
+    assert ours.shape == (128, len(mono) // HOP)
+    assert np.all(np.abs(ours - _whisper(whisper, mono)[1]) <= _rounding(ours))
+
+
 def test_arrays_channels_and_maximum_duration():
     """Arrays take the same path; channels are averaged; a clip past the maximum is cut and counted."""
     x = _signal(SAMPLING_RATE, 2.0)
@@ -140,5 +156,7 @@ def test_bad_inputs(tmp_path):
         audio_features({"array": x[:150], "sampling_rate": 16000})
     with pytest.raises(ConfigError, match="file path or"):
         load_audio(123)
+    with pytest.raises(ConfigError, match="max_seconds"):
+        load_audio({"array": x, "sampling_rate": 16000}, max_seconds=0)
     with pytest.raises(ConfigError, match="samples, channels"):
         load_audio({"array": np.zeros((2, 3, 4)), "sampling_rate": 16000})

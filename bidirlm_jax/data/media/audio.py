@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -33,8 +32,7 @@ LOG_FLOOR = 8.0  # log10 units below the clip's loudest bin that are kept (80 dB
 FORMULAS = ("chunks", "release")
 
 
-@dataclass(frozen=True)
-class Clip:
+class Clip(NamedTuple):
     """Mono float32 samples at 16 kHz and the samples cut beyond the maximum duration."""
 
     samples: np.ndarray
@@ -49,6 +47,8 @@ class PlaceholderCount(NamedTuple):
 def load_audio(item: Any, *, max_seconds: float = MAX_SECONDS) -> Clip:
     """A clip from a path (.wav, .flac, anything libsndfile reads) or `{"array", "sampling_rate"}`:
     channels averaged, resampled to 16 kHz with soxr, cut to `max_seconds` (counted in `truncated`)."""
+    if max_seconds <= 0:
+        raise ConfigError(f"max_seconds must be positive, got {max_seconds}")
     if isinstance(item, (str, os.PathLike)):
         samples, rate = _decode(os.fspath(item))
         where = os.fspath(item)
@@ -60,8 +60,6 @@ def load_audio(item: Any, *, max_seconds: float = MAX_SECONDS) -> Clip:
         raise ConfigError(f'audio must be a file path or {{"array", "sampling_rate"}}, got {type(item).__name__}')
     samples = _mono(samples, where)
     samples = _resample(samples, rate, where)
-    if max_seconds <= 0:
-        raise ConfigError(f"max_seconds must be positive, got {max_seconds}")
     limit = int(round(max_seconds * SAMPLING_RATE))
     return Clip(samples[:limit], max(0, len(samples) - limit))
 
