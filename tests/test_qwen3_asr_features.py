@@ -23,6 +23,7 @@ from bidirlm_jax.data.media.audio import (
     N_FFT,
     SAMPLING_RATE,
     audio_features,
+    batch_features,
     load_audio,
     log_mel,
     mel_filters,
@@ -160,3 +161,45 @@ def test_bad_inputs(tmp_path):
         load_audio({"array": x, "sampling_rate": 16000}, max_seconds=0)
     with pytest.raises(ConfigError, match="samples, channels"):
         load_audio({"array": np.zeros((2, 3, 4)), "sampling_rate": 16000})
+
+
+def test_batch_features():
+    clips = [np.ones((128, 137), np.float32), np.full((128, 250), 2, np.float32)]
+    batch, lengths = batch_features(clips, multiple=100)
+    assert batch.shape == (2, 128, 300) and lengths.tolist() == [137, 250]
+    assert (batch[0, :, :137] == 1).all() and (batch[0, :, 137:] == 0).all() and (batch[1, :, 250:] == 0).all()
+    assert batch_features(clips, multiple=100, frames=400)[0].shape == (2, 128, 400)
+    for frames in (200, 350):
+        with pytest.raises(ConfigError, match="use 300 or more"):
+            batch_features(clips, multiple=100, frames=frames)
+    with pytest.raises(ConfigError, match="no audio"):
+        batch_features([], multiple=100)
+
+
+def test_files_to_tower_tokens(tmp_path):
+    """Files → our features → one padded batch → our tower = the extractor on each clip → transformers'
+    encoder on each clip (the whole host-and-device path against the reference pipeline)."""
+    pytest.importorskip("torch")
+    from flax import nnx
+
+    from bidirlm_jax.io.audio_weights import load_audio_tower
+    from bidirlm_jax.io.hf_config_audio import audio_config_from_hf
+    from bidirlm_jax.models.towers.qwen3_asr.encoder import AudioEncoder
+    from bidirlm_jax.testing import qwen3_asr as ref
+
+    paths = []
+    for seconds, rate in ((0.6, 16000), (2.3, 44100)):
+        paths.append(tmp_path / f"{seconds}.wav")
+        soundfile.write(paths[-1], _signal(rate, seconds), rate, subtype="FLOAT")
+    encoder = ref.build_encoder(ref.omni_audio_config())
+    model = AudioEncoder(audio_config_from_hf(encoder.config.to_dict()), rngs=nnx.Rngs(0))
+    load_audio_tower(model, ref.tower_tensors(encoder))
+    batch, lengths = batch_features([audio_features(p).features for p in paths], multiple=100)
+    out = nnx.jit(lambda m, x, n: m(x, n))(model, batch, lengths)
+    extractor = transformers.WhisperFeatureExtractor(feature_size=128)
+    for i, path in enumerate(paths):
+        features = _whisper(extractor, load_audio(path).samples)[1]  # its float64 path: ours within 2 ULPs
+        expected = ref.reference_tokens(encoder, features, "window")
+        ours = np.asarray(out.tokens[i])[np.asarray(out.valid[i])]
+        # the tower's bar (tests/test_qwen3_asr_encoder.py): 1e-5 of the output's scale
+        np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

@@ -157,3 +157,26 @@ def placeholder_count(frames: int, n_window: int, *, formula: str = "chunks") ->
     made = int(chunk_tokens(frames, n_window))
     count = made if formula == "chunks" else int(release_tokens(frames))
     return PlaceholderCount(count, made - count)
+
+
+def batch_features(
+    features: list[np.ndarray], *, multiple: int, frames: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clips' features `[mel_bins, L_i]` → `[B, mel_bins, T]` zero-padded and the lengths `[B]`, T a multiple
+    of `multiple` (the tower's chunk, 2·n_window): the longest clip rounded up, or `frames` (a static
+    bucket, which every clip must fit)."""
+    if not features:
+        raise ConfigError("no audio clips to batch")
+    lengths = np.array([f.shape[1] for f in features], np.int32)
+    longest = -(-int(lengths.max()) // multiple) * multiple
+    if frames is None:
+        frames = longest
+    elif frames % multiple or frames < lengths.max():
+        raise ConfigError(
+            f"audio bucket of {frames} frames must be a multiple of {multiple} holding the longest clip "
+            f"({lengths.max()} frames); use {longest} or more"
+        )
+    out = np.zeros((len(features), features[0].shape[0], frames), np.float32)
+    for row, f in zip(out, features):
+        row[:, : f.shape[1]] = f
+    return out, lengths
