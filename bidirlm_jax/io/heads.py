@@ -51,11 +51,12 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.checkpoint import PARAMS_DIR
-from bidirlm_jax.io.hf import _param_arrays, _to_host, tokenizer_files, weight_table
+from bidirlm_jax.io.hf import tokenizer_files
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
-from bidirlm_jax.io.layouts import LM_HEAD
 from bidirlm_jax.io.run import BEST_DIR, BEST_FILE, HEAD_FILE, RUN_CHECKPOINTS_DIR, RUN_MODEL_DIR
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSpec, torch_dtype_name
+from bidirlm_jax.io.weights.save import param_arrays, to_host
+from bidirlm_jax.io.weights.text import backbone_table
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, abstract_model_with_head
 
@@ -192,8 +193,8 @@ def export_classifier(
     config = model.config
     default = np.dtype(jnp.dtype(dtype or config.param_dtype))
     hf = hf_head_config(model, labels=labels, pad_token_id=pad_token_id, dtype=torch_dtype_name(default))
-    arrays = _param_arrays(model.encoder)
-    table = [e for e in weight_table(config) if e.hf_key != LM_HEAD]
+    arrays = param_arrays(model.encoder)
+    table = backbone_table(config).entries
     head = _head_tensors(model)
     specs = [TensorSpec(BACKBONE_PREFIX + e.hf_key, e.hf_shape, default) for e in table]
     specs += [TensorSpec(name, tuple(a.shape), default) for name, a in head]
@@ -202,7 +203,7 @@ def export_classifier(
         writer = ShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes) if writes else None
         sources = [(e.to_hf, arrays[e.path]) for e in table] + [(lambda x: x, a) for _, a in head]
         for spec, (to_hf, array) in zip(specs, sources):
-            host = _to_host(array)
+            host = to_host(array)
             if writer is not None:
                 writer.write(spec.name, to_hf(host).astype(spec.dtype, copy=False))
         if writer is not None:

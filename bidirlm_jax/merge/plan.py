@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
-from bidirlm_jax.io.hf import open_weights
 from bidirlm_jax.io.hf_config import norm_plus_one, set_attention_mode
 from bidirlm_jax.io.layouts import LM_HEAD, detect_layout
 from bidirlm_jax.io.shards import ShardReader
+from bidirlm_jax.io.weights.readers import open_weights
 from bidirlm_jax.merge.linear import listing
 from bidirlm_jax.merge.spec import RECORD_FILE, MergeModel, MergeSpec
 from bidirlm_jax.models.config import DTYPES
