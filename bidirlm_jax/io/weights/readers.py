@@ -1,6 +1,8 @@
-"""Opening a checkpoint's tensors: safetensors shards, pickled `pytorch_model.bin` (on request).
+"""Opening a checkpoint's tensors: safetensors shards, pickled `pytorch_model.bin` (on request), and the
+project's own orbax checkpoints and training runs, named as transformers names them.
 
-Every reader answers `keys()`, `shape`/`dtype`/`get` (loading) and `info`/`read_flat` (the streamed merge).
+Every reader answers `keys()`, `shape`/`dtype`/`get` (loading) and `info`/`read_flat` (the streamed merge),
+so a merge reads a training run as it reads an HF directory, without exporting it first.
 """
 
 from __future__ import annotations
@@ -13,9 +15,14 @@ from typing import Any
 import numpy as np
 
 from bidirlm_jax.errors import CheckpointError
-from bidirlm_jax.io.checkpoint import is_checkpoint
-from bidirlm_jax.io.run import is_training_run
+from bidirlm_jax.io.checkpoint import load_checkpoint
+from bidirlm_jax.io.hf_config import read_config
+from bidirlm_jax.io.layouts import CAUSAL_LM
+from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import ShardReader, TensorInfo, has_safetensors
+from bidirlm_jax.io.sources import Source, source_of
+from bidirlm_jax.io.weights.save import param_arrays
+from bidirlm_jax.io.weights.text import text_tables
 from bidirlm_jax.paths import user_path
 
 
@@ -94,6 +101,28 @@ class _PickleReader(_ArrayReader):
         return t.numpy()
 
 
+class OrbaxReader(_ArrayReader):
+    """A bidirlm checkpoint (`bidirlm convert`) or training run (its latest step) as transformers-named
+    tensors in a causal LM's layout, in the dtype the parameters are kept in (a run's fp32 master weights).
+
+    The parameters are restored once, onto the host, one tensor per layer whatever layout the run trained
+    with: memory holds the model once (orbax has no per-tensor reads of a stacked layer)."""
+
+    def __init__(self, path: Path):
+        arrays = param_arrays(load_checkpoint(path))
+        config = read_config(description_dir(path))
+        self._path = path
+        self._tensors = {
+            CAUSAL_LM.key(table.component, e.hf_key): e.to_hf(np.asarray(arrays[e.path]))
+            for table in text_tables(config)
+            for e in table.entries
+        }
+        self._position = {key: i for i, key in enumerate(self._tensors)}
+
+    def _array(self, name: str) -> np.ndarray:
+        return self._tensors[name]
+
+
 def open_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> ShardReader | _ArrayReader:
     """The reader for what `path` holds: safetensors, pickled weights (only with `allow_pickle`), or ours."""
     path = user_path(path)
@@ -107,12 +136,14 @@ def open_weights(path: str | os.PathLike, *, allow_pickle: bool = False) -> Shar
                 "or convert them to safetensors first"
             )
         return _PickleReader(path)
-    if is_checkpoint(path):
-        kind = "training run" if is_training_run(path) else "checkpoint (orbax)"
+    source = source_of(path)
+    if source is Source.FINETUNE_RUN:
         raise CheckpointError(
-            f"{path} is a bidirlm {kind}, which this reads as safetensors only once converted: run "
-            f"`bidirlm convert {path} {path.name}-hf` first and use that directory"
+            f"{path} is a fine-tuning run (an encoder with a task head), whose tensors are not a causal LM's: "
+            f"export it with `bidirlm export {path} DIR` and use that directory"
         )
+    if source in (Source.CHECKPOINT, Source.RUN):
+        return OrbaxReader(path)
     raise CheckpointError(
         f"no weights in {path}: expected model.safetensors, a sharded safetensors index or pytorch_model.bin"
     )
