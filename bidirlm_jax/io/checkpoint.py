@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -24,19 +23,13 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
+from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config
 from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run, meta_dir, state_dir
+from bidirlm_jax.io.sources import PARAMS_DIR, is_checkpoint
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
-
-PARAMS_DIR = "params"
-
-
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    """A bidirlm checkpoint (`bidirlm convert`) or a training run (`bidirlm train`'s workdir)."""
-    path = Path(path)
-    return ((path / PARAMS_DIR).is_dir() and (path / "config.json").is_file()) or is_training_run(path)
 
 
 def save_checkpoint(
@@ -44,11 +37,11 @@ def save_checkpoint(
     out_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
-    extra_files: Iterable[Path] = (),
+    extra_files: Companions | None = None,
     dtype: str | None = None,
     tensor_dtypes: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write params and config (plus `extra_files`, e.g. the tokenizer's) as one atomic directory.
+    """Write params and config (plus `extra_files`: `companion_files(src)`) as one atomic directory.
 
     `dtype`/`tensor_dtypes` (default: the parameters' dtype) record what the source stored, as
     `save_pretrained` takes them. In a multi-process run every process calls this: orbax writes each
@@ -65,8 +58,8 @@ def save_checkpoint(
         checkpointer.save(tmp.resolve() / PARAMS_DIR, nnx.state(model, nnx.Param))
         checkpointer.wait_until_finished()
         if jax.process_index() == 0:
-            for file in extra_files:
-                shutil.copy2(file, tmp / Path(file).name)
+            if extra_files is not None:
+                extra_files.copy_into(tmp)
             (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return Path(out_dir)
 

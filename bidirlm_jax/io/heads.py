@@ -35,8 +35,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +49,7 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
-from bidirlm_jax.io.hf import tokenizer_files
+from bidirlm_jax.io.companions import ENCODER_MODULES, Companions, companion_files
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.run import (
     HEAD_FILE,
@@ -188,7 +187,7 @@ def export_classifier(
     pad_token_id: int | None = None,
     dtype: str | None = None,
     overwrite: bool = False,
-    extra_files: Iterable[Path] = (),
+    extra_files: Companions | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write an HF directory that transformers loads as its own classifier class (see the module doc).
@@ -217,8 +216,8 @@ def export_classifier(
         if writer is not None:
             writer.close()
             (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-            for file in extra_files:
-                shutil.copy2(file, tmp / Path(file).name)
+            if extra_files is not None:
+                extra_files.copy_into(tmp)
     return Path(out_dir)
 
 
@@ -341,7 +340,7 @@ def export_finetuned(
             max_length=int(description.get("max_length", 512)),
             dtype=dtype,
             overwrite=overwrite,
-            extra_files=tokenizer_files(run),
+            extra_files=companion_files(run, owned=ENCODER_MODULES),
         )
     hf_class_name(config, head)  # refuse before reading any weight
     check_destination(out_dir, overwrite=overwrite)
@@ -357,5 +356,5 @@ def export_finetuned(
         pad_token_id=pad,
         dtype=dtype,
         overwrite=overwrite,
-        extra_files=tokenizer_files(run),
+        extra_files=companion_files(run),
     )

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -20,6 +19,7 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import load_checkpoint
+from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.layouts import CAUSAL_LM, detect_layout
 from bidirlm_jax.io.run import description_dir
@@ -32,19 +32,6 @@ from bidirlm_jax.io.weights.text import text_tables
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 def load_params(
@@ -98,14 +85,14 @@ def save_pretrained(
     dtype: str | None = None,
     tensor_dtypes: Mapping[str, str] | None = None,
     overwrite: bool = False,
-    extra_files: Iterable[Path] = (),
+    extra_files: Companions | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
     """Write an HF directory that transformers loads natively, in the model's attention mode.
 
     Tensors are written in `dtype` (default: the parameters'), except those `tensor_dtypes` names
     (backbone-relative keys, as `stored_dtypes` returns them), one at a time, into shards with an
-    index above `max_shard_bytes`; `extra_files` (e.g. `tokenizer_files(src)`) are copied beside them.
+    index above `max_shard_bytes`; `extra_files` (`companion_files(src)`: the tokenizer, processors, …) are copied beside them.
     In a multi-process run every process calls this: each tensor is gathered to process 0, which writes.
     """
     model = relayout(model, False)  # HF files hold one tensor per layer
@@ -124,15 +111,9 @@ def save_pretrained(
         if jax.process_index() == 0:
             hf = config_to_hf(config, dtype=torch_dtype_name(specs[0].dtype))  # the embedding's (first entry)
             (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-            for file in extra_files:
-                shutil.copy2(file, tmp / Path(file).name)
+            if extra_files is not None:
+                extra_files.copy_into(tmp)
     return Path(out_dir)
-
-
-def tokenizer_files(path: str | os.PathLike) -> list[Path]:
-    """The tokenizer (and generation) files of an HF directory or a run, to carry into a converted one."""
-    where = description_dir(path)
-    return [where / name for name in TOKENIZER_FILES if (where / name).is_file()]
 
 
 def stored_dtypes(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, str]:

@@ -22,7 +22,8 @@ from typing import Any
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, run_config
-from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, tokenizer_files
+from bidirlm_jax.io.companions import ENCODER_MODULES, companion_files
+from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes
 from bidirlm_jax.io.run import description_dir, is_training_run, prompts_file
 from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
 from bidirlm_jax.models.transformer import Transformer
@@ -96,7 +97,7 @@ def export_encoder(
             dtype=dtype or source_dtype,
             tensor_dtypes=None if dtype else tensor_dtypes,
             overwrite=True,
-            extra_files=tokenizer_files(src),
+            extra_files=companion_files(src, owned=ENCODER_MODULES),
         )
         _record_mask_token(tmp, tokenizer, model.config.family)
         if pooling == "first":

@@ -6,8 +6,15 @@ import enum
 import os
 from pathlib import Path
 
-from bidirlm_jax.io.checkpoint import is_checkpoint
 from bidirlm_jax.io.run import head_file, is_training_run
+
+PARAMS_DIR = "params"  # a bidirlm checkpoint's orbax parameters, beside its config.json
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """A bidirlm checkpoint (`bidirlm convert`) or a training run (`bidirlm train`'s workdir)."""
+    path = Path(path)
+    return ((path / PARAMS_DIR).is_dir() and (path / "config.json").is_file()) or is_training_run(path)
 
 
 class Source(enum.Enum):
