@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.companions import companion_files
 from bidirlm_jax.io.heads import export_classifier, export_finetuned, hf_class_name, save_best
-from bidirlm_jax.io.hf import tokenizer_files
 from bidirlm_jax.io.st_heads import export_st_classifier
 from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig
@@ -63,7 +63,7 @@ def test_sentence_transformers_gives_our_logits(family, pooling, tokenizer_dir, 
     head = HeadConfig("classification", 3, pooling=pooling, classifier="eurobert")
     model = _model(family, head)
     out = export_st_classifier(
-        model, tmp_path / "st", labels=["a", "b", "c"], max_length=64, extra_files=tokenizer_files(tokenizer_dir)
+        model, tmp_path / "st", labels=["a", "b", "c"], max_length=64, extra_files=companion_files(tokenizer_dir)
     )
     modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((out / "modules.json").read_text())]
     expected = ["Transformer", "Dense", "Dense", "Pooling"] if pooling == "late" else [
@@ -78,7 +78,7 @@ def test_sentence_transformers_gives_our_logits(family, pooling, tokenizer_dir, 
 
 def test_regression_and_refusals(tokenizer_dir, tmp_path):
     model = _model("qwen3", HeadConfig("regression", 1, pooling="mean", classifier="eurobert"))
-    out = export_st_classifier(model, tmp_path / "st", extra_files=tokenizer_files(tokenizer_dir))
+    out = export_st_classifier(model, tmp_path / "st", extra_files=companion_files(tokenizer_dir))
     _compare(model, out, "right")
     with pytest.raises(ConfigError, match="eurobert classifier .* has no transformers class"):
         hf_class_name(model.config, model.head_config)

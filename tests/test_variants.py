@@ -61,7 +61,8 @@ def base_dir(tmp_path_factory):
     from flax import nnx
 
     from bidirlm_jax.data.stdlib_text import stdlib_docstrings
-    from bidirlm_jax.io.hf import save_pretrained, tokenizer_files
+    from bidirlm_jax.io.companions import companion_files
+    from bidirlm_jax.io.hf import save_pretrained
     from bidirlm_jax.io.tokenizer import train_tokenizer
     from bidirlm_jax.models.presets import get_preset
     from bidirlm_jax.models.transformer import Transformer
@@ -69,7 +70,7 @@ def base_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("variants")
     train_tokenizer((d for _, d in stdlib_docstrings()), 512, root / "tokenizer")
     model = Transformer(get_preset("tiny-gemma3"), rngs=nnx.Rngs(0))
-    return save_pretrained(model, root / "base", extra_files=tokenizer_files(root / "tokenizer"))
+    return save_pretrained(model, root / "base", extra_files=companion_files(root / "tokenizer"))
 
 
 @pytest.fixture(scope="module")

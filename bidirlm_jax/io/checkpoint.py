@@ -12,8 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -24,19 +23,13 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
+from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config
-from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run
+from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run, meta_dir, state_dir
+from bidirlm_jax.io.sources import PARAMS_DIR, is_checkpoint
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
-
-PARAMS_DIR = "params"
-
-
-def is_checkpoint(path: str | os.PathLike) -> bool:
-    """A bidirlm checkpoint (`bidirlm convert`) or a training run (`bidirlm train`'s workdir)."""
-    path = Path(path)
-    return ((path / PARAMS_DIR).is_dir() and (path / "config.json").is_file()) or is_training_run(path)
 
 
 def save_checkpoint(
@@ -44,11 +37,11 @@ def save_checkpoint(
     out_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
-    extra_files: Iterable[Path] = (),
+    extra_files: Companions | None = None,
     dtype: str | None = None,
     tensor_dtypes: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write params and config (plus `extra_files`, e.g. the tokenizer's) as one atomic directory.
+    """Write params and config (plus `extra_files`: `companion_files(src)`) as one atomic directory.
 
     `dtype`/`tensor_dtypes` (default: the parameters' dtype) record what the source stored, as
     `save_pretrained` takes them. In a multi-process run every process calls this: orbax writes each
@@ -65,8 +58,8 @@ def save_checkpoint(
         checkpointer.save(tmp.resolve() / PARAMS_DIR, nnx.state(model, nnx.Param))
         checkpointer.wait_until_finished()
         if jax.process_index() == 0:
-            for file in extra_files:
-                shutil.copy2(file, tmp / Path(file).name)
+            if extra_files is not None:
+                extra_files.copy_into(tmp)
             (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     return Path(out_dir)
 
@@ -99,7 +92,7 @@ def load_checkpoint(
     config = config or read_config(description_dir(path))
     wanted = config.scan_layers
     # A training run's checkpoints hold the layout it trained with; exchange checkpoints hold one per layer.
-    where = _latest_state(path) if is_training_run(path) else path / PARAMS_DIR
+    where = state_dir(path, latest_step(path)) if is_training_run(path) else path / PARAMS_DIR
     config = config.replace(scan_layers=is_training_run(path) and _stacked(where))
     graphdef, abstract = abstract_model(config)
 
@@ -150,15 +143,17 @@ def _stacked(state_dir: Path) -> bool:
 
 def run_config(run: str | os.PathLike) -> dict:
     """The config a training run trained with (as JSON values), from its latest committed checkpoint."""
-    step_dir = _latest_state(user_path(run)).parent
+    run = user_path(run)
+    where = meta_dir(run, latest_step(run))
     try:
-        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta").get("config") or {}
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(where).get("config") or {}
     except Exception as e:  # orbax raises many types for a damaged checkpoint
-        raise CheckpointError(f"cannot read the run config in {step_dir / 'meta'} ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"cannot read the run config in {where} ({type(e).__name__}: {e})") from e
 
 
-def _latest_state(run: Path) -> Path:
+def latest_step(run: Path) -> int:
+    """A training run's newest committed step; refused when it has none."""
     steps = ocp.utils.checkpoint_steps(checkpoints_dir(run))  # committed steps only
     if not steps:
         raise CheckpointError(f"training run {run} has no committed checkpoint yet; train it for more steps first")
-    return checkpoints_dir(run) / str(max(steps)) / "state"
+    return max(steps)

@@ -13,7 +13,8 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io import FORMATS
 from bidirlm_jax.io.atomic import check_destination
 from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, save_checkpoint
-from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, tokenizer_files
+from bidirlm_jax.io.companions import companion_files
+from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES
 
 
@@ -29,7 +30,7 @@ def convert(
     allow_pickle: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Convert `src` into `dst`, carrying tokenizer files along.
+    """Convert `src` into `dst`, carrying its companion files (`io.companions`: tokenizer, processors, …) along.
 
     Checkpoints hold fp32 master weights and record the dtype of every tensor of their source; an HF
     output keeps each tensor's source dtype unless `dtype` is given, so HF -> checkpoint -> HF and
@@ -48,7 +49,7 @@ def convert(
     else:
         tensor_dtypes = stored_dtypes(src, allow_pickle=allow_pickle)
         source_dtype = tensor_dtypes["embed_tokens.weight"]
-    files = tokenizer_files(src)
+    files = companion_files(src)
     if to == "checkpoint":
         return save_checkpoint(
             model, dst, overwrite=overwrite, extra_files=files, dtype=source_dtype, tensor_dtypes=tensor_dtypes

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -27,9 +27,11 @@ from safetensors.numpy import save_file
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.hf import _to_host, save_pretrained
+from bidirlm_jax.io.companions import Companions
+from bidirlm_jax.io.hf import save_pretrained
 from bidirlm_jax.io.run import HEAD_FILE
 from bidirlm_jax.io.sentence_transformers import _ALL_ST_FLAGS, _ST_POOLING_FLAGS
+from bidirlm_jax.io.weights.save import to_host
 from bidirlm_jax.models.heads import EncoderWithHead
 
 _GELU = "torch.nn.modules.activation.GELU"  # `nn.GELU()`: approximate="none", the exact GELU the head uses
@@ -71,7 +73,7 @@ def export_st_classifier(
     max_length: int = 512,
     dtype: str | None = None,
     overwrite: bool = False,
-    extra_files: Iterable[Path] = (),
+    extra_files: Companions | None = None,
 ) -> Path:
     """Write `model` (an `EncoderWithHead` with the `eurobert` classifier) as a sentence-transformers directory
     whose `encode` gives the head's logits (see the module doc). Checked before writing; appears atomically;
@@ -81,7 +83,7 @@ def export_st_classifier(
     head = model.head_config
     names = _label_names(model, labels)
     weights = {
-        name: (_to_host(getattr(model.head, name)[...]), _to_host(getattr(model.head, f"{name}_bias")[...]))
+        name: (to_host(getattr(model.head, name)[...]), to_host(getattr(model.head, f"{name}_bias")[...]))
         for name in ("dense", "classifier")
     }
     d = model.config.hidden_size

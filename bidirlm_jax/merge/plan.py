@@ -3,8 +3,8 @@
 Every tensor of every input is accounted for: merged (all models have it, in a dtype we can average),
 carried through bit for bit (only the base has it, it is excluded, or it is an integer, bool or fp8
 buffer that every model holds identically), dropped (excluded, not the base's) — anything else is an
-error that names the tensors. The base also gives the output its config.json and its other files,
-subdirectories included (a sentence-transformers `1_Pooling/`), weights excepted.
+error that names the tensors. The base also gives the output its config.json and the files that travel with
+weights (`io.companions`: tokenizer, processors, sentence-transformers modules in subdirectories, …).
 """
 
 from __future__ import annotations
@@ -25,23 +25,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
-from bidirlm_jax.io.hf import open_weights
+from bidirlm_jax.io.companions import Companions, companion_files
 from bidirlm_jax.io.hf_config import norm_plus_one, set_attention_mode
 from bidirlm_jax.io.layouts import LM_HEAD, detect_layout
+from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import ShardReader
+from bidirlm_jax.io.weights.readers import open_weights
 from bidirlm_jax.merge.linear import listing
 from bidirlm_jax.merge.spec import RECORD_FILE, MergeModel, MergeSpec
 from bidirlm_jax.models.config import DTYPES
 
 MERGEABLE = {name: jnp.dtype(name) for name in DTYPES}  # what both arithmetics average (float64: ours, under x64)
 _DTYPE_NAMES = {dtype: name for name, dtype in MERGEABLE.items()}
-# Files that hold weights: the base's would not be the merged ones, so they are never copied.
-_WEIGHTS = re.compile(
-    r".*\.(safetensors|bin|pt|pth|ckpt|msgpack|h5|gguf|onnx|onnx_data|ot|tflite|npz|npy|pkl)"
-    r"|.*\.(safetensors|bin)\.index\.json"
-)
-# Files at the top of the base that describe the base itself: the output gets its own.
-_DESCRIBE_BASE = re.compile(r"config\.json|README\.md|" + re.escape(RECORD_FILE))
 # config.json fields that define the text backbone's tensors; they must agree between merged models.
 _ARCH_FIELDS = (
     "hidden_size",
@@ -61,15 +56,16 @@ class Input:
     """One model of the merge: its weights, its config.json and which of its tensors go where."""
 
     model: MergeModel
-    reader: ShardReader  # or io.hf's pickle reader, behind the same interface
+    reader: ShardReader  # or io.weights' pickle or orbax (checkpoint, training run) reader, behind its interface
     config: dict | None
     names: dict[_Name, str] = field(default_factory=dict)  # identity -> checkpoint key (not excluded)
     excluded: list[str] = field(default_factory=list)
 
     @property
     def directory(self) -> Path:
+        """Where its config.json and other files are (a training run's `model/`)."""
         path = Path(self.model.path)
-        return path if path.is_dir() else path.parent
+        return description_dir(path) if path.is_dir() else path.parent
 
     @property
     def text_config(self) -> dict:
@@ -105,7 +101,7 @@ class Plan:
     spec: MergeSpec
     inputs: list[Input]
     entries: list[Entry]  # in the base's storage order
-    files: list[Path]  # relative to the base's directory: copied as they are
+    files: Companions  # the base's files that travel (io.companions), copied as they are
     config: dict | None  # the output's config.json
     out_dtype: str | None  # of every merged tensor, when they share one
 
@@ -309,32 +305,6 @@ def _entries(inputs: list[Input], spec: MergeSpec) -> list[Entry]:
     return entries
 
 
-def _files(base_dir: Path, out: Path, *, subdirectories: bool) -> list[Path]:
-    """The base's files that travel with the output (tokenizer, sentence-transformers modules, …), relative."""
-    files, skipped = [], []
-    for root, dirs, names in os.walk(base_dir):
-        here = Path(root)
-        if not subdirectories:
-            dirs.clear()
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() != out.resolve())
-        for name in sorted(names):
-            rel = (here / name).relative_to(base_dir)
-            if name.startswith(".") or (here == base_dir and _DESCRIBE_BASE.fullmatch(name)):
-                continue
-            if _WEIGHTS.fullmatch(name):
-                if here != base_dir:
-                    skipped.append(str(rel))
-                continue
-            files.append(rel)
-    if skipped:
-        warnings.warn(
-            "weight files in subdirectories of the base are neither merged nor copied (they hold the base's "
-            f"weights, not the merged ones); a module that needs them must get them back by hand:{listing(skipped)}",
-            stacklevel=4,
-        )
-    return files
-
-
 def _output_config(config: dict, spec: MergeSpec) -> dict:
     """The base's config.json with the merge's attention mode and dtype."""
     config = copy.deepcopy(config)
@@ -366,7 +336,12 @@ def plan_merge(spec: MergeSpec, out: str | os.PathLike, *, allow_pickle: bool = 
         spec=spec,
         inputs=inputs,
         entries=entries,
-        files=_files(b.directory, Path(out), subdirectories=Path(b.model.path).is_dir()),
+        files=companion_files(
+            b.model.path if Path(b.model.path).is_dir() else b.directory,
+            owned=re.escape(RECORD_FILE),  # the output's recipe is its own
+            subdirectories=Path(b.model.path).is_dir(),
+            skip=Path(out),
+        ),
         config=None if b.config is None else _output_config(b.config, spec),
         out_dtype=spec.output_dtype or (merged_dtypes.pop() if len(merged_dtypes) == 1 else None),
     )

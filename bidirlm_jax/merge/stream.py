@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import json
 import queue
-import shutil
 import threading
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -242,9 +241,7 @@ def _write(plan: Plan, tmp: Path, kernel: _Kernel, *, max_shard_bytes: int, prog
             writer.write_stream(entry.key, itertools.islice(stream, segments[entry.key]))
             bar.update()
     writer.close()
-    for rel in plan.files:
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(plan.base.directory / rel, tmp / rel)
+    plan.files.copy_into(tmp)
     if plan.config is not None:
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     (tmp / RECORD_FILE).write_text(plan.spec.to_yaml(plan.out_dtype))

@@ -62,7 +62,8 @@ def pretrain_base(
     trains on. The demo's step 1-2; notebooks and tests use it for a checkpoint that needs no download."""
     from flax import nnx
 
-    from bidirlm_jax.io.hf import save_pretrained, tokenizer_files
+    from bidirlm_jax.io.companions import companion_files
+    from bidirlm_jax.io.hf import save_pretrained
     from bidirlm_jax.models.transformer import Transformer
     from bidirlm_jax.pipeline.stages import run_to_hf
     from bidirlm_jax.train import train
@@ -81,7 +82,7 @@ def pretrain_base(
         model = Transformer(config, rngs=nnx.Rngs(0))
         if size.lm_steps == 0:
             note["text"] = f"{_params(config):,} parameters, random (no pre-training)"
-            return save_pretrained(model, out / "base", extra_files=tokenizer_files(data / "tokenizer"))
+            return save_pretrained(model, out / "base", extra_files=companion_files(data / "tokenizer"))
         save_pretrained(model, data / "base-init")
         run = out / "runs" / "lm"
         result = train(lm_config(size, data / "base-init", data / "train_tokens.npy", progress), str(run))
