@@ -79,6 +79,8 @@ def base_config() -> ConfigDict:
             eps=1e-8,
             weight_decay=0.1,
             grad_clip_norm=1.0,  # <= 0 disables clipping
+            trainable=(),  # regexes on parameter paths (layers/0/mlp/up_proj); only matching ones train (): all
+            frozen=(),  # regexes of parameters kept as they are: no update, no optimizer state
         )
     )
     c.train = ConfigDict(

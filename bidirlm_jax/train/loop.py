@@ -40,6 +40,7 @@ from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.paths import user_path
 from bidirlm_jax.sharding import make_mesh
+from bidirlm_jax.train import trainable as trainable_lib
 from bidirlm_jax.train.checkpoints import BestStep, Checkpointer, latest_step
 from bidirlm_jax.train.config import data_stream, model_overrides, validate
 from bidirlm_jax.train.objectives import LossFn, Objective, build_objective, causal_lm
@@ -155,7 +156,11 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     else:
         objective = causal_lm.build(config, model_cfg, workdir=workdir, loss_fn=loss_fn)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    layout = StateLayout(model_cfg, tx, mesh, seed=config.train.seed, model_factory=objective.model_factory)
+    trainable = trainable_lib.from_config(config.optim)
+    layout = StateLayout(
+        model_cfg, tx, mesh, seed=config.train.seed, model_factory=objective.model_factory, trainable=trainable
+    )
+    trainable_lib.check(layout.abstract.params, config.optim)
     meta = {
         "param_shapes": param_shapes(layout.abstract.params),
         "data_stream": data_stream(config.data),
@@ -177,7 +182,14 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         prefetch=config.data.prefetch,
     )
     step_fn = jit_step(
-        make_step_fn(layout.graphdef, objective.grad_fn, tx, schedule, skip_nonfinite=config.train.nonfinite == "skip"),
+        make_step_fn(
+            layout.graphdef,
+            objective.grad_fn,
+            tx,
+            schedule,
+            skip_nonfinite=config.train.nonfinite == "skip",
+            trainable=trainable,
+        ),
         layout.shardings,
         mesh,
         batches.shapes,
