@@ -29,7 +29,7 @@ from ml_collections import ConfigDict
 
 import bidirlm_jax.train.metrics as metrics_lib
 import bidirlm_jax.train.runlog as runlog
-from bidirlm_jax import distributed
+from bidirlm_jax import distributed, sharding
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
@@ -280,6 +280,11 @@ def train(
     with `train.nonfinite="stop"`, and after `train.max_consecutive_skips` non-finite steps in a row with
     `"skip"`.
     """
+    with sharding.use_rules(config.mesh.rules):  # the state, the batches and the traced step follow them
+        return _train(config, workdir, loss_fn=loss_fn, ctrl_c_saves=ctrl_c_saves)
+
+
+def _train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None, ctrl_c_saves: bool) -> dict[str, Any]:
     if "://" in str(workdir):
         raise ConfigError(
             f"--workdir {workdir}: the engine writes through the local file system; mount the bucket (gcsfuse, as "
