@@ -149,7 +149,9 @@ class _Plan:
 def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     validate(config)
     distributed.initialize(config.distributed)
-    mesh = make_mesh(**preflight(config, jax.device_count()))
+    run_plan = preflight(config, jax.device_count())
+    config.train.grad_accum_steps = run_plan.grad_accum_steps  # what the objectives split each batch into
+    mesh = make_mesh(**run_plan.mesh)
     model_cfg = model_config(config.model)
     if loss_fn is None:
         objective = build_objective(config, model_cfg, workdir=workdir)
