@@ -29,6 +29,7 @@ from ml_collections import ConfigDict
 
 import bidirlm_jax.train.metrics as metrics_lib
 import bidirlm_jax.train.runlog as runlog
+import bidirlm_jax.train.trainable as trainable_lib
 from bidirlm_jax import distributed, sharding
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
@@ -40,7 +41,6 @@ from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.paths import user_path
 from bidirlm_jax.sharding import make_mesh
-from bidirlm_jax.train import trainable as trainable_lib
 from bidirlm_jax.train.checkpoints import BestStep, Checkpointer, latest_step
 from bidirlm_jax.train.config import data_stream, model_overrides, validate
 from bidirlm_jax.train.objectives import LossFn, Objective, build_objective, causal_lm

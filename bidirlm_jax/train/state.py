@@ -17,10 +17,10 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+import bidirlm_jax.train.trainable as trainable_lib
 from bidirlm_jax import sharding
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model
-from bidirlm_jax.train import trainable as trainable_lib
 
 
 @flax.struct.dataclass

@@ -15,8 +15,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import bidirlm_jax.train.trainable as trainable_lib
 from bidirlm_jax import sharding
-from bidirlm_jax.train import trainable as trainable_lib
 from bidirlm_jax.train.objectives.base import Batch, GradFn
 from bidirlm_jax.train.state import TrainState
 
