@@ -1,9 +1,11 @@
-"""Device mesh and the one table that maps logical axis names to mesh axes.
+"""Device mesh and the rules that map logical axis names to mesh axes.
 
 Modules name their parameter axes logically (`embed`, `heads`, `mlp`, ...; see `LOGICAL_RULES`) and
 never mention devices. This file turns those names into `PartitionSpec`s for a concrete mesh with axes
-`data`, `fsdp`, `tensor`: FSDP shards the `embed` side of every matrix, tensor parallelism the
-`heads`/`mlp`/`vocab` side, and batches are split over `data` × `fsdp`. A dimension that a mesh axis
+`data`, `fsdp`, `tensor`: by default FSDP shards the `embed` side of every matrix, tensor parallelism the
+`heads`/`mlp`/`vocab` side, and batches are split over `data` × `fsdp`. The rules are a value a run
+declares (`config.mesh.rules`, entered with `use_rules` for the whole run: sequence parallelism splits
+`seq`, a tower brings its own axis names) over these defaults. A dimension that a mesh axis
 does not divide stays replicated on that axis (Gemma3-270M's single KV head on `tensor=2`, say); the
 train state's layout logs each such parameter kind once, with the memory the replication costs.
 """
@@ -11,9 +13,11 @@ train state's layout logs each such parameter kind once, with the memory the rep
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from types import MappingProxyType
 
 import jax
 import numpy as np
@@ -27,18 +31,55 @@ log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axes it is split over (in order); the only place sharding policy lives.
-LOGICAL_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"),
-    "seq": (),
-    "embed": ("fsdp",),
-    "heads": ("tensor",),
-    "kv_heads": ("tensor",),
-    "head_dim": (),
-    "mlp": ("tensor",),
-    "vocab": ("tensor",),
-    "norm": (),
-}
+Rules = Mapping[str, tuple[str, ...]]  # logical axis -> the mesh axes it is split over (in order)
+
+# The default rules; a run changes them with `use_rules`.
+LOGICAL_RULES: Rules = MappingProxyType(
+    {
+        "batch": ("data", "fsdp"),
+        "seq": (),
+        "embed": ("fsdp",),
+        "heads": ("tensor",),
+        "kv_heads": ("tensor",),
+        "head_dim": (),
+        "mlp": ("tensor",),
+        "vocab": ("tensor",),
+        "norm": (),
+    }
+)
+_active: list[Rules] = [LOGICAL_RULES]
+
+
+def make_rules(overrides: Mapping[str, Sequence[str]] | None = None) -> Rules:
+    """The default rules with `overrides` (`{"seq": ("tensor",)}`, a tower's own axis names) applied, checked."""
+    rules = dict(LOGICAL_RULES)
+    for name, axes in dict(overrides or {}).items():
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        unknown = [a for a in axes if a not in MESH_AXES]
+        if unknown or len(set(axes)) != len(axes):
+            raise ConfigError(
+                f"mesh.rules.{name}={axes}: each logical axis splits over distinct mesh axes among {MESH_AXES}; "
+                f"fix --config.mesh.rules.{name}"
+            )
+        rules[name] = axes
+    return MappingProxyType(rules)
+
+
+def current_rules() -> Rules:
+    """The rules in force: the innermost `use_rules`, else `LOGICAL_RULES`."""
+    return _active[-1]
+
+
+@contextlib.contextmanager
+def use_rules(overrides: Mapping[str, Sequence[str]] | None) -> Iterator[Rules]:
+    """Shardings computed inside (train state, batches, activation hints traced inside) follow the default
+    rules with `overrides`. A plain module-level stack rather than a context variable, so the threads a run
+    starts (the batch reader) see the run's rules."""
+    _active.append(make_rules(overrides))
+    try:
+        yield _active[-1]
+    finally:
+        _active.pop()
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, *, devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -91,7 +132,7 @@ def _spec_and_dropped(
     used: set[str] = set()
     for name, dim in zip(names, shape):
         axes = []
-        for axis in LOGICAL_RULES.get(name, ()) if name else ():
+        for axis in current_rules().get(name, ()) if name else ():
             size = mesh.shape[axis]
             if axis in used or size == 1:
                 continue
@@ -183,7 +224,7 @@ def state_shardings(state, mesh: Mesh):
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Inputs of shape [batch, seq, ...] split over the batch axes."""
-    return NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+    return NamedSharding(mesh, PartitionSpec(current_rules()["batch"], *([None] * (ndim - 1))))
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

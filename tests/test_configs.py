@@ -13,7 +13,7 @@ from bidirlm_jax.io.params import param_count
 from bidirlm_jax.sharding import mesh_shape
 from bidirlm_jax.train.config import parse_train_args
 from bidirlm_jax.train.loop import model_config
-from bidirlm_jax.train.preflight import check_batch
+from bidirlm_jax.train.preflight import plan_batch
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 PAPER_PRESETS = ("gemma3-270m", "qwen3-0.6b", "gemma3-1b", "qwen3-1.7b")
@@ -67,8 +67,8 @@ def test_each_paper_preset_has_a_valid_one_cpu_smoke_recipe(name, preset, tmp_pa
         config = _smoke_config(name, preset, tmp_path)
     assert not caplog.records, [r.getMessage() for r in caplog.records]  # no warmup-longer-than-run warning
     one_cpu = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, 1)
-    check_batch(config, one_cpu)  # raises if the global batch does not split into the preset's micro-batches
-    assert config.data.global_batch_size % config.train.grad_accum_steps == 0
+    plan = plan_batch(config, one_cpu)  # raises if the global batch does not split into the preset's micro-batches
+    assert config.data.global_batch_size % plan.grad_accum_steps == 0
     model = model_config(config.model)
     assert model.num_layers > 4 and param_count(model) > 2e8  # the preset's real model, built abstractly
 

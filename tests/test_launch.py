@@ -235,7 +235,7 @@ def test_pod_dry_run_prints_the_exact_commands():
         "# bidirlm-mntp: v5p-128, 16 workers x 4 chips = 64 devices, queued resource, spot, zone us-east5-a, "
         "runtime v2-alpha-tpuv5\n"
         "# config OK: configs/mntp.py:qwen3-0.6b, objective mntp, 4240 steps of 288 x 8192 tokens, "
-        "mesh data=1 fsdp=32 tensor=2\n"
+        "mesh data=1 fsdp=32 tensor=2, 3 micro-batch(es) of 3 rows per device\n"
     )
     assert "JAX_COORDINATOR_ADDRESS = worker 0:8482" in out
 

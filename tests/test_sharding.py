@@ -14,7 +14,8 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.checkpoint import load_checkpoint, save_checkpoint
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.testing import reference
-from bidirlm_jax.train.config import base_config
+from bidirlm_jax.train import loop
+from bidirlm_jax.train.config import base_config, validate
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.state import StateLayout
 
@@ -73,6 +74,49 @@ def test_rules_skip_axes_that_do_not_divide():
     assert sharding.logical_to_spec(("embed", "heads", "head_dim"), (64, 4, 32), mesh) == P("fsdp", "tensor", None)
     assert sharding.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 1, 32), mesh) == P("fsdp", None, None)
     assert sharding.logical_to_spec(("batch", "seq"), (8, 16), mesh) == P(("data", "fsdp"), None)
+
+
+def test_a_run_changes_the_rules_and_with_them_a_parameters_sharding():
+    tx, _ = make_optimizer(base_config().optim, total_steps=10)
+    mesh = sharding.make_mesh(2, 2, 2)
+
+    def q_proj_spec():  # [heads, head_dim, embed]
+        return (
+            StateLayout(get_preset("tiny-qwen3"), tx, mesh, seed=0)
+            .shardings.params["layers"][0]["attn"]["q_proj"]
+            .get_value()
+            .spec
+        )
+
+    assert q_proj_spec() == P("tensor", None, "fsdp")
+    with sharding.use_rules({"heads": (), "embed": ("tensor", "fsdp")}) as rules:
+        assert rules["mlp"] == ("tensor",)  # the other rules stay
+        assert q_proj_spec() == P(None, None, ("tensor", "fsdp"))
+        assert sharding.batch_sharding(mesh).spec == P(("data", "fsdp"), None)
+        with sharding.use_rules({"batch": ("data",), "seq": ("fsdp",)}):  # sequence parallelism
+            assert sharding.batch_sharding(mesh).spec == P(("data",), None)
+            assert sharding.logical_to_spec(("batch", "seq"), (8, 16), mesh) == P("data", "fsdp")
+    assert q_proj_spec() == P("tensor", None, "fsdp")  # back to the defaults
+
+
+@pytest.mark.parametrize("axes", [("model",), ("tensor", "tensor")])
+def test_rules_naming_unknown_or_repeated_mesh_axes_are_refused(axes):
+    with pytest.raises(ConfigError, match=r"mesh.rules.seq=.*among \('data', 'fsdp', 'tensor'\)"):
+        sharding.make_rules({"seq": axes})
+    config = base_config()
+    config.mesh.rules.seq = axes
+    with pytest.raises(ConfigError, match="fix --config.mesh.rules.seq"):
+        validate(config)
+
+
+def test_train_runs_under_its_configs_rules(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(loop, "_train", lambda *a, **k: seen.append(dict(sharding.current_rules())))
+    config = base_config()
+    config.mesh.rules.seq = ("tensor",)
+    loop.train(config, str(tmp_path))
+    assert seen == [{**sharding.LOGICAL_RULES, "seq": ("tensor",)}]
+    assert sharding.current_rules() is sharding.LOGICAL_RULES
 
 
 def test_replication_where_an_axis_does_not_divide_is_logged_once_per_kind_with_its_cost(caplog):

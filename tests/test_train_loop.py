@@ -21,6 +21,7 @@ from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.losses.causal_lm import causal_lm_loss
 from bidirlm_jax.train import parse_train_args, train
 from bidirlm_jax.train.checkpoints import latest_step
+from bidirlm_jax.train.preflight import plan_batch, preflight
 from tests import procs
 from tests.cluster import check, run_cluster
 
@@ -346,19 +347,26 @@ def test_several_processes_agree_on_a_preemption_only_at_sync_steps(tmp_path, mo
 
 def test_max_rows_per_device_raises_the_micro_batch_count():
     """16 rows over 8 batch shards = 2 rows per device in one micro-batch; a limit of 1 needs 2 of them."""
-    from bidirlm_jax.train.preflight import check_batch as _check_batch
-
     config, _ = parse_train_args(["--config", TINY, "--workdir", "unused", "--config.train.max_rows_per_device=1"])
     mesh = {"data": 8, "fsdp": 1, "tensor": 1}
-    _check_batch(config, mesh)
-    assert config.train.grad_accum_steps == 2
+    plan = plan_batch(config, mesh)
+    assert plan.grad_accum_steps == 2 and plan.rows_per_device == 1
+    assert config.train.grad_accum_steps == 1  # a pure function: the engine applies the plan, the launcher reports it
     config.train.update(max_rows_per_device=0, grad_accum_steps=1)
-    _check_batch(config, mesh)
-    assert config.train.grad_accum_steps == 1
+    assert plan_batch(config, mesh).grad_accum_steps == 1
     config.data.global_batch_size = 12
     config.train.max_rows_per_device = 4
     with pytest.raises(ConfigError, match=r"8 batch shards .* ≤ train.max_rows_per_device=4; no split fits"):
-        _check_batch(config, mesh)
+        plan_batch(config, mesh)
+
+
+def test_preflight_plans_the_mesh_and_micro_batches_without_changing_the_config():
+    config, _ = parse_train_args(["--config", TINY, "--workdir", "unused", "--config.train.max_rows_per_device=1"])
+    config.mesh.update(data=-1, fsdp=2, tensor=2)
+    before = config.to_json()
+    plan = preflight(config, 8)
+    assert (plan.mesh, plan.grad_accum_steps, plan.rows_per_device) == ({"data": 2, "fsdp": 2, "tensor": 2}, 4, 1)
+    assert config.to_json() == before
 
 
 def test_the_progress_bar_shows_each_logged_steps_own_loss(tmp_path, monkeypatch):

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bidirlm_jax.sharding import constrain
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
@@ -84,8 +86,12 @@ class Embedder(nnx.Module):
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         # Gather, then cast: the same values as casting the table first, without a [vocab, d] copy in the
-        # compute dtype, and the gradient scatter-adds straight into the table's dtype.
-        x = jnp.take(self.embedding[...], input_ids, axis=0).astype(self.dtype)
+        # compute dtype, and the gradient scatter-adds straight into the table's dtype. The table's `embed` side
+        # is gathered first (as FSDP gathers any weight): a gather from a table split on `embed` gives rows split
+        # on `embed`, which XLA can only bring to the batch-split layout by replicating them ("Involuntary full
+        # rematerialization" on a mesh with both data and fsdp axes).
+        table = constrain(self.embedding[...], ("vocab", None))
+        x = jnp.take(table, input_ids, axis=0).astype(self.dtype)
         if self.scale is not None:
             x = x * jnp.asarray(self.scale, self.dtype)
         return x

@@ -20,6 +20,7 @@ from ml_collections import ConfigDict, config_dict, config_flags
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import ATTENTION_IMPLS, ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, REMAT_POLICIES
 from bidirlm_jax.paths import expand_user
+from bidirlm_jax.sharding import LOGICAL_RULES, make_rules
 
 _MODEL_OVERRIDES = {
     "vocab_size": int,
@@ -79,6 +80,8 @@ def base_config() -> ConfigDict:
             eps=1e-8,
             weight_decay=0.1,
             grad_clip_norm=1.0,  # <= 0 disables clipping
+            trainable=(),  # regexes on parameter paths (layers/0/mlp/up_proj); only matching ones train (): all
+            frozen=(),  # regexes of parameters kept as they are: no update, no optimizer state
         )
     )
     c.train = ConfigDict(
@@ -95,7 +98,8 @@ def base_config() -> ConfigDict:
             allow_data_change=False,  # resume even though the data stream's definition changed
         )
     )
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # rules: logical axis -> mesh axes (sharding.LOGICAL_RULES); e.g. --config.mesh.rules.seq="('tensor',)"
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=ConfigDict(dict(LOGICAL_RULES))))
     c.metrics = ConfigDict(
         dict(peak_flops_per_device=0.0, tensorboard=True, progress_bar=True, log_all_processes=False)
     )  # log_all_processes: every process prints the run's log lines (default: process 0 only)
@@ -135,6 +139,7 @@ def validate(config: ConfigDict) -> None:
     _one_of(config.model.attention, ATTENTION_MODES, "model.attention")
     _one_of(config.model.bidirectional_window, BIDIRECTIONAL_WINDOWS, "model.bidirectional_window")
     _one_of(config.train.nonfinite, ("stop", "skip"), "train.nonfinite")
+    make_rules(config.mesh.rules)
     for key in (
         "train.steps",
         "train.grad_accum_steps",

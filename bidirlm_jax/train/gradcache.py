@@ -122,7 +122,7 @@ def _batch_shards() -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    return math.prod(mesh.shape[a] for a in sharding.LOGICAL_RULES["batch"] if a in mesh.axis_names)
+    return math.prod(mesh.shape[a] for a in sharding.current_rules()["batch"] if a in mesh.axis_names)
 
 
 def _to_chunks(x: jax.Array, shards: int, chunk: int, *, edge: bool) -> jax.Array:

@@ -29,7 +29,8 @@ from ml_collections import ConfigDict
 
 import bidirlm_jax.train.metrics as metrics_lib
 import bidirlm_jax.train.runlog as runlog
-from bidirlm_jax import distributed
+import bidirlm_jax.train.trainable as trainable_lib
+from bidirlm_jax import distributed, sharding
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
@@ -148,14 +149,20 @@ class _Plan:
 def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     validate(config)
     distributed.initialize(config.distributed)
-    mesh = make_mesh(**preflight(config, jax.device_count()))
+    run_plan = preflight(config, jax.device_count())
+    config.train.grad_accum_steps = run_plan.grad_accum_steps  # what the objectives split each batch into
+    mesh = make_mesh(**run_plan.mesh)
     model_cfg = model_config(config.model)
     if loss_fn is None:
         objective = build_objective(config, model_cfg, workdir=workdir)
     else:
         objective = causal_lm.build(config, model_cfg, workdir=workdir, loss_fn=loss_fn)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    layout = StateLayout(model_cfg, tx, mesh, seed=config.train.seed, model_factory=objective.model_factory)
+    trainable = trainable_lib.from_config(config.optim)
+    layout = StateLayout(
+        model_cfg, tx, mesh, seed=config.train.seed, model_factory=objective.model_factory, trainable=trainable
+    )
+    trainable_lib.check(layout.abstract.params, config.optim)
     meta = {
         "param_shapes": param_shapes(layout.abstract.params),
         "data_stream": data_stream(config.data),
@@ -177,7 +184,14 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         prefetch=config.data.prefetch,
     )
     step_fn = jit_step(
-        make_step_fn(layout.graphdef, objective.grad_fn, tx, schedule, skip_nonfinite=config.train.nonfinite == "skip"),
+        make_step_fn(
+            layout.graphdef,
+            objective.grad_fn,
+            tx,
+            schedule,
+            skip_nonfinite=config.train.nonfinite == "skip",
+            trainable=trainable,
+        ),
         layout.shardings,
         mesh,
         batches.shapes,
@@ -268,6 +282,11 @@ def train(
     with `train.nonfinite="stop"`, and after `train.max_consecutive_skips` non-finite steps in a row with
     `"skip"`.
     """
+    with sharding.use_rules(config.mesh.rules):  # the state, the batches and the traced step follow them
+        return _train(config, workdir, loss_fn=loss_fn, ctrl_c_saves=ctrl_c_saves)
+
+
+def _train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None, ctrl_c_saves: bool) -> dict[str, Any]:
     if "://" in str(workdir):
         raise ConfigError(
             f"--workdir {workdir}: the engine writes through the local file system; mount the bucket (gcsfuse, as "

@@ -9,6 +9,8 @@ from its file system, for the launcher to refuse what the workers would not have
 
 from __future__ import annotations
 
+import dataclasses
+
 from ml_collections import ConfigDict
 
 from bidirlm_jax.errors import ConfigError
@@ -18,10 +20,20 @@ from bidirlm_jax.train.objectives import check_objective
 from bidirlm_jax.train.objectives.base import PATH_SOURCES, check_data_path, check_tokenizer
 
 
-def check_batch(config: ConfigDict, mesh: dict[str, int]) -> None:
-    """The global batch must split into micro-batches over the mesh's batch shards. With
-    `train.max_rows_per_device`, `train.grad_accum_steps` is raised to the fewest micro-batches that keep
-    each device's rows within it (what fits a chip depends on the device count: `benchmarks/memory.py`)."""
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a run splits over its devices: the mesh's sizes and the micro-batches of each step."""
+
+    mesh: dict[str, int]  # {"data", "fsdp", "tensor"}
+    grad_accum_steps: int  # micro-batches per step
+    rows_per_device: int  # rows of one micro-batch on one device
+
+
+def plan_batch(config: ConfigDict, mesh: dict[str, int]) -> Plan:
+    """The global batch split into micro-batches over the mesh's batch shards (a pure function: the engine and
+    the TPU launcher both call it). With `train.max_rows_per_device`, `train.grad_accum_steps` is raised to
+    the fewest micro-batches that keep each device's rows within it (what fits a chip depends on the device
+    count: `benchmarks/memory.py`)."""
     batch, accum = config.data.global_batch_size, config.train.grad_accum_steps
     shards = mesh["data"] * mesh["fsdp"]
     limit = config.train.max_rows_per_device
@@ -38,23 +50,25 @@ def check_batch(config: ConfigDict, mesh: dict[str, int]) -> None:
                 f"is a multiple of {accum * shards} (at least {accum * shards}), or lower train.grad_accum_steps "
                 "(or change the device count)"
             )
-        config.train.grad_accum_steps = accum = fits[0]
+        accum = fits[0]
     if batch % (accum * shards):
         raise ConfigError(
             f"{rule}, but {batch} does not split so. Use a data.global_batch_size that is a multiple of "
             f"{accum * shards}, or change train.grad_accum_steps or the mesh"
         )
+    return Plan(dict(mesh), accum, batch // (accum * shards))
 
 
-def preflight(config: ConfigDict, num_devices: int) -> dict[str, int]:
-    """Check `config` for `num_devices` devices; return the mesh's sizes. Raises `ConfigError`."""
+def preflight(config: ConfigDict, num_devices: int) -> Plan:
+    """Check `config` for `num_devices` devices and plan its mesh and micro-batches (`config` is left as it
+    is; the engine runs with the plan's `grad_accum_steps`). Raises `ConfigError`."""
     validate(config)
     mesh = mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, num_devices)
-    check_batch(config, mesh)
+    plan = plan_batch(config, mesh)
     check_objective(config.objective)
     check_tokenizer(config)
     check_data_path(config.data)
-    return mesh
+    return plan
 
 
 def _entry_paths(spec: str, fields: int) -> list[str]:

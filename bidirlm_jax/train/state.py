@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+import bidirlm_jax.train.trainable as trainable_lib
 from bidirlm_jax import sharding
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model
@@ -26,13 +27,16 @@ from bidirlm_jax.models.transformer import Transformer, abstract_model
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer updates applied so far
     params: nnx.State  # fp32 master weights
-    opt_state: optax.OptState
+    opt_state: optax.OptState  # over the trainable parameters only
     rng: jax.Array  # raw uint32 key; split once per step
 
 
-def _state_from(params: nnx.State, tx: optax.GradientTransformation, seed: int) -> TrainState:
+def _state_from(
+    params: nnx.State, tx: optax.GradientTransformation, seed: int, trainable: trainable_lib.Filter
+) -> TrainState:
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), 1)  # distinct from the parameter-init stream
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
+    opt_state = tx.init(trainable_lib.split(params, trainable)[0])
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=rng)
 
 
 class StateLayout:
@@ -49,19 +53,20 @@ class StateLayout:
         *,
         seed: int,
         model_factory: Callable[[nnx.Rngs], nnx.Module] | None = None,
+        trainable: trainable_lib.Filter = nnx.Param,
     ):
         """`model_factory(rngs)` builds the trained module when it is not the plain `Transformer` (an
-        encoder with a task head)."""
+        encoder with a task head); `trainable` selects the parameters the optimizer holds state for."""
         if model_factory is None:
             self.graphdef, _ = abstract_model(config)
             model_factory = lambda rngs: Transformer(config, rngs=rngs)
         else:
             self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_factory(nnx.Rngs(0))))
-        self._tx, self._seed = tx, seed
+        self._tx, self._seed, self.trainable = tx, seed, trainable
 
         def init() -> TrainState:
             fresh = nnx.state(model_factory(nnx.Rngs(seed)), nnx.Param)
-            return _state_from(fresh, tx, seed)
+            return _state_from(fresh, tx, seed, trainable)
 
         self._init = init
         shapes = jax.eval_shape(init)
@@ -77,7 +82,9 @@ class StateLayout:
     def from_params(self, params: nnx.State) -> TrainState:
         """A fresh state around given (host) parameters, placed straight into their shardings."""
         placed = jax.device_put(params, self.shardings.params)
-        return jax.jit(lambda p: _state_from(p, self._tx, self._seed), out_shardings=self.shardings)(placed)
+        return jax.jit(lambda p: _state_from(p, self._tx, self._seed, self.trainable), out_shardings=self.shardings)(
+            placed
+        )
 
 
 def param_shapes(params: nnx.State) -> dict[str, list[int]]:

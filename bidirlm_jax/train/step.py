@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+import bidirlm_jax.train.trainable as trainable_lib
 from bidirlm_jax import sharding
 from bidirlm_jax.train.objectives.base import Batch, GradFn
 from bidirlm_jax.train.state import TrainState
@@ -29,21 +30,26 @@ def make_step_fn(
     schedule: optax.Schedule,
     *,
     skip_nonfinite: bool = False,
+    trainable: trainable_lib.Filter = nnx.Param,
 ) -> StepFn:
     """The pure step function `(state, batch) -> (state, metrics)`; see `jit_step` for the compiled one.
 
     Metrics: `loss` (the objective's mean), `grad_norm` (before clipping), `learning_rate` (the one
     applied), `tokens` (the items the loss covers), `finite` (1.0 when loss and gradients were finite)
     and the objective's own metrics. With `skip_nonfinite`, a non-finite step leaves params and optimizer state
-    untouched (the step counter and RNG still advance, so the data stays in sync).
+    untouched (the step counter and RNG still advance, so the data stays in sync). Only the `trainable`
+    parameters (`optim.trainable` / `optim.frozen`) are clipped, updated and counted in `grad_norm`; the other gradients are
+    dropped here, so the compiled step never computes what would only feed them.
     """
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         rng, step_rng = jax.random.split(state.rng)
         loss, grads, count, metrics = grad_fn(graphdef, state.params, batch, step_rng)
+        grads, _ = trainable_lib.split(grads, trainable)
+        train_params, frozen = trainable_lib.split(state.params, trainable)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, train_params)
+        params = nnx.merge_state(optax.apply_updates(train_params, updates), frozen)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip_nonfinite:
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)

@@ -218,7 +218,7 @@ def validate_train_args(
             "outlives the TPU VMs); --allow-local-workdir for a shared mount such as Filestore"
         )
     try:
-        mesh = preflight(config, slice_.chips)
+        plan = preflight(config, slice_.chips)
     except BidirLMError as e:
         raise LaunchError(f"config, on {slice_.accelerator_type}'s {slice_.chips} devices: {e}") from None
     if not allow_local_inputs:
@@ -241,7 +241,8 @@ def validate_train_args(
     summary = (
         f"config OK: {remote_file}{':' + preset if preset else ''}, objective {config.objective}, "
         f"{config.train.steps} steps of {batch} x {config.data.seq_len} tokens, "
-        f"mesh data={mesh['data']} fsdp={mesh['fsdp']} tensor={mesh['tensor']}"
+        f"mesh data={plan.mesh['data']} fsdp={plan.mesh['fsdp']} tensor={plan.mesh['tensor']}, "
+        f"{plan.grad_accum_steps} micro-batch(es) of {plan.rows_per_device} rows per device"
     )
     return TrainPlan(remote, workdir, buckets, summary)
 

@@ -81,7 +81,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
     if con.pooling not in POOLING_MODES or con.gather not in GATHER:
         raise ConfigError(f"contrastive.pooling must be one of {POOLING_MODES} and contrastive.gather one of {GATHER}")
     accum, limit = config.train.grad_accum_steps, config.train.max_rows_per_device
-    if accum != 1:  # `preflight.check_batch` raises grad_accum_steps to honour max_rows_per_device: name what was set
+    if accum != 1:  # `preflight.plan_batch` raises grad_accum_steps to honour max_rows_per_device: name what was set
         setting = f"max_rows_per_device={limit} (set it to 0)" if limit else f"grad_accum_steps={accum} (keep it 1)"
         raise ConfigError(
             f"train.{setting} splits the batch into {accum} micro-batches, which would shrink contrastive "
