@@ -40,7 +40,8 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
-from peers import OPTIM, constant_optimizer, interleaved, loadavg, memory_row, ratio, show, torch_adamw
+from measure import Bench
+from peers import OPTIM, constant_optimizer, memory_row, torch_adamw
 
 import bidirlm_jax
 from bidirlm_jax.io.hf_config import config_to_hf
@@ -181,7 +182,7 @@ def st_step(path: Path, batch: dict, mini_batch: int | None):
 # --- runs ----------------------------------------------------------------------------------------------------
 
 
-def timing(args) -> dict:
+def timing(args, bench: Bench) -> dict:
     config = get_preset("bench-qwen3")
     config = config.replace(num_layers=args.layers, layer_types=config.layer_types[: args.layers])
     batch = make_batch(config.vocab_size, args.batch, args.negatives, args.length)
@@ -208,7 +209,7 @@ def timing(args) -> dict:
         rel = abs(ours - theirs) / abs(theirs)
         print(f"  step-0 loss ({label}): ours {ours:.6f}, sentence-transformers {theirs:.6f} (relative {rel:.1e})")
         assert rel < 1e-4, f"step-0 losses differ: {ours} vs {theirs}"
-    rows = interleaved(variants, args.iters)
+    rows = bench.rounds(variants, args.iters)
     for n, r in rows.items():
         r.update(loss=first[n], **extra[n])
     print(f"  {'step':<15}{'best s':>9}{'median s':>10}{'texts/s':>9}{'CPU s best':>12}{'CPU s median':>14}")
@@ -217,8 +218,7 @@ def timing(args) -> dict:
             f"  {n:<15}{r['best']:>9.2f}{r['median']:>10.2f}{texts / r['best']:>9.1f}"
             f"{r['cpu_best']:>12.2f}{r['cpu_median']:>14.2f}"
         )
-    ratios = {f"st {label} / ours {label}": ratio(rows, f"ours {label}", f"st {label}") for label, _ in pairs}
-    show(ratios)
+    ratios = {f"st {label} / ours {label}": bench.show_ratio(f"ours {label}", f"st {label}") for label, _ in pairs}
     return dict(rows=rows, ratios=ratios, params=param_count(config))
 
 
@@ -315,28 +315,16 @@ def main() -> None:
         for tid in os.listdir("/proc/self/task"):
             os.sched_setaffinity(int(tid), cores)
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    cpu = next(
-        (
-            x.split(":", 1)[1].strip()
-            for x in Path("/proc/cpuinfo").read_text().splitlines()
-            if x.startswith("model name")
-        ),
-        "?",
-    )
-    print(
-        f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} used), torch {torch.get_num_threads()} threads, jax {jax.__version__}; load {loadavg()}"
-    )
-    results = dict(cpu=cpu, cores=os.cpu_count(), cores_used=len(os.sched_getaffinity(0)), load_start=loadavg())
+    bench = Bench(threads={"torch": torch.get_num_threads()})
+    print(f"jax {jax.__version__}")
+    results = {}
     if not args.skip_timing:
-        results["timing"] = timing(args)
+        results["timing"] = timing(args, bench)
     if not args.skip_memory:
         results["memory"] = memory(args)
-    results["load_end"] = loadavg()
-    print(f"load at the end {results['load_end']}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
-    out.write_text(json.dumps({**previous, **results}, indent=2))
+    bench.finish(out, {**previous, **results})
 
 
 if __name__ == "__main__":

@@ -6,17 +6,20 @@ Each measurement runs in a fresh subprocess so its peak RSS (VmHWM) belongs to t
 - `convert`: `from_pretrained` (one tensor at a time onto the JAX CPU device) then `save_pretrained`
   (streamed into shards). Target: peak RSS <= 1.2 x checkpoint + 300 MB.
 
-    .venv/bin/python benchmarks/convert.py [--layers 24]
+    .venv/bin/python benchmarks/convert.py [--layers 24 --iters 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from measure import Bench
 
 STEPS = {
     "read": "tensors = safetensors.numpy.load_file(SRC + '/model.safetensors')",
@@ -61,12 +64,20 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "peak_mb": hwm(), "import
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--layers", type=int, default=24, help="24: a 1.40 GB checkpoint")
+    parser.add_argument("--iters", type=int, default=1, help="interleaved rounds (medians reported)")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "convert.json"))
     args = parser.parse_args()
+    bench = Bench()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
         size = _make_checkpoint(src, args.layers)
-        results = {step: _measure(step, src, Path(tmp) / f"dst-{step}") for step in STEPS}
+        runs = {step: [] for step in STEPS}
+        steps = {
+            step: lambda step=step: runs[step].append(_measure(step, src, Path(tmp) / f"dst-{step}")) for step in STEPS
+        }
+        bench.rounds(steps, args.iters)
+    results = {step: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for step, rs in runs.items()}
     mb = size / 2**20
     print(f"checkpoint: {mb:,.0f} MB fp32 ({args.layers} layers)")
     print(f"{'step':<10}{'seconds':>9}{'peak RSS MB':>13}{'RSS after imports':>19}")
@@ -78,6 +89,7 @@ def main() -> None:
         f"convert time: {read:.2f}x read, {copy:.2f}x copy; peak RSS {results['convert']['peak_mb']:,.0f} MB vs budget {budget:,.0f} MB "
         f"(1.2 x checkpoint + 300 MB): {'ok' if results['convert']['peak_mb'] <= budget else 'OVER'}"
     )
+    bench.finish(args.out, dict(steps=results, checkpoint_mb=mb))
 
 
 if __name__ == "__main__":

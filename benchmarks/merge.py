@@ -9,14 +9,16 @@ Each run is a fresh process started by a bare launcher (a forked child's peak RS
 parent's, so the parent must stay small); wall time and peak RSS (`wait4`'s ru_maxrss, the process
 and its children) are measured from outside. GB/s counts bytes read plus bytes written. The page
 cache is warm (inputs read once beforehand) and dirty pages are synced before every run, so the
-figures measure the tools rather than the disk. Runs are interleaved and repeated; medians reported.
+figures measure the tools rather than the disk. Runs are interleaved (order alternating per round) and repeated; medians
+reported, ratios and the load through `measure.Bench`.
 
-    python benchmarks/merge.py [--repeats 3]
+    python benchmarks/merge.py [--repeats 3]   (the inputs are generated on the first run)
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -26,6 +28,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from measure import Bench
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -147,6 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "out" / "merge")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "merge.json"))
     parser.add_argument("--generate", nargs=2, metavar=("DIR", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
@@ -199,20 +203,22 @@ def main() -> None:
             str(work / "out-copy.safetensors"),
         ],
     }
-    results = {}
-    env_note = f"{os.cpu_count()} cores"
-    load_before = os.getloadavg()[0]
-    for _ in range(args.repeats):
-        for name, cmd in commands.items():
-            shutil.rmtree(outs[name], ignore_errors=True)
-            (work / "out-copy.safetensors").unlink(missing_ok=True)
-            results.setdefault(name, []).append(measure(cmd))
+    results = {name: [] for name in commands}
+
+    def run(name: str) -> None:
+        shutil.rmtree(outs[name], ignore_errors=True)
+        (work / "out-copy.safetensors").unlink(missing_ok=True)
+        results[name].append(measure(commands[name]))
+
+    bench = Bench()
+    bench.rounds({name: functools.partial(run, name) for name in commands}, args.repeats)
+    bench.show_ratio("bidirlm merge", "mergekit linear")
+    bench.show_ratio("bidirlm merge", "copy (read 2, write 1)")
     identical, worst = compare(outs["bidirlm merge"], outs["mergekit linear"])
     moved = 3 * size / 1e9
     print(
-        f"inputs: 2 x {size / 1e9:.2f} GB bf16 (Qwen3-0.6B shape), largest tensor {largest / 1e9:.3f} GB; {env_note}; "
-        f"median of {args.repeats} runs, warm page cache; load average {load_before:.1f} before, "
-        f"{os.getloadavg()[0]:.1f} after (other work on the machine slows every run)\n"
+        f"inputs: 2 x {size / 1e9:.2f} GB bf16 (Qwen3-0.6B shape), largest tensor {largest / 1e9:.3f} GB; "
+        f"median of {args.repeats} runs (wall and peak RSS from wait4 in the launcher), warm page cache\n"
     )
     print("| run | wall (s) | GB/s (read+write) | peak RSS (GB) |")
     print("|---|---|---|---|")
@@ -231,6 +237,7 @@ def main() -> None:
         f"RSS target: largest tensor x 3 + 300 MB = {(3 * largest + 300e6) / 1e9:.2f} GB"
     )
     print(f"bidirlm vs mergekit output: {identical:.6%} of elements bit-identical, max |diff| {worst:.3g}")
+    bench.finish(args.out, dict(launcher=results, identical=identical, max_abs_diff=worst))
 
 
 if __name__ == "__main__":

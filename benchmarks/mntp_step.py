@@ -46,7 +46,8 @@ import numpy as np
 import torch
 import transformers
 from flax import nnx
-from peers import GIB, OPTIM, constant_optimizer, interleaved, loadavg, memory_row, ratio, show, torch_adamw, vm
+from measure import Bench
+from peers import GIB, OPTIM, constant_optimizer, memory_row, torch_adamw, vm
 
 import bidirlm_jax
 from bidirlm_jax.io.hf_config import config_to_hf
@@ -172,7 +173,7 @@ def check_losses(ours: dict, theirs: dict[str, float]) -> None:
         assert rel < 1e-4, f"step-0 losses differ: ours {ours['loss']} vs {name} {loss}"
 
 
-def part_a(tmp: Path, args) -> dict:
+def part_a(tmp: Path, args, bench: Bench) -> dict:
     name = "bench-qwen3"
     config = MODELS[name]()
     print(
@@ -193,7 +194,7 @@ def part_a(tmp: Path, args) -> dict:
         extra[f"torch {mode}"] = dict(first_two_calls_seconds=seconds)
     check_losses(first["ours sparse"], theirs)
     check_losses(first["ours dense"], {"torch eager": theirs["torch eager"]})
-    rows = interleaved(variants, args.iters)
+    rows = bench.rounds(variants, args.iters)
     for n, r in rows.items():
         r.update(extra[n])
     tokens = args.batch * args.seq
@@ -203,8 +204,7 @@ def part_a(tmp: Path, args) -> dict:
             f"  {n:<15}{r['best']:>9.3f}{r['median']:>10.3f}{tokens / r['best']:>9,.0f}"
             f"{r['cpu_best']:>12.2f}{r['cpu_median']:>14.2f}"
         )
-    ratios = {f"{n} / ours sparse": ratio(rows, "ours sparse", n) for n in rows if n != "ours sparse"}
-    show(ratios)
+    ratios = {f"{n} / ours sparse": bench.show_ratio("ours sparse", n) for n in rows if n != "ours sparse"}
     return dict(rows=rows, ratios=ratios, loss=theirs["torch eager"], targets=int(batch["masked"].sum()))
 
 
@@ -232,7 +232,7 @@ def worker(side: str, path: str, batch_file: str, iters: int, chunk_size: int) -
     print("RESULT " + json.dumps(result))
 
 
-def part_b(tmp: Path, args) -> dict:
+def part_b(tmp: Path, args, bench: Bench) -> dict:
     name = "gemma3-2l"
     config = MODELS[name]()
     head = config.vocab_size * config.hidden_size
@@ -283,7 +283,7 @@ def part_b(tmp: Path, args) -> dict:
     variants["torch eager"] = run
     check_losses(first["ours sparse"], {"torch eager": loss})
     check_losses(first["ours dense"], {"torch eager": loss})
-    rows = interleaved(variants, args.iters)
+    rows = bench.rounds(variants, args.iters)
     for n, r in rows.items():
         m = memory.get("torch" if n == "torch eager" else n)
         if m is not None:
@@ -294,14 +294,13 @@ def part_b(tmp: Path, args) -> dict:
                 peak_rss_with_setup_gib=m["hwm_setup"] / GIB,
             )
             r.update({k: v for k, v in m.items() if k.endswith("_gib")})
-    ratios = {f"{n} / ours sparse": ratio(rows, "ours sparse", n) for n in rows if n != "ours sparse"}
+    ratios = {f"{n} / ours sparse": bench.show_ratio("ours sparse", n) for n in rows if n != "ours sparse"}
     print(f"  {'step':<15}{'best s':>9}{'median s':>10}{'peak RSS GiB':>14}{'step peak - ready GiB':>23}")
     for n, r in rows.items():
         extra = r.get("peak_rss_gib", float("nan")) - r.get("rss_ready_gib", float("nan"))
         print(
             f"  {n:<15}{r['best']:>9.2f}{r['median']:>10.2f}{r.get('peak_rss_gib', float('nan')):>14.2f}{extra:>23.2f}"
         )
-    show(ratios)
     return dict(rows=rows, ratios=ratios, loss=loss, state_gib_per_side=16 * param_count(config) / GIB)
 
 
@@ -392,31 +391,19 @@ def main() -> None:
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     if args.worker:
         return worker(args.worker, args.path, args.batch_file, args.iters, args.chunk_size)
-    cpu = next(
-        (
-            x.split(":", 1)[1].strip()
-            for x in Path("/proc/cpuinfo").read_text().splitlines()
-            if x.startswith("model name")
-        ),
-        "?",
-    )
-    print(
-        f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} used), torch {torch.get_num_threads()} threads, jax {jax.__version__}; load {loadavg()}"
-    )
-    results = dict(cpu=cpu, cores=os.cpu_count(), cores_used=len(os.sched_getaffinity(0)), load_start=loadavg())
+    bench = Bench(threads={"torch": torch.get_num_threads()})
+    print(f"jax {jax.__version__}")
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
         if "a" in args.parts:
-            results["a"] = part_a(Path(tmp), args)
+            results["a"] = part_a(Path(tmp), args, bench)
         if "b" in args.parts:
-            results["b"] = part_b(Path(tmp), args)
+            results["b"] = part_b(Path(tmp), args, bench)
     if "c" in args.parts:
         results["c"] = part_c(args)
-    results["load_end"] = loadavg()
-    print(f"load at the end {results['load_end']}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
-    out.write_text(json.dumps({**previous, **results}, indent=2))
+    bench.finish(out, {**previous, **results})
 
 
 if __name__ == "__main__":

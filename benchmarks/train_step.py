@@ -8,15 +8,13 @@ model FLOPs (`bidirlm_jax.train.metrics.training_flops_per_token`) per second ov
 bf16) matmul throughput measured here. Targets: >= 1.5x torch eager, >= 1.2x torch.compile, MFU >= 50%.
 
     .venv/bin/python benchmarks/train_step.py [--batch 4 --seq 512 --iters 5] [--skip-compile]
+    (quick: --batch 1 --seq 128 --iters 2 --skip-compile)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
+from measure import Bench
 from peers import OPTIM, constant_optimizer, torch_adamw
 
 from bidirlm_jax.io.hf_config import config_to_hf
@@ -35,12 +34,6 @@ from bidirlm_jax.train.metrics import training_flops_per_token
 from bidirlm_jax.train.objectives import token_sum_grads
 from bidirlm_jax.train.state import StateLayout
 from bidirlm_jax.train.step import jit_step, make_step_fn
-
-
-def _seconds(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def matmul(dtype, n: int = 2048):
@@ -108,6 +101,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "train_step.json"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())
+    bench = Bench(threads={"torch": torch.get_num_threads()})
     config = get_preset("bench-qwen3")
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
     tokens = ids.size
@@ -118,11 +112,8 @@ def main() -> None:
     for mode in ("eager", "bf16") + (() if args.skip_compile else ("compile",)):
         variants[f"torch {mode}"] = torch_step(mode, ids)
     # Interleaved rounds: every variant sees the same machine load; the median of each is reported.
-    times = {name: [] for name in variants}
-    for _ in range(args.iters):
-        for name, (run, _) in variants.items():
-            times[name].append(_seconds(run))
-    median = {name: statistics.median(t) for name, t in times.items()}
+    timed = bench.rounds({name: run for name, (run, _) in variants.items()}, args.iters)
+    median = {name: row["median"] for name, row in timed.items()}
     roof = {"float32": 2 * 2048**3 / median.pop("matmul fp32"), "bfloat16": 2 * 2048**3 / median.pop("matmul bf16")}
     print(
         f"bench-qwen3 ({param_count(config) / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, "
@@ -137,21 +128,11 @@ def main() -> None:
         r["tokens_per_second"] = tokens / r["seconds"]
         mfu = f"{100 * r['mfu']:.0f}%" if "mfu" in r else ""
         print(f"{name:<15}{r['seconds']:>9.3f}{r['tokens_per_second']:>9,.0f}{r['loss']:>12.4f}{mfu:>7}")
-    ratios = {
-        f"jax fp32 / torch {m}": rows["torch " + m]["seconds"] / rows["jax fp32"]["seconds"]
-        for m in ("eager", "compile")
-        if "torch " + m in rows
-    }
-    ratios["jax bf16 / torch bf16"] = rows["torch bf16"]["seconds"] / rows["jax bf16"]["seconds"]
-    for name, ratio in ratios.items():
-        print(f"{name}: {ratio:.2f}x")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(
-        json.dumps(
-            dict(rows=rows, ratios=ratios, roofline=roof, batch=args.batch, seq=args.seq, flops_per_step=flops),
-            indent=2,
-        )
-    )
+    for m in ("eager", "compile"):
+        if "torch " + m in rows:
+            bench.show_ratio("jax fp32", "torch " + m)
+    bench.show_ratio("jax bf16", "torch bf16")
+    bench.finish(args.out, dict(steps=rows, roofline=roof, batch=args.batch, seq=args.seq, flops_per_step=flops))
 
 
 if __name__ == "__main__":

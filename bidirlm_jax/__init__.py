@@ -28,6 +28,7 @@ _EXPORTS = {
     "interpolate": "bidirlm_jax.merge.linear",
     "linear_merge": "bidirlm_jax.merge.linear",
     "merge_checkpoints": "bidirlm_jax.merge.stream",
+    "enable_compilation_cache": "bidirlm_jax.compilation_cache",
 }
 
 __all__ = ["BidirLMError", "CheckpointError", "ConfigError", *_EXPORTS]

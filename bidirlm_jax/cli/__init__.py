@@ -5,6 +5,10 @@ a traceback and exit with status 2; Ctrl-C exits with 130 (`bidirlm train` saves
 Ctrl-C stops it at once). A preemption (SIGTERM) exits with 0 after a training run saved its checkpoint,
 whichever command was training (`errors.Preempted`): the same command resumes it.
 
+Every command runs with JAX's persistent compilation cache (`bidirlm_jax.compilation_cache`): a second run
+reads the programs the first compiled. `bidirlm --compilation-cache DIR|off COMMAND ...` or
+`$BIDIRLM_COMPILATION_CACHE` chooses where, or switches it off.
+
 `COMMANDS` is the one command table: name → (add its parser to the subparsers, run it on the parsed
 arguments). Each command group is one module; heavy imports happen inside the runs, so `bidirlm --help`
 stays fast.
@@ -17,6 +21,7 @@ import sys
 from collections.abc import Callable
 
 from bidirlm_jax.cli import checkpoints, encoders, studies, training
+from bidirlm_jax.compilation_cache import ENV, enable_compilation_cache
 from bidirlm_jax.errors import BidirLMError, Preempted
 
 AddParser = Callable[[argparse._SubParsersAction, str], argparse.ArgumentParser]
@@ -37,6 +42,11 @@ COMMANDS: dict[str, tuple[AddParser, Run]] = {
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bidirlm", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--compilation-cache",
+        metavar="DIR|off",
+        help=f"where compiled programs are kept between runs (default: ${ENV}, else ~/.cache/bidirlm_jax/jax)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, run) in COMMANDS.items():
         add(sub, name).set_defaults(run=run)
@@ -50,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # argparse has printed the usage error (2) or the help (0)
         return e.code if isinstance(e.code, int) else 2
     try:
+        enable_compilation_cache(args.compilation_cache)
         return int(args.run(args) or 0)
     except Preempted as e:  # a pipeline stopped at a run's checkpoint: as `bidirlm train` on SIGTERM
         print(e, file=sys.stderr)
