@@ -93,8 +93,8 @@ def _manual(model, ids, mask, add):
     x = model.embed(ids)
     for i, (block, lt) in enumerate(zip(model.layers, cfg.layer_types)):
         rope = rope_tables(positions, cfg.rope_for(lt), cfg.head_dim, jnp.float32)
-        kernel = functools.partial(attend, spec=layer_specs(cfg)[lt], segments=segments, scale=cfg.attention_scale)
-        x = block(x, rope, kernel)
+        kernel = functools.partial(attend, spec=layer_specs(cfg)[lt], segments=segments)  # the block passes its scale
+        x = block(x, rope, lambda q, k, v, scale, kernel=kernel: kernel(q, k, v, scale=scale))
         if i in add:
             x = x + add[i]
     return model.final_norm(x)

@@ -27,7 +27,7 @@ from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.kernels.attention import attend
-from bidirlm_jax.kernels.masks import Segments
+from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.attention import AttendFn, Attention
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.layers import MLP, Embedder, RMSNorm, linear, param
@@ -65,7 +65,19 @@ class Block(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d = config.hidden_size
         self.attn_norm = rms_norm(config, d, rngs)
-        self.attn = Attention(config, rngs=rngs)
+        self.attn = Attention(
+            d,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            param_dtype=config.param_dtype,
+            bias=config.attention_bias,
+            qk_norm=config.qk_norm,
+            norm_eps=config.rms_norm_eps,
+            norm_plus_one=config.norm_plus_one,
+            scale=config.attention_scale,
+            rngs=rngs,
+        )
         self.mlp_norm = rms_norm(config, d, rngs)
         mlp = dict(activation=config.activation, param_dtype=config.param_dtype)
         self.mlp = MLP(d, config.intermediate_size, **mlp, rngs=rngs)
@@ -118,10 +130,7 @@ class Transformer(nnx.Module):
         if any(not 0 <= k < cfg.num_layers for k in add):
             raise ConfigError(f"additions after layers {sorted(add)}: the model has layers 0..{cfg.num_layers - 1}")
         specs = layer_specs(cfg)
-        kernel = functools.partial(attend, segments=segments, scale=cfg.attention_scale,
-                                   implementation=cfg.attention_impl, block_q=cfg.attention_block_q,
-                                   block_kv=cfg.attention_block_kv)  # fmt: skip
-        attends = {lt: functools.partial(kernel, spec=spec, layer_type=lt) for lt, spec in specs.items()}
+        attends = {lt: self._kernel(spec, segments, lt) for lt, spec in specs.items()}
         positions = jnp.asarray(positions)
         dtype = jnp.dtype(cfg.dtype)
         ropes = {lt: rope_tables(positions, cfg.rope_for(lt), cfg.head_dim, dtype, cfg.mrope_section) for lt in specs}
@@ -151,6 +160,17 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         segments = Segments.of(attention_mask, segment_ids, (b, t))
         return self.backbone(x, positions=positions, segments=segments, add=add)
+
+    def _kernel(self, spec: MaskSpec, segments: Segments, layer_type: str) -> AttendFn:
+        """One layer type's `attend(q, k, v, scale)`: its mask band, the call's segments, the kernel settings."""
+        cfg = self.config
+
+        def call(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+            blocks = dict(block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
+            kernel = dict(implementation=cfg.attention_impl, layer_type=layer_type, **blocks)
+            return attend(q, k, v, spec, segments, scale=scale, **kernel)
+
+        return call
 
     def _remat(self, fn):
         policy = self.config.remat
@@ -189,7 +209,10 @@ class Transformer(nnx.Module):
         calls = [attends[lt] for lt in types]
 
         def layer(x, state, i):
-            attend = calls[0] if len(calls) == 1 else functools.partial(jax.lax.switch, i, calls)
+            def attend(q, k, v, scale):  # the layer type's kernel call, chosen by data
+                return jax.lax.switch(i, [functools.partial(c, scale=scale) for c in calls], q, k, v)
+
+            attend = calls[0] if len(calls) == 1 else attend
             return nnx.merge(graphdef, state)(x, (cos[i], sin[i]), attend)
 
         run = self._remat(layer)
