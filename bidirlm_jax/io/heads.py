@@ -52,7 +52,7 @@ from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.checkpoint import PARAMS_DIR
 from bidirlm_jax.io.hf import _param_arrays, _to_host, tokenizer_files, weight_table
-from bidirlm_jax.io.hf_config import config_to_hf, read_config
+from bidirlm_jax.io.hf_config import SEQUENCE_CLASSES, TOKEN_CLASSES, config_to_hf, read_config
 from bidirlm_jax.io.layouts import LM_HEAD
 from bidirlm_jax.io.run import BEST_DIR, BEST_FILE, HEAD_FILE, RUN_CHECKPOINTS_DIR, RUN_MODEL_DIR
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSpec, torch_dtype_name
@@ -60,8 +60,6 @@ from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, abstract_model_with_head
 
 BACKBONE_PREFIX = "model."
-_SEQUENCE_CLASSES = {"gemma3": "Gemma3TextForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
-_TOKEN_CLASSES = {"qwen3": "Qwen3ForTokenClassification"}
 
 
 # --- the run's head description -------------------------------------------------------------------
@@ -104,13 +102,13 @@ def read_description(path: str | os.PathLike) -> dict[str, Any]:
 def hf_class_name(config: ModelConfig, head: HeadConfig) -> str:
     """The transformers class a head exports to; `ConfigError` (saying why and what to do) when none does."""
     if head.task == "token_classification":
-        if config.family not in _TOKEN_CLASSES:
+        if config.family not in TOKEN_CLASSES:
             raise ConfigError(
                 f"transformers has no {config.family} token-classification class to export to (only "
-                f"{', '.join(_TOKEN_CLASSES.values())}); save the encoder with save_pretrained(model.encoder, DIR) "
+                f"{', '.join(TOKEN_CLASSES.values())}); save the encoder with save_pretrained(model.encoder, DIR) "
                 "and keep the head in JAX"
             )
-        return _TOKEN_CLASSES[config.family]
+        return TOKEN_CLASSES[config.family]
     if head.classifier == "eurobert":
         raise ConfigError(
             "the eurobert classifier (dense → GELU → classifier) has no transformers class on a "
@@ -120,11 +118,11 @@ def hf_class_name(config: ModelConfig, head: HeadConfig) -> str:
         )
     if head.pooling != "last":
         raise ConfigError(
-            f"pooling {head.pooling!r} has no transformers class: {_SEQUENCE_CLASSES[config.family]} scores the last "
+            f"pooling {head.pooling!r} has no transformers class: {SEQUENCE_CLASSES[config.family]} scores the last "
             "non-padding token only (our pooling 'last'). Fine-tune with --config.finetune.pooling=last to export, "
             "or save the encoder with save_pretrained(model.encoder, DIR) and keep the head in JAX"
         )
-    return _SEQUENCE_CLASSES[config.family]
+    return SEQUENCE_CLASSES[config.family]
 
 
 def _head_tensors(model: EncoderWithHead) -> list[tuple[str, jax.Array]]:

@@ -43,6 +43,14 @@ FAMILY_FLAGS: dict[str, dict[str, Any]] = {
     "gemma3": dict(norm_plus_one=True, post_norms=True, embed_scale=True),
     "qwen3": {},
 }
+# The transformers classes a head exports to (io.heads); a family without one cannot export that head.
+SEQUENCE_CLASSES = {"gemma3": "Gemma3TextForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
+TOKEN_CLASSES = {"qwen3": "Qwen3ForTokenClassification"}
+# The reserved Qwen3 row BidirLM masks with (`<|repo_name|>` in the stock vocabulary, renamed `<|mask|>` in
+# their tokenizer): no embedding resize, and its row is trained by MNTP.
+QWEN3_MASK_ID = 151663
+# The row MNTP masks with when a family's tokenizer has no mask token (io.tokenizer.resolve_mask_token).
+RESERVED_MASK_IDS: dict[str, int] = {"qwen3": QWEN3_MASK_ID}
 _OLDER_PLUS_ONE_NORMS = ("gemma", "gemma2")  # model types we do not load whose norms are (1 + w) as well
 _GEMMA3 = "gemma3"  # the family whose config.json spells its fields Gemma's way
 # Our own fields: the declared window and the bidirectional window mode of an export (see above).
@@ -88,6 +96,11 @@ def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
 
 def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
     """A config.json that transformers loads natively (no remote code), in the config's attention mode."""
+    if config.family not in _ARCHITECTURES:
+        raise ConfigError(
+            f"family {config.family!r} has no transformers format to export to (known: {', '.join(_ARCHITECTURES)}); "
+            "give the config one of those families, or add the family's fields to io/hf_config.py"
+        )
     d: dict[str, Any] = {k: json.loads(v) for k, v in config.extra}
     remote = sorted(k for k, v in d.items() if k in REMOTE_CODE_KEYS or _names_code_file(v))
     if remote:
