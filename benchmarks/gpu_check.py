@@ -35,8 +35,8 @@ from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.kernels.attention import KERNELS, Case, Options, refusal
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.losses.mntp import capacity, make_mntp_loss
-from bidirlm_jax.models.config import REMAT_POLICIES
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import REMAT_POLICIES
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.config import base_config
 from bidirlm_jax.train.metrics import peak_flops_per_device

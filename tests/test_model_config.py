@@ -8,6 +8,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io import hf_config
 from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.presets import PRESETS
+from bidirlm_jax.models.runtime import FIELDS, Runtime
 from bidirlm_jax.models.transformer import Transformer, relayout
 
 
@@ -21,8 +22,12 @@ from bidirlm_jax.models.transformer import Transformer, relayout
     ],
 )
 def test_invalid_values_are_refused(change, message):
+    """Architecture values by the config, run settings (attention mode, window) by the runtime that declares them."""
     with pytest.raises(ConfigError, match=message):
-        PRESETS["tiny-gemma3"].replace(**change)
+        if set(change) <= set(FIELDS):
+            Runtime(**change)
+        else:
+            PRESETS["tiny-gemma3"].replace(**change)
 
 
 # A made-up decoder, described to io.hf_config only by table entries: Gemma's norms and embedding scale,
@@ -60,13 +65,14 @@ def test_a_third_family_is_a_config(monkeypatch):
     mask[1, 7:] = 0
     outputs = {}
     for attention in ("causal", "bidirectional"):
-        toy = config.replace(attention=attention)
-        model = Transformer(toy, rngs=nnx.Rngs(0))
+        runtime = Runtime(attention=attention)
+        model = Transformer(config, runtime, rngs=nnx.Rngs(0))
         state = nnx.state(model)
         assert "q_norm" not in state["layers"][0]["attn"] and "q_bias" in state["layers"][0]["attn"]
         hidden = np.asarray(model.hidden_states(ids, mask))
         assert np.isfinite(hidden).all()
-        renamed = nnx.merge(nnx.graphdef(Transformer(toy.replace(family="qwen3"), rngs=nnx.Rngs(1))), state)
+        renamed = Transformer(config.replace(family="qwen3"), runtime, rngs=nnx.Rngs(1))
+        renamed = nnx.merge(nnx.graphdef(renamed), state)
         np.testing.assert_array_equal(np.asarray(renamed.hidden_states(ids, mask)), hidden)
         scanned = relayout(model, True)
         # The same fp32 operations in a scan: contractions of ≤64 terms over O(1) values, a few ulps apart at most.

@@ -52,7 +52,7 @@ from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.checkpoint import PARAMS_DIR
 from bidirlm_jax.io.hf import _param_arrays, _to_host, tokenizer_files, weight_table
-from bidirlm_jax.io.hf_config import SEQUENCE_CLASSES, TOKEN_CLASSES, config_to_hf, read_config
+from bidirlm_jax.io.hf_config import SEQUENCE_CLASSES, TOKEN_CLASSES, config_to_hf, read_config, read_runtime
 from bidirlm_jax.io.layouts import LM_HEAD
 from bidirlm_jax.io.run import BEST_DIR, BEST_FILE, HEAD_FILE, RUN_CHECKPOINTS_DIR, RUN_MODEL_DIR
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSpec, torch_dtype_name
@@ -138,7 +138,7 @@ def hf_head_config(
     """config.json of the export (see the module doc)."""
     config, head = model.config, model.head_config
     class_name = hf_class_name(config, head)
-    d = config_to_hf(config, dtype=dtype)
+    d = config_to_hf(config, model.runtime, dtype=dtype)
     if head.task == "regression":
         names = ["LABEL_0"]
         d["problem_type"] = "regression"
@@ -188,7 +188,7 @@ def export_classifier(
     if not isinstance(model, EncoderWithHead):
         raise ConfigError(f"export_classifier needs an EncoderWithHead, got {type(model).__name__}")
     config = model.config
-    default = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    default = np.dtype(jnp.dtype(dtype or model.runtime.param_dtype))
     hf = hf_head_config(model, labels=labels, pad_token_id=pad_token_id, dtype=torch_dtype_name(default))
     arrays = _param_arrays(model.encoder)
     table = [e for e in weight_table(config) if e.hf_key != LM_HEAD]
@@ -266,9 +266,9 @@ def load_finetuned(
     (not the optimizer state), into `mesh`'s shardings when given."""
     run = Path(run).resolve()
     description = read_description(run)
-    config = read_config(run / RUN_MODEL_DIR)
+    config, runtime = read_config(run / RUN_MODEL_DIR), read_runtime(run / RUN_MODEL_DIR)
     head = HeadConfig.from_json(description["head"])
-    graphdef, abstract = abstract_model_with_head(config, head)
+    graphdef, abstract = abstract_model_with_head(config, head, runtime)
 
     def target(var):
         where = sharding.variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])

@@ -31,7 +31,7 @@ from bidirlm_jax.io.layouts import LM_HEAD, detect_layout
 from bidirlm_jax.io.shards import ShardReader
 from bidirlm_jax.merge.linear import listing
 from bidirlm_jax.merge.spec import RECORD_FILE, MergeModel, MergeSpec
-from bidirlm_jax.models.config import DTYPES
+from bidirlm_jax.models.runtime import DTYPES
 
 MERGEABLE = {name: jnp.dtype(name) for name in DTYPES}  # what both arithmetics average (float64: ours, under x64)
 _DTYPE_NAMES = {dtype: name for name, dtype in MERGEABLE.items()}

@@ -19,6 +19,7 @@ from jax.sharding import Mesh
 
 from bidirlm_jax import sharding
 from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.transformer import Transformer, abstract_model
 
 
@@ -48,13 +49,14 @@ class StateLayout:
         mesh: Mesh,
         *,
         seed: int,
+        runtime: Runtime = DEFAULT_RUNTIME,
         model_factory: Callable[[nnx.Rngs], nnx.Module] | None = None,
     ):
-        """`model_factory(rngs)` builds the trained module when it is not the plain `Transformer` (an
-        encoder with a task head)."""
+        """`model_factory(rngs)` builds the trained module when it is not the plain `Transformer` of `config`
+        run as `runtime` says (an encoder with a task head)."""
         if model_factory is None:
-            self.graphdef, _ = abstract_model(config)
-            model_factory = lambda rngs: Transformer(config, rngs=rngs)
+            self.graphdef, _ = abstract_model(config, runtime)
+            model_factory = lambda rngs: Transformer(config, runtime, rngs=rngs)
         else:
             self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_factory(nnx.Rngs(0))))
         self._tx, self._seed = tx, seed
