@@ -47,6 +47,7 @@ import bidirlm_jax
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.io.params import param_count
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
 from bidirlm_jax.train.state import StateLayout
@@ -61,10 +62,10 @@ def save_reference(path: Path, layers: int) -> None:
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
 
-    config = get_preset("bench-qwen3", attention="bidirectional")
+    config = get_preset("bench-qwen3")
     config = config.replace(num_layers=layers, layer_types=config.layer_types[:layers])
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config_to_hf(config)))
+    (path / "config.json").write_text(json.dumps(config_to_hf(config, Runtime(attention="bidirectional"))))
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path))
     model.save_pretrained(path)
@@ -110,7 +111,7 @@ def jax_step(path: Path, batch: dict, chunk_size: int | None):
     model = bidirlm_jax.from_pretrained(path, attention="bidirectional")
     tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    layout = StateLayout(model.config, tx, mesh, seed=0)
+    layout = StateLayout(model.config, tx, mesh, seed=0, runtime=model.runtime)
     state = layout.from_params(nnx.state(model, nnx.Param))
     del model
     step = jit_step(make_step_fn(layout.graphdef, _grad_fn(chunk_size), tx, schedule), layout.shardings, mesh, batch)
@@ -223,8 +224,8 @@ def timing(args, bench: Bench) -> dict:
 
 
 def memory(args) -> dict:
-    config = get_preset(
-        args.memory_preset,
+    config = get_preset(args.memory_preset)
+    runtime = Runtime(
         attention="bidirectional",
         dtype="bfloat16",
         remat="full",
@@ -244,7 +245,7 @@ def memory(args) -> dict:
     logging.getLogger("bidirlm_jax.kernels.attention").setLevel(logging.INFO)
     tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    layout = StateLayout(config, tx, mesh, seed=0)
+    layout = StateLayout(config, tx, mesh, seed=0, runtime=runtime)
     sds = jax.ShapeDtypeStruct
     batch = {
         "query_ids": sds((b, length), jnp.int32),

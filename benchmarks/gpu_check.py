@@ -35,8 +35,8 @@ from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.kernels.attention import KERNELS, Case, Options, refusal
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.losses.mntp import capacity, make_mntp_loss
-from bidirlm_jax.models.config import REMAT_POLICIES
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import REMAT_POLICIES, Runtime
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.config import base_config
 from bidirlm_jax.train.metrics import peak_flops_per_device
@@ -111,11 +111,11 @@ def synthetic_packed(rng: np.random.Generator, b: int, t: int, vocab: int) -> di
     return rows
 
 
-def jax_mntp(config, t: int, b: int, steps: int) -> dict:
+def jax_mntp(config, runtime, t: int, b: int, steps: int) -> dict:
     optim = base_config().optim
     tx, schedule = make_optimizer(optim, total_steps=1000)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    layout = StateLayout(config, tx, mesh, seed=0)
+    layout = StateLayout(config, tx, mesh, seed=0, runtime=runtime)
     loss = make_mntp_loss(mask_id=min(MASK_ID, config.vocab_size - 1), ratio=RATIO, vocab_size=config.vocab_size)
     batch = synthetic_packed(np.random.default_rng(0), b, t, config.vocab_size)
     step = jit_step(make_step_fn(layout.graphdef, token_sum_grads(loss), tx, schedule), layout.shardings, mesh, batch)
@@ -138,13 +138,13 @@ def jax_mntp(config, t: int, b: int, steps: int) -> dict:
         peak = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
     tokens = b * t
     peak_flops = peak_flops_per_device(jax.devices()[0].device_kind)
-    flops = mntp_flops_per_step(config, t, b, capacity(t, RATIO, 1.2))
+    flops = mntp_flops_per_step(config, t, b, capacity(t, RATIO, 1.2), runtime=runtime)
     mfu = flops / seconds / peak_flops if peak_flops else None
     return dict(step_s=seconds, tokens_per_s=tokens / seconds, mfu=mfu, peak_gb=peak / 1e9, compile_s=compile_s,
                 loss=float(metrics["loss"]))  # fmt: skip
 
 
-def torch_mntp(config, t: int, b: int, steps: int, smoke: bool) -> dict:
+def torch_mntp(config, runtime, t: int, b: int, steps: int, smoke: bool) -> dict:
     try:
         import torch
         import transformers
@@ -153,7 +153,7 @@ def torch_mntp(config, t: int, b: int, steps: int, smoke: bool) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not smoke:
         return {"skipped": "torch has no CUDA here"}
-    hf = {k: v for k, v in config_to_hf(config).items() if k != "architectures"}
+    hf = {k: v for k, v in config_to_hf(config, runtime).items() if k != "architectures"}
     try:
         import flash_attn  # noqa: F401
 
@@ -197,7 +197,7 @@ def torch_mntp(config, t: int, b: int, steps: int, smoke: bool) -> dict:
     peak = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak_flops = peak_flops_per_device(name) or peak_flops_per_device(f"NVIDIA {name}")
-    flops = mntp_flops_per_step(config, t, b, capacity(t, RATIO, 1.2))  # the same count as ours
+    flops = mntp_flops_per_step(config, t, b, capacity(t, RATIO, 1.2), runtime=runtime)  # the same count as ours
     mfu = flops / seconds / peak_flops if peak_flops else None
     return dict(step_s=seconds, tokens_per_s=b * t / seconds, mfu=mfu, peak_gb=peak, attention=attn, loss=loss,
                 torch=torch.__version__)  # fmt: skip
@@ -234,11 +234,12 @@ def main() -> None:
         figures = f"{r['out']:>10.2e}{r['grads']:>10.2e}" if "out" in r else f"  refused: {r['skipped'][:70]}"
         print(f"{r['band']:<16}{r['batch']:<14}{r['kernel']:<9}{figures}")
 
-    config = get_preset(name, attention="bidirectional", dtype="bfloat16", remat=args.remat, scan_layers=True)
+    config = get_preset(name)
+    runtime = Runtime(attention="bidirectional", dtype="bfloat16", remat=args.remat, scan_layers=True)
     print(f"\n2./3. MNTP step, {name}, batch {args.batch} x {t} tokens, bf16 compute, remat {args.remat}")
-    results = {"jax": jax_mntp(config, t, args.batch, steps)}
+    results = {"jax": jax_mntp(config, runtime, t, args.batch, steps)}
     if not args.skip_torch:
-        results["torch"] = torch_mntp(config, t, args.batch, steps, args.smoke)
+        results["torch"] = torch_mntp(config, runtime, t, args.batch, steps, args.smoke)
     print(f"{'stack':<8}{'s/step':>9}{'tokens/s':>11}{'MFU':>7}{'peak GB':>9}  notes")
     for stack, r in results.items():
         if "skipped" in r:

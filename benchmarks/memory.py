@@ -40,6 +40,7 @@ from bidirlm_jax.kernels import xla
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.losses.mntp import make_mntp_loss
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.config import base_config
 from bidirlm_jax.train.objectives.base import token_sum_grads
@@ -61,13 +62,26 @@ def abstract_batch(batch: int, seq: int) -> dict[str, jax.ShapeDtypeStruct]:
     return {**{k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in ints}, "maskable": jax.ShapeDtypeStruct(shape, bool)}
 
 
-def compiled_memory(name: str, *, batch: int, seq: int, remat: str, sparse: bool, **overrides) -> dict[str, float]:
-    """Bytes XLA plans for one MNTP step of preset `name` (arguments, outputs, temporaries) and compile seconds."""
-    config = get_preset(name, attention="bidirectional", dtype="bfloat16", remat=remat, **overrides)
+def compiled_memory(
+    name: str,
+    *,
+    batch: int,
+    seq: int,
+    remat: str,
+    sparse: bool,
+    scan_layers: bool = False,
+    attention_impl: str = "auto",
+    **overrides,
+) -> dict[str, float]:
+    """Bytes XLA plans for one MNTP step of preset `name` (`overrides`: its architecture's) — arguments, outputs,
+    temporaries — and compile seconds."""
+    config = get_preset(name, **overrides)
+    run = dict(remat=remat, scan_layers=scan_layers, attention_impl=attention_impl)
+    runtime = Runtime(attention="bidirectional", dtype="bfloat16", **run)
     optim = base_config().optim
     tx, schedule = make_optimizer(optim, total_steps=1000)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    layout = StateLayout(config, tx, mesh, seed=0)
+    layout = StateLayout(config, tx, mesh, seed=0, runtime=runtime)
     loss = make_mntp_loss(mask_id=MASK_IDS[config.family], ratio=0.3, vocab_size=config.vocab_size, sparse=sparse)
     example = abstract_batch(batch, seq)
     step = jit_step(make_step_fn(layout.graphdef, token_sum_grads(loss), tx, schedule), layout.shardings, mesh, example)

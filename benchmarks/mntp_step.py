@@ -54,6 +54,7 @@ from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.io.params import param_count
 from bidirlm_jax.losses.mntp import capacity, mntp_loss_from_mask
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.objectives import token_sum_grads
 from bidirlm_jax.train.state import StateLayout
@@ -113,7 +114,7 @@ def jax_step(path: Path, batch: dict, *, sparse: bool, chunk_size: int):
     config = model.config
     tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    layout = StateLayout(config, tx, mesh, seed=0)
+    layout = StateLayout(config, tx, mesh, seed=0, runtime=model.runtime)
     state = layout.from_params(nnx.state(model, nnx.Param))
     del model
     grad_fn = token_sum_grads(_loss(batch["input_ids"].shape[1], sparse, chunk_size))
@@ -314,12 +315,13 @@ def part_c(args) -> dict:
         f"\n(c) Gemma3-270M (18 layers), seq 8192 x batch 1, {paper.dtype} compute, fp32 master weights, remat {remat}, "
         f"{'scanned' if scan else 'unrolled'} layers; XLA memory analysis on abstract inputs"
     )
-    config = get_preset("gemma3-270m", dtype=paper.dtype, remat=remat, scan_layers=scan, **BIDIRECTIONAL)
+    config = get_preset("gemma3-270m")
+    runtime = Runtime(dtype=paper.dtype, remat=remat, scan_layers=scan, **BIDIRECTIONAL)
     logging.basicConfig(format="  %(message)s")  # which attention kernel "auto" takes at this length
     logging.getLogger("bidirlm_jax.kernels.attention").setLevel(logging.INFO)
     tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    layout = StateLayout(config, tx, mesh, seed=0)
+    layout = StateLayout(config, tx, mesh, seed=0, runtime=runtime)
     seq = 8192
     batch = {
         "input_ids": jax.ShapeDtypeStruct((1, seq), jnp.int32),

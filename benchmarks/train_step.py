@@ -29,6 +29,7 @@ from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.io.params import param_count
 from bidirlm_jax.losses.causal_lm import causal_lm_loss
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.metrics import training_flops_per_token
 from bidirlm_jax.train.objectives import token_sum_grads
@@ -46,10 +47,10 @@ def matmul(dtype, n: int = 2048):
 
 def jax_step(dtype: str, ids: np.ndarray):
     """(one-step callable, first-step loss) of the engine's jitted step on one device."""
-    config = get_preset("bench-qwen3", dtype=dtype)
+    config = get_preset("bench-qwen3")
     tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    layout = StateLayout(config, tx, mesh, seed=0)
+    layout = StateLayout(config, tx, mesh, seed=0, runtime=Runtime(dtype=dtype))
     batch = {"input_ids": ids.astype(np.int32)}
     step = jit_step(
         make_step_fn(layout.graphdef, token_sum_grads(causal_lm_loss), tx, schedule), layout.shardings, mesh, batch
@@ -105,7 +106,7 @@ def main() -> None:
     config = get_preset("bench-qwen3")
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq))
     tokens = ids.size
-    flops = training_flops_per_token(config, args.seq) * tokens
+    flops = training_flops_per_token(config, args.seq, runtime=Runtime()) * tokens  # causal LM
     variants = {"matmul fp32": (matmul(jnp.float32), None), "matmul bf16": (matmul(jnp.bfloat16), None)}
     for name, dtype in (("jax fp32", "float32"), ("jax bf16", "bfloat16")):
         variants[name] = jax_step(dtype, ids)

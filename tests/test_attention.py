@@ -14,6 +14,7 @@ from bidirlm_jax.kernels.attention import Case, attend, choose
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.masks import layer_specs
 from bidirlm_jax.models.presets import PRESETS
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.testing.tolerance import fp32_tol
 
 T, W = 32, 8
@@ -235,9 +236,9 @@ def test_a_model_logs_one_choice_per_layer_type(fake_gpu, caplog):
     from bidirlm_jax.models.transformer import Transformer
 
     caplog.set_level(logging.INFO, logger="bidirlm_jax")
-    model = Transformer(CONFIG.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    model = Transformer(CONFIG, Runtime(dtype="bfloat16"), rngs=nnx.Rngs(0))
     nnx.jit(lambda m, ids: m(ids).logits)(model, jnp.ones((2, 16), jnp.int32))
     lines = sorted(r.getMessage() for r in caplog.records)
     assert [line.split()[1] for line in lines] == ["full_attention", "sliding_attention"], lines
     assert len(fake_gpu) >= CONFIG.num_layers
-    assert set(layer_specs(CONFIG)) == {"full_attention", "sliding_attention"}
+    assert set(layer_specs(CONFIG, model.runtime)) == {"full_attention", "sliding_attention"}

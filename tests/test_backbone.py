@@ -16,13 +16,15 @@ from bidirlm_jax.kernels.masks import Segments
 from bidirlm_jax.models.masks import layer_specs
 from bidirlm_jax.models.positions import rope_tables
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.transformer import Transformer, relayout
 
 B, T = 2, 16
 CONFIGS = {
-    "gemma3": get_preset("tiny-gemma3", attention="bidirectional"),  # embedding scale, sliding layers
+    "gemma3": get_preset("tiny-gemma3"),  # embedding scale, sliding layers
     "qwen3": get_preset("tiny-qwen3"),  # 2 layers
 }
+RUNTIMES = {"gemma3": Runtime(attention="bidirectional"), "qwen3": Runtime()}
 MROPE = (6, 5, 5)  # head_dim 32: 16 frequencies
 
 
@@ -34,14 +36,14 @@ def _inputs():
     return ids, mask
 
 
-def _model(config, scan: bool = False) -> Transformer:
-    return relayout(Transformer(config, rngs=nnx.Rngs(0)), scan)
+def _model(config, scan: bool = False, runtime: Runtime = RUNTIMES["qwen3"]) -> Transformer:
+    return relayout(Transformer(config, runtime, rngs=nnx.Rngs(0)), scan)
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 @pytest.mark.parametrize("family", CONFIGS)
 def test_inputs_embeds_path_equals_ids_path(family, scan):
-    model = _model(CONFIGS[family], scan)
+    model = _model(CONFIGS[family], scan, RUNTIMES[family])
     ids, mask = _inputs()
     expected = model.hidden_states(ids, mask)
     ours = model.hidden_states(inputs_embeds=model.embed(ids), attention_mask=mask)
@@ -49,7 +51,7 @@ def test_inputs_embeds_path_equals_ids_path(family, scan):
 
 
 def test_inputs_embeds_are_cast_to_the_compute_dtype():
-    model = _model(CONFIGS["qwen3"].replace(dtype="bfloat16"))
+    model = _model(CONFIGS["qwen3"], runtime=Runtime(dtype="bfloat16"))
     ids, mask = _inputs()
     embeds = np.asarray(model.embed(ids).astype(jnp.float32))  # a tower's fp32 output, bf16 values
     ours = model.hidden_states(inputs_embeds=embeds, attention_mask=mask)
@@ -60,8 +62,8 @@ def test_inputs_embeds_are_cast_to_the_compute_dtype():
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_three_equal_position_rows_are_bit_identical_to_rope(scan):
     plain = _model(CONFIGS["qwen3"], scan)
-    config = CONFIGS["qwen3"].replace(mrope_section=MROPE, scan_layers=scan)
-    mrope = nnx.merge(nnx.graphdef(Transformer(config, rngs=nnx.Rngs(1))), nnx.state(plain))  # plain's weights
+    config = CONFIGS["qwen3"].replace(mrope_section=MROPE)
+    mrope = nnx.merge(nnx.graphdef(Transformer(config, Runtime(scan_layers=scan), rngs=nnx.Rngs(1))), nnx.state(plain))
     ids, mask = _inputs()
     positions = np.broadcast_to(np.arange(T), (B, T))
     today = np.asarray(plain.hidden_states(ids, mask))
@@ -93,8 +95,10 @@ def _manual(model, ids, mask, add):
     x = model.embed(ids)
     for i, (block, lt) in enumerate(zip(model.layers, cfg.layer_types)):
         rope = rope_tables(positions, cfg.rope_for(lt), cfg.head_dim, jnp.float32)
-        kernel = functools.partial(attend, spec=layer_specs(cfg)[lt], segments=segments, scale=cfg.attention_scale)
-        x = block(x, rope, kernel)
+        kernel = functools.partial(
+            attend, spec=layer_specs(cfg, model.runtime)[lt], segments=segments
+        )  # the block passes its scale
+        x = block(x, rope, lambda q, k, v, scale, kernel=kernel: kernel(q, k, v, scale=scale))
         if i in add:
             x = x + add[i]
     return model.final_norm(x)
@@ -104,21 +108,21 @@ def _manual(model, ids, mask, add):
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_additions_after_layers_equal_a_manual_computation(layers, scan):
     config = CONFIGS["gemma3"]  # 4 layers, sliding and global
-    unrolled = _model(config)
+    unrolled = _model(config, runtime=RUNTIMES["gemma3"])
     ids, mask = _inputs()
     keys = jax.random.split(jax.random.PRNGKey(3), len(layers))
     add = {k: jax.random.normal(key, (B, T, config.hidden_size)) for k, key in zip(layers, keys)}
     expected = np.asarray(_manual(unrolled, ids, mask, add))
     without = np.asarray(unrolled.hidden_states(ids, mask))
     assert np.abs(expected - without).max() > 1e-2  # the additions matter
-    model = _model(config, scan)
+    model = _model(config, scan, RUNTIMES["gemma3"])
     ours = np.asarray(nnx.jit(lambda m: m.hidden_states(ids, mask, add=add))(model))
     # fp32, jit-fused against eager, 4 layers of width 64 over O(1) activations: a few ulps per layer
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_scanned_additions_keep_the_rest_scanned_and_differentiable():
-    model = _model(CONFIGS["gemma3"].replace(attention_impl="xla"), scan=True)  # a kernel without scans
+    model = _model(CONFIGS["gemma3"], True, RUNTIMES["gemma3"].replace(attention_impl="xla"))  # a kernel without scans
     ids, mask = _inputs()
     add = {0: jnp.ones((B, T, 64))}
 
@@ -147,9 +151,9 @@ def test_bad_entries_are_refused():
 
 def test_the_model_reads_flags_not_the_family():
     """Gemma3's architecture under another family name computes the same: only the flags decide."""
-    gemma = _model(CONFIGS["gemma3"])
-    renamed = nnx.merge(nnx.graphdef(Transformer(CONFIGS["gemma3"].replace(family="qwen3"), rngs=nnx.Rngs(1))),
-                        nnx.state(gemma))  # fmt: skip
+    gemma = _model(CONFIGS["gemma3"], runtime=RUNTIMES["gemma3"])
+    renamed = Transformer(CONFIGS["gemma3"].replace(family="qwen3"), RUNTIMES["gemma3"], rngs=nnx.Rngs(1))
+    renamed = nnx.merge(nnx.graphdef(renamed), nnx.state(gemma))
     ids, mask = _inputs()
     np.testing.assert_array_equal(
         np.asarray(renamed.hidden_states(ids, mask)), np.asarray(gemma.hidden_states(ids, mask))

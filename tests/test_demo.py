@@ -197,9 +197,9 @@ def test_the_whole_demo_runs(tmp_path, capsys):
 
     from sentence_transformers import SentenceTransformer
 
-    from bidirlm_jax.io.hf_config import read_config
+    from bidirlm_jax.io.hf_config import read_runtime
 
-    assert read_config(out / "base").attention == "causal" and (out / "base" / "tokenizer.json").is_file()
+    assert read_runtime(out / "base").attention == "causal" and (out / "base" / "tokenizer.json").is_file()
     encoder = SentenceTransformer(str(out / "encoder"), device="cpu")
     embeddings = encoder.encode(["Heap queue algorithm.", "Parse JSON text."])
     assert embeddings.shape == (2, QUICK.hidden_size)

@@ -16,6 +16,7 @@ from bidirlm_jax.losses.infonce import contrastive_loss_and_metrics
 from bidirlm_jax.models.config import FULL
 from bidirlm_jax.models.pooling import pool
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
 
@@ -35,10 +36,9 @@ def _embed(graphdef, params, ids, mask):
 @pytest.fixture(scope="module")
 def model():
     # XLA's attention compiles fastest on CPU; GradCache's correctness does not depend on the kernel
-    config = get_preset(
-        "tiny-qwen3", attention="bidirectional", num_layers=1, layer_types=(FULL,), attention_impl="xla"
-    )
-    return nnx.split(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
+    config = get_preset("tiny-qwen3", num_layers=1, layer_types=(FULL,))
+    runtime = Runtime(attention="bidirectional", attention_impl="xla")
+    return nnx.split(Transformer(config, runtime, rngs=nnx.Rngs(0)), nnx.Param)
 
 
 def _texts(rng, shape):

@@ -21,9 +21,10 @@ from bidirlm_jax.models.heads import (
     with_encoder_params,
 )
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.transformer import Transformer
 
-CONFIG = get_preset("tiny-qwen3", attention="bidirectional")
+CONFIG, RUNTIME = get_preset("tiny-qwen3"), Runtime(attention="bidirectional")
 IDS = np.random.default_rng(0).integers(3, 500, (3, 12)).astype(np.int32)
 MASK = np.ones((3, 12), np.int32)
 MASK[0, 8:] = 0  # right padding
@@ -36,7 +37,7 @@ def _run(model, ids, mask, rng=None):
 
 
 def _model(head: HeadConfig, seed: int = 0) -> EncoderWithHead:
-    return EncoderWithHead(CONFIG, head, rngs=nnx.Rngs(seed))
+    return EncoderWithHead(CONFIG, head, RUNTIME, rngs=nnx.Rngs(seed))
 
 
 def _arrays(module) -> dict:
@@ -99,16 +100,16 @@ def test_dropout_only_with_an_rng():
 
 def test_head_starts_the_same_from_random_init_and_from_a_loaded_encoder():
     head = HeadConfig("classification", 3, pooling="late")
-    model = model_factory(CONFIG, head)(nnx.Rngs(7))
+    model = model_factory(CONFIG, head, RUNTIME)(nnx.Rngs(7))
     fresh = head_params(CONFIG, head, seed=7)
     expected = {"/".join(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(fresh)}
     assert expected.keys() == _arrays(model.head).keys()
     for k, v in _arrays(model.head).items():
         np.testing.assert_array_equal(v, expected[k])
 
-    encoder = Transformer(CONFIG, rngs=nnx.Rngs(3))
+    encoder = Transformer(CONFIG, RUNTIME, rngs=nnx.Rngs(3))
     params = with_encoder_params(nnx.state(encoder, nnx.Param), CONFIG, head, seed=7)
-    merged = nnx.merge(abstract_model_with_head(CONFIG, head)[0], params)
+    merged = nnx.merge(abstract_model_with_head(CONFIG, head, RUNTIME)[0], params)
     attached = attach_head(encoder, head, seed=7)
     for m in (merged, attached):
         for k, v in _arrays(m.encoder).items():

@@ -32,6 +32,7 @@ from bidirlm_jax.io.run import HEAD_FILE
 from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, attach_head
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.testing import reference
 from bidirlm_jax.train.checkpoints import Checkpointer
 from bidirlm_jax.train.config import base_config
@@ -137,7 +138,7 @@ def tokenizer():
 def _write_run(run, model: EncoderWithHead, tokenizer, labels):
     """A fine-tuning run as the loop leaves it: model/{config.json, tokenizer, head.json}, an orbax step."""
     (run / "model").mkdir(parents=True)
-    (run / "model" / "config.json").write_text(json.dumps(config_to_hf(model.config)))
+    (run / "model" / "config.json").write_text(json.dumps(config_to_hf(model.config, model.runtime)))
     tokenizer.save_pretrained(run / "model")
     description = describe(model.head_config, LabelMap(model.head_config.task, tuple(labels)), max_length=32)
     (run / "model" / HEAD_FILE).write_text(json.dumps(description))
@@ -151,10 +152,10 @@ def _write_run(run, model: EncoderWithHead, tokenizer, labels):
 
 
 def test_a_fine_tuning_run_exports_with_its_tokenizer_and_labels(tmp_path, tokenizer):
-    config = get_preset("tiny-gemma3", attention="bidirectional")
+    config, runtime = get_preset("tiny-gemma3"), Runtime(attention="bidirectional")
     head = HeadConfig("classification", 2, "last")
-    latest = _with_random_head(EncoderWithHead(config, head, rngs=nnx.Rngs(0)), seed=0)
-    model = _with_random_head(EncoderWithHead(config, head, rngs=nnx.Rngs(1)), seed=1)  # the best step's
+    latest = _with_random_head(EncoderWithHead(config, head, runtime, rngs=nnx.Rngs(0)), seed=0)
+    model = _with_random_head(EncoderWithHead(config, head, runtime, rngs=nnx.Rngs(1)), seed=1)  # the best step's
     run = tmp_path / "run"
     _write_run(run, latest, tokenizer, ["neg", "pos"])
     assert read_best(run) is None and load_finetuned(run)[1]["step"] == 3  # no best yet: the latest step

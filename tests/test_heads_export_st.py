@@ -17,6 +17,7 @@ from bidirlm_jax.io.st_heads import export_st_classifier
 from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
 torch = pytest.importorskip("torch")
@@ -33,7 +34,7 @@ def tokenizer_dir(tmp_path_factory):
 
 def _model(family: str, head: HeadConfig, seed: int = 0) -> EncoderWithHead:
     """Random encoder, head weights and biases of order 1 / √d (init is 0.02), so every term counts."""
-    model = EncoderWithHead(get_preset(f"tiny-{family}", attention="bidirectional"), head, rngs=nnx.Rngs(seed))
+    model = EncoderWithHead(get_preset(f"tiny-{family}"), head, Runtime(attention="bidirectional"), rngs=nnx.Rngs(seed))
     rng = np.random.default_rng(seed)
     for _, var in nnx.to_flat_state(nnx.state(model.head, nnx.Param)):
         var[...] = jnp.asarray(rng.normal(size=var.shape) / np.sqrt(var.shape[-1]), jnp.float32)

@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import bidirlm_jax
 from bidirlm_jax.io.hf import stored_dtypes
-from bidirlm_jax.io.hf_config import read_config
+from bidirlm_jax.io.hf_config import read_runtime
 from bidirlm_jax.io.shards import ShardReader
 from bidirlm_jax.testing import reference
 
@@ -62,8 +62,8 @@ def test_bidirectional_export_loads_natively_and_back_as_the_causal_original(sou
     assert reference.max_rel_err(reference.logits(model, ids, mask), reference.hf_logits(again, ids, mask), mask) < 1e-4
     original = _causal_reference(src)
     for path in (out, tmp_path / "again"):
-        config = read_config(path)
-        assert (config.attention, config.bidirectional_window) == ("bidirectional", window)
+        run = read_runtime(path)
+        assert (run.attention, run.bidirectional_window) == ("bidirectional", window)
         causal = bidirlm_jax.from_pretrained(path, attention="causal")
         assert causal.config.sliding_window == model.config.sliding_window
         assert reference.max_rel_err(reference.logits(causal, ids, mask), original, mask) < 1e-4

@@ -15,10 +15,12 @@ from bidirlm_jax.io.hf_config import (
     config_to_hf,
     norm_plus_one,
     read_config,
+    runtime_from_hf,
     set_attention_mode,
 )
 from bidirlm_jax.models.config import FULL, SLIDING, Rope
 from bidirlm_jax.models.presets import PRESETS
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.testing import reference
 
 # The text part of google/gemma-3-4b-it's config.json as published (legacy rope fields).
@@ -100,20 +102,20 @@ def test_transformers_config_round_trip(hf_config, tmp_path):
 def test_gemma3_bidirectional_export_keeps_the_declared_window(window, tmp_path):
     """transformers halves W in memory; the file must keep W or every save/reload halves it again."""
     config = config_from_hf(reference.gemma3_config(sliding_window=window).to_dict())
-    exported = config_to_hf(config.replace(attention="bidirectional"))
+    exported = config_to_hf(config, Runtime(attention="bidirectional"))
     assert exported["use_bidirectional_attention"] is True and exported["sliding_window"] == window
     (tmp_path / "config.json").write_text(json.dumps(exported))
     loaded = transformers.AutoConfig.from_pretrained(tmp_path)
     assert loaded.sliding_window == window // 2 + 1  # transformers' exclusive bound, |i-j| <= W//2
-    back = config_from_hf(json.loads((tmp_path / "config.json").read_text()))
-    assert (back.attention, back.bidirectional_window, back.sliding_window) == ("bidirectional", "half", window)
+    back = json.loads((tmp_path / "config.json").read_text())
+    back, run = config_from_hf(back), runtime_from_hf(back)
+    assert (run.attention, run.bidirectional_window, back.sliding_window) == ("bidirectional", "half", window)
 
 
 def test_qwen3_bidirectional_export_uses_is_causal():
-    config = PRESETS["qwen3-0.6b"].replace(attention="bidirectional")
-    exported = config_to_hf(config)
+    exported = config_to_hf(PRESETS["qwen3-0.6b"], Runtime(attention="bidirectional"))
     assert exported["is_causal"] is False and "use_bidirectional_attention" not in exported
-    assert config_from_hf(exported).attention == "bidirectional"
+    assert runtime_from_hf(exported).attention == "bidirectional"
 
 
 def test_set_attention_mode_keeps_multimodal_fields():
@@ -200,11 +202,11 @@ def test_bidirectional_exports_record_the_declared_window(family, window):
         else reference.qwen3_config(use_sliding_window=True, sliding_window=8, max_window_layers=1)
     )
     causal = config_from_hf(hf.to_dict())
-    exported = config_to_hf(causal.replace(attention="bidirectional", bidirectional_window=window))
+    exported = config_to_hf(causal, Runtime(attention="bidirectional", bidirectional_window=window))
     assert (exported[WINDOW_KEY], exported[WINDOW_MODE_KEY]) == (8, window)
-    back = config_from_hf(exported)
-    assert (back.attention, back.bidirectional_window, back.sliding_window) == ("bidirectional", window, 8)
-    assert config_from_hf(exported, attention="causal") == causal.replace(bidirectional_window=window)
+    back, run = config_from_hf(exported), runtime_from_hf(exported)
+    assert (run.attention, run.bidirectional_window, back.sliding_window) == ("bidirectional", window, 8)
+    assert back == causal and runtime_from_hf(exported, attention="causal") == Runtime(bidirectional_window=window)
     assert WINDOW_KEY not in config_to_hf(causal)  # a causal export needs no private field
     assert WINDOW_KEY not in set_attention_mode(exported, "causal")
 

@@ -16,6 +16,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.losses.infonce import contrastive_loss, contrastive_loss_and_metrics, text_keys
 from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.transformer import abstract_model
 from bidirlm_jax.testing.tolerance import fp32_tol
 from bidirlm_jax.train import build_objective
@@ -130,7 +131,8 @@ def test_local_groups_are_per_device_batches():
 
 # Unoptimised CPU code compiles several times faster; the sharded programs' results do not depend on it.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-MODEL = get_preset("tiny-gemma3", attention="bidirectional", num_layers=2, layer_types=(SLIDING, FULL))
+MODEL = get_preset("tiny-gemma3", num_layers=2, layer_types=(SLIDING, FULL))
+RUNTIME = Runtime(attention="bidirectional")  # what the contrastive configs declare
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +152,7 @@ def objective_grads(tmp_path_factory):
             objective = objectives[gather]
             batch = {k: np.stack([objective.rows[r][k] for r in range(16)])[rows] for k in objective.rows[0]}
             mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
-            layout = StateLayout(MODEL, optax.sgd(1.0), mesh, seed=0)
+            layout = StateLayout(MODEL, optax.sgd(1.0), mesh, seed=0, runtime=RUNTIME)
             fn = jax.jit(functools.partial(objective.grad_fn, layout.graphdef), compiler_options=FAST_COMPILE)
             with jax.set_mesh(mesh):
                 cache[key] = jax.tree.map(np.asarray, fn(layout.init().params, batch, jax.random.key(0)))
@@ -206,8 +208,8 @@ def test_bad_inputs():
 
 
 def test_flops_count_every_text_forward_and_backward():
-    config = get_preset("tiny-qwen3", attention="bidirectional")
-    _, state = abstract_model(config)
+    config = get_preset("tiny-qwen3")
+    _, state = abstract_model(config, Runtime(attention="bidirectional"))
     matrices = sum(
         x.size for path, x in nnx.to_flat_state(state) if x.ndim >= 2 and "embedder" not in map(str, path)
     )  # every matmul weight outside the (tied) embedding, which an encoder never multiplies by

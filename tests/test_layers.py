@@ -16,6 +16,7 @@ from bidirlm_jax.io.hf_config import config_from_hf
 from bidirlm_jax.io.weights.text import weight_table
 from bidirlm_jax.kernels.attention import attend
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
+from bidirlm_jax.models.attention import Attention
 from bidirlm_jax.models.layers import MLP, LayerNorm, RMSNorm
 from bidirlm_jax.models.positions import apply_rope, rope_tables
 from bidirlm_jax.models.transformer import Block
@@ -135,6 +136,36 @@ def test_mlp(family):
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), expected, rtol=BLOCK_TOL, atol=BLOCK_TOL)
 
 
+def test_attention_from_explicit_arguments():
+    """A tower's attention (biases, no QK-norm, no RoPE, its own scale, grouped KV heads) built without a model
+    config, against the formula softmax(scale · q kᵀ) v written out in numpy."""
+    heads, kv_heads, head_dim, scale = 4, 2, 16, 0.3
+    ours = Attention(D, heads, kv_heads, head_dim, param_dtype="float32", bias=True, scale=scale, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(1)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias", "o_bias"):
+        var = getattr(ours, name)
+        var[...] = jnp.asarray(0.1 * rng.standard_normal(var.shape).astype(np.float32))
+    x = _x()
+
+    def project(name):  # [B, T, heads, head_dim]
+        w, b = np.asarray(getattr(ours, f"{name}_proj")[...]), np.asarray(getattr(ours, f"{name}_bias")[...])
+        return np.einsum("btd,hkd->bthk", x, w) + b
+
+    q, k, v = project("q"), project("k"), project("v")
+    k, v = (np.repeat(a, heads // kv_heads, axis=2) for a in (k, v))  # query head h reads KV head h // 2
+    logits = scale * np.einsum("bthk,bshk->bhts", q, k)
+    weights = np.exp(logits - logits.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    heads_out = np.einsum("bhts,bshk->bthk", weights, v)
+    expected = np.einsum("bthk,dhk->btd", heads_out, np.asarray(ours.o_proj[...])) + np.asarray(ours.o_bias[...])
+
+    def kernel(q, k, v, scale):
+        return attend(q, k, v, MaskSpec(None, None), Segments.of(None, None, (B, T)), scale=scale)
+
+    assert not hasattr(ours, "q_norm")  # qk_norm off: no norm parameters to load
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x), None, kernel)), expected, rtol=BLOCK_TOL, atol=BLOCK_TOL)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_block(family):
     """One decoder layer, bidirectional over unpadded rows (transformers' eager attention without a mask)."""
@@ -164,7 +195,7 @@ def test_one_block(family):
     expected = (expected[0] if isinstance(expected, tuple) else expected).detach().numpy()
     rope = rope_tables(jnp.asarray(positions), config.rope_full, config.head_dim, jnp.float32)
 
-    def kernel(q, k, v):
-        return attend(q, k, v, MaskSpec(None, None), Segments.of(None, None, (B, T)), scale=config.attention_scale)
+    def kernel(q, k, v, scale):  # the block's attention passes its scale (the config's attention_scale)
+        return attend(q, k, v, MaskSpec(None, None), Segments.of(None, None, (B, T)), scale=scale)
 
     np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x), rope, kernel)), expected, rtol=BLOCK_TOL, atol=BLOCK_TOL)

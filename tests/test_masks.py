@@ -12,12 +12,13 @@ from bidirlm_jax.kernels.masks import MaskSpec, Segments, dense_mask
 from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.masks import layer_specs, mask_spec
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 
 T, W = 32, 8
 CONFIG = get_preset("tiny-gemma3")  # window 8, sliding and global layers
 
 
-def _build_masks(config, attention_mask, segment_ids):
+def _build_masks(config, runtime, attention_mask, segment_ids):
     """The `[B, 1, T, T]` masks of `models.attention.build_masks` before this change (the oracle)."""
     t = attention_mask.shape[1]
     i = jnp.arange(t)[:, None]
@@ -26,18 +27,18 @@ def _build_masks(config, attention_mask, segment_ids):
     base = valid[:, None, None, :]
     if segment_ids is not None:
         base = base & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-    if config.attention == "causal":
+    if runtime.attention == "causal":
         base = base & (j <= i)
     masks = {}
     for layer_type in set(config.layer_types):
         mask = base
         if layer_type == SLIDING:
             w = config.sliding_window
-            if config.attention == "causal":
+            if runtime.attention == "causal":
                 window = i - j < w
-            elif config.bidirectional_window == "half":
+            elif runtime.bidirectional_window == "half":
                 window = jnp.abs(i - j) <= w // 2
-            elif config.bidirectional_window == "full":
+            elif runtime.bidirectional_window == "full":
                 window = jnp.abs(i - j) <= w
             else:
                 window = jnp.ones_like(i - j, dtype=bool)
@@ -71,18 +72,18 @@ MODES = [
 @pytest.mark.parametrize("padding, packed", itertools.product(["none", "right", "left", "both"], [False, True]))
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: "-".join(m.values()))
 def test_dense_mask_equals_the_former_masks(mode, padding, packed):
-    config = CONFIG.replace(**mode)
+    runtime = Runtime(**mode)
     mask, segments = _inputs(padding, packed)
-    expected = _build_masks(config, jnp.asarray(mask), segments)
+    expected = _build_masks(CONFIG, runtime, jnp.asarray(mask), segments)
     given_mask = None if padding == "none" else mask
-    for layer_type, spec in layer_specs(config).items():
+    for layer_type, spec in layer_specs(CONFIG, runtime).items():
         ours = dense_mask(spec, Segments.of(given_mask, segments, mask.shape))
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(expected[layer_type]), err_msg=layer_type)
 
 
 def test_specs_are_the_documented_bands():
     def spec(layer_type, **mode):
-        return mask_spec(CONFIG.replace(**mode), layer_type)
+        return mask_spec(CONFIG, Runtime(**mode), layer_type)
 
     assert spec(FULL, attention="causal") == MaskSpec(None, 0)
     assert spec(SLIDING, attention="causal") == MaskSpec(W - 1, 0)
@@ -103,7 +104,7 @@ def test_kernel_segment_ids_agree_with_the_dense_mask_on_real_queries(mode):
     valid = mask.astype(bool)
     assert (ids[~valid] < ids[valid].min()).all() and len(set(ids[~valid].tolist())) == (~valid).sum()
     i, j = np.arange(T)[:, None], np.arange(T)[None, :]
-    for spec in layer_specs(CONFIG.replace(**mode)).values():
+    for spec in layer_specs(CONFIG, Runtime(**mode)).values():
         kernel_mask = (ids[:, :, None] == ids[:, None, :]) & np.asarray(spec.band(i, j))
         dense = np.asarray(dense_mask(spec, seg))[:, 0]
         np.testing.assert_array_equal(kernel_mask[valid], dense[valid])
@@ -125,7 +126,7 @@ def test_lengths_and_right_padding():
 
 
 def _mask(layer_type=SLIDING, attention_mask=None, segment_ids=None, **mode):
-    spec = mask_spec(CONFIG.replace(**mode), layer_type)
+    spec = mask_spec(CONFIG, Runtime(**mode), layer_type)
     shape = (1, T)
     return np.asarray(dense_mask(spec, Segments.of(attention_mask, segment_ids, shape)))[0, 0]
 

@@ -16,6 +16,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.losses.mntp import capacity, make_mntp_loss, mntp_loss_from_mask, target_losses
 from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.testing import reference as hm
@@ -25,6 +26,7 @@ from bidirlm_jax.train.objectives.mntp import logged_metrics
 from bidirlm_jax.train.state import StateLayout
 
 VOCAB, MASK_ID, BOS = 512, 4, 2
+BIDIRECTIONAL = Runtime(attention="bidirectional")
 CHUNK = 96  # does not divide the vocabulary
 # Two programs scoring the same targets (sparse chunked head vs dense logits, jit vs float64 numpy) regroup
 # each target's log-softmax normaliser over the vocabulary: relative to the loss, at most VOCAB eps.
@@ -51,13 +53,13 @@ def packed_batch(seed: int = 0) -> dict[str, np.ndarray]:
 @pytest.fixture(scope="module")
 def gemma():
     """Bidirectional Gemma3 with a logit softcap small enough to bend these logits."""
-    config = get_preset("tiny-gemma3", attention="bidirectional", final_logit_softcapping=0.5)
-    return Transformer(config, rngs=nnx.Rngs(0))
+    config = get_preset("tiny-gemma3", final_logit_softcapping=0.5)
+    return Transformer(config, BIDIRECTIONAL, rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")
 def qwen_untied():
-    return Transformer(get_preset("tiny-qwen3", attention="bidirectional", tie_word_embeddings=False), rngs=nnx.Rngs(1))
+    return Transformer(get_preset("tiny-qwen3", tie_word_embeddings=False), BIDIRECTIONAL, rngs=nnx.Rngs(1))
 
 
 @nnx.jit(static_argnames=("slots",))
@@ -314,7 +316,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 def mntp_grads_on():
     """The MNTP objective's gradient program (masks drawn on device, sparse head, per-source sums, two
     micro-batches) on a mesh, from the same initial parameters; each mesh compiled once."""
-    config = get_preset("tiny-gemma3", attention="bidirectional", num_layers=2, layer_types=(SLIDING, FULL))
+    config = get_preset("tiny-gemma3", num_layers=2, layer_types=(SLIDING, FULL))
     parts = [packed_batch(seed) for seed in range(4)]
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # 8 packed rows
     batch["source"] = np.array([0, 1, 1, 0, 0, 0, 1, 0], np.int32)
@@ -324,7 +326,7 @@ def mntp_grads_on():
     def get(mesh_shape):
         if mesh_shape not in cache:
             mesh = make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
-            layout = StateLayout(config, optax.sgd(1.0), mesh, seed=0)
+            layout = StateLayout(config, optax.sgd(1.0), mesh, seed=0, runtime=BIDIRECTIONAL)
             fn = functools.partial(token_sum_grads(loss_fn, grad_accum=2), layout.graphdef)
             with jax.set_mesh(mesh):
                 out = jax.jit(fn, compiler_options=FAST_COMPILE)(layout.init().params, batch, jax.random.key(3))

@@ -146,7 +146,7 @@ def test_mntp_learns_and_its_run_exports_an_encoder_with_its_mask_token(tmp_path
     encoder = SentenceTransformer(str(tmp_path / "encoder"), device="cpu")
     assert encoder.tokenizer.mask_token == "<mask>"
     model = bidirlm_jax.from_pretrained(workdir)
-    assert model.config.attention == "bidirectional"
+    assert model.runtime.attention == "bidirectional"
 
 
 def test_contrastive_batches_each_come_from_one_dataset(tmp_path):

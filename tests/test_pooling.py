@@ -13,6 +13,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import FULL, POOLING_MODES, SLIDING
 from bidirlm_jax.models.pooling import pool
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.transformer import Transformer
 
 
@@ -39,8 +40,8 @@ def test_pool_by_hand():
 
 def test_padded_batch_equals_each_text_alone():
     # Gemma3 with sliding layers (window 8) on texts up to 20 tokens, bidirectional.
-    config = get_preset("tiny-gemma3", attention="bidirectional", num_layers=2, layer_types=(SLIDING, FULL))
-    model = Transformer(config, rngs=nnx.Rngs(0))
+    config = get_preset("tiny-gemma3", num_layers=2, layer_types=(SLIDING, FULL))
+    model = Transformer(config, Runtime(attention="bidirectional"), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     lengths, t = (13, 20, 9), 20
     texts = [rng.integers(5, 512, n) for n in lengths]
@@ -66,6 +67,6 @@ def test_first_token_sees_later_text():
     short, full = np.ones((1, 10), np.int32), np.ones((1, 10), np.int32)
     short[0, 6:] = 0
     for attention, changes in (("bidirectional", True), ("causal", False)):
-        model = Transformer(get_preset("tiny-qwen3", attention=attention), rngs=nnx.Rngs(0))
+        model = Transformer(get_preset("tiny-qwen3"), Runtime(attention=attention), rngs=nnx.Rngs(0))
         first = [np.asarray(pool(_encode(model, ids, m), m, "first")) for m in (short, full)]
         assert (np.abs(first[0] - first[1]).max() > 1e-3) == changes, attention

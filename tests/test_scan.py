@@ -14,25 +14,18 @@ from bidirlm_jax.io.checkpoint import load_checkpoint, save_checkpoint
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained
 from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout, stack_layers, unstack_layers
 
 ROOT = Path(__file__).resolve().parents[1]
 
 B, T = 2, 24
-MODELS = {
-    "gemma3-half": get_preset("tiny-gemma3", attention="bidirectional", bidirectional_window="half"),
-    "gemma3-causal": get_preset("tiny-gemma3"),
-    "qwen3-sliding-full": get_preset(
-        "tiny-qwen3",
-        num_layers=3,
-        layer_types=(FULL, SLIDING, SLIDING),
-        sliding_window=8,
-        attention="bidirectional",
-        bidirectional_window="full",
-    ),  # fmt: skip
-    "qwen3-sliding-causal": get_preset(
-        "tiny-qwen3", num_layers=3, layer_types=(FULL, SLIDING, SLIDING), sliding_window=8
-    ),  # fmt: skip
+QWEN3_SLIDING = get_preset("tiny-qwen3", num_layers=3, layer_types=(FULL, SLIDING, SLIDING), sliding_window=8)
+MODELS = {  # (architecture, run settings)
+    "gemma3-half": (get_preset("tiny-gemma3"), Runtime(attention="bidirectional", bidirectional_window="half")),
+    "gemma3-causal": (get_preset("tiny-gemma3"), Runtime()),
+    "qwen3-sliding-full": (QWEN3_SLIDING, Runtime(attention="bidirectional", bidirectional_window="full")),
+    "qwen3-sliding-causal": (QWEN3_SLIDING, Runtime()),
 }
 
 
@@ -65,9 +58,10 @@ def _flat(state) -> dict:
 
 @pytest.mark.parametrize("name, remat", [(name, "none") for name in MODELS] + [("gemma3-half", "full")])
 def test_scanned_equals_unrolled(name, remat):
-    config = MODELS[name].replace(remat=remat)
-    unrolled = Transformer(config, rngs=nnx.Rngs(0))
-    scanned = Transformer(config.replace(scan_layers=True), rngs=nnx.Rngs(0))  # same init, stacked
+    config, runtime = MODELS[name]
+    runtime = runtime.replace(remat=remat)
+    unrolled = Transformer(config, runtime, rngs=nnx.Rngs(0))
+    scanned = Transformer(config, runtime.replace(scan_layers=True), rngs=nnx.Rngs(0))  # same init, stacked
     logits, grads = _loss_and_grads(unrolled)
     scanned_logits, scanned_grads = _loss_and_grads(scanned)
     # The scan regroups each layer's fp32 sums (64-wide matmuls, ~fp32_tol(64) = 7.6e-6 of values of order 1)
@@ -80,9 +74,9 @@ def test_scanned_equals_unrolled(name, remat):
 
 
 def test_stack_and_unstack_layouts():
-    config = MODELS["gemma3-half"]
-    unrolled = nnx.state(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
-    scanned = nnx.state(Transformer(config.replace(scan_layers=True), rngs=nnx.Rngs(0)), nnx.Param)
+    config, runtime = MODELS["gemma3-half"]
+    unrolled = nnx.state(Transformer(config, runtime, rngs=nnx.Rngs(0)), nnx.Param)
+    scanned = nnx.state(Transformer(config, runtime.replace(scan_layers=True), rngs=nnx.Rngs(0)), nnx.Param)
     stacked = stack_layers(unrolled)
     assert _flat(stacked).keys() == _flat(scanned).keys()
     for path, value in _flat(stacked).items():
@@ -98,7 +92,7 @@ def test_stack_and_unstack_layouts():
     pure = stack_layers(jax.tree.map(np.asarray, unrolled.to_pure_dict()))
     assert isinstance(pure["layers"]["mlp"]["up_proj"], np.ndarray)
     assert unstack_layers(pure)["layers"][3]["mlp"]["up_proj"].shape == (config.intermediate_size, config.hidden_size)
-    _, abstract = abstract_model(config.replace(scan_layers=True))
+    _, abstract = abstract_model(config, runtime.replace(scan_layers=True))
     shapes = unstack_layers(abstract)
     assert shapes["layers"][0]["attn"]["k_proj"].shape == (config.num_kv_heads, config.head_dim, config.hidden_size)
 
@@ -112,8 +106,8 @@ def _params(model) -> dict:
 
 def test_hf_files_load_scanned_and_save_per_layer(qwen_dir, tmp_path):
     unrolled = from_pretrained(qwen_dir)
-    scanned = from_pretrained(qwen_dir, scan_layers=True)
-    assert scanned.config.scan_layers and "0" not in nnx.state(scanned)["layers"]
+    scanned = from_pretrained(qwen_dir, runtime=Runtime(scan_layers=True))
+    assert scanned.runtime.scan_layers and "0" not in nnx.state(scanned)["layers"]
     ids = np.arange(3, 3 + 2 * T, dtype=np.int32).reshape(2, T) % scanned.config.vocab_size
     np.testing.assert_allclose(scanned(ids).logits, unrolled(ids).logits, rtol=1e-5, atol=1e-5)  # as above
     save_pretrained(scanned, tmp_path / "hf")
@@ -122,7 +116,7 @@ def test_hf_files_load_scanned_and_save_per_layer(qwen_dir, tmp_path):
     for loaded in (
         from_pretrained(tmp_path / "hf"),
         load_checkpoint(tmp_path / "ckpt"),
-        from_pretrained(tmp_path / "ckpt", scan_layers=True),
+        from_pretrained(tmp_path / "ckpt", runtime=Runtime(scan_layers=True)),
     ):
         got = _params(loaded)
         assert got.keys() == expected.keys()
@@ -141,7 +135,10 @@ def test_a_scanned_run_trains_resumes_and_exports_per_layer(qwen_dir, tmp_path, 
     args += [f"--config.model.init_from={qwen_dir}", "--config.optim.learning_rate=0"]
     assert cli_main([*args, "--config.model.scan_layers=True"]) == 0
     expected = _params(from_pretrained(qwen_dir))
-    for loaded in (from_pretrained(tmp_path / "run"), from_pretrained(tmp_path / "run", scan_layers=True)):
+    for loaded in (
+        from_pretrained(tmp_path / "run"),
+        from_pretrained(tmp_path / "run", runtime=Runtime(scan_layers=True)),
+    ):
         got = _params(loaded)
         assert got.keys() == expected.keys()
         for path, value in expected.items():

@@ -31,7 +31,7 @@ def exported(request, qwen_dir, gemma_dir, tmp_path_factory):
 def ours(exported):
     """Our embeddings of TEXTS from the exported directory: (plain, with the instruction)."""
     model, tokenizer, settings = load_encoder(exported[1])
-    assert model.config.attention == "bidirectional"
+    assert model.runtime.attention == "bidirectional"
     kw = dict(pooling=settings.pooling, max_length=settings.max_length, batch_size=4)
     return encode(model, tokenizer, TEXTS, **kw), encode(model, tokenizer, TEXTS, instruction=INSTRUCTION, **kw)
 
@@ -173,4 +173,4 @@ def test_export_from_a_checkpoint_and_in_another_dtype(qwen_dir, tmp_path):
         np.testing.assert_array_equal(value, from_checkpoint[key])
     half = export_encoder(src, tmp_path / "c", dtype="bfloat16")
     assert json.loads((half / "config.json").read_text())["dtype"] == "bfloat16"
-    assert load_encoder(half)[0].config.attention == "bidirectional"
+    assert load_encoder(half)[0].runtime.attention == "bidirectional"

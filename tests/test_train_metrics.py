@@ -5,27 +5,31 @@ import json
 import pytest
 
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.train.metrics import MetricsWriter, mfu, peak_flops_per_device, training_flops_per_token
+
+CAUSAL = Runtime()
 
 
 def test_flops_of_the_benchmark_model_are_6n_plus_attention():
     config = get_preset("bench-qwen3")  # hidden 512, mlp 1536, 8 layers, 8/4 heads of 64, vocab 32000, tied
     matmul_params = 8 * (512 * 64 * (8 + 4 + 4 + 8) + 3 * 512 * 1536) + 512 * 32000  # + LM head (tied, still a matmul)
     attention = 8 * 12 * 8 * 64 * (512 + 1) / 2  # causal: a query sees (T+1)/2 keys on average
-    assert training_flops_per_token(config, 512) == pytest.approx(6 * matmul_params + attention)
-    bidirectional = config.replace(attention="bidirectional")
-    assert training_flops_per_token(bidirectional, 512) == pytest.approx(6 * matmul_params + 8 * 12 * 8 * 64 * 512)
+    assert training_flops_per_token(config, 512, runtime=CAUSAL) == pytest.approx(6 * matmul_params + attention)
+    bidirectional = Runtime(attention="bidirectional")
+    flops = training_flops_per_token(config, 512, runtime=bidirectional)
+    assert flops == pytest.approx(6 * matmul_params + 8 * 12 * 8 * 64 * 512)
 
 
 def test_sliding_layers_count_their_window():
     config = get_preset("tiny-gemma3")  # window 8; all 4 layers sliding (the 5:1 pattern's global one is the 6th)
-    base = training_flops_per_token(config.replace(layer_types=("full_attention",) * 4), 64)
+    base = training_flops_per_token(config.replace(layer_types=("full_attention",) * 4), 64, runtime=CAUSAL)
     per_key = 12 * config.num_heads * config.head_dim
     sliding = sum(t == "sliding_attention" for t in config.layer_types)
-    assert training_flops_per_token(config, 64) == pytest.approx(base - sliding * per_key * (32.5 - 8))
-    half = config.replace(attention="bidirectional", bidirectional_window="half")
-    full = training_flops_per_token(half.replace(layer_types=("full_attention",) * 4), 64)
-    assert training_flops_per_token(half, 64) == pytest.approx(full - sliding * per_key * (64 - 9))
+    assert training_flops_per_token(config, 64, runtime=CAUSAL) == pytest.approx(base - sliding * per_key * (32.5 - 8))
+    half = Runtime(attention="bidirectional", bidirectional_window="half")
+    full = training_flops_per_token(config.replace(layer_types=("full_attention",) * 4), 64, runtime=half)
+    assert training_flops_per_token(config, 64, runtime=half) == pytest.approx(full - sliding * per_key * (64 - 9))
 
 
 def test_peak_flops_table_and_override():

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec
 
 from bidirlm_jax.losses.causal_lm import causal_lm_loss
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.sharding import logical_to_spec, make_mesh
 from bidirlm_jax.testing.tolerance import EPS32, fp32_tol, ulps
 from bidirlm_jax.train.config import base_config
@@ -44,9 +45,9 @@ def batch():
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def _grads_on(mesh_shape, batch, tx, grad_accum=1, config=CONFIG):
+def _grads_on(mesh_shape, batch, tx, grad_accum=1, runtime=DEFAULT_RUNTIME):
     mesh = make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
-    layout = StateLayout(config, tx[0], mesh, seed=0)
+    layout = StateLayout(CONFIG, tx[0], mesh, seed=0, runtime=runtime)
     state = layout.init()
     fn = functools.partial(token_sum_grads(causal_lm_loss, grad_accum=grad_accum), layout.graphdef)
     with jax.set_mesh(mesh):
@@ -56,13 +57,13 @@ def _grads_on(mesh_shape, batch, tx, grad_accum=1, config=CONFIG):
 
 @pytest.fixture(scope="module")
 def grads_on(batch, tx):
-    """`_grads_on` for this module's batch, each (mesh, accumulation, config) compiled once."""
+    """`_grads_on` for this module's batch, each (mesh, accumulation, run settings) compiled once."""
     cache = {}
 
-    def get(mesh_shape, grad_accum=1, config=CONFIG):
-        key = (mesh_shape, grad_accum, config)
+    def get(mesh_shape, grad_accum=1, runtime=DEFAULT_RUNTIME):
+        key = (mesh_shape, grad_accum, runtime)
         if key not in cache:
-            cache[key] = _grads_on(mesh_shape, batch, tx, grad_accum, config)
+            cache[key] = _grads_on(mesh_shape, batch, tx, grad_accum, runtime)
         return cache[key]
 
     return get
@@ -131,14 +132,14 @@ def test_grad_accumulation_on_a_mesh_weights_micro_batches_by_tokens(grads_on, r
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
 def test_remat_policies_change_memory_not_results(remat, grads_on, reference):
     _, ref_loss, ref_grads, _ = reference
-    _, loss, grads, _ = grads_on((1, 1, 1), config=CONFIG.replace(remat=remat))
+    _, loss, grads, _ = grads_on((1, 1, 1), runtime=Runtime(remat=remat))
     assert loss == pytest.approx(ref_loss, rel=LOSS_RTOL)  # recomputation may fuse, so round, differently
     assert_close(grads, ref_grads, rtol=GRAD_RTOL)
 
 
 def test_bf16_compute_keeps_fp32_master_weights_and_loss(grads_on, reference):
     _, ref_loss, ref_grads, _ = reference
-    state, loss, grads, _ = grads_on((1, 1, 1), config=CONFIG.replace(dtype="bfloat16"))
+    state, loss, grads, _ = grads_on((1, 1, 1), runtime=Runtime(dtype="bfloat16"))
     assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
     assert {x.dtype for x in jax.tree.leaves(grads)} == {np.dtype("float32")}
     # bf16 activations under an fp32 loss: within about one bf16 ULP (2^-8 = 3.9e-3), yet not equal

@@ -100,7 +100,7 @@ def built(preempted, base_dir):
 
 
 def test_every_variant_in_its_attention_mode(built, base_dir):
-    from bidirlm_jax.io.hf_config import read_config
+    from bidirlm_jax.io.hf_config import read_runtime
 
     out, result, phases = built
     assert list(result) == list(v.VARIANTS) and [n for n, _ in phases] == list(v.VARIANTS)
@@ -108,9 +108,9 @@ def test_every_variant_in_its_attention_mode(built, base_dir):
     for name in v.VARIANTS[1:]:
         variant = result[name]
         assert variant.attention == "bidirectional" and variant.path == out / v.DIRECTORIES[name]
-        assert read_config(variant.path).attention == "bidirectional"  # the directory says so itself
+        assert read_runtime(variant.path).attention == "bidirectional"  # the directory says so itself
         assert variant.tokenizer().mask_token == "<mask>"
-    assert read_config(base_dir).attention == "causal"
+    assert read_runtime(base_dir).attention == "causal"
 
 
 def test_a_preempted_variant_is_neither_exported_nor_recorded(preempted, built):

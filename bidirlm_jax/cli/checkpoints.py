@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bidirlm_jax.io import FORMATS
-from bidirlm_jax.models.config import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, DTYPES
+from bidirlm_jax.models.runtime import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, DTYPES
 from bidirlm_jax.paths import user_path
 
 

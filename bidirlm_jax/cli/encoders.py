@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
+from bidirlm_jax.models.config import POOLING_MODES
+from bidirlm_jax.models.runtime import ATTENTION_MODES, DTYPES
 from bidirlm_jax.paths import user_path
 
 # --- embed --------------------------------------------------------------------------------------

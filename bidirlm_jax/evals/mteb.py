@@ -137,8 +137,8 @@ class MTEBEncoder(AbsEncoder):
             pooling=pooling,
             normalize=normalize,
             max_length=max_length,
-            attention=model.config.attention,
-            dtype=model.config.dtype,
+            attention=model.runtime.attention,
+            dtype=model.runtime.dtype,
             instructions=sorted(table.items()),
         )
         return cls(

@@ -24,10 +24,11 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.companions import Companions
-from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config
+from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config, read_runtime
 from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run, meta_dir, state_dir
 from bidirlm_jax.io.sources import PARAMS_DIR, is_checkpoint
 from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
 
@@ -48,8 +49,8 @@ def save_checkpoint(
     process's shards into one agreed temporary directory, which process 0 renames into place.
     """
     model = relayout(model, False)  # the per-layer layout, whichever way the model runs
-    dtype = dtype or model.config.param_dtype
-    hf = config_to_hf(model.config, dtype=dtype)
+    dtype = dtype or model.runtime.param_dtype
+    hf = config_to_hf(model.config, model.runtime, dtype=dtype)
     exceptions = {k: v for k, v in (tensor_dtypes or {}).items() if v != dtype}
     if exceptions:
         hf[TENSOR_DTYPES_KEY] = dict(sorted(exceptions.items()))
@@ -75,9 +76,14 @@ def recorded_dtypes(path: str | os.PathLike) -> tuple[str | None, dict[str, str]
 
 
 def load_checkpoint(
-    path: str | os.PathLike, config: ModelConfig | None = None, *, mesh: Mesh | None = None
+    path: str | os.PathLike,
+    config: ModelConfig | None = None,
+    runtime: Runtime | None = None,
+    *,
+    mesh: Mesh | None = None,
 ) -> Transformer:
-    """Restore a model; `config` (default: the checkpoint's) may change how it runs, never its shapes.
+    """Restore a model of `config` (default: the checkpoint's), run as `runtime` says (default: the run
+    settings its config.json records).
 
     A training run gives the parameters of its latest committed step (only they are read, not the
     optimizer state)."""
@@ -90,11 +96,12 @@ def load_checkpoint(
             "bidirlm_jax.io.heads.load_finetuned, or export it with `bidirlm export`"
         )
     config = config or read_config(description_dir(path))
-    wanted = config.scan_layers
+    runtime = runtime or read_runtime(description_dir(path))
+    wanted = runtime.scan_layers
     # A training run's checkpoints hold the layout it trained with; exchange checkpoints hold one per layer.
     where = state_dir(path, latest_step(path)) if is_training_run(path) else path / PARAMS_DIR
-    config = config.replace(scan_layers=is_training_run(path) and _stacked(where))
-    graphdef, abstract = abstract_model(config)
+    runtime = runtime.replace(scan_layers=is_training_run(path) and _stacked(where))
+    graphdef, abstract = abstract_model(config, runtime)
 
     def target(var: nnx.Variable):
         placement = (
@@ -121,7 +128,7 @@ def load_checkpoint(
             "was written for another config — write it again"
         ) from e
     model = relayout(nnx.merge(graphdef, state), wanted)
-    return sharding.place(model, mesh) if wanted != config.scan_layers else model
+    return sharding.place(model, mesh) if wanted != runtime.scan_layers else model
 
 
 def _stacked(state_dir: Path) -> bool:

@@ -50,7 +50,7 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.companions import ENCODER_MODULES, Companions, companion_files
-from bidirlm_jax.io.hf_config import config_to_hf, read_config
+from bidirlm_jax.io.hf_config import SEQUENCE_CLASSES, TOKEN_CLASSES, config_to_hf, read_config, read_runtime
 from bidirlm_jax.io.run import (
     HEAD_FILE,
     best_dir,
@@ -68,8 +68,6 @@ from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, abstract_model_with_head
 
 BACKBONE_PREFIX = "model."
-_SEQUENCE_CLASSES = {"gemma3": "Gemma3TextForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
-_TOKEN_CLASSES = {"qwen3": "Qwen3ForTokenClassification"}
 
 
 # --- the run's head description -------------------------------------------------------------------
@@ -112,13 +110,13 @@ def read_description(path: str | os.PathLike) -> dict[str, Any]:
 def hf_class_name(config: ModelConfig, head: HeadConfig) -> str:
     """The transformers class a head exports to; `ConfigError` (saying why and what to do) when none does."""
     if head.task == "token_classification":
-        if config.family not in _TOKEN_CLASSES:
+        if config.family not in TOKEN_CLASSES:
             raise ConfigError(
                 f"transformers has no {config.family} token-classification class to export to (only "
-                f"{', '.join(_TOKEN_CLASSES.values())}); save the encoder with save_pretrained(model.encoder, DIR) "
+                f"{', '.join(TOKEN_CLASSES.values())}); save the encoder with save_pretrained(model.encoder, DIR) "
                 "and keep the head in JAX"
             )
-        return _TOKEN_CLASSES[config.family]
+        return TOKEN_CLASSES[config.family]
     if head.classifier == "eurobert":
         raise ConfigError(
             "the eurobert classifier (dense → GELU → classifier) has no transformers class on a "
@@ -128,11 +126,11 @@ def hf_class_name(config: ModelConfig, head: HeadConfig) -> str:
         )
     if head.pooling != "last":
         raise ConfigError(
-            f"pooling {head.pooling!r} has no transformers class: {_SEQUENCE_CLASSES[config.family]} scores the last "
+            f"pooling {head.pooling!r} has no transformers class: {SEQUENCE_CLASSES[config.family]} scores the last "
             "non-padding token only (our pooling 'last'). Fine-tune with --config.finetune.pooling=last to export, "
             "or save the encoder with save_pretrained(model.encoder, DIR) and keep the head in JAX"
         )
-    return _SEQUENCE_CLASSES[config.family]
+    return SEQUENCE_CLASSES[config.family]
 
 
 def _head_tensors(model: EncoderWithHead) -> list[tuple[str, jax.Array]]:
@@ -148,7 +146,7 @@ def hf_head_config(
     """config.json of the export (see the module doc)."""
     config, head = model.config, model.head_config
     class_name = hf_class_name(config, head)
-    d = config_to_hf(config, dtype=dtype)
+    d = config_to_hf(config, model.runtime, dtype=dtype)
     if head.task == "regression":
         names = ["LABEL_0"]
         d["problem_type"] = "regression"
@@ -198,7 +196,7 @@ def export_classifier(
     if not isinstance(model, EncoderWithHead):
         raise ConfigError(f"export_classifier needs an EncoderWithHead, got {type(model).__name__}")
     config = model.config
-    default = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    default = np.dtype(jnp.dtype(dtype or model.runtime.param_dtype))
     hf = hf_head_config(model, labels=labels, pad_token_id=pad_token_id, dtype=torch_dtype_name(default))
     arrays = param_arrays(model.encoder)
     table = backbone_table(config).entries
@@ -276,9 +274,9 @@ def load_finetuned(
     (not the optimizer state), into `mesh`'s shardings when given."""
     run = Path(run).resolve()
     description = read_description(run)
-    config = read_config(model_dir(run))
+    config, runtime = read_config(model_dir(run)), read_runtime(model_dir(run))
     head = HeadConfig.from_json(description["head"])
-    graphdef, abstract = abstract_model_with_head(config, head)
+    graphdef, abstract = abstract_model_with_head(config, head, runtime)
 
     def target(var):
         where = sharding.variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])

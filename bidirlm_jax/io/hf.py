@@ -20,7 +20,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import load_checkpoint
 from bidirlm_jax.io.companions import Companions
-from bidirlm_jax.io.hf_config import config_to_hf, read_config
+from bidirlm_jax.io.hf_config import config_to_hf, read_config, read_runtime
 from bidirlm_jax.io.layouts import CAUSAL_LM, detect_layout
 from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, torch_dtype_name
@@ -30,21 +30,28 @@ from bidirlm_jax.io.weights.readers import open_weights
 from bidirlm_jax.io.weights.save import write_tables
 from bidirlm_jax.io.weights.text import text_tables
 from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
 
 
 def load_params(
-    path: str | os.PathLike, config: ModelConfig, *, mesh: Mesh | None = None, allow_pickle: bool = False
+    path: str | os.PathLike,
+    config: ModelConfig,
+    runtime: Runtime = DEFAULT_RUNTIME,
+    *,
+    mesh: Mesh | None = None,
+    allow_pickle: bool = False,
 ) -> Transformer:
-    """Build a `Transformer` for `config` whose parameters are read from the checkpoint at `path`."""
-    if config.scan_layers:  # HF files hold one tensor per layer: read them so, then stack
-        unrolled = load_params(path, config.replace(scan_layers=False), mesh=mesh, allow_pickle=allow_pickle)
+    """Build a `Transformer` for `config`, run as `runtime` says, whose parameters are read from the checkpoint
+    at `path`."""
+    if runtime.scan_layers:  # HF files hold one tensor per layer: read them so, then stack
+        unrolled = load_params(path, config, runtime.replace(scan_layers=False), mesh=mesh, allow_pickle=allow_pickle)
         return sharding.place(relayout(unrolled, True), mesh)
     reader = open_weights(path, allow_pickle=allow_pickle)
     tables = text_tables(config)
     layout = detect_layout(reader.keys(), [t.component for t in tables])
-    return load_state(abstract_model(config), reader, layout, tables, dtype=config.param_dtype, mesh=mesh)
+    return load_state(abstract_model(config, runtime), reader, layout, tables, dtype=runtime.param_dtype, mesh=mesh)
 
 
 def from_pretrained(
@@ -53,26 +60,35 @@ def from_pretrained(
     attention: str | None = None,
     bidirectional_window: str | None = None,
     dtype: str = "float32",
+    runtime: Runtime | None = None,
     mesh: Mesh | None = None,
     allow_pickle: bool = False,
-    scan_layers: bool = False,
 ) -> Transformer:
     """Load an HF checkpoint directory, a bidirlm checkpoint (`bidirlm convert`) or a training run (its
     latest step) as a model.
 
-    `attention`/`bidirectional_window` default to what the checkpoint's config.json says (causal for
-    a plain decoder). `dtype` is both the parameter and the compute dtype. `scan_layers` stacks the
-    layers' parameters for a scanned model, whatever layout the files hold.
+    `runtime` declares every run setting (scanned layers, remat, kernel...); without it, `attention` and
+    `bidirectional_window` default to what the checkpoint's config.json says (causal for a plain decoder)
+    and `dtype` is both the parameter and the compute dtype.
     """
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype {dtype!r} is not one of float32, bfloat16, float16")
     path = user_path(path)
-    mode = {"attention": attention, "bidirectional_window": bidirectional_window}
-    overrides = {k: v for k, v in mode.items() if v is not None}
-    config = read_config(description_dir(path), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, **overrides)
+    where = description_dir(path)
+    if runtime is None:
+        mode = {"attention": attention, "bidirectional_window": bidirectional_window}
+        runtime = read_runtime(
+            where, dtype=dtype, param_dtype=dtype, **{k: v for k, v in mode.items() if v is not None}
+        )
+    elif attention is not None or bidirectional_window is not None or dtype != "float32":
+        raise ConfigError(
+            "from_pretrained got a runtime and attention/bidirectional_window/dtype: declare the run settings "
+            "once, in the runtime (runtime.replace(attention=...))"
+        )
+    config = read_config(where)
     if source_of(path) is Source.HF:
-        return load_params(path, config, mesh=mesh, allow_pickle=allow_pickle)
-    return load_checkpoint(path, config, mesh=mesh)  # our checkpoints and training runs (fine-tuning ones refused)
+        return load_params(path, config, runtime, mesh=mesh, allow_pickle=allow_pickle)
+    return load_checkpoint(
+        path, config, runtime, mesh=mesh
+    )  # our checkpoints and training runs (fine-tuning ones refused)
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -97,7 +113,7 @@ def save_pretrained(
     """
     model = relayout(model, False)  # HF files hold one tensor per layer
     config = model.config
-    default = np.dtype(jnp.dtype(dtype or config.param_dtype))
+    default = np.dtype(jnp.dtype(dtype or model.runtime.param_dtype))
     with atomic_directory(out_dir, overwrite=overwrite, collective=True) as tmp:
         specs = write_tables(
             tmp,
@@ -109,7 +125,7 @@ def save_pretrained(
             max_shard_bytes=max_shard_bytes,
         )
         if jax.process_index() == 0:
-            hf = config_to_hf(config, dtype=torch_dtype_name(specs[0].dtype))  # the embedding's (first entry)
+            hf = config_to_hf(config, model.runtime, dtype=torch_dtype_name(specs[0].dtype))  # the embedding's (first)
             (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
             if extra_files is not None:
                 extra_files.copy_into(tmp)

@@ -28,6 +28,7 @@ from typing import Any
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import FULL, SLIDING, ModelConfig, Rope
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 
 # model_type -> family; multimodal types contribute their `text_config`.
 TEXT_MODEL_TYPES = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_vl_text": "qwen3"}
@@ -43,6 +44,14 @@ FAMILY_FLAGS: dict[str, dict[str, Any]] = {
     "gemma3": dict(norm_plus_one=True, post_norms=True, embed_scale=True),
     "qwen3": {},
 }
+# The transformers classes a head exports to (io.heads); a family without one cannot export that head.
+SEQUENCE_CLASSES = {"gemma3": "Gemma3TextForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
+TOKEN_CLASSES = {"qwen3": "Qwen3ForTokenClassification"}
+# The reserved Qwen3 row BidirLM masks with (`<|repo_name|>` in the stock vocabulary, renamed `<|mask|>` in
+# their tokenizer): no embedding resize, and its row is trained by MNTP.
+QWEN3_MASK_ID = 151663
+# The row MNTP masks with when a family's tokenizer has no mask token (io.tokenizer.resolve_mask_token).
+RESERVED_MASK_IDS: dict[str, int] = {"qwen3": QWEN3_MASK_ID}
 _OLDER_PLUS_ONE_NORMS = ("gemma", "gemma2")  # model types we do not load whose norms are (1 + w) as well
 _GEMMA3 = "gemma3"  # the family whose config.json spells its fields Gemma's way
 # Our own fields: the declared window and the bidirectional window mode of an export (see above).
@@ -65,18 +74,24 @@ REMOTE_CODE_KEYS = ("auto_map", "custom_pipelines")
 log = logging.getLogger(__name__)
 
 
-def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-    """Read a transformers config (legacy `rope_theta`/`rope_scaling` fields or v5 `rope_parameters`)."""
+def _text_part(d: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """The text model's config (a multimodal config's `text_config`) and its family."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
     model_type = d.get("model_type")
     if model_type in MULTIMODAL_MODEL_TYPES:
         text = dict(d.get("text_config") or {})
         text.setdefault("model_type", _MULTIMODAL_TEXT_TYPES[model_type])
-        return config_from_hf(text, **overrides)
+        return _text_part(text)
     if model_type not in TEXT_MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    family = TEXT_MODEL_TYPES[model_type]
+    return d, TEXT_MODEL_TYPES[model_type]
+
+
+def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
+    """Read a transformers config's architecture (legacy `rope_theta`/`rope_scaling` fields or v5 `rope_parameters`)."""
+    d, family = _text_part(d)
+    model_type = d["model_type"]
     try:
         fields = _gemma3_fields(d) if family == _GEMMA3 else _qwen3_fields(d)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
@@ -86,8 +101,22 @@ def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     return ModelConfig(family=family, extra=extra, **{**FAMILY_FLAGS[family], **fields, **overrides})
 
 
-def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
-    """A config.json that transformers loads natively (no remote code), in the config's attention mode."""
+def runtime_from_hf(d: Mapping[str, Any], **settings: Any) -> Runtime:
+    """The run settings a transformers config records (its attention mode and window mode), `settings` on top."""
+    d, family = _text_part(d)
+    return Runtime(**{**_attention_fields(d, gemma=family == _GEMMA3), **settings})
+
+
+def config_to_hf(
+    config: ModelConfig, runtime: Runtime = DEFAULT_RUNTIME, *, dtype: str | None = None
+) -> dict[str, Any]:
+    """A config.json that transformers loads natively (no remote code), in the runtime's attention mode
+    (the one run setting an export records)."""
+    if config.family not in _ARCHITECTURES:
+        raise ConfigError(
+            f"family {config.family!r} has no transformers format to export to (known: {', '.join(_ARCHITECTURES)}); "
+            "give the config one of those families, or add the family's fields to io/hf_config.py"
+        )
     d: dict[str, Any] = {k: json.loads(v) for k, v in config.extra}
     remote = sorted(k for k, v in d.items() if k in REMOTE_CODE_KEYS or _names_code_file(v))
     if remote:
@@ -138,16 +167,16 @@ def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, 
         full_layers = config.layer_types.index(SLIDING) if SLIDING in config.layer_types else None
         if full_layers is not None and set(config.layer_types[full_layers:]) == {SLIDING}:
             d["max_window_layers"] = full_layers
-    if config.attention == "bidirectional":
+    if runtime.attention == "bidirectional":
         d[WINDOW_KEY] = window
-        d[WINDOW_MODE_KEY] = config.bidirectional_window
-        if gemma and config.bidirectional_window == "half":
+        d[WINDOW_MODE_KEY] = runtime.bidirectional_window
+        if gemma and runtime.bidirectional_window == "half":
             d["use_bidirectional_attention"] = True  # transformers halves the declared window itself
         else:
             d["is_causal"] = False  # generic route: sliding layers see |i-j| <= W
-            if window is not None and config.bidirectional_window == "half":
+            if window is not None and runtime.bidirectional_window == "half":
                 window //= 2  # |i-j| <= W//2 expressed through the generic inclusive window
-            elif window is not None and config.bidirectional_window == "none":
+            elif window is not None and runtime.bidirectional_window == "none":
                 window = max(config.max_position_embeddings, window)
     d["sliding_window"] = window
     if not gemma:
@@ -165,6 +194,15 @@ def norm_plus_one(d: Mapping[str, Any]) -> bool:
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
     """The `ModelConfig` of a directory's (or a file's) config.json; `overrides` replace single fields."""
+    return config_from_hf(_read_json(path), **overrides)
+
+
+def read_runtime(path: str | os.PathLike, **settings: Any) -> Runtime:
+    """The run settings a directory's (or a file's) config.json records, `settings` on top."""
+    return runtime_from_hf(_read_json(path), **settings)
+
+
+def _read_json(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -174,7 +212,7 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
         d = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    return config_from_hf(d, **overrides)
+    return d
 
 
 def set_attention_mode(
@@ -187,11 +225,8 @@ def set_attention_mode(
     """
     d = copy.deepcopy(hf_config)
     target = d.get("text_config") if d.get("model_type") in MULTIMODAL_MODEL_TYPES else d
-    config = config_from_hf(d)
-    config = config.replace(
-        attention=attention, bidirectional_window=bidirectional_window or config.bidirectional_window
-    )
-    rendered = config_to_hf(config)
+    window = {"bidirectional_window": bidirectional_window} if bidirectional_window else {}
+    rendered = config_to_hf(config_from_hf(d), runtime_from_hf(d, attention=attention, **window))
     for key in ATTENTION_KEYS:  # some are rendered only when bidirectional: drop stale ones
         if key in rendered:
             target[key] = rendered[key]
@@ -339,7 +374,6 @@ def _gemma3_fields(d: Mapping[str, Any]) -> dict[str, Any]:
         tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
         attn_logit_softcapping=d.get("attn_logit_softcapping"),
         final_logit_softcapping=d.get("final_logit_softcapping"),
-        **_attention_fields(d, gemma=True),
     )
 
 
@@ -363,5 +397,4 @@ def _qwen3_fields(d: Mapping[str, Any]) -> dict[str, Any]:
         sliding_window=window if SLIDING in layer_types else None,
         activation=d.get("hidden_act", "silu"),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        **_attention_fields(d, gemma=False),
     )

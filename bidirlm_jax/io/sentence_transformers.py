@@ -25,7 +25,8 @@ from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, run_config
 from bidirlm_jax.io.companions import ENCODER_MODULES, companion_files
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes
 from bidirlm_jax.io.run import description_dir, is_training_run, prompts_file
-from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
+from bidirlm_jax.models.config import POOLING_MODES
+from bidirlm_jax.models.runtime import ATTENTION_MODES, DTYPES
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.paths import user_path
 
@@ -242,7 +243,7 @@ A bidirectional {cfg.family} encoder exported by bidirlm-jax from `{src}`.
 - Embedding: {pooling} pooling over every token (instruction included){", L2-normalised" if normalize else ""};
   {cfg.hidden_size} dimensions; cosine similarity.
 - Maximum sequence length: {max_length} tokens.
-- Attention: {cfg.attention} (a native transformers config; no remote code).
+- Attention: {model.runtime.attention} (a native transformers config; no remote code).
 - Prompts:
 {prompt_lines}
 

@@ -19,11 +19,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
+from bidirlm_jax.io.hf_config import RESERVED_MASK_IDS
 from bidirlm_jax.paths import user_path
 
-# The reserved Qwen3 row BidirLM masks with (`<|repo_name|>` in the stock vocabulary, renamed `<|mask|>` in
-# their tokenizer): no embedding resize, and its row is trained by MNTP.
-QWEN3_MASK_ID = 151663
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _MASK_HINT = "set --config.mntp.mask_token=TOKEN_OR_ID"
@@ -88,18 +86,19 @@ def train_tokenizer(
 def resolve_mask_token(tokenizer: PreTrainedTokenizerBase, setting: str | int, *, family: str) -> int:
     """The mask id `mntp.mask_token` means: `"auto"`, a token string, or an integer id.
 
-    `"auto"` is the tokenizer's own mask token (Gemma3: `<mask>`, id 4); for a Qwen3 tokenizer, which has
-    none, BidirLM's reserved row `QWEN3_MASK_ID` when the vocabulary has it.
+    `"auto"` is the tokenizer's own mask token (Gemma3: `<mask>`, id 4); for a tokenizer without one, the
+    family's reserved row (`io.hf_config.RESERVED_MASK_IDS`: BidirLM's Qwen3 row) when the vocabulary has it.
     """
     size = len(tokenizer)
     if setting == "auto":
         if tokenizer.mask_token_id is not None:
             return int(tokenizer.mask_token_id)
-        if family == "qwen3":
-            if size > QWEN3_MASK_ID:
-                return QWEN3_MASK_ID
+        reserved = RESERVED_MASK_IDS.get(family)
+        if reserved is not None:
+            if size > reserved:
+                return reserved
             raise ConfigError(
-                f"tokenizer has no mask token, and with {size} tokens it lacks Qwen3's reserved row {QWEN3_MASK_ID} "
+                f"tokenizer has no mask token, and with {size} tokens it lacks {family.capitalize()}'s reserved row {reserved} "
                 f"that BidirLM masks with; {_MASK_HINT}"
             )
         raise ConfigError(f"tokenizer has no mask token; {_MASK_HINT}")

@@ -33,7 +33,7 @@ from bidirlm_jax.io.shards import ShardReader
 from bidirlm_jax.io.weights.readers import open_weights
 from bidirlm_jax.merge.linear import listing
 from bidirlm_jax.merge.spec import RECORD_FILE, MergeModel, MergeSpec
-from bidirlm_jax.models.config import DTYPES
+from bidirlm_jax.models.runtime import DTYPES
 
 MERGEABLE = {name: jnp.dtype(name) for name in DTYPES}  # what both arithmetics average (float64: ours, under x64)
 _DTYPE_NAMES = {dtype: name for name, dtype in MERGEABLE.items()}

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.models.config import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, DTYPES
+from bidirlm_jax.models.runtime import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, DTYPES
 from bidirlm_jax.paths import user_path
 
 RECORD_FILE = "mergekit_config.yml"  # the recipe, written beside the merged weights

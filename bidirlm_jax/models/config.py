@@ -19,14 +19,7 @@ from bidirlm_jax.errors import ConfigError
 
 FULL = "full_attention"
 SLIDING = "sliding_attention"
-# The one declaration of each run-time choice; configs, the CLI and the merge recipe all check against these.
-FAMILIES = ("gemma3", "qwen3")
-ATTENTION_MODES = ("causal", "bidirectional")
-BIDIRECTIONAL_WINDOWS = ("half", "full", "none")
-REMAT_POLICIES = ("none", "full", "save_dots")
-DTYPES = ("float32", "bfloat16", "float16")
 POOLING_MODES = ("mean", "last", "first")  # how an encoder turns hidden states into one embedding (models.pooling)
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "blocked", "reference", "chunked", "splash", "triton")  # kernels.attention
 
 
 @dataclass(frozen=True)
@@ -39,9 +32,9 @@ class Rope:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture (what the weights need) and run settings (how to run them) of one decoder."""
+    """Architecture of one decoder: what its weights are and compute (how to run them is a `models.runtime.Runtime`)."""
 
-    family: str  # "gemma3" | "qwen3": the transformers format it exports to, never read by the model
+    family: str  # the transformers format it exports to ("gemma3", "qwen3": io.hf_config), never read by the model
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -70,16 +63,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
-    # How to run it; none of these changes a weight.
-    attention: str = "causal"
-    bidirectional_window: str = "half"
-    dtype: str = "float32"  # compute dtype of activations
-    param_dtype: str = "float32"
-    remat: str = "none"
-    attention_impl: str = "auto"  # one of ATTENTION_IMPLS
-    attention_block_q: int = 512  # query / key block sizes of the blocked kernels (splash, chunked), clipped to T
-    attention_block_kv: int = 512
-    scan_layers: bool = False  # one scanned layer over stacked parameters: compile time flat in depth
     # Fields of the source config.json this class does not model, JSON-encoded, carried into exports.
     extra: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
@@ -92,25 +75,6 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"invalid model config: head_dim {self.head_dim} must be even (RoPE rotates pairs)")
         checks = [
-            (self.family in FAMILIES, f"family {self.family!r} is not one of {FAMILIES}"),
-            (self.attention in ATTENTION_MODES, f"attention {self.attention!r} is not one of {ATTENTION_MODES}"),
-            (
-                self.bidirectional_window in BIDIRECTIONAL_WINDOWS,
-                f"bidirectional_window {self.bidirectional_window!r} is not one of {BIDIRECTIONAL_WINDOWS}",
-            ),
-            (self.remat in REMAT_POLICIES, f"remat {self.remat!r} is not one of {REMAT_POLICIES}"),
-            (
-                self.dtype in DTYPES and self.param_dtype in DTYPES,
-                f"dtypes {self.dtype}/{self.param_dtype} not in {DTYPES}",
-            ),
-            (
-                self.attention_impl in ATTENTION_IMPLS,
-                f"attention_impl {self.attention_impl!r} not in {ATTENTION_IMPLS}",
-            ),
-            (
-                min(self.attention_block_q, self.attention_block_kv) > 0,
-                f"attention blocks {self.attention_block_q}/{self.attention_block_kv} must be positive",
-            ),
             (
                 len(self.layer_types) == self.num_layers,
                 f"{len(self.layer_types)} layer_types for {self.num_layers} layers",

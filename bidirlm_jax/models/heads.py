@@ -38,6 +38,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.layers import param
 from bidirlm_jax.models.pooling import pool
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.transformer import Transformer
 
 TASKS = ("classification", "regression", "token_classification")
@@ -114,17 +115,17 @@ def _dense(x: jax.Array, w: nnx.Param, b: nnx.Param | None = None) -> jax.Array:
 class SequenceHead(nnx.Module):
     """hidden [B, T, d], attention_mask [B, T] → fp32 logits [B, num_labels]."""
 
-    def __init__(self, config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
-        d, n = config.hidden_size, head.num_labels
+    def __init__(self, config: ModelConfig, head: HeadConfig, *, param_dtype: str, rngs: nnx.Rngs):
+        d, n, dtype = config.hidden_size, head.num_labels, param_dtype
         self.pooling, self.kind = head.pooling, head.classifier
         self.dropout = nnx.Dropout(head.dropout)
         if head.classifier == "eurobert":
-            self.dense = param(rngs, (d, d), (None, "embed"), config.param_dtype)
-            self.dense_bias = param(rngs, (d,), (None,), config.param_dtype, init="zeros")
-            self.classifier = param(rngs, (n, d), (None, "embed"), config.param_dtype)
-            self.classifier_bias = param(rngs, (n,), (None,), config.param_dtype, init="zeros")
+            self.dense = param(rngs, (d, d), (None, "embed"), dtype)
+            self.dense_bias = param(rngs, (d,), (None,), dtype, init="zeros")
+            self.classifier = param(rngs, (n, d), (None, "embed"), dtype)
+            self.classifier_bias = param(rngs, (n,), (None,), dtype, init="zeros")
         else:
-            self.score = param(rngs, (n, d), (None, "embed"), config.param_dtype)
+            self.score = param(rngs, (n, d), (None, "embed"), dtype)
 
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         drop = functools.partial(self.dropout, deterministic=rng is None, rngs=rng)
@@ -144,10 +145,10 @@ class SequenceHead(nnx.Module):
 class TokenHead(nnx.Module):
     """hidden [B, T, d] → fp32 logits [B, T, num_labels] (transformers' token classification head)."""
 
-    def __init__(self, config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, head: HeadConfig, *, param_dtype: str, rngs: nnx.Rngs):
         self.dropout = nnx.Dropout(head.dropout)
-        self.score = param(rngs, (head.num_labels, config.hidden_size), (None, "embed"), config.param_dtype)
-        self.score_bias = param(rngs, (head.num_labels,), (None,), config.param_dtype, init="zeros")
+        self.score = param(rngs, (head.num_labels, config.hidden_size), (None, "embed"), param_dtype)
+        self.score_bias = param(rngs, (head.num_labels,), (None,), param_dtype, init="zeros")
 
     def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
         del attention_mask  # every position gets logits; the labels say which score
@@ -155,8 +156,8 @@ class TokenHead(nnx.Module):
         return _dense(h, self.score, self.score_bias)
 
 
-def make_head(config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs) -> SequenceHead | TokenHead:
-    return SequenceHead(config, head, rngs=rngs) if head.sequence else TokenHead(config, head, rngs=rngs)
+def make_head(config: ModelConfig, head: HeadConfig, *, param_dtype: str, rngs: nnx.Rngs) -> SequenceHead | TokenHead:
+    return (SequenceHead if head.sequence else TokenHead)(config, head, param_dtype=param_dtype, rngs=rngs)
 
 
 @jax.tree_util.register_dataclass
@@ -171,14 +172,18 @@ class HeadOutput:
 class EncoderWithHead(nnx.Module):
     """`model(input_ids, attention_mask=None, *, rng=None) -> HeadOutput`: a `Transformer` and a task head."""
 
-    def __init__(self, config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, head: HeadConfig, runtime: Runtime = DEFAULT_RUNTIME, *, rngs: nnx.Rngs):
         self.head_config = head
-        self.head = make_head(config, head, rngs=rngs)  # first: see `head_params`
-        self.encoder = Transformer(config, rngs=rngs)
+        self.head = make_head(config, head, param_dtype=runtime.param_dtype, rngs=rngs)  # first: see `head_params`
+        self.encoder = Transformer(config, runtime, rngs=rngs)
 
     @property
     def config(self) -> ModelConfig:
         return self.encoder.config
+
+    @property
+    def runtime(self) -> Runtime:
+        return self.encoder.runtime
 
     def __call__(self, input_ids, attention_mask=None, *, rng: jax.Array | None = None) -> HeadOutput:
         input_ids = jnp.asarray(input_ids)
@@ -190,35 +195,40 @@ class EncoderWithHead(nnx.Module):
         return HeadOutput(logits=logits, hidden_states=hidden)
 
 
-def head_params(config: ModelConfig, head: HeadConfig, *, seed: int) -> nnx.State:
-    """The head parameters `EncoderWithHead(config, head, rngs=nnx.Rngs(seed))` starts with (fp32, small)."""
-    return nnx.state(make_head(config, head, rngs=nnx.Rngs(seed)), nnx.Param)
+def head_params(config: ModelConfig, head: HeadConfig, *, seed: int, param_dtype: str = "float32") -> nnx.State:
+    """The head parameters `EncoderWithHead(config, head, rngs=nnx.Rngs(seed))` starts with (small)."""
+    return nnx.state(make_head(config, head, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), nnx.Param)
 
 
-def with_encoder_params(encoder_params: nnx.State, config: ModelConfig, head: HeadConfig, *, seed: int) -> nnx.State:
+def with_encoder_params(
+    encoder_params: nnx.State, config: ModelConfig, head: HeadConfig, *, seed: int, param_dtype: str = "float32"
+) -> nnx.State:
     """Full `EncoderWithHead` parameters from an encoder's (e.g. loaded from an HF checkpoint) and a fresh head."""
-    parts = {"encoder": encoder_params, "head": head_params(config, head, seed=seed)}
+    parts = {"encoder": encoder_params, "head": head_params(config, head, seed=seed, param_dtype=param_dtype)}
     flat = [((name, *path), v) for name, part in parts.items() for path, v in nnx.to_flat_state(part)]
     return nnx.from_flat_state(flat)  # nested as `nnx.state(model, nnx.Param)` nests it
 
 
 @functools.lru_cache(maxsize=16)
-def abstract_model_with_head(config: ModelConfig, head: HeadConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model_with_head(
+    config: ModelConfig, head: HeadConfig, runtime: Runtime = DEFAULT_RUNTIME
+) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph definition and shape-only state of an `EncoderWithHead` (no memory)."""
-    return nnx.split(nnx.eval_shape(lambda: EncoderWithHead(config, head, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: EncoderWithHead(config, head, runtime, rngs=nnx.Rngs(0))))
 
 
-def model_factory(config: ModelConfig, head: HeadConfig):
+def model_factory(config: ModelConfig, head: HeadConfig, runtime: Runtime = DEFAULT_RUNTIME):
     """`factory(rngs) -> EncoderWithHead`, what the train state builds instead of a bare `Transformer`."""
 
     def factory(rngs: nnx.Rngs) -> EncoderWithHead:
-        return EncoderWithHead(config, head, rngs=rngs)
+        return EncoderWithHead(config, head, runtime, rngs=rngs)
 
     return factory
 
 
 def attach_head(encoder: Transformer, head: HeadConfig, *, seed: int = 0) -> EncoderWithHead:
     """An `EncoderWithHead` around an existing encoder (e.g. `from_pretrained(...)`) and a fresh head."""
-    graphdef, _ = abstract_model_with_head(encoder.config, head)
-    params = with_encoder_params(nnx.state(encoder, nnx.Param), encoder.config, head, seed=seed)
+    graphdef, _ = abstract_model_with_head(encoder.config, head, encoder.runtime)
+    dtype = encoder.runtime.param_dtype
+    params = with_encoder_params(nnx.state(encoder, nnx.Param), encoder.config, head, seed=seed, param_dtype=dtype)
     return nnx.merge(graphdef, params)

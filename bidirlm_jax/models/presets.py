@@ -111,7 +111,7 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def get_preset(name: str, **overrides) -> ModelConfig:
-    """A preset by name, with optional field overrides (e.g. `attention="bidirectional"`)."""
+    """A preset by name, with optional architecture overrides (e.g. `num_layers=2`; run settings are a `Runtime`)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; available: {', '.join(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]

@@ -4,7 +4,7 @@
 `hidden_states` chains them from ids or from precomputed embeddings (a tower's tokens merged into the
 text), `__call__` adds the LM head. Positions are `[B, T]` (RoPE) or `[3, B, T]` (M-RoPE).
 
-Layers run unrolled (`nnx.List` of blocks, one traced copy each) or, with `config.scan_layers`, as one
+Layers run unrolled (`nnx.List` of blocks, one traced copy each) or, with `runtime.scan_layers`, as one
 block scanned over parameters stacked on a leading `layers` axis, so compile time stays flat in depth.
 A scanned layer picks its layer type's RoPE table and attention mask by data: an index per layer
 selects among the stacked tables and (`lax.switch`) among the layer types' kernel calls. `add`
@@ -27,12 +27,13 @@ from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.kernels.attention import attend
-from bidirlm_jax.kernels.masks import Segments
+from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.attention import AttendFn, Attention
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.layers import MLP, Embedder, RMSNorm, linear, param
 from bidirlm_jax.models.masks import layer_specs
 from bidirlm_jax.models.positions import rope_tables
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.sharding import constrain
 
 _REMAT_POLICIES = {
@@ -52,26 +53,35 @@ class ModelOutput:
     hidden_states: jax.Array  # [B, T, d], after the final norm
 
 
-def rms_norm(config: ModelConfig, dim: int, rngs: nnx.Rngs) -> RMSNorm:
+def rms_norm(config: ModelConfig, dim: int, param_dtype: str, rngs: nnx.Rngs) -> RMSNorm:
     """An RMSNorm of the config's kind."""
-    return RMSNorm(
-        dim, eps=config.rms_norm_eps, plus_one=config.norm_plus_one, param_dtype=config.param_dtype, rngs=rngs
-    )
+    return RMSNorm(dim, eps=config.rms_norm_eps, plus_one=config.norm_plus_one, param_dtype=param_dtype, rngs=rngs)
 
 
 class Block(nnx.Module):
     """Pre-norm residual block; with `post_norms` (Gemma3) each branch's output is normalised before the add."""
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, param_dtype: str = "float32", rngs: nnx.Rngs):
         d = config.hidden_size
-        self.attn_norm = rms_norm(config, d, rngs)
-        self.attn = Attention(config, rngs=rngs)
-        self.mlp_norm = rms_norm(config, d, rngs)
-        mlp = dict(activation=config.activation, param_dtype=config.param_dtype)
-        self.mlp = MLP(d, config.intermediate_size, **mlp, rngs=rngs)
+        self.attn_norm = rms_norm(config, d, param_dtype, rngs)
+        self.attn = Attention(
+            d,
+            config.num_heads,
+            config.num_kv_heads,
+            config.head_dim,
+            param_dtype=param_dtype,
+            bias=config.attention_bias,
+            qk_norm=config.qk_norm,
+            norm_eps=config.rms_norm_eps,
+            norm_plus_one=config.norm_plus_one,
+            scale=config.attention_scale,
+            rngs=rngs,
+        )
+        self.mlp_norm = rms_norm(config, d, param_dtype, rngs)
+        self.mlp = MLP(d, config.intermediate_size, activation=config.activation, param_dtype=param_dtype, rngs=rngs)
         if config.post_norms:
-            self.post_attn_norm = rms_norm(config, d, rngs)
-            self.post_mlp_norm = rms_norm(config, d, rngs)
+            self.post_attn_norm = rms_norm(config, d, param_dtype, rngs)
+            self.post_mlp_norm = rms_norm(config, d, param_dtype, rngs)
         self.post_norms = config.post_norms
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], attend: AttendFn) -> jax.Array:
@@ -88,18 +98,21 @@ class Transformer(nnx.Module):
     `attention_mask` [B, T] marks real tokens (1) and padding (0), on either side. `segment_ids` [B, T]
     packs several documents into one row; pass `positions` restarting at 0 in each document to give
     each the RoPE positions it would have alone (default 0..T-1 for every row, as transformers' forward does).
+    `config` is the architecture (what the weights are), `runtime` how to run it (`models.runtime`).
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, runtime: Runtime = DEFAULT_RUNTIME, *, rngs: nnx.Rngs):
         self.config = config
+        self.runtime = runtime
         scale = config.hidden_size**0.5 if config.embed_scale else None
-        dtypes = dict(dtype=config.dtype, param_dtype=config.param_dtype)
+        pdtype = runtime.param_dtype
+        dtypes = dict(dtype=runtime.dtype, param_dtype=pdtype)
         self.embedder = Embedder(config.vocab_size, config.hidden_size, **dtypes, scale=scale, rngs=rngs)
-        blocks = [Block(config, rngs=rngs) for _ in config.layer_types]
-        self.layers = _stacked(blocks) if config.scan_layers else nnx.List(blocks)
-        self.final_norm = rms_norm(config, config.hidden_size, rngs)
+        blocks = [Block(config, param_dtype=pdtype, rngs=rngs) for _ in config.layer_types]
+        self.layers = _stacked(blocks) if runtime.scan_layers else nnx.List(blocks)
+        self.final_norm = rms_norm(config, config.hidden_size, pdtype, rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), config.param_dtype)
+            self.lm_head = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"), pdtype)
 
     def embed(self, input_ids) -> jax.Array:
         """Token embeddings [B, T, d] in the compute dtype (scaled as the config says)."""
@@ -117,15 +130,13 @@ class Transformer(nnx.Module):
         add = dict(add or {})
         if any(not 0 <= k < cfg.num_layers for k in add):
             raise ConfigError(f"additions after layers {sorted(add)}: the model has layers 0..{cfg.num_layers - 1}")
-        specs = layer_specs(cfg)
-        kernel = functools.partial(attend, segments=segments, scale=cfg.attention_scale,
-                                   implementation=cfg.attention_impl, block_q=cfg.attention_block_q,
-                                   block_kv=cfg.attention_block_kv)  # fmt: skip
-        attends = {lt: functools.partial(kernel, spec=spec, layer_type=lt) for lt, spec in specs.items()}
+        run = self.runtime
+        specs = layer_specs(cfg, run)
+        attends = {lt: self._kernel(spec, segments, lt) for lt, spec in specs.items()}
         positions = jnp.asarray(positions)
-        dtype = jnp.dtype(cfg.dtype)
+        dtype = jnp.dtype(run.dtype)
         ropes = {lt: rope_tables(positions, cfg.rope_for(lt), cfg.head_dim, dtype, cfg.mrope_section) for lt in specs}
-        x = self._scanned(x, ropes, attends, add) if cfg.scan_layers else self._unrolled(x, ropes, attends, add)
+        x = self._scanned(x, ropes, attends, add) if run.scan_layers else self._unrolled(x, ropes, attends, add)
         return self.final_norm(x)
 
     def hidden_states(
@@ -145,15 +156,26 @@ class Transformer(nnx.Module):
         if inputs_embeds is None:
             x = self.embed(input_ids)
         else:
-            x = constrain(jnp.asarray(inputs_embeds).astype(self.config.dtype), HIDDEN_AXES)
+            x = constrain(jnp.asarray(inputs_embeds).astype(self.runtime.dtype), HIDDEN_AXES)
         b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t), (b, t))
         segments = Segments.of(attention_mask, segment_ids, (b, t))
         return self.backbone(x, positions=positions, segments=segments, add=add)
 
+    def _kernel(self, spec: MaskSpec, segments: Segments, layer_type: str) -> AttendFn:
+        """One layer type's `attend(q, k, v, scale)`: its mask band, the call's segments, the kernel settings."""
+        run = self.runtime
+
+        def call(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+            blocks = dict(block_q=run.attention_block_q, block_kv=run.attention_block_kv)
+            kernel = dict(implementation=run.attention_impl, layer_type=layer_type, **blocks)
+            return attend(q, k, v, spec, segments, scale=scale, **kernel)
+
+        return call
+
     def _remat(self, fn):
-        policy = self.config.remat
+        policy = self.runtime.remat
         return fn if policy == "none" else jax.checkpoint(fn, policy=_REMAT_POLICIES[policy])
 
     @staticmethod
@@ -189,7 +211,10 @@ class Transformer(nnx.Module):
         calls = [attends[lt] for lt in types]
 
         def layer(x, state, i):
-            attend = calls[0] if len(calls) == 1 else functools.partial(jax.lax.switch, i, calls)
+            def attend(q, k, v, scale):  # the layer type's kernel call, chosen by data
+                return jax.lax.switch(i, [functools.partial(c, scale=scale) for c in calls], q, k, v)
+
+            attend = calls[0] if len(calls) == 1 else attend
             return nnx.merge(graphdef, state)(x, (cos[i], sin[i]), attend)
 
         run = self._remat(layer)
@@ -271,9 +296,9 @@ def unstack_layers(state):
 def relayout(model: Transformer, scan_layers: bool) -> Transformer:
     """`model` with its layers scanned (stacked parameters) or unrolled: the boundary between a scanned
     training state and the per-layer layout of checkpoints and HF files. Arrays are restacked, not shared."""
-    if model.config.scan_layers == scan_layers:
+    if model.runtime.scan_layers == scan_layers:
         return model
-    graphdef, _ = abstract_model(model.config.replace(scan_layers=scan_layers))
+    graphdef, _ = abstract_model(model.config, model.runtime.replace(scan_layers=scan_layers))
     state = nnx.state(model)
     return nnx.merge(graphdef, stack_layers(state) if scan_layers else unstack_layers(state))
 
@@ -286,7 +311,7 @@ def _stacked(blocks: list[Block]) -> Block:
 
 
 @functools.lru_cache(maxsize=16)
-def abstract_model(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+def abstract_model(config: ModelConfig, runtime: Runtime = DEFAULT_RUNTIME) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph definition and shape-only state of a model (no memory); cached, since tracing the
     initialisers of a large model takes about a second."""
-    return nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    return nnx.split(nnx.eval_shape(lambda: Transformer(config, runtime, rngs=nnx.Rngs(0))))

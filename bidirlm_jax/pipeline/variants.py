@@ -185,7 +185,7 @@ def build_variants(
 
 
 def _check_base(base: Path) -> None:
-    from bidirlm_jax.io.hf_config import read_config
+    from bidirlm_jax.io.hf_config import read_runtime
 
     if not (base / "config.json").is_file():
         raise ConfigError(f"base {base} is not a Hugging Face model directory (no config.json); give the causal base")
@@ -193,9 +193,9 @@ def _check_base(base: Path) -> None:
         raise ConfigError(
             f"base {base} has no tokenizer.json; the variants carry the base's tokenizer (save it beside the weights)"
         )
-    config = read_config(base)
-    if config.attention != "causal":
-        raise ConfigError(f"base {base} declares {config.attention} attention; the variants start from a causal base")
+    attention = read_runtime(base).attention
+    if attention != "causal":
+        raise ConfigError(f"base {base} declares {attention} attention; the variants start from a causal base")
 
 
 def _build_one(

@@ -18,7 +18,7 @@ from absl import flags
 from ml_collections import ConfigDict, config_dict, config_flags
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.models.config import ATTENTION_IMPLS, ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, REMAT_POLICIES
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, TRAIN_KEYS, Runtime
 from bidirlm_jax.paths import expand_user
 from bidirlm_jax.sharding import LOGICAL_RULES, make_rules
 
@@ -41,14 +41,8 @@ def base_config() -> ConfigDict:
         dict(
             preset="tiny-qwen3",
             init_from="",  # an HF checkpoint directory; empty = random init from `preset`
-            attention="causal",
-            bidirectional_window="half",
-            dtype="float32",  # compute dtype; master weights and the loss stay fp32
-            remat="none",  # none | full | save_dots
-            scan_layers=False,  # scan one layer over stacked parameters: compile time flat in depth
-            attention_impl="auto",  # kernels.attention: auto picks splash on TPU, cuDNN/Triton on GPU, XLA on CPU
-            attention_block_q=512,  # splash / chunked kernels' block sizes, clipped to the sequence length
-            attention_block_kv=512,
+            # The run settings, as models.runtime.Runtime declares them (master weights and the loss stay fp32).
+            **{key: getattr(DEFAULT_RUNTIME, key) for key in TRAIN_KEYS},
             **{k: config_dict.placeholder(t) for k, t in _MODEL_OVERRIDES.items()},
         )
     )
@@ -129,15 +123,17 @@ def _one_of(value: str, allowed: tuple[str, ...], key: str) -> None:
         raise ConfigError(f"{key}={value!r} is not one of {allowed}; fix --config.{key}")
 
 
+def run_settings(model: ConfigDict) -> Runtime:
+    """The `Runtime` a config's `model` section declares: fp32 master weights, its run keys for the rest."""
+    return Runtime.from_settings(model, prefix="model.", param_dtype="float32")
+
+
 def validate(config: ConfigDict) -> None:
     """Refuse values the engine cannot run before anything is built or written."""
-    _one_of(config.model.remat, REMAT_POLICIES, "model.remat")
-    _one_of(config.model.attention_impl, ATTENTION_IMPLS, "model.attention_impl")
+    run_settings(config.model)
     if config.train.max_rows_per_device < 0:
         raise ConfigError("train.max_rows_per_device must be 0 (no limit) or positive")
     _one_of(config.model.dtype, ("float32", "bfloat16"), "model.dtype")  # master weights stay fp32 either way
-    _one_of(config.model.attention, ATTENTION_MODES, "model.attention")
-    _one_of(config.model.bidirectional_window, BIDIRECTIONAL_WINDOWS, "model.bidirectional_window")
     _one_of(config.train.nonfinite, ("stop", "skip"), "train.nonfinite")
     make_rules(config.mesh.rules)
     for key in (

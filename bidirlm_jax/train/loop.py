@@ -39,38 +39,26 @@ from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.run import checkpoints_dir, model_dir
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.paths import user_path
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.checkpoints import BestStep, Checkpointer, latest_step
-from bidirlm_jax.train.config import data_stream, model_overrides, validate
+from bidirlm_jax.train.config import data_stream, model_overrides, run_settings, validate
 from bidirlm_jax.train.objectives import LossFn, Objective, build_objective, causal_lm
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.preflight import preflight
 from bidirlm_jax.train.state import StateLayout, param_shapes
 from bidirlm_jax.train.step import jit_step, make_step_fn
 
-# `model.*` keys that say how the architecture runs (ModelConfig fields), whatever its source.
-_RUN_SETTINGS = (
-    "attention",
-    "bidirectional_window",
-    "dtype",
-    "remat",
-    "scan_layers",
-    "attention_impl",
-    "attention_block_q",
-    "attention_block_kv",
-)
-
 
 def model_config(model: ConfigDict) -> ModelConfig:
-    """The architecture to train: the `init_from` checkpoint's or the preset's, plus the run settings."""
-    run = {k: model[k] for k in _RUN_SETTINGS}
+    """The architecture to train: the `init_from` checkpoint's or the preset's (how it runs: `run_settings`)."""
     overrides = model_overrides(model)
     if not model.init_from:
         if "num_layers" in overrides:  # the preset's layer-type pattern, cut or repeated to the new depth
             pattern = get_preset(model.preset).layer_types
             overrides["layer_types"] = tuple(pattern[i % len(pattern)] for i in range(overrides["num_layers"]))
-        return get_preset(model.preset, **overrides, **run)
+        return get_preset(model.preset, **overrides)
     if overrides:
         raise ConfigError(f"model.init_from fixes the architecture; drop the overrides {sorted(overrides)}")
     path = user_path(model.init_from)
@@ -79,20 +67,13 @@ def model_config(model: ConfigDict) -> ModelConfig:
             f"model.init_from={path} is not a Hugging Face checkpoint directory (no config.json there); "
             "point it to a directory with config.json and *.safetensors, or leave it empty for a random init"
         )
-    return read_config(path, **run)
+    return read_config(path)
 
 
-def _init_params(model: ConfigDict, config: ModelConfig, mesh, objective: Objective) -> nnx.State:
+def _init_params(model: ConfigDict, runtime: Runtime, mesh, objective: Objective) -> nnx.State:
     """fp32 master weights from `init_from`, read tensor by tensor straight into their shardings (and
     completed by the objective, e.g. with a fresh task head)."""
-    loaded = from_pretrained(
-        model.init_from,
-        attention=config.attention,
-        bidirectional_window=config.bidirectional_window,
-        dtype="float32",
-        mesh=mesh,
-        scan_layers=config.scan_layers,
-    )
+    loaded = from_pretrained(model.init_from, runtime=runtime, mesh=mesh)
     params = nnx.state(loaded, nnx.Param)
     return objective.init_params(params) if objective.init_params is not None else params
 
@@ -137,6 +118,7 @@ class _Plan:
 
     mesh: Mesh
     model: ModelConfig
+    runtime: Runtime
     layout: StateLayout
     objective: Objective
     step_fn: Any
@@ -152,7 +134,7 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     run_plan = preflight(config, jax.device_count())
     config.train.grad_accum_steps = run_plan.grad_accum_steps  # what the objectives split each batch into
     mesh = make_mesh(**run_plan.mesh)
-    model_cfg = model_config(config.model)
+    model_cfg, runtime = model_config(config.model), run_settings(config.model)
     if loss_fn is None:
         objective = build_objective(config, model_cfg, workdir=workdir)
     else:
@@ -160,7 +142,13 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     trainable = trainable_lib.from_config(config.optim)
     layout = StateLayout(
-        model_cfg, tx, mesh, seed=config.train.seed, model_factory=objective.model_factory, trainable=trainable
+        model_cfg,
+        tx,
+        mesh,
+        seed=config.train.seed,
+        runtime=runtime,
+        model_factory=objective.model_factory,
+        trainable=trainable,
     )
     trainable_lib.check(layout.abstract.params, config.optim)
     meta = {
@@ -200,12 +188,13 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
     return _Plan(
         mesh=mesh,
         model=model_cfg,
+        runtime=runtime,
         layout=layout,
         objective=objective,
         step_fn=step_fn,
         batches=batches,
         resume_step=resume_step,
-        init_params=_init_params(config.model, model_cfg, mesh, objective) if fresh_from_hf else None,
+        init_params=_init_params(config.model, runtime, mesh, objective) if fresh_from_hf else None,
         meta=meta,
     )
 
@@ -240,7 +229,7 @@ def _write_model_description(workdir: Path, plan: _Plan) -> None:
         return
     with atomic_directory(model_dir(workdir), collective=True) as tmp:
         if jax.process_index() == 0:
-            (tmp / "config.json").write_text(json.dumps(config_to_hf(plan.model), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(config_to_hf(plan.model, plan.runtime), indent=2) + "\n")
             if plan.objective.tokenizer is not None:
                 plan.objective.tokenizer.save_pretrained(tmp)
             for name, text in plan.objective.run_files.items():
@@ -297,6 +286,7 @@ def _train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None, ctrl_c_s
     runlog.log_plan(
         config,
         plan.model,
+        plan.runtime,
         dict(plan.mesh.shape),
         params=sum(x.size for x in jax.tree.leaves(plan.layout.abstract.params)),
         tokens_per_step=plan.objective.tokens_per_step,

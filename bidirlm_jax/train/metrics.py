@@ -19,6 +19,7 @@ import tqdm
 
 from bidirlm_jax.io.atomic import write_atomically
 from bidirlm_jax.models.config import SLIDING, ModelConfig
+from bidirlm_jax.models.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -49,24 +50,25 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float | No
     return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
-def _keys_per_query(config: ModelConfig, layer_type: str, seq_len: int) -> float:
+def _keys_per_query(config: ModelConfig, runtime: Runtime, layer_type: str, seq_len: int) -> float:
     """Average number of keys a query attends to (the FLOPs a layer's attention really needs)."""
-    causal = config.attention == "causal"
-    if layer_type != SLIDING or (not causal and config.bidirectional_window == "none"):
+    causal = runtime.attention == "causal"
+    if layer_type != SLIDING or (not causal and runtime.bidirectional_window == "none"):
         return (seq_len + 1) / 2 if causal else seq_len
     w = config.sliding_window
     if causal:
         return min(w, (seq_len + 1) / 2)
-    return min(seq_len, w + 1 if config.bidirectional_window == "half" else 2 * w + 1)
+    return min(seq_len, w + 1 if runtime.bidirectional_window == "half" else 2 * w + 1)
 
 
-def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Forward + backward FLOPs per token (3 × forward): matmuls, LM head and attention scores/values."""
+def training_flops_per_token(config: ModelConfig, seq_len: int, *, runtime: Runtime) -> float:
+    """Forward + backward FLOPs per token (3 × forward): matmuls, LM head and attention scores/values (as many
+    keys as the runtime's attention mode lets each query see)."""
     d, hd = config.hidden_size, config.head_dim
     per_layer = d * hd * (2 * config.num_heads + 2 * config.num_kv_heads) + 3 * d * config.intermediate_size
     forward = 2 * (config.num_layers * per_layer + d * config.vocab_size)
     for layer_type in config.layer_types:
-        forward += 4 * config.num_heads * hd * _keys_per_query(config, layer_type, seq_len)
+        forward += 4 * config.num_heads * hd * _keys_per_query(config, runtime, layer_type, seq_len)
     return 3.0 * forward
 
 

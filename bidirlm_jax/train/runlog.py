@@ -21,6 +21,7 @@ import tqdm
 from ml_collections import ConfigDict
 
 from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.runtime import Runtime
 
 log = logging.getLogger("bidirlm_jax.train")
 
@@ -64,14 +65,20 @@ def console_logging(*, all_processes: bool = False) -> Iterator[None]:
 
 
 def log_plan(
-    config: ConfigDict, model: ModelConfig, mesh_shape: Mapping[str, int], *, params: int, tokens_per_step: int
+    config: ConfigDict,
+    model: ModelConfig,
+    run: Runtime,
+    mesh_shape: Mapping[str, int],
+    *,
+    params: int,
+    tokens_per_step: int,
 ) -> None:
     """The run as it was decided, before anything is built."""
     data, train = config.data, config.train
     start = f"from {config.model.init_from}" if config.model.init_from else f"random init of {config.model.preset}"
     log.info("plan: objective %s, %d steps, %s", config.objective, train.steps, start)
     kinds = {kind: model.layer_types.count(kind) for kind in dict.fromkeys(model.layer_types)}
-    window = f" (sliding window {model.sliding_window}, {model.bidirectional_window})" if model.sliding_window else ""
+    window = f" (sliding window {model.sliding_window}, {run.bidirectional_window})" if model.sliding_window else ""
     log.info(
         "model: %s, %d layers (%s), hidden %d, %d/%d heads, vocab %d, attention %s%s, compute %s, remat %s%s",
         model.family,
@@ -81,11 +88,11 @@ def log_plan(
         model.num_heads,
         model.num_kv_heads,
         model.vocab_size,
-        model.attention,
+        run.attention,
         window,
-        model.dtype,
-        model.remat,
-        ", scanned layers" if model.scan_layers else "",
+        run.dtype,
+        run.remat,
+        ", scanned layers" if run.scan_layers else "",
     )
     log.info("parameters: %s, all trained (nothing frozen)", f"{params:,}")
     devices, shards = jax.device_count(), mesh_shape["data"] * mesh_shape["fsdp"]
@@ -113,11 +120,11 @@ def log_plan(
         f"{tokens_per_step:,}",
         f"{tokens_per_step * train.steps:,}",
     )
-    blocks = f"block q/kv {model.attention_block_q}/{model.attention_block_kv}"
-    if model.attention_impl == "auto":
+    blocks = f"block q/kv {run.attention_block_q}/{run.attention_block_kv}"
+    if run.attention_impl == "auto":
         log.info("attention kernels: auto (%s); each layer type's is logged when the step compiles", blocks)
     else:
-        log.info("attention kernels: %s for every layer type (%s)", model.attention_impl, blocks)
+        log.info("attention kernels: %s for every layer type (%s)", run.attention_impl, blocks)
 
 
 def log_start(resume_step: int | None, checkpoints: str) -> None:

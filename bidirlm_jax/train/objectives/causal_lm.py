@@ -15,6 +15,7 @@ from bidirlm_jax.data.token_windows import lm_rows, load_tokens
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.losses.causal_lm import causal_lm_loss
 from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.train.config import run_settings
 from bidirlm_jax.train.metrics import training_flops_per_token
 from bidirlm_jax.train.objectives.base import (
     LossFn,
@@ -46,7 +47,8 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path, loss_fn: Los
     return Objective(
         rows=rows,
         grad_fn=token_sum_grads(loss_fn or causal_lm_loss, grad_accum=config.train.grad_accum_steps),
-        flops_per_step=training_flops_per_token(model, data.seq_len) * tokens_per_step,
+        flops_per_step=training_flops_per_token(model, data.seq_len, runtime=run_settings(config.model))
+        * tokens_per_step,
         tokens_per_step=tokens_per_step,
         tokenizer=tokenizer,
         key_metric="accuracy",

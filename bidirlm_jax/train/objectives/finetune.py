@@ -44,6 +44,8 @@ from bidirlm_jax.io.tokenizer import pad_id
 from bidirlm_jax.losses.classification import LOSSES
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.heads import TASKS, HeadConfig, model_factory, with_encoder_params
+from bidirlm_jax.models.runtime import Runtime
+from bidirlm_jax.train.config import run_settings
 from bidirlm_jax.train.metrics import training_flops_per_token
 from bidirlm_jax.train.objectives.base import (
     Objective,
@@ -120,12 +122,12 @@ def _tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path, train: Lab
     return tokenizer
 
 
-def _check_settings(config: ConfigDict, model: ModelConfig) -> tuple[str, str, str]:
+def _check_settings(config: ConfigDict) -> tuple[str, str, str]:
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"objective {config.objective!r} is not a fine-tuning task; choose one of {OBJECTIVES}")
     if "finetune" not in config:
         raise ConfigError(f"objective {config.objective} needs the finetune.* settings: use configs/finetune.py")
-    if model.scan_layers:
+    if config.model.scan_layers:
         raise ConfigError(
             "model.scan_layers=True is not supported for fine-tuning (heads are saved, read and exported with "
             "one tensor per layer); set --config.model.scan_layers=False"
@@ -148,7 +150,7 @@ def _check_settings(config: ConfigDict, model: ModelConfig) -> tuple[str, str, s
         if task == "token_classification" and value != "auto":
             raise ConfigError(f"finetune.{key}={value!r} applies to sequence tasks; leave it at 'auto' for {task}")
     if pooling == "auto":
-        pooling = "mean" if model.attention == "bidirectional" else "last"
+        pooling = "mean" if config.model.attention == "bidirectional" else "last"
     return pooling, "" if classifier == "auto" else classifier, best
 
 
@@ -187,15 +189,15 @@ def _check_recorded(workdir: Path, head: HeadConfig, label_map: LabelMap, stream
         )
 
 
-def finetune_flops_per_step(model: ModelConfig, seq_len: int, rows: int) -> float:
+def finetune_flops_per_step(model: ModelConfig, seq_len: int, rows: int, *, runtime: Runtime) -> float:
     """Training FLOPs of a step: the encoder on every token (no LM head; the task head is negligible)."""
     lm_head = 6.0 * model.hidden_size * model.vocab_size
-    return rows * seq_len * (training_flops_per_token(model, seq_len) - lm_head)
+    return rows * seq_len * (training_flops_per_token(model, seq_len, runtime=runtime) - lm_head)
 
 
 def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneObjective:
     """The fine-tuning objective of a run, every input checked before anything is computed or written."""
-    pooling, classifier, best = _check_settings(config, model)
+    pooling, classifier, best = _check_settings(config)
     task, data, ft = config.objective, config.data, config.finetune
     train, validation = load_splits(config, task)
     label_map = build_label_map(train, explicit=_labels_setting(ft.labels))
@@ -225,16 +227,16 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneO
         truncated_train=train_encoded.num_truncated,
         stream=_stream(config),
     )
-    seed = config.train.seed
+    seed, runtime = config.train.seed, run_settings(config.model)
     return FinetuneObjective(
         rows=rows,
         grad_fn=token_sum_grads(LOSSES[task], grad_accum=config.train.grad_accum_steps),
-        flops_per_step=finetune_flops_per_step(model, data.seq_len, data.global_batch_size),
+        flops_per_step=finetune_flops_per_step(model, data.seq_len, data.global_batch_size, runtime=runtime),
         tokens_per_step=data.global_batch_size * data.seq_len,
         tokenizer=tokenizer,
         head=head,
         label_map=label_map,
-        model_factory=model_factory(model, head),
+        model_factory=model_factory(model, head, runtime),
         init_params=lambda encoder_params: with_encoder_params(encoder_params, model, head, seed=seed),
         evaluate=functools.partial(
             evaluate_encoded, encoded=validation_encoded, label_map=label_map, pad=pad, batch_size=ft.eval_batch_size

@@ -26,6 +26,8 @@ from bidirlm_jax.evals.lm import evaluate_domains, read_domains
 from bidirlm_jax.io.tokenizer import resolve_mask_token
 from bidirlm_jax.losses.mntp import capacity, make_mntp_loss
 from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.runtime import Runtime
+from bidirlm_jax.train.config import run_settings
 from bidirlm_jax.train.metrics import training_flops_per_token
 from bidirlm_jax.train.objectives.base import Objective, run_tokenizer, token_sum_grads
 from bidirlm_jax.train.objectives.text import packed_text
@@ -50,11 +52,13 @@ def logged_metrics(means: Mapping[str, float], num_sources: int = 0) -> dict[str
 # --- the objective of a run ---------------------------------------------------------------------------
 
 
-def mntp_flops_per_step(model: ModelConfig, seq_len: int, rows: int, head_slots: int | None) -> float:
+def mntp_flops_per_step(
+    model: ModelConfig, seq_len: int, rows: int, head_slots: int | None, *, runtime: Runtime
+) -> float:
     """Training FLOPs of a step: the body on every token, the LM head only on the slots the sparse head
     runs (every position on the dense path)."""
     head = 6.0 * model.hidden_size * model.vocab_size  # forward + backward of one position's logits
-    body = training_flops_per_token(model, seq_len) - head
+    body = training_flops_per_token(model, seq_len, runtime=runtime) - head
     return rows * (seq_len * body + (head_slots if head_slots is not None else seq_len) * head)
 
 
@@ -92,7 +96,9 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
     return Objective(
         rows=text.rows,
         grad_fn=token_sum_grads(loss_fn, grad_accum=config.train.grad_accum_steps),
-        flops_per_step=mntp_flops_per_step(model, data.seq_len, data.global_batch_size, slots),
+        flops_per_step=mntp_flops_per_step(
+            model, data.seq_len, data.global_batch_size, slots, runtime=run_settings(config.model)
+        ),
         tokens_per_step=data.global_batch_size * data.seq_len,
         report=report,
         tokenizer=tokenizer,
