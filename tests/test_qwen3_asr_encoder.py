@@ -20,6 +20,7 @@ from bidirlm_jax.audio_tokens import chunk_tokens, conv_len, release_tokens  # n
 from bidirlm_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from bidirlm_jax.io.audio_weights import load_audio_tower  # noqa: E402
 from bidirlm_jax.io.hf_config_audio import audio_config_from_hf  # noqa: E402
+from bidirlm_jax.models.runtime import Runtime  # noqa: E402
 from bidirlm_jax.models.towers.qwen3_asr.encoder import AudioEncoder, AudioLayer, token_mask  # noqa: E402
 from bidirlm_jax.models.towers.qwen3_asr.stem import chunk_lengths  # noqa: E402
 from bidirlm_jax.testing import qwen3_asr as ref  # noqa: E402
@@ -46,9 +47,10 @@ def oracle(request):
 _run = nnx.jit(lambda model, features, lengths: model(features, lengths))
 
 
-def _ours(oracle, **settings) -> AudioEncoder:
+def _ours(oracle, audio_attention: str | None = None, **run) -> AudioEncoder:
     encoder, tensors, _ = oracle
-    model = AudioEncoder(audio_config_from_hf(encoder.config.to_dict(), **settings), rngs=nnx.Rngs(0))
+    config = audio_config_from_hf(encoder.config.to_dict(), audio_attention=audio_attention)
+    model = AudioEncoder(config, Runtime(**run), rngs=nnx.Rngs(0))
     load_audio_tower(model, tensors)
     return model
 
@@ -195,8 +197,8 @@ def test_every_cpu_kernel_computes_the_same():
     lengths = np.array([250, 37, 0])
     outputs = {}
     for impl in ("reference", "blocked", "chunked"):
-        config = audio_config_from_hf(encoder.config.to_dict(), attention_impl=impl)
-        model = AudioEncoder(config, rngs=nnx.Rngs(0))
+        config = audio_config_from_hf(encoder.config.to_dict())
+        model = AudioEncoder(config, Runtime(attention_impl=impl), rngs=nnx.Rngs(0))
         load_audio_tower(model, ref.tower_tensors(encoder))
         out = _run(model, features, lengths)
         outputs[impl] = np.asarray(out.tokens)[np.asarray(out.valid)]

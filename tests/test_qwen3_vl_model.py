@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.hf_config import runtime_from_hf
 from bidirlm_jax.io.hf_config_vision import qwen3_vl_config_from_hf
 from bidirlm_jax.io.vision_weights import qwen3_vl_from_tensors
 from bidirlm_jax.models.towers.qwen3_vl.model import merge_placeholders
@@ -77,9 +78,10 @@ def hf(request):
 
 
 def ours_for(hf, scan: bool = False):
-    config = qwen3_vl_config_from_hf(hf.config.to_dict(), scan_layers=scan, vision_run=dict(scan_layers=scan))
+    config = qwen3_vl_config_from_hf(hf.config.to_dict())
     config = config.replace(text=config.text.replace(tie_word_embeddings=True))  # Qwen3VLModel has no LM head
-    return qwen3_vl_from_tensors(config, ref.state_tensors(hf))
+    runtime = runtime_from_hf(hf.config.to_dict(), scan_layers=scan)
+    return qwen3_vl_from_tensors(config, ref.state_tensors(hf), runtime)
 
 
 def test_config_reads_the_tower_and_the_mode(hf):
@@ -88,7 +90,8 @@ def test_config_reads_the_tower_and_the_mode(hf):
     assert (config.vision.depth, config.vision.hidden_size, config.vision.num_position_embeddings) == (3, 32, 16)
     assert config.vision.hidden_act == "gelu_pytorch_tanh" and config.vision.rope_theta == 10000.0
     assert config.image_token_id == IMG and config.text.mrope_section == (6, 5, 5)
-    assert config.text.attention == ("causal" if hf.config.text_config.is_causal else "bidirectional")
+    runtime = runtime_from_hf(hf.config.to_dict())
+    assert runtime.attention == ("causal" if hf.config.text_config.is_causal else "bidirectional")
 
 
 @pytest.mark.parametrize("padded", [True, False])

@@ -17,6 +17,7 @@ from transformers import vision_utils
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.vision_weights import vision_from_tensors, vision_to_tensors, vision_weight_table
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.towers.qwen3_vl.config import VisionConfig
 from bidirlm_jax.models.towers.qwen3_vl.layout import vision_layout
 from bidirlm_jax.models.towers.qwen3_vl.vision import VisionTower, relayout, rotary_tables
@@ -28,10 +29,10 @@ REL_TOL = 1e-5  # see the module docstring
 GRIDS = [(1, 4, 6), (1, 6, 2), (2, 2, 4)]
 
 
-def our_config(hf, **run) -> VisionConfig:
+def our_config(hf) -> VisionConfig:
     c = hf.config
-    return VisionConfig(**{k: getattr(c, k) for k in ref.VISION}, hidden_act=c.hidden_act,
-                        deepstack_visual_indexes=tuple(c.deepstack_visual_indexes), **run)  # fmt: skip
+    fields = {k: getattr(c, k) for k in ref.VISION}
+    return VisionConfig(**fields, hidden_act=c.hidden_act, deepstack_visual_indexes=tuple(c.deepstack_visual_indexes))
 
 
 def tensors(model) -> dict[str, np.ndarray]:
@@ -186,14 +187,14 @@ def test_tower_matches_transformers(hf, hf_out, ours, rows):
 def test_every_kernel_path_matches(hf, hf_out, impl):
     """The tower through each CPU-runnable attention kernel (blocked is "auto"'s choice, tested above);
     chunked with 8-token blocks, so segments straddle blocks."""
-    config = our_config(hf, attention_impl=impl, attention_block_q=8, attention_block_kv=8)
-    tower = vision_from_tensors(config, tensors(hf))
+    runtime = Runtime(attention_impl=impl, attention_block_q=8, attention_block_kv=8)
+    tower = vision_from_tensors(our_config(hf), tensors(hf), runtime=runtime)
     layout = vision_layout([GRIDS], merge=2, side=4)
     _check_tower(tower(pixels(GRIDS)[None], layout), hf_out, [[0, 1, 2]], layout)
 
 
 def test_scanned_equals_unrolled(hf, ours):
-    scanned = vision_from_tensors(our_config(hf, scan_layers=True), tensors(hf))
+    scanned = vision_from_tensors(our_config(hf), tensors(hf), runtime=Runtime(scan_layers=True))
     assert scanned.layers.norm1.weight.shape == (3, 32)  # parameters stacked
     layout = vision_layout([GRIDS[:2], GRIDS[2:]], 40, merge=2, side=4)
     x = np.random.default_rng(3).uniform(-1, 1, (2, 40, 1536)).astype(np.float32)

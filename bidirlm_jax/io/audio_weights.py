@@ -69,7 +69,7 @@ def load_audio_tower(encoder: AudioEncoder, tensors: Mapping[str, np.ndarray], p
         var[...] = jnp.asarray(fetch(key, var.shape), var.dtype)
     n = encoder.config.encoder_layers
     for key, path in LAYER_KEYS:
-        if encoder.config.scan_layers:
+        if encoder.runtime.scan_layers:
             var = _variable(encoder.layers, path)
             var[...] = jnp.asarray(np.stack([fetch(f"layers.{i}.{key}", var.shape[1:]) for i in range(n)]), var.dtype)
         else:

@@ -37,9 +37,9 @@ def find_audio_config(d: Mapping[str, Any]) -> Mapping[str, Any]:
     )
 
 
-def audio_config_from_hf(d: Mapping[str, Any], *, audio_attention: str | None = None, **overrides: Any) -> AudioConfig:
-    """Read the audio tower's config from a whole config.json or its `audio_config`; `overrides` set run
-    settings (`dtype`, `scan_layers`, `attention_impl`, ...)."""
+def audio_config_from_hf(d: Mapping[str, Any], *, audio_attention: str | None = None) -> AudioConfig:
+    """Read the audio tower's config from a whole config.json or its `audio_config` (how it runs is a
+    `Runtime`, given to the encoder)."""
     audio = find_audio_config(d)
     missing = [k for k in REQUIRED if k not in audio]
     if missing:
@@ -47,7 +47,4 @@ def audio_config_from_hf(d: Mapping[str, Any], *, audio_attention: str | None = 
     fields = {k: audio[k] for k in REQUIRED + OPTIONAL if k in audio}
     if audio_attention is None:
         audio_attention = "clip" if audio.get("model_type") in CLIP_ATTENTION_TYPES else "window"
-    try:
-        return AudioConfig(**fields, audio_attention=audio_attention, **overrides)
-    except TypeError as e:
-        raise ConfigError(f"unknown audio config setting: {e}") from e
+    return AudioConfig(**fields, audio_attention=audio_attention)

@@ -14,17 +14,12 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.hf_config import config_from_hf
 from bidirlm_jax.models.towers.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 
-_ARCHITECTURE_FIELDS = tuple(
-    f.name
-    for f in dataclasses.fields(VisionConfig)
-    if f.name not in ("rope_theta", "dtype", "param_dtype", "attention_impl", "attention_block_q",
-                      "attention_block_kv", "scan_layers")
-)  # fmt: skip
+_ARCHITECTURE_FIELDS = tuple(f.name for f in dataclasses.fields(VisionConfig) if f.name != "rope_theta")
 _TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
 
 
-def vision_config_from_hf(d: Mapping[str, Any], **run: Any) -> VisionConfig:
-    """A `VisionConfig` from a `vision_config` dict; `run` sets run fields (dtype, attention_impl, scan_layers)."""
+def vision_config_from_hf(d: Mapping[str, Any]) -> VisionConfig:
+    """A `VisionConfig` from a `vision_config` dict."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"vision_config must be a JSON object, got {type(d).__name__}")
     kw: dict[str, Any] = {k: d[k] for k in _ARCHITECTURE_FIELDS if k in d}
@@ -38,18 +33,15 @@ def vision_config_from_hf(d: Mapping[str, Any], **run: Any) -> VisionConfig:
     for name in ("patch_size", "temporal_patch_size"):
         if not isinstance(kw.get(name, 0), int):
             raise ConfigError(f"vision_config.{name} must be one integer (square patches), got {kw[name]!r}")
-    return VisionConfig(**kw, **run)
+    return VisionConfig(**kw)
 
 
-def qwen3_vl_config_from_hf(
-    d: Mapping[str, Any], *, vision_run: Mapping[str, Any] = (), **text_run: Any
-) -> Qwen3VLConfig:
-    """A `Qwen3VLConfig` from a Qwen3-VL config.json dict; `text_run` are `config_from_hf` overrides (attention,
-    dtype, scan_layers, ...), `vision_run` the tower's run fields."""
+def qwen3_vl_config_from_hf(d: Mapping[str, Any], **overrides: Any) -> Qwen3VLConfig:
+    """A `Qwen3VLConfig` from a Qwen3-VL config.json dict; `overrides` are the text config's (`config_from_hf`).
+    How it runs is `io.hf_config.runtime_from_hf(d)` (the attention mode the text config records)."""
     if not isinstance(d, Mapping) or d.get("model_type") != "qwen3_vl":
         got = d.get("model_type") if isinstance(d, Mapping) else type(d).__name__
         raise ConfigError(f"expected a Qwen3-VL config (model_type 'qwen3_vl'), got {got!r}")
     tokens = {k: int(d[k]) for k in _TOKEN_FIELDS if k in d}
-    text = config_from_hf(d, **text_run)
-    return Qwen3VLConfig(text=text, vision=vision_config_from_hf(d.get("vision_config") or {}, **dict(vision_run)),
-                         **tokens)  # fmt: skip
+    text = config_from_hf(d, **overrides)
+    return Qwen3VLConfig(text=text, vision=vision_config_from_hf(d.get("vision_config") or {}), **tokens)

@@ -17,9 +17,11 @@ import numpy as np
 from flax import nnx
 
 from bidirlm_jax.errors import CheckpointError
-from bidirlm_jax.io.hf import WeightEntry, weight_table
 from bidirlm_jax.io.layouts import LM_HEAD
+from bidirlm_jax.io.weights.table import WeightEntry
+from bidirlm_jax.io.weights.text import weight_table
 from bidirlm_jax.models import transformer
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.towers.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 from bidirlm_jax.models.towers.qwen3_vl.model import Qwen3VL
 from bidirlm_jax.models.towers.qwen3_vl.vision import VisionTower, relayout
@@ -88,13 +90,17 @@ def load_table(abstract: nnx.Module, table: list[WeightEntry], tensors: Mapping[
 
 
 def vision_from_tensors(
-    config: VisionConfig, tensors: Mapping[str, np.ndarray], prefix: str = "visual."
+    config: VisionConfig,
+    tensors: Mapping[str, np.ndarray],
+    prefix: str = "visual.",
+    runtime: Runtime = DEFAULT_RUNTIME,
 ) -> VisionTower:
-    """A `VisionTower` whose parameters are the `prefix` tensors of a transformers Qwen3-VL state dict."""
-    unrolled = config.replace(scan_layers=False)
-    abstract = nnx.eval_shape(lambda: VisionTower(unrolled, rngs=nnx.Rngs(0)))
-    tower = load_table(abstract, vision_weight_table(unrolled), tensors, prefix)
-    return relayout(tower, config.scan_layers)
+    """A `VisionTower` run as `runtime` says whose parameters are the `prefix` tensors of a transformers
+    Qwen3-VL state dict."""
+    unrolled = runtime.replace(scan_layers=False)
+    abstract = nnx.eval_shape(lambda: VisionTower(config, unrolled, rngs=nnx.Rngs(0)))
+    tower = load_table(abstract, vision_weight_table(config), tensors, prefix)
+    return relayout(tower, runtime.scan_layers)
 
 
 def vision_to_tensors(tower: VisionTower, prefix: str = "visual.") -> dict[str, np.ndarray]:
@@ -121,15 +127,15 @@ def qwen3_vl_weight_table(
     return text + vision
 
 
-def qwen3_vl_from_tensors(config: Qwen3VLConfig, tensors: Mapping[str, np.ndarray], **prefixes: str) -> Qwen3VL:
+def qwen3_vl_from_tensors(
+    config: Qwen3VLConfig, tensors: Mapping[str, np.ndarray], runtime: Runtime = DEFAULT_RUNTIME, **prefixes: str
+) -> Qwen3VL:
     """A `Qwen3VL` whose parameters are the tensors of a transformers Qwen3-VL state dict (`prefixes` as
     `qwen3_vl_weight_table` takes them); scanned parts are stacked after loading."""
-    unrolled = config.replace(
-        text=config.text.replace(scan_layers=False), vision=config.vision.replace(scan_layers=False)
-    )
-    abstract = nnx.eval_shape(lambda: Qwen3VL(unrolled, rngs=nnx.Rngs(0)))
-    model = load_table(abstract, qwen3_vl_weight_table(unrolled, **prefixes), tensors)
-    text = transformer.relayout(model.text, config.text.scan_layers)
-    visual = relayout(model.visual, config.vision.scan_layers)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen3VL(config, rngs=nnx.Rngs(0))))
+    unrolled = runtime.replace(scan_layers=False)
+    abstract = nnx.eval_shape(lambda: Qwen3VL(config, unrolled, rngs=nnx.Rngs(0)))
+    model = load_table(abstract, qwen3_vl_weight_table(config, **prefixes), tensors)
+    text = transformer.relayout(model.text, runtime.scan_layers)
+    visual = relayout(model.visual, runtime.scan_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Qwen3VL(config, runtime, rngs=nnx.Rngs(0))))
     return nnx.merge(graphdef, nnx.State({"text": nnx.state(text), "visual": nnx.state(visual)}))

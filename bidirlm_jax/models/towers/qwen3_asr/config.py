@@ -1,4 +1,4 @@
-"""The audio tower's config: the architecture fields of transformers' `audio_config` and how to run it.
+"""The audio tower's config: the architecture fields of transformers' `audio_config` and its attention pattern.
 
 `io/hf_config_audio.py` reads it from a checkpoint's config.json. `audio_attention` is the one behaviour
 the checkpoints themselves do not say: transformers' `Qwen3ASREncoder`/`Qwen3OmniMoeAudioEncoder`
@@ -17,12 +17,11 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.layers import ACTIVATIONS
 
 AUDIO_ATTENTION = ("window", "clip")
-_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
 class AudioConfig:
-    """Architecture (transformers' field names) and run settings of one AuT encoder."""
+    """Architecture (transformers' field names) and attention pattern of one AuT encoder."""
 
     d_model: int
     encoder_layers: int
@@ -35,12 +34,9 @@ class AudioConfig:
     downsample_hidden_size: int = 480  # conv stem channels
     activation_function: str = "gelu"  # encoder MLP and projector; the stem always uses exact GELU
     layer_norm_eps: float = 1e-5  # torch.nn.LayerNorm's default, which every AuT implementation keeps
-    # How to run it; none of these changes a weight.
+    # Which positions attend to which (see the module docstring); how the encoder runs (dtypes, kernel,
+    # scanned layers) is the `models.runtime.Runtime` it is built with.
     audio_attention: str = "window"
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    attention_impl: str = "auto"  # a kernel of `kernels.attention.KERNELS`, or "auto"
-    scan_layers: bool = False
 
     def __post_init__(self):
         sizes = (self.d_model, self.encoder_layers, self.encoder_attention_heads, self.encoder_ffn_dim,
@@ -63,7 +59,6 @@ class AudioConfig:
                 self.activation_function in ACTIVATIONS,
                 f"activation_function {self.activation_function!r} not in {sorted(ACTIVATIONS)}",
             ),
-            (self.dtype in _DTYPES and self.param_dtype in _DTYPES, f"dtypes {self.dtype}/{self.param_dtype}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -25,6 +25,7 @@ from bidirlm_jax.audio_tokens import conv_len
 from bidirlm_jax.kernels.attention import attend
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.layers import ACTIVATIONS, LayerNorm, linear, param
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.towers.qwen3_asr.config import AudioConfig
 from bidirlm_jax.models.towers.qwen3_asr.stem import ConvStem, chunk_lengths
 from bidirlm_jax.models.transformer import stack_layers
@@ -50,8 +51,8 @@ def _bias(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype: 
 class AudioAttention(nnx.Module):
     """Multi-head self-attention with biases on q, k, v and out (heads split out of torch's [out, in])."""
 
-    def __init__(self, config: AudioConfig, *, rngs: nnx.Rngs):
-        d, h, hd, dtype = config.d_model, config.encoder_attention_heads, config.head_dim, config.param_dtype
+    def __init__(self, config: AudioConfig, dtype: str, *, rngs: nnx.Rngs):
+        d, h, hd = config.d_model, config.encoder_attention_heads, config.head_dim
         for name in ("q", "k", "v"):
             setattr(self, f"{name}_proj", param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), dtype))
             setattr(self, f"{name}_bias", _bias(rngs, (h, hd), ("heads", "head_dim"), dtype))
@@ -68,12 +69,12 @@ class AudioAttention(nnx.Module):
 class AudioLayer(nnx.Module):
     """Pre-LN block: `x += attn(LN(x))`, then `x += fc2(act(fc1(LN(x))))`."""
 
-    def __init__(self, config: AudioConfig, *, rngs: nnx.Rngs):
-        d, f, dtype = config.d_model, config.encoder_ffn_dim, config.param_dtype
+    def __init__(self, config: AudioConfig, dtype: str, *, rngs: nnx.Rngs):
+        d, f = config.d_model, config.encoder_ffn_dim
         norm = dict(eps=config.layer_norm_eps, param_dtype=dtype, rngs=rngs)
         self.act = ACTIVATIONS[config.activation_function]
         self.self_attn_layer_norm = LayerNorm(d, **norm)
-        self.self_attn = AudioAttention(config, rngs=rngs)
+        self.self_attn = AudioAttention(config, dtype, rngs=rngs)
         self.final_layer_norm = LayerNorm(d, **norm)
         self.fc1 = param(rngs, (f, d), ("mlp", "embed"), dtype)
         self.fc1_bias = _bias(rngs, (f,), ("mlp",), dtype)
@@ -96,12 +97,12 @@ def _stacked(layers: list[AudioLayer]) -> AudioLayer:
 class AudioEncoder(nnx.Module):
     """`encoder(input_features [B, mel_bins, T], lengths [B]) -> AudioOutput` (see the module docstring)."""
 
-    def __init__(self, config: AudioConfig, *, rngs: nnx.Rngs):
-        d, dtype = config.d_model, config.param_dtype
-        self.config = config
-        self.stem = ConvStem(config, rngs=rngs)
-        layers = [AudioLayer(config, rngs=rngs) for _ in range(config.encoder_layers)]
-        self.layers = _stacked(layers) if config.scan_layers else nnx.List(layers)
+    def __init__(self, config: AudioConfig, runtime: Runtime = DEFAULT_RUNTIME, *, rngs: nnx.Rngs):
+        d, dtype = config.d_model, runtime.param_dtype
+        self.config, self.runtime = config, runtime
+        self.stem = ConvStem(config, dtype, rngs=rngs)
+        layers = [AudioLayer(config, dtype, rngs=rngs) for _ in range(config.encoder_layers)]
+        self.layers = _stacked(layers) if runtime.scan_layers else nnx.List(layers)
         self.ln_post = LayerNorm(d, eps=config.layer_norm_eps, param_dtype=dtype, rngs=rngs)
         self.proj1 = param(rngs, (d, d), ("mlp", "embed"), dtype)
         self.proj1_bias = _bias(rngs, (d,), ("mlp",), dtype)
@@ -112,7 +113,7 @@ class AudioEncoder(nnx.Module):
         """`ln_post` output [B, chunks·c, d_model] (transformers' `Qwen3ASREncoder.last_hidden_state`) and
         the valid mask [B, chunks·c]."""
         cfg = self.config
-        x = jnp.asarray(input_features).astype(cfg.dtype)
+        x = jnp.asarray(input_features).astype(self.runtime.dtype)
         lengths = jnp.asarray(lengths, jnp.int32)
         b, mels, t = x.shape
         n, chunks = cfg.chunk_frames, -(-t // cfg.chunk_frames)
@@ -128,11 +129,18 @@ class AudioEncoder(nnx.Module):
             segments = Segments.of(valid, None, shape)
         else:
             segments = Segments.blocks(shape, cfg.window_tokens, valid)
+        run = self.runtime
         attend_fn = functools.partial(
-            attend, spec=FULL, segments=segments, scale=cfg.head_dim**-0.5,
-            implementation=cfg.attention_impl, layer_type="audio",
-        )  # fmt: skip
-        h = self._scanned(h, attend_fn) if cfg.scan_layers else self._unrolled(h, attend_fn)
+            attend,
+            spec=FULL,
+            segments=segments,
+            scale=cfg.head_dim**-0.5,
+            implementation=run.attention_impl,
+            layer_type="audio",
+            block_q=run.attention_block_q,
+            block_kv=run.attention_block_kv,
+        )
+        h = self._scanned(h, attend_fn) if run.scan_layers else self._unrolled(h, attend_fn)
         return self.ln_post(h), valid
 
     def _unrolled(self, x: jax.Array, attend_fn) -> jax.Array:

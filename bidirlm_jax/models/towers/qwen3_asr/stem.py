@@ -62,8 +62,8 @@ class ConvStem(nnx.Module):
     `2·n_window` (a no-op) otherwise.
     """
 
-    def __init__(self, config: AudioConfig, *, rngs: nnx.Rngs):
-        ch, dtype = config.downsample_hidden_size, config.param_dtype
+    def __init__(self, config: AudioConfig, dtype: str, *, rngs: nnx.Rngs):
+        ch = config.downsample_hidden_size
         self.conv2d1 = Conv(1, ch, param_dtype=dtype, rngs=rngs)
         self.conv2d2 = Conv(ch, ch, param_dtype=dtype, rngs=rngs)
         self.conv2d3 = Conv(ch, ch, param_dtype=dtype, rngs=rngs)

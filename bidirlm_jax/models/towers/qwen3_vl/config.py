@@ -1,5 +1,6 @@
-"""Qwen3-VL configs: the vision tower's (transformers' `Qwen3VLVisionConfig` field names, plus run
-settings) and the whole model's (text + vision + special token ids).
+"""Qwen3-VL configs: the vision tower's (transformers' `Qwen3VLVisionConfig` field names) and the whole
+model's (text + vision + special token ids). How either runs (dtypes, kernel, scanned blocks) is the
+`models.runtime.Runtime` the model is built with, one for text and tower.
 
 `io/hf_config_vision.py` reads both from a checkpoint's config.json; the models read only these fields.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.models.config import ATTENTION_IMPLS, DTYPES, ModelConfig
+from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.layers import ACTIVATIONS
 
 LAYER_NORM_EPS = 1e-6  # transformers hard-codes it for every LayerNorm of the tower and its mergers
@@ -20,7 +21,7 @@ LAYER_NORM_EPS = 1e-6  # transformers hard-codes it for every LayerNorm of the t
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """Architecture of a Qwen3-VL vision tower and how to run it. The defaults are transformers'
+    """Architecture of a Qwen3-VL vision tower. The defaults are transformers'
     `Qwen3VLVisionConfig` defaults (what a config.json that omits a field means); Qwen3-VL-2B's tower is
     depth 24, width 1024, MLP 4096, output 2048, taps (5, 11, 17)."""
 
@@ -38,13 +39,6 @@ class VisionConfig:
     # Blocks after which a DeepStack merger runs; indexes ≥ depth are declared (their mergers carried) but never run.
     deepstack_visual_indexes: tuple[int, ...] = (8, 16, 24)
     rope_theta: float = 10000.0
-    # How to run it; none of these changes a weight.
-    dtype: str = "float32"
-    param_dtype: str = "float32"
-    attention_impl: str = "auto"
-    attention_block_q: int = 512
-    attention_block_kv: int = 512
-    scan_layers: bool = False
 
     def __post_init__(self):
         side = math.isqrt(self.num_position_embeddings)
@@ -55,8 +49,6 @@ class VisionConfig:
             (side * side == self.num_position_embeddings, "num_position_embeddings must be a square"),
             (self.hidden_act in ACTIVATIONS, f"hidden_act {self.hidden_act!r} not one of {sorted(ACTIVATIONS)}"),
             (min(self.deepstack_visual_indexes, default=0) >= 0, "deepstack_visual_indexes must be ≥ 0"),
-            (self.dtype in DTYPES and self.param_dtype in DTYPES, f"dtypes {self.dtype}/{self.param_dtype}"),
-            (self.attention_impl in ATTENTION_IMPLS, f"attention_impl {self.attention_impl!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.towers.qwen3_vl.config import Qwen3VLConfig
 from bidirlm_jax.models.towers.qwen3_vl.layout import VisionLayout, vision_layout
 from bidirlm_jax.models.towers.qwen3_vl.rope_index import get_rope_index
@@ -35,10 +36,13 @@ def merge_placeholders(x: jax.Array, placeholders: jax.Array, tokens: jax.Array)
 
 
 class Qwen3VL(nnx.Module):
-    def __init__(self, config: Qwen3VLConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        self.text = Transformer(config.text, rngs=rngs)
-        self.visual = VisionTower(config.vision, rngs=rngs)
+    """The text stack fed by the vision tower; one `runtime` runs both (the tower ignores the attention mode:
+    it always attends within each image)."""
+
+    def __init__(self, config: Qwen3VLConfig, runtime: Runtime = DEFAULT_RUNTIME, *, rngs: nnx.Rngs):
+        self.config, self.runtime = config, runtime
+        self.text = Transformer(config.text, runtime, rngs=rngs)
+        self.visual = VisionTower(config.vision, runtime, rngs=rngs)
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> dict[str, Any]:
         """Host side: check the inputs and compute `positions` [3, B, T] and the patch `layout` (all images

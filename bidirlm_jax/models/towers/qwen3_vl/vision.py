@@ -8,7 +8,7 @@ turns the hidden states into text-width features that the text model adds after 
 Mergers use the exact GELU, the blocks the tanh one, as transformers does.
 
 Shapes are static: a row of P patches (P a multiple of 4) gives P/4 tokens; which patches are real and
-where each image starts is the host's `VisionLayout`. With `scan_layers` the blocks run as scans over
+where each image starts is the host's `VisionLayout`. With the runtime's `scan_layers` the blocks run as scans over
 stacked parameters, split at the DeepStack taps.
 """
 
@@ -27,6 +27,7 @@ from bidirlm_jax.kernels.attention import attend
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.layers import ACTIVATIONS, LayerNorm, linear, param
 from bidirlm_jax.models.positions import apply_rope
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.towers.qwen3_vl.config import LAYER_NORM_EPS, VisionConfig
 from bidirlm_jax.models.towers.qwen3_vl.layout import VisionLayout
 from bidirlm_jax.models.transformer import stack_layers, unstack_layers
@@ -68,10 +69,10 @@ def rotary_tables(coords: jax.Array, head_dim: int, theta: float) -> tuple[jax.A
 class VisionAttention(nnx.Module):
     """Multi-head self-attention with one fused qkv projection (rows [q; k; v], each head-major)."""
 
-    def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: VisionConfig, param_dtype: str, *, rngs: nnx.Rngs):
         d, h, hd = config.hidden_size, config.num_heads, config.head_dim
-        self.qkv = Dense((3, h, hd), (d,), ("qkv", "heads", "head_dim", "embed"), config.param_dtype, rngs)
-        self.proj = Dense((d,), (h, hd), ("embed", "heads", "head_dim"), config.param_dtype, rngs)
+        self.qkv = Dense((3, h, hd), (d,), ("qkv", "heads", "head_dim", "embed"), param_dtype, rngs)
+        self.proj = Dense((d,), (h, hd), ("embed", "heads", "head_dim"), param_dtype, rngs)
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array], attend_fn) -> jax.Array:
         qkv = self.qkv(x)  # [B, P, 3, H, hd]
@@ -81,11 +82,11 @@ class VisionAttention(nnx.Module):
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
-        d, f, dtype = config.hidden_size, config.intermediate_size, config.param_dtype
+    def __init__(self, config: VisionConfig, dtype: str, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
         self.act = ACTIVATIONS[config.hidden_act]
         self.norm1 = LayerNorm(d, eps=LAYER_NORM_EPS, param_dtype=dtype, rngs=rngs)
-        self.attn = VisionAttention(config, rngs=rngs)
+        self.attn = VisionAttention(config, dtype, rngs=rngs)
         self.norm2 = LayerNorm(d, eps=LAYER_NORM_EPS, param_dtype=dtype, rngs=rngs)
         self.fc1 = Dense((f,), (d,), ("mlp", "embed"), dtype, rngs)
         self.fc2 = Dense((d,), (f,), ("embed", "mlp"), dtype, rngs)
@@ -99,11 +100,11 @@ class PatchMerger(nnx.Module):
     """Each 2 × 2 block of patches → one token of the text width: LayerNorm (per patch, or after the
     shuffle for DeepStack's `postshuffle`), fc1, exact GELU, fc2."""
 
-    def __init__(self, config: VisionConfig, *, postshuffle: bool, rngs: nnx.Rngs):
-        wide, dtype = config.hidden_size * config.merge_unit, config.param_dtype
+    def __init__(self, config: VisionConfig, dtype: str, *, postshuffle: bool, rngs: nnx.Rngs):
+        wide = config.hidden_size * config.merge_unit
         self.wide, self.postshuffle = wide, postshuffle
-        self.norm = LayerNorm(wide if postshuffle else config.hidden_size, eps=LAYER_NORM_EPS, param_dtype=dtype,
-                              rngs=rngs)  # fmt: skip
+        norm_dim = wide if postshuffle else config.hidden_size
+        self.norm = LayerNorm(norm_dim, eps=LAYER_NORM_EPS, param_dtype=dtype, rngs=rngs)
         self.fc1 = Dense((wide,), (wide,), ("mlp", "embed"), dtype, rngs)
         self.fc2 = Dense((config.out_hidden_size,), (wide,), ("embed", "mlp"), dtype, rngs)
 
@@ -116,21 +117,21 @@ class PatchMerger(nnx.Module):
 class VisionTower(nnx.Module):
     """`tower(pixels [B, P, patch_dim], layout) -> VisionOutput`; `layout` from `layout.vision_layout`."""
 
-    def __init__(self, config: VisionConfig, *, rngs: nnx.Rngs):
-        self.config = config
-        d, dtype = config.hidden_size, config.param_dtype
+    def __init__(self, config: VisionConfig, runtime: Runtime = DEFAULT_RUNTIME, *, rngs: nnx.Rngs):
+        self.config, self.runtime = config, runtime
+        d, dtype = config.hidden_size, runtime.param_dtype
         self.patch_embed = Dense((d,), (config.patch_dim,), ("embed", "patch"), dtype, rngs)
         self.pos_embed = param(rngs, (config.num_position_embeddings, d), ("positions", "embed"), dtype)
-        blocks = [VisionBlock(config, rngs=rngs) for _ in range(config.depth)]
-        self.layers = _stacked(blocks) if config.scan_layers else nnx.List(blocks)
-        self.merger = PatchMerger(config, postshuffle=False, rngs=rngs)
+        blocks = [VisionBlock(config, dtype, rngs=rngs) for _ in range(config.depth)]
+        self.layers = _stacked(blocks) if runtime.scan_layers else nnx.List(blocks)
+        self.merger = PatchMerger(config, dtype, postshuffle=False, rngs=rngs)
         # Every declared merger is built (and carried through conversion), including those past the depth.
-        mergers = [PatchMerger(config, postshuffle=True, rngs=rngs) for _ in config.deepstack_visual_indexes]
+        mergers = [PatchMerger(config, dtype, postshuffle=True, rngs=rngs) for _ in config.deepstack_visual_indexes]
         self.deepstack_mergers = nnx.List(mergers)
 
     def embed(self, pixels: jax.Array, layout: VisionLayout) -> jax.Array:
         """Patch embeddings plus the position table interpolated to each image (taps summed in fp32)."""
-        dtype = jnp.dtype(self.config.dtype)
+        dtype = jnp.dtype(self.runtime.dtype)
         x = self.patch_embed(jnp.asarray(pixels).astype(dtype))
         taps = jnp.take(self.pos_embed[...], jnp.asarray(layout.interp_index), axis=0).astype(jnp.float32)
         pos = jnp.einsum("bpkd,bpk->bpd", taps, jnp.asarray(layout.interp_weight, jnp.float32))
@@ -147,18 +148,25 @@ class VisionTower(nnx.Module):
 
     def attend_fn(self, layout: VisionLayout, length: int):
         """The blocks' attention kernel call: full attention within each segment (frame) of each row."""
-        cfg = self.config
+        run = self.runtime
         segments = Segments.per_item(layout.lengths, length)
-        return functools.partial(attend, spec=BIDIRECTIONAL, segments=segments, scale=cfg.head_dim**-0.5,
-                                 implementation=cfg.attention_impl, layer_type="vision",
-                                 block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)  # fmt: skip
+        return functools.partial(
+            attend,
+            spec=BIDIRECTIONAL,
+            segments=segments,
+            scale=self.config.head_dim**-0.5,
+            implementation=run.attention_impl,
+            layer_type="vision",
+            block_q=run.attention_block_q,
+            block_kv=run.attention_block_kv,
+        )
 
     def _blocks(self, x, rope, attend_fn) -> tuple[jax.Array, list[jax.Array]]:
         """The blocks over `x`, and the DeepStack feature of each tap in block order. Scanned, one scan
         runs from each tap to the next (a tap's hidden states must leave the scan)."""
         cfg = self.config
         taps, features = dict(cfg.taps), []
-        if not cfg.scan_layers:
+        if not self.runtime.scan_layers:
             for i, block in enumerate(self.layers):
                 x = block(x, rope, attend_fn)
                 if i in taps:
@@ -184,9 +192,9 @@ def _stacked(blocks: list[VisionBlock]) -> VisionBlock:
 
 def relayout(tower: VisionTower, scan_layers: bool) -> VisionTower:
     """`tower` with its blocks scanned (stacked parameters) or unrolled (the per-block layout of files)."""
-    if tower.config.scan_layers == scan_layers:
+    if tower.runtime.scan_layers == scan_layers:
         return tower
-    config = tower.config.replace(scan_layers=scan_layers)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: VisionTower(config, rngs=nnx.Rngs(0))))
+    runtime = tower.runtime.replace(scan_layers=scan_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: VisionTower(tower.config, runtime, rngs=nnx.Rngs(0))))
     state = nnx.state(tower)
     return nnx.merge(graphdef, stack_layers(state) if scan_layers else unstack_layers(state))
