@@ -6,7 +6,8 @@ A model directory is its weights, its config.json and what its users need to fee
 (`preprocessor_config.json`: pixels and mel features must be computed as the towers were trained),
 sentence-transformers modules (pooling, normalisation, prompts), a licence. An output writes its own
 weights and config.json; everything else still describes the weights, so it travels — a deny-list, because
-an allow-list silently drops the next file a model needs (a tower's processor did). What stays, and why:
+an allow-list silently drops the next file a model needs (a tower's processor did). What stays, and why,
+is listed below; hidden files (tool and version-control state) stay too.
 """
 
 from __future__ import annotations

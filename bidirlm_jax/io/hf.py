@@ -108,8 +108,9 @@ def save_pretrained(
 
     Tensors are written in `dtype` (default: the parameters'), except those `tensor_dtypes` names
     (backbone-relative keys, as `stored_dtypes` returns them), one at a time, into shards with an
-    index above `max_shard_bytes`; `extra_files` (`companion_files(src)`: the tokenizer, processors, …) are copied beside them.
-    In a multi-process run every process calls this: each tensor is gathered to process 0, which writes.
+    index above `max_shard_bytes`; `extra_files` (`companion_files(src)`: the tokenizer, processors, …)
+    are copied beside them. In a multi-process run every process calls this: each tensor is gathered to
+    process 0, which writes.
     """
     model = relayout(model, False)  # HF files hold one tensor per layer
     config = model.config
