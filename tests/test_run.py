@@ -8,6 +8,7 @@ import optax
 from bidirlm_jax.io import run
 from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.checkpoints import Checkpointer
 from bidirlm_jax.train.loop import _write_model_description
@@ -19,9 +20,8 @@ def test_the_tokenizer_a_run_saves_is_the_one_it_resumes_with(tmp_path):
     workdir = tmp_path / "run"
     assert run.saved_tokenizer(workdir) is None
     tokenizer = train_tokenizer(["a few words to learn from"] * 8, 300)
-    plan = SimpleNamespace(
-        model=get_preset("tiny-qwen3"), objective=SimpleNamespace(tokenizer=tokenizer, run_files={"extra.json": "{}"})
-    )
+    objective = SimpleNamespace(tokenizer=tokenizer, run_files={"extra.json": "{}"})
+    plan = SimpleNamespace(model=get_preset("tiny-qwen3"), runtime=Runtime(), objective=objective)
     _write_model_description(workdir, plan)
     assert run.saved_tokenizer(workdir) == run.model_dir(workdir)
     assert (run.model_dir(workdir) / "extra.json").is_file()
