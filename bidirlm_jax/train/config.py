@@ -96,6 +96,9 @@ def base_config() -> ConfigDict:
         )
     )
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Evaluations during the run: NAME -> {kind, data, every, ...}; an entry with empty `data` is off
+    # (`train.evaluation`; the kinds: `evals.registry`).
+    c.evals = ConfigDict()
     c.metrics = ConfigDict(
         dict(peak_flops_per_device=0.0, tensorboard=True, progress_bar=True, log_all_processes=False)
     )  # log_all_processes: every process prints the run's log lines (default: process 0 only)
