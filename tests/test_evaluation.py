@@ -71,9 +71,15 @@ def _registry(calls):
 
 
 def test_each_evaluation_keeps_its_own_schedule_and_one_keeps_the_best(tmp_path, monkeypatch):
-    config = ConfigDict({"evals": {"a": dict(kind="fake", data="x", every=2, best=True),
-                                   "b": dict(kind="fake", data="y", every=3, best=False),
-                                   "off": dict(kind="fake", data="", every=1, best=False)}})  # fmt: skip
+    config = ConfigDict(
+        {
+            "evals": {
+                "a": dict(kind="fake", data="x", every=2, best=True),
+                "b": dict(kind="fake", data="y", every=3, best=False),
+                "off": dict(kind="fake", data="", every=1, best=False),
+            }
+        }
+    )
     calls = []
     evaluations = build_evaluations(config, None, _registry(calls))
     assert [e.name for e in evaluations] == ["a", "b"]
@@ -102,3 +108,22 @@ def test_preflight_lists_the_evaluations_files():
     assert not [k for k, _ in input_paths(config) if k.startswith("evals.")]  # "auto" names no file
     config.evals.validation.data = "/data/valid.jsonl"
     assert ("evals.validation.data", "/data/valid.jsonl") in input_paths(config)
+
+
+def test_deprecated_keys_still_parse_from_the_command_line():
+    """`--config.finetune.eval_every=4` as users typed it before `config.evals`: parsed (an int) and mapped."""
+    from bidirlm_jax import configs
+    from bidirlm_jax.train.config import parse_train_args
+
+    argv = [
+        "--config",
+        "finetune:tiny",
+        "--workdir",
+        "/tmp/unused",
+        "--config.finetune.eval_every=4",
+        "--config.finetune.validation_path=/d/v.jsonl",
+        "--config.evals.validation.batch_size=8",
+    ]
+    config, _ = parse_train_args(configs.resolve_args(argv))
+    spec = eval_specs(config)["validation"]
+    assert (spec.every, spec.data, spec.batch_size) == (4, "/d/v.jsonl", 8)
