@@ -41,7 +41,7 @@ Record = tuple[str, Any]  # (where, record)
 VALUE_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "text": (lambda v: isinstance(v, str), "a string"),
     "texts": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
-    "id": (lambda v: isinstance(v, str | int) and not isinstance(v, bool), "an integer"),
+    "id": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "null": (lambda v: v is None, "null"),
 }
 
