@@ -11,6 +11,7 @@ from bidirlm_jax.configs import mntp as mntp_configs
 from bidirlm_jax.data.stdlib_text import stdlib_code, stdlib_docstrings
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.lm import evaluate_domains, parse_domains, read_domains
+from bidirlm_jax.evals.registry import EVALUATORS
 from bidirlm_jax.io.tokenizer import load_tokenizer, train_tokenizer
 from bidirlm_jax.train import train
 
@@ -52,12 +53,12 @@ def test_mntp_run_logs_the_held_out_loss_of_each_domain(domains, tmp_path, caplo
     config.data.update(source="text", path=str(domains / "english.jsonl"), tokenizer=str(domains / "tokenizer"))
     config.data.update(seq_len=32, global_batch_size=8)
     spec = f"english:{domains / 'english.jsonl'};code:{domains / 'code.jsonl'}"
-    config.mntp.update(eval_data=spec, eval_every=2, eval_texts=12)
+    config.evals.held_out.update(data=spec, every=2, texts=12)
     config.train.update(steps=5, checkpoint_every=5, log_every=5)
     config.metrics.update(progress_bar=False, tensorboard=False)
     workdir = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="bidirlm_jax.train"):
-        train(config, str(workdir))
+        train(config, str(workdir), evaluators=EVALUATORS)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     evaluated = {r["step"]: r for r in rows if "eval/loss/code" in r}
     assert sorted(evaluated) == [2, 4, 5]  # every eval_every steps and at the last one

@@ -17,11 +17,13 @@ from bidirlm_jax.data import labeled_synthetic
 from bidirlm_jax.data.loader import DeviceBatches
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals import finetune as evals_finetune
+from bidirlm_jax.evals.registry import EVALUATORS
 from bidirlm_jax.io.run import HEAD_FILE
 from bidirlm_jax.io.tokenizer import load_tokenizer, train_tokenizer
 from bidirlm_jax.losses import classification
 from bidirlm_jax.models.heads import IGNORE_INDEX, EncoderWithHead, HeadConfig
 from bidirlm_jax.sharding import make_mesh
+from bidirlm_jax.train.evaluation import build_evaluations
 from bidirlm_jax.train.loop import model_config
 from bidirlm_jax.train.objectives import finetune
 from bidirlm_jax.train.optim import make_optimizer
@@ -42,17 +44,27 @@ def tokenizer_dir(tmp_path_factory):
     return out
 
 
-def _config(objective="classification", tokenizer_dir=None, **finetune_settings):
+def _config(objective="classification", tokenizer_dir=None, validation=None, **finetune_settings):
     c = get_config("tiny")
     c.objective = objective
     if tokenizer_dir is not None:
         c.data.tokenizer = str(tokenizer_dir)
     c.finetune.update(finetune_settings)
+    c.evals.validation.update(validation or {})
     return c
 
 
+def _validation(config, objective):
+    """The run's validation evaluation, as the engine builds it from `config.evals`."""
+    (evaluation,) = build_evaluations(config, objective, EVALUATORS)
+    return evaluation
+
+
 def _build(config, workdir):
-    return finetune.build(config, model_config(config.model), workdir=workdir)
+    """The objective and its validation, built (and checked) as the engine's plan does before any step."""
+    objective = finetune.build(config, model_config(config.model), workdir=workdir)
+    _validation(config, objective)
+    return objective
 
 
 def _drive(objective, config, steps: int, mesh_shape=(8, 1, 1)):
@@ -70,14 +82,15 @@ def _drive(objective, config, steps: int, mesh_shape=(8, 1, 1)):
     shardings = sharding.state_shardings(jax.eval_shape(init), mesh)
     state = jax.jit(init, out_shardings=shardings)()
     batches = DeviceBatches(objective.rows, mesh, config.data.global_batch_size)
+    evaluate = _validation(config, objective)
     step = jit_step(make_step_fn(graphdef, objective.grad_fn, tx, schedule), shardings, mesh, batches.shapes)
     logs = []
     with jax.set_mesh(mesh):
-        before = objective.evaluate(nnx.merge(graphdef, state.params))
+        before = evaluate(nnx.merge(graphdef, state.params))
         for _ in range(steps):
             state, out = step(state, next(batches))
             logs.append({k: float(v) for k, v in jax.device_get(out).items()})
-        after = objective.evaluate(nnx.merge(graphdef, state.params))
+        after = evaluate(nnx.merge(graphdef, state.params))
     return before, after, logs
 
 
@@ -136,7 +149,8 @@ def test_objective_brings_model_params_evaluation_and_run_files(tmp_path, tokeni
     config = _config("classification", tokenizer_dir, pooling="late", labels="none,fruit")
     obj = _build(config, tmp_path)
     assert obj.head == HeadConfig("classification", 2, pooling="late", dropout=0.0)
-    assert obj.label_map.names == ("none", "fruit") and obj.best_metric == "accuracy" and obj.eval_every == 40
+    validation = _validation(config, obj)
+    assert obj.label_map.names == ("none", "fruit") and validation.best_metric == "accuracy" and validation.every == 40
     row = obj.rows[0]
     assert row["input_ids"].shape == (32,) and row["input_ids"].dtype == np.int32 and row["labels"].shape == ()
     assert obj.flops_per_step > 0 and obj.tokens_per_step == 16 * 32
@@ -152,10 +166,10 @@ def test_objective_brings_model_params_evaluation_and_run_files(tmp_path, tokeni
     assert description["stream"]["word_separator"] == " "
 
     # the standalone evaluation (any split, tokenised as training does) equals the objective's
-    validation = labeled_synthetic.synthetic_split("classification", 256, seed=0, name="validation")
+    split = labeled_synthetic.synthetic_split("classification", 256, seed=0, name="validation")
     tokenizer = load_tokenizer(tokenizer_dir)
-    direct = evals_finetune.evaluate(model, tokenizer, validation, label_map=obj.label_map, max_length=32, batch_size=7)
-    assert direct == pytest.approx(obj.evaluate(model))
+    direct = evals_finetune.evaluate(model, tokenizer, split, label_map=obj.label_map, max_length=32, batch_size=7)
+    assert direct == pytest.approx(validation(model))
     assert set(direct) == {"accuracy", "macro_f1", "loss", "examples", "truncated"}
 
 
@@ -205,8 +219,8 @@ GOOD = [{"text": "a dog", "label": "pos"}, {"text": "a cat", "label": "neg"}]
         ("classification", [], {}, r"validation split .* holds no examples"),
         ("classify", GOOD, {}, "objective 'classify' is not a fine-tuning task"),
         ("classification", GOOD, {"pooling": "max"}, "finetune.pooling='max' is not one of"),
-        ("classification", GOOD, {"best_metric": "mse"}, "finetune.best_metric='mse' is not one of"),
-        ("classification", GOOD, {"validation_path": ""}, "evaluates on a validation split"),
+        ("classification", GOOD, {"best_metric": "mse"}, "evals.validation.best_metric='mse' is not one of"),
+        ("classification", GOOD, {"data": "auto"}, "evaluates on a validation split"),
         ("regression", GOOD, {}, "regression label 'label'='pos' is not a number"),
         ("token_classification", GOOD, {"pooling": "last"}, "applies to sequence tasks"),
     ],
@@ -216,8 +230,10 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, tokenizer_d
     data = tmp_path / "data"
     data.mkdir()
     train, valid = _files(data, GOOD, validation)
-    config = _config(objective, tokenizer_dir, validation_path=valid)
-    config.finetune.update(settings)
+    config = _config(objective, tokenizer_dir, validation={"data": valid})
+    validation_keys = ("best_metric", "data")  # evals.validation's; the rest are finetune.*
+    config.evals.validation.update({k: v for k, v in settings.items() if k in validation_keys})
+    config.finetune.update({k: v for k, v in settings.items() if k not in validation_keys})
     config.data.update(source="labeled", path=train)
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -237,7 +253,7 @@ def test_other_bad_settings(tmp_path, tokenizer_dir):
         _build(config, tmp_path)
     data = tmp_path / "d"
     data.mkdir()
-    config.data.path, config.finetune.validation_path = _files(data, GOOD, GOOD)
+    config.data.path, config.evals.validation.data = _files(data, GOOD, GOOD)
     with pytest.raises(ConfigError, match="needs the checkpoint's tokenizer"):
         _build(config, tmp_path)
     config.model.scan_layers = True

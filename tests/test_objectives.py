@@ -227,12 +227,13 @@ def test_fine_tuning_through_the_engine_validates_keeps_the_best_step_and_export
     import transformers
 
     from bidirlm_jax.configs import finetune as finetune_configs
+    from bidirlm_jax.evals.registry import EVALUATORS
     from bidirlm_jax.io.heads import read_best
 
     config = _quiet(finetune_configs.get_config("tiny"))
     config.finetune.pooling = "last"
     config.train.steps = 80
-    train(config, str(tmp_path / "run"))
+    train(config, str(tmp_path / "run"), evaluators=EVALUATORS)
     evaluated = [r for r in _metrics(tmp_path / "run") if "eval/accuracy" in r]
     assert [r["step"] for r in evaluated] == [40, 80]
     assert evaluated[-1]["eval/accuracy"] > 0.8  # a two-way task: chance is 0.5

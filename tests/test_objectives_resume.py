@@ -80,7 +80,9 @@ def test_a_run_killed_mid_save_resumes_bit_exactly(preset, tmp_path):
 
 @pytest.mark.slow
 def test_a_fine_tuning_run_killed_mid_save_keeps_its_best_step_schedule_and_head(tmp_path):
-    whole, interrupted = _kill_and_resume("configs/finetune.py:tiny", tmp_path, f"--config.finetune.eval_every={EVERY}")
+    whole, interrupted = _kill_and_resume(
+        "configs/finetune.py:tiny", tmp_path, f"--config.evals.validation.every={EVERY}"
+    )
     evaluated = [r["step"] for r in _metrics(interrupted) if "eval/accuracy" in r]
     assert evaluated == [4, 8, 10] == [r["step"] for r in _metrics(whole) if "eval/accuracy" in r]
     assert read_best(interrupted) == read_best(whole) and read_best(whole)["step"] in evaluated

@@ -159,7 +159,7 @@ def test_record_missing_positive_names_file_and_line(tmp_path):
     with pytest.raises(ConfigError, match=r"bad\.jsonl:1: .*\"query\" is missing"):
         pairs.read_pairs(path)
     (tmp_path / "bad.jsonl").write_text('{"query": "q", "positive": "p"}\n\n{oops\n')
-    with pytest.raises(ConfigError, match=r"bad\.jsonl:3: not a JSON object"):
+    with pytest.raises(ConfigError, match=r"bad\.jsonl:3: not valid JSON"):
         pairs.read_pairs(path)
 
 

@@ -156,3 +156,30 @@ def test_end_to_end_and_cli(qwen_src, tmp_path, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
     assert run_cli(["eval", "--model", qwen_src, "--beir", tmp_path / "missing"]) == 2
     assert "not a directory" in capsys.readouterr().err
+
+
+def test_retrieval_during_training_scores_as_the_standalone_evaluation(qwen_src, tmp_path):
+    """The `retrieval` kind of `config.evals`: the BEIR data read (and checked) when the run is planned, then
+    scored with the run's pooling, length and the entry's instruction, as `evaluate_retrieval` scores it."""
+    from types import SimpleNamespace
+
+    from bidirlm_jax.configs import contrastive
+    from bidirlm_jax.evals.registry import EVALUATORS
+    from bidirlm_jax.train.evaluation import build_evaluations
+
+    beir = make_beir(tmp_path / "beir")
+    model = from_pretrained(qwen_src, attention="bidirectional")
+    tokenizer = load_tokenizer(qwen_src)
+    config = contrastive.get_config("tiny")
+    config.data.seq_len = MAX_LENGTH
+    config.evals.retrieval.update(data=str(beir), every=5, instruction="find the passage", best_metric="ndcg_at_10")
+    (evaluation,) = build_evaluations(config, SimpleNamespace(tokenizer=tokenizer), EVALUATORS)
+    assert (evaluation.every, evaluation.best_metric) == (5, "ndcg_at_10")
+    expected = evaluate_retrieval(model, tokenizer, beir, instruction="find the passage", max_length=MAX_LENGTH)
+    assert evaluation(model) == expected  # the same computation: exactly the same scores
+    config.evals.retrieval.update(best_metric="ndcg")
+    with pytest.raises(ConfigError, match="evals.retrieval.best_metric='ndcg' is not one of"):
+        build_evaluations(config, SimpleNamespace(tokenizer=tokenizer), EVALUATORS)
+    config.evals.retrieval.update(best_metric="", data=str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="is not a directory"):
+        build_evaluations(config, SimpleNamespace(tokenizer=tokenizer), EVALUATORS)

@@ -112,5 +112,5 @@ def test_bad_inputs(tmp_path):
 
 def test_hub_corpus_offline_is_a_clear_error():
     # Tests run offline (HF_DATASETS_OFFLINE=1): the hub path must fail with a message, not a traceback.
-    with pytest.raises(ConfigError, match="cannot stream the datasets corpus 'no-such-user/no-such-corpus'"):
+    with pytest.raises(ConfigError, match="cannot stream hub dataset 'no-such-user/no-such-corpus'"):
         list(iter_documents("hf:no-such-user/no-such-corpus"))

@@ -77,6 +77,7 @@ def instruction(task: Task, variant: Variant, cfg: ConfigDict, trained: bool) ->
 def run_cell(variant: Variant, task: Task, config: ConfigDict, work: Path, timer) -> tuple[dict[str, Any], bool]:
     """(the cell's row, whether it was computed now); `ConfigError` for a cell or run made with other settings,
     `Preempted` when its fine-tuning stopped on SIGTERM."""
+    from bidirlm_jax.evals.registry import EVALUATORS
     from bidirlm_jax.train import train
 
     run = work / "cells" / SLUGS[variant.name] / task.name
@@ -100,7 +101,7 @@ def run_cell(variant: Variant, task: Task, config: ConfigDict, work: Path, timer
     start = time.perf_counter()
     if trained:
         _claim(run, settings, what)
-        result = train(cfg, str(run))
+        result = train(cfg, str(run), evaluators=EVALUATORS)
         if result["preempted"]:
             raise Preempted(run, result["step"])
     if task.kind == "retrieval":

@@ -344,9 +344,12 @@ def _sweep_texts(plan: _Plan, config: ConfigDict, generated: Path | None) -> lis
     if task is None:
         raise ConfigError("the merge-ratio sweep needs held-out text: set --config.sweep.texts=FILE (.txt or .jsonl)")
     from bidirlm_jax.data.labeled_synthetic import synthetic_texts
-    from bidirlm_jax.train.objectives.finetune import load_splits
+    from bidirlm_jax.evals.registry import validation_split
+    from bidirlm_jax.train.evaluation import eval_specs
+    from bidirlm_jax.train.objectives.finetune import record_fields
 
-    return synthetic_texts(load_splits(task_config(task, config), task.kind)[1])[:limit]
+    cfg = task_config(task, config)
+    return synthetic_texts(validation_split(cfg, eval_specs(cfg)["validation"], record_fields(cfg)))[:limit]
 
 
 def _sweep(plan: _Plan, config: ConfigDict, variants: dict[str, Variant], generated: Path | None, timer):

@@ -85,7 +85,7 @@ TASKS: dict[str, Task] = {
             "regression",
             "spearman",
             preset="seahorse",
-            paths=(("seahorse_train", "data.path"), ("seahorse_validation", "finetune.validation_path")),
+            paths=(("seahorse_train", "data.path"), ("seahorse_validation", "evals.validation.data")),
         ),
         Task(
             "miracl",
@@ -186,7 +186,7 @@ def finetune_config(task: Task, settings: ConfigDict, task_paths: ConfigDict) ->
         {
             **_schedule(settings),
             "train.seed": settings.seed,
-            "finetune.eval_every": settings.eval_every,
+            "evals.validation.every": settings.eval_every,
             "finetune.synthetic_train_size": settings.synthetic_train_size,
             "finetune.synthetic_validation_size": settings.synthetic_validation_size,
             "finetune.classifier": settings.get("classifier", "") if task.kind != "token_classification" else "",

@@ -69,33 +69,24 @@ def run_embed(args: argparse.Namespace) -> int:
 
 
 def read_texts(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
-    """One text per line of a .txt file, or the `text_field` of each line of a .jsonl file; never empty."""
+    """One text per line of a .txt file (blank lines too: row i of the output is line i), or the `text_field`
+    of each line of a .jsonl file; never empty."""
+    from bidirlm_jax.data.records import ROWS, read_file
+
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise ConfigError(f"{path}: give a .txt file (one text per line) or a .jsonl file (a {text_field!r} field)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise ConfigError(f"input file {path} does not exist") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text ({e.reason}); re-encode it as UTF-8") from None
-    if path.suffix == ".txt":
-        texts = lines
-    else:
-        texts = [_jsonl_text(line, f"{path}:{i}", text_field) for i, line in enumerate(lines, 1) if line.strip()]
+    if not path.is_file():
+        raise ConfigError(f"input file {path} does not exist")
+    text = ROWS["document"][0]
+    texts = []
+    for where, record in read_file(path, text_field=text_field):
+        if not isinstance(record, dict) or not text.accepts(record.get(text_field)):
+            raise ConfigError(f"{where}: no string {text_field!r} field; add it or name the field with --text-field")
+        texts.append(record[text_field])
     if not any(t.strip() for t in texts):
         raise ConfigError(f"input file {path} holds no text; nothing to embed")
     return texts
-
-
-def _jsonl_text(line: str, where: str, field: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-    if not isinstance(record, dict) or not isinstance(record.get(field), str):
-        raise ConfigError(f"{where}: no string {field!r} field; add it or name the field with --text-field")
-    return record[field]
 
 
 # --- export -------------------------------------------------------------------------------------

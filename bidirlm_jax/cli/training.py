@@ -79,6 +79,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not args.flags or {"-h", "--help"} & set(args.flags):
         print(f"{_TRAIN_USAGE}\n{configs.listing()}", file=sys.stdout if args.flags else sys.stderr)
         return 0 if args.flags else 2
+    from bidirlm_jax.evals.registry import EVALUATORS
     from bidirlm_jax.train.config import parse_train_args
     from bidirlm_jax.train.loop import train
     from bidirlm_jax.train.runlog import console_logging
@@ -90,5 +91,7 @@ def run_train(args: argparse.Namespace) -> int:
     except Exception as e:  # parsing runs the user's config file: whatever it raises is the user's to fix
         raise ConfigError(f"cannot load the --config file: {type(e).__name__}: {e}") from None
     with console_logging(all_processes=config.metrics.log_all_processes):
-        result = train(config, workdir, ctrl_c_saves=True)  # its log lines say how it ended, where a rerun resumes
+        result = train(
+            config, workdir, ctrl_c_saves=True, evaluators=EVALUATORS
+        )  # its log lines say how it ended, where a rerun resumes
     return 130 if result["stopped_by"] == "SIGINT" else 0

@@ -9,6 +9,7 @@
 (Bi+MNTP+Contrastive). `data.path`: `.jsonl`/`.parquet` files or directories of records
 `{"query", "positive", "negatives": [...]}`, one dataset per file; every batch comes from one dataset.
 `data.seq_len` is the maximum length of every text (longer ones are truncated and counted).
+`evals.retrieval.data=BEIR_DIR` scores retrieval on a BEIR split every `evals.retrieval.every` steps.
 
 Presets: `tiny` (the tiny Gemma3-shaped model on pairs mined from the standard library's docstrings)
 and the paper's four sizes (paper-recipe.md §3.2): learning rates 6e-5 / 3e-5 / 1e-4 / 1e-4, batch 512,
@@ -40,6 +41,17 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             gather="global",  # negatives from the whole mesh | local: per data-parallel shard
             num_negatives=7,  # hard negatives per query (each record must have at least this many)
             instructions="",  # JSON file {dataset: {"instruction": ..., "symmetric": bool}}
+        )
+    )
+    c.evals.retrieval = ConfigDict(
+        dict(
+            kind="retrieval",
+            data="",  # a BEIR directory scored during training: eval/ndcg_at_10, eval/mrr_at_10, ... ("": off)
+            split="test",
+            every=0,  # steps between evaluations (0: the last step only)
+            instruction="",  # on the queries, as training instructs them
+            batch_size=32,
+            best_metric="",  # e.g. ndcg_at_10: keep the best step in RUN/best/
         )
     )
     c.optim.update(schedule="linear", b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip_norm=1.0)

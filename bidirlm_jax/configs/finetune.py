@@ -7,8 +7,8 @@
 
 `objective`: `classification` | `regression` | `token_classification`. `data.source="labeled"` reads
 `data.path` (training split: `.jsonl` / `.csv` / `.parquet` file or directory, or `hf:NAME[:CONFIG]` with
-`finetune.train_split`) and `finetune.validation_path` (for `hf:` sources, default: the same dataset's
-`finetune.validation_split`); fields: `data.text_field`, `finetune.text_pair_field` (pair tasks),
+`finetune.train_split`); the validation split is `evals.validation.data` (`auto`: for `hf:` sources the same
+dataset's `evals.validation.split`); fields: `data.text_field`, `finetune.text_pair_field` (pair tasks),
 `finetune.label_field`, or `finetune.tokens_field` + `finetune.tags_field` (token tasks).
 `data.source="synthetic"` generates a task (a fruit mentioned or not; the share of positive words; person
 and place names). `finetune.pooling`: `auto` (the paper: `last` for a causal model, `mean` for a
@@ -17,8 +17,10 @@ their mean). `finetune.classifier`: `linear` (a bias-free probe; with `last` poo
 classes load), `eurobert` (the authors' released head: dense → GELU → classifier, with biases; what the
 ablation uses), `auto` (`eurobert` for `late`, else `linear`). `finetune.labels="a,b,c"` fixes the label order (default: the dataset's
 class names, else the sorted training labels). The run records its head and label map in
-`WORKDIR/model/head.json`; `finetune.eval_every` steps it scores the validation split
-(`finetune.best_metric`, default accuracy / spearman / entity F1).
+`WORKDIR/model/head.json`; every `evals.validation.every` steps it scores the validation split and keeps the
+best step (`evals.validation.best_metric`, default accuracy / spearman / entity F1). The former
+`finetune.validation_path`, `validation_split`, `eval_every`, `eval_batch_size` and `best_metric` still work,
+with a deprecation warning.
 
 Presets: `tiny` (the tiny Gemma3-shaped model on a generated task, learns in about a hundred steps on
 a CPU); the paper's tasks, which name their datasets through `datasets` (online) and need
@@ -28,7 +30,7 @@ Protocol (§7.1): batch 32, 10 % warmup then a linear decay, AdamW; the paper sw
 learning rates in [5e-6, 5e-3] (5e-5 is the default here: sweep it with --config.optim.learning_rate).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.train.config import base_config
@@ -54,26 +56,38 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             dropout=0.1,
             num_labels=0,  # 0: as many as the label map; otherwise checked against it
             labels="",  # "neg,pos": explicit label order (default: ClassLabel names, else sorted training labels)
-            validation_path="",
             train_split="train",  # hf: sources
-            validation_split="validation",
             text_pair_field="",  # second text of pair tasks (NLI, paraphrase); empty: single text
             label_field="label",
             tokens_field="tokens",
             tags_field="tags",
             word_separator=" ",  # put before every word but the first when tokenising words (token tasks)
-            eval_every=500,  # validation every N steps (0: at the end only)
-            eval_batch_size=32,
-            best_metric="",  # default: accuracy | spearman | f1 (entity)
             synthetic_train_size=2048,
             synthetic_validation_size=256,
+            # deprecated, mapped into evals.validation (data, split, every, batch_size, best_metric) when set
+            validation_path=config_dict.placeholder(str),
+            validation_split=config_dict.placeholder(str),
+            eval_every=config_dict.placeholder(int),
+            eval_batch_size=config_dict.placeholder(int),
+            best_metric=config_dict.placeholder(str),
+        )
+    )
+    c.evals.validation = ConfigDict(
+        dict(
+            kind="finetune",
+            data="auto",  # FILE_OR_DIR; auto: an hf: dataset's `split` (synthetic data: a generated split)
+            split="validation",  # hf: sources
+            every=500,  # validation every N steps (0: at the end only)
+            batch_size=32,
+            best_metric="",  # default: accuracy | spearman | f1 (entity)
         )
     )
     c.optim.update(schedule="linear", b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01, grad_clip_norm=1.0)
     if preset == "tiny":
         c.model.preset = "tiny-gemma3"
         c.data.update(source="synthetic", seq_len=32, global_batch_size=16)
-        c.finetune.update(eval_every=40, dropout=0.0)
+        c.finetune.dropout = 0.0
+        c.evals.validation.every = 40
         c.optim.update(learning_rate=2e-3, warmup_steps=10, weight_decay=0.0)
         c.train.update(steps=120, checkpoint_every=40, log_every=10)
     elif preset in _PAPER:
@@ -87,7 +101,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             c.finetune.update(text_pair_field=pair, label_field=label)
         c.optim.update(learning_rate=5e-5, warmup_steps=steps // 10)
         c.train.update(steps=steps, seed=42, checkpoint_every=500, log_every=50)
-        c.finetune.eval_every = 500
+        c.evals.validation.every = 500
     else:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     return c

@@ -7,7 +7,8 @@
 `data.path` takes `.txt` (a document per line), `.jsonl` (`data.text_field`), `.parquet`, directories or
 globs of them, a `bidirlm tokenize` output (memory-mapped; the way to feed a real corpus), or `hf:NAME`
 (streamed from the Hub when online). `data.mixture="english:0.8:/d/en;math:0.2:/d/math"` mixes sources
-with exact token proportions and logs a loss per source.
+with exact token proportions and logs a loss per source. `evals.held_out.data="english:/d/en.jsonl;code:/d/code"`
+logs the held-out loss and masked accuracy of each set every `evals.held_out.every` steps (`evals.registry`).
 
 Presets: `tiny` (the 4-layer Gemma3-shaped test model with sliding layers, a BPE tokenizer trained on
 the Python standard library's docstrings, which every machine has) and the paper's four sizes
@@ -20,7 +21,7 @@ fit a 16 GB chip), 30 % masking with every selected token replaced by the mask i
 Gemma3 sliding layers `"half"` (|i−j| ≤ 256, as transformers' `use_bidirectional_attention`).
 """
 
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_dict
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.train.config import base_config
@@ -46,9 +47,18 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             capacity_factor=1.2,  # sparse head slots per row = ceil(factor * ratio * seq_len); overflow is logged
             chunk_size=16384,  # vocabulary chunk of the fused LM head + cross-entropy
             sparse=True,  # LM head only where a masked token is predicted
-            eval_data="",  # held-out sets "NAME:PATH;NAME:PATH": eval/loss/NAME, eval/masked_accuracy/NAME
-            eval_every=0,  # steps between held-out evaluations (0: the last step only)
-            eval_texts=256,  # documents read from each held-out set
+            # deprecated, mapped into evals.held_out (data, every, texts) when set
+            eval_data=config_dict.placeholder(str),
+            eval_every=config_dict.placeholder(int),
+            eval_texts=config_dict.placeholder(int),
+        )
+    )
+    c.evals.held_out = ConfigDict(
+        dict(
+            kind="mntp",
+            data="",  # held-out sets "NAME:PATH;NAME:PATH": eval/loss/NAME, eval/masked_accuracy/NAME ("": off)
+            every=0,  # steps between held-out evaluations (0: the last step only)
+            texts=256,  # documents read from each held-out set
         )
     )
     c.optim.update(b1=0.9, b2=0.95, eps=1e-5, weight_decay=0.1, grad_clip_norm=1.0, schedule="wsd")

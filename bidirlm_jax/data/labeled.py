@@ -19,25 +19,23 @@ Tokenisation and training rows: `data.labeled_rows`; generated tasks: `data.labe
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bidirlm_jax.data.sources import data_files
+from bidirlm_jax.data.records import HUB_PREFIX, ROWS, hub_dataset, hub_records, read_records
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.heads import TASKS
 
 EXTENSIONS = (".jsonl", ".csv", ".parquet")
-HUB_PREFIX = "hf:"
 _FORMATS = "a .jsonl, .csv or .parquet file, a directory of them, or hf:NAME[:CONFIG]"
+_TEXT = ROWS["labeled"][0]  # texts (and words) must be strings
 
 
 @dataclass(frozen=True)
@@ -72,39 +70,6 @@ class LabeledSplit:
 # --- reading --------------------------------------------------------------------------------------
 
 
-def _files(path: Path) -> list[Path]:
-    return data_files(path, EXTENSIONS, _FORMATS)
-
-
-def _jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:{lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
-                ) from None
-
-
-def _csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as f:
-        for lineno, row in enumerate(csv.DictReader(f), 2):
-            yield f"{path}:{lineno}", row
-
-
-def _parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq  # installed with `datasets`
-
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            row += 1
-            yield f"{path}: row {row}", record
-
-
 def _class_names(feature: Any) -> tuple[str, ...] | None:
     """A `datasets` ClassLabel's names, or a sequence-of-ClassLabel's (token tags)."""
     names = getattr(feature, "names", None)
@@ -114,18 +79,8 @@ def _class_names(feature: Any) -> tuple[str, ...] | None:
 
 
 def _hub(spec: str, split: str, label_field: str) -> tuple[Iterator[tuple[str, Any]], tuple[str, ...] | None]:
-    import datasets
-
-    name, _, config = spec.partition(":")
-    try:
-        rows = datasets.load_dataset(name, config or None, split=split)
-    except Exception as e:  # the hub raises many types (offline, unknown name or split, gated)
-        raise ConfigError(
-            f"cannot load the datasets dataset {name!r} (config {config or None}, split {split!r}): {e}; "
-            "check the name, the split and the network, or download it and give local files"
-        ) from None
-    names = _class_names((rows.features or {}).get(label_field))
-    return ((f"{name}[{split}] row {i}", r) for i, r in enumerate(rows, 1)), names
+    rows = hub_dataset(spec, split)
+    return hub_records(spec, split, rows), _class_names((rows.features or {}).get(label_field))
 
 
 def _get(record: Any, key: str, where: str) -> Any:
@@ -140,8 +95,8 @@ def _get(record: Any, key: str, where: str) -> Any:
 
 
 def _string(value: Any, where: str, key: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: {key!r} holds a {type(value).__name__}, not a string")
+    if not _TEXT.accepts(value):
+        raise ConfigError(f"{where}: {key!r} holds a {type(value).__name__}, not {_TEXT.expected}")
     return value
 
 
@@ -203,8 +158,7 @@ def read_split(
     if text.startswith(HUB_PREFIX):
         records, names = _hub(text[len(HUB_PREFIX) :], split, label_field)
     else:
-        readers = {".jsonl": _jsonl, ".csv": _csv, ".parquet": _parquet}
-        records = (r for f in _files(Path(text)) for r in readers[f.suffix](f))
+        records = read_records(text, extensions=EXTENSIONS, formats=_FORMATS)
     out = LabeledSplit(name=name or split, source=text, task=task, label_names=names)
     if task != "token_classification" and fields.text_pair:
         out.pairs = []

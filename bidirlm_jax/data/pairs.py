@@ -32,10 +32,9 @@ of the row cut at their max length). Lq and Ld are fixed (`query_max_length`, `d
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +42,11 @@ import grain
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from bidirlm_jax.data.records import HUB_PREFIX, ROWS, expand, hub_dataset, hub_records, read_file
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.paths import user_path
 
 EXTENSIONS = (".jsonl", ".parquet")
-HUB_PREFIX = "hf:"
 INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
 _FIX = 'every record needs non-empty "query" and "positive" strings and optionally "negatives", a list of strings'
 
@@ -89,12 +88,13 @@ def read_pairs(paths: str | os.PathLike | Sequence[str | os.PathLike], *, split:
     for path in paths:
         text = os.fspath(path)
         if text.startswith(HUB_PREFIX):
-            sources = [(text, text[len(HUB_PREFIX) :].split(":")[0])]
+            spec = text[len(HUB_PREFIX) :]
+            sources = [(text, spec.split(":")[0], hub_records(spec, split, hub_dataset(spec, split)))]
         else:
-            sources = [(str(f), f.stem) for f in _pair_files(user_path(text))]
-        for source, default_name in sources:
+            sources = [(str(f), f.stem, read_file(f)) for f in _pair_files(user_path(text))]
+        for source, default_name, records in sources:
             empty = True
-            for where, record in _records(source, split):
+            for where, record in records:
                 empty = False
                 _add(datasets, default_name, source, where, record)
             if empty:
@@ -105,63 +105,23 @@ def read_pairs(paths: str | os.PathLike | Sequence[str | os.PathLike], *, split:
 
 
 def _pair_files(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in EXTENSIONS and p.is_file())
-        if not files:
-            raise ConfigError(f"directory {path} holds no {' or '.join(EXTENSIONS)} files of pairs")
-        return files
-    if not path.is_file():
+    if not path.is_dir() and not path.exists():
         raise ConfigError(f"pairs file {path} does not exist; give .jsonl or .parquet files (one dataset each)")
-    if path.suffix not in EXTENSIONS:
-        raise ConfigError(
-            f"{path}: pairs must be {' or '.join(EXTENSIONS)} files, not {path.suffix or 'extension-less'}"
-        )
-    return [path]
-
-
-def _records(source: str, split: str) -> Iterator[tuple[str, object]]:
-    """(origin, record) pairs of one source, origins `file:line` (jsonl), `file:row N` (parquet), `name[i]`."""
-    if source.startswith(HUB_PREFIX):
-        yield from _hub_records(source[len(HUB_PREFIX) :], split)
-    elif source.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for row, record in enumerate(pq.read_table(source).to_pylist(), 1):
-            yield f"{source}:row {row}", record
-    else:
-        with open(source, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{source}:{line_no}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(f"{source}:{line_no}: not a JSON object ({e.msg}); {_FIX}") from None
-
-
-def _hub_records(spec: str, split: str) -> Iterator[tuple[str, object]]:
-    import datasets
-
-    name, _, config = spec.partition(":")
-    try:
-        rows = datasets.load_dataset(name, config or None, split=split)
-    except Exception as e:  # the hub raises many types (offline, missing, gated)
-        raise ConfigError(f"cannot load hub dataset {spec!r} split {split!r}: {e}") from None
-    for i, record in enumerate(rows):
-        yield f"{HUB_PREFIX}{spec}[{i}]", record
+    return expand(path, EXTENSIONS, "files of pairs: " + " or ".join(EXTENSIONS))
 
 
 def _add(datasets: dict[str, PairDataset], default_name: str, source: str, where: str, record: object) -> None:
     if not isinstance(record, dict):
         raise ConfigError(f"{where}: a record must be an object, got {type(record).__name__}; {_FIX}")
-    for key in ("query", "positive"):
-        value = record.get(key)
-        if not isinstance(value, str) or not value.strip():
+    for contract in ROWS["pair"]:
+        value = record.get(contract.key)
+        if contract.key == "negatives":  # a list of texts, each non-empty
+            if value and not (contract.accepts(value) and all(n.strip() for n in value)):
+                raise ConfigError(f'{where}: "negatives" must be a list of non-empty strings; {_FIX}')
+        elif contract.required and not (contract.accepts(value) and value.strip()):
             problem = "missing" if value is None else "empty" if isinstance(value, str) else "not a string"
-            raise ConfigError(f'{where}: record field "{key}" is {problem}; {_FIX}')
+            raise ConfigError(f'{where}: record field "{contract.key}" is {problem}; {_FIX}')
     negatives = record.get("negatives") or []
-    if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
-        raise ConfigError(f'{where}: "negatives" must be a list of non-empty strings; {_FIX}')
     name = str(record.get("dataset") or default_name)
     ds = datasets.setdefault(name, PairDataset(name))
     if source not in ds.sources:

@@ -1,6 +1,6 @@
 """Validation scores of a fine-tuned encoder with a task head (`models.heads.EncoderWithHead`) on a labeled
 split: the numbers the paper reports per task (`evals.metrics`), plus the task's loss on the split. The
-fine-tuning objective (`train.objectives.finetune`) runs this every `finetune.eval_every` steps."""
+run's `evals.validation` entry (kind `finetune`, `evals.registry`) runs this every `evals.validation.every` steps."""
 
 from __future__ import annotations
 

@@ -10,8 +10,9 @@ chunks, so a 262k-word head never materialises full logits.
 Texts longer than `max_length` tokens are cut to it (counted in `num_truncated`, and logged).
 
 `evaluate_domains` scores several held-out sets at once (`{"loss/NAME", "masked_accuracy/NAME",
-"truncated_texts/NAME"}`), the measure of forgetting: MNTP runs with `mntp.eval_data="english:PATH;code:PATH"`
-log it as `eval/loss/NAME` every `mntp.eval_every` steps.
+"truncated_texts/NAME"}`), the measure of forgetting: MNTP runs with
+`evals.held_out.data="english:PATH;code:PATH"` (kind `mntp`, `evals.registry`) log it as `eval/loss/NAME` every
+`evals.held_out.every` steps.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def evaluate_mntp(
 
 
 def parse_domains(spec: str) -> list[tuple[str, str]]:
-    """`"NAME:PATH;NAME:PATH"` (`mntp.eval_data`) → [(name, path)]; a path may hold `:` (`hf:NAME`)."""
+    """`"NAME:PATH;NAME:PATH"` (`evals.held_out.data`) → [(name, path)]; a path may hold `:` (`hf:NAME`)."""
     domains = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         name, sep, path = part.partition(":")

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from bidirlm_jax.data.records import ROWS, read_file, read_lines
 from bidirlm_jax.embed.encode import encode
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.transformer import Transformer
@@ -137,38 +138,23 @@ def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-# field -> (the types it may hold, their JSON names, whether it must be there)
-_FIELDS = {
-    "_id": ((str, int), "a string or an integer", True),
-    "text": (str, "a string", True),
-    "title": ((str, type(None)), "a string or null", False),
-}
-
-
 def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
-    """(id, record) of each line, every field of `_FIELDS` checked, so that bad data fails before a model loads."""
+    """(id, record) of each line, every field of the BEIR row contract (`data.records.ROWS["beir"]`) checked,
+    so that bad data fails before a model loads."""
     if not path.is_file():
         raise ConfigError(f"{path} is missing; a BEIR directory holds {_LAYOUT}")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one object") from None
-            missing = [
-                k for k, (*_, required) in _FIELDS.items() if required and (not isinstance(row, dict) or k not in row)
-            ]
-            if missing:
-                raise ConfigError(f"{path}:{lineno}: missing field(s) {missing}; a BEIR directory holds {_LAYOUT}")
-            for key, (types, expected, _) in _FIELDS.items():
-                if key in row and (not isinstance(row[key], types) or isinstance(row[key], bool)):
-                    raise ConfigError(
-                        f"{path}:{lineno}: {key!r} holds {json.dumps(row[key])[:40]}, not {expected}; fix or drop the line"
-                    )
-            rows.append((str(row["_id"]), row))
+    for where, row in read_file(path):
+        missing = [f.key for f in ROWS["beir"] if f.required and (not isinstance(row, dict) or f.key not in row)]
+        if missing:
+            raise ConfigError(f"{where}: missing field(s) {missing}; a BEIR directory holds {_LAYOUT}")
+        for field in ROWS["beir"]:
+            if field.key in row and not field.accepts(row[field.key]):
+                raise ConfigError(
+                    f"{where}: {field.key!r} holds {json.dumps(row[field.key])[:40]}, not {field.expected}; fix or "
+                    "drop the line"
+                )
+        rows.append((str(row["_id"]), row))
     return rows
 
 
@@ -176,16 +162,15 @@ def _read_qrels(path: Path) -> dict[str, dict[str, int]]:
     if not path.is_file():
         raise ConfigError(f"{path} is missing; a BEIR directory holds {_LAYOUT}")
     qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            fields = line.rstrip("\r\n").split("\t")
-            if not line.strip() or (lineno == 1 and fields[0] == "query-id"):
-                continue
-            try:
-                query_id, doc_id, rel = fields[0], fields[1], int(float(fields[2]))
-            except (IndexError, ValueError):
-                raise ConfigError(
-                    f"{path}:{lineno}: expected 'query-id<TAB>corpus-id<TAB>score' with an integer score, got {line!r}"
-                ) from None
-            qrels.setdefault(query_id, {})[doc_id] = rel
+    for lineno, (where, line) in enumerate(read_lines(path), 1):
+        fields = line.split("\t")
+        if not line.strip() or (lineno == 1 and fields[0] == "query-id"):
+            continue
+        try:
+            query_id, doc_id, rel = fields[0], fields[1], int(float(fields[2]))
+        except (IndexError, ValueError):
+            raise ConfigError(
+                f"{where}: expected 'query-id<TAB>corpus-id<TAB>score' with an integer score, got {line!r}"
+            ) from None
+        qrels.setdefault(query_id, {})[doc_id] = rel
     return qrels

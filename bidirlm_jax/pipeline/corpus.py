@@ -149,7 +149,7 @@ def write_domains(
     out_dir: str | os.PathLike, *, max_train: int | None = None, max_held_out: int | None = None
 ) -> dict[str, dict[str, Path]]:
     """Two text domains every machine has, split by package as the demo splits (`held_out`), as `.jsonl` files
-    (`{"text": ...}` per line) for MNTP mixtures and held-out evaluation (`mntp.eval_data`): `english`, the
+    (`{"text": ...}` per line) for MNTP mixtures and held-out evaluation (`evals.held_out.data`): `english`, the
     docstrings (`stdlib_documents`), and `code`, the functions and classes (`data.stdlib_text.stdlib_code`).
     Returns `{domain: {"train": path, "held_out": path}}`; `max_*` keep an even spread of that many documents."""
     from bidirlm_jax.data.stdlib_text import stdlib_code

@@ -72,7 +72,8 @@ _NEUTRAL_KEYS = {
     "mesh": None,
     "data": ("read_threads", "prefetch"),
     "train": ("log_every", "checkpoint_every", "keep_checkpoints"),
-    "mntp": ("eval_data", "eval_every", "eval_texts"),  # held-out measurements during the run
+    "evals": ("held_out",),  # measurements during the run (a validation that keeps the best step is not neutral)
+    "mntp": ("eval_data", "eval_every", "eval_texts"),  # deprecated names of evals.held_out's settings
 }
 
 
@@ -241,9 +242,12 @@ def _build_one(
         merge_with_base(source, base, path, base_weight=recipe.merge_ratio)
     else:
         config = _run_config(recipe.mntp if name == BI_MNTP else recipe.contrastive, source)
+        from bidirlm_jax.evals.registry import EVALUATORS
         from bidirlm_jax.train import train
 
-        if (result := train(config, str(run)))["preempted"]:  # half-trained: not exported nor recorded; resumable
+        if (result := train(config, str(run), evaluators=EVALUATORS))[
+            "preempted"
+        ]:  # half-trained: not exported nor recorded; resumable
             raise Preempted(run, result["step"])
         run_to_hf(run, path, attention="bidirectional", tokenizer_from=source)
     _record(out, variant, settings)

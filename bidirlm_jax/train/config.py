@@ -94,6 +94,9 @@ def base_config() -> ConfigDict:
     )
     # rules: logical axis -> mesh axes (sharding.LOGICAL_RULES); e.g. --config.mesh.rules.seq="('tensor',)"
     c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=ConfigDict(dict(LOGICAL_RULES))))
+    # Evaluations during the run: NAME -> {kind, data, every, ...}; an entry with empty `data` is off
+    # (`train.evaluation`; the kinds: `evals.registry`).
+    c.evals = ConfigDict()
     c.metrics = ConfigDict(
         dict(peak_flops_per_device=0.0, tensorboard=True, progress_bar=True, log_all_processes=False)
     )  # log_all_processes: every process prints the run's log lines (default: process 0 only)

@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.paths import user_path
 from bidirlm_jax.sharding import make_mesh
-from bidirlm_jax.train.checkpoints import BestStep, Checkpointer, latest_step
+from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
 from bidirlm_jax.train.config import data_stream, model_overrides, run_settings, validate
+from bidirlm_jax.train.evaluation import Evaluation, EvaluatorFactory, Schedule, build_evaluations
 from bidirlm_jax.train.objectives import LossFn, Objective, build_objective, causal_lm
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.preflight import preflight
@@ -126,9 +128,12 @@ class _Plan:
     resume_step: int | None
     init_params: nnx.State | None
     meta: dict[str, Any]
+    evaluations: list[Evaluation]
 
 
-def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
+def _plan(
+    config: ConfigDict, workdir: Path, loss_fn: LossFn | None, evaluators: Mapping[str, EvaluatorFactory] | None
+) -> _Plan:
     validate(config)
     distributed.initialize(config.distributed)
     run_plan = preflight(config, jax.device_count())
@@ -139,6 +144,7 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         objective = build_objective(config, model_cfg, workdir=workdir)
     else:
         objective = causal_lm.build(config, model_cfg, workdir=workdir, loss_fn=loss_fn)
+    evaluations = build_evaluations(config, objective, evaluators)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     trainable = trainable_lib.from_config(config.optim)
     layout = StateLayout(
@@ -196,6 +202,7 @@ def _plan(config: ConfigDict, workdir: Path, loss_fn: LossFn | None) -> _Plan:
         resume_step=resume_step,
         init_params=_init_params(config.model, runtime, mesh, objective) if fresh_from_hf else None,
         meta=meta,
+        evaluations=evaluations,
     )
 
 
@@ -236,53 +243,45 @@ def _write_model_description(workdir: Path, plan: _Plan) -> None:
                 (tmp / name).write_text(text)
 
 
-class _Validation:
-    """Every `objective.eval_every` steps (and at the last one): score the model on the validation split,
-    log `eval/<metric>`, and keep the best step (`checkpoints.BestStep`) when the objective names a
-    `best_metric`."""
-
-    def __init__(self, workdir: Path, plan: _Plan, last_step: int):
-        self._plan, self._last = plan, last_step
-        objective = plan.objective
-        keeps = objective.evaluate is not None and objective.best_metric
-        self._best = BestStep(workdir, objective.best_metric) if keeps else None
-
-    def due(self, step: int) -> bool:
-        every = self._plan.objective.eval_every
-        return self._plan.objective.evaluate is not None and (step == self._last or (every and step % every == 0))
-
-    def run(self, step: int, state) -> dict[str, float]:
-        scores = self._plan.objective.evaluate(nnx.merge(self._plan.layout.graphdef, state.params))
-        if self._best is not None:
-            self._best.offer(step, state.params, scores)
-        return {f"eval/{k}": float(v) for k, v in scores.items()}
-
-
 def train(
-    config: ConfigDict, workdir: str, *, loss_fn: LossFn | None = None, ctrl_c_saves: bool = False
+    config: ConfigDict,
+    workdir: str,
+    *,
+    loss_fn: LossFn | None = None,
+    ctrl_c_saves: bool = False,
+    evaluators: Mapping[str, EvaluatorFactory] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume from the workdir's latest checkpoint) as `config` says.
 
     `loss_fn` replaces the causal-LM loss on the causal-LM objective's data (tests, experiments).
     `ctrl_c_saves`: a first Ctrl-C stops the run like SIGTERM, at a checkpoint (`bidirlm train`); otherwise
     it raises KeyboardInterrupt at once, for callers such as the demo that run several phases.
+    `evaluators`: the registry of evaluation kinds that `config.evals` entries name (`evals.registry.EVALUATORS`;
+    see `train.evaluation`), needed when an entry is on.
     Returns `{"step", "preempted", "stopped_by" (the signal that ended it early), **last logged metrics}`.
     Raises a `BidirLMError` for unusable inputs (before writing anything), when the loss turns non-finite
     with `train.nonfinite="stop"`, and after `train.max_consecutive_skips` non-finite steps in a row with
     `"skip"`.
     """
     with sharding.use_rules(config.mesh.rules):  # the state, the batches and the traced step follow them
-        return _train(config, workdir, loss_fn=loss_fn, ctrl_c_saves=ctrl_c_saves)
+        return _train(config, workdir, loss_fn=loss_fn, ctrl_c_saves=ctrl_c_saves, evaluators=evaluators)
 
 
-def _train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None, ctrl_c_saves: bool) -> dict[str, Any]:
+def _train(
+    config: ConfigDict,
+    workdir: str,
+    *,
+    loss_fn: LossFn | None,
+    ctrl_c_saves: bool,
+    evaluators: Mapping[str, EvaluatorFactory] | None,
+) -> dict[str, Any]:
     if "://" in str(workdir):
         raise ConfigError(
             f"--workdir {workdir}: the engine writes through the local file system; mount the bucket (gcsfuse, as "
             "launch/tpu/launch.py does on every worker) and give the mounted path"
         )
     workdir = Path(workdir)
-    plan = _plan(config, workdir, loss_fn)
+    plan = _plan(config, workdir, loss_fn, evaluators)
     runlog.log_plan(
         config,
         plan.model,
@@ -309,7 +308,7 @@ def _train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None, ctrl_c_s
     peak = metrics_lib.peak_flops_per_device(jax.devices()[0].device_kind, config.metrics.peak_flops_per_device)
     bar = metrics_lib.progress_bar(config.train.steps, step, enabled=config.metrics.progress_bar)
     preemption = _Preemption(ctrl_c=ctrl_c_saves)
-    validation = _Validation(workdir, plan, config.train.steps)
+    schedule = Schedule(plan.evaluations, workdir, config.train.steps)
     logged: dict[str, Any] = {}
     preempted = interrupted = False
     start = step
@@ -325,7 +324,7 @@ def _train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None, ctrl_c_s
                 pending.append((step, out))
                 if step < config.train.steps:
                     batch = next(plan.batches)  # read and placed on the devices while they run the step
-                validating = validation.due(step)
+                validating = schedule.due(step)
                 final = step == config.train.steps
                 sync = validating or final or checkpointer.due(step) or step % config.train.log_every == 0
                 preempted = preemption.requested(sync=sync)
@@ -340,7 +339,8 @@ def _train(config: ConfigDict, workdir: str, *, loss_fn: LossFn | None, ctrl_c_s
                     out = {k: float(v) for k, v in raw.items()}
                     skipped = 0 if out.pop("finite") else skipped + 1
                     if at == step and validating:  # before the next step, which donates this state
-                        out.update(validation.run(step, state))
+                        model = nnx.merge(plan.layout.graphdef, state.params)
+                        out.update(schedule.run(step, model, state.params))
                     evaluated = any(k.startswith("eval/") for k in out)
                     if skipped or evaluated or at % config.train.log_every == 0 or at == config.train.steps:
                         logged = dict(

@@ -85,9 +85,14 @@ def input_paths(config: ConfigDict) -> list[tuple[str, str]]:
         found += [("data.path", p) for p in (data.path.split(",") if data.source == "pairs" else [data.path])]
     found += [("data.mixture", p) for p in _entry_paths(data.get("mixture", ""), 3)]
     if "mntp" in config:
-        found += [("mntp.eval_data", p) for p in _entry_paths(config.mntp.get("eval_data", ""), 2)]
+        found += [("mntp.eval_data", p) for p in _entry_paths(config.mntp.get("eval_data") or "", 2)]
     if "contrastive" in config:
         found.append(("contrastive.instructions", config.contrastive.get("instructions", "")))
     if "finetune" in config:
-        found.append(("finetune.validation_path", config.finetune.get("validation_path", "")))
+        found.append(("finetune.validation_path", config.finetune.get("validation_path") or ""))
+    for name, spec in config.get("evals", {}).items():  # one path, or "NAME:PATH;..." (held-out sets)
+        for part in filter(None, (p.strip() for p in spec.get("data", "").split(";"))):
+            label, sep, rest = part.partition(":")
+            path = rest if sep and label != "hf" else part
+            found += [(f"evals.{name}.data", path)] if path != "auto" else []
     return [(key, path.strip()) for key, path in found if path and path.strip() and not path.startswith("hf:")]

@@ -45,12 +45,9 @@ class Objective:
     tokens_per_step: int
     report: Callable[[Mapping[str, float]], dict[str, float]] = dict
     tokenizer: Any = None
-    # Objectives that train more than the `Transformer` (an encoder with a task head) and validate:
+    # Objectives that train more than the `Transformer` (an encoder with a task head):
     model_factory: Callable[[nnx.Rngs], nnx.Module] | None = None  # builds the trained module (default: Transformer)
     init_params: Callable[[nnx.State], nnx.State] | None = None  # encoder params from `init_from` -> trained params
-    evaluate: Callable[[nnx.Module], dict[str, float]] | None = None  # validation scores of the current model
-    eval_every: int = 0  # steps between evaluations (0: never)
-    best_metric: str = ""  # the score whose best step is kept (`RUN/best/`)
     run_files: Mapping[str, str] = dataclasses.field(default_factory=dict)  # extra files of `RUN/model/`
     key_metric: str = ""  # the step metric the run's log lines show beside the loss
 

@@ -2,10 +2,10 @@
 every variant (paper-recipe.md §1, §7.1): an encoder plus a task head (`models.heads`), trained end to end.
 
 Data (`data.labeled`): `data.source="labeled"` reads `data.path` (a local `.jsonl` / `.csv` / `.parquet`
-file or directory, or `hf:NAME[:CONFIG]`, split `finetune.train_split`) and the validation split from
-`finetune.validation_path` (default for `hf:` sources: the same dataset's `finetune.validation_split`);
-`data.source="synthetic"` generates a small task (offline presets and tests). Examples are cut to
-`data.seq_len` tokens and every row is padded to it.
+file or directory, or `hf:NAME[:CONFIG]`, split `finetune.train_split`); `data.source="synthetic"` generates a
+small task (offline presets and tests). Examples are cut to `data.seq_len` tokens and every row is padded to it.
+The validation split is an evaluation (`config.evals.validation`, kind `finetune`: `evals.registry`), which
+reads its data with the objective's `fields` and scores with its `label_map`.
 
 Losses (`losses.classification`, through `token_sum_grads`, so gradient accumulation is exact): step
 metrics `accuracy` (classification, token classification), `abs_error` (regression).
@@ -14,10 +14,6 @@ What the engine needs beyond `Objective` (`FinetuneObjective`):
 - `model_factory(rngs) -> EncoderWithHead`: the model the train state holds (instead of a `Transformer`);
 - `init_params(encoder_params) -> params`: a start from `model.init_from` (the encoder's parameters as
   loaded, plus the head `model_factory` would create);
-- `evaluate(model) -> {metric: value}` on the validation split (accuracy and macro-F1; Pearson, Spearman
-  and MSE; entity precision/recall/F1 and word accuracy — `evals.finetune`), plus `loss`, `examples`,
-  `truncated`; `best_metric` (higher is better) picks the step the engine keeps (`checkpoints.BestStep`); `eval_every` steps
-  (0: at the end only);
 - `run_files`: `{name: text}` to write into the run's `model/` directory (`head.json`: the head and its
   label map, which `io.heads` reads back to export the run).
 """
@@ -25,19 +21,16 @@ What the engine needs beyond `Objective` (`FinetuneObjective`):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from pathlib import Path
 
 import grain
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data.labeled import Fields, LabeledSplit, LabelMap, build_label_map, check_labels, read_split
+from bidirlm_jax.data.labeled import Fields, LabeledSplit, LabelMap, build_label_map, read_split
 from bidirlm_jax.data.labeled_rows import TrainRows, encode_split
 from bidirlm_jax.data.labeled_synthetic import synthetic_split, synthetic_texts
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.evals.finetune import evaluate_encoded
-from bidirlm_jax.evals.metrics import BEST_METRIC, TASK_METRICS
 from bidirlm_jax.io.heads import describe, read_description
 from bidirlm_jax.io.run import HEAD_FILE, head_file, saved_tokenizer
 from bidirlm_jax.io.tokenizer import pad_id
@@ -70,9 +63,11 @@ class FinetuneObjective(Objective):
 
     head: HeadConfig | None = None
     label_map: LabelMap | None = None
+    fields: Fields = Fields()  # where the record fields live, for reading other splits as training did
 
 
-def _fields(config: ConfigDict) -> Fields:
+def record_fields(config: ConfigDict) -> Fields:
+    """Where each part of an example lives in the run's records (`data.text_field`, `finetune.*_field`)."""
     ft = config.finetune
     return Fields(
         text=config.data.text_field,
@@ -83,27 +78,13 @@ def _fields(config: ConfigDict) -> Fields:
     )
 
 
-def load_splits(config: ConfigDict, task: str) -> tuple[LabeledSplit, LabeledSplit]:
-    """The run's (train, validation) splits, as `data.source` and `finetune.*` say."""
+def load_train(config: ConfigDict, task: str) -> LabeledSplit:
+    """The run's training split, as `data.source` and `finetune.*` say."""
     data, ft = config.data, config.finetune
     if data.source == "synthetic":
-        return (
-            synthetic_split(task, ft.synthetic_train_size, seed=data.seed, name="train"),
-            synthetic_split(task, ft.synthetic_validation_size, seed=data.seed, name="validation"),
-        )
+        return synthetic_split(task, ft.synthetic_train_size, seed=data.seed, name="train")
     check_data_path(data)
-    fields = _fields(config)
-    train = read_split(data.path, task, fields=fields, split=ft.train_split, name="train")
-    if ft.validation_path:
-        validation = read_split(ft.validation_path, task, fields=fields, split=ft.validation_split, name="validation")
-    elif data.path.startswith("hf:"):
-        validation = read_split(data.path, task, fields=fields, split=ft.validation_split, name="validation")
-    else:
-        raise ConfigError(
-            "fine-tuning evaluates on a validation split: set --config.finetune.validation_path=FILE_OR_DIR "
-            "(hf: sources default to their finetune.validation_split)"
-        )
-    return train, validation
+    return read_split(data.path, task, fields=record_fields(config), split=ft.train_split, name="train")
 
 
 def _tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path, train: LabeledSplit):
@@ -122,7 +103,7 @@ def _tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path, train: Lab
     return tokenizer
 
 
-def _check_settings(config: ConfigDict) -> tuple[str, str, str]:
+def _check_settings(config: ConfigDict) -> tuple[str, str]:
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"objective {config.objective!r} is not a fine-tuning task; choose one of {OBJECTIVES}")
     if "finetune" not in config:
@@ -137,12 +118,6 @@ def _check_settings(config: ConfigDict) -> tuple[str, str, str]:
         raise ConfigError(f"data.source={config.data.source!r} is not one of {SOURCES} for objective {task}")
     if ft.pooling not in POOLINGS:
         raise ConfigError(f"finetune.pooling={ft.pooling!r} is not one of {POOLINGS}")
-    if ft.eval_every < 0 or ft.eval_batch_size <= 0:
-        raise ConfigError("finetune.eval_every must be >= 0 (0: at the end only) and finetune.eval_batch_size > 0")
-    best = ft.best_metric or BEST_METRIC[task]
-    allowed = tuple(m for m in TASK_METRICS[task] if m != "mse")
-    if best not in allowed:
-        raise ConfigError(f"finetune.best_metric={best!r} is not one of {allowed} (higher is better) for {task}")
     pooling, classifier = ft.pooling, ft.get("classifier", "auto")
     if classifier not in CLASSIFIER_SETTINGS:
         raise ConfigError(f"finetune.classifier={classifier!r} is not one of {CLASSIFIER_SETTINGS}")
@@ -151,7 +126,7 @@ def _check_settings(config: ConfigDict) -> tuple[str, str, str]:
             raise ConfigError(f"finetune.{key}={value!r} applies to sequence tasks; leave it at 'auto' for {task}")
     if pooling == "auto":
         pooling = "mean" if config.model.attention == "bidirectional" else "last"
-    return pooling, "" if classifier == "auto" else classifier, best
+    return pooling, "" if classifier == "auto" else classifier
 
 
 def _labels_setting(value: str) -> tuple[str, ...]:
@@ -197,27 +172,19 @@ def finetune_flops_per_step(model: ModelConfig, seq_len: int, rows: int, *, runt
 
 def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneObjective:
     """The fine-tuning objective of a run, every input checked before anything is computed or written."""
-    pooling, classifier, best = _check_settings(config)
+    pooling, classifier = _check_settings(config)
     task, data, ft = config.objective, config.data, config.finetune
-    train, validation = load_splits(config, task)
+    train = load_train(config, task)
     label_map = build_label_map(train, explicit=_labels_setting(ft.labels))
     if ft.num_labels and ft.num_labels != label_map.num_labels:
         raise ConfigError(
             f"finetune.num_labels={ft.num_labels} but the {task} data has {label_map.num_labels} labels "
             f"{list(label_map.names)}; fix num_labels (0 = from the data) or finetune.labels"
         )
-    check_labels(validation, label_map)
     head = HeadConfig(task, label_map.num_labels, pooling=pooling, dropout=ft.dropout, classifier=classifier)
     _check_recorded(Path(workdir), head, label_map, _stream(config))
     tokenizer = _tokenizer(config, model, Path(workdir), train)
-    encode = functools.partial(
-        encode_split,
-        tokenizer=tokenizer,
-        label_map=label_map,
-        max_length=data.seq_len,
-        word_separator=ft.word_separator,
-    )
-    train_encoded, validation_encoded = encode(train), encode(validation)
+    train_encoded = encode_split(train, tokenizer, label_map, max_length=data.seq_len, word_separator=ft.word_separator)
     pad = pad_id(tokenizer)
     rows = grain.MapDataset.source(TrainRows(train_encoded, seq_len=data.seq_len, pad_id=pad, seed=data.seed))
     description = describe(
@@ -238,11 +205,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneO
         label_map=label_map,
         model_factory=model_factory(model, head, runtime),
         init_params=lambda encoder_params: with_encoder_params(encoder_params, model, head, seed=seed),
-        evaluate=functools.partial(
-            evaluate_encoded, encoded=validation_encoded, label_map=label_map, pad=pad, batch_size=ft.eval_batch_size
-        ),
-        eval_every=ft.eval_every,
-        best_metric=best,
+        fields=record_fields(config),
         run_files={HEAD_FILE: json.dumps(description, indent=2) + "\n"},
         key_metric="abs_error" if task == "regression" else "accuracy",
     )
@@ -251,5 +214,6 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneO
 __all__ = [
     "FinetuneObjective",
     "build",
-    "load_splits",
+    "load_train",
+    "record_fields",
 ]

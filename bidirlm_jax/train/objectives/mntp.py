@@ -8,21 +8,18 @@ built-in `stdlib` text one trained on it), the packed corpus or weighted mixture
 Metric contract (see `base.token_sum_grads` for the engine's sums-then-divide convention): the token count is the
 number of scored masked targets, so the engine's `loss` is the mean over masked tokens across
 micro-batches and devices. `logged_metrics` turns the engine's token means of the loss's sums back into
-the values worth logging. Held-out sets (`mntp.eval_data`) add `eval/loss/NAME`, `eval/masked_accuracy/NAME`
-and `eval/truncated_texts/NAME` (texts longer than `data.seq_len`, cut) every `mntp.eval_every` steps.
+the values worth logging. Held-out sets are an evaluation (`config.evals`, kind `mntp`: `evals.registry`), not
+part of the objective.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
 
 from ml_collections import ConfigDict
 
-from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.evals.lm import evaluate_domains, read_domains
 from bidirlm_jax.io.tokenizer import resolve_mask_token
 from bidirlm_jax.losses.mntp import capacity, make_mntp_loss
 from bidirlm_jax.models.config import ModelConfig
@@ -92,7 +89,6 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
             out[f"tokens/{name}"] = out.pop(f"tokens/source_{k}")
         return out
 
-    evaluate = _held_out_evaluation(config, tokenizer, mask_id)
     return Objective(
         rows=text.rows,
         grad_fn=token_sum_grads(loss_fn, grad_accum=config.train.grad_accum_steps),
@@ -102,28 +98,5 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         tokens_per_step=data.global_batch_size * data.seq_len,
         report=report,
         tokenizer=tokenizer,
-        evaluate=evaluate,
-        eval_every=int(mntp.get("eval_every", 0)) if evaluate else 0,
         key_metric="masked_accuracy",
-    )
-
-
-def _held_out_evaluation(config: ConfigDict, tokenizer, mask_id: int):
-    """`mntp.eval_data` ("NAME:PATH;…"): held-out loss and masked accuracy per set (`evals.lm.evaluate_domains`),
-    logged as `eval/loss/NAME` every `mntp.eval_every` steps and at the last one; None without held-out sets."""
-    mntp = config.mntp
-    spec = mntp.get("eval_data", "")
-    if not spec:
-        return None
-    if int(mntp.get("eval_every", 0)) < 0:
-        raise ConfigError(f"mntp.eval_every must be 0 (the last step only) or positive, got {mntp.eval_every}")
-    domains = read_domains(spec, max_texts=int(mntp.get("eval_texts", 256)), text_field=config.data.text_field)
-    return functools.partial(
-        evaluate_domains,
-        tokenizer=tokenizer,
-        domains=domains,
-        mask_ratio=mntp.mask_ratio,
-        mask_token=mask_id,
-        max_length=config.data.seq_len,
-        seed=config.data.seed,
     )
