@@ -1,1 +1,1 @@
-"""Media on the host: decoding, resizing and laying out images and audio for the towers (numpy, no model)."""
+"""Media on the host (numpy, no model): decoding, resizing, features and layout of images and audio for the towers."""

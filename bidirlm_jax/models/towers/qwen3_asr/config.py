@@ -1,0 +1,97 @@
+"""The audio tower's config: the architecture fields of transformers' `audio_config` and how to run it.
+
+`io/hf_config_audio.py` reads it from a checkpoint's config.json. `audio_attention` is the one behaviour
+the checkpoints themselves do not say: transformers' `Qwen3ASREncoder`/`Qwen3OmniMoeAudioEncoder`
+attend within windows of `n_window_infer` frames ("window"), the released BidirLM-Omni remote code
+within the whole clip ("clip"); the two agree on clips up to `n_window_infer` frames.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from bidirlm_jax.audio_tokens import conv_len
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.layers import ACTIVATIONS
+
+AUDIO_ATTENTION = ("window", "clip")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    """Architecture (transformers' field names) and run settings of one AuT encoder."""
+
+    d_model: int
+    encoder_layers: int
+    encoder_attention_heads: int
+    encoder_ffn_dim: int
+    output_dim: int  # width of the projector's output: the text model's hidden size
+    n_window: int  # a chunk is 2·n_window mel frames
+    n_window_infer: int  # "window" attention spans this many frames (a multiple of 2·n_window)
+    num_mel_bins: int = 128
+    downsample_hidden_size: int = 480  # conv stem channels
+    activation_function: str = "gelu"  # encoder MLP and projector; the stem always uses exact GELU
+    layer_norm_eps: float = 1e-5  # torch.nn.LayerNorm's default, which every AuT implementation keeps
+    # How to run it; none of these changes a weight.
+    audio_attention: str = "window"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    attention_impl: str = "auto"  # a kernel of `kernels.attention.KERNELS`, or "auto"
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        sizes = (self.d_model, self.encoder_layers, self.encoder_attention_heads, self.encoder_ffn_dim,
+                 self.output_dim, self.n_window, self.num_mel_bins, self.downsample_hidden_size)  # fmt: skip
+        checks = [
+            (min(sizes) > 0, f"sizes must be positive, got {sizes}"),
+            (
+                self.d_model % self.encoder_attention_heads == 0,
+                f"d_model {self.d_model} is not a multiple of {self.encoder_attention_heads} heads",
+            ),
+            (
+                self.n_window_infer >= 2 * self.n_window and self.n_window_infer % (2 * self.n_window) == 0,
+                f"n_window_infer {self.n_window_infer} must be a positive multiple of 2·n_window = {2 * self.n_window}",
+            ),
+            (
+                self.audio_attention in AUDIO_ATTENTION,
+                f"audio_attention {self.audio_attention!r} not in {AUDIO_ATTENTION}",
+            ),
+            (
+                self.activation_function in ACTIVATIONS,
+                f"activation_function {self.activation_function!r} not in {sorted(ACTIVATIONS)}",
+            ),
+            (self.dtype in _DTYPES and self.param_dtype in _DTYPES, f"dtypes {self.dtype}/{self.param_dtype}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"invalid audio config: {message}")
+
+    @property
+    def chunk_frames(self) -> int:
+        """Mel frames per chunk (2·n_window)."""
+        return 2 * self.n_window
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Tokens out of one full chunk (13 for n_window 50, 25 for 100)."""
+        return conv_len(self.chunk_frames)
+
+    @property
+    def window_tokens(self) -> int:
+        """Tokens per "window" attention block: whole chunks spanning `n_window_infer` frames."""
+        return self.chunk_tokens * (self.n_window_infer // self.chunk_frames)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.encoder_attention_heads
+
+    @property
+    def stem_features(self) -> int:
+        """Channels × frequency bins after the stem (the input width of `conv_out`)."""
+        return self.downsample_hidden_size * conv_len(self.num_mel_bins)
+
+    def replace(self, **changes: Any) -> AudioConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,71 @@
+"""transformers' AuT audio encoders as the reference for the audio tower: tiny random ones, never downloaded.
+
+The oracle is `Qwen3OmniMoeAudioEncoder` (the AuT layout, projector inside) called one clip at a time,
+as the released BidirLM-Omni runs it (transformers' batched call pads single-chunk clips and is
+batch-dependent). transformers counts `_get_feat_extract_output_lengths` with 13 tokens per full
+chunk, right for n_window 50 only; for other windows `reference_tokens` hands it the per-chunk valid
+indices and windows (`valid_indices`, `cu_seqlens`, inputs its forward accepts), so the layers are
+still transformers' own.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import Qwen3OmniMoeAudioEncoderConfig
+from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
+
+from bidirlm_jax.audio_tokens import chunk_tokens, conv_len
+
+CLIP_WINDOW = 10**6  # an `n_window_infer` past every test clip: transformers' windows become whole clips
+
+
+def omni_audio_config(**overrides) -> Qwen3OmniMoeAudioEncoderConfig:
+    kw = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
+              downsample_hidden_size=8, output_dim=64, n_window=50, n_window_infer=200, max_source_positions=1500,
+              conv_chunksize=500)  # fmt: skip
+    kw.update(overrides)
+    config = Qwen3OmniMoeAudioEncoderConfig(**kw)
+    config._attn_implementation = "eager"
+    return config
+
+
+def build_encoder(config: Qwen3OmniMoeAudioEncoderConfig, seed: int = 0) -> Qwen3OmniMoeAudioEncoder:
+    """A random encoder with every parameter perturbed: biases (conv ones included: zero conv biases hide
+    the chunk-boundary effect) `0.3·randn`, weights `0.1·randn`, norm scales `1 + 0.1·randn`."""
+    torch.manual_seed(seed)
+    encoder = Qwen3OmniMoeAudioEncoder(config).eval()
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            is_scale = name.endswith("weight") and ("norm" in name or "ln_post" in name)
+            p.copy_((1.0 if is_scale else 0.0) + (0.3 if name.endswith("bias") else 0.1) * torch.randn_like(p))
+    return encoder
+
+
+def tower_tensors(encoder: Qwen3OmniMoeAudioEncoder, prefix: str = "audio_tower.") -> dict[str, np.ndarray]:
+    """The encoder's weights as a checkpoint holds them under `prefix`."""
+    return {prefix + k: v.detach().numpy() for k, v in encoder.state_dict().items()}
+
+
+def reference_tokens(encoder: Qwen3OmniMoeAudioEncoder, features: np.ndarray, attention: str) -> np.ndarray:
+    """[tokens, output_dim] for one clip `features [mel_bins, L]` under "window" or "clip" attention."""
+    config = encoder.config
+    length = features.shape[1]
+    n = 2 * config.n_window
+    kwargs = {}
+    if conv_len(n) != 13:  # transformers' count is wrong here: give it the per-chunk one
+        chunks = [n] * (length // n) + ([length % n] if length % n else [])
+        c = conv_len(n)
+        kwargs["valid_indices"] = torch.tensor([k * c + j for k, m in enumerate(chunks) for j in range(conv_len(m))])
+        total = chunk_tokens(length, config.n_window)
+        block = total if attention == "clip" else c * (config.n_window_infer // n)
+        bounds = list(range(0, total, block)) + [total]
+        kwargs["cu_seqlens"] = torch.tensor(bounds, dtype=torch.int32)
+    window = encoder.n_window_infer
+    encoder.n_window_infer = CLIP_WINDOW if attention == "clip" else window
+    try:
+        with torch.no_grad():
+            out = encoder(torch.from_numpy(features), feature_lens=torch.tensor([length]), **kwargs)
+    finally:
+        encoder.n_window_infer = window
+    return out.last_hidden_state.numpy()
