@@ -22,6 +22,7 @@ from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import load_checkpoint
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
 from bidirlm_jax.io.layouts import CAUSAL_LM, detect_layout
+from bidirlm_jax.io.qwen3_asr import holds_qwen3_asr, load_qwen3_asr, save_qwen3_asr
 from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, torch_dtype_name
 from bidirlm_jax.io.sources import Source, source_of
@@ -30,6 +31,7 @@ from bidirlm_jax.io.weights.readers import open_weights
 from bidirlm_jax.io.weights.save import write_tables
 from bidirlm_jax.io.weights.text import text_tables
 from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.towers.qwen3_asr.model import Qwen3ASR
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
 
@@ -44,6 +46,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    "preprocessor_config.json",  # the feature extractor / image processor of a model with a tower
 )
 
 
@@ -69,9 +72,11 @@ def from_pretrained(
     mesh: Mesh | None = None,
     allow_pickle: bool = False,
     scan_layers: bool = False,
-) -> Transformer:
+    text_only: bool = False,
+) -> Transformer | Qwen3ASR:
     """Load an HF checkpoint directory, a bidirlm checkpoint (`bidirlm convert`) or a training run (its
-    latest step) as a model.
+    latest step) as a model: a `Qwen3ASR` (text + audio tower) for a Qwen3-ASR checkpoint unless
+    `text_only` asks for its text backbone alone, else a `Transformer`.
 
     `attention`/`bidirectional_window` default to what the checkpoint's config.json says (causal for
     a plain decoder). `dtype` is both the parameter and the compute dtype. `scan_layers` stacks the
@@ -82,6 +87,9 @@ def from_pretrained(
     path = user_path(path)
     mode = {"attention": attention, "bidirectional_window": bidirectional_window}
     overrides = {k: v for k, v in mode.items() if v is not None}
+    if not text_only and holds_qwen3_asr(description_dir(path)):
+        return load_qwen3_asr(path, mesh=mesh, allow_pickle=allow_pickle, dtype=dtype, param_dtype=dtype,
+                              scan_layers=scan_layers, **overrides)  # fmt: skip
     config = read_config(description_dir(path), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers, **overrides)
     if source_of(path) is Source.HF:
         return load_params(path, config, mesh=mesh, allow_pickle=allow_pickle)
@@ -92,7 +100,7 @@ def from_pretrained(
 
 
 def save_pretrained(
-    model: Transformer,
+    model: Transformer | Qwen3ASR,
     out_dir: str | os.PathLike,
     *,
     dtype: str | None = None,
@@ -107,7 +115,11 @@ def save_pretrained(
     (backbone-relative keys, as `stored_dtypes` returns them), one at a time, into shards with an
     index above `max_shard_bytes`; `extra_files` (e.g. `tokenizer_files(src)`) are copied beside them.
     In a multi-process run every process calls this: each tensor is gathered to process 0, which writes.
+    A `Qwen3ASR` is written as transformers' `Qwen3ASRForConditionalGeneration` (`tensor_dtypes` unused).
     """
+    if isinstance(model, Qwen3ASR):
+        return save_qwen3_asr(model, out_dir, dtype=dtype, overwrite=overwrite, extra_files=extra_files,
+                              max_shard_bytes=max_shard_bytes)  # fmt: skip
     model = relayout(model, False)  # HF files hold one tensor per layer
     config = model.config
     default = np.dtype(jnp.dtype(dtype or config.param_dtype))

@@ -31,8 +31,8 @@ from bidirlm_jax.models.config import FULL, SLIDING, ModelConfig, Rope
 
 # model_type -> family; multimodal types contribute their `text_config`.
 TEXT_MODEL_TYPES = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_vl_text": "qwen3"}
-MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3"}
-_MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "qwen3_vl": "qwen3_vl_text"}
+MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3", "qwen3_asr": "qwen3"}
+_MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "qwen3_vl": "qwen3_vl_text", "qwen3_asr": "qwen3"}
 # transformers' Qwen3-VL text model rotates with M-RoPE [24, 20, 20] when its config names no sections.
 _MROPE_DEFAULTS = {"qwen3_vl_text": (24, 20, 20)}
 SUPPORTED_MODEL_TYPES = tuple(TEXT_MODEL_TYPES) + tuple(MULTIMODAL_MODEL_TYPES)
@@ -71,8 +71,11 @@ def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
         raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
     model_type = d.get("model_type")
     if model_type in MULTIMODAL_MODEL_TYPES:
-        text = dict(d.get("text_config") or {})
+        text = dict(_text_holder(d).get("text_config") or {})
         text.setdefault("model_type", _MULTIMODAL_TEXT_TYPES[model_type])
+        if model_type == "qwen3_asr":  # Qwen3 whatever the original names it; its M-RoPE rows are all equal
+            text["model_type"] = "qwen3"  # (audio takes text positions): plain RoPE
+            return config_from_hf(text, **overrides).replace(mrope_section=None)
         return config_from_hf(text, **overrides)
     if model_type not in TEXT_MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -84,6 +87,11 @@ def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     known = _CONSUMED_KEYS | {"model_type"}
     extra = tuple(sorted((k, json.dumps(v)) for k, v in d.items() if k not in known))
     return ModelConfig(family=family, extra=extra, **{**FAMILY_FLAGS[family], **fields, **overrides})
+
+
+def _text_holder(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Where a multimodal config keeps its `text_config`: the original Qwen3-ASR nests it under `thinker_config`."""
+    return d.get("thinker_config") or d
 
 
 def config_to_hf(config: ModelConfig, *, dtype: str | None = None) -> dict[str, Any]:
@@ -186,7 +194,7 @@ def set_attention_mode(
     stays loadable as what it is.
     """
     d = copy.deepcopy(hf_config)
-    target = d.get("text_config") if d.get("model_type") in MULTIMODAL_MODEL_TYPES else d
+    target = _text_holder(d).get("text_config") if d.get("model_type") in MULTIMODAL_MODEL_TYPES else d
     config = config_from_hf(d)
     config = config.replace(
         attention=attention, bidirectional_window=bidirectional_window or config.bidirectional_window
