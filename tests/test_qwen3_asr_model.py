@@ -20,30 +20,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import bidirlm_jax  # noqa: E402
-from bidirlm_jax.audio_tokens import chunk_tokens  # noqa: E402
 from bidirlm_jax.errors import ConfigError  # noqa: E402
 from bidirlm_jax.testing import qwen3_asr as ref  # noqa: E402
 
 REL_TOL = 1e-4  # see the module docstring
-AUD, AS, AE = 1004, 1005, 1006
-LENGTHS = np.array([137, 250, 300])  # 18, 33 and 39 tokens
-T = 42
-
-
-def batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    counts = chunk_tokens(LENGTHS, 50)
-    rows = [
-        [5, AS, *[AUD] * counts[0], AE, 7],  # right padding
-        [AS, *[AUD] * counts[1], AE, 9],  # left padding
-        [5, AS, *[AUD] * counts[2], AE],  # no padding
-    ]
-    ids, mask = np.zeros((3, T), np.int64), np.zeros((3, T), np.int64)
-    for b, row in enumerate(rows):
-        at = slice(T - len(row), T) if b == 1 else slice(0, len(row))
-        ids[b, at], mask[b, at] = row, 1
-    frames = np.arange(300)[None, :] < LENGTHS[:, None]  # padded to whole chunks, as the -hf processor does
-    features = np.random.default_rng(0).standard_normal((3, 128, 300)).astype(np.float32) * frames[:, None]
-    return ids, mask, features, frames.astype(np.int64)
 
 
 def hf_forward(hf, ids, mask, features, frames, *, bidirectional: bool):
@@ -74,7 +54,7 @@ def _close(ours, theirs, mask):
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 def test_matches_transformers(asr, attention):
     hf, path = asr
-    ids, mask, features, frames = batch()
+    ids, mask, features, frames = ref.asr_batch()
     model = bidirlm_jax.from_pretrained(path, attention=attention)
     out = model(ids, mask, input_features=features, input_features_mask=frames)
     hidden, logits = hf_forward(hf, ids, mask, features, frames, bidirectional=attention == "bidirectional")
@@ -87,7 +67,7 @@ def test_modes_and_clips_matter(asr):
     """The comparisons above can fail: bidirectional attention changes the first token, and the clips'
     tokens (not the placeholder's embedding) are what the text layers see."""
     _, path = asr
-    ids, mask, features, frames = batch()
+    ids, mask, features, frames = ref.asr_batch()
     causal = bidirlm_jax.from_pretrained(path)
     bidirectional = bidirlm_jax.from_pretrained(path, attention="bidirectional")
     first = [np.asarray(m(ids, mask, input_features=features, input_features_mask=frames).hidden_states)[0, 0]
@@ -100,7 +80,7 @@ def test_modes_and_clips_matter(asr):
 
 def test_scanned_equals_unrolled(asr):
     _, path = asr
-    ids, mask, features, frames = batch()
+    ids, mask, features, frames = ref.asr_batch()
     unrolled = bidirlm_jax.from_pretrained(path)
     scanned = bidirlm_jax.from_pretrained(path, scan_layers=True)
     assert scanned.text.config.scan_layers and scanned.audio_tower.config.scan_layers
@@ -111,7 +91,7 @@ def test_scanned_equals_unrolled(asr):
 
 def test_placeholder_count_must_match(asr):
     _, path = asr
-    ids, mask, features, frames = batch()
+    ids, mask, features, frames = ref.asr_batch()
     model = bidirlm_jax.from_pretrained(path)
     short = ids.copy()
     short[0, 2] = 9  # one placeholder fewer than the clips' 18 + 33 + 39 tokens

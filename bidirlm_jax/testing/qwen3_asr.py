@@ -101,3 +101,26 @@ def build_asr_model(config, seed: int = 0):
             is_scale = name.endswith("weight") and ("norm" in name or "ln_post" in name)
             p.copy_((1.0 if is_scale else 0.0) + (0.3 if name.endswith("bias") else 0.1) * torch.randn_like(p))
     return model
+
+
+AUDIO_PAD, AUDIO_START, AUDIO_END = 1004, 1005, 1006  # stand-in ids of `asr_config`'s tiny vocabulary
+
+
+def asr_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, input_features, input_features_mask) as the -hf processor gives them:
+    three text rows (right-, left- and un-padded, 42 tokens) holding clips of 137, 250 and 300 frames
+    (18, 33 and 39 placeholders at n_window 50), features zero past each clip and padded to whole chunks."""
+    lengths, t = np.array([137, 250, 300]), 42
+    counts = chunk_tokens(lengths, 50)
+    rows = [
+        [5, AUDIO_START, *[AUDIO_PAD] * counts[0], AUDIO_END, 7],  # right padding
+        [AUDIO_START, *[AUDIO_PAD] * counts[1], AUDIO_END, 9],  # left padding
+        [5, AUDIO_START, *[AUDIO_PAD] * counts[2], AUDIO_END],  # no padding
+    ]
+    ids, mask = np.zeros((3, t), np.int64), np.zeros((3, t), np.int64)
+    for b, row in enumerate(rows):
+        at = slice(t - len(row), t) if b == 1 else slice(0, len(row))
+        ids[b, at], mask[b, at] = row, 1
+    frames = np.arange(300)[None, :] < lengths[:, None]
+    features = np.random.default_rng(0).standard_normal((3, 128, 300)).astype(np.float32) * frames[:, None]
+    return ids, mask, features, frames.astype(np.int64)

@@ -7,9 +7,17 @@ attention heads split out. The original Qwen3-ASR and BidirLM-Omni keep the proj
 
 from __future__ import annotations
 
-from bidirlm_jax.io.layouts import AUDIO, AUDIO_PROJECTOR
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from bidirlm_jax.io.layouts import AUDIO, AUDIO_PROJECTOR, Layout
+from bidirlm_jax.io.weights.load import load_state
 from bidirlm_jax.io.weights.table import Table, entry
 from bidirlm_jax.models.towers.qwen3_asr.config import AudioConfig
+from bidirlm_jax.models.towers.qwen3_asr.encoder import AudioEncoder
+from bidirlm_jax.models.transformer import stack_layers
 
 
 def audio_tables(config: AudioConfig, *, projector_outside: bool) -> tuple[Table, ...]:
@@ -49,3 +57,30 @@ def audio_tables(config: AudioConfig, *, projector_outside: bool) -> tuple[Table
     dense(rows, ("proj2",), names[1], config.output_dim, d)
     tables = (Table(AUDIO, tuple(tower)),)
     return (*tables, Table(AUDIO_PROJECTOR, tuple(projector))) if projector_outside else tables
+
+
+class _MappingReader:
+    """A `{key: array}` mapping (a state dict's tensors) behind the reader interface `read_tables` uses."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self._tensors = tensors
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(np.shape(self._tensors[name]))
+
+    def get(self, name: str) -> np.ndarray:
+        return np.asarray(self._tensors[name])
+
+
+def load_audio_tower(encoder: AudioEncoder, tensors: Mapping[str, np.ndarray], prefix: str = "audio_tower.") -> None:
+    """Set every parameter of `encoder` (in place) from a state dict's tower tensors under `prefix`, projector
+    inside (the original Qwen3-ASR and BidirLM-Omni layouts); the tensors there must be exactly the table's."""
+    config = encoder.config.replace(scan_layers=False)
+    abstract = nnx.split(nnx.eval_shape(lambda: AudioEncoder(config, rngs=nnx.Rngs(0))))
+    tables = audio_tables(config, projector_outside=False)
+    loaded = load_state(abstract, _MappingReader(tensors), Layout(((AUDIO, prefix),)), tables, dtype=config.param_dtype)
+    state = nnx.state(loaded)
+    nnx.update(encoder, stack_layers(state) if encoder.config.scan_layers else state)
