@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 torch = pytest.importorskip("torch")
+
+from safetensors.torch import load_file as load_torch  # noqa: E402
 
 import bidirlm_jax  # noqa: E402
 from bidirlm_jax.cli import main  # noqa: E402
@@ -121,16 +122,29 @@ def test_export_loads_in_transformers(hf_dir, thinker_dir, tmp_path, attention):
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=REL_TOL * np.abs(theirs).max())
 
 
-def test_convert_round_trip_is_bit_exact(hf_dir, tmp_path):
-    """-hf → our checkpoint → -hf gives transformers' own tensors back bit for bit, with the processor and
-    tokenizer files carried; the checkpoint loads as the same model."""
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    """transformers' save of the tiny model in bfloat16."""
+    path = tmp_path_factory.mktemp("asr_bf16")
+    ref.build_asr_model(ref.asr_config()).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_convert_round_trip_is_bit_exact(hf_dir, bf16_dir, tmp_path, dtype):
+    """-hf → our checkpoint → -hf gives transformers' own tensors back bit for bit (in their stored dtype),
+    with the processor and tokenizer files carried; the checkpoint loads as the same model."""
+    if dtype == "bfloat16":
+        for name, text in SIDE_FILES.items():
+            (bf16_dir / name).write_text(text)
+        hf_dir = bf16_dir
     checkpoint = bidirlm_jax.convert(hf_dir, tmp_path / "ckpt")
     assert (checkpoint / "params").is_dir()
     back = bidirlm_jax.convert(checkpoint, tmp_path / "back")
-    source, result = load_file(hf_dir / "model.safetensors"), load_file(back / "model.safetensors")
+    source, result = load_torch(hf_dir / "model.safetensors"), load_torch(back / "model.safetensors")
     assert source.keys() == result.keys()
-    for key, array in source.items():
-        assert result[key].dtype == array.dtype and np.array_equal(result[key], array), key
+    for key, tensor in source.items():
+        assert result[key].dtype == tensor.dtype == getattr(torch, dtype) and torch.equal(result[key], tensor), key
     for name, text in SIDE_FILES.items():
         assert (checkpoint / name).read_text() == (back / name).read_text() == text
     restored = bidirlm_jax.from_pretrained(checkpoint)
@@ -160,4 +174,3 @@ def test_weights_without_an_audio_tower_are_refused(hf_dir, tmp_path, capsys):
     assert "no audio tower" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["text_only"]
     assert isinstance(bidirlm_jax.from_pretrained(text_only, text_only=True), Transformer)
-    jax.clear_caches()

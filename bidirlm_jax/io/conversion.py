@@ -72,11 +72,15 @@ def convert(
 
 
 def _convert_qwen3_asr(src, dst, *, to: str, attention, dtype, overwrite, allow_pickle, max_shard_bytes) -> Path:
-    """Qwen3-ASR (text + audio tower) either way; every tensor is written in the source's dtype (the
-    config's `dtype`, the one transformers stores a Qwen3-ASR model in) unless `dtype` is given."""
+    """Qwen3-ASR (text + audio tower) either way; every tensor is written in the source's dtype (its
+    embedding's as stored, or the one a checkpoint recorded) unless `dtype` is given."""
     model = from_pretrained(src, attention=attention, allow_pickle=allow_pickle)
-    source = read_json(description_dir(src))
-    dtype = dtype or source.get("dtype") or source.get("torch_dtype") or "float32"
+    if is_checkpoint(src):
+        source = read_json(description_dir(src))
+        stored = source.get("dtype") or source.get("torch_dtype")
+    else:
+        stored = stored_dtypes(src, allow_pickle=allow_pickle)["embed_tokens.weight"]
+    dtype = dtype or stored or model.config.text.param_dtype
     files = tokenizer_files(src)
     if to == "checkpoint":
         return save_qwen3_asr_checkpoint(model, dst, dtype=dtype, overwrite=overwrite, extra_files=files)
