@@ -103,3 +103,26 @@ def test_placeholder_count_must_match(asr):
     holes[0, 3] = 0
     with pytest.raises(ConfigError, match="prefix"):
         model(ids, mask, input_features=features, input_features_mask=holes)
+
+
+def test_sharded_on_8_devices_equals_one(asr):
+    """Parameters placed by their logical axes on a data × fsdp × tensor = 2 × 2 × 2 mesh (text and tower,
+    scanned): the model computes what it computes on one device."""
+    import jax
+    from flax import nnx
+
+    from bidirlm_jax import sharding
+
+    _, path = asr
+    ids, mask, features, frames = ref.asr_batch()
+    model = bidirlm_jax.from_pretrained(path, scan_layers=True)
+    inputs = model.prepare(ids, mask, features, frames)
+    run = nnx.jit(lambda m, kw: m.hidden_states(**kw))
+    expected = run(model, inputs)
+    mesh = sharding.make_mesh(2, 2, 2)
+    placed = sharding.place(model, mesh)
+    q = placed.audio_tower.layers.self_attn.q_proj
+    assert q[...].sharding.spec == sharding.logical_to_spec(("layers", "heads", "head_dim", "embed"), q.shape, mesh)
+    with jax.set_mesh(mesh):
+        got = run(placed, inputs)
+    _close(got, expected, mask.astype(bool))  # sharded contractions regroup fp32 sums only
