@@ -28,6 +28,7 @@ from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import PARAMS_DIR
 from bidirlm_jax.io.hf_config_audio import is_qwen3_asr, qwen3_asr_config_from_hf, qwen3_asr_config_to_hf
 from bidirlm_jax.io.layouts import AUDIO, AUDIO_PROJECTOR, HEAD, QWEN3_ASR_HF, TEXT, detect_layout
+from bidirlm_jax.io.run import is_training_run
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, torch_dtype_name
 from bidirlm_jax.io.weights.audio import audio_tables
 from bidirlm_jax.io.weights.load import load_state
@@ -83,6 +84,9 @@ def load_qwen3_asr(
 ) -> Qwen3ASR:
     """A `Qwen3ASR` from an HF directory (-hf or `thinker.*` layout) or one of our checkpoints of it;
     `text_run` are the text config's run overrides (dtype, attention, scan_layers), `audio_run` the tower's."""
+    if is_training_run(path):
+        raise CheckpointError(f"{path} is a training run of a Qwen3-ASR model, which cannot be read yet; "
+                              "load its exported HF directory instead")  # fmt: skip
     shared = {k: text_run[k] for k in ("dtype", "param_dtype", "scan_layers") if k in text_run}  # both parts run so
     config = qwen3_asr_config_from_hf(read_json(path), audio_run={**shared, **dict(audio_run)}, **text_run)
     if (path / PARAMS_DIR).is_dir():
