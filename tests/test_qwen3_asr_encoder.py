@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 
 from bidirlm_jax.audio_tokens import chunk_tokens, conv_len, release_tokens  # noqa: E402
 from bidirlm_jax.errors import CheckpointError, ConfigError  # noqa: E402
-from bidirlm_jax.io.audio_weights import load_audio_tower  # noqa: E402
 from bidirlm_jax.io.hf_config_audio import audio_config_from_hf  # noqa: E402
+from bidirlm_jax.io.weights.audio import load_audio_tower  # noqa: E402
 from bidirlm_jax.models.runtime import Runtime  # noqa: E402
 from bidirlm_jax.models.towers.qwen3_asr.encoder import AudioEncoder, AudioLayer, token_mask  # noqa: E402
 from bidirlm_jax.models.towers.qwen3_asr.stem import chunk_lengths  # noqa: E402
@@ -183,7 +183,7 @@ def test_weight_table_refusals(oracle):
     model = AudioEncoder(_ours(oracle).config, rngs=nnx.Rngs(0))
     with pytest.raises(CheckpointError, match="missing"):
         load_audio_tower(model, {k: v for k, v in tensors.items() if "layers.1.fc2" not in k})
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(CheckpointError, match="shapes disagree"):
         load_audio_tower(model, {**tensors, "audio_tower.proj2.weight": np.zeros((3, 3), np.float32)})
     load_audio_tower(model, {"thinker." + k: v for k, v in tensors.items()}, prefix="thinker.audio_tower.")
 

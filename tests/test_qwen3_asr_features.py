@@ -182,8 +182,8 @@ def test_files_to_tower_tokens(tmp_path):
     pytest.importorskip("torch")
     from flax import nnx
 
-    from bidirlm_jax.io.audio_weights import load_audio_tower
     from bidirlm_jax.io.hf_config_audio import audio_config_from_hf
+    from bidirlm_jax.io.weights.audio import load_audio_tower
     from bidirlm_jax.models.towers.qwen3_asr.encoder import AudioEncoder
     from bidirlm_jax.testing import qwen3_asr as ref
 

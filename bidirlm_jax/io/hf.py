@@ -22,6 +22,7 @@ from bidirlm_jax.io.checkpoint import load_checkpoint
 from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import config_to_hf, read_config, read_runtime
 from bidirlm_jax.io.layouts import CAUSAL_LM, detect_layout
+from bidirlm_jax.io.qwen3_asr import holds_qwen3_asr, load_qwen3_asr, save_qwen3_asr
 from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, torch_dtype_name
 from bidirlm_jax.io.sources import Source, source_of
@@ -31,6 +32,7 @@ from bidirlm_jax.io.weights.save import write_tables
 from bidirlm_jax.io.weights.text import text_tables
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
+from bidirlm_jax.models.towers.qwen3_asr.model import Qwen3ASR
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
 
@@ -63,9 +65,11 @@ def from_pretrained(
     runtime: Runtime | None = None,
     mesh: Mesh | None = None,
     allow_pickle: bool = False,
-) -> Transformer:
+    text_only: bool = False,
+) -> Transformer | Qwen3ASR:
     """Load an HF checkpoint directory, a bidirlm checkpoint (`bidirlm convert`) or a training run (its
-    latest step) as a model.
+    latest step) as a model: a `Qwen3ASR` (text + audio tower) for a Qwen3-ASR checkpoint unless
+    `text_only` asks for its text backbone alone, else a `Transformer`.
 
     `runtime` declares every run setting (scanned layers, remat, kernel...); without it, `attention` and
     `bidirectional_window` default to what the checkpoint's config.json says (causal for a plain decoder)
@@ -83,6 +87,8 @@ def from_pretrained(
             "from_pretrained got a runtime and attention/bidirectional_window/dtype: declare the run settings "
             "once, in the runtime (runtime.replace(attention=...))"
         )
+    if not text_only and holds_qwen3_asr(where):
+        return load_qwen3_asr(path, runtime, mesh=mesh, allow_pickle=allow_pickle)
     config = read_config(where)
     if source_of(path) is Source.HF:
         return load_params(path, config, runtime, mesh=mesh, allow_pickle=allow_pickle)
@@ -95,7 +101,7 @@ def from_pretrained(
 
 
 def save_pretrained(
-    model: Transformer,
+    model: Transformer | Qwen3ASR,
     out_dir: str | os.PathLike,
     *,
     dtype: str | None = None,
@@ -110,8 +116,13 @@ def save_pretrained(
     (backbone-relative keys, as `stored_dtypes` returns them), one at a time, into shards with an
     index above `max_shard_bytes`; `extra_files` (`companion_files(src)`: the tokenizer, processors, …)
     are copied beside them. In a multi-process run every process calls this: each tensor is gathered to
-    process 0, which writes.
+    process 0, which writes. A `Qwen3ASR` is written as transformers' `Qwen3ASRForConditionalGeneration`
+    (`tensor_dtypes` unused).
     """
+    if isinstance(model, Qwen3ASR):
+        return save_qwen3_asr(
+            model, out_dir, dtype=dtype, overwrite=overwrite, extra_files=extra_files, max_shard_bytes=max_shard_bytes
+        )
     model = relayout(model, False)  # HF files hold one tensor per layer
     config = model.config
     default = np.dtype(jnp.dtype(dtype or model.runtime.param_dtype))

@@ -32,8 +32,8 @@ from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 
 # model_type -> family; multimodal types contribute their `text_config`.
 TEXT_MODEL_TYPES = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_vl_text": "qwen3"}
-MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3"}
-_MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "qwen3_vl": "qwen3_vl_text"}
+MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3", "qwen3_asr": "qwen3"}
+_MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "qwen3_vl": "qwen3_vl_text", "qwen3_asr": "qwen3"}
 # transformers' Qwen3-VL text model rotates with M-RoPE [24, 20, 20] when its config names no sections.
 _MROPE_DEFAULTS = {"qwen3_vl_text": (24, 20, 20)}
 SUPPORTED_MODEL_TYPES = tuple(TEXT_MODEL_TYPES) + tuple(MULTIMODAL_MODEL_TYPES)
@@ -80,8 +80,10 @@ def _text_part(d: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
         raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
     model_type = d.get("model_type")
     if model_type in MULTIMODAL_MODEL_TYPES:
-        text = dict(d.get("text_config") or {})
+        text = dict(_text_holder(d).get("text_config") or {})
         text.setdefault("model_type", _MULTIMODAL_TEXT_TYPES[model_type])
+        if model_type == "qwen3_asr":  # Qwen3 whatever the original names it
+            text["model_type"] = "qwen3"
         return _text_part(text)
     if model_type not in TEXT_MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -90,15 +92,22 @@ def _text_part(d: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
 
 def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     """Read a transformers config's architecture (legacy `rope_theta`/`rope_scaling` fields or v5 `rope_parameters`)."""
-    d, family = _text_part(d)
-    model_type = d["model_type"]
+    text, family = _text_part(d)
+    model_type = text["model_type"]
     try:
-        fields = _gemma3_fields(d) if family == _GEMMA3 else _qwen3_fields(d)
+        fields = _gemma3_fields(text) if family == _GEMMA3 else _qwen3_fields(text)
     except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
         raise ConfigError(f"config.json for {model_type} is malformed: {e!r}") from e
+    if d.get("model_type") == "qwen3_asr":  # its M-RoPE rows are all equal (audio takes text positions): plain RoPE
+        fields["mrope_section"] = None
     known = _CONSUMED_KEYS | {"model_type"}
-    extra = tuple(sorted((k, json.dumps(v)) for k, v in d.items() if k not in known))
+    extra = tuple(sorted((k, json.dumps(v)) for k, v in text.items() if k not in known))
     return ModelConfig(family=family, extra=extra, **{**FAMILY_FLAGS[family], **fields, **overrides})
+
+
+def _text_holder(d: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Where a multimodal config keeps its `text_config`: the original Qwen3-ASR nests it under `thinker_config`."""
+    return d.get("thinker_config") or d
 
 
 def runtime_from_hf(d: Mapping[str, Any], **settings: Any) -> Runtime:
@@ -224,7 +233,7 @@ def set_attention_mode(
     stays loadable as what it is.
     """
     d = copy.deepcopy(hf_config)
-    target = d.get("text_config") if d.get("model_type") in MULTIMODAL_MODEL_TYPES else d
+    target = _text_holder(d).get("text_config") if d.get("model_type") in MULTIMODAL_MODEL_TYPES else d
     window = {"bidirectional_window": bidirectional_window} if bidirectional_window else {}
     rendered = config_to_hf(config_from_hf(d), runtime_from_hf(d, attention=attention, **window))
     for key in ATTENTION_KEYS:  # some are rendered only when bidirectional: drop stale ones

@@ -58,6 +58,11 @@ TEXT = Component(
     "embed_tokens.weight",
 )
 HEAD = Component("lm_head", ("language_model.", "thinker.", ""), LM_HEAD, only=(LM_HEAD,))
+# The AuT audio tower (Qwen3-ASR -hf, original Qwen3-ASR, BidirLM-Omni); -hf keeps its projector outside.
+AUDIO = Component("audio_tower", ("model.audio_tower.", "thinker.audio_tower.", "audio_tower."), "conv2d1.weight")
+AUDIO_PROJECTOR = Component(
+    "audio_projector", ("model.multi_modal_projector.", "multi_modal_projector."), "linear_1.weight"
+)
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,14 @@ class Layout:
 
 
 CAUSAL_LM = Layout(((TEXT, "model."), (HEAD, "")))
+QWEN3_ASR_HF = Layout(
+    (
+        (TEXT, "model.language_model."),
+        (HEAD, ""),
+        (AUDIO, "model.audio_tower."),
+        (AUDIO_PROJECTOR, "model.multi_modal_projector."),
+    )
+)  # transformers' Qwen3ASRForConditionalGeneration
 
 
 def detect_layout(keys: Iterable[str], components: Sequence[Component] = (TEXT, HEAD)) -> Layout:

@@ -69,3 +69,58 @@ def reference_tokens(encoder: Qwen3OmniMoeAudioEncoder, features: np.ndarray, at
     finally:
         encoder.n_window_infer = window
     return out.last_hidden_state.numpy()
+
+
+def asr_config(**text_overrides):
+    """The tiny Qwen3-ASR of the omni notes (§4): the 2-layer tower above (n_window 50, the window count
+    transformers gets right) under a 2-layer Qwen3 of width 64; audio placeholder id 1004."""
+    from transformers import Qwen3ASRConfig
+
+    audio = dict(model_type="qwen3_asr_encoder", num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2,
+                 encoder_ffn_dim=64, d_model=32, downsample_hidden_size=8, output_dim=64, n_window=50,
+                 n_window_infer=200)  # fmt: skip
+    text = dict(model_type="qwen3", vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
+                tie_word_embeddings=True, **text_overrides)  # fmt: skip
+    config = Qwen3ASRConfig(audio_config=audio, text_config=text, audio_token_id=1004, pad_token_id=0, eos_token_id=1)
+    config._attn_implementation = "eager"
+    config.text_config._attn_implementation = "eager"
+    config.audio_config._attn_implementation = "eager"
+    return config
+
+
+def build_asr_model(config, seed: int = 0):
+    """A random `Qwen3ASRForConditionalGeneration` with every parameter perturbed as `build_encoder` does
+    (norm scales around 1, biases 0.3·randn, weights 0.1·randn)."""
+    from transformers import Qwen3ASRForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3ASRForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_scale = name.endswith("weight") and ("norm" in name or "ln_post" in name)
+            p.copy_((1.0 if is_scale else 0.0) + (0.3 if name.endswith("bias") else 0.1) * torch.randn_like(p))
+    return model
+
+
+AUDIO_PAD, AUDIO_START, AUDIO_END = 1004, 1005, 1006  # stand-in ids of `asr_config`'s tiny vocabulary
+
+
+def asr_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask, input_features, input_features_mask) as the -hf processor gives them:
+    three text rows (right-, left- and un-padded, 42 tokens) holding clips of 137, 250 and 300 frames
+    (18, 33 and 39 placeholders at n_window 50), features zero past each clip and padded to whole chunks."""
+    lengths, t = np.array([137, 250, 300]), 42
+    counts = chunk_tokens(lengths, 50)
+    rows = [
+        [5, AUDIO_START, *[AUDIO_PAD] * counts[0], AUDIO_END, 7],  # right padding
+        [AUDIO_START, *[AUDIO_PAD] * counts[1], AUDIO_END, 9],  # left padding
+        [5, AUDIO_START, *[AUDIO_PAD] * counts[2], AUDIO_END],  # no padding
+    ]
+    ids, mask = np.zeros((3, t), np.int64), np.zeros((3, t), np.int64)
+    for b, row in enumerate(rows):
+        at = slice(t - len(row), t) if b == 1 else slice(0, len(row))
+        ids[b, at], mask[b, at] = row, 1
+    frames = np.arange(300)[None, :] < lengths[:, None]
+    features = np.random.default_rng(0).standard_normal((3, 128, 300)).astype(np.float32) * frames[:, None]
+    return ids, mask, features, frames.astype(np.int64)

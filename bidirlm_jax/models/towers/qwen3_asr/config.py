@@ -14,6 +14,7 @@ from typing import Any
 
 from bidirlm_jax.audio_tokens import conv_len
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.layers import ACTIVATIONS
 
 AUDIO_ATTENTION = ("window", "clip")
@@ -89,4 +90,26 @@ class AudioConfig:
         return self.downsample_hidden_size * conv_len(self.num_mel_bins)
 
     def replace(self, **changes: Any) -> AudioConfig:
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Qwen3ASRConfig:
+    """A Qwen3-ASR model: the text stack's config, the audio tower's and the audio placeholder id
+    (transformers' `Qwen3ASRConfig` default, Qwen3-ASR's tokenizer); `extra` keeps the source's other
+    top-level config.json fields (JSON-encoded), which an export writes back."""
+
+    text: ModelConfig
+    audio: AudioConfig
+    audio_token_id: int = 151676
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self):
+        if self.audio.output_dim != self.text.hidden_size:
+            raise ConfigError(
+                f"the audio tower's output_dim {self.audio.output_dim} must equal the text hidden_size "
+                f"{self.text.hidden_size}"
+            )
+
+    def replace(self, **changes: Any) -> Qwen3ASRConfig:
         return dataclasses.replace(self, **changes)

@@ -19,20 +19,13 @@ import numpy as np
 from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.placeholders import merge_placeholders, valid_first
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.towers.qwen3_vl.config import Qwen3VLConfig
 from bidirlm_jax.models.towers.qwen3_vl.layout import VisionLayout, vision_layout
 from bidirlm_jax.models.towers.qwen3_vl.rope_index import get_rope_index
 from bidirlm_jax.models.towers.qwen3_vl.vision import VisionTower
 from bidirlm_jax.models.transformer import ModelOutput, Transformer
-
-
-def merge_placeholders(x: jax.Array, placeholders: jax.Array, tokens: jax.Array) -> jax.Array:
-    """`x` [B, T, d] with the positions where `placeholders` [B, T] is true replaced, in row-major order,
-    by the rows of `tokens` [M, d] (M ≥ the number of placeholders; later rows are never read)."""
-    index = jnp.cumsum(placeholders.reshape(-1)).reshape(placeholders.shape) - 1
-    gathered = jnp.take(tokens, jnp.clip(index, 0, tokens.shape[0] - 1), axis=0).astype(x.dtype)
-    return jnp.where(placeholders[..., None], gathered, x)
 
 
 class Qwen3VL(nnx.Module):
@@ -94,7 +87,7 @@ class Qwen3VL(nnx.Module):
         if pixel_values is not None:
             vision = self.visual(pixel_values, layout)
             valid = jnp.asarray(layout.lengths).sum(axis=1) // self.config.vision.merge_unit  # tokens per row
-            order = _valid_first(vision.tokens.shape[:2], valid)
+            order = valid_first(vision.tokens.shape[:2], valid)
             placeholders = ids == self.config.image_token_id
             x = merge_placeholders(x, placeholders, vision.tokens.reshape(-1, x.shape[-1])[order])
             zeros = jnp.zeros_like(x)
@@ -108,10 +101,3 @@ class Qwen3VL(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, *, pixel_values=None, image_grid_thw=None) -> ModelOutput:
         hidden = self.hidden_states(**self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw))
         return ModelOutput(logits=self.text.logits(hidden), hidden_states=hidden)
-
-
-def _valid_first(shape: tuple[int, int], valid: jax.Array) -> jax.Array:
-    """Flat indices into [R, N] tokens listing each row's first `valid[r]` tokens, row after row, then the rest."""
-    n = jnp.arange(shape[1])
-    is_valid = (n[None, :] < valid[:, None]).reshape(-1)
-    return jnp.argsort(~is_valid, stable=True)

@@ -1,0 +1,98 @@
+"""Qwen3-ASR: the text stack fed by the AuT audio tower (transformers' `Qwen3ASRModel` + LM head).
+
+`model(input_ids, attention_mask=None, *, input_features=None, input_features_mask=None)` takes what
+transformers' Qwen3-ASR processor returns (placeholders already expanded: one `<|audio_pad|>` per audio
+token) and returns `.hidden_states` (final-normed) and `.logits`. The host part (`prepare`) checks that
+the placeholders count the clips' tokens; `hidden_states` is the array part (one `nnx.jit` away): the
+tower's tokens replace the placeholders in order. Audio tokens take text positions 0…T−1, as
+transformers' Qwen3 text model gives them (Qwen3-ASR's M-RoPE sections, where a checkpoint declares them,
+see three equal rows: plain RoPE). Bidirectional or causal as the text config says.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bidirlm_jax.audio_tokens import chunk_tokens
+from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.placeholders import merge_placeholders, valid_first
+from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
+from bidirlm_jax.models.towers.qwen3_asr.config import Qwen3ASRConfig
+from bidirlm_jax.models.towers.qwen3_asr.encoder import AudioEncoder
+from bidirlm_jax.models.transformer import ModelOutput, Transformer
+
+
+class Qwen3ASR(nnx.Module):
+    """The text stack fed by the AuT encoder; one `runtime` runs both (the tower keeps its own attention
+    pattern, `AudioConfig.audio_attention`)."""
+
+    def __init__(self, config: Qwen3ASRConfig, runtime: Runtime = DEFAULT_RUNTIME, *, rngs: nnx.Rngs):
+        self.config, self.runtime = config, runtime
+        self.text = Transformer(config.text, runtime, rngs=rngs)
+        self.audio_tower = AudioEncoder(config.audio, runtime, rngs=rngs)
+
+    def prepare(self, input_ids, attention_mask=None, input_features=None, input_features_mask=None) -> dict[str, Any]:
+        """Host side: check the inputs and compute each clip's length in frames; the keyword arguments of
+        `hidden_states`."""
+        ids = np.asarray(input_ids)
+        inputs: dict[str, Any] = dict(input_ids=ids, attention_mask=attention_mask)
+        if input_features is None:
+            if input_features_mask is not None:
+                raise ConfigError(
+                    "input_features_mask without input_features: pass both, as the processor returns them"
+                )
+            return inputs
+        features = np.asarray(input_features)
+        mels = self.config.audio.num_mel_bins
+        if features.ndim != 3 or features.shape[1] != mels:
+            raise ConfigError(
+                f"input_features of shape {features.shape}: expected [clips, {mels}, frames], log-mel features "
+                "as the Qwen3-ASR processor returns them"
+            )
+        if input_features_mask is None:
+            lengths = np.full(features.shape[0], features.shape[2])
+        else:
+            mask = np.asarray(input_features_mask).astype(bool)
+            lengths = mask.sum(-1)
+            if (
+                mask.shape != (features.shape[0], features.shape[2])
+                or (mask != _prefixes(lengths, mask.shape[1])).any()
+            ):
+                raise ConfigError(
+                    f"input_features_mask of shape {mask.shape} must mark a prefix of each clip's "
+                    f"{features.shape[2]} frames (shape {(features.shape[0], features.shape[2])})"
+                )
+        placeholders = int((ids == self.config.audio_token_id).sum())
+        tokens = int(chunk_tokens(lengths, self.config.audio.n_window).sum())
+        if placeholders != tokens:
+            raise ConfigError(
+                f"input_ids hold {placeholders} audio placeholders (id {self.config.audio_token_id}) but the clips "
+                f"give {tokens} tokens; expand each clip's placeholders to its token count "
+                f"(audio_tokens.chunk_tokens with n_window {self.config.audio.n_window}) as the processor does"
+            )
+        inputs.update(input_features=features, lengths=lengths)
+        return inputs
+
+    def hidden_states(self, input_ids, attention_mask=None, *, input_features=None, lengths=None) -> jax.Array:
+        """Final-normed hidden states [B, T, d]; `input_features` [clips, mel_bins, frames] with each clip's
+        `lengths` in frames, whose tokens, clip after clip, are the placeholders'."""
+        ids = jnp.asarray(input_ids)
+        x = self.text.embed(ids)
+        if input_features is not None:
+            audio = self.audio_tower(input_features, lengths)
+            order = valid_first(audio.tokens.shape[:2], audio.valid.sum(axis=1))
+            x = merge_placeholders(x, ids == self.config.audio_token_id, audio.tokens.reshape(-1, x.shape[-1])[order])
+        return self.text.hidden_states(inputs_embeds=x, attention_mask=attention_mask)
+
+    def __call__(self, input_ids, attention_mask=None, *, input_features=None, input_features_mask=None) -> ModelOutput:
+        hidden = self.hidden_states(**self.prepare(input_ids, attention_mask, input_features, input_features_mask))
+        return ModelOutput(logits=self.text.logits(hidden), hidden_states=hidden)
+
+
+def _prefixes(lengths: np.ndarray, frames: int) -> np.ndarray:
+    return np.arange(frames)[None, :] < lengths[:, None]
