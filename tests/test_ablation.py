@@ -19,7 +19,7 @@ from bidirlm_jax.cli import main
 from bidirlm_jax.configs.ablation import get_config
 from bidirlm_jax.errors import ConfigError, Preempted
 from bidirlm_jax.testing.tolerance import ulps
-from tests.test_variants import sigterm_at
+from tests.runs import sigterm_at
 
 FIVE = ["Base", "Bi+Base", "Bi+MNTP", "Bi+Contrastive", "Bi+MNTP+Contrastive"]
 

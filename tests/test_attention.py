@@ -16,6 +16,7 @@ from bidirlm_jax.models.masks import layer_specs
 from bidirlm_jax.models.presets import PRESETS
 from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.testing.tolerance import fp32_tol
+from tests.attention_cases import outputs_and_grads, qkv
 
 T, W = 32, 8
 CONFIG = PRESETS["tiny-gemma3"].replace(sliding_window=W)  # causal; 2 sliding + 2 global layers
@@ -28,12 +29,6 @@ SPECS = {
 }
 
 
-def qkv(dtype=jnp.float32, t=T, b=2, heads=4, kv_heads=2, d=16):
-    kq, kk, kv = jax.random.split(jax.random.PRNGKey(0), 3)
-    q = jax.random.normal(kq, (b, t, heads, d), dtype)
-    return q, jax.random.normal(kk, (b, t, kv_heads, d), dtype), jax.random.normal(kv, (b, t, kv_heads, d), dtype)
-
-
 def packed_segments(b=2, t=T) -> Segments:
     """Row 0: two documents then right padding; row 1: left padding then one document."""
     mask = np.ones((b, t), np.int32)
@@ -43,18 +38,6 @@ def packed_segments(b=2, t=T) -> Segments:
     ids[0, :12], ids[0, 12:-5] = 1, 2
     ids[1, 6:] = 1
     return Segments.of(mask, ids, (b, t))
-
-
-def outputs_and_grads(impl, q, k, v, spec, segments, **kw):
-    """Attention output and d(real rows' weighted sum)/d(q, k, v): padding rows are never read."""
-    weights = jax.random.normal(jax.random.PRNGKey(1), q.shape) * segments.valid[:, :, None, None]
-
-    def loss(q, k, v):
-        out = attend(q, k, v, spec, segments, scale=0.25, implementation=impl, **kw)
-        return jnp.sum(out.astype(jnp.float32) * weights), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-    return np.asarray(out)[np.asarray(segments.valid)], [np.asarray(g) for g in grads]
 
 
 @pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())

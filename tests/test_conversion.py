@@ -17,7 +17,7 @@ from bidirlm_jax.cli import main
 from bidirlm_jax.io import conversion
 from bidirlm_jax.io.hf import stored_dtypes
 from bidirlm_jax.testing import reference
-from tests.test_hf import assert_bit_exact
+from tests.hf_files import assert_bit_exact
 
 
 def _convert(*args) -> int:

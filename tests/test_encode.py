@@ -1,56 +1,18 @@
-"""`encode`: bucketed batches equal one text at a time, bidirectionality, instructions, truncation; `bidirlm embed`.
-
-The helpers at the top (a tiny tokenizer saved into copies of the conftest model directories) are shared with
-the export, retrieval and MTEB tests.
-"""
+"""`encode`: bucketed batches equal one text at a time, bidirectionality, instructions, truncation; `bidirlm embed`."""
 
 import json
 import logging
-import shutil
 
 import numpy as np
 import pytest
 from flax import nnx
 
-from bidirlm_jax import cli
 from bidirlm_jax.embed.encode import bucket_lengths, encode, encode_texts, query_prompt, tokenize
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.hf import from_pretrained
-from bidirlm_jax.io.tokenizer import load_tokenizer, train_tokenizer
+from bidirlm_jax.io.tokenizer import load_tokenizer
 from bidirlm_jax.testing.tolerance import fp32_tol
-
-VOCABULARY = (
-    "alpha beta gamma delta the quick brown fox jumps over a lazy dog while river stones shine under dark "
-    "light code python function returns value list of items number error"
-)
-WORDS = VOCABULARY.split()
-MAX_LENGTH = 64  # buckets 16, 32, 64
-TEXTS = [
-    "the quick brown fox",
-    " ".join(WORDS),  # ~40 tokens
-    "dog",
-    "return the value of a function",
-    " ".join(WORDS * 3),  # longer than MAX_LENGTH: truncated
-    "river stones shine under dark light while the lazy dog sleeps",
-    "x",
-]
-
-
-def make_encoder_src(model_dir, out_dir):
-    """A copy of a conftest model directory with a tiny byte-level BPE tokenizer (vocab 400 < 512 rows)."""
-    shutil.copytree(model_dir, out_dir)
-    rng = np.random.default_rng(0)
-    corpus = [" ".join(rng.choice(WORDS, 12)) for _ in range(200)]
-    train_tokenizer(corpus, 400, out_dir / "tokenizer")
-    for file in (out_dir / "tokenizer").iterdir():
-        shutil.move(file, out_dir / file.name)
-    (out_dir / "tokenizer").rmdir()
-    return out_dir
-
-
-def run_cli(argv, capsys=None):
-    """`bidirlm ARGV`, its exit status."""
-    return cli.main([str(a) for a in argv])
+from tests.encoders import MAX_LENGTH, TEXTS, make_encoder_src, run_cli
 
 
 @pytest.fixture(scope="module", params=["qwen3", "gemma3"])

@@ -11,7 +11,7 @@ from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.tokenizer import load_tokenizer
 from bidirlm_jax.testing import reference
 from bidirlm_jax.testing.tolerance import fp32_tol
-from tests.test_encode import MAX_LENGTH, TEXTS, make_encoder_src, run_cli
+from tests.encoders import MAX_LENGTH, TEXTS, make_encoder_src, run_cli
 
 
 @pytest.fixture(scope="module")

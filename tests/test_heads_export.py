@@ -6,7 +6,6 @@ a fine-tuning run exports with its tokenizer and label map."""
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,11 +13,9 @@ import torch
 import transformers
 from flax import nnx
 
-from bidirlm_jax.data.labeled import LabelMap
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.heads import (
     check_last_token,
-    describe,
     export_classifier,
     export_finetuned,
     hf_class_name,
@@ -27,17 +24,12 @@ from bidirlm_jax.io.heads import (
     save_best,
 )
 from bidirlm_jax.io.hf import from_pretrained
-from bidirlm_jax.io.hf_config import config_to_hf
-from bidirlm_jax.io.run import HEAD_FILE
 from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, attach_head
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.testing import reference
-from bidirlm_jax.train.checkpoints import Checkpointer
-from bidirlm_jax.train.config import base_config
-from bidirlm_jax.train.optim import make_optimizer
-from bidirlm_jax.train.state import TrainState, param_shapes
+from tests.runs import write_finetune_run
 
 PAD = 0  # reference.batch draws real ids from 3 up, so no real token is the pad token
 TASKS = [("classification", 3), ("regression", 1), ("token_classification", 5)]
@@ -135,29 +127,13 @@ def tokenizer():
     return train_tokenizer(texts, 512)
 
 
-def _write_run(run, model: EncoderWithHead, tokenizer, labels):
-    """A fine-tuning run as the loop leaves it: model/{config.json, tokenizer, head.json}, an orbax step."""
-    (run / "model").mkdir(parents=True)
-    (run / "model" / "config.json").write_text(json.dumps(config_to_hf(model.config, model.runtime)))
-    tokenizer.save_pretrained(run / "model")
-    description = describe(model.head_config, LabelMap(model.head_config.task, tuple(labels)), max_length=32)
-    (run / "model" / HEAD_FILE).write_text(json.dumps(description))
-    tx, _ = make_optimizer(base_config().optim, 10)
-    params = nnx.state(model, nnx.Param)
-    state = TrainState(jnp.asarray(3, jnp.int32), params, tx.init(params), jax.random.PRNGKey(0))
-    checkpointer = Checkpointer(run / "checkpoints", save_every=1, keep=2)
-    checkpointer.save(3, state, {"param_shapes": param_shapes(params)}, force=True)
-    checkpointer.wait()
-    checkpointer.close()
-
-
 def test_a_fine_tuning_run_exports_with_its_tokenizer_and_labels(tmp_path, tokenizer):
     config, runtime = get_preset("tiny-gemma3"), Runtime(attention="bidirectional")
     head = HeadConfig("classification", 2, "last")
     latest = _with_random_head(EncoderWithHead(config, head, runtime, rngs=nnx.Rngs(0)), seed=0)
     model = _with_random_head(EncoderWithHead(config, head, runtime, rngs=nnx.Rngs(1)), seed=1)  # the best step's
     run = tmp_path / "run"
-    _write_run(run, latest, tokenizer, ["neg", "pos"])
+    write_finetune_run(run, latest, tokenizer, ["neg", "pos"])
     assert read_best(run) is None and load_finetuned(run)[1]["step"] == 3  # no best yet: the latest step
     save_best(run, nnx.state(model, nnx.Param), step=2, metrics={"accuracy": 0.75})
     assert read_best(run) == {"step": 2, "metrics": {"accuracy": 0.75}}
@@ -192,7 +168,7 @@ def test_run_export_refusals(tmp_path, tokenizer):
     config = get_preset("tiny-gemma3")
     model = EncoderWithHead(config, HeadConfig("classification", 2, "mean"), rngs=nnx.Rngs(0))
     run = tmp_path / "run"
-    _write_run(run, model, tokenizer, ["a", "b"])
+    write_finetune_run(run, model, tokenizer, ["a", "b"])
     with pytest.raises(ConfigError, match="pooling 'mean' has no transformers class"):
         export_finetuned(run, tmp_path / "hf")
     with pytest.raises(ConfigError, match="no head.json"):

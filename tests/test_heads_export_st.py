@@ -18,6 +18,7 @@ from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.runtime import Runtime
+from tests.runs import write_finetune_run
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
 torch = pytest.importorskip("torch")
@@ -96,12 +97,11 @@ def test_regression_and_refusals(tokenizer_dir, tmp_path):
 
 def test_a_fine_tuning_run_exports_its_best_step(tokenizer_dir, tmp_path):
     from bidirlm_jax.io.tokenizer import load_tokenizer
-    from tests.test_heads_export import _write_run  # a run as the loop leaves it
 
     head = HeadConfig("classification", 2, pooling="late", classifier="eurobert")
     latest, best = _model("gemma3", head, seed=0), _model("gemma3", head, seed=1)
     run = tmp_path / "run"
-    _write_run(run, latest, load_tokenizer(tokenizer_dir), ["neg", "pos"])
+    write_finetune_run(run, latest, load_tokenizer(tokenizer_dir), ["neg", "pos"])
     save_best(run, nnx.state(best, nnx.Param), step=2, metrics={"accuracy": 0.5})
     out = export_finetuned(run, tmp_path / "st")
     recorded = json.loads((out / "head.json").read_text())

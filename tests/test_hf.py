@@ -14,8 +14,8 @@ from safetensors.numpy import load_file, save_file
 import bidirlm_jax
 from bidirlm_jax.io.hf import stored_dtypes
 from bidirlm_jax.io.hf_config import read_runtime
-from bidirlm_jax.io.shards import ShardReader
 from bidirlm_jax.testing import reference
+from tests.hf_files import assert_bit_exact, tensors
 
 BF16_TOL = 3e-2  # as tests/test_transformer.py: both sides round bf16 at different points
 
@@ -25,19 +25,6 @@ def qwen_sliding_dir(tmp_path_factory):
     """Qwen3 with sliding layers (window 8 on layers 1 and 2), the one family member without them elsewhere."""
     config = reference.qwen3_config(use_sliding_window=True, sliding_window=reference.WINDOW, max_window_layers=1)
     return reference.save(reference.build(config), tmp_path_factory.mktemp("qwen3-sliding") / "hf")
-
-
-def tensors(path) -> dict[str, np.ndarray]:
-    reader = ShardReader(path)
-    return {k: reader.get(k) for k in reader.keys()}
-
-
-def assert_bit_exact(a, b) -> None:
-    """Same tensor names, dtypes and bytes in two HF directories."""
-    ta, tb = tensors(a), tensors(b)
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert ta[k].dtype == tb[k].dtype and ta[k].tobytes() == tb[k].tobytes(), k
 
 
 def _hf(path, **kwargs):

@@ -11,8 +11,7 @@ import pytest
 
 from bidirlm_jax.kernels.masks import MaskSpec
 from bidirlm_jax.sharding import make_mesh
-from tests.test_attention import outputs_and_grads, qkv
-from tests.test_kernels_splash import _segments
+from tests.attention_cases import outputs_and_grads, padded_segments, qkv
 
 T, D = 128, 64
 
@@ -36,8 +35,8 @@ def _check(spec, kv_heads, segments, mesh=None):
     ids=["bidirectional-gqa-packed", "causal-mqa-padded"],
 )
 def test_triton_equals_the_reference(spec, kv_heads, segments):
-    _check(spec, kv_heads, _segments(segments, T))
+    _check(spec, kv_heads, padded_segments(segments, T))
 
 
 def test_triton_under_shard_map():
-    _check(MaskSpec(None, None), 2, _segments("packed", T), make_mesh(2, 1, 2, devices=jax.devices()[:4]))
+    _check(MaskSpec(None, None), 2, padded_segments("packed", T), make_mesh(2, 1, 2, devices=jax.devices()[:4]))

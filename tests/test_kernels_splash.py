@@ -6,28 +6,12 @@ import jax
 import numpy as np
 import pytest
 
-from bidirlm_jax.kernels.masks import MaskSpec, Segments
+from bidirlm_jax.kernels.masks import MaskSpec
 from bidirlm_jax.sharding import make_mesh
-from tests.test_attention import outputs_and_grads, qkv
+from tests.attention_cases import outputs_and_grads, padded_segments, qkv
 
 T, W, D = 256, 32, 64
 BLOCKS = {"block_q": 128, "block_kv": 128}
-
-
-def _segments(kind: str, t: int = T) -> Segments:
-    """Row 0 right-padded, row 1 left-padded (both across a block boundary); "packed": two documents each."""
-    mask = np.ones((2, t), np.int32)
-    ids = None
-    right, left = t // 7, t // 4 + 6
-    if kind in ("padded", "packed"):
-        mask[0, -right:] = 0
-        mask[1, :left] = 0
-    if kind == "packed":
-        ids = np.zeros((2, t), np.int32)
-        ids[0, : 2 * t // 5], ids[0, 2 * t // 5 : -right] = 1, 2
-        ids[1, left : 3 * t // 5], ids[1, 3 * t // 5 :] = 1, 2
-    return Segments.of(None if kind == "none" else mask, ids, (2, t))
-
 
 CASES = {
     "full-gqa-packed": (MaskSpec(None, None), 2, "packed"),
@@ -56,7 +40,7 @@ def _check(spec, kv_heads, segments, mesh=None):
 
 @pytest.mark.parametrize("spec, kv_heads, segments", CASES.values(), ids=CASES.keys())
 def test_splash_equals_the_reference(spec, kv_heads, segments):
-    _check(spec, kv_heads, _segments(segments))
+    _check(spec, kv_heads, padded_segments(segments, T))
 
 
 @pytest.mark.parametrize(
@@ -68,4 +52,4 @@ def test_splash_under_shard_map(mesh_shape, kv_heads):
     """Rows over `data`, query heads over `tensor`; KV heads split with them, replicated (one KV head), or
     repeated per query head (2 KV heads over 4 devices)."""
     mesh = make_mesh(*mesh_shape, devices=jax.devices()[:4])
-    _check(MaskSpec(W // 2, W // 2), kv_heads, _segments("packed"), mesh)
+    _check(MaskSpec(W // 2, W // 2), kv_heads, padded_segments("packed", T), mesh)

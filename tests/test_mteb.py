@@ -14,8 +14,12 @@ from bidirlm_jax.errors import ConfigError  # noqa: E402
 from bidirlm_jax.evals.mteb import MTEBEncoder, beir_task, checkpoint_revision, run_mteb  # noqa: E402
 from bidirlm_jax.evals.retrieval import evaluate_retrieval  # noqa: E402
 from bidirlm_jax.io.sentence_transformers import export_encoder  # noqa: E402
-from tests.test_encode import MAX_LENGTH, make_encoder_src, run_cli  # noqa: E402
-from tests.test_retrieval import make_beir  # noqa: E402
+from tests.encoders import (  # noqa: E402
+    MAX_LENGTH,
+    make_beir,
+    make_encoder_src,
+    run_cli,
+)
 
 INSTRUCTION = "Given a query, retrieve documents that answer the query."
 

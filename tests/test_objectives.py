@@ -2,7 +2,6 @@
 exact mixtures, single-dataset batches, exports that carry the tokenizer, and inputs refused up front."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,12 +17,9 @@ from bidirlm_jax.data.stdlib_text import stdlib_docstrings
 from bidirlm_jax.io.tokenizer import train_tokenizer
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.train import build_objective, train
+from tests.runs import metrics_of
 
 DOCS = [doc for _, doc in stdlib_docstrings()][:120]
-
-
-def _metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def _quiet(config: ConfigDict) -> ConfigDict:
@@ -103,7 +99,7 @@ def test_a_resumed_run_uses_its_saved_tokenizer(text_files, tokenizer_dir, tmp_p
     shutil.rmtree(own)
     config.train.steps = 2
     train(config, str(workdir))
-    assert [row["step"] for row in _metrics(workdir)] == [1, 2]
+    assert [row["step"] for row in metrics_of(workdir)] == [1, 2]
 
 
 def test_a_reserved_mask_row_is_never_a_target_as_in_the_saved_tokenizer(tmp_path):
@@ -134,7 +130,7 @@ def test_mntp_learns_and_its_run_exports_an_encoder_with_its_mask_token(tmp_path
     config = _quiet(mntp_configs.get_config("tiny"))
     config.train.log_every = 5
     train(config, str(workdir))  # the preset: 150 steps on the standard library's docstrings
-    rows = _metrics(workdir)
+    rows = metrics_of(workdir)
     early, late = rows[:1], rows[-3:]
     assert np.mean([r["loss"] for r in late]) < np.mean([r["loss"] for r in early]) - 0.6
     accuracy = [np.mean([r["masked_accuracy"] for r in part]) for part in (early, late)]
@@ -165,7 +161,7 @@ def test_contrastive_batches_each_come_from_one_dataset(tmp_path):
 def test_contrastive_learns(tmp_path):
     config = _quiet(contrastive_configs.get_config("tiny"))
     train(config, str(tmp_path / "run"))
-    rows = _metrics(tmp_path / "run")
+    rows = metrics_of(tmp_path / "run")
     early, late = rows[:3], rows[-3:]
     assert np.mean([r["loss"] for r in late]) < np.mean([r["loss"] for r in early]) - 0.5
     assert np.mean([r["in_batch_accuracy"] for r in late]) > np.mean([r["in_batch_accuracy"] for r in early]) + 0.1
@@ -234,7 +230,7 @@ def test_fine_tuning_through_the_engine_validates_keeps_the_best_step_and_export
     config.finetune.pooling = "last"
     config.train.steps = 80
     train(config, str(tmp_path / "run"), evaluators=EVALUATORS)
-    evaluated = [r for r in _metrics(tmp_path / "run") if "eval/accuracy" in r]
+    evaluated = [r for r in metrics_of(tmp_path / "run") if "eval/accuracy" in r]
     assert [r["step"] for r in evaluated] == [40, 80]
     assert evaluated[-1]["eval/accuracy"] > 0.8  # a two-way task: chance is 0.5
     best = read_best(tmp_path / "run")

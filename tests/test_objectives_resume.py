@@ -18,8 +18,7 @@ from flax import nnx
 from bidirlm_jax.io.heads import load_finetuned, read_best
 from bidirlm_jax.train.checkpoints import latest_step
 from tests import procs
-from tests.test_objectives import _metrics
-from tests.test_train_loop import _params, _saved_steps
+from tests.runs import checkpoint_params, metrics_of, saved_steps
 
 INTERRUPTED = str(Path(__file__).with_name("interrupted_train.py"))
 STEPS, EVERY, KILL_SAVE_AT = 10, 4, 8  # checkpoints (and fine-tuning evaluations) at 4, 8 and 10
@@ -51,22 +50,22 @@ def _kill_and_resume(preset: str, tmp_path: Path, *args: str) -> tuple[Path, Pat
     assert [t.get().name for t in ocp.utils.tmp_checkpoints(interrupted / "checkpoints")] == [
         f"{KILL_SAVE_AT}.orbax-checkpoint-tmp"
     ]
-    before = _metrics(interrupted)
+    before = metrics_of(interrupted)
     assert before[-1]["step"] >= KILL_SAVE_AT  # steps past the commit were logged: the restart must redo them
 
     resumed = _run(preset, interrupted, *ARGS, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    after = _metrics(interrupted)
+    after = metrics_of(interrupted)
     assert [r["step"] for r in after] == list(range(1, STEPS + 1))  # each step once: the lost ones replayed
     assert _values(after[: len(before)]) == _values(before)  # the replayed steps logged what they logged before
     assert any(a != b for a, b in zip(after[EVERY:], before[EVERY:]))  # rewritten by the restart (timings)
     # step 8 was committed again, by the restart, and nothing uncommitted is left
-    assert _saved_steps(interrupted) == _saved_steps(whole) and KILL_SAVE_AT in _saved_steps(interrupted)
+    assert saved_steps(interrupted) == saved_steps(whole) and KILL_SAVE_AT in saved_steps(interrupted)
     assert not ocp.utils.tmp_checkpoints(interrupted / "checkpoints")
 
-    assert _values(after) == _values(_metrics(whole))  # every metric, bit for bit
-    assert {"loss", "learning_rate", "grad_norm"} <= set(after[0]) == set(_metrics(whole)[0])
-    for a, b in zip(_params(whole, STEPS), _params(interrupted, STEPS), strict=True):
+    assert _values(after) == _values(metrics_of(whole))  # every metric, bit for bit
+    assert {"loss", "learning_rate", "grad_norm"} <= set(after[0]) == set(metrics_of(whole)[0])
+    for a, b in zip(checkpoint_params(whole, STEPS), checkpoint_params(interrupted, STEPS), strict=True):
         np.testing.assert_array_equal(a, b)
     return whole, interrupted
 
@@ -83,8 +82,8 @@ def test_a_fine_tuning_run_killed_mid_save_keeps_its_best_step_schedule_and_head
     whole, interrupted = _kill_and_resume(
         "configs/finetune.py:tiny", tmp_path, f"--config.evals.validation.every={EVERY}"
     )
-    evaluated = [r["step"] for r in _metrics(interrupted) if "eval/accuracy" in r]
-    assert evaluated == [4, 8, 10] == [r["step"] for r in _metrics(whole) if "eval/accuracy" in r]
+    evaluated = [r["step"] for r in metrics_of(interrupted) if "eval/accuracy" in r]
+    assert evaluated == [4, 8, 10] == [r["step"] for r in metrics_of(whole) if "eval/accuracy" in r]
     assert read_best(interrupted) == read_best(whole) and read_best(whole)["step"] in evaluated
     for name in ("head.json", "config.json", "tokenizer.json"):
         assert (interrupted / "model" / name).read_bytes() == (whole / "model" / name).read_bytes(), name

@@ -14,7 +14,7 @@ from bidirlm_jax.io.tokenizer import load_tokenizer
 from bidirlm_jax.train.config import base_config, parse_train_args
 from bidirlm_jax.train.loop import model_config
 from bidirlm_jax.train.objectives.base import run_tokenizer
-from tests.test_encode import make_encoder_src
+from tests.encoders import make_encoder_src
 
 
 @pytest.fixture

@@ -82,8 +82,8 @@ def test_scanned_equals_unrolled(asr):
     _, path = asr
     ids, mask, features, frames = ref.asr_batch()
     unrolled = bidirlm_jax.from_pretrained(path)
-    scanned = bidirlm_jax.from_pretrained(path, scan_layers=True)
-    assert scanned.text.config.scan_layers and scanned.audio_tower.config.scan_layers
+    scanned = bidirlm_jax.from_pretrained(path, runtime=read_runtime(path, scan_layers=True))
+    assert scanned.text.runtime.scan_layers and scanned.audio_tower.runtime.scan_layers
     expected = unrolled(ids, mask, input_features=features, input_features_mask=frames).hidden_states
     got = scanned(ids, mask, input_features=features, input_features_mask=frames).hidden_states
     _close(got, expected, mask.astype(bool))  # the scan regroups fp32 sums only
@@ -115,7 +115,7 @@ def test_sharded_on_8_devices_equals_one(asr):
 
     _, path = asr
     ids, mask, features, frames = ref.asr_batch()
-    model = bidirlm_jax.from_pretrained(path, scan_layers=True)
+    model = bidirlm_jax.from_pretrained(path, runtime=read_runtime(path, scan_layers=True))
     inputs = model.prepare(ids, mask, features, frames)
     run = nnx.jit(lambda m, kw: m.hidden_states(**kw))
     expected = run(model, inputs)

@@ -10,7 +10,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.retrieval import document_text, evaluate_retrieval, load_beir, rank, retrieval_metrics
 from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.tokenizer import load_tokenizer
-from tests.test_encode import MAX_LENGTH, WORDS, make_encoder_src, run_cli
+from tests.encoders import MAX_LENGTH, make_beir, make_encoder_src, run_cli
 
 # q1: d2 and d1 tie at 0.8 -> d2 first (id descending, as trec_eval); d9 is relevant but never retrieved.
 # q2: d5 and d4 tie -> d5 first. q3 has no relevant document: not averaged.
@@ -20,26 +20,6 @@ RUN = {
     "q3": {"d5": 0.9},
 }
 QRELS = {"q1": {"d1": 2, "d2": 1, "d3": 0, "d9": 1}, "q2": {"d4": 1}, "q3": {"d5": 0}}
-
-
-def make_beir(root, *, num_docs=24, num_queries=6, seed=0):
-    """A small BEIR directory: titled and untitled documents, graded qrels, an unjudged query."""
-    rng = np.random.default_rng(seed)
-    (root / "qrels").mkdir(parents=True)
-    with (root / "corpus.jsonl").open("w") as f:
-        for i in range(num_docs):
-            title = " ".join(rng.choice(WORDS, 2)) if i % 3 else ""
-            f.write(json.dumps({"_id": f"doc{i}", "title": title, "text": " ".join(rng.choice(WORDS, 10))}) + "\n")
-    with (root / "queries.jsonl").open("w") as f:
-        for i in range(num_queries + 1):
-            f.write(json.dumps({"_id": f"q{i}", "text": " ".join(rng.choice(WORDS, 4))}) + "\n")
-    with (root / "qrels" / "test.tsv").open("w") as f:
-        f.write("query-id\tcorpus-id\tscore\n")
-        for i in range(num_queries):
-            for j in rng.choice(num_docs, 3, replace=False):
-                f.write(f"q{i}\tdoc{j}\t{rng.integers(0, 3)}\n")
-            f.write(f"q{i}\tdoc{(i * 5) % num_docs}\t1\n")  # at least one relevant document per query
-    return root
 
 
 def test_metrics_hand_computed():

@@ -14,7 +14,7 @@ from bidirlm_jax.embed.encode import encode, query_prompt
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.hf_config import read_config
 from bidirlm_jax.io.sentence_transformers import EncoderSettings, export_encoder, load_encoder, read_encoder_settings
-from tests.test_encode import MAX_LENGTH, TEXTS, make_encoder_src, run_cli
+from tests.encoders import MAX_LENGTH, TEXTS, make_encoder_src, run_cli
 
 INSTRUCTION = "Given a question, retrieve passages that answer the question"
 

@@ -24,6 +24,7 @@ from bidirlm_jax.train.checkpoints import latest_step
 from bidirlm_jax.train.preflight import plan_batch, preflight
 from tests import procs
 from tests.cluster import check, run_cluster
+from tests.runs import checkpoint_params, metrics_of, saved_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = f"{ROOT}/configs/lm.py:tiny"
@@ -50,26 +51,6 @@ def _run(workdir, *overrides, devices=4, env=None, timeout=300):
     )
 
 
-def _metrics(workdir) -> list[dict]:
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _params(workdir, step) -> list[np.ndarray]:
-    """The checkpoint's parameters on one local device, whatever topology wrote them."""
-    path = Path(workdir).absolute() / "checkpoints" / str(step) / "state"
-    checkpointer = ocp.StandardCheckpointer()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        checkpointer.metadata(path).item_metadata.tree,
-    )
-    return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target)["params"])]
-
-
-def _saved_steps(workdir) -> list[int]:
-    return sorted(int(p.name) for p in (Path(workdir) / "checkpoints").iterdir() if p.name.isdigit())
-
-
 def _snapshot(path: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")} if path.exists() else {}
 
@@ -89,7 +70,7 @@ def runs(tmp_path_factory):
     termed = _run(interrupted, *RUN, env={"TERM_AT": str(TERM_AT)})
     assert termed.returncode == 0, termed.stderr
     assert f"stopped by SIGTERM after step {TERM_AT}" in termed.stderr
-    assert _saved_steps(interrupted) == [TERM_AT]  # saved although no checkpoint was due
+    assert saved_steps(interrupted) == [TERM_AT]  # saved although no checkpoint was due
 
     killed = _run(interrupted, *RUN, env={"KILL_SAVE_AT": str(KILL_SAVE_AT)})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -97,7 +78,7 @@ def runs(tmp_path_factory):
     assert [t.get().name for t in ocp.utils.tmp_checkpoints(interrupted / "checkpoints")] == [
         f"{KILL_SAVE_AT}.orbax-checkpoint-tmp"
     ]
-    assert _metrics(interrupted)[-1]["step"] > KILL_SAVE_AT  # steps past the last commit were logged, then lost
+    assert metrics_of(interrupted)[-1]["step"] > KILL_SAVE_AT  # steps past the last commit were logged, then lost
 
     resumed = _run(interrupted, *RUN)
     assert resumed.returncode == 0, resumed.stderr
@@ -108,11 +89,11 @@ def runs(tmp_path_factory):
 def test_tiny_run_writes_the_contract_outputs_and_learns(tmp_path):
     result = _run(tmp_path, "--config.metrics.tensorboard=True")  # the full tiny preset: 60 steps
     assert result.returncode == 0, result.stderr
-    records = _metrics(tmp_path)
+    records = metrics_of(tmp_path)
     for key in ("step", "loss", "learning_rate", "grad_norm", "tokens_per_second", "accuracy", "step_seconds"):
         assert all(key in r for r in records), key
     assert records[0]["loss"] > 5.5 and records[-1]["loss"] < records[0]["loss"] - 2.0  # ln(512)=6.2 → ~3
-    assert _saved_steps(tmp_path) == [20, 40, 60]
+    assert saved_steps(tmp_path) == [20, 40, 60]
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -120,11 +101,11 @@ def test_tiny_run_writes_the_contract_outputs_and_learns(tmp_path):
 def test_interrupted_run_resumes_bit_exactly(runs):
     whole, interrupted = runs
     # Steps 1-3 come from the first start, 4 from the second, 5-12 replayed by the third.
-    assert [r["step"] for r in _metrics(interrupted)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in metrics_of(interrupted)] == list(range(1, STEPS + 1))
     for key in ("loss", "grad_norm", "accuracy", "learning_rate"):
-        assert [r[key] for r in _metrics(interrupted)] == [r[key] for r in _metrics(whole)], key
-    assert _saved_steps(interrupted) == [4, 8, 12] and not ocp.utils.tmp_checkpoints(interrupted / "checkpoints")
-    for a, b in zip(_params(whole, STEPS), _params(interrupted, STEPS), strict=True):
+        assert [r[key] for r in metrics_of(interrupted)] == [r[key] for r in metrics_of(whole)], key
+    assert saved_steps(interrupted) == [4, 8, 12] and not ocp.utils.tmp_checkpoints(interrupted / "checkpoints")
+    for a, b in zip(checkpoint_params(whole, STEPS), checkpoint_params(interrupted, STEPS), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -158,11 +139,11 @@ def test_a_run_moves_between_process_counts_and_meshes(runs, tmp_path):
     # Steps 9-12: one process.
     last = _run(tmp_path, *RUN)
     assert last.returncode == 0, last.stderr
-    ours, theirs = _metrics(tmp_path), _metrics(whole)
+    ours, theirs = metrics_of(tmp_path), metrics_of(whole)
     assert [r["step"] for r in ours] == list(range(1, STEPS + 1))
     for key in ("loss", "grad_norm", "accuracy"):  # all-reduces sum in another order: ulps, not bits
         np.testing.assert_allclose([r[key] for r in ours], [r[key] for r in theirs], rtol=2e-5, err_msg=key)
-    for a, b in zip(_params(tmp_path, STEPS), _params(whole, STEPS), strict=True):
+    for a, b in zip(checkpoint_params(tmp_path, STEPS), checkpoint_params(whole, STEPS), strict=True):
         # AdamW steps amplify ulp-level gradient differences near its eps (see test_train_step) into the params
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
@@ -177,9 +158,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(runs, tmp_path
     )
     assert result.returncode == 2
     assert "non-finite" in result.stderr and "Last good checkpoint: step" in result.stderr
-    saved = _saved_steps(whole)
+    saved = saved_steps(whole)
     bad_step = int(result.stderr.split(" at step ")[1].split(";")[0])
-    assert saved[-1] == bad_step - 1 and all(np.isfinite(p).all() for p in _params(whole, saved[-1]))
+    assert saved[-1] == bad_step - 1 and all(np.isfinite(p).all() for p in checkpoint_params(whole, saved[-1]))
     after = _snapshot(whole / "checkpoints")
     assert all(after[k] == v for k, v in before.items() if k in after)  # earlier checkpoints untouched
 
@@ -196,7 +177,7 @@ def test_skipping_non_finite_steps_gives_up_after_max_consecutive_skips(tmp_path
     with pytest.raises(BidirLMError, match=r"in 3 steps in a row \(steps 1-3, each skipped\): giving up") as error:
         train(config, workdir, loss_fn=nan_loss)
     assert "Last good checkpoint: step 2" in str(error.value)  # skipped steps leave the params as they were
-    assert [(r["step"], r["loss"]) for r in _metrics(tmp_path)] == [(1, None), (2, None), (3, None)]
+    assert [(r["step"], r["loss"]) for r in metrics_of(tmp_path)] == [(1, None), (2, None), (3, None)]
 
 
 @pytest.mark.slow
@@ -223,7 +204,7 @@ def test_init_from_an_hf_directory(tmp_path):
     )
     assert code == 0
     expected = [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
-    for a, b in zip(_params(tmp_path / "run", 1), expected, strict=True):
+    for a, b in zip(checkpoint_params(tmp_path / "run", 1), expected, strict=True):
         np.testing.assert_array_equal(a, b)  # learning rate 0: the checkpoint holds the loaded weights
 
 
@@ -313,8 +294,8 @@ def test_the_host_waits_only_to_log_save_or_stop(tmp_path, monkeypatch):
     config, workdir = parse_train_args(["--config", TINY, "--workdir", str(tmp_path), *QUIET, *overrides])
     train(config, workdir)
     assert reads == [4, 2, 2, 2]  # steps 1-4 (log), 5-6 (save), 7-8 (log), 9-10 (last)
-    assert [r["step"] for r in _metrics(tmp_path)] == [4, 8, 10]
-    assert _saved_steps(tmp_path) == [6, 10]
+    assert [r["step"] for r in metrics_of(tmp_path)] == [4, 8, 10]
+    assert saved_steps(tmp_path) == [6, 10]
 
 
 def test_several_processes_agree_on_a_preemption_only_at_sync_steps(tmp_path, monkeypatch):
@@ -342,7 +323,7 @@ def test_several_processes_agree_on_a_preemption_only_at_sync_steps(tmp_path, mo
     config, workdir = parse_train_args(["--config", TINY, "--workdir", str(tmp_path), *QUIET, *overrides])
     assert train(config, workdir)["preempted"] and steps_run[0] == 6
     assert polls == [4, 4, 6]  # step 4 (log): before reading metrics and after; step 6 (save): stop
-    assert _saved_steps(tmp_path) == [6]
+    assert saved_steps(tmp_path) == [6]
 
 
 def test_max_rows_per_device_raises_the_micro_batch_count():

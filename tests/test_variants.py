@@ -7,9 +7,7 @@ other settings), and a preempted build recording nothing and resuming its run.
 """
 
 import json
-import os
 import shutil
-import signal
 
 import numpy as np
 import pytest
@@ -18,21 +16,7 @@ from bidirlm_jax.errors import ConfigError, Preempted
 from bidirlm_jax.pipeline import stages
 from bidirlm_jax.pipeline import variants as v
 from bidirlm_jax.testing.tolerance import merge_tol
-
-
-def sigterm_at(monkeypatch, step, run=None):
-    """Send this process a real SIGTERM (a preemption notice) while a training run (the one in `run`, or any)
-    logs `step`: the loop's own handler takes it, as it would from a scheduler (the run must log that step)."""
-    from bidirlm_jax.train import metrics
-
-    write = metrics.MetricsWriter.write
-
-    def write_then_term(self, at, values):
-        write(self, at, values)
-        if at == step and (run is None or self.path.parent == run):
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(metrics.MetricsWriter, "write", write_then_term)
+from tests.runs import sigterm_at
 
 
 def _params(path, attention):
