@@ -290,9 +290,10 @@ def from_pretrained(
     """Load an HF checkpoint directory, a bidirlm checkpoint (`bidirlm convert`) or a training run (its
     latest step) as a model.
 
-    `runtime` declares every run setting (scanned layers, remat, kernel...); without it, `attention` and
-    `bidirectional_window` default to what the checkpoint's config.json says (causal for a plain decoder)
-    and `dtype` is both the parameter and the compute dtype.
+    `runtime` (`models.runtime.Runtime`) declares every run setting, the attention mode included (scanned
+    layers, remat, kernel...); without it, `attention` and `bidirectional_window` default to what the
+    checkpoint's config.json records (causal for a plain decoder) and `dtype` is both the parameter and the
+    compute dtype.
     """
     path = user_path(path)
     where = description_dir(path)
