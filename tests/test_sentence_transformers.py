@@ -12,7 +12,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from bidirlm_jax.embed.encode import encode, query_prompt
 from bidirlm_jax.errors import CheckpointError, ConfigError
-from bidirlm_jax.io.hf_config import read_config
+from bidirlm_jax.io.hf_config import read_runtime
 from bidirlm_jax.io.sentence_transformers import EncoderSettings, export_encoder, load_encoder, read_encoder_settings
 from tests.encoders import MAX_LENGTH, TEXTS, make_encoder_src, run_cli
 
@@ -64,7 +64,7 @@ def test_export_layout(exported):
     assert st["prompts"] == {"query": f"Instruct: {INSTRUCTION}\nQuery: "}
     assert st["similarity_fn_name"] == "cosine" and st["default_prompt_name"] is None
     config = json.loads((dst / "config.json").read_text())
-    assert "auto_map" not in config and read_config(dst).attention == "bidirectional"
+    assert "auto_map" not in config and read_runtime(dst).attention == "bidirectional"
     assert AutoTokenizer.from_pretrained(dst).mask_token == "<mask>"
     assert (dst / "README.md").read_text().startswith("---\nlibrary_name: sentence-transformers")
     assert read_encoder_settings(dst) == EncoderSettings("mean", True, MAX_LENGTH, st["prompts"])

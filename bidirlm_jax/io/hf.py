@@ -71,9 +71,10 @@ def from_pretrained(
     latest step) as a model: a `Qwen3ASR` (text + audio tower) for a Qwen3-ASR checkpoint unless
     `text_only` asks for its text backbone alone, else a `Transformer`.
 
-    `runtime` declares every run setting (scanned layers, remat, kernel...); without it, `attention` and
-    `bidirectional_window` default to what the checkpoint's config.json says (causal for a plain decoder)
-    and `dtype` is both the parameter and the compute dtype.
+    `runtime` (`models.runtime.Runtime`) declares every run setting, the attention mode included (scanned
+    layers, remat, kernel...); without it, `attention` and `bidirectional_window` default to what the
+    checkpoint's config.json records (causal for a plain decoder) and `dtype` is both the parameter and the
+    compute dtype.
     """
     path = user_path(path)
     where = description_dir(path)

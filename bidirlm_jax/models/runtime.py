@@ -67,7 +67,6 @@ TRAIN_KEYS = tuple(name for name in FIELDS if name != "param_dtype")
 
 def check(values: Mapping[str, Any], *, prefix: str = "") -> None:
     """Refuse a run setting the model cannot take, saying which, what it may be and (with a prefix) the key."""
-    fix = f"; fix --config.{prefix}" if prefix else None
     for name, value in values.items():
         if name not in FIELDS:
             raise ConfigError(f"unknown run setting {prefix}{name!s}; the settings are {', '.join(FIELDS)}")
@@ -80,7 +79,8 @@ def check(values: Mapping[str, Any], *, prefix: str = "") -> None:
             problem = "must be True or False"
         else:
             continue
-        raise ConfigError(f"invalid run setting {prefix}{name}={value!r}: {problem}{fix + name if fix else ''}")
+        where = f"; fix --config.{prefix}{name}" if prefix else ""
+        raise ConfigError(f"{prefix or 'invalid run setting: '}{name}={value!r} {problem}{where}")
 
 
 DEFAULT_RUNTIME = Runtime()  # a plain fp32 causal run: what a model gets when nothing is declared
