@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 
 import bidirlm_jax  # noqa: E402
 from bidirlm_jax.errors import ConfigError  # noqa: E402
+from bidirlm_jax.io.hf_config import read_runtime  # noqa: E402
 from bidirlm_jax.testing import qwen3_asr as ref  # noqa: E402
 
 REL_TOL = 1e-4  # see the module docstring
