@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES
-from bidirlm_jax.models.pooling import pool
+from bidirlm_jax.models.encoder import pooled_embeddings
 from bidirlm_jax.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -178,8 +178,7 @@ def _embed(
     state: nnx.State, ids: jax.Array, mask: jax.Array, *, graphdef: nnx.GraphDef, pooling: str, normalize: bool
 ) -> jax.Array:
     """One compiled function per (model graph, batch shape, pooling, normalize): jit's own cache."""
-    model = nnx.merge(graphdef, state)
-    embeddings = pool(model.hidden_states(ids, mask), mask, pooling)
+    embeddings = pooled_embeddings(nnx.merge(graphdef, state), {"input_ids": ids, "attention_mask": mask}, pooling)
     embeddings = jnp.where(mask.any(axis=1, keepdims=True), embeddings, 0.0)  # a text of no tokens embeds as zeros
     if normalize:  # as torch.nn.functional.normalize (sentence-transformers' Normalize)
         embeddings = embeddings / jnp.maximum(jnp.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
