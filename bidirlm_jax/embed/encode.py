@@ -1,9 +1,8 @@
 """Texts -> one L2-normalised embedding each, fast: length buckets, a fixed batch shape and a cached `jit`.
 
 Texts are tokenised once, sorted by length and cut into batches of a fixed number of rows, each padded to the
-smallest bucket length (powers of two from 16, with 1.5x steps above 64, then `max_length`) that holds its
-longest text, so `jit` compiles a handful of shapes however many batches there are. The last batch is filled
-with copies of a real row (never an all-padding row, whose fully masked attention is undefined), dropped after.
+smallest bucket length (`data.batching.bucket_lengths`) that holds its longest text, so `jit` compiles a
+handful of shapes however many batches there are. The last batch is filled with copies of a real row (never an all-padding row, whose fully masked attention is undefined), dropped after.
 Queries of asymmetric tasks carry BidirLM's instruction template; documents never do.
 """
 
@@ -21,6 +20,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from bidirlm_jax.data.batching import bucket_lengths, pad_batch, pad_id, tokenize
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES
 from bidirlm_jax.models.encoder import pooled_embeddings
@@ -28,7 +28,6 @@ from bidirlm_jax.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
-MIN_BUCKET = 16
 _PROGRESS_MIN_BATCHES = 8  # a bar for inputs that take more than a few batches
 
 
@@ -43,18 +42,6 @@ class EncodeResult:
 
     embeddings: np.ndarray  # [N, d] float32, in input order
     num_truncated: int
-
-
-def bucket_lengths(max_length: int) -> tuple[int, ...]:
-    """Padded lengths batches may take, then `max_length`: powers of two from `MIN_BUCKET` to 64, and above 64 also
-    the 1.5x steps between them (96, 192, 384, ...), so that a batch wastes at most a third of its compute."""
-    lengths, n = [], MIN_BUCKET
-    while n < max_length:
-        lengths.append(n)
-        if n >= 64 and n * 3 // 2 < max_length:
-            lengths.append(n * 3 // 2)
-        n *= 2
-    return (*lengths, max_length)
 
 
 def encode(
@@ -116,30 +103,18 @@ def encode_texts(
     rows = min(batch_size, 1 << (len(ids) - 1).bit_length())  # a single query does not pay for 32 rows
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     batches = [order[i : i + rows] for i in range(0, len(order), rows)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     show = progress if progress is not None else len(batches) >= _PROGRESS_MIN_BATCHES
     with tqdm(total=len(ids), desc="encoding", unit="text", disable=not show) as bar:
         pending = None
         for index in batches:
-            batch_ids, batch_mask = pad_batch([ids[i] for i in index], rows, bucket_lengths(max_length), pad_id)
+            batch_ids, batch_mask = pad_batch([ids[i] for i in index], rows, bucket_lengths(max_length), pad)
             current = (index, run(state, batch_ids, batch_mask))  # dispatched asynchronously
             if pending is not None:
                 _collect(out, *pending, bar)  # fetch the previous batch while this one runs
             pending = current
         _collect(out, *pending, bar)
     return EncodeResult(out, num_truncated)
-
-
-def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids of each text, cut to `max_length` as transformers truncates (special tokens kept), and how
-    many needed cutting. Only the long texts are tokenised a second time."""
-    ids = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-    long = [i for i, seq in enumerate(ids) if len(seq) > max_length]
-    if long:
-        cut = tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=max_length)
-        for i, seq in zip(long, cut["input_ids"]):
-            ids[i] = seq
-    return ids, len(long)
 
 
 def _check_args(texts: Sequence[str], pooling: str, batch_size: int, max_length: int) -> list[str]:
@@ -154,18 +129,6 @@ def _check_args(texts: Sequence[str], pooling: str, batch_size: int, max_length:
     if batch_size < 1 or max_length < 1:
         raise ConfigError(f"batch_size ({batch_size}) and max_length ({max_length}) must be positive")
     return texts
-
-
-def pad_batch(seqs: list[list[int]], rows: int, buckets: tuple[int, ...], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad `seqs` to the smallest bucket that holds them; fill missing rows with copies of the first."""
-    length = next(b for b in buckets if b >= max(len(s) for s in seqs))
-    ids = np.full((rows, length), pad_id, np.int32)
-    mask = np.zeros((rows, length), np.int32)
-    for r in range(rows):
-        seq = seqs[r] if r < len(seqs) else seqs[0]
-        ids[r, : len(seq)] = seq
-        mask[r, : len(seq)] = 1
-    return ids, mask
 
 
 def _collect(out: np.ndarray, index: list[int], embeddings: jax.Array, bar: tqdm) -> None:

@@ -10,9 +10,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bidirlm_jax.data.batching import bucket_for, bucket_lengths
 from bidirlm_jax.data.labeled import LabeledSplit, LabelMap
 from bidirlm_jax.data.labeled_rows import Encoded, encode_split
-from bidirlm_jax.embed.encode import bucket_lengths
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.metrics import classification_metrics, regression_metrics, token_classification_metrics
 from bidirlm_jax.io.tokenizer import pad_id
@@ -33,14 +33,13 @@ def predict(model: nnx.Module, encoded: Encoded, *, pad: int, batch_size: int = 
     if batch_size <= 0:
         raise ConfigError(f"evaluation batch size {batch_size} must be positive")
     lengths = encoded.lengths
-    longest = int(lengths.max())
-    buckets = np.asarray(bucket_lengths(max(longest, 1)))
+    buckets = bucket_lengths(max(int(lengths.max()), 1))
     graphdef, params = nnx.split(model)
-    order = np.argsort(lengths, kind="stable")
     out: list[np.ndarray | None] = [None] * n
+    order = np.argsort(lengths, kind="stable")
     for lo in range(0, n, batch_size):
         picked = order[lo : lo + batch_size]
-        width = int(buckets[np.searchsorted(buckets, lengths[picked].max())])
+        width = bucket_for(int(lengths[picked].max()), buckets)
         rows = [encoded.row(int(i), width, pad) for i in picked]
         rows += [rows[-1]] * (batch_size - len(rows))
         ids = np.stack([r["input_ids"] for r in rows])
