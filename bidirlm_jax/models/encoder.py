@@ -7,7 +7,11 @@ Inputs are a mapping, not fixed arguments: today the text keys `MODEL_INPUTS` (`
 several kinds of text (a contrastive batch's queries and documents) names them by role prefix:
 `role_input_ids`, …, with the legacy short names `role_ids` / `role_mask` (`role_inputs`).
 
-One text per row; `attention_mask` marks its tokens (either padding side, `models.pooling`).
+Two layouts pool to the same embeddings (`models.pooling`):
+- padded: one text per row, `attention_mask` marks its tokens (either padding side);
+- packed: several texts per row back to back (no padding FLOPs), `segment_ids` numbering each token's
+  text 1..N across the whole batch (0 = padding) and `positions` restarting at 0 per text, so no token
+  attends across texts and each sees the positions it has alone; `num_texts=N` asks for `[N, d]`.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from bidirlm_jax.models.pooling import pool
+from bidirlm_jax.models.pooling import pool, pool_segments
 from bidirlm_jax.models.transformer import Transformer
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "segment_ids", "positions")
@@ -49,12 +53,17 @@ def hidden_states(model: Transformer, inputs: Inputs) -> jax.Array:
     )
 
 
-def pool_inputs(values: jax.Array, inputs: Inputs, mode: str) -> jax.Array:
-    """Per-token `values` [B, T, d] pooled per text of `inputs`: fp32 [B, d]."""
+def pool_inputs(values: jax.Array, inputs: Inputs, mode: str, *, num_texts: int | None = None) -> jax.Array:
+    """Per-token `values` [B, T, ...] pooled per text of `inputs`: fp32 [B, ...] (padded) or [num_texts, ...]
+    (packed)."""
+    if num_texts is not None:
+        return pool_segments(values, inputs["segment_ids"], num_texts, mode)
     mask = inputs.get("attention_mask")
     return pool(values, jnp.ones(values.shape[:2], jnp.int32) if mask is None else mask, mode)
 
 
-def pooled_embeddings(model: Transformer, inputs: Inputs, pooling: str = "mean") -> jax.Array:
-    """One fp32 embedding [B, d] per text of `inputs`."""
-    return pool_inputs(hidden_states(model, inputs), inputs, pooling)
+def pooled_embeddings(
+    model: Transformer, inputs: Inputs, pooling: str = "mean", *, num_texts: int | None = None
+) -> jax.Array:
+    """One fp32 embedding per text of `inputs`: [B, d] padded, [num_texts, d] packed."""
+    return pool_inputs(hidden_states(model, inputs), inputs, pooling, num_texts=num_texts)

@@ -126,15 +126,18 @@ class SequenceHead(nnx.Module):
         else:
             self.score = param(rngs, (n, d), (None, "embed"), config.param_dtype)
 
-    def __call__(self, hidden: jax.Array, inputs: Inputs, *, rng: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, hidden: jax.Array, inputs: Inputs, *, rng: jax.Array | None = None, num_texts: int | None = None
+    ) -> jax.Array:
+        pooled = functools.partial(pool_inputs, inputs=inputs, num_texts=num_texts)
         drop = functools.partial(self.dropout, deterministic=rng is None, rngs=rng)
         if self.kind == "linear":
-            return _dense(drop(pool_inputs(hidden, inputs, self.pooling)), self.score)
+            return _dense(drop(pooled(hidden, mode=self.pooling)), self.score)
         late = self.pooling == "late"
-        x = hidden.astype(jnp.float32) if late else pool_inputs(hidden, inputs, self.pooling)
+        x = hidden.astype(jnp.float32) if late else pooled(hidden, mode=self.pooling)
         h = jax.nn.gelu(_dense(x, self.dense, self.dense_bias), approximate=False)  # torch's nn.GELU(): exact
         logits = _dense(drop(h), self.classifier, self.classifier_bias)  # [B, n], or [B, T, n] when late
-        return pool_inputs(logits, inputs, "mean") if late else logits  # late: the mean of per-token logits
+        return pooled(logits, mode="mean") if late else logits  # late: the mean of per-token logits
 
 
 class TokenHead(nnx.Module):
@@ -145,8 +148,10 @@ class TokenHead(nnx.Module):
         self.score = param(rngs, (head.num_labels, config.hidden_size), (None, "embed"), config.param_dtype)
         self.score_bias = param(rngs, (head.num_labels,), (None,), config.param_dtype, init="zeros")
 
-    def __call__(self, hidden: jax.Array, inputs: Inputs, *, rng: jax.Array | None = None) -> jax.Array:
-        del inputs  # every position gets logits; the labels say which score
+    def __call__(
+        self, hidden: jax.Array, inputs: Inputs, *, rng: jax.Array | None = None, num_texts: int | None = None
+    ) -> jax.Array:
+        del inputs, num_texts  # every position gets logits; the labels say which score
         h = self.dropout(hidden.astype(jnp.float32), deterministic=rng is None, rngs=rng)
         return _dense(h, self.score, self.score_bias)
 
@@ -165,7 +170,10 @@ class HeadOutput:
 
 
 class EncoderWithHead(nnx.Module):
-    """`model(input_ids, attention_mask=None, *, rng=None) -> HeadOutput`: a `Transformer` and a task head."""
+    """`model(input_ids, attention_mask=None, *, rng=None) -> HeadOutput`: a `Transformer` and a task head.
+
+    Packed rows (`models.encoder`: several texts per row) pass `segment_ids`, `positions` and `num_texts`:
+    sequence logits are then `[num_texts, ...]`, text k being segment k + 1."""
 
     def __init__(self, config: ModelConfig, head: HeadConfig, *, rngs: nnx.Rngs):
         self.head_config = head
@@ -176,12 +184,22 @@ class EncoderWithHead(nnx.Module):
     def config(self) -> ModelConfig:
         return self.encoder.config
 
-    def __call__(self, input_ids, attention_mask=None, *, rng: jax.Array | None = None) -> HeadOutput:
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        rng: jax.Array | None = None,
+        segment_ids=None,
+        positions=None,
+        num_texts: int | None = None,
+    ) -> HeadOutput:
         input_ids = jnp.asarray(input_ids)
         mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
-        inputs = {"input_ids": input_ids, "attention_mask": mask}
+        inputs = {"input_ids": input_ids, "attention_mask": mask, "segment_ids": segment_ids, "positions": positions}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
         hidden = hidden_states(self.encoder, inputs)
-        logits = self.head(hidden, inputs, rng=rng)
+        logits = self.head(hidden, inputs, rng=rng, num_texts=num_texts)
         if self.head_config.task == "regression":
             logits = logits[..., 0]
         return HeadOutput(logits=logits, hidden_states=hidden)

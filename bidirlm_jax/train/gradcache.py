@@ -14,10 +14,18 @@ of rows each data-parallel shard embeds at a time (sentence-transformers' per-GP
 every chunk takes `chunk_size` rows from each shard, so no row moves between devices. A shard's last partial
 chunk is filled with copies of its last row whose embedding gradient is zero: real rows keep the forward
 finite, whereas an all-padding row can make NaNs that survive a zero cotangent (0 · NaN).
+
+Packed chunks (`pack=True`, the default; issue 24): each shard's texts are packed on device several per row
+(`_Packed`: segment ids, per-text positions, so each text is computed as if alone and no FLOP goes to
+padding), and steps 1 and 3 loop over groups of `chunk_size` packed rows — as many as the texts fill, a
+count known only at run time, so the static shapes stay one `[shards·chunk_size, L]` group. Every text
+lies whole in one group, and pooling a group into all N texts' slots gives the others exact zeros, so
+summing the groups' embeddings (and their vjps) is the padded computation regrouped.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 
@@ -45,6 +53,7 @@ def contrastive_loss_and_grads(
     gather: str = "global",
     num_shards: int | None = None,
     mask_duplicates: bool = False,
+    pack: bool = True,
 ) -> tuple[jax.Array, nnx.State, dict[str, jax.Array]]:
     """(mean loss, its gradient with respect to `params`, metrics) for one global contrastive batch.
 
@@ -54,7 +63,8 @@ def contrastive_loss_and_grads(
     mode. `chunk_size=None` is plain backprop through the whole batch (the reference), an integer is
     GradCache. `gather="local"` computes the loss per data-parallel shard; `num_shards` defaults to the
     batch axes of the current mesh (1 off-mesh). `mask_duplicates` drops documents identical to a query's
-    positive from its candidates (`contrastive.text_keys`). `rng` is unused (the encoder is
+    positive from its candidates (`contrastive.text_keys`). GradCache packs each shard's texts several per
+    row (see the module doc; `pack=False`: one padded text per row). `rng` is unused (the encoder is
     deterministic). Metrics: the loss's (see `contrastive`), `tokens` (real tokens of all texts) and,
     when the batch has the field, `truncated` (texts cut).
     """
@@ -82,8 +92,8 @@ def contrastive_loss_and_grads(
             q_emb, d_emb[:, 0], d_emb[:, 1:], temperature=temperature, groups=groups, **keys
         )
 
-    def embed(p: nnx.State, inputs: Inputs) -> jax.Array:
-        return pooled_embeddings(nnx.merge(graphdef, p), inputs, pooling)
+    def embed(p: nnx.State, inputs: Inputs, num_texts: int | None = None) -> jax.Array:
+        return pooled_embeddings(nnx.merge(graphdef, p), inputs, pooling, num_texts=num_texts)
 
     if chunk_size is None:
 
@@ -93,12 +103,18 @@ def contrastive_loss_and_grads(
         (loss, metrics), grads = jax.value_and_grad(full, has_aux=True)(params)
     else:
         frozen = jax.lax.stop_gradient(params)
-        q_emb = _embed_chunked(embed, frozen, queries, shards, chunk_size)
-        d_emb = _embed_chunked(embed, frozen, docs, shards, chunk_size)
-        (loss, metrics), (q_cot, d_cot) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(q_emb, d_emb)
+        if pack:
+            streams = [_Packed(t, shards, chunk_size) for t in (queries, docs)]
+            forward = lambda t: _embed_packed(embed, frozen, t)
+            backward = lambda t, cot, g: _backward_packed(embed, params, t, cot, g)
+        else:
+            streams = [queries, docs]
+            forward = lambda t: _embed_chunked(embed, frozen, t, shards, chunk_size)
+            backward = lambda t, cot, g: _backward_chunked(embed, params, t, cot, g, shards, chunk_size)
+        (loss, metrics), cots = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(*map(forward, streams))
         grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)  # summed in fp32
-        grads = _backward_chunked(embed, params, queries, q_cot, grads, shards, chunk_size)
-        grads = _backward_chunked(embed, params, docs, d_cot, grads, shards, chunk_size)
+        for texts, cot in zip(streams, cots):
+            grads = backward(texts, cot, grads)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     metrics["tokens"] = sum(jnp.sum(t["attention_mask"] > 0, dtype=jnp.float32) for t in (queries, docs))
     if "truncated" in batch:
@@ -174,3 +190,78 @@ def _backward_chunked(embed, params, texts: Inputs, cotangent, grads, shards: in
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, pullback(c_cot)[0]), None
 
     return jax.lax.scan(step, grads, xs)[0]
+
+
+class _Packed:
+    """A stream of padded texts [N, L] (either padding side) packed on device, per shard, several texts per
+    row: each shard's texts, longest first, go into the first of its N/shards rows with room (first-fit
+    decreasing, so the used rows are a prefix); a token keeps its text's order and gets the position it
+    has alone; text n is segment n + 1 (n in stream order, so pooling into N slots gives the stream's
+    embeddings). Rows left empty hold one filler token of segment N + 1 (pooled into nothing), so no row is
+    all padding. `count` (traced) is the number of `chunk`-row groups any shard uses."""
+
+    def __init__(self, texts: Inputs, shards: int, chunk_size: int):
+        ids, valid = texts["input_ids"], texts["attention_mask"] > 0
+        n, length = ids.shape
+        per = n // shards
+        self.chunk, self.texts, self.length = min(chunk_size, per), n, length
+        rows = -(-per // self.chunk) * self.chunk
+        valid = valid.reshape(shards, per, length)
+        row, offset, used = jax.vmap(functools.partial(_first_fit, rows=rows, length=length))(valid.sum(-1))
+        rank = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1  # position of each real token within its text
+        dest = jnp.where(valid, (row * length + offset)[..., None] + rank, rows * length)  # rows·length: dropped
+        text = jnp.arange(1, n + 1, dtype=jnp.int32).reshape(shards, per, 1)
+
+        def scatter(values: jax.Array) -> jax.Array:
+            values = jnp.broadcast_to(values, dest.shape).reshape(shards, -1)
+            out = jax.vmap(lambda d, v: jnp.zeros(rows * length, v.dtype).at[d].set(v, mode="drop"))
+            return sharding.constrain(out(dest.reshape(shards, -1), values).reshape(shards, rows, length),
+                                      ("batch", None, None))  # fmt: skip
+
+        mask, segment_ids = scatter(valid.astype(jnp.int32)), scatter(text)
+        empty = ~mask.any(axis=-1)
+        self.inputs = {
+            "input_ids": scatter(ids.reshape(shards, per, length)),
+            "attention_mask": mask.at[..., 0].set(jnp.where(empty, 1, mask[..., 0])),
+            "segment_ids": segment_ids.at[..., 0].set(jnp.where(empty, n + 1, segment_ids[..., 0])),
+            "positions": scatter(rank),
+        }
+        self.count = (jnp.max(used) + self.chunk - 1) // self.chunk
+
+    def group(self, j: jax.Array) -> dict[str, jax.Array]:
+        """Rows j·chunk… of every shard: [shards·chunk, L], each shard's rows on its devices."""
+        take = lambda x: jax.lax.dynamic_slice_in_dim(x, j * self.chunk, self.chunk, axis=1)
+        return {
+            k: sharding.constrain(take(v).reshape(-1, self.length), ("batch", None)) for k, v in self.inputs.items()
+        }
+
+
+def _first_fit(lengths: jax.Array, *, rows: int, length: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(row, offset) of each text and the rows used: first-fit decreasing into `rows` rows of `length`."""
+    order = jnp.argsort(-lengths, stable=True)
+
+    def place(room: jax.Array, need: jax.Array):
+        r = jnp.argmax(room >= need)
+        return room.at[r].add(-need), (r, length - room[r])
+
+    room, (row, offset) = jax.lax.scan(place, jnp.full(rows, length, jnp.int32), lengths[order].astype(jnp.int32))
+    unsort = lambda x: jnp.zeros_like(x).at[order].set(x)
+    return unsort(row), unsort(offset), jnp.sum(room < length)
+
+
+def _embed_packed(embed, params, packed: _Packed) -> jax.Array:
+    """Σ over the used groups of their texts' embeddings [N, d] (every text is in exactly one group; the
+    others pool it to exact zeros), in a loop that stops after the last used group."""
+    run = lambda j: embed(params, packed.group(j), packed.texts)
+    zeros = jnp.zeros(jax.eval_shape(run, 0).shape, jnp.float32)
+    return jax.lax.fori_loop(0, packed.count, lambda j, acc: acc + run(j), zeros)
+
+
+def _backward_packed(embed, params, packed: _Packed, cotangent, grads) -> nnx.State:
+    """`grads` + Σ over the used groups of the vjp of their embeddings against the embedding gradient."""
+
+    def step(j: jax.Array, acc: nnx.State) -> nnx.State:
+        _, pullback = jax.vjp(lambda p: embed(p, packed.group(j), packed.texts), params)
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, pullback(cotangent)[0])
+
+    return jax.lax.fori_loop(0, packed.count, step, grads)
