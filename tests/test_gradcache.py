@@ -19,7 +19,8 @@ from bidirlm_jax.models.encoder import role_inputs
 from bidirlm_jax.models.pooling import pool
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.transformer import Transformer
-from bidirlm_jax.train.gradcache import _Packed, contrastive_loss_and_grads
+from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
+from bidirlm_jax.train.packed_texts import PackedTexts
 
 STATIC = ("chunk_size", "temperature", "pooling", "gather", "num_shards", "mask_duplicates", "pack")
 # Unoptimised CPU code compiles ~2.5x faster, and these tests are compile-bound
@@ -148,7 +149,7 @@ def test_packed_chunks_fill_fewer_rows_and_keep_every_token():
     ids = np.random.default_rng(3).integers(3, 512, (8, 12)).astype(np.int32)
     mask = np.array([np.roll(np.arange(12) < n, (12 - n) * (i % 2)) for i, n in enumerate(lengths)], np.int32)
     texts = role_inputs({"positive_ids": ids, "positive_mask": mask}, "positive")  # odd rows left-padded
-    packed = _Packed(texts, 2, 2)  # 2 shards of 4 texts, groups of 2 rows
+    packed = PackedTexts(texts, 2, 2)  # 2 shards of 4 texts, groups of 2 rows
     out = {k: np.asarray(v).reshape(-1, 12) for k, v in packed.inputs.items()}
     assert int(packed.count) == 1  # one group of 2 rows per shard instead of 2 groups of 2 padded texts
     for n in range(8):

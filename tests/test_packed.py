@@ -160,3 +160,44 @@ def test_head_predictions_packed_equal_padded(task, pooling):
     for i, (a, b) in enumerate(zip(packed, padded)):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL, err_msg=f"text {i}")
+
+
+@pytest.mark.parametrize(
+    "task, pooling, accum",
+    [("classification", "late", 1), ("regression", "last", 2), ("token_classification", "mean", 1)],
+)
+def test_finetune_grads_packed_equal_padded(task, pooling, accum):
+    """`finetune.pack`: the step's examples packed per row give the padded step's loss, count, metrics and
+    gradients (dropout 0), with one group or several (`grad_accum` 2)."""
+    from bidirlm_jax.losses.classification import LOSSES
+    from bidirlm_jax.models.heads import IGNORE_INDEX, EncoderWithHead, HeadConfig
+    from bidirlm_jax.train.objectives.base import token_sum_grads
+    from bidirlm_jax.train.packed_texts import packed_token_sum_grads
+
+    config = get_preset("tiny-qwen3", attention="bidirectional", num_layers=1, layer_types=(FULL,))
+    sequence = task != "token_classification"
+    head = HeadConfig(task, 1 if task == "regression" else 3, pooling=pooling if sequence else "mean")
+    graphdef, params = nnx.split(EncoderWithHead(config, head, rngs=nnx.Rngs(0)), nnx.Param)
+    texts = _texts(3, lengths=(13, 4, 9, 3, 16, 6))
+    ids, mask = pad_rows(texts, 16, 0)
+    rng = np.random.default_rng(0)
+    if task == "classification":
+        labels = rng.integers(0, 3, 6).astype(np.int32)
+    elif task == "regression":
+        labels = rng.normal(size=6).astype(np.float32)
+    else:
+        labels = np.where(mask > 0, rng.integers(0, 3, mask.shape), IGNORE_INDEX).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    run = lambda fn: jax.jit(fn, static_argnums=0, compiler_options=FAST_COMPILE)(
+        graphdef, params, batch, jax.random.key(0)
+    )
+    padded = run(token_sum_grads(LOSSES[task], grad_accum=accum))
+    packed = run(packed_token_sum_grads(LOSSES[task], grad_accum=accum, sequence=sequence, ignore=IGNORE_INDEX))
+    (loss, grads, count, metrics), (ref_loss, ref_grads, ref_count, ref_metrics) = jax.device_get((packed, padded))
+    assert count == ref_count and count > 0  # the same examples (tokens) counted once each
+    np.testing.assert_allclose(loss, ref_loss, rtol=TOL)
+    for name in ref_metrics:
+        np.testing.assert_allclose(metrics[name], ref_metrics[name], rtol=TOL, atol=TOL, err_msg=name)
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
+    assert scale > 0 and diff <= TOL * max(scale, 1.0), (diff, scale)

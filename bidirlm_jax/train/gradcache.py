@@ -16,17 +16,12 @@ chunk is filled with copies of its last row whose embedding gradient is zero: re
 finite, whereas an all-padding row can make NaNs that survive a zero cotangent (0 · NaN).
 
 Packed chunks (`pack=True`, the default; issue 24): each shard's texts are packed on device several per row
-(`_Packed`: segment ids, per-text positions, so each text is computed as if alone and no FLOP goes to
-padding), and steps 1 and 3 loop over groups of `chunk_size` packed rows — as many as the texts fill, a
-count known only at run time, so the static shapes stay one `[shards·chunk_size, L]` group. Every text
-lies whole in one group, and pooling a group into all N texts' slots gives the others exact zeros, so
-summing the groups' embeddings (and their vjps) is the padded computation regrouped.
+(`train.packed_texts`: no FLOP on padding), and steps 1 and 3 loop over groups of `chunk_size` packed rows,
+as many as the texts fill; every text lies whole in one group, so the sums are the padded ones regrouped.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Mapping
 
 import jax
@@ -37,6 +32,7 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.losses.infonce import contrastive_loss_and_metrics, text_keys
 from bidirlm_jax.models.encoder import Inputs, pooled_embeddings, role_inputs
+from bidirlm_jax.train.packed_texts import PackedTexts, batch_shards
 
 GATHER_MODES = ("global", "local")
 
@@ -76,7 +72,7 @@ def contrastive_loss_and_grads(
     queries = role_inputs(batch, "query")
     docs = _documents(batch)
     b = _rows(queries)
-    shards = _batch_shards() if num_shards is None else num_shards
+    shards = batch_shards() if num_shards is None else num_shards
     if b % shards:
         raise ConfigError(f"the batch of {b} rows does not split over {shards} data-parallel shards")
     k = _rows(docs) // b - 1
@@ -104,7 +100,7 @@ def contrastive_loss_and_grads(
     else:
         frozen = jax.lax.stop_gradient(params)
         if pack:
-            streams = [_Packed(t, shards, chunk_size) for t in (queries, docs)]
+            streams = [PackedTexts(t, shards, chunk_size) for t in (queries, docs)]
             forward = lambda t: _embed_packed(embed, frozen, t)
             backward = lambda t, cot, g: _backward_packed(embed, params, t, cot, g)
         else:
@@ -138,14 +134,6 @@ def _documents(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
         return both.reshape(-1, *both.shape[2:])
 
     return {key: stream(p, negatives[key]) for key, p in positives.items()}
-
-
-def _batch_shards() -> int:
-    """Data-parallel shards of the batch axis on the current mesh (1 off-mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    return math.prod(mesh.shape[a] for a in sharding.LOGICAL_RULES["batch"] if a in mesh.axis_names)
 
 
 def _to_chunks(x: jax.Array, shards: int, chunk: int, *, edge: bool) -> jax.Array:
@@ -192,64 +180,7 @@ def _backward_chunked(embed, params, texts: Inputs, cotangent, grads, shards: in
     return jax.lax.scan(step, grads, xs)[0]
 
 
-class _Packed:
-    """A stream of padded texts [N, L] (either padding side) packed on device, per shard, several texts per
-    row: each shard's texts, longest first, go into the first of its N/shards rows with room (first-fit
-    decreasing, so the used rows are a prefix); a token keeps its text's order and gets the position it
-    has alone; text n is segment n + 1 (n in stream order, so pooling into N slots gives the stream's
-    embeddings). Rows left empty hold one filler token of segment N + 1 (pooled into nothing), so no row is
-    all padding. `count` (traced) is the number of `chunk`-row groups any shard uses."""
-
-    def __init__(self, texts: Inputs, shards: int, chunk_size: int):
-        ids, valid = texts["input_ids"], texts["attention_mask"] > 0
-        n, length = ids.shape
-        per = n // shards
-        self.chunk, self.texts, self.length = min(chunk_size, per), n, length
-        rows = -(-per // self.chunk) * self.chunk
-        valid = valid.reshape(shards, per, length)
-        row, offset, used = jax.vmap(functools.partial(_first_fit, rows=rows, length=length))(valid.sum(-1))
-        rank = jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1  # position of each real token within its text
-        dest = jnp.where(valid, (row * length + offset)[..., None] + rank, rows * length)  # rows·length: dropped
-        text = jnp.arange(1, n + 1, dtype=jnp.int32).reshape(shards, per, 1)
-
-        def scatter(values: jax.Array) -> jax.Array:
-            values = jnp.broadcast_to(values, dest.shape).reshape(shards, -1)
-            out = jax.vmap(lambda d, v: jnp.zeros(rows * length, v.dtype).at[d].set(v, mode="drop"))
-            return sharding.constrain(out(dest.reshape(shards, -1), values).reshape(shards, rows, length),
-                                      ("batch", None, None))  # fmt: skip
-
-        mask, segment_ids = scatter(valid.astype(jnp.int32)), scatter(text)
-        empty = ~mask.any(axis=-1)
-        self.inputs = {
-            "input_ids": scatter(ids.reshape(shards, per, length)),
-            "attention_mask": mask.at[..., 0].set(jnp.where(empty, 1, mask[..., 0])),
-            "segment_ids": segment_ids.at[..., 0].set(jnp.where(empty, n + 1, segment_ids[..., 0])),
-            "positions": scatter(rank),
-        }
-        self.count = (jnp.max(used) + self.chunk - 1) // self.chunk
-
-    def group(self, j: jax.Array) -> dict[str, jax.Array]:
-        """Rows j·chunk… of every shard: [shards·chunk, L], each shard's rows on its devices."""
-        take = lambda x: jax.lax.dynamic_slice_in_dim(x, j * self.chunk, self.chunk, axis=1)
-        return {
-            k: sharding.constrain(take(v).reshape(-1, self.length), ("batch", None)) for k, v in self.inputs.items()
-        }
-
-
-def _first_fit(lengths: jax.Array, *, rows: int, length: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(row, offset) of each text and the rows used: first-fit decreasing into `rows` rows of `length`."""
-    order = jnp.argsort(-lengths, stable=True)
-
-    def place(room: jax.Array, need: jax.Array):
-        r = jnp.argmax(room >= need)
-        return room.at[r].add(-need), (r, length - room[r])
-
-    room, (row, offset) = jax.lax.scan(place, jnp.full(rows, length, jnp.int32), lengths[order].astype(jnp.int32))
-    unsort = lambda x: jnp.zeros_like(x).at[order].set(x)
-    return unsort(row), unsort(offset), jnp.sum(room < length)
-
-
-def _embed_packed(embed, params, packed: _Packed) -> jax.Array:
+def _embed_packed(embed, params, packed: PackedTexts) -> jax.Array:
     """Σ over the used groups of their texts' embeddings [N, d] (every text is in exactly one group; the
     others pool it to exact zeros), in a loop that stops after the last used group."""
     run = lambda j: embed(params, packed.group(j), packed.texts)
@@ -257,7 +188,7 @@ def _embed_packed(embed, params, packed: _Packed) -> jax.Array:
     return jax.lax.fori_loop(0, packed.count, lambda j, acc: acc + run(j), zeros)
 
 
-def _backward_packed(embed, params, packed: _Packed, cotangent, grads) -> nnx.State:
+def _backward_packed(embed, params, packed: PackedTexts, cotangent, grads) -> nnx.State:
     """`grads` + Σ over the used groups of the vjp of their embeddings against the embedding gradient."""
 
     def step(j: jax.Array, acc: nnx.State) -> nnx.State:
