@@ -12,6 +12,11 @@
 3. The same step in PyTorch (transformers' Qwen3, bidirectional, best attention on the card:
    flash-attention 2 if installed, else sdpa; bf16 autocast over fp32 weights, AdamW; one document per
    row), if torch has CUDA.
+4. Packed text batches (issue 24: several texts per row, segment ids, per-text positions) against the
+   padded path on this platform's kernels, fp32 (`--packed-model`, random init, mixed lengths): `encode`'s
+   pooled embeddings (`data.batching.packed_batches`) and the GradCache contrastive loss and gradients
+   (`train.gradcache`, packed on device): largest difference relative to the padded result's largest
+   value, the time of each, and the padded tokens each computes.
 
 `--smoke` runs all of it in seconds on a tiny model and short rows (any machine, CPU included).
 
@@ -21,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import time
@@ -31,14 +37,18 @@ import jax.numpy as jnp
 import numpy as np
 from attention import PLATFORM_KERNELS, inputs
 
+from bidirlm_jax.data.batching import bucket_lengths, packed_batches, pad_batch
 from bidirlm_jax.io.hf_config import config_to_hf
 from bidirlm_jax.kernels.attention import KERNELS, Case, Options, refusal
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.losses.mntp import capacity, make_mntp_loss
+from bidirlm_jax.models.encoder import pooled_embeddings
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.runtime import REMAT_POLICIES, Runtime
+from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.config import base_config
+from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
 from bidirlm_jax.train.metrics import peak_flops_per_device
 from bidirlm_jax.train.objectives.base import token_sum_grads
 from bidirlm_jax.train.objectives.mntp import mntp_flops_per_step
@@ -203,6 +213,74 @@ def torch_mntp(config, runtime, t: int, b: int, steps: int, smoke: bool) -> dict
                 torch=torch.__version__)  # fmt: skip
 
 
+def _timed(fn, *args, repeats: int = 3, **kwargs):
+    """(result, best seconds of `repeats` calls after a warm-up call)."""
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args, **kwargs))
+        best = min(best, time.perf_counter() - start)
+    return out, best
+
+
+def _relative(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def packed_paths(name: str, texts: int, max_len: int, rows: int, chunk: int) -> dict:
+    """Section 4: packed vs padded `encode` embeddings and GradCache step, fp32, mixed lengths 4..max_len."""
+    from flax import nnx
+
+    config = get_preset(name)
+    model = Transformer(config, Runtime(attention="bidirectional"), rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model, nnx.Param)
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(10, config.vocab_size, int(n)).tolist() for n in rng.integers(4, max_len + 1, texts)]
+    buckets = bucket_lengths(max_len)
+
+    @functools.partial(jax.jit, static_argnames="num_texts")
+    def embed(state, inputs, num_texts=None):
+        return pooled_embeddings(nnx.merge(graphdef, state), inputs, "mean", num_texts=num_texts)
+
+    def run_packed(state):
+        out = np.zeros((texts, config.hidden_size), np.float32)
+        for b in packed_batches(seqs, rows=rows, buckets=buckets, pad=0):
+            out[b.texts] = np.asarray(embed(state, b.inputs, num_texts=b.num_texts))[: len(b.texts)]
+        return out
+
+    def run_padded(state):
+        out = np.zeros((texts, config.hidden_size), np.float32)
+        order = sorted(range(texts), key=lambda i: -len(seqs[i]))
+        for lo in range(0, texts, rows):
+            index = order[lo : lo + rows]
+            ids, mask = pad_batch([seqs[i] for i in index], rows, buckets, 0)
+            out[index] = np.asarray(embed(state, {"input_ids": ids, "attention_mask": mask}))[: len(index)]
+        return out
+
+    packed, packed_s = _timed(run_packed, state)
+    padded, padded_s = _timed(run_padded, state)
+    real = sum(map(len, seqs))
+    packed_tokens = sum(b.inputs["input_ids"].size for b in packed_batches(seqs, rows=rows, buckets=buckets, pad=0))
+    result = {"encode": dict(rel_diff=_relative(packed, padded), packed_s=packed_s, padded_s=padded_s,
+                             real_tokens=real, packed_tokens=packed_tokens)}  # fmt: skip
+
+    b = 2 * rows  # queries; one positive and one negative each, texts of mixed lengths padded to max_len
+    batch = {}
+    for role, shape in (("query", (b,)), ("positive", (b,)), ("negative", (b, 1))):
+        lengths = rng.integers(4, max_len + 1, shape)
+        batch[f"{role}_ids"] = rng.integers(10, config.vocab_size, (*shape, max_len)).astype(np.int32)
+        batch[f"{role}_mask"] = (np.arange(max_len) < lengths[..., None]).astype(np.int32)
+    step = jax.jit(contrastive_loss_and_grads, static_argnums=0, static_argnames=("chunk_size", "pack"))
+    (loss_p, grads_p, _), packed_s = _timed(step, graphdef, state, batch, chunk_size=chunk, pack=True)
+    (loss_u, grads_u, _), padded_s = _timed(step, graphdef, state, batch, chunk_size=chunk, pack=False)
+    grad_diff = max(_relative(a, c) for a, c in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_u)))
+    result["gradcache"] = dict(loss_diff=abs(float(loss_p) - float(loss_u)), grad_rel_diff=grad_diff,
+                               packed_s=packed_s, padded_s=padded_s)  # fmt: skip
+    return result
+
+
 def _fmt(x, spec: str) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -217,6 +295,7 @@ def main() -> None:
     parser.add_argument("--remat", default="save_dots", choices=REMAT_POLICIES)
     parser.add_argument("--numerics-len", type=int, default=1024)
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--packed-model", default="bench-qwen3", help="section 4's model (fp32)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "gpu_check.json"))
     args = parser.parse_args()
     platform = jax.default_backend()
@@ -251,8 +330,22 @@ def main() -> None:
         print(
             f"{stack:<8}{r['step_s']:>9.3f}{r['tokens_per_s']:>11,.0f}{mfu:>7}{_fmt(r['peak_gb'], '.1f'):>9}  {notes}"
         )
+
+    packed_model = "tiny-qwen3" if args.smoke else args.packed_model
+    shape = (
+        dict(texts=64, max_len=64, rows=8, chunk=4) if args.smoke else dict(texts=512, max_len=512, rows=32, chunk=16)
+    )
+    print(f"\n4. packed vs padded text batches, {packed_model}, fp32, {shape}")
+    packed = packed_paths(packed_model, **shape)
+    e, g = packed["encode"], packed["gradcache"]
+    print(f"encode:    rel diff {e['rel_diff']:.1e}, packed {e['packed_s']:.3f} s, padded {e['padded_s']:.3f} s, "
+          f"{e['real_tokens']:,} real tokens in {e['packed_tokens']:,} packed")  # fmt: skip
+    print(f"gradcache: loss diff {g['loss_diff']:.1e}, grads rel diff {g['grad_rel_diff']:.1e}, "
+          f"packed {g['packed_s']:.3f} s, padded {g['padded_s']:.3f} s")  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(device=device, numerics=numerics, steps=results), indent=2))
+    Path(args.out).write_text(
+        json.dumps(dict(device=device, numerics=numerics, steps=results, packed=packed), indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bidirlm_jax.embed.encode import bucket_lengths, encode, encode_texts, query_prompt, tokenize
+from bidirlm_jax.data.batching import bucket_lengths, tokenize
+from bidirlm_jax.embed.encode import encode, encode_texts, query_prompt
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.tokenizer import load_tokenizer

@@ -1,5 +1,6 @@
 """GradCache gives the plain loss and gradients exactly (every pooling mode: sentence-transformers #3862 found
-cached gradients silently wrong for some), also on 8 fake devices with global and local gathering."""
+cached gradients silently wrong for some), also on 8 fake devices with global and local gathering. Its chunks
+pack several texts per row by default (issue 24); the padded chunks (`pack=False`) stay equal too."""
 
 import functools
 
@@ -13,14 +14,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.losses.infonce import contrastive_loss_and_metrics
-from bidirlm_jax.models.config import FULL
+from bidirlm_jax.models.config import FULL, SLIDING
+from bidirlm_jax.models.encoder import role_inputs
 from bidirlm_jax.models.pooling import pool
 from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
+from bidirlm_jax.train.packed_texts import PackedTexts
 
-STATIC = ("chunk_size", "temperature", "pooling", "gather", "num_shards", "mask_duplicates")
+STATIC = ("chunk_size", "temperature", "pooling", "gather", "num_shards", "mask_duplicates", "pack")
 # Unoptimised CPU code compiles ~2.5x faster, and these tests are compile-bound
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 loss_and_grads = jax.jit(
@@ -138,3 +141,35 @@ def test_bad_settings(model):
         contrastive_loss_and_grads(graphdef, params, batch, chunk_size=0)
     with pytest.raises(ConfigError, match="does not split over 4"):
         contrastive_loss_and_grads(graphdef, params, batch, gather="local", num_shards=4)
+
+
+def test_packed_chunks_fill_fewer_rows_and_keep_every_token():
+    """A shard's texts go into fewer rows than texts, each token once, at its position within its text."""
+    lengths = [5, 7, 3, 9, 2, 10, 6, 4]  # each shard's 4 texts fill 2 rows of 12 exactly: 9+3, 7+5 | 10+2, 6+4
+    ids = np.random.default_rng(3).integers(3, 512, (8, 12)).astype(np.int32)
+    mask = np.array([np.roll(np.arange(12) < n, (12 - n) * (i % 2)) for i, n in enumerate(lengths)], np.int32)
+    texts = role_inputs({"positive_ids": ids, "positive_mask": mask}, "positive")  # odd rows left-padded
+    packed = PackedTexts(texts, 2, 2)  # 2 shards of 4 texts, groups of 2 rows
+    out = {k: np.asarray(v).reshape(-1, 12) for k, v in packed.inputs.items()}
+    assert int(packed.count) == 1  # one group of 2 rows per shard instead of 2 groups of 2 padded texts
+    for n in range(8):
+        at = out["segment_ids"] == n + 1
+        np.testing.assert_array_equal(out["input_ids"][at], ids[n][mask[n] > 0])
+        np.testing.assert_array_equal(out["positions"][at], np.arange(mask[n].sum()))
+        shard_rows = slice((n // 4) * 4, (n // 4) * 4 + 2)  # a text stays on its shard, in a used row
+        assert at[shard_rows].sum() == mask[n].sum()
+    assert (out["attention_mask"].sum(1) > 0).all()  # rows left empty hold a filler token
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_gemma_sliding_window_texts_longer_than_it(pack):
+    """Gemma3's sliding layer (window 8) with documents of up to 12 tokens: the window combined with the
+    segments of packed rows equals each text's own attention, left and right padding (as `_assert_same`)."""
+    config = get_preset(
+        "tiny-gemma3", attention="bidirectional", num_layers=2, layer_types=(SLIDING, FULL), attention_impl="xla"
+    )
+    assert config.sliding_window == 8
+    graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
+    batch = _batch(4, 1, seed=4)
+    plain = loss_and_grads(graphdef, params, batch, None, chunk_size=None, pooling="first")
+    _assert_same(loss_and_grads(graphdef, params, batch, None, chunk_size=2, pooling="first", pack=pack), plain)

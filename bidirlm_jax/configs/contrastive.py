@@ -37,6 +37,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         dict(
             temperature=0.05,
             chunk_size=0,  # GradCache rows per data-parallel shard per chunk; 0 = plain backprop
+            pack=True,  # GradCache chunks pack several texts per row (no padding FLOPs); False: one per row
             pooling="mean",  # mean (BidirLM) | last | first
             gather="global",  # negatives from the whole mesh | local: per data-parallel shard
             num_negatives=7,  # hard negatives per query (each record must have at least this many)

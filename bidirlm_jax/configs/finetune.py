@@ -54,6 +54,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             pooling="auto",  # auto | mean | first | last | late
             classifier="auto",  # auto | linear | eurobert (models.heads)
             dropout=0.1,
+            pack=False,  # pack examples several per row in the step (no padding FLOPs); equal results at dropout 0
             num_labels=0,  # 0: as many as the label map; otherwise checked against it
             labels="",  # "neg,pos": explicit label order (default: ClassLabel names, else sorted training labels)
             train_split="train",  # hf: sources

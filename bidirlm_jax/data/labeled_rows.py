@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bidirlm_jax.data.batching import pad_rows
 from bidirlm_jax.data.labeled import LabeledSplit, LabelMap, check_labels
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.heads import IGNORE_INDEX
@@ -62,13 +63,9 @@ class Encoded:
             raise ConfigError(
                 f"example {i} has {n} tokens, more than the rows' {seq_len}; encode with max_length<={seq_len}"
             )
-        ids = np.full(seq_len, pad_id, np.int32)
-        ids[:n] = self.ids[start:stop]
-        mask = np.zeros(seq_len, np.int32)
-        mask[:n] = 1
+        (ids,), (mask,) = pad_rows([self.ids[start:stop]], seq_len, pad_id)
         if self.task == "token_classification":
-            labels = np.full(seq_len, IGNORE_INDEX, np.int32)
-            labels[:n] = self.labels[start:stop]
+            labels = pad_rows([self.labels[start:stop]], seq_len, IGNORE_INDEX)[0][0]
         else:
             labels = self.labels[i]
         return {"input_ids": ids, "attention_mask": mask, "labels": np.asarray(labels)}

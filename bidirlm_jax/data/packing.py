@@ -26,6 +26,7 @@ import threading
 import grain
 import numpy as np
 
+from bidirlm_jax.data.batching import packed_row
 from bidirlm_jax.data.corpus_shards import Corpus
 from bidirlm_jax.errors import ConfigError
 
@@ -82,18 +83,8 @@ class PackedRows:
             return self._orders[epoch]
 
     def _row(self, pieces: list[np.ndarray]) -> dict[str, np.ndarray]:
-        lengths = np.array([len(p) for p in pieces])
-        pad = self.seq_len - int(lengths.sum())
-        segment_ids = np.repeat(np.arange(1, len(pieces) + 1), lengths)
-        positions = np.arange(len(segment_ids)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        row = {
-            "input_ids": np.concatenate([*pieces, np.full(pad, self.corpus.pad_id)]),
-            "segment_ids": np.pad(segment_ids, (0, pad)),
-            "positions": np.pad(positions, (0, pad)),
-        }
-        row = {k: v.astype(np.int32) for k, v in row.items()}
+        row = packed_row(pieces, self.seq_len, self.corpus.pad_id)
         real = row["segment_ids"] > 0
-        row["attention_mask"] = real.astype(np.int32)
         row["maskable"] = real & (row["positions"] > 0) & ~np.isin(row["input_ids"], self._special_ids)
         return row
 

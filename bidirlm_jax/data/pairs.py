@@ -42,6 +42,7 @@ import grain
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from bidirlm_jax.data.batching import pad_id, pad_rows
 from bidirlm_jax.data.records import HUB_PREFIX, ROWS, expand, hub_dataset, hub_records, read_file
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.paths import user_path
@@ -266,13 +267,7 @@ class PairBatches:
         enc = self.tokenizer(texts, truncation=True, max_length=length, return_overflowing_tokens=True)
         owner = np.asarray(enc["overflow_to_sample_mapping"])
         first = np.searchsorted(owner, np.arange(len(texts)))  # overflow rows follow their text's first row
-        pad = self.tokenizer.pad_token_id or 0
-        ids = np.full((len(texts), length), pad, np.int32)
-        mask = np.zeros((len(texts), length), np.int32)
-        for i, row in enumerate(first):
-            tokens = enc["input_ids"][row]
-            ids[i, : len(tokens)] = tokens
-            mask[i, : len(tokens)] = 1
+        ids, mask = pad_rows([enc["input_ids"][row] for row in first], length, pad_id(self.tokenizer))
         return ids, mask, np.bincount(owner, minlength=len(texts)) > 1
 
 

@@ -1,11 +1,12 @@
-"""Texts -> one L2-normalised embedding each, fast: length buckets, a fixed batch shape and a cached `jit`.
+"""Texts -> one L2-normalised embedding each, fast: packed rows, length buckets and a cached `jit`.
 
-Texts are tokenised once, sorted by length and cut into batches of a fixed number of rows, each padded to the
-smallest bucket length (powers of two from 16, with 1.5x steps above 64, then `max_length`) that holds its
-longest text, so `jit` compiles a handful of shapes however many batches there are. The last batch is filled
-with copies of a real row (never an all-padding row, whose fully masked attention is undefined), dropped after.
-Queries of asymmetric tasks carry BidirLM's instruction template; documents never do.
-"""
+Texts are tokenised once. By default several share each row (`data.batching.packed_batches`: segment ids and
+per-text positions, so each text is computed as if alone and no FLOP goes to padding); with `pack=False`
+they are sorted by length and cut into batches of a fixed number of rows, each padded to the smallest bucket
+length (`data.batching.bucket_lengths`) that holds its longest text. Either way `jit` compiles a handful of
+shapes however many batches there are, and a short batch is filled with real tokens (never an all-padding
+row, whose fully masked attention is undefined), dropped after.
+Queries of asymmetric tasks carry BidirLM's instruction template; documents never do."""
 
 from __future__ import annotations
 
@@ -21,14 +22,14 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from bidirlm_jax.data.batching import bucket_lengths, packed_batches, pad_batch, pad_id, tokenize
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES
-from bidirlm_jax.models.pooling import pool
+from bidirlm_jax.models.encoder import pooled_embeddings
 from bidirlm_jax.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
-MIN_BUCKET = 16
 _PROGRESS_MIN_BATCHES = 8  # a bar for inputs that take more than a few batches
 
 
@@ -45,18 +46,6 @@ class EncodeResult:
     num_truncated: int
 
 
-def bucket_lengths(max_length: int) -> tuple[int, ...]:
-    """Padded lengths batches may take, then `max_length`: powers of two from `MIN_BUCKET` to 64, and above 64 also
-    the 1.5x steps between them (96, 192, 384, ...), so that a batch wastes at most a third of its compute."""
-    lengths, n = [], MIN_BUCKET
-    while n < max_length:
-        lengths.append(n)
-        if n >= 64 and n * 3 // 2 < max_length:
-            lengths.append(n * 3 // 2)
-        n *= 2
-    return (*lengths, max_length)
-
-
 def encode(
     model: Transformer,
     tokenizer: Any,
@@ -68,13 +57,15 @@ def encode(
     batch_size: int = 32,
     max_length: int = 512,
     progress: bool | None = None,
+    pack: bool = True,
 ) -> np.ndarray:
     """Embed `texts` with `model` (its attention mode as loaded) -> float32 numpy `[len(texts), d]`, input order.
 
     `tokenizer` is a transformers tokenizer (special tokens added as it is configured to). With `instruction`,
     every text becomes `Instruct: {instruction}\\nQuery: {text}`, and `pooling="mean"` averages the instruction's
     tokens too, as in training. Texts longer than `max_length` tokens are truncated, with a logged warning;
-    `progress=None` shows a bar when there are many batches.
+    `progress=None` shows a bar when there are many batches. `pack=False` pads one text per row instead of
+    packing several per row (equal embeddings, more FLOPs).
     """
     return encode_texts(
         model,
@@ -86,6 +77,7 @@ def encode(
         batch_size=batch_size,
         max_length=max_length,
         progress=progress,
+        pack=pack,
     ).embeddings
 
 
@@ -100,6 +92,7 @@ def encode_texts(
     batch_size: int = 32,
     max_length: int = 512,
     progress: bool | None = None,
+    pack: bool = True,
 ) -> EncodeResult:
     """`encode`, also returning the number of truncated texts."""
     texts = _check_args(texts, pooling, batch_size, max_length)
@@ -113,16 +106,12 @@ def encode_texts(
         log.warning("%d of %d texts were longer than %d tokens and were truncated", num_truncated, len(ids), max_length)
     graphdef, state = nnx.split(model)
     run = functools.partial(_embed, graphdef=graphdef, pooling=pooling, normalize=normalize)
-    rows = min(batch_size, 1 << (len(ids) - 1).bit_length())  # a single query does not pay for 32 rows
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    batches = [order[i : i + rows] for i in range(0, len(order), rows)]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = _batches(ids, batch_size, bucket_lengths(max_length), pad_id(tokenizer), pack)
     show = progress if progress is not None else len(batches) >= _PROGRESS_MIN_BATCHES
     with tqdm(total=len(ids), desc="encoding", unit="text", disable=not show) as bar:
         pending = None
-        for index in batches:
-            batch_ids, batch_mask = pad_batch([ids[i] for i in index], rows, bucket_lengths(max_length), pad_id)
-            current = (index, run(state, batch_ids, batch_mask))  # dispatched asynchronously
+        for index, inputs, num_texts in batches:
+            current = (index, run(state, inputs, num_texts=num_texts))  # dispatched asynchronously
             if pending is not None:
                 _collect(out, *pending, bar)  # fetch the previous batch while this one runs
             pending = current
@@ -130,16 +119,18 @@ def encode_texts(
     return EncodeResult(out, num_truncated)
 
 
-def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids of each text, cut to `max_length` as transformers truncates (special tokens kept), and how
-    many needed cutting. Only the long texts are tokenised a second time."""
-    ids = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-    long = [i for i, seq in enumerate(ids) if len(seq) > max_length]
-    if long:
-        cut = tokenizer([texts[i] for i in long], add_special_tokens=True, truncation=True, max_length=max_length)
-        for i, seq in zip(long, cut["input_ids"]):
-            ids[i] = seq
-    return ids, len(long)
+def _batches(ids: list[list[int]], batch_size: int, buckets: tuple[int, ...], pad: int, pack: bool):
+    """(text indices, model inputs, texts to pool into or None for one per row) of every batch."""
+    rows = min(batch_size, 1 << (len(ids) - 1).bit_length())  # a single query does not pay for 32 rows
+    if pack:
+        return [(b.texts, b.inputs, b.num_texts) for b in packed_batches(ids, rows=rows, buckets=buckets, pad=pad)]
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out = []
+    for lo in range(0, len(order), rows):
+        index = order[lo : lo + rows]
+        batch_ids, mask = pad_batch([ids[i] for i in index], rows, buckets, pad)
+        out.append((index, {"input_ids": batch_ids, "attention_mask": mask}, None))
+    return out
 
 
 def _check_args(texts: Sequence[str], pooling: str, batch_size: int, max_length: int) -> list[str]:
@@ -156,31 +147,25 @@ def _check_args(texts: Sequence[str], pooling: str, batch_size: int, max_length:
     return texts
 
 
-def pad_batch(seqs: list[list[int]], rows: int, buckets: tuple[int, ...], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad `seqs` to the smallest bucket that holds them; fill missing rows with copies of the first."""
-    length = next(b for b in buckets if b >= max(len(s) for s in seqs))
-    ids = np.full((rows, length), pad_id, np.int32)
-    mask = np.zeros((rows, length), np.int32)
-    for r in range(rows):
-        seq = seqs[r] if r < len(seqs) else seqs[0]
-        ids[r, : len(seq)] = seq
-        mask[r, : len(seq)] = 1
-    return ids, mask
-
-
 def _collect(out: np.ndarray, index: list[int], embeddings: jax.Array, bar: tqdm) -> None:
     out[index] = np.asarray(embeddings)[: len(index)]
     bar.update(len(index))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "pooling", "normalize"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "pooling", "normalize", "num_texts"))
 def _embed(
-    state: nnx.State, ids: jax.Array, mask: jax.Array, *, graphdef: nnx.GraphDef, pooling: str, normalize: bool
+    state: nnx.State,
+    inputs: dict[str, jax.Array],
+    *,
+    graphdef: nnx.GraphDef,
+    pooling: str,
+    normalize: bool,
+    num_texts: int | None,
 ) -> jax.Array:
-    """One compiled function per (model graph, batch shape, pooling, normalize): jit's own cache."""
-    model = nnx.merge(graphdef, state)
-    embeddings = pool(model.hidden_states(ids, mask), mask, pooling)
-    embeddings = jnp.where(mask.any(axis=1, keepdims=True), embeddings, 0.0)  # a text of no tokens embeds as zeros
+    """One compiled function per (model graph, batch shape, pooling, normalize, texts): jit's own cache."""
+    embeddings = pooled_embeddings(nnx.merge(graphdef, state), inputs, pooling, num_texts=num_texts)
+    if num_texts is None:  # a text of no tokens embeds as zeros (packed: `pool_segments` gives them)
+        embeddings = jnp.where(inputs["attention_mask"].any(axis=1, keepdims=True), embeddings, 0.0)
     if normalize:  # as torch.nn.functional.normalize (sentence-transformers' Normalize)
         embeddings = embeddings / jnp.maximum(jnp.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
     return embeddings

@@ -10,42 +10,53 @@ import jax
 import numpy as np
 from flax import nnx
 
+from bidirlm_jax.data.batching import bucket_for, bucket_lengths, packed_batches
 from bidirlm_jax.data.labeled import LabeledSplit, LabelMap
 from bidirlm_jax.data.labeled_rows import Encoded, encode_split
-from bidirlm_jax.embed.encode import bucket_lengths
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.metrics import classification_metrics, regression_metrics, token_classification_metrics
 from bidirlm_jax.io.tokenizer import pad_id
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _logits(graphdef: nnx.GraphDef, params: nnx.State, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    return nnx.merge(graphdef, params)(ids, mask).logits
+@functools.partial(jax.jit, static_argnums=0, static_argnames="num_texts")
+def _logits(graphdef: nnx.GraphDef, params: nnx.State, inputs: dict, num_texts: int | None = None) -> jax.Array:
+    return nnx.merge(graphdef, params)(**inputs, num_texts=num_texts).logits
 
 
-def predict(model: nnx.Module, encoded: Encoded, *, pad: int, batch_size: int = 32) -> list[np.ndarray]:
+def predict(
+    model: nnx.Module, encoded: Encoded, *, pad: int, batch_size: int = 32, pack: bool = True
+) -> list[np.ndarray]:
     """The model's logits for every example of `encoded`, in order (each cut to its own length for token
-    tasks). Examples are sorted by length into fixed-size batches padded to a few bucket lengths, so the
-    forward compiles a handful of shapes; a last short batch is filled with copies of a real row."""
+    tasks). Examples are packed several per row (`data.batching.packed_batches`), or with `pack=False`
+    sorted by length into fixed-size batches padded to a few bucket lengths (a last short batch filled with
+    copies of a real row): either way the forward compiles a handful of shapes."""
     n = len(encoded)
     if n == 0:
         raise ConfigError("nothing to evaluate: the split holds no examples")
     if batch_size <= 0:
         raise ConfigError(f"evaluation batch size {batch_size} must be positive")
     lengths = encoded.lengths
-    longest = int(lengths.max())
-    buckets = np.asarray(bucket_lengths(max(longest, 1)))
+    buckets = bucket_lengths(max(int(lengths.max()), 1))
     graphdef, params = nnx.split(model)
-    order = np.argsort(lengths, kind="stable")
     out: list[np.ndarray | None] = [None] * n
+    if pack:
+        token = encoded.task == "token_classification"
+        seqs = [encoded.ids[encoded.offsets[i] : encoded.offsets[i + 1]] for i in range(n)]
+        for batch in packed_batches(seqs, rows=batch_size, buckets=buckets, pad=pad):
+            logits = np.asarray(
+                jax.device_get(_logits(graphdef, params, batch.inputs, num_texts=batch.num_texts)), np.float32
+            )
+            for k, (i, (row, start)) in enumerate(zip(batch.texts, batch.places)):
+                out[i] = logits[row, start : start + lengths[i]] if token else logits[k]
+        return out  # type: ignore[return-value]
+    order = np.argsort(lengths, kind="stable")
     for lo in range(0, n, batch_size):
         picked = order[lo : lo + batch_size]
-        width = int(buckets[np.searchsorted(buckets, lengths[picked].max())])
+        width = bucket_for(int(lengths[picked].max()), buckets)
         rows = [encoded.row(int(i), width, pad) for i in picked]
         rows += [rows[-1]] * (batch_size - len(rows))
-        ids = np.stack([r["input_ids"] for r in rows])
-        mask = np.stack([r["attention_mask"] for r in rows])
-        logits = np.asarray(jax.device_get(_logits(graphdef, params, ids, mask)), np.float32)
+        inputs = {key: np.stack([r[key] for r in rows]) for key in ("input_ids", "attention_mask")}
+        logits = np.asarray(jax.device_get(_logits(graphdef, params, inputs)), np.float32)
         for k, i in enumerate(picked):
             out[int(i)] = logits[k, : lengths[i]] if encoded.task == "token_classification" else logits[k]
     return out  # type: ignore[return-value]

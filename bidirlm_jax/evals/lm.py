@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bidirlm_jax.data.batching import bucket_lengths, pad_batch, pad_id, tokenize
 from bidirlm_jax.data.mntp import validate
 from bidirlm_jax.data.sources import iter_documents
-from bidirlm_jax.embed.encode import bucket_lengths, pad_batch, tokenize
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.tokenizer import resolve_mask_token
 from bidirlm_jax.losses.mntp import mntp_loss_from_mask
@@ -63,10 +63,11 @@ def evaluate_mntp(
         )
     specials = np.array(sorted(set(tokenizer.all_special_ids)), np.int64)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    pad = pad_id(tokenizer)
     loss_sum = correct = count = 0.0
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
-        batch_ids, attention = pad_batch([ids[i] for i in index], batch_size, bucket_lengths(max_length), 0)
+        batch_ids, attention = pad_batch([ids[i] for i in index], batch_size, bucket_lengths(max_length), pad)
         masked = np.zeros(batch_ids.shape, bool)
         for row, i in enumerate(index):  # filler rows (copies) stay unmasked: they score nothing
             maskable = (attention[row] > 0) & ~np.isin(batch_ids[row], specials)

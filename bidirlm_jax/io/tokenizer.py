@@ -115,7 +115,7 @@ def resolve_mask_token(tokenizer: PreTrainedTokenizerBase, setting: str | int, *
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The id padding positions carry (masked out everywhere): the tokenizer's pad, else eos, else 0."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    for token_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         if token_id is not None:
             return int(token_id)
     return 0

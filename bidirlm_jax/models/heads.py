@@ -1,6 +1,6 @@
 """Task heads over the encoder: sequence classification / regression and token classification.
 
-Sequence heads pool the final hidden states (`mean` | `first` | `last`: `models.pooling.pool`, positions
+Sequence heads pool the final hidden states (`mean` | `first` | `last`: `models.encoder.pool_inputs`, positions
 from the attention mask, so left and right padding agree) and score them with one of two classifiers:
 - `linear`: a probe — dropout, then `score` (no bias). `last` with `score` is exactly transformers'
   `…ForSequenceClassification` (`score` has no bias there either), so it exports to those classes.
@@ -36,8 +36,8 @@ from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.models.encoder import Inputs, hidden_states, pool_inputs
 from bidirlm_jax.models.layers import param
-from bidirlm_jax.models.pooling import pool
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.transformer import Transformer
 
@@ -113,7 +113,7 @@ def _dense(x: jax.Array, w: nnx.Param, b: nnx.Param | None = None) -> jax.Array:
 
 
 class SequenceHead(nnx.Module):
-    """hidden [B, T, d], attention_mask [B, T] → fp32 logits [B, num_labels]."""
+    """hidden [B, T, d] and the encoder's inputs (`models.encoder`) → fp32 logits [B, num_labels]."""
 
     def __init__(self, config: ModelConfig, head: HeadConfig, *, param_dtype: str, rngs: nnx.Rngs):
         d, n, dtype = config.hidden_size, head.num_labels, param_dtype
@@ -127,19 +127,18 @@ class SequenceHead(nnx.Module):
         else:
             self.score = param(rngs, (n, d), (None, "embed"), dtype)
 
-    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, hidden: jax.Array, inputs: Inputs, *, rng: jax.Array | None = None, num_texts: int | None = None
+    ) -> jax.Array:
+        pooled = functools.partial(pool_inputs, inputs=inputs, num_texts=num_texts)
         drop = functools.partial(self.dropout, deterministic=rng is None, rngs=rng)
         if self.kind == "linear":
-            return _dense(drop(pool(hidden, attention_mask, self.pooling)), self.score)
+            return _dense(drop(pooled(hidden, mode=self.pooling)), self.score)
         late = self.pooling == "late"
-        x = hidden.astype(jnp.float32) if late else pool(hidden, attention_mask, self.pooling)
+        x = hidden.astype(jnp.float32) if late else pooled(hidden, mode=self.pooling)
         h = jax.nn.gelu(_dense(x, self.dense, self.dense_bias), approximate=False)  # torch's nn.GELU(): exact
         logits = _dense(drop(h), self.classifier, self.classifier_bias)  # [B, n], or [B, T, n] when late
-        if not late:
-            return logits
-        weights = (jnp.asarray(attention_mask) > 0).astype(jnp.float32)
-        total = jnp.einsum("btn,bt->bn", logits, weights)
-        return total / jnp.maximum(weights.sum(axis=1, keepdims=True), 1.0)
+        return pooled(logits, mode="mean") if late else logits  # late: the mean of per-token logits
 
 
 class TokenHead(nnx.Module):
@@ -150,8 +149,10 @@ class TokenHead(nnx.Module):
         self.score = param(rngs, (head.num_labels, config.hidden_size), (None, "embed"), param_dtype)
         self.score_bias = param(rngs, (head.num_labels,), (None,), param_dtype, init="zeros")
 
-    def __call__(self, hidden: jax.Array, attention_mask: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
-        del attention_mask  # every position gets logits; the labels say which score
+    def __call__(
+        self, hidden: jax.Array, inputs: Inputs, *, rng: jax.Array | None = None, num_texts: int | None = None
+    ) -> jax.Array:
+        del inputs, num_texts  # every position gets logits; the labels say which score
         h = self.dropout(hidden.astype(jnp.float32), deterministic=rng is None, rngs=rng)
         return _dense(h, self.score, self.score_bias)
 
@@ -170,7 +171,10 @@ class HeadOutput:
 
 
 class EncoderWithHead(nnx.Module):
-    """`model(input_ids, attention_mask=None, *, rng=None) -> HeadOutput`: a `Transformer` and a task head."""
+    """`model(input_ids, attention_mask=None, *, rng=None) -> HeadOutput`: a `Transformer` and a task head.
+
+    Packed rows (`models.encoder`: several texts per row) pass `segment_ids`, `positions` and `num_texts`:
+    sequence logits are then `[num_texts, ...]`, text k being segment k + 1."""
 
     def __init__(self, config: ModelConfig, head: HeadConfig, runtime: Runtime = DEFAULT_RUNTIME, *, rngs: nnx.Rngs):
         self.head_config = head
@@ -185,11 +189,22 @@ class EncoderWithHead(nnx.Module):
     def runtime(self) -> Runtime:
         return self.encoder.runtime
 
-    def __call__(self, input_ids, attention_mask=None, *, rng: jax.Array | None = None) -> HeadOutput:
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        rng: jax.Array | None = None,
+        segment_ids=None,
+        positions=None,
+        num_texts: int | None = None,
+    ) -> HeadOutput:
         input_ids = jnp.asarray(input_ids)
         mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
-        hidden = self.encoder.hidden_states(input_ids, mask)
-        logits = self.head(hidden, mask, rng=rng)
+        inputs = {"input_ids": input_ids, "attention_mask": mask, "segment_ids": segment_ids, "positions": positions}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        hidden = hidden_states(self.encoder, inputs)
+        logits = self.head(hidden, inputs, rng=rng, num_texts=num_texts)
         if self.head_config.task == "regression":
             logits = logits[..., 0]
         return HeadOutput(logits=logits, hidden_states=hidden)

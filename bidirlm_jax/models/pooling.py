@@ -35,3 +35,30 @@ def pool(hidden: jax.Array, attention_mask: jax.Array, mode: str = "mean") -> ja
     else:
         index = t - 1 - jnp.argmax(valid[:, ::-1], axis=1)
     return jnp.take_along_axis(hidden, index[:, None, None], axis=1)[:, 0]
+
+
+def pool_segments(hidden: jax.Array, segment_ids: jax.Array, num_texts: int, mode: str = "mean") -> jax.Array:
+    """hidden [B, T, ...] of packed rows, `segment_ids` [B, T] numbering each token's text 1..`num_texts`
+    across the whole batch (0, or anything above `num_texts`: padding and filler) -> fp32 [num_texts, ...],
+    text k from segment k + 1. A text without tokens pools to zeros in every mode.
+
+    Scatter-adds drop the tokens of no text instead of multiplying them by zero, so a non-finite filler
+    value never reaches a text.
+    """
+    if mode not in POOLING_MODES:
+        raise ConfigError(f"pooling {mode!r} is not one of {POOLING_MODES}; fix contrastive.pooling")
+    hidden = jnp.asarray(hidden).astype(jnp.float32)
+    b, t = hidden.shape[:2]
+    flat = hidden.reshape(b * t, *hidden.shape[2:])
+    ids = jnp.asarray(segment_ids, jnp.int32).reshape(-1)
+    text = jnp.where((ids >= 1) & (ids <= num_texts), ids - 1, num_texts)  # num_texts: out of range, dropped
+    count = jax.ops.segment_sum(jnp.ones_like(text, jnp.float32), text, num_texts)
+    present = (count > 0).reshape(-1, *[1] * (flat.ndim - 1))
+    if mode == "mean":
+        total = jax.ops.segment_sum(flat, text, num_texts)
+        return total / jnp.maximum(count, 1.0).reshape(present.shape)
+    index = jnp.arange(b * t, dtype=jnp.int32)
+    pick = (
+        jax.ops.segment_min(index, text, num_texts) if mode == "first" else jax.ops.segment_max(index, text, num_texts)
+    )
+    return jnp.where(present, flat[jnp.clip(pick, 0, b * t - 1)], 0.0)

@@ -14,11 +14,14 @@ of rows each data-parallel shard embeds at a time (sentence-transformers' per-GP
 every chunk takes `chunk_size` rows from each shard, so no row moves between devices. A shard's last partial
 chunk is filled with copies of its last row whose embedding gradient is zero: real rows keep the forward
 finite, whereas an all-padding row can make NaNs that survive a zero cotangent (0 · NaN).
+
+Packed chunks (`pack=True`, the default; issue 24): each shard's texts are packed on device several per row
+(`train.packed_texts`: no FLOP on padding), and steps 1 and 3 loop over groups of `chunk_size` packed rows,
+as many as the texts fill; every text lies whole in one group, so the sums are the padded ones regrouped.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import jax
@@ -28,7 +31,8 @@ from flax import nnx
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.losses.infonce import contrastive_loss_and_metrics, text_keys
-from bidirlm_jax.models.pooling import pool
+from bidirlm_jax.models.encoder import Inputs, pooled_embeddings, role_inputs
+from bidirlm_jax.train.packed_texts import PackedTexts, batch_shards
 
 GATHER_MODES = ("global", "local")
 
@@ -45,16 +49,18 @@ def contrastive_loss_and_grads(
     gather: str = "global",
     num_shards: int | None = None,
     mask_duplicates: bool = False,
+    pack: bool = True,
 ) -> tuple[jax.Array, nnx.State, dict[str, jax.Array]]:
     """(mean loss, its gradient with respect to `params`, metrics) for one global contrastive batch.
 
-    `batch`: `query_ids`/`query_mask` [B, Lq], `positive_ids`/`positive_mask` [B, Ld], optionally
-    `negative_ids`/`negative_mask` [B, K, Ld], and `truncated` [B] (summed into the metrics); other
-    fields are ignored. The model is `nnx.merge(graphdef, params)`; its config decides the attention
+    `batch`: the model inputs of the roles `query` [B, Lq], `positive` [B, Ld] and optionally `negative`
+    [B, K, Ld] (`models.encoder.role_inputs`: `query_ids`/`query_mask`, …), and `truncated` [B] (summed
+    into the metrics); other fields are ignored. The model is `nnx.merge(graphdef, params)`; its config decides the attention
     mode. `chunk_size=None` is plain backprop through the whole batch (the reference), an integer is
     GradCache. `gather="local"` computes the loss per data-parallel shard; `num_shards` defaults to the
     batch axes of the current mesh (1 off-mesh). `mask_duplicates` drops documents identical to a query's
-    positive from its candidates (`contrastive.text_keys`). `rng` is unused (the encoder is
+    positive from its candidates (`contrastive.text_keys`). GradCache packs each shard's texts several per
+    row (see the module doc; `pack=False`: one padded text per row). `rng` is unused (the encoder is
     deterministic). Metrics: the loss's (see `contrastive`), `tokens` (real tokens of all texts) and,
     when the batch has the field, `truncated` (texts cut).
     """
@@ -63,16 +69,16 @@ def contrastive_loss_and_grads(
         raise ConfigError(f"contrastive.gather {gather!r} is not one of {GATHER_MODES}")
     if chunk_size is not None and chunk_size < 1:
         raise ConfigError(f"contrastive.chunk_size must be a positive number of rows or None, got {chunk_size}")
-    queries = (jnp.asarray(batch["query_ids"]), jnp.asarray(batch["query_mask"]))
+    queries = role_inputs(batch, "query")
     docs = _documents(batch)
-    b = queries[0].shape[0]
-    shards = _batch_shards() if num_shards is None else num_shards
+    b = _rows(queries)
+    shards = batch_shards() if num_shards is None else num_shards
     if b % shards:
         raise ConfigError(f"the batch of {b} rows does not split over {shards} data-parallel shards")
-    k = docs[0].shape[0] // b - 1
+    k = _rows(docs) // b - 1
     keys = {}
     if mask_duplicates:
-        doc_keys = text_keys(*docs).reshape(b, 1 + k, -1)
+        doc_keys = text_keys(docs["input_ids"], docs["attention_mask"]).reshape(b, 1 + k, -1)
         keys = {"positive_keys": doc_keys[:, 0], "negative_keys": doc_keys[:, 1:]}
 
     def loss_fn(q_emb: jax.Array, d_emb: jax.Array):
@@ -82,47 +88,52 @@ def contrastive_loss_and_grads(
             q_emb, d_emb[:, 0], d_emb[:, 1:], temperature=temperature, groups=groups, **keys
         )
 
-    def embed(p: nnx.State, ids: jax.Array, mask: jax.Array) -> jax.Array:
-        model = nnx.merge(graphdef, p)
-        return pool(model.hidden_states(ids, mask), mask, pooling)
+    def embed(p: nnx.State, inputs: Inputs, num_texts: int | None = None) -> jax.Array:
+        return pooled_embeddings(nnx.merge(graphdef, p), inputs, pooling, num_texts=num_texts)
 
     if chunk_size is None:
 
         def full(p: nnx.State):
-            return loss_fn(embed(p, *queries), embed(p, *docs))
+            return loss_fn(embed(p, queries), embed(p, docs))
 
         (loss, metrics), grads = jax.value_and_grad(full, has_aux=True)(params)
     else:
         frozen = jax.lax.stop_gradient(params)
-        q_emb = _embed_chunked(embed, frozen, queries, shards, chunk_size)
-        d_emb = _embed_chunked(embed, frozen, docs, shards, chunk_size)
-        (loss, metrics), (q_cot, d_cot) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(q_emb, d_emb)
+        if pack:
+            streams = [PackedTexts(t, shards, chunk_size) for t in (queries, docs)]
+            forward = lambda t: _embed_packed(embed, frozen, t)
+            backward = lambda t, cot, g: _backward_packed(embed, params, t, cot, g)
+        else:
+            streams = [queries, docs]
+            forward = lambda t: _embed_chunked(embed, frozen, t, shards, chunk_size)
+            backward = lambda t, cot, g: _backward_chunked(embed, params, t, cot, g, shards, chunk_size)
+        (loss, metrics), cots = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(*map(forward, streams))
         grads = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)  # summed in fp32
-        grads = _backward_chunked(embed, params, queries, q_cot, grads, shards, chunk_size)
-        grads = _backward_chunked(embed, params, docs, d_cot, grads, shards, chunk_size)
+        for texts, cot in zip(streams, cots):
+            grads = backward(texts, cot, grads)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-    metrics["tokens"] = sum(jnp.sum(mask > 0, dtype=jnp.float32) for _, mask in (queries, docs))
+    metrics["tokens"] = sum(jnp.sum(t["attention_mask"] > 0, dtype=jnp.float32) for t in (queries, docs))
     if "truncated" in batch:
         metrics["truncated"] = jnp.sum(batch["truncated"], dtype=jnp.float32)
     return loss, grads, metrics
 
 
-def _documents(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Positives and negatives as one stream [B·(1 + K), Ld], row i's documents consecutive (so each
-    shard's documents stay on it)."""
-    ids, mask = jnp.asarray(batch["positive_ids"])[:, None], jnp.asarray(batch["positive_mask"])[:, None]
-    if "negative_ids" in batch:
-        ids = jnp.concatenate([ids, jnp.asarray(batch["negative_ids"])], axis=1)
-        mask = jnp.concatenate([mask, jnp.asarray(batch["negative_mask"])], axis=1)
-    return ids.reshape(-1, ids.shape[-1]), mask.reshape(-1, mask.shape[-1])
+def _rows(inputs: Inputs) -> int:
+    return inputs["input_ids"].shape[0]
 
 
-def _batch_shards() -> int:
-    """Data-parallel shards of the batch axis on the current mesh (1 off-mesh)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
-        return 1
-    return math.prod(mesh.shape[a] for a in sharding.current_rules()["batch"] if a in mesh.axis_names)
+def _documents(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Positives and negatives as one stream of inputs [B·(1 + K), Ld, ...], row i's documents consecutive
+    (so each shard's documents stay on it)."""
+    positives, negatives = role_inputs(batch, "positive"), role_inputs(batch, "negative")
+    if not negatives:
+        return positives
+
+    def stream(p: jax.Array, n: jax.Array) -> jax.Array:
+        both = jnp.concatenate([p[:, None], n], axis=1)
+        return both.reshape(-1, *both.shape[2:])
+
+    return {key: stream(p, negatives[key]) for key, p in positives.items()}
 
 
 def _to_chunks(x: jax.Array, shards: int, chunk: int, *, edge: bool) -> jax.Array:
@@ -145,27 +156,43 @@ def _from_chunks(y: jax.Array, shards: int, n: int) -> jax.Array:
     return y.reshape(shards, -1, *rest)[:, : n // shards].reshape(n, *rest)
 
 
-def _embed_chunked(embed, params, texts, shards: int, chunk_size: int) -> jax.Array:
-    ids, mask = texts
-    chunk = min(chunk_size, ids.shape[0] // shards)
-    chunks = (_to_chunks(ids, shards, chunk, edge=True), _to_chunks(mask, shards, chunk, edge=True))
-    embeddings = jax.lax.map(lambda c: embed(params, *c), chunks)
-    return _from_chunks(embeddings, shards, ids.shape[0])
+def _input_chunks(texts: Inputs, shards: int, chunk: int) -> dict[str, jax.Array]:
+    return {key: _to_chunks(x, shards, chunk, edge=True) for key, x in texts.items()}
 
 
-def _backward_chunked(embed, params, texts, cotangent, grads, shards: int, chunk_size: int) -> nnx.State:
+def _embed_chunked(embed, params, texts: Inputs, shards: int, chunk_size: int) -> jax.Array:
+    n = _rows(texts)
+    chunk = min(chunk_size, n // shards)
+    embeddings = jax.lax.map(lambda c: embed(params, c), _input_chunks(texts, shards, chunk))
+    return _from_chunks(embeddings, shards, n)
+
+
+def _backward_chunked(embed, params, texts: Inputs, cotangent, grads, shards: int, chunk_size: int) -> nnx.State:
     """`grads` + Σ over chunks of the vjp of `embed` against the chunk's embedding gradient."""
-    ids, mask = texts
-    chunk = min(chunk_size, ids.shape[0] // shards)
-    xs = (
-        _to_chunks(ids, shards, chunk, edge=True),
-        _to_chunks(mask, shards, chunk, edge=True),
-        _to_chunks(cotangent, shards, chunk, edge=False),
-    )
+    chunk = min(chunk_size, _rows(texts) // shards)
+    xs = (_input_chunks(texts, shards, chunk), _to_chunks(cotangent, shards, chunk, edge=False))
 
     def step(acc: nnx.State, c) -> tuple[nnx.State, None]:
-        c_ids, c_mask, c_cot = c
-        _, pullback = jax.vjp(lambda p: embed(p, c_ids, c_mask), params)
+        inputs, c_cot = c
+        _, pullback = jax.vjp(lambda p: embed(p, inputs), params)
         return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, pullback(c_cot)[0]), None
 
     return jax.lax.scan(step, grads, xs)[0]
+
+
+def _embed_packed(embed, params, packed: PackedTexts) -> jax.Array:
+    """Σ over the used groups of their texts' embeddings [N, d] (every text is in exactly one group; the
+    others pool it to exact zeros), in a loop that stops after the last used group."""
+    run = lambda j: embed(params, packed.group(j), packed.texts)
+    zeros = jnp.zeros(jax.eval_shape(run, 0).shape, jnp.float32)
+    return jax.lax.fori_loop(0, packed.count, lambda j, acc: acc + run(j), zeros)
+
+
+def _backward_packed(embed, params, packed: PackedTexts, cotangent, grads) -> nnx.State:
+    """`grads` + Σ over the used groups of the vjp of their embeddings against the embedding gradient."""
+
+    def step(j: jax.Array, acc: nnx.State) -> nnx.State:
+        _, pullback = jax.vjp(lambda p: embed(p, packed.group(j), packed.texts), params)
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, pullback(cotangent)[0])
+
+    return jax.lax.fori_loop(0, packed.count, step, grads)

@@ -107,7 +107,13 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         max_length=data.seq_len,
     )
     chunk = con.chunk_size or None
-    settings = dict(chunk_size=chunk, temperature=con.temperature, pooling=con.pooling, gather=con.gather)
+    settings = dict(
+        chunk_size=chunk,
+        temperature=con.temperature,
+        pooling=con.pooling,
+        gather=con.gather,
+        pack=bool(con.get("pack", True)),  # configs written before the option: packed (equal results)
+    )
 
     def grad_fn(graphdef, params, batch, rng):
         loss, grads, metrics = contrastive_loss_and_grads(graphdef, params, batch, rng, **settings)

@@ -3,9 +3,10 @@ every variant (paper-recipe.md §1, §7.1): an encoder plus a task head (`models
 
 Data (`data.labeled`): `data.source="labeled"` reads `data.path` (a local `.jsonl` / `.csv` / `.parquet`
 file or directory, or `hf:NAME[:CONFIG]`, split `finetune.train_split`); `data.source="synthetic"` generates a
-small task (offline presets and tests). Examples are cut to `data.seq_len` tokens and every row is padded to it.
-The validation split is an evaluation (`config.evals.validation`, kind `finetune`: `evals.registry`), which
-reads its data with the objective's `fields` and scores with its `label_map`.
+small task (offline presets and tests). Examples are cut to `data.seq_len` tokens and every row is padded to it;
+`finetune.pack` packs a step's examples several per row inside the step instead (`train.packed_texts`: no
+padding FLOPs, the same sums). The validation split is an evaluation (`config.evals.validation`, kind
+`finetune`: `evals.registry`), which reads its data with the objective's `fields` and scores with its `label_map`.
 
 Losses (`losses.classification`, through `token_sum_grads`, so gradient accumulation is exact): step
 metrics `accuracy` (classification, token classification), `abs_error` (regression).
@@ -36,7 +37,7 @@ from bidirlm_jax.io.run import HEAD_FILE, head_file, saved_tokenizer
 from bidirlm_jax.io.tokenizer import pad_id
 from bidirlm_jax.losses.classification import LOSSES
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.heads import TASKS, HeadConfig, model_factory, with_encoder_params
+from bidirlm_jax.models.heads import IGNORE_INDEX, TASKS, HeadConfig, model_factory, with_encoder_params
 from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.train.config import run_settings
 from bidirlm_jax.train.metrics import training_flops_per_token
@@ -47,6 +48,7 @@ from bidirlm_jax.train.objectives.base import (
     run_tokenizer,
     token_sum_grads,
 )
+from bidirlm_jax.train.packed_texts import packed_token_sum_grads
 
 OBJECTIVES = TASKS  # objective name = task name
 SOURCES = ("labeled", "synthetic")
@@ -170,6 +172,14 @@ def finetune_flops_per_step(model: ModelConfig, seq_len: int, rows: int, *, runt
     return rows * seq_len * (training_flops_per_token(model, seq_len, runtime=runtime) - lm_head)
 
 
+def _grad_fn(task: str, head: HeadConfig, grad_accum: int, *, pack: bool):
+    """Token-sum gradients over padded rows, or (`finetune.pack`) over the batch packed in the step
+    (`train.packed_texts`): the same sums, but dropout masks drawn for another layout."""
+    if pack:
+        return packed_token_sum_grads(LOSSES[task], grad_accum=grad_accum, sequence=head.sequence, ignore=IGNORE_INDEX)
+    return token_sum_grads(LOSSES[task], grad_accum=grad_accum)
+
+
 def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneObjective:
     """The fine-tuning objective of a run, every input checked before anything is computed or written."""
     pooling, classifier = _check_settings(config)
@@ -197,7 +207,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneO
     seed, runtime = config.train.seed, run_settings(config.model)
     return FinetuneObjective(
         rows=rows,
-        grad_fn=token_sum_grads(LOSSES[task], grad_accum=config.train.grad_accum_steps),
+        grad_fn=_grad_fn(task, head, config.train.grad_accum_steps, pack=bool(ft.get("pack", False))),
         flops_per_step=finetune_flops_per_step(model, data.seq_len, data.global_batch_size, runtime=runtime),
         tokens_per_step=data.global_batch_size * data.seq_len,
         tokenizer=tokenizer,
