@@ -13,14 +13,12 @@ case says why; a case whose compiled temporaries exceed `--max-gb` is compiled b
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from measure import Bench
 
 from bidirlm_jax.kernels.attention import KERNELS, Case, Options, refusal
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
@@ -56,28 +54,23 @@ def fwd_bwd(kernel: str, spec: MaskSpec, segments: Segments, options: Options):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
 
-def bench(kernel: str, spec: MaskSpec, segments: Segments, q, k, v, *, scale: float, iters: int, max_gb: float):
-    """{seconds (median fwd+bwd), temp_gb} for one kernel and case, or {skipped: why}."""
+def prepare(kernel: str, spec: MaskSpec, segments: Segments, q, k, v, *, scale: float, max_gb: float):
+    """(run once, {temp_gb}) for one kernel and case, or (None, {skipped: why})."""
     options = Options(scale, 512, 512)
     case = Case.of(q, k, spec, segments, options)
     why = refusal(kernel, case, jax.default_backend())
     if why:
-        return {"skipped": why}
+        return None, {"skipped": why}
     fn = fwd_bwd(kernel, spec, segments, options)
     try:
         compiled = fn.lower(q, k, v).compile()
     except Exception as e:  # a kernel the structural checks let through but the compiler refuses
-        return {"skipped": f"{type(e).__name__}: {e}".splitlines()[0][:120]}
+        return None, {"skipped": f"{type(e).__name__}: {e}".splitlines()[0][:120]}
     temp = compiled.memory_analysis().temp_size_in_bytes / 1e9
     if temp > max_gb:
-        return {"temp_gb": temp, "skipped": f"needs {temp:.1f} GB of temporaries (> --max-gb {max_gb})"}
-    jax.block_until_ready(compiled(q, k, v))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(q, k, v))
-        times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "temp_gb": temp}
+        return None, {"temp_gb": temp, "skipped": f"needs {temp:.1f} GB of temporaries (> --max-gb {max_gb})"}
+    jax.block_until_ready(compiled(q, k, v))  # warm-up
+    return lambda: jax.block_until_ready(compiled(q, k, v)), {"temp_gb": temp}
 
 
 def bands(model: str) -> dict[str, MaskSpec]:
@@ -98,6 +91,7 @@ def main() -> None:
     parser.add_argument("--max-gb", type=float, default=8.0)
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "attention.json"))
     args = parser.parse_args()
+    bench = Bench()
     platform = jax.default_backend()
     dtype = args.dtype or ("float32" if platform == "cpu" else "bfloat16")
     config = get_preset(args.model)
@@ -110,15 +104,17 @@ def main() -> None:
         for t in args.lengths:
             q, k, v = inputs(shape, t, args.batch, dtype)
             segments = packed_segments(args.batch, t)
-            for kernel in kernels:
-                r = bench(kernel, spec, segments, q, k, v, scale=config.attention_scale, iters=args.iters,
-                          max_gb=args.max_gb)  # fmt: skip
+            prepared = {kernel: prepare(kernel, spec, segments, q, k, v, scale=config.attention_scale,
+                                        max_gb=args.max_gb) for kernel in kernels}  # fmt: skip
+            timed = bench.rounds({kernel: run for kernel, (run, _) in prepared.items() if run}, args.iters)
+            for kernel, (_, r) in prepared.items():
+                if kernel in timed:
+                    r.update(seconds=timed[kernel]["median"], best=timed[kernel]["best"])
                 rows.append(dict(band=band, length=t, kernel=kernel, **r))
                 figures = (f"{r['seconds'] * 1e3:10.1f} ms {r['temp_gb']:7.2f} GB" if "seconds" in r
                            else f"   skipped: {r['skipped']}")  # fmt: skip
                 print(f"{band:<12}{t:>6}  {kernel:<8}{figures}", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(model=args.model, dtype=dtype, platform=platform, rows=rows), indent=2))
+    bench.finish(args.out, dict(model=args.model, dtype=dtype, platform=platform, cases=rows))
 
 
 if __name__ == "__main__":

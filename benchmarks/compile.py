@@ -11,9 +11,9 @@ one layer whatever the depth; unrolled layers one per layer.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from measure import Bench
 from memory import compiled_memory
 
 from bidirlm_jax.models.config import FULL, SLIDING
@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048, help="compile time hardly depends on it")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "compile.json"))
     args = parser.parse_args()
+    bench = Bench()
     rows = []
     print(f"{'model':<13}{'layers':>7}{'layout':>10}{'trace s':>9}{'compile s':>11}{'temp GB':>9}")
     for name in args.models:
@@ -46,9 +47,8 @@ def main() -> None:
                 layout = "scanned" if scan else "unrolled"
                 rows.append(dict(model=name, layers=layers, layout=layout, **m))
                 print(f"{name:<13}{layers:>7}{layout:>10}{m['lower_s']:>9.1f}{m['compile_s']:>11.1f}"
-                      f"{m['temp'] / 1e9:>9.2f}", flush=True)  # fmt: skip
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(dict(seq=args.seq, rows=rows), indent=2))
+                      f"{m['temp'] / 1e9:>9.2f}; load {bench.note_load():.1f}", flush=True)  # fmt: skip
+    bench.finish(args.out, dict(seq=args.seq, compiles=rows))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from measure import Bench
 
 from bidirlm_jax.io.params import param_count
 from bidirlm_jax.kernels import xla
@@ -138,6 +139,7 @@ def main() -> None:
     parser.add_argument("--no-fit", action="store_true", help="compile batch 1 only (no per-chip batch)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "memory.json"))
     args = parser.parse_args()
+    bench = Bench()  # the memory figures do not depend on the load; the compile seconds do
     overrides = dict(attention_impl=args.attention_impl, **({"scan_layers": True} if args.scan else {}))
     layout = "scanned" if args.scan else "unrolled"
     rows = []
@@ -172,9 +174,8 @@ def main() -> None:
                     f"{one['argument'] / GB:>7.2f}{one['compile_s']:>8.0f}s{fits}",
                     flush=True,
                 )
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    summary = dict(seq=args.seq, fsdp=args.fsdp, usable=args.usable, layout=layout, rows=rows)
-    Path(args.out).write_text(json.dumps(summary, indent=2, default=lambda x: np.asarray(x).tolist()))
+    summary = dict(seq=args.seq, fsdp=args.fsdp, usable=args.usable, layout=layout, models=rows)
+    bench.finish(args.out, json.loads(json.dumps(summary, default=lambda x: np.asarray(x).tolist())))
 
 
 if __name__ == "__main__":

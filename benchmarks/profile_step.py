@@ -9,7 +9,8 @@ stack XLA records for it that names a part (forward and backward alike): embeddi
 the kernel), MLP, norms & residuals, head / pooling & loss, optimizer (clipping + AdamW), other XLA ops. Host work
 is the step's wall time during which no XLA op ran on any thread (Python, dispatch, transfers, the profiler's own
 overhead included, so an upper bound). Matmul FLOP/s of the step (XLA's cost analysis over the
-step time) are shown against a 2048^3 fp32 matmul measured in the same run.
+step time) are shown against a 2048^3 fp32 matmul measured in the same run; the cost analysis counts a loop's body
+once, so for a step with loops (GradCache's chunks, the chunked LM head) it is a lower bound.
 
     .venv/bin/python benchmarks/profile_step.py [--iters 2]   (quick: --quick: 2 layers, small batches)
 """
@@ -195,7 +196,7 @@ def profile(name: str, config, grad_fn, batch: dict, iters: int, roof: float, be
     flops = compiled.cost_analysis()["flops"]
     print(
         f"\n{name}: step {timed['best']:.2f} s best, {timed['median']:.2f} s median (traced {traced_wall / iters:.2f} s, "
-        f"{traced_cpu / iters:.2f} CPU s per step); {flops / 1e9:.1f} GFLOP (XLA cost analysis) = "
+        f"{traced_cpu / iters:.2f} CPU s per step); {flops / 1e9:.1f} GFLOP (XLA cost analysis, loop bodies once) = "
         f"{flops / timed['best'] / 1e9:.0f} GFLOP/s, {100 * flops / timed['best'] / roof:.0f}% of the matmul roofline"
     )
     print(f"  {'part':<24}{'s/step in its ops':>18}{'share':>8}")
