@@ -124,8 +124,10 @@ def test_sharded_export_with_index(qwen_dir, tmp_path):
     [
         ("model.language_model.", "lm_head.weight", "model.visual.blocks.0.attn.qkv.weight"),  # Qwen3-VL
         ("language_model.model.", "language_model.lm_head.weight", "vision_tower.vision_model.embeddings.weight"),
+        ("thinker.model.", "thinker.lm_head.weight", "thinker.audio_tower.conv2d1.weight"),  # Qwen3-ASR original
+        ("language_model.", "language_model.lm_head.weight", "visual.patch_embed.proj.weight"),  # BidirLM-Omni
     ],
-    ids=["qwen3-vl", "gemma3-multimodal"],
+    ids=["qwen3-vl", "gemma3-multimodal", "qwen3-asr", "bidirlm-omni"],
 )
 def test_text_backbone_of_multimodal_checkpoints(backbone, head, extra, qwen_dir, tmp_path):
     tensors = load_file(str(qwen_dir / "model.safetensors"))

@@ -12,8 +12,8 @@ from transformers.models.gemma3 import modeling_gemma3
 from transformers.models.qwen3 import modeling_qwen3
 from transformers.models.qwen3_vl import modeling_qwen3_vl
 
-from bidirlm_jax.io.hf import weight_table
 from bidirlm_jax.io.hf_config import config_from_hf
+from bidirlm_jax.io.weights.text import weight_table
 from bidirlm_jax.kernels.attention import attend
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.layers import MLP, LayerNorm, RMSNorm

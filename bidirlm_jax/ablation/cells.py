@@ -175,10 +175,15 @@ def _retrieval_metrics(
     """The retrieval scores of the fine-tuned model (`run`), or of the variant as it is (`run` None), its queries
     instructed as `instruction` chose (`query_instruction`)."""
     from bidirlm_jax.io.hf import from_pretrained
+    from bidirlm_jax.io.run import model_dir
     from bidirlm_jax.io.tokenizer import load_tokenizer
 
     if run is not None:
-        model, tokenizer, source = from_pretrained(run, attention=variant.attention), load_tokenizer(run / "model"), run
+        model, tokenizer, source = (
+            from_pretrained(run, attention=variant.attention),
+            load_tokenizer(model_dir(run)),
+            run,
+        )
     else:
         model, tokenizer, source = variant.load(), variant.tokenizer(), variant.path
     pooling, max_length = cfg.contrastive.pooling, config.retrieval.max_length

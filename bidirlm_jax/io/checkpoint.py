@@ -25,7 +25,7 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config
-from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run
+from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run, meta_dir, state_dir
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
@@ -99,7 +99,7 @@ def load_checkpoint(
     config = config or read_config(description_dir(path))
     wanted = config.scan_layers
     # A training run's checkpoints hold the layout it trained with; exchange checkpoints hold one per layer.
-    where = _latest_state(path) if is_training_run(path) else path / PARAMS_DIR
+    where = state_dir(path, latest_step(path)) if is_training_run(path) else path / PARAMS_DIR
     config = config.replace(scan_layers=is_training_run(path) and _stacked(where))
     graphdef, abstract = abstract_model(config)
 
@@ -150,15 +150,17 @@ def _stacked(state_dir: Path) -> bool:
 
 def run_config(run: str | os.PathLike) -> dict:
     """The config a training run trained with (as JSON values), from its latest committed checkpoint."""
-    step_dir = _latest_state(user_path(run)).parent
+    run = user_path(run)
+    where = meta_dir(run, latest_step(run))
     try:
-        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(step_dir / "meta").get("config") or {}
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(where).get("config") or {}
     except Exception as e:  # orbax raises many types for a damaged checkpoint
-        raise CheckpointError(f"cannot read the run config in {step_dir / 'meta'} ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"cannot read the run config in {where} ({type(e).__name__}: {e})") from e
 
 
-def _latest_state(run: Path) -> Path:
+def latest_step(run: Path) -> int:
+    """A training run's newest committed step; refused when it has none."""
     steps = ocp.utils.checkpoint_steps(checkpoints_dir(run))  # committed steps only
     if not steps:
         raise CheckpointError(f"training run {run} has no committed checkpoint yet; train it for more steps first")
-    return checkpoints_dir(run) / str(max(steps)) / "state"
+    return max(steps)

@@ -50,12 +50,21 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
-from bidirlm_jax.io.checkpoint import PARAMS_DIR
-from bidirlm_jax.io.hf import _param_arrays, _to_host, tokenizer_files, weight_table
+from bidirlm_jax.io.hf import tokenizer_files
 from bidirlm_jax.io.hf_config import config_to_hf, read_config
-from bidirlm_jax.io.layouts import LM_HEAD
-from bidirlm_jax.io.run import BEST_DIR, BEST_FILE, HEAD_FILE, RUN_CHECKPOINTS_DIR, RUN_MODEL_DIR
+from bidirlm_jax.io.run import (
+    HEAD_FILE,
+    best_dir,
+    best_file,
+    best_params_dir,
+    checkpoints_dir,
+    head_file,
+    model_dir,
+    state_dir,
+)
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSpec, torch_dtype_name
+from bidirlm_jax.io.weights.save import param_arrays, to_host
+from bidirlm_jax.io.weights.text import backbone_table
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, abstract_model_with_head
 
@@ -81,7 +90,7 @@ def describe(head: HeadConfig, label_map, **extra: Any) -> dict[str, Any]:
 def read_description(path: str | os.PathLike) -> dict[str, Any]:
     """A `head.json` (or the run / model directory holding one), checked."""
     path = Path(path)
-    for candidate in (path / RUN_MODEL_DIR / HEAD_FILE, path / HEAD_FILE, path):
+    for candidate in (head_file(path), path / HEAD_FILE, path):
         if candidate.is_file():
             path = candidate
             break
@@ -192,8 +201,8 @@ def export_classifier(
     config = model.config
     default = np.dtype(jnp.dtype(dtype or config.param_dtype))
     hf = hf_head_config(model, labels=labels, pad_token_id=pad_token_id, dtype=torch_dtype_name(default))
-    arrays = _param_arrays(model.encoder)
-    table = [e for e in weight_table(config) if e.hf_key != LM_HEAD]
+    arrays = param_arrays(model.encoder)
+    table = backbone_table(config).entries
     head = _head_tensors(model)
     specs = [TensorSpec(BACKBONE_PREFIX + e.hf_key, e.hf_shape, default) for e in table]
     specs += [TensorSpec(name, tuple(a.shape), default) for name, a in head]
@@ -202,7 +211,7 @@ def export_classifier(
         writer = ShardWriter(tmp, specs, max_shard_bytes=max_shard_bytes) if writes else None
         sources = [(e.to_hf, arrays[e.path]) for e in table] + [(lambda x: x, a) for _, a in head]
         for spec, (to_hf, array) in zip(specs, sources):
-            host = _to_host(array)
+            host = to_host(array)
             if writer is not None:
                 writer.write(spec.name, to_hf(host).astype(spec.dtype, copy=False))
         if writer is not None:
@@ -220,19 +229,19 @@ def save_best(run: str | os.PathLike, params: nnx.State, *, step: int, metrics: 
     """Record a run's best validation step: `RUN/best/params` (orbax, the `EncoderWithHead` parameters, each
     process writing its shards) and `RUN/best/best.json` (`{"step", "metrics"}`), replacing the previous best
     atomically. Every process calls this (a collective, like the train state's saves)."""
-    with atomic_directory(Path(run) / BEST_DIR, overwrite=True, collective=True) as tmp:
+    with atomic_directory(best_dir(run), overwrite=True, collective=True) as tmp:
         checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(tmp.resolve() / PARAMS_DIR, params)
+        checkpointer.save(tmp.resolve() / best_params_dir(run).name, params)
         checkpointer.wait_until_finished()
         if jax.process_index() == 0:
             record = {"step": int(step), "metrics": {k: float(v) for k, v in metrics.items()}}
-            (tmp / BEST_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return Path(run) / BEST_DIR
+            (tmp / best_file(run).name).write_text(json.dumps(record, indent=2) + "\n")
+    return best_dir(run)
 
 
 def read_best(run: str | os.PathLike) -> dict[str, Any] | None:
     """`{"step", "metrics"}` of the run's recorded best step, or None when none was recorded."""
-    path = Path(run) / BEST_DIR / BEST_FILE
+    path = best_file(run)
     if not path.is_file():
         return None
     try:
@@ -268,7 +277,7 @@ def load_finetuned(
     (not the optimizer state), into `mesh`'s shardings when given."""
     run = Path(run).resolve()
     description = read_description(run)
-    config = read_config(run / RUN_MODEL_DIR)
+    config = read_config(model_dir(run))
     head = HeadConfig.from_json(description["head"])
     graphdef, abstract = abstract_model_with_head(config, head)
 
@@ -279,16 +288,16 @@ def load_finetuned(
     abstract = jax.tree.map(target, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     best = read_best(run) if step == "best" else None
     if best is not None:
-        params = _restore(run / BEST_DIR / PARAMS_DIR, abstract, train_state=False)
+        params = _restore(best_params_dir(run), abstract, train_state=False)
         return nnx.merge(graphdef, params), {**description, "step": int(best["step"])}
-    steps = ocp.utils.checkpoint_steps(run / RUN_CHECKPOINTS_DIR) if (run / RUN_CHECKPOINTS_DIR).is_dir() else []
+    steps = ocp.utils.checkpoint_steps(checkpoints_dir(run)) if checkpoints_dir(run).is_dir() else []
     if not steps:
         raise CheckpointError(f"fine-tuning run {run} has no committed checkpoint yet; train it for more steps first")
     if step in ("best", "latest"):
         step = max(steps)
     if step not in steps:
         raise CheckpointError(f"fine-tuning run {run} has no committed step {step} (it has {sorted(steps)})")
-    params = _restore(run / RUN_CHECKPOINTS_DIR / str(step) / "state", abstract, train_state=True)
+    params = _restore(state_dir(run, step), abstract, train_state=True)
     return nnx.merge(graphdef, params), {**description, "step": int(step)}
 
 
@@ -319,7 +328,7 @@ def export_finetuned(
 
     run = Path(run)
     description = read_description(run)
-    config = read_config(run / RUN_MODEL_DIR)
+    config = read_config(model_dir(run))
     head = HeadConfig.from_json(description["head"])
     labels = description["labels"] or None
     if head.classifier == "eurobert":  # the authors' head: a sentence-transformers model (io.st_heads)
@@ -336,7 +345,7 @@ def export_finetuned(
         )
     hf_class_name(config, head)  # refuse before reading any weight
     check_destination(out_dir, overwrite=overwrite)
-    tokenizer = load_tokenizer(run / RUN_MODEL_DIR)
+    tokenizer = load_tokenizer(model_dir(run))
     pad = pad_id(tokenizer)
     if head.task != "token_classification":
         check_last_token(tokenizer, pad)

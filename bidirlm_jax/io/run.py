@@ -3,9 +3,12 @@
 RUN/model/          config.json, the run's tokenizer files, (fine-tuning) head.json and (contrastive)
                     prompts.json, the query prompts its datasets trained with: what
                     `from_pretrained(RUN)` and the exports read besides the weights
-RUN/checkpoints/N/  orbax train states, one directory per step
+RUN/checkpoints/N/  one directory per committed step (orbax): `state/` (params, optimizer state, step,
+                    RNG) and `meta/` (JSON: shapes, the data stream, the run's config)
 RUN/best/           fine-tuning's best validation step: params/ and best.json
 RUN/metrics.jsonl   one JSON object per logged step
+
+Every module that reads or writes a run takes these paths from here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ BEST_FILE = "best.json"
 HEAD_FILE = "head.json"  # in the run's `model/` directory
 PROMPTS_FILE = "prompts.json"  # in `model/`: {"prompts": {name: prefix}}, what an encoder export names its prompts
 METRICS_FILE = "metrics.jsonl"
+STATE_ITEM = "state"  # in a step directory: the train state
+META_ITEM = "meta"  # in a step directory: the step's JSON description
+BEST_PARAMS_DIR = "params"  # in `best/`
+TOKENIZER_FILE = "tokenizer.json"  # in `model/`: present once the run saved its tokenizer
 
 
 def model_dir(run: str | os.PathLike) -> Path:
@@ -34,8 +41,39 @@ def best_dir(run: str | os.PathLike) -> Path:
     return Path(run) / BEST_DIR
 
 
+def step_dir(run: str | os.PathLike, step: int) -> Path:
+    return checkpoints_dir(run) / str(step)
+
+
+def state_dir(run: str | os.PathLike, step: int) -> Path:
+    return step_dir(run, step) / STATE_ITEM
+
+
+def meta_dir(run: str | os.PathLike, step: int) -> Path:
+    return step_dir(run, step) / META_ITEM
+
+
+def best_params_dir(run: str | os.PathLike) -> Path:
+    return best_dir(run) / BEST_PARAMS_DIR
+
+
+def best_file(run: str | os.PathLike) -> Path:
+    return best_dir(run) / BEST_FILE
+
+
 def head_file(run: str | os.PathLike) -> Path:
     return model_dir(run) / HEAD_FILE
+
+
+def prompts_file(run: str | os.PathLike) -> Path:
+    return model_dir(run) / PROMPTS_FILE
+
+
+def saved_tokenizer(run: str | os.PathLike) -> Path | None:
+    """The directory holding the tokenizer the run saved (`model/`, written with its config at the first
+    step), or None before it did: a resumed run reads its own from there."""
+    where = model_dir(run)
+    return where if (where / TOKENIZER_FILE).is_file() else None
 
 
 def metrics_file(run: str | os.PathLike) -> Path:

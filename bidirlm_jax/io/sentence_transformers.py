@@ -23,7 +23,7 @@ from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, run_config
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes, tokenizer_files
-from bidirlm_jax.io.run import PROMPTS_FILE, description_dir, is_training_run, model_dir
+from bidirlm_jax.io.run import description_dir, is_training_run, prompts_file
 from bidirlm_jax.models.config import ATTENTION_MODES, DTYPES, POOLING_MODES
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.paths import user_path
@@ -140,7 +140,7 @@ def _run_settings(run: Path) -> EncoderSettings:
     config = run_config(run)
     if config.get("objective") != "contrastive":
         return EncoderSettings()  # no embedding was trained: the defaults
-    prompts = model_dir(run) / PROMPTS_FILE  # runs from before it was written have none
+    prompts = prompts_file(run)  # runs from before it was written have none
     return EncoderSettings(
         pooling=config["contrastive"]["pooling"],
         max_length=int(config["data"]["seq_len"]),

@@ -27,9 +27,10 @@ from safetensors.numpy import save_file
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.hf import _to_host, save_pretrained
+from bidirlm_jax.io.hf import save_pretrained
 from bidirlm_jax.io.run import HEAD_FILE
 from bidirlm_jax.io.sentence_transformers import _ALL_ST_FLAGS, _ST_POOLING_FLAGS
+from bidirlm_jax.io.weights.save import to_host
 from bidirlm_jax.models.heads import EncoderWithHead
 
 _GELU = "torch.nn.modules.activation.GELU"  # `nn.GELU()`: approximate="none", the exact GELU the head uses
@@ -81,7 +82,7 @@ def export_st_classifier(
     head = model.head_config
     names = _label_names(model, labels)
     weights = {
-        name: (_to_host(getattr(model.head, name)[...]), _to_host(getattr(model.head, f"{name}_bias")[...]))
+        name: (to_host(getattr(model.head, name)[...]), to_host(getattr(model.head, f"{name}_bias")[...]))
         for name in ("dense", "classifier")
     }
     d = model.config.hidden_size

@@ -25,10 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
-from bidirlm_jax.io.hf import open_weights
+from bidirlm_jax.io.checkpoint import PARAMS_DIR
 from bidirlm_jax.io.hf_config import norm_plus_one, set_attention_mode
 from bidirlm_jax.io.layouts import LM_HEAD, detect_layout
+from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import ShardReader
+from bidirlm_jax.io.weights.readers import open_weights
 from bidirlm_jax.merge.linear import listing
 from bidirlm_jax.merge.spec import RECORD_FILE, MergeModel, MergeSpec
 from bidirlm_jax.models.config import DTYPES
@@ -61,15 +63,16 @@ class Input:
     """One model of the merge: its weights, its config.json and which of its tensors go where."""
 
     model: MergeModel
-    reader: ShardReader  # or io.hf's pickle reader, behind the same interface
+    reader: ShardReader  # or io.weights' pickle or orbax (checkpoint, training run) reader, behind its interface
     config: dict | None
     names: dict[_Name, str] = field(default_factory=dict)  # identity -> checkpoint key (not excluded)
     excluded: list[str] = field(default_factory=list)
 
     @property
     def directory(self) -> Path:
+        """Where its config.json and other files are (a training run's `model/`)."""
         path = Path(self.model.path)
-        return path if path.is_dir() else path.parent
+        return description_dir(path) if path.is_dir() else path.parent
 
     @property
     def text_config(self) -> dict:
@@ -316,7 +319,13 @@ def _files(base_dir: Path, out: Path, *, subdirectories: bool) -> list[Path]:
         here = Path(root)
         if not subdirectories:
             dirs.clear()
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and (here / d).resolve() != out.resolve())
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and (here / d).resolve() != out.resolve()
+            and not (here == base_dir and d == PARAMS_DIR)  # a bidirlm checkpoint's weights (orbax)
+        )
         for name in sorted(names):
             rel = (here / name).relative_to(base_dir)
             if name.startswith(".") or (here == base_dir and _DESCRIBE_BASE.fullmatch(name)):

@@ -54,10 +54,11 @@ def run_to_hf(
     """The latest checkpoint of a training run as an HF directory with the run's tokenizer (the one it saved in
     `WORKDIR/model/`, with MNTP's mask token; else `tokenizer_from`'s)."""
     from bidirlm_jax.io.hf import from_pretrained, save_pretrained, tokenizer_files
+    from bidirlm_jax.io.run import model_dir
 
     workdir = Path(workdir)
     model = from_pretrained(workdir, attention=attention, dtype="float32")
-    files = tokenizer_files(workdir / "model")
+    files = tokenizer_files(model_dir(workdir))
     if not any(f.name == "tokenizer.json" for f in files) and tokenizer_from is not None:
         files = tokenizer_files(tokenizer_from)
     return save_pretrained(model, dst, extra_files=files)

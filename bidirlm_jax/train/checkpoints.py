@@ -27,6 +27,7 @@ from flax import nnx
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.heads import read_best, save_best
+from bidirlm_jax.io.run import META_ITEM, STATE_ITEM
 from bidirlm_jax.train.state import TrainState
 
 
@@ -56,14 +57,14 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            item_handlers={STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()},
         )
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        return self._manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
 
     def check_resumable(self, step: int, meta: dict[str, Any], *, allow_data_change: bool = False) -> None:
         """Refuse to resume `step` with a run described by `meta` of another model, or of another data
@@ -117,9 +118,9 @@ class Checkpointer:
 
     def restore(self, step: int, abstract: TrainState) -> TrainState:
         """The state at `step`, in `abstract`'s shardings (any mesh, any process count)."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
         try:
-            return self._manager.restore(step, args=args)["state"]
+            return self._manager.restore(step, args=args)[STATE_ITEM]
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
                 f"cannot resume from step {step} in {self.directory}: its train state does not fit the configured one "
@@ -142,7 +143,7 @@ class Checkpointer:
         """Start an asynchronous save if one is `due` (or `force`); True if one started."""
         if not (force or self.due(step)):
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)})
         started = self._manager.save(step, args=args, force=True)
         if started:
             self._started.append(step)

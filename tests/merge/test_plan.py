@@ -200,11 +200,12 @@ def test_warns_about_gemma_norms_when_unnormalised(tmp_path):
         merge(tmp_path, paths, [1.0, 1.0], normalize=False)
 
 
-def test_a_training_run_is_refused_with_the_convert_command(tmp_path, ckpts, capsys):
-    """A run's directory (checkpoints/ + model/config.json) said only "no weights"; it names `bidirlm convert`."""
+def test_a_training_run_without_a_committed_step_is_refused(tmp_path, ckpts, capsys):
+    """A run's directory (checkpoints/ + model/config.json) is read directly (tests/merge/test_runs.py); before its
+    first committed step it has no weights, which the message says (it once named `bidirlm convert`, needed then)."""
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "model").mkdir()
     (run / "model" / "config.json").write_text((ckpts["float32", 0] / "config.json").read_text())
     err = refused(tmp_path, capsys, "--model", f"{ckpts['float32', 0]}=0.5", "--model", f"{run}=0.5")
-    assert "training run" in err and f"bidirlm convert {run}" in err
+    assert f"training run {run} has no committed checkpoint yet" in err

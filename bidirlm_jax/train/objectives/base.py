@@ -21,7 +21,7 @@ from ml_collections import ConfigDict
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io.run import RUN_MODEL_DIR
+from bidirlm_jax.io.run import saved_tokenizer
 from bidirlm_jax.losses.base import Batch, LossFn
 from bidirlm_jax.models.config import ModelConfig
 
@@ -150,8 +150,7 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     from bidirlm_jax.io.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
     data = config.data
-    saved = workdir / RUN_MODEL_DIR  # where the engine saves it (`loop._write_model_description`)
-    path = saved if (saved / "tokenizer.json").is_file() else (data.tokenizer or config.model.init_from)
+    path = saved_tokenizer(workdir) or data.tokenizer or config.model.init_from
     user_text = ([p for *_, p in parse_mixture(data.mixture)] or [data.path]) if trains_on_user_text(config) else []
     if path:
         tokenizer = load_tokenizer(path)

@@ -39,7 +39,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.finetune import evaluate_encoded
 from bidirlm_jax.evals.metrics import BEST_METRIC, TASK_METRICS
 from bidirlm_jax.io.heads import describe, read_description
-from bidirlm_jax.io.run import HEAD_FILE, head_file, model_dir
+from bidirlm_jax.io.run import HEAD_FILE, head_file, saved_tokenizer
 from bidirlm_jax.io.tokenizer import pad_id
 from bidirlm_jax.losses.classification import LOSSES
 from bidirlm_jax.models.config import ModelConfig
@@ -107,8 +107,8 @@ def load_splits(config: ConfigDict, task: str) -> tuple[LabeledSplit, LabeledSpl
 def _tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path, train: LabeledSplit):
     from bidirlm_jax.io.tokenizer import check_vocab, load_tokenizer, train_tokenizer
 
-    saved = model_dir(workdir)
-    if (saved / "tokenizer.json").is_file():  # a resumed run keeps its own
+    saved = saved_tokenizer(workdir)
+    if saved is not None:  # a resumed run keeps its own
         tokenizer = load_tokenizer(saved)
     elif config.data.tokenizer or config.model.init_from:
         return run_tokenizer(config, model, workdir)
