@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,10 +25,9 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config
+from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, read_config_dict
+from bidirlm_jax.io.model_types import holds_vision, model_type_in, model_type_of
 from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run, meta_dir, state_dir
-from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
 
 PARAMS_DIR = "params"
@@ -40,7 +40,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def save_checkpoint(
-    model: Transformer,
+    model: nnx.Module,
     out_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
@@ -54,9 +54,10 @@ def save_checkpoint(
     `save_pretrained` takes them. In a multi-process run every process calls this: orbax writes each
     process's shards into one agreed temporary directory, which process 0 renames into place.
     """
-    model = relayout(model, False)  # the per-layer layout, whichever way the model runs
-    dtype = dtype or model.config.param_dtype
-    hf = config_to_hf(model.config, dtype=dtype)
+    kind = model_type_of(model)
+    model = kind.relayout(model, False)  # the per-layer layout, whichever way the model runs
+    dtype = dtype or kind.text(model.config).param_dtype
+    hf = kind.write(model.config, dtype=dtype)
     exceptions = {k: v for k, v in (tensor_dtypes or {}).items() if v != dtype}
     if exceptions:
         hf[TENSOR_DTYPES_KEY] = dict(sorted(exceptions.items()))
@@ -81,10 +82,9 @@ def recorded_dtypes(path: str | os.PathLike) -> tuple[str | None, dict[str, str]
     return d.get("dtype") or d.get("torch_dtype"), dict(d.get(TENSOR_DTYPES_KEY) or {})
 
 
-def load_checkpoint(
-    path: str | os.PathLike, config: ModelConfig | None = None, *, mesh: Mesh | None = None
-) -> Transformer:
-    """Restore a model; `config` (default: the checkpoint's) may change how it runs, never its shapes.
+def load_checkpoint(path: str | os.PathLike, config: Any = None, *, mesh: Mesh | None = None) -> nnx.Module:
+    """Restore a model; `config` (default: the checkpoint's) may change how it runs, never its shapes,
+    or be the text config of a vision model's checkpoint (its text backbone alone is read).
 
     A training run gives the parameters of its latest committed step (only they are read, not the
     optimizer state)."""
@@ -96,12 +96,16 @@ def load_checkpoint(
             f"{path} is a fine-tuning run (an encoder with a task head): load it with "
             "bidirlm_jax.io.heads.load_finetuned, or export it with `bidirlm export`"
         )
-    config = config or read_config(description_dir(path))
-    wanted = config.scan_layers
+    d = read_config_dict(description_dir(path))
+    stored = model_type_in(d, tower=holds_vision(d))
+    config = config or stored.read(d)
+    kind = model_type_of(config)
+    wanted = kind.text(config).scan_layers
     # A training run's checkpoints hold the layout it trained with; exchange checkpoints hold one per layer.
     where = state_dir(path, latest_step(path)) if is_training_run(path) else path / PARAMS_DIR
-    config = config.replace(scan_layers=is_training_run(path) and _stacked(where))
-    graphdef, abstract = abstract_model(config)
+    config = kind.with_scan(config, is_training_run(path) and _stacked(where))
+    graphdef, abstract = kind.abstract(config)
+    part = "text" if stored is not kind else None  # a vision model's text backbone, alone
 
     def target(var: nnx.Variable):
         placement = (
@@ -111,12 +115,13 @@ def load_checkpoint(
 
     abstract = jax.tree.map(target, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     try:
-        if is_training_run(path):
-            item = {"params": abstract}
+        if is_training_run(path) or part:  # a part of the stored tree: a train state's params, a model's text
+            key = "params" if is_training_run(path) else part
+            item = {key: abstract}
             args = ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
             )
-            state = ocp.PyTreeCheckpointer().restore(where, args=args)["params"]
+            state = ocp.PyTreeCheckpointer().restore(where, args=args)[key]
         else:
             state = ocp.StandardCheckpointer().restore(where, abstract)
     except CheckpointError:
@@ -127,8 +132,8 @@ def load_checkpoint(
             f"cannot restore {where} ({type(e).__name__}: {detail}); the checkpoint is damaged or "
             "was written for another config — write it again"
         ) from e
-    model = relayout(nnx.merge(graphdef, state), wanted)
-    return sharding.place(model, mesh) if wanted != config.scan_layers else model
+    model = kind.relayout(nnx.merge(graphdef, state), wanted)
+    return sharding.place(model, mesh) if wanted != kind.text(config).scan_layers else model
 
 
 def _stacked(state_dir: Path) -> bool:

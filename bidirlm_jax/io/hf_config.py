@@ -73,6 +73,8 @@ def config_from_hf(d: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     if model_type in MULTIMODAL_MODEL_TYPES:
         text = dict(d.get("text_config") or {})
         text.setdefault("model_type", _MULTIMODAL_TEXT_TYPES[model_type])
+        if "tie_word_embeddings" in d:  # the LM head belongs to the whole model: its flag rules (transformers 5)
+            text["tie_word_embeddings"] = d["tie_word_embeddings"]
         return config_from_hf(text, **overrides)
     if model_type not in TEXT_MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -165,16 +167,20 @@ def norm_plus_one(d: Mapping[str, Any]) -> bool:
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
     """The `ModelConfig` of a directory's (or a file's) config.json; `overrides` replace single fields."""
+    return config_from_hf(read_config_dict(path), **overrides)
+
+
+def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """A directory's (or a file's) config.json as it is."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(f"no config.json at {path}; point to a Hugging Face model directory")
     try:
-        d = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    return config_from_hf(d, **overrides)
 
 
 def set_attention_mode(

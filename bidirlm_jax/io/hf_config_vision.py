@@ -1,17 +1,18 @@
-"""transformers' Qwen3-VL `config.json` → `Qwen3VLConfig` (text via `io.hf_config`, the tower's `vision_config` here).
+"""transformers' Qwen3-VL `config.json` <-> `Qwen3VLConfig` (text via `io.hf_config`, the tower's `vision_config` here).
 
 A field the file omits takes transformers' default (transformers writes only the fields that differ),
-which `VisionConfig`'s defaults are.
+which `VisionConfig`'s defaults are. Fields no model reads are carried through `Qwen3VLConfig.extra`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io.hf_config import config_from_hf
+from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_from_hf, config_to_hf
 from bidirlm_jax.models.towers.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 
 _ARCHITECTURE_FIELDS = tuple(
@@ -21,6 +22,11 @@ _ARCHITECTURE_FIELDS = tuple(
                       "attention_block_kv", "scan_layers")
 )  # fmt: skip
 _TOKEN_FIELDS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+# Written afresh by every export (the dtypes, the flag read into the text config), never carried.
+_TOP_LEVEL = ("model_type", "architectures", "text_config", "vision_config", "tie_word_embeddings", "dtype",
+              "torch_dtype", "transformers_version", TENSOR_DTYPES_KEY, *_TOKEN_FIELDS)  # fmt: skip
+_VISION_READ = (*_ARCHITECTURE_FIELDS, "rope_parameters", "model_type")
+ARCHITECTURE = "Qwen3VLForConditionalGeneration"  # what io.layouts.QWEN3_VL lays out
 
 
 def vision_config_from_hf(d: Mapping[str, Any], **run: Any) -> VisionConfig:
@@ -50,6 +56,40 @@ def qwen3_vl_config_from_hf(
         got = d.get("model_type") if isinstance(d, Mapping) else type(d).__name__
         raise ConfigError(f"expected a Qwen3-VL config (model_type 'qwen3_vl'), got {got!r}")
     tokens = {k: int(d[k]) for k in _TOKEN_FIELDS if k in d}
+    vision = d.get("vision_config") or {}
     text = config_from_hf(d, **text_run)
-    return Qwen3VLConfig(text=text, vision=vision_config_from_hf(d.get("vision_config") or {}, **dict(vision_run)),
-                         **tokens)  # fmt: skip
+    extra = {k: v for k, v in d.items() if k not in _TOP_LEVEL}
+    vision_extra = {k: v for k, v in vision.items() if k not in _VISION_READ} if isinstance(vision, Mapping) else {}
+    if vision_extra:
+        extra["vision_config"] = vision_extra
+    return Qwen3VLConfig(text=text, vision=vision_config_from_hf(vision, **dict(vision_run)), **tokens,
+                         extra=tuple(sorted((k, json.dumps(v)) for k, v in extra.items())))  # fmt: skip
+
+
+def qwen3_vl_config_to_hf(config: Qwen3VLConfig, *, dtype: str | None = None) -> dict[str, Any]:
+    """A config.json transformers loads as its own Qwen3-VL classes, in the text model's attention mode
+    (`is_causal: false` in `text_config` when bidirectional) and with the LM head's tying at the top, where
+    transformers 5 reads it (and in `text_config`, where 4.x did)."""
+    d: dict[str, Any] = {k: json.loads(v) for k, v in config.extra}
+    text = config_to_hf(config.text)
+    del text["architectures"]
+    text["model_type"] = "qwen3_vl_text"
+    v = config.vision
+    vision = {
+        **d.pop("vision_config", {}),
+        **{k: getattr(v, k) for k in _ARCHITECTURE_FIELDS},
+        "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
+        "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+        "model_type": "qwen3_vl_vision",
+    }
+    d.update(
+        model_type="qwen3_vl",
+        architectures=[ARCHITECTURE],
+        text_config=text,
+        vision_config=vision,
+        tie_word_embeddings=text["tie_word_embeddings"],
+        **{k: getattr(config, k) for k in _TOKEN_FIELDS},
+    )
+    if dtype is not None:
+        d["dtype"] = dtype
+    return d

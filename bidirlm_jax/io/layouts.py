@@ -58,6 +58,7 @@ TEXT = Component(
     "embed_tokens.weight",
 )
 HEAD = Component("lm_head", ("language_model.", "thinker.", ""), LM_HEAD, only=(LM_HEAD,))
+VISION = Component("visual", ("model.visual.", "visual."), "patch_embed.proj.weight")  # Qwen3-VL's tower
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Layout:
 
 
 CAUSAL_LM = Layout(((TEXT, "model."), (HEAD, "")))
+QWEN3_VL = Layout(((TEXT, "model.language_model."), (HEAD, ""), (VISION, "model.visual.")))  # ForConditionalGeneration
 
 
 def detect_layout(keys: Iterable[str], components: Sequence[Component] = (TEXT, HEAD)) -> Layout:

@@ -91,6 +91,7 @@ def _init_params(model: ConfigDict, config: ModelConfig, mesh, objective: Object
         dtype="float32",
         mesh=mesh,
         scan_layers=config.scan_layers,
+        vision=False,  # the text stack trains; a vision tower is not read
     )
     params = nnx.state(loaded, nnx.Param)
     return objective.init_params(params) if objective.init_params is not None else params

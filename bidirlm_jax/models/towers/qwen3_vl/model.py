@@ -19,6 +19,8 @@ import numpy as np
 from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models import transformer
+from bidirlm_jax.models.towers.qwen3_vl import vision as tower
 from bidirlm_jax.models.towers.qwen3_vl.config import Qwen3VLConfig
 from bidirlm_jax.models.towers.qwen3_vl.layout import VisionLayout, vision_layout
 from bidirlm_jax.models.towers.qwen3_vl.rope_index import get_rope_index
@@ -111,3 +113,17 @@ def _valid_first(shape: tuple[int, int], valid: jax.Array) -> jax.Array:
     n = jnp.arange(shape[1])
     is_valid = (n[None, :] < valid[:, None]).reshape(-1)
     return jnp.argsort(~is_valid, stable=True)
+
+
+def abstract_model(config: Qwen3VLConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and shape-only state of a `Qwen3VL` (no memory)."""
+    return nnx.split(nnx.eval_shape(lambda: Qwen3VL(config, rngs=nnx.Rngs(0))))
+
+
+def relayout(model: Qwen3VL, scan_layers: bool) -> Qwen3VL:
+    """`model` with its text layers and tower blocks scanned (stacked) or unrolled (the per-layer layout
+    of files), as `transformer.relayout` does for the text model."""
+    text = transformer.relayout(model.text, scan_layers)
+    visual = tower.relayout(model.visual, scan_layers)
+    graphdef, _ = abstract_model(model.config.replace(text=text.config, vision=visual.config))
+    return nnx.merge(graphdef, nnx.State({"text": nnx.state(text), "visual": nnx.state(visual)}))
