@@ -207,3 +207,8 @@ def test_tied_head(tmp_path):
     assert "lm_head.weight" not in tensors(out)
     _, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+def test_param_count_includes_the_tower(hf, dirs):
+    """A Qwen3-VL config.json counts as transformers' model: text, untied head, tower and every merger."""
+    assert bidirlm_jax.param_count(dirs / "generation") == sum(p.numel() for p in hf.parameters())
