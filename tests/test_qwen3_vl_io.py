@@ -212,3 +212,17 @@ def test_tied_head(tmp_path):
 def test_param_count_includes_the_tower(hf, dirs):
     """A Qwen3-VL config.json counts as transformers' model: text, untied head, tower and every merger."""
     assert bidirlm_jax.param_count(dirs / "generation") == sum(p.numel() for p in hf.parameters())
+
+
+def test_convert_refuses_a_tower_its_config_does_not_describe(dirs, tmp_path, capsys):
+    """Tower tensors of another vision_config: exit 2, a message naming what is missing, nothing written."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("model.safetensors.index.json", *{p.name for p in (dirs / "generation").glob("*.safetensors")}):
+        (src / name).symlink_to(dirs / "generation" / name)
+    config = json.loads((dirs / "generation" / "config.json").read_text())
+    config["vision_config"]["depth"] = 4
+    (src / "config.json").write_text(json.dumps(config))
+    assert main(["convert", str(src), str(tmp_path / "out")]) == 2
+    assert "missing tensors ['blocks.3." in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
