@@ -84,6 +84,8 @@ def _text_part(d: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
         text.setdefault("model_type", _MULTIMODAL_TEXT_TYPES[model_type])
         if model_type == "qwen3_asr":  # Qwen3 whatever the original names it
             text["model_type"] = "qwen3"
+        if "tie_word_embeddings" in d:  # the LM head belongs to the whole model: its flag rules (transformers 5)
+            text["tie_word_embeddings"] = d["tie_word_embeddings"]
         return _text_part(text)
     if model_type not in TEXT_MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -203,25 +205,25 @@ def norm_plus_one(d: Mapping[str, Any]) -> bool:
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
     """The `ModelConfig` of a directory's (or a file's) config.json; `overrides` replace single fields."""
-    return config_from_hf(_read_json(path), **overrides)
+    return config_from_hf(read_config_dict(path), **overrides)
 
 
 def read_runtime(path: str | os.PathLike, **settings: Any) -> Runtime:
     """The run settings a directory's (or a file's) config.json records, `settings` on top."""
-    return runtime_from_hf(_read_json(path), **settings)
+    return runtime_from_hf(read_config_dict(path), **settings)
 
 
-def _read_json(path: str | os.PathLike) -> dict[str, Any]:
+def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """A directory's (or a file's) config.json as it is."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(f"no config.json at {path}; point to a Hugging Face model directory")
     try:
-        d = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    return d
 
 
 def set_attention_mode(
