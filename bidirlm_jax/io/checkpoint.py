@@ -26,7 +26,7 @@ from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, read_config_dict, runtime_from_hf
-from bidirlm_jax.io.model_types import holds_vision, model_type_in, model_type_of
+from bidirlm_jax.io.model_types import described_type, model_type_of
 from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run, meta_dir, state_dir
 from bidirlm_jax.io.sources import PARAMS_DIR, is_checkpoint
 from bidirlm_jax.models.runtime import Runtime
@@ -98,7 +98,7 @@ def load_checkpoint(
             "bidirlm_jax.io.heads.load_finetuned, or export it with `bidirlm export`"
         )
     d = read_config_dict(description_dir(path))
-    stored = model_type_in(d, tower=holds_vision(d))
+    stored = described_type(d)
     config = config or stored.read(d)
     kind = model_type_of(config)
     runtime = runtime or runtime_from_hf(d)
@@ -107,7 +107,7 @@ def load_checkpoint(
     where = state_dir(path, latest_step(path)) if is_training_run(path) else path / PARAMS_DIR
     runtime = runtime.replace(scan_layers=is_training_run(path) and _stacked(where))
     graphdef, abstract = kind.abstract(config, runtime)
-    part = "text" if stored is not kind else None  # a vision model's text backbone, alone
+    part = "text" if stored is not kind else None  # a tower model's text backbone, alone
 
     def target(var: nnx.Variable):
         placement = (

@@ -1,5 +1,5 @@
 """The user verbs over Hugging Face directories: `from_pretrained` (dispatching on what a directory holds)
-and `save_pretrained`, for every model type (`io.model_types`: the text model, Qwen3-VL); the weight tables
+and `save_pretrained`, for every model type (`io.model_types`: the text model, Qwen3-VL, Qwen3-ASR); the weight tables
 and the generic reading and writing behind them are in `io.weights`.
 """
 
@@ -24,9 +24,8 @@ from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import load_checkpoint
 from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import read_config_dict, runtime_from_hf
-from bidirlm_jax.io.layouts import HEAD, TEXT, VISION, detect_layout
-from bidirlm_jax.io.model_types import holds_vision, model_type_in, model_type_of
-from bidirlm_jax.io.qwen3_asr import holds_qwen3_asr, load_qwen3_asr, save_qwen3_asr
+from bidirlm_jax.io.layouts import AUDIO, AUDIO_PROJECTOR, HEAD, TEXT, VISION, detect_layout
+from bidirlm_jax.io.model_types import TEXT_TYPE, described_type, model_type_in, model_type_of
 from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, torch_dtype_name
 from bidirlm_jax.io.sources import Source, source_of
@@ -35,7 +34,6 @@ from bidirlm_jax.io.weights.readers import open_weights
 from bidirlm_jax.io.weights.save import write_tables
 from bidirlm_jax.io.weights.table import dtype_key
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
-from bidirlm_jax.models.towers.qwen3_asr.model import Qwen3ASR
 from bidirlm_jax.paths import user_path
 
 # The backbone prefix of transformers' multimodal base models (Qwen3VLModel, BidirLM-Omni), which have no LM head.
@@ -67,7 +65,7 @@ def load_weights(reader, config: Any, runtime: Runtime = DEFAULT_RUNTIME, *, mes
         config = kind.with_text(config, text.replace(tie_word_embeddings=True))
     unrolled = runtime.replace(scan_layers=False)  # HF files hold one tensor per layer: read them so, then stack
     abstract = kind.abstract(config, unrolled)
-    model = load_state(abstract, reader, layout, kind.tables(config), dtype=runtime.param_dtype, mesh=mesh)
+    model = load_state(abstract, reader, layout, kind.tables(config, layout), dtype=runtime.param_dtype, mesh=mesh)
     return sharding.place(kind.relayout(model, True), mesh) if runtime.scan_layers else model
 
 
@@ -87,7 +85,7 @@ def from_pretrained(
     latest step) as a model: a `Qwen3ASR` (text + audio tower) for a Qwen3-ASR checkpoint, a `Qwen3VL`
     (called with transformers' processor outputs) for a Qwen3-VL checkpoint holding its vision tower, else
     a `Transformer`. `text_only` (or `vision=False`) asks for the text backbone alone; `vision=True` refuses
-    a checkpoint without a vision tower.
+    a checkpoint without a vision tower (`io.model_types` decides).
 
     `runtime` (`models.runtime.Runtime`) declares every run setting, the attention mode included (scanned
     layers, remat, kernel...); without it, `attention` and `bidirectional_window` default to what the
@@ -107,11 +105,9 @@ def from_pretrained(
             "from_pretrained got a runtime and attention/bidirectional_window/dtype: declare the run settings "
             "once, in the runtime (runtime.replace(attention=...))"
         )
-    if not text_only and holds_qwen3_asr(where):
-        return load_qwen3_asr(path, runtime, mesh=mesh, allow_pickle=allow_pickle)
     source = source_of(path)
-    vision = False if text_only else vision
-    kind = model_type_in(d, tower=_holds_tower(path, d, source, allow_pickle), vision=vision, where=str(path))
+    tower = _holds_tower(path, d, source, allow_pickle)
+    kind = model_type_in(d, tower=tower, text_only=text_only or vision is False, vision=vision, where=str(path))
     config = kind.read(d)
     if source is Source.HF:
         return load_params(path, config, runtime, mesh=mesh, allow_pickle=allow_pickle)
@@ -119,11 +115,13 @@ def from_pretrained(
 
 
 def _holds_tower(path: Path, d: Mapping[str, Any], source: Source, allow_pickle: bool) -> bool:
-    """Whether a vision model's directory holds the tower: its HF weights hold the tower's anchor tensor
-    (headers only); our checkpoints of a vision model always hold it (a text-only save writes a text config)."""
-    if not holds_vision(d) or source is not Source.HF:
-        return holds_vision(d)
-    return VISION.detect(set(open_weights(path, allow_pickle=allow_pickle).keys())) is not None
+    """Whether a directory holds the tower its config.json describes: its HF weights hold the tower's anchor
+    tensor (headers only); our checkpoints of a tower model always hold it (a text-only save writes a text
+    config)."""
+    kind = described_type(d)
+    if kind is TEXT_TYPE or source is not Source.HF:
+        return kind is not TEXT_TYPE
+    return kind.tower.detect(set(open_weights(path, allow_pickle=allow_pickle).keys())) is not None
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -146,13 +144,8 @@ def save_pretrained(
     (by `io.weights.table.dtype_key`, as `stored_dtypes` returns them), one at a time, into shards with an
     index above `max_shard_bytes`; `extra_files` (`companion_files(src)`: the tokenizer, processors, …)
     are copied beside them. In a multi-process run every process calls this: each tensor is gathered to
-    process 0, which writes. A `Qwen3ASR` is written as transformers' `Qwen3ASRForConditionalGeneration`
-    (`tensor_dtypes` unused).
+    process 0, which writes. A `Qwen3ASR` is written as transformers' `Qwen3ASRForConditionalGeneration`.
     """
-    if isinstance(model, Qwen3ASR):
-        return save_qwen3_asr(
-            model, out_dir, dtype=dtype, overwrite=overwrite, extra_files=extra_files, max_shard_bytes=max_shard_bytes
-        )
     kind = model_type_of(model)
     model = kind.relayout(model, False)  # HF files hold one tensor per layer
     config = model.config
@@ -179,7 +172,7 @@ def stored_dtypes(path: str | os.PathLike, *, allow_pickle: bool = False) -> dic
     """dtype name of every tensor of the text model and the towers as stored (named by `dtype_key`), to
     re-export each in its own precision; safetensors headers only, no tensor is read."""
     reader = open_weights(path, allow_pickle=allow_pickle)
-    layout = detect_layout(reader.keys(), (TEXT, HEAD, VISION))
+    layout = detect_layout(reader.keys(), (TEXT, HEAD, VISION, AUDIO, AUDIO_PROJECTOR))
     return {
         dtype_key(*where): jnp.dtype(reader.dtype(key)).name
         for key in reader.keys()
