@@ -127,4 +127,5 @@ def test_text_backbone_of_multimodal_checkpoints(backbone, head, extra, qwen_dir
     (tmp_path / "mm" / "config.json").write_text(json.dumps(config))
     ids, mask = reference.batch()
     expected = reference.logits(bidirlm_jax.from_pretrained(qwen_dir), ids, mask)
-    np.testing.assert_array_equal(reference.logits(bidirlm_jax.from_pretrained(tmp_path / "mm"), ids, mask), expected)
+    text = bidirlm_jax.from_pretrained(tmp_path / "mm", vision=False)  # the stand-in tower tensors are not read
+    np.testing.assert_array_equal(reference.logits(text, ids, mask), expected)

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io import hf_config
+from bidirlm_jax.io import families, hf_config
 from bidirlm_jax.models.config import FULL, SLIDING
 from bidirlm_jax.models.presets import PRESETS
 from bidirlm_jax.models.runtime import FIELDS, Runtime
@@ -30,7 +30,7 @@ def test_invalid_values_are_refused(change, message):
             PRESETS["tiny-gemma3"].replace(**change)
 
 
-# A made-up decoder, described to io.hf_config only by table entries: Gemma's norms and embedding scale,
+# A made-up decoder, described to io only by table entries (io.families): Gemma's norms and embedding scale,
 # GELU, no QK-norm, attention biases, an untied head and Qwen-style sliding layers past layer 1.
 TOY_TEXT = {
     "model_type": "toy",
@@ -52,11 +52,11 @@ TOY_FLAGS = dict(norm_plus_one=True, embed_scale=True, qk_norm=False)
 
 
 def test_a_third_family_is_a_config(monkeypatch):
-    """A family unknown to the model is two table entries in io.hf_config: its config.json reads into flags,
+    """A family unknown to the model is two table entries in io.families: its config.json reads into flags,
     the stack runs it in both attention modes, unrolled and scanned, and computes exactly what the same flags
     compute under a known family's name (the model never reads the name); exporting it is refused, saying why."""
-    monkeypatch.setitem(hf_config.TEXT_MODEL_TYPES, "toy", "toy")
-    monkeypatch.setitem(hf_config.FAMILY_FLAGS, "toy", TOY_FLAGS)
+    monkeypatch.setitem(families.TEXT_MODEL_TYPES, "toy", "toy")
+    monkeypatch.setitem(families.FAMILY_FLAGS, "toy", TOY_FLAGS)
     config = hf_config.config_from_hf(TOY_TEXT)
     assert config.family == "toy" and {k: getattr(config, k) for k in TOY_FLAGS} == TOY_FLAGS
     assert config.layer_types == (FULL, SLIDING, SLIDING) and config.activation == "gelu"
@@ -79,5 +79,5 @@ def test_a_third_family_is_a_config(monkeypatch):
         np.testing.assert_allclose(np.asarray(scanned.hidden_states(ids, mask)), hidden, rtol=1e-5, atol=1e-5)
         outputs[attention] = hidden
     assert not np.allclose(outputs["causal"], outputs["bidirectional"])  # the mode reaches the sliding layers
-    with pytest.raises(ConfigError, match="family 'toy' has no transformers format.*io/hf_config.py"):
+    with pytest.raises(ConfigError, match="family 'toy' has no transformers format.*io/families.py"):
         hf_config.config_to_hf(config)

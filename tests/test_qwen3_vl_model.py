@@ -18,9 +18,10 @@ from jax.sharding import PartitionSpec as P
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.hf import load_weights
 from bidirlm_jax.io.hf_config import runtime_from_hf
 from bidirlm_jax.io.hf_config_vision import qwen3_vl_config_from_hf
-from bidirlm_jax.io.vision_weights import qwen3_vl_from_tensors
+from bidirlm_jax.io.weights.load import TensorDict
 from bidirlm_jax.models.towers.qwen3_vl.model import merge_placeholders
 from bidirlm_jax.models.towers.qwen3_vl.rope_index import get_rope_index
 from bidirlm_jax.testing import qwen3_vl as ref
@@ -81,7 +82,7 @@ def ours_for(hf, scan: bool = False):
     config = qwen3_vl_config_from_hf(hf.config.to_dict())
     config = config.replace(text=config.text.replace(tie_word_embeddings=True))  # Qwen3VLModel has no LM head
     runtime = runtime_from_hf(hf.config.to_dict(), scan_layers=scan)
-    return qwen3_vl_from_tensors(config, ref.state_tensors(hf), runtime)
+    return load_weights(TensorDict(ref.state_tensors(hf)), config, runtime)
 
 
 def test_config_reads_the_tower_and_the_mode(hf):

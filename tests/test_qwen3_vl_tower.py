@@ -16,7 +16,7 @@ from flax import nnx
 from transformers import vision_utils
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
-from bidirlm_jax.io.vision_weights import vision_from_tensors, vision_to_tensors, vision_weight_table
+from bidirlm_jax.io.weights.vision import vision_from_tensors, vision_table, vision_to_tensors
 from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.towers.qwen3_vl.config import VisionConfig
 from bidirlm_jax.models.towers.qwen3_vl.layout import vision_layout
@@ -67,8 +67,8 @@ def ours(hf):
 
 
 def test_weight_table_covers_every_parameter_both_ways(hf, ours):
-    table = vision_weight_table(ours.config)
-    assert {"visual." + e.hf_key for e in table} == set(tensors(hf))
+    table = vision_table(ours.config)
+    assert {"visual." + e.hf_key for e in table.entries} == set(tensors(hf))
     back = vision_to_tensors(ours)
     for key, value in tensors(hf).items():
         np.testing.assert_array_equal(back[key], value)  # a reshape each way: bit-exact

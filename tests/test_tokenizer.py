@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from bidirlm_jax.data.stdlib_text import stdlib_docstrings
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io.hf_config import QWEN3_MASK_ID
+from bidirlm_jax.io.families import QWEN3_MASK_ID
 from bidirlm_jax.io.tokenizer import (
     check_vocab,
     load_tokenizer,

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -24,17 +25,16 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.companions import Companions
-from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, config_to_hf, read_config, read_runtime
+from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, read_config_dict, runtime_from_hf
+from bidirlm_jax.io.model_types import described_type, model_type_of
 from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run, meta_dir, state_dir
 from bidirlm_jax.io.sources import PARAMS_DIR, is_checkpoint
-from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.runtime import Runtime
-from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
 
 
 def save_checkpoint(
-    model: Transformer,
+    model: nnx.Module,
     out_dir: str | os.PathLike,
     *,
     overwrite: bool = False,
@@ -48,9 +48,10 @@ def save_checkpoint(
     `save_pretrained` takes them. In a multi-process run every process calls this: orbax writes each
     process's shards into one agreed temporary directory, which process 0 renames into place.
     """
-    model = relayout(model, False)  # the per-layer layout, whichever way the model runs
+    kind = model_type_of(model)
+    model = kind.relayout(model, False)  # the per-layer layout, whichever way the model runs
     dtype = dtype or model.runtime.param_dtype
-    hf = config_to_hf(model.config, model.runtime, dtype=dtype)
+    hf = kind.write(model.config, model.runtime, dtype=dtype)
     exceptions = {k: v for k, v in (tensor_dtypes or {}).items() if v != dtype}
     if exceptions:
         hf[TENSOR_DTYPES_KEY] = dict(sorted(exceptions.items()))
@@ -77,13 +78,14 @@ def recorded_dtypes(path: str | os.PathLike) -> tuple[str | None, dict[str, str]
 
 def load_checkpoint(
     path: str | os.PathLike,
-    config: ModelConfig | None = None,
+    config: Any = None,
     runtime: Runtime | None = None,
     *,
     mesh: Mesh | None = None,
-) -> Transformer:
-    """Restore a model of `config` (default: the checkpoint's), run as `runtime` says (default: the run
-    settings its config.json records).
+) -> nnx.Module:
+    """Restore a model of `config` (default: the checkpoint's; or the text config of a vision model's
+    checkpoint, whose text backbone alone is then read), run as `runtime` says (default: the run settings
+    its config.json records).
 
     A training run gives the parameters of its latest committed step (only they are read, not the
     optimizer state)."""
@@ -95,13 +97,17 @@ def load_checkpoint(
             f"{path} is a fine-tuning run (an encoder with a task head): load it with "
             "bidirlm_jax.io.heads.load_finetuned, or export it with `bidirlm export`"
         )
-    config = config or read_config(description_dir(path))
-    runtime = runtime or read_runtime(description_dir(path))
+    d = read_config_dict(description_dir(path))
+    stored = described_type(d)
+    config = config or stored.read(d)
+    kind = model_type_of(config)
+    runtime = runtime or runtime_from_hf(d)
     wanted = runtime.scan_layers
     # A training run's checkpoints hold the layout it trained with; exchange checkpoints hold one per layer.
     where = state_dir(path, latest_step(path)) if is_training_run(path) else path / PARAMS_DIR
     runtime = runtime.replace(scan_layers=is_training_run(path) and _stacked(where))
-    graphdef, abstract = abstract_model(config, runtime)
+    graphdef, abstract = kind.abstract(config, runtime)
+    part = "text" if stored is not kind else None  # a tower model's text backbone, alone
 
     def target(var: nnx.Variable):
         placement = (
@@ -111,12 +117,13 @@ def load_checkpoint(
 
     abstract = jax.tree.map(target, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     try:
-        if is_training_run(path):
-            item = {"params": abstract}
+        if is_training_run(path) or part:  # a part of the stored tree: a train state's params, a model's text
+            key = "params" if is_training_run(path) else part
+            item = {key: abstract}
             args = ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
             )
-            state = ocp.PyTreeCheckpointer().restore(where, args=args)["params"]
+            state = ocp.PyTreeCheckpointer().restore(where, args=args)[key]
         else:
             state = ocp.StandardCheckpointer().restore(where, abstract)
     except CheckpointError:
@@ -127,7 +134,7 @@ def load_checkpoint(
             f"cannot restore {where} ({type(e).__name__}: {detail}); the checkpoint is damaged or "
             "was written for another config — write it again"
         ) from e
-    model = relayout(nnx.merge(graphdef, state), wanted)
+    model = kind.relayout(nnx.merge(graphdef, state), wanted)
     return sharding.place(model, mesh) if wanted != runtime.scan_layers else model
 
 

@@ -15,8 +15,6 @@ from bidirlm_jax.io.atomic import check_destination
 from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, save_checkpoint
 from bidirlm_jax.io.companions import companion_files
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes
-from bidirlm_jax.io.qwen3_asr import holds_qwen3_asr, read_json, save_qwen3_asr_checkpoint
-from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES
 
 
@@ -43,17 +41,6 @@ def convert(
     if to not in FORMATS:
         raise ConfigError(f"--to must be {' or '.join(map(repr, FORMATS))}, got {to!r}")
     check_destination(dst, overwrite=overwrite)
-    if holds_qwen3_asr(description_dir(src)):
-        return _convert_qwen3_asr(
-            src,
-            dst,
-            to=to,
-            attention=attention,
-            dtype=dtype,
-            overwrite=overwrite,
-            allow_pickle=allow_pickle,
-            max_shard_bytes=max_shard_bytes,
-        )
     model = from_pretrained(
         src, attention=attention, bidirectional_window=bidirectional_window, allow_pickle=allow_pickle
     )
@@ -77,22 +64,4 @@ def convert(
         overwrite=overwrite,
         extra_files=files,
         max_shard_bytes=max_shard_bytes,
-    )
-
-
-def _convert_qwen3_asr(src, dst, *, to: str, attention, dtype, overwrite, allow_pickle, max_shard_bytes) -> Path:
-    """Qwen3-ASR (text + audio tower) either way; every tensor is written in the source's dtype (its
-    embedding's as stored, or the one a checkpoint recorded) unless `dtype` is given."""
-    model = from_pretrained(src, attention=attention, allow_pickle=allow_pickle)
-    if is_checkpoint(src):
-        source = read_json(description_dir(src))
-        stored = source.get("dtype") or source.get("torch_dtype")
-    else:
-        stored = stored_dtypes(src, allow_pickle=allow_pickle)["embed_tokens.weight"]
-    dtype = dtype or stored or model.runtime.param_dtype
-    files = companion_files(src)
-    if to == "checkpoint":
-        return save_qwen3_asr_checkpoint(model, dst, dtype=dtype, overwrite=overwrite, extra_files=files)
-    return save_pretrained(
-        model, dst, dtype=dtype, overwrite=overwrite, extra_files=files, max_shard_bytes=max_shard_bytes
     )

@@ -50,7 +50,8 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.companions import ENCODER_MODULES, Companions, companion_files
-from bidirlm_jax.io.hf_config import SEQUENCE_CLASSES, TOKEN_CLASSES, config_to_hf, read_config, read_runtime
+from bidirlm_jax.io.families import SEQUENCE_CLASSES, TOKEN_CLASSES
+from bidirlm_jax.io.hf_config import config_to_hf, read_config, read_runtime
 from bidirlm_jax.io.run import (
     HEAD_FILE,
     best_dir,

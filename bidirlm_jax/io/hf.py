@@ -1,18 +1,21 @@
 """The user verbs over Hugging Face directories: `from_pretrained` (dispatching on what a directory holds)
-and `save_pretrained`, for the text model; the weight tables and the generic reading and writing behind
-them are in `io.weights`.
+and `save_pretrained`, for every model type (`io.model_types`: the text model, Qwen3-VL, Qwen3-ASR); the weight tables
+and the generic reading and writing behind them are in `io.weights`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from bidirlm_jax import sharding
@@ -20,40 +23,50 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import load_checkpoint
 from bidirlm_jax.io.companions import Companions
-from bidirlm_jax.io.hf_config import config_to_hf, read_config, read_runtime
-from bidirlm_jax.io.layouts import CAUSAL_LM, detect_layout
-from bidirlm_jax.io.qwen3_asr import holds_qwen3_asr, load_qwen3_asr, save_qwen3_asr
+from bidirlm_jax.io.hf_config import read_config_dict, runtime_from_hf
+from bidirlm_jax.io.layouts import AUDIO, AUDIO_PROJECTOR, HEAD, TEXT, VISION, detect_layout
+from bidirlm_jax.io.model_types import TEXT_TYPE, described_type, model_type_in, model_type_of
 from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, torch_dtype_name
 from bidirlm_jax.io.sources import Source, source_of
 from bidirlm_jax.io.weights.load import load_state
 from bidirlm_jax.io.weights.readers import open_weights
 from bidirlm_jax.io.weights.save import write_tables
-from bidirlm_jax.io.weights.text import text_tables
-from bidirlm_jax.models.config import ModelConfig
+from bidirlm_jax.io.weights.table import dtype_key
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
-from bidirlm_jax.models.towers.qwen3_asr.model import Qwen3ASR
-from bidirlm_jax.models.transformer import Transformer, abstract_model, relayout
 from bidirlm_jax.paths import user_path
+
+# The backbone prefix of transformers' multimodal base models (Qwen3VLModel, BidirLM-Omni), which have no LM head.
+BASE_MULTIMODAL = "language_model."
+log = logging.getLogger(__name__)
 
 
 def load_params(
     path: str | os.PathLike,
-    config: ModelConfig,
+    config: Any,
     runtime: Runtime = DEFAULT_RUNTIME,
     *,
     mesh: Mesh | None = None,
     allow_pickle: bool = False,
-) -> Transformer:
-    """Build a `Transformer` for `config`, run as `runtime` says, whose parameters are read from the checkpoint
-    at `path`."""
-    if runtime.scan_layers:  # HF files hold one tensor per layer: read them so, then stack
-        unrolled = load_params(path, config, runtime.replace(scan_layers=False), mesh=mesh, allow_pickle=allow_pickle)
-        return sharding.place(relayout(unrolled, True), mesh)
-    reader = open_weights(path, allow_pickle=allow_pickle)
-    tables = text_tables(config)
-    layout = detect_layout(reader.keys(), [t.component for t in tables])
-    return load_state(abstract_model(config, runtime), reader, layout, tables, dtype=runtime.param_dtype, mesh=mesh)
+) -> nnx.Module:
+    """Build the model `config` describes (a `Transformer`, a `Qwen3VL`), run as `runtime` says, with its
+    parameters read from the checkpoint at `path`."""
+    return load_weights(open_weights(path, allow_pickle=allow_pickle), config, runtime, mesh=mesh)
+
+
+def load_weights(reader, config: Any, runtime: Runtime = DEFAULT_RUNTIME, *, mesh: Mesh | None = None) -> nnx.Module:
+    """The model `config` describes, run as `runtime` says, every parameter read from `reader` (`io.weights`'
+    readers, or a `TensorDict` of a state dict's arrays)."""
+    kind = model_type_of(config)
+    layout = detect_layout(reader.keys(), kind.components)
+    text = kind.text(config)
+    if not text.tie_word_embeddings and layout.prefix(HEAD) is None and layout.prefix(TEXT) == BASE_MULTIMODAL:
+        log.warning("this base multimodal checkpoint holds no LM head: its logits use the tied input embedding")
+        config = kind.with_text(config, text.replace(tie_word_embeddings=True))
+    unrolled = runtime.replace(scan_layers=False)  # HF files hold one tensor per layer: read them so, then stack
+    abstract = kind.abstract(config, unrolled)
+    model = load_state(abstract, reader, layout, kind.tables(config, layout), dtype=runtime.param_dtype, mesh=mesh)
+    return sharding.place(kind.relayout(model, True), mesh) if runtime.scan_layers else model
 
 
 def from_pretrained(
@@ -66,10 +79,13 @@ def from_pretrained(
     mesh: Mesh | None = None,
     allow_pickle: bool = False,
     text_only: bool = False,
-) -> Transformer | Qwen3ASR:
+    vision: bool | None = None,
+) -> nnx.Module:
     """Load an HF checkpoint directory, a bidirlm checkpoint (`bidirlm convert`) or a training run (its
-    latest step) as a model: a `Qwen3ASR` (text + audio tower) for a Qwen3-ASR checkpoint unless
-    `text_only` asks for its text backbone alone, else a `Transformer`.
+    latest step) as a model: a `Qwen3ASR` (text + audio tower) for a Qwen3-ASR checkpoint, a `Qwen3VL`
+    (called with transformers' processor outputs) for a Qwen3-VL checkpoint holding its vision tower, else
+    a `Transformer`. `text_only` (or `vision=False`) asks for the text backbone alone; `vision=True` refuses
+    a checkpoint without a vision tower (`io.model_types` decides).
 
     `runtime` (`models.runtime.Runtime`) declares every run setting, the attention mode included (scanned
     layers, remat, kernel...); without it, `attention` and `bidirectional_window` default to what the
@@ -78,31 +94,41 @@ def from_pretrained(
     """
     path = user_path(path)
     where = description_dir(path)
+    if text_only and vision:
+        raise ConfigError("from_pretrained got text_only=True and vision=True: ask for one of them")
+    d = read_config_dict(where)
     if runtime is None:
         mode = {"attention": attention, "bidirectional_window": bidirectional_window}
-        runtime = read_runtime(
-            where, dtype=dtype, param_dtype=dtype, **{k: v for k, v in mode.items() if v is not None}
-        )
+        runtime = runtime_from_hf(d, dtype=dtype, param_dtype=dtype, **{k: v for k, v in mode.items() if v is not None})
     elif attention is not None or bidirectional_window is not None or dtype != "float32":
         raise ConfigError(
             "from_pretrained got a runtime and attention/bidirectional_window/dtype: declare the run settings "
             "once, in the runtime (runtime.replace(attention=...))"
         )
-    if not text_only and holds_qwen3_asr(where):
-        return load_qwen3_asr(path, runtime, mesh=mesh, allow_pickle=allow_pickle)
-    config = read_config(where)
-    if source_of(path) is Source.HF:
+    source = source_of(path)
+    tower = _holds_tower(path, d, source, allow_pickle)
+    kind = model_type_in(d, tower=tower, text_only=text_only or vision is False, vision=vision, where=str(path))
+    config = kind.read(d)
+    if source is Source.HF:
         return load_params(path, config, runtime, mesh=mesh, allow_pickle=allow_pickle)
-    return load_checkpoint(
-        path, config, runtime, mesh=mesh
-    )  # our checkpoints and training runs (fine-tuning ones refused)
+    return load_checkpoint(path, config, runtime, mesh=mesh)  # our checkpoints and training runs (fine-tuning refused)
+
+
+def _holds_tower(path: Path, d: Mapping[str, Any], source: Source, allow_pickle: bool) -> bool:
+    """Whether a directory holds the tower its config.json describes: its HF weights hold the tower's anchor
+    tensor (headers only); our checkpoints of a tower model always hold it (a text-only save writes a text
+    config)."""
+    kind = described_type(d)
+    if kind is TEXT_TYPE or source is not Source.HF:
+        return kind is not TEXT_TYPE
+    return kind.tower.detect(set(open_weights(path, allow_pickle=allow_pickle).keys())) is not None
 
 
 # --- writing ------------------------------------------------------------------------------------
 
 
 def save_pretrained(
-    model: Transformer | Qwen3ASR,
+    model: nnx.Module,
     out_dir: str | os.PathLike,
     *,
     dtype: str | None = None,
@@ -111,34 +137,31 @@ def save_pretrained(
     extra_files: Companions | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
 ) -> Path:
-    """Write an HF directory that transformers loads natively, in the model's attention mode.
+    """Write an HF directory that transformers loads natively, in the model's attention mode (a `Qwen3VL`
+    as transformers' `Qwen3VLForConditionalGeneration`, which its `Qwen3VLModel` loads too).
 
     Tensors are written in `dtype` (default: the parameters'), except those `tensor_dtypes` names
-    (backbone-relative keys, as `stored_dtypes` returns them), one at a time, into shards with an
+    (by `io.weights.table.dtype_key`, as `stored_dtypes` returns them), one at a time, into shards with an
     index above `max_shard_bytes`; `extra_files` (`companion_files(src)`: the tokenizer, processors, …)
     are copied beside them. In a multi-process run every process calls this: each tensor is gathered to
-    process 0, which writes. A `Qwen3ASR` is written as transformers' `Qwen3ASRForConditionalGeneration`
-    (`tensor_dtypes` unused).
+    process 0, which writes. A `Qwen3ASR` is written as transformers' `Qwen3ASRForConditionalGeneration`.
     """
-    if isinstance(model, Qwen3ASR):
-        return save_qwen3_asr(
-            model, out_dir, dtype=dtype, overwrite=overwrite, extra_files=extra_files, max_shard_bytes=max_shard_bytes
-        )
-    model = relayout(model, False)  # HF files hold one tensor per layer
+    kind = model_type_of(model)
+    model = kind.relayout(model, False)  # HF files hold one tensor per layer
     config = model.config
     default = np.dtype(jnp.dtype(dtype or model.runtime.param_dtype))
     with atomic_directory(out_dir, overwrite=overwrite, collective=True) as tmp:
         specs = write_tables(
             tmp,
             model,
-            CAUSAL_LM,
-            text_tables(config),
+            kind.export_layout,
+            kind.tables(config),
             dtype=default,
             tensor_dtypes=tensor_dtypes,
             max_shard_bytes=max_shard_bytes,
         )
         if jax.process_index() == 0:
-            hf = config_to_hf(config, model.runtime, dtype=torch_dtype_name(specs[0].dtype))  # the embedding's (first)
+            hf = kind.write(config, model.runtime, dtype=torch_dtype_name(specs[0].dtype))  # the embedding's (first)
             (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
             if extra_files is not None:
                 extra_files.copy_into(tmp)
@@ -146,12 +169,12 @@ def save_pretrained(
 
 
 def stored_dtypes(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, str]:
-    """dtype name of every backbone tensor as stored (backbone-relative keys), to re-export each in its
-    own precision; safetensors headers only, no tensor is read."""
+    """dtype name of every tensor of the text model and the towers as stored (named by `dtype_key`), to
+    re-export each in its own precision; safetensors headers only, no tensor is read."""
     reader = open_weights(path, allow_pickle=allow_pickle)
-    layout = detect_layout(reader.keys())
+    layout = detect_layout(reader.keys(), (TEXT, HEAD, VISION, AUDIO, AUDIO_PROJECTOR))
     return {
-        canonical: jnp.dtype(reader.dtype(key)).name
+        dtype_key(*where): jnp.dtype(reader.dtype(key)).name
         for key in reader.keys()
-        if (canonical := layout.to_canonical(key)) is not None
+        if (where := layout.locate(key)) is not None
     }

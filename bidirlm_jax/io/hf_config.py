@@ -1,7 +1,7 @@
 """transformers' `config.json` <-> `ModelConfig`: the model knows no file format, this module does.
 
-It is the one place that maps a family to the model's feature flags (`FAMILY_FLAGS`) and to its
-field names in config.json, so a third family is an entry here, not a branch in the model.
+It maps a family (the tables of `io.families`: model types, feature flags) to its field names in
+config.json, so a third family is entries there and here, not a branch in the model.
 
 Reads legacy (`rope_theta`, `rope_scaling`, `sliding_window_pattern`) and transformers-5
 (`rope_parameters`) fields, multimodal configs (their `text_config`), and the flags through which
@@ -27,31 +27,19 @@ from pathlib import Path
 from typing import Any
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.families import (
+    ARCHITECTURES,
+    EXPORT_MODEL_TYPES,
+    FAMILY_FLAGS,
+    MROPE_DEFAULTS,
+    MULTIMODAL_MODEL_TYPES,
+    MULTIMODAL_TEXT_TYPES,
+    SUPPORTED_MODEL_TYPES,
+    TEXT_MODEL_TYPES,
+)
 from bidirlm_jax.models.config import FULL, SLIDING, ModelConfig, Rope
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 
-# model_type -> family; multimodal types contribute their `text_config`.
-TEXT_MODEL_TYPES = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_vl_text": "qwen3"}
-MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3", "qwen3_asr": "qwen3"}
-_MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "qwen3_vl": "qwen3_vl_text", "qwen3_asr": "qwen3"}
-# transformers' Qwen3-VL text model rotates with M-RoPE [24, 20, 20] when its config names no sections.
-_MROPE_DEFAULTS = {"qwen3_vl_text": (24, 20, 20)}
-SUPPORTED_MODEL_TYPES = tuple(TEXT_MODEL_TYPES) + tuple(MULTIMODAL_MODEL_TYPES)
-_ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-_EXPORT_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3": "qwen3"}
-# What each family's architecture does beyond `ModelConfig`'s defaults (models.config names each flag).
-FAMILY_FLAGS: dict[str, dict[str, Any]] = {
-    "gemma3": dict(norm_plus_one=True, post_norms=True, embed_scale=True),
-    "qwen3": {},
-}
-# The transformers classes a head exports to (io.heads); a family without one cannot export that head.
-SEQUENCE_CLASSES = {"gemma3": "Gemma3TextForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
-TOKEN_CLASSES = {"qwen3": "Qwen3ForTokenClassification"}
-# The reserved Qwen3 row BidirLM masks with (`<|repo_name|>` in the stock vocabulary, renamed `<|mask|>` in
-# their tokenizer): no embedding resize, and its row is trained by MNTP.
-QWEN3_MASK_ID = 151663
-# The row MNTP masks with when a family's tokenizer has no mask token (io.tokenizer.resolve_mask_token).
-RESERVED_MASK_IDS: dict[str, int] = {"qwen3": QWEN3_MASK_ID}
 _OLDER_PLUS_ONE_NORMS = ("gemma", "gemma2")  # model types we do not load whose norms are (1 + w) as well
 _GEMMA3 = "gemma3"  # the family whose config.json spells its fields Gemma's way
 # Our own fields: the declared window and the bidirectional window mode of an export (see above).
@@ -81,9 +69,11 @@ def _text_part(d: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
     model_type = d.get("model_type")
     if model_type in MULTIMODAL_MODEL_TYPES:
         text = dict(_text_holder(d).get("text_config") or {})
-        text.setdefault("model_type", _MULTIMODAL_TEXT_TYPES[model_type])
+        text.setdefault("model_type", MULTIMODAL_TEXT_TYPES[model_type])
         if model_type == "qwen3_asr":  # Qwen3 whatever the original names it
             text["model_type"] = "qwen3"
+        if "tie_word_embeddings" in d:  # the LM head belongs to the whole model: its flag rules (transformers 5)
+            text["tie_word_embeddings"] = d["tie_word_embeddings"]
         return _text_part(text)
     if model_type not in TEXT_MODEL_TYPES:
         raise ConfigError(f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -121,10 +111,10 @@ def config_to_hf(
 ) -> dict[str, Any]:
     """A config.json that transformers loads natively (no remote code), in the runtime's attention mode
     (the one run setting an export records)."""
-    if config.family not in _ARCHITECTURES:
+    if config.family not in ARCHITECTURES:
         raise ConfigError(
-            f"family {config.family!r} has no transformers format to export to (known: {', '.join(_ARCHITECTURES)}); "
-            "give the config one of those families, or add the family's fields to io/hf_config.py"
+            f"family {config.family!r} has no transformers format to export to (known: {', '.join(ARCHITECTURES)}); "
+            "give the config one of those families, or add the family to io/families.py"
         )
     d: dict[str, Any] = {k: json.loads(v) for k, v in config.extra}
     remote = sorted(k for k, v in d.items() if k in REMOTE_CODE_KEYS or _names_code_file(v))
@@ -133,8 +123,8 @@ def config_to_hf(
         for key in remote:
             del d[key]
     d.update(
-        model_type=_EXPORT_MODEL_TYPES[config.family],
-        architectures=[_ARCHITECTURES[config.family]],
+        model_type=EXPORT_MODEL_TYPES[config.family],
+        architectures=[ARCHITECTURES[config.family]],
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
         intermediate_size=config.intermediate_size,
@@ -203,25 +193,25 @@ def norm_plus_one(d: Mapping[str, Any]) -> bool:
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> ModelConfig:
     """The `ModelConfig` of a directory's (or a file's) config.json; `overrides` replace single fields."""
-    return config_from_hf(_read_json(path), **overrides)
+    return config_from_hf(read_config_dict(path), **overrides)
 
 
 def read_runtime(path: str | os.PathLike, **settings: Any) -> Runtime:
     """The run settings a directory's (or a file's) config.json records, `settings` on top."""
-    return runtime_from_hf(_read_json(path), **settings)
+    return runtime_from_hf(read_config_dict(path), **settings)
 
 
-def _read_json(path: str | os.PathLike) -> dict[str, Any]:
+def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
+    """A directory's (or a file's) config.json as it is."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
         raise ConfigError(f"no config.json at {path}; point to a Hugging Face model directory")
     try:
-        d = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    return d
 
 
 def set_attention_mode(
@@ -397,7 +387,7 @@ def _qwen3_fields(d: Mapping[str, Any]) -> dict[str, Any]:
     ]
     params = d.get("rope_parameters") or d.get("rope_scaling")
     sections = [(d.get(k) or {}).get("mrope_section") for k in ("rope_parameters", "rope_scaling")]
-    section = next((s for s in sections if s is not None), _MROPE_DEFAULTS.get(d.get("model_type")))
+    section = next((s for s in sections if s is not None), MROPE_DEFAULTS.get(d.get("model_type")))
     return dict(
         fields,
         layer_types=tuple(layer_types),

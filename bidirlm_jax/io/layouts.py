@@ -63,6 +63,7 @@ AUDIO = Component("audio_tower", ("model.audio_tower.", "thinker.audio_tower.", 
 AUDIO_PROJECTOR = Component(
     "audio_projector", ("model.multi_modal_projector.", "multi_modal_projector."), "linear_1.weight"
 )
+VISION = Component("visual", ("model.visual.", "visual."), "patch_embed.proj.weight")  # Qwen3-VL's tower
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ QWEN3_ASR_HF = Layout(
         (AUDIO_PROJECTOR, "model.multi_modal_projector."),
     )
 )  # transformers' Qwen3ASRForConditionalGeneration
+QWEN3_VL = Layout(((TEXT, "model.language_model."), (HEAD, ""), (VISION, "model.visual.")))  # ForConditionalGeneration
 
 
 def detect_layout(keys: Iterable[str], components: Sequence[Component] = (TEXT, HEAD)) -> Layout:

@@ -89,7 +89,7 @@ def export_encoder(
     _check_source(src)
     check_destination(dst, overwrite=overwrite)
     tokenizer = _load_tokenizer(src)
-    model = from_pretrained(src, attention=attention, dtype="float32", allow_pickle=allow_pickle)
+    model = from_pretrained(src, attention=attention, dtype="float32", allow_pickle=allow_pickle, vision=False)
     source_dtype, tensor_dtypes = _source_dtypes(src, allow_pickle=allow_pickle)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         save_pretrained(
@@ -159,7 +159,7 @@ def load_encoder(
     _check_source(path)
     tokenizer = _load_tokenizer(path)
     settings = read_encoder_settings(path)
-    return from_pretrained(path, attention=attention, dtype=dtype), tokenizer, settings
+    return from_pretrained(path, attention=attention, dtype=dtype, vision=False), tokenizer, settings
 
 
 # --- writing ------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedToken
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.hf_config import RESERVED_MASK_IDS
+from bidirlm_jax.io.families import RESERVED_MASK_IDS
 from bidirlm_jax.paths import user_path
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
@@ -87,7 +87,7 @@ def resolve_mask_token(tokenizer: PreTrainedTokenizerBase, setting: str | int, *
     """The mask id `mntp.mask_token` means: `"auto"`, a token string, or an integer id.
 
     `"auto"` is the tokenizer's own mask token (Gemma3: `<mask>`, id 4); for a tokenizer without one, the
-    family's reserved row (`io.hf_config.RESERVED_MASK_IDS`: BidirLM's Qwen3 row) when the vocabulary has it.
+    family's reserved row (`io.families.RESERVED_MASK_IDS`: BidirLM's Qwen3 row) when the vocabulary has it.
     """
     size = len(tokenizer)
     if setting == "auto":

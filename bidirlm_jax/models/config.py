@@ -5,7 +5,7 @@ Gemma3 and Qwen3 differ only in details, each a named field: Gemma3 normalises w
 (`embed_scale`), uses GELU-tanh (`activation`), a `query_pre_attn_scalar` attention scale, and
 alternates sliding and global layers with two RoPE bases; Qwen3-VL's text model adds interleaved
 M-RoPE (`mrope_section`). The model reads only these fields, never `family`, which names the export
-format; `io/hf_config.py` is the one place that maps a family to its fields, so a third family is a
+format; `io/families.py` and `io/hf_config.py` map a family to its flags and fields, so a third family is a
 config. The config is frozen and hashable because NNX keeps it in the model's static graph definition.
 """
 

@@ -7,11 +7,7 @@ import math
 import jax
 from flax import nnx
 
-from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.transformer import abstract_model
 
-
-def param_count(config: ModelConfig) -> int:
-    """Parameters of the model `config` describes; tied weights once (`bidirlm_jax.param_count` also reads files)."""
-    _, state = abstract_model(config)
+def count(state: nnx.State) -> int:
+    """Parameters of a (shape-only) model state, e.g. `abstract_model(config)`'s; tied weights are held once."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(state.filter(nnx.Param)))

@@ -234,7 +234,21 @@ class Transformer(nnx.Module):
             logits = jnp.tanh(logits / cap) * cap
         return constrain(logits, ("batch", "seq", "vocab"))
 
-    def __call__(self, input_ids, attention_mask=None, *, segment_ids=None, positions=None) -> ModelOutput:
+    def __call__(
+        self,
+        input_ids,
+        attention_mask=None,
+        *,
+        segment_ids=None,
+        positions=None,
+        pixel_values=None,
+        image_grid_thw=None,
+    ) -> ModelOutput:
+        if pixel_values is not None or image_grid_thw is not None:  # as a Qwen3VL is called, but with no tower
+            raise ConfigError(
+                "this model has no vision tower, so it cannot take images (pixel_values): load a Qwen3-VL "
+                "checkpoint that holds one (from_pretrained returns it as Qwen3VL), or pass text only"
+            )
         hidden = self.hidden_states(input_ids, attention_mask, segment_ids=segment_ids, positions=positions)
         return ModelOutput(logits=self.logits(hidden), hidden_states=hidden)
 

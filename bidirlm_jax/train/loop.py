@@ -75,7 +75,7 @@ def model_config(model: ConfigDict) -> ModelConfig:
 def _init_params(model: ConfigDict, runtime: Runtime, mesh, objective: Objective) -> nnx.State:
     """fp32 master weights from `init_from`, read tensor by tensor straight into their shardings (and
     completed by the objective, e.g. with a fresh task head)."""
-    loaded = from_pretrained(model.init_from, runtime=runtime, mesh=mesh)
+    loaded = from_pretrained(model.init_from, runtime=runtime, mesh=mesh, text_only=True)  # the text stack trains
     params = nnx.state(loaded, nnx.Param)
     return objective.init_params(params) if objective.init_params is not None else params
 

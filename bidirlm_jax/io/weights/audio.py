@@ -13,9 +13,10 @@ import numpy as np
 from flax import nnx
 
 from bidirlm_jax.io.layouts import AUDIO, AUDIO_PROJECTOR, Layout
-from bidirlm_jax.io.weights.load import load_state
+from bidirlm_jax.io.weights.load import TensorDict, load_state
 from bidirlm_jax.io.weights.table import Table, entry
-from bidirlm_jax.models.towers.qwen3_asr.config import AudioConfig
+from bidirlm_jax.io.weights.text import text_tables
+from bidirlm_jax.models.towers.qwen3_asr.config import AudioConfig, Qwen3ASRConfig
 from bidirlm_jax.models.towers.qwen3_asr.encoder import AudioEncoder
 from bidirlm_jax.models.transformer import stack_layers
 
@@ -59,20 +60,11 @@ def audio_tables(config: AudioConfig, *, projector_outside: bool) -> tuple[Table
     return (*tables, Table(AUDIO_PROJECTOR, tuple(projector))) if projector_outside else tables
 
 
-class _MappingReader:
-    """A `{key: array}` mapping (a state dict's tensors) behind the reader interface `read_tables` uses."""
-
-    def __init__(self, tensors: Mapping[str, np.ndarray]):
-        self._tensors = tensors
-
-    def keys(self) -> list[str]:
-        return list(self._tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(np.shape(self._tensors[name]))
-
-    def get(self, name: str) -> np.ndarray:
-        return np.asarray(self._tensors[name])
+def qwen3_asr_tables(config: Qwen3ASRConfig, *, projector_outside: bool = True) -> tuple[Table, ...]:
+    """Every parameter of an unrolled `Qwen3ASR(config)`: the text tables under `text`, the tower's (and
+    with `projector_outside`, the -hf layout, its projector's) under `audio_tower`."""
+    text = tuple(t.under("text") for t in text_tables(config.text))
+    return text + tuple(t.under("audio_tower") for t in audio_tables(config.audio, projector_outside=projector_outside))
 
 
 def load_audio_tower(encoder: AudioEncoder, tensors: Mapping[str, np.ndarray], prefix: str = "audio_tower.") -> None:
@@ -83,6 +75,6 @@ def load_audio_tower(encoder: AudioEncoder, tensors: Mapping[str, np.ndarray], p
     abstract = nnx.split(nnx.eval_shape(lambda: AudioEncoder(encoder.config, unrolled, rngs=nnx.Rngs(0))))
     tables = audio_tables(encoder.config, projector_outside=False)
     layout = Layout(((AUDIO, prefix),))
-    loaded = load_state(abstract, _MappingReader(tensors), layout, tables, dtype=runtime.param_dtype)
+    loaded = load_state(abstract, TensorDict(tensors), layout, tables, dtype=runtime.param_dtype)
     state = nnx.state(loaded)
     nnx.update(encoder, stack_layers(state) if runtime.scan_layers else state)

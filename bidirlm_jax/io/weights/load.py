@@ -7,7 +7,7 @@ given) before the next is read, so loading holds one tensor on the host at a tim
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,23 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # buffers some old checkp
 
 def _names(names: list[str]) -> str:
     return f"{names[:8]}{' ...' if len(names) > 8 else ''}"
+
+
+class TensorDict:
+    """Arrays already in memory (a state dict as numpy), keyed as a checkpoint keys them: a reader for
+    `read_tables`/`load_state`."""
+
+    def __init__(self, tensors: Mapping[str, np.ndarray]):
+        self._tensors = dict(tensors)
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(np.shape(self._tensors[name]))
+
+    def get(self, name: str) -> np.ndarray:
+        return np.asarray(self._tensors[name])
 
 
 def read_tables(reader, layout: Layout, tables: Sequence[Table]) -> Iterator[tuple[WeightEntry, np.ndarray]]:

@@ -16,13 +16,10 @@ import numpy as np
 
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.checkpoint import load_checkpoint
-from bidirlm_jax.io.hf_config import read_config
-from bidirlm_jax.io.layouts import CAUSAL_LM
-from bidirlm_jax.io.run import description_dir
+from bidirlm_jax.io.model_types import model_type_of
 from bidirlm_jax.io.shards import ShardReader, TensorInfo, has_safetensors
 from bidirlm_jax.io.sources import Source, source_of
 from bidirlm_jax.io.weights.save import param_arrays
-from bidirlm_jax.io.weights.text import text_tables
 from bidirlm_jax.paths import user_path
 
 
@@ -103,18 +100,19 @@ class _PickleReader(_ArrayReader):
 
 class OrbaxReader(_ArrayReader):
     """A bidirlm checkpoint (`bidirlm convert`) or training run (its latest step) as transformers-named
-    tensors in a causal LM's layout, in the dtype the parameters are kept in (a run's fp32 master weights).
+    tensors in its model type's export layout (a causal LM's, Qwen3-VL's), in the dtype the parameters
+    are kept in (a run's fp32 master weights).
 
     The parameters are restored once, onto the host, one tensor per layer whatever layout the run trained
     with: memory holds the model once (orbax has no per-tensor reads of a stacked layer)."""
 
     def __init__(self, path: Path):
-        arrays = param_arrays(load_checkpoint(path))
-        config = read_config(description_dir(path))
+        model = load_checkpoint(path)
+        kind, arrays = model_type_of(model), param_arrays(model)
         self._path = path
         self._tensors = {
-            CAUSAL_LM.key(table.component, e.hf_key): e.to_hf(np.asarray(arrays[e.path]))
-            for table in text_tables(config)
+            kind.export_layout.key(table.component, e.hf_key): e.to_hf(np.asarray(arrays[e.path]))
+            for table in kind.tables(model.config)
             for e in table.entries
         }
         self._position = {key: i for i, key in enumerate(self._tensors)}

@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 
 from bidirlm_jax.io.layouts import Layout
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSpec
-from bidirlm_jax.io.weights.table import Table
+from bidirlm_jax.io.weights.table import Table, dtype_key
 
 
 def param_arrays(module: nnx.Module) -> dict[tuple, jax.Array]:
@@ -43,14 +43,16 @@ def write_tables(
 ) -> list[TensorSpec]:
     """Write `module`'s parameters under `layout`'s keys into `out_dir`'s shards (process 0 writes).
 
-    Tensors are stored in `dtype`, except those `tensor_dtypes` names by component-relative key. Returns
+    Tensors are stored in `dtype`, except those `tensor_dtypes` names (by `dtype_key`). Returns
     the written tensors' specs, in order."""
     arrays = param_arrays(module)
     tensor_dtypes = tensor_dtypes or {}
     rows = [(t, e) for t in tables for e in t.entries]
     specs = [
         TensorSpec(
-            layout.key(t.component, e.hf_key), e.hf_shape, np.dtype(jnp.dtype(tensor_dtypes.get(e.hf_key, dtype)))
+            layout.key(t.component, e.hf_key),
+            e.hf_shape,
+            np.dtype(jnp.dtype(tensor_dtypes.get(dtype_key(t.component, e.hf_key), dtype))),
         )
         for t, e in rows
     ]

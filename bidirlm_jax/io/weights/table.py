@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from bidirlm_jax.io.layouts import Component
+from bidirlm_jax.io.layouts import HEAD, TEXT, Component
 
 
 @dataclass(frozen=True)
@@ -42,3 +42,10 @@ class Table:
 def entry(path: tuple, hf_key: str, hf_shape: tuple[int, ...], shape: tuple[int, ...] | None = None) -> WeightEntry:
     """An entry whose two layouts differ by a reshape (none when `shape` is omitted)."""
     return WeightEntry(path, hf_key, tuple(hf_shape), tuple(shape or hf_shape))
+
+
+def dtype_key(component: Component, hf_key: str) -> str:
+    """The name a tensor's stored dtype is recorded under (`tensor_dtypes`): backbone-relative for the text
+    model, as checkpoints record it; a tower's key prefixed with its component name, since a tower's
+    relative keys may repeat the text model's ("layers.0.fc1.weight")."""
+    return hf_key if component in (TEXT, HEAD) else f"{component.name}.{hf_key}"

@@ -20,6 +20,7 @@ from flax import nnx
 
 from bidirlm_jax.audio_tokens import chunk_tokens
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models import transformer
 from bidirlm_jax.models.placeholders import merge_placeholders, valid_first
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.towers.qwen3_asr.config import Qwen3ASRConfig
@@ -96,3 +97,20 @@ class Qwen3ASR(nnx.Module):
 
 def _prefixes(lengths: np.ndarray, frames: int) -> np.ndarray:
     return np.arange(frames)[None, :] < lengths[:, None]
+
+
+def abstract_model(config: Qwen3ASRConfig, runtime: Runtime = DEFAULT_RUNTIME) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and shape-only state of a `Qwen3ASR` (no memory)."""
+    return nnx.split(nnx.eval_shape(lambda: Qwen3ASR(config, runtime, rngs=nnx.Rngs(0))))
+
+
+def relayout(model: Qwen3ASR, scan_layers: bool) -> Qwen3ASR:
+    """`model` with its text and audio layers scanned (stacked) or unrolled (the per-layer layout of files),
+    as `transformer.relayout` does for the text model; arrays are restacked."""
+    if model.runtime.scan_layers == scan_layers:
+        return model
+    audio = nnx.state(model.audio_tower)
+    audio = transformer.stack_layers(audio) if scan_layers else transformer.unstack_layers(audio)
+    text = transformer.relayout(model.text, scan_layers)
+    graphdef, _ = abstract_model(model.config, model.runtime.replace(scan_layers=scan_layers))
+    return nnx.merge(graphdef, nnx.State({"text": nnx.state(text), "audio_tower": audio}))

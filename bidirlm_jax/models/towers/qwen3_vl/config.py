@@ -93,6 +93,9 @@ class Qwen3VLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    # (key, JSON value) of config.json fields no model reads, carried into exports ("vision_config": the
+    # tower's such fields, e.g. initializer_range), as `ModelConfig.extra` carries the text model's.
+    extra: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self):
         if self.text.mrope_section is None:

@@ -19,8 +19,10 @@ import numpy as np
 from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models import transformer
 from bidirlm_jax.models.placeholders import merge_placeholders, valid_first
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
+from bidirlm_jax.models.towers.qwen3_vl import vision as tower
 from bidirlm_jax.models.towers.qwen3_vl.config import Qwen3VLConfig
 from bidirlm_jax.models.towers.qwen3_vl.layout import VisionLayout, vision_layout
 from bidirlm_jax.models.towers.qwen3_vl.rope_index import get_rope_index
@@ -101,3 +103,19 @@ class Qwen3VL(nnx.Module):
     def __call__(self, input_ids, attention_mask=None, *, pixel_values=None, image_grid_thw=None) -> ModelOutput:
         hidden = self.hidden_states(**self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw))
         return ModelOutput(logits=self.text.logits(hidden), hidden_states=hidden)
+
+
+def abstract_model(config: Qwen3VLConfig, runtime: Runtime = DEFAULT_RUNTIME) -> tuple[nnx.GraphDef, nnx.State]:
+    """Graph definition and shape-only state of a `Qwen3VL` (no memory)."""
+    return nnx.split(nnx.eval_shape(lambda: Qwen3VL(config, runtime, rngs=nnx.Rngs(0))))
+
+
+def relayout(model: Qwen3VL, scan_layers: bool) -> Qwen3VL:
+    """`model` with its text layers and tower blocks scanned (stacked) or unrolled (the per-layer layout
+    of files), as `transformer.relayout` does for the text model."""
+    if model.runtime.scan_layers == scan_layers:
+        return model
+    text = transformer.relayout(model.text, scan_layers)
+    visual = tower.relayout(model.visual, scan_layers)
+    graphdef, _ = abstract_model(model.config, model.runtime.replace(scan_layers=scan_layers))
+    return nnx.merge(graphdef, nnx.State({"text": nnx.state(text), "visual": nnx.state(visual)}))
