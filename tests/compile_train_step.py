@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 
 from bidirlm_jax.configs import contrastive, mntp
+from bidirlm_jax.evals.registry import EVALUATORS
 from bidirlm_jax.train import loop
 
 CONFIGS = {"mntp": mntp, "contrastive": contrastive}
@@ -35,7 +36,7 @@ def compile_step(spec: str, workdir: Path) -> None:
         config.contrastive.update(chunk_size=2, num_negatives=1)
     if mesh:
         config.mesh.update(dict(zip(("data", "fsdp", "tensor"), map(int, mesh.split(",")))))
-    plan = loop._plan(config, workdir / spec.replace(":", "-"), None)
+    plan = loop._plan(config, workdir / spec.replace(":", "-"), None, EVALUATORS)
     with jax.set_mesh(plan.mesh):
         plan.step_fn.lower(plan.layout.abstract, plan.batches.shapes).compile()
     print(f"compiled {spec} on {dict(plan.mesh.shape)}", flush=True)

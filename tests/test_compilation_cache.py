@@ -101,7 +101,9 @@ PROGRAM = textwrap.dedent(
 def test_a_second_process_reads_what_the_first_compiled(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != ENV}
     runs = [
-        subprocess.run([sys.executable, "-c", PROGRAM, str(tmp_path)], env=env, capture_output=True, text=True)
+        subprocess.run(
+            [sys.executable, "-c", PROGRAM, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+        )
         for _ in range(2)
     ]
     assert all(r.returncode == 0 for r in runs), runs[-1].stderr

@@ -165,11 +165,10 @@ def test_packed_chunks_fill_fewer_rows_and_keep_every_token():
 def test_gemma_sliding_window_texts_longer_than_it(pack):
     """Gemma3's sliding layer (window 8) with documents of up to 12 tokens: the window combined with the
     segments of packed rows equals each text's own attention, left and right padding (as `_assert_same`)."""
-    config = get_preset(
-        "tiny-gemma3", attention="bidirectional", num_layers=2, layer_types=(SLIDING, FULL), attention_impl="xla"
-    )
+    config = get_preset("tiny-gemma3", num_layers=2, layer_types=(SLIDING, FULL))
     assert config.sliding_window == 8
-    graphdef, params = nnx.split(Transformer(config, rngs=nnx.Rngs(0)), nnx.Param)
+    runtime = Runtime(attention="bidirectional", attention_impl="xla")
+    graphdef, params = nnx.split(Transformer(config, runtime, rngs=nnx.Rngs(0)), nnx.Param)
     batch = _batch(4, 1, seed=4)
     plain = loss_and_grads(graphdef, params, batch, None, chunk_size=None, pooling="first")
     _assert_same(loss_and_grads(graphdef, params, batch, None, chunk_size=2, pooling="first", pack=pack), plain)

@@ -19,11 +19,13 @@ from bidirlm_jax.models.config import FULL, POOLING_MODES, SLIDING
 from bidirlm_jax.models.encoder import hidden_states, pool_inputs
 from bidirlm_jax.models.pooling import pool_segments
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.transformer import Transformer
 from bidirlm_jax.testing.tolerance import fp32_tol
 
 TOL = 1e-5  # ~fp32_tol(64): see the module doc
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+BIDIRECTIONAL = Runtime(attention="bidirectional")
 
 
 @functools.partial(jax.jit, static_argnums=0, compiler_options=FAST_COMPILE)
@@ -34,9 +36,9 @@ def _hidden(graphdef, state, inputs):
 @pytest.fixture(scope="module")
 def gemma():
     """Gemma3, bidirectional, a sliding layer of window 8 then a global one: texts of up to 20 tokens."""
-    config = get_preset("tiny-gemma3", attention="bidirectional", num_layers=2, layer_types=(SLIDING, FULL))
+    config = get_preset("tiny-gemma3", num_layers=2, layer_types=(SLIDING, FULL))
     assert config.sliding_window == 8
-    return nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+    return nnx.split(Transformer(config, BIDIRECTIONAL, rngs=nnx.Rngs(0)))
 
 
 def _texts(seed=0, lengths=(13, 20, 9, 3, 17, 6, 1, 11)):
@@ -97,7 +99,7 @@ def test_the_comparison_can_fail(gemma):
     no_segments = {k: v for k, v in batch.inputs.items() if k != "segment_ids"}
     assert np.abs(pooled(graphdef, state, no_segments) - reference).max() > 1e-2
     config = nnx.merge(graphdef, state).config.replace(layer_types=(FULL, FULL))
-    unwindowed, _ = nnx.split(Transformer(config, rngs=nnx.Rngs(0)))
+    unwindowed, _ = nnx.split(Transformer(config, BIDIRECTIONAL, rngs=nnx.Rngs(0)))
     assert np.abs(pooled(unwindowed, state, batch.inputs) - reference).max() > 1e-2
 
 
@@ -146,11 +148,11 @@ def test_head_predictions_packed_equal_padded(task, pooling):
     from bidirlm_jax.evals.finetune import predict
     from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig
 
-    config = get_preset("tiny-qwen3", attention="bidirectional", num_layers=1, layer_types=(FULL,))
+    config = get_preset("tiny-qwen3", num_layers=1, layer_types=(FULL,))
     head = HeadConfig(
         task, 1 if task == "regression" else 3, pooling=pooling if task != "token_classification" else "mean"
     )
-    model = EncoderWithHead(config, head, rngs=nnx.Rngs(0))
+    model = EncoderWithHead(config, head, BIDIRECTIONAL, rngs=nnx.Rngs(0))
     texts = _texts(2)
     offsets = np.cumsum([0] + [len(x) for x in texts])
     labels = np.zeros(offsets[-1] if task == "token_classification" else len(texts), np.int32)
@@ -174,10 +176,10 @@ def test_finetune_grads_packed_equal_padded(task, pooling, accum):
     from bidirlm_jax.train.objectives.base import token_sum_grads
     from bidirlm_jax.train.packed_texts import packed_token_sum_grads
 
-    config = get_preset("tiny-qwen3", attention="bidirectional", num_layers=1, layer_types=(FULL,))
+    config = get_preset("tiny-qwen3", num_layers=1, layer_types=(FULL,))
     sequence = task != "token_classification"
     head = HeadConfig(task, 1 if task == "regression" else 3, pooling=pooling if sequence else "mean")
-    graphdef, params = nnx.split(EncoderWithHead(config, head, rngs=nnx.Rngs(0)), nnx.Param)
+    graphdef, params = nnx.split(EncoderWithHead(config, head, BIDIRECTIONAL, rngs=nnx.Rngs(0)), nnx.Param)
     texts = _texts(3, lengths=(13, 4, 9, 3, 16, 6))
     ids, mask = pad_rows(texts, 16, 0)
     rng = np.random.default_rng(0)
