@@ -53,12 +53,16 @@ def _modules(pooling: str) -> list[tuple[str, str, dict]]:
     """(folder, module type, options) in order; options say which features a Dense reads and writes."""
     tokens = {"module_input_name": "token_embeddings", "module_output_name": "token_embeddings"}
     if pooling == "late":
-        return [("1_Dense", "Dense", {**tokens, "act": _GELU, "w": "dense"}),
-                ("2_Dense", "Dense", {**tokens, "act": _IDENTITY, "w": "classifier"}),
-                ("3_Pooling", "Pooling", {"mode": "mean"})]  # fmt: skip
-    return [("1_Pooling", "Pooling", {"mode": pooling}),
-            ("2_Dense", "Dense", {"act": _GELU, "w": "dense"}),
-            ("3_Dense", "Dense", {"act": _IDENTITY, "w": "classifier"})]  # fmt: skip
+        return [
+            ("1_Dense", "Dense", {**tokens, "act": _GELU, "w": "dense"}),
+            ("2_Dense", "Dense", {**tokens, "act": _IDENTITY, "w": "classifier"}),
+            ("3_Pooling", "Pooling", {"mode": "mean"}),
+        ]
+    return [
+        ("1_Pooling", "Pooling", {"mode": pooling}),
+        ("2_Dense", "Dense", {"act": _GELU, "w": "dense"}),
+        ("3_Dense", "Dense", {"act": _IDENTITY, "w": "classifier"}),
+    ]
 
 
 def _write_json(path: Path, value) -> None:
@@ -103,17 +107,25 @@ def export_st_classifier(
             if kind == "Pooling":
                 width = head.num_labels if head.pooling == "late" else d
                 flags = {flag: flag == _ST_POOLING_FLAGS[options["mode"]] for flag in _ALL_ST_FLAGS}
-                _write_json(tmp / folder / "config.json", {"word_embedding_dimension": width, **flags,
-                                                           "include_prompt": True})  # fmt: skip
+                _write_json(
+                    tmp / folder / "config.json", {"word_embedding_dimension": width, **flags, "include_prompt": True}
+                )
                 continue
             w, b = (np.ascontiguousarray(a, np.float32) for a in weights[options["w"]])
             names_io = {k: options[k] for k in ("module_input_name", "module_output_name") if k in options}
-            dense = {"in_features": int(w.shape[1]), "out_features": int(w.shape[0]), "bias": True,
-                     "activation_function": options["act"], **names_io}  # fmt: skip
+            dense = {
+                "in_features": int(w.shape[1]),
+                "out_features": int(w.shape[0]),
+                "bias": True,
+                "activation_function": options["act"],
+                **names_io,
+            }
             _write_json(tmp / folder / "config.json", dense)
             save_file({"linear.weight": w, "linear.bias": b}, str(tmp / folder / "model.safetensors"))
         _write_json(tmp / "modules.json", modules)
         _write_json(tmp / "sentence_bert_config.json", {"max_seq_length": int(max_length), "do_lower_case": False})
-        _write_json(tmp / "config_sentence_transformers.json", {"model_type": "SentenceTransformer", "prompts": {},
-                                                                "default_prompt_name": None})  # fmt: skip
+        _write_json(
+            tmp / "config_sentence_transformers.json",
+            {"model_type": "SentenceTransformer", "prompts": {}, "default_prompt_name": None},
+        )
     return Path(out_dir)

@@ -196,8 +196,13 @@ def _log_choice(layer_type: str, case: Case, choice: Choice) -> None:
         why = "; ".join(f"{k} refused: {r}" for k, r in choice.refused)
         logger.warning(
             "attention %s %s %s: %s; using the %s kernel%s",
-            layer_type, case.q_shape, case.dtype, why, choice.kernel, extra,
-        )  # fmt: skip
+            layer_type,
+            case.q_shape,
+            case.dtype,
+            why,
+            choice.kernel,
+            extra,
+        )
 
 
 def _single_device() -> bool:

@@ -21,9 +21,19 @@ CLIP_WINDOW = 10**6  # an `n_window_infer` past every test clip: transformers' w
 
 
 def omni_audio_config(**overrides) -> Qwen3OmniMoeAudioEncoderConfig:
-    kw = dict(num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, d_model=32,
-              downsample_hidden_size=8, output_dim=64, n_window=50, n_window_infer=200, max_source_positions=1500,
-              conv_chunksize=500)  # fmt: skip
+    kw = dict(
+        num_mel_bins=128,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        d_model=32,
+        downsample_hidden_size=8,
+        output_dim=64,
+        n_window=50,
+        n_window_infer=200,
+        max_source_positions=1500,
+        conv_chunksize=500,
+    )
     kw.update(overrides)
     config = Qwen3OmniMoeAudioEncoderConfig(**kw)
     config._attn_implementation = "eager"
@@ -76,12 +86,31 @@ def asr_config(**text_overrides):
     transformers gets right) under a 2-layer Qwen3 of width 64; audio placeholder id 1004."""
     from transformers import Qwen3ASRConfig
 
-    audio = dict(model_type="qwen3_asr_encoder", num_mel_bins=128, encoder_layers=2, encoder_attention_heads=2,
-                 encoder_ffn_dim=64, d_model=32, downsample_hidden_size=8, output_dim=64, n_window=50,
-                 n_window_infer=200)  # fmt: skip
-    text = dict(model_type="qwen3", vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-                tie_word_embeddings=True, **text_overrides)  # fmt: skip
+    audio = dict(
+        model_type="qwen3_asr_encoder",
+        num_mel_bins=128,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        d_model=32,
+        downsample_hidden_size=8,
+        output_dim=64,
+        n_window=50,
+        n_window_infer=200,
+    )
+    text = dict(
+        model_type="qwen3",
+        vocab_size=1024,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        **text_overrides,
+    )
     config = Qwen3ASRConfig(audio_config=audio, text_config=text, audio_token_id=1004, pad_token_id=0, eos_token_id=1)
     config._attn_implementation = "eager"
     config.text_config._attn_implementation = "eager"

@@ -12,12 +12,28 @@ from transformers.models.qwen3_vl import modeling_qwen3_vl as hf_vl
 
 IMAGE, VIDEO, VISION_START, VISION_END = 1000, 1001, 1002, 1003
 # Patch size 16 and temporal patch 2, so the converter's reshape of the real [D, 3, 2, 16, 16] kernel runs.
-VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
-              temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16)  # fmt: skip
-TEXT = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
-            num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
-            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5],
-                             "mrope_interleaved": True})  # fmt: skip
+VISION = dict(
+    depth=3,
+    hidden_size=32,
+    intermediate_size=64,
+    num_heads=2,
+    out_hidden_size=64,
+    patch_size=16,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    num_position_embeddings=16,
+)
+TEXT = dict(
+    vocab_size=1024,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=32,
+    max_position_embeddings=512,
+    rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [6, 5, 5], "mrope_interleaved": True},
+)
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -48,9 +64,12 @@ def qwen3_vl_config(*, causal: bool = True, deepstack=(0, 1)) -> transformers.Qw
     config = transformers.Qwen3VLConfig(
         text_config=dict(TEXT),
         vision_config=dict(VISION, deepstack_visual_indexes=list(deepstack)),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END, attn_implementation="eager",
-    )  # fmt: skip
+        image_token_id=IMAGE,
+        video_token_id=VIDEO,
+        vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END,
+        attn_implementation="eager",
+    )
     config.text_config.is_causal = causal  # transformers' bidirectional switch (create_causal_mask reads it)
     return config
 

@@ -44,8 +44,9 @@ class ImageSettings:
 
     def __post_init__(self):
         if not 0 < self.min_pixels <= self.max_pixels:
-            raise ConfigError(f"image pixel budget must satisfy 0 < min_pixels ≤ max_pixels, got "
-                              f"{self.min_pixels}, {self.max_pixels}")  # fmt: skip
+            raise ConfigError(
+                f"image pixel budget must satisfy 0 < min_pixels ≤ max_pixels, got {self.min_pixels}, {self.max_pixels}"
+            )
         if len(self.image_mean) != 3 or len(self.image_std) != 3:
             raise ConfigError("image_mean and image_std need one value per RGB channel")
 

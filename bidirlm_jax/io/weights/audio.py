@@ -23,8 +23,13 @@ from bidirlm_jax.models.transformer import stack_layers
 
 def audio_tables(config: AudioConfig, *, projector_outside: bool) -> tuple[Table, ...]:
     """The tower's table, plus the projector's own table when `projector_outside` (the -hf layout)."""
-    d, f, c, h, hd = (config.d_model, config.encoder_ffn_dim, config.downsample_hidden_size,
-                      config.encoder_attention_heads, config.head_dim)  # fmt: skip
+    d, f, c, h, hd = (
+        config.d_model,
+        config.encoder_ffn_dim,
+        config.downsample_hidden_size,
+        config.encoder_attention_heads,
+        config.head_dim,
+    )
     tower, projector = [], []
 
     def dense(rows, path, key, hf_out, hf_in, out=None, inner=None, bias=None):

@@ -136,8 +136,15 @@ def _labels_setting(value: str) -> tuple[str, ...]:
 
 
 # finetune.* settings that define the training rows (data.* ones are recorded by the engine's data stream).
-_STREAM_KEYS = ("train_split", "text_pair_field", "label_field", "tokens_field", "tags_field", "word_separator",
-                "synthetic_train_size")  # fmt: skip
+_STREAM_KEYS = (
+    "train_split",
+    "text_pair_field",
+    "label_field",
+    "tokens_field",
+    "tags_field",
+    "word_separator",
+    "synthetic_train_size",
+)
 
 
 def _stream(config: ConfigDict) -> dict:

@@ -40,8 +40,16 @@ class AudioConfig:
     audio_attention: str = "window"
 
     def __post_init__(self):
-        sizes = (self.d_model, self.encoder_layers, self.encoder_attention_heads, self.encoder_ffn_dim,
-                 self.output_dim, self.n_window, self.num_mel_bins, self.downsample_hidden_size)  # fmt: skip
+        sizes = (
+            self.d_model,
+            self.encoder_layers,
+            self.encoder_attention_heads,
+            self.encoder_ffn_dim,
+            self.output_dim,
+            self.n_window,
+            self.num_mel_bins,
+            self.downsample_hidden_size,
+        )
         checks = [
             (min(sizes) > 0, f"sizes must be positive, got {sizes}"),
             (

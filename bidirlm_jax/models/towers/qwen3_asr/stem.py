@@ -43,9 +43,12 @@ class Conv(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jax.lax.conv_general_dilated(
-            x, self.weight[...].astype(x.dtype), window_strides=(2, 2), padding=((1, 1), (1, 1)),
+            x,
+            self.weight[...].astype(x.dtype),
+            window_strides=(2, 2),
+            padding=((1, 1), (1, 1)),
             dimension_numbers=("NCHW", "OIHW", "NCHW"),
-        )  # fmt: skip
+        )
         return y + self.bias[...].astype(x.dtype)[None, :, None, None]
 
 

@@ -66,8 +66,13 @@ class Qwen3VL(nnx.Module):
                 f"images give {patches // vision.merge_unit} tokens; expand each image's placeholders to t·h·w/"
                 f"{vision.merge_unit} as the processor does"
             )
-        inputs["positions"], _ = get_rope_index(ids, grids, attention_mask, image_token_id=self.config.image_token_id,
-                                                spatial_merge_size=vision.spatial_merge_size)  # fmt: skip
+        inputs["positions"], _ = get_rope_index(
+            ids,
+            grids,
+            attention_mask,
+            image_token_id=self.config.image_token_id,
+            spatial_merge_size=vision.spatial_merge_size,
+        )
         inputs["pixel_values"] = pixels[None]
         inputs["layout"] = vision_layout([grids], merge=vision.spatial_merge_size, side=vision.grid_side)
         return inputs
