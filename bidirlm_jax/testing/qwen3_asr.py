@@ -20,17 +20,23 @@ from bidirlm_jax.audio_tokens import chunk_tokens, conv_len
 CLIP_WINDOW = 10**6  # an `n_window_infer` past every test clip: transformers' windows become whole clips
 
 
+# The tiny AuT every audio test builds (transformers' field names).
+TINY_AUDIO = dict(
+    num_mel_bins=128,
+    encoder_layers=2,
+    encoder_attention_heads=2,
+    encoder_ffn_dim=64,
+    d_model=32,
+    downsample_hidden_size=8,
+    output_dim=64,
+    n_window=50,
+    n_window_infer=200,
+)
+
+
 def omni_audio_config(**overrides) -> Qwen3OmniMoeAudioEncoderConfig:
     kw = dict(
-        num_mel_bins=128,
-        encoder_layers=2,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        d_model=32,
-        downsample_hidden_size=8,
-        output_dim=64,
-        n_window=50,
-        n_window_infer=200,
+        **TINY_AUDIO,
         max_source_positions=1500,
         conv_chunksize=500,
     )
@@ -88,15 +94,7 @@ def asr_config(**text_overrides):
 
     audio = dict(
         model_type="qwen3_asr_encoder",
-        num_mel_bins=128,
-        encoder_layers=2,
-        encoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        d_model=32,
-        downsample_hidden_size=8,
-        output_dim=64,
-        n_window=50,
-        n_window_infer=200,
+        **TINY_AUDIO,
     )
     text = dict(
         model_type="qwen3",
