@@ -7,6 +7,7 @@ so a merge reads a training run as it reads an HF directory, without exporting i
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 from pathlib import Path
@@ -23,14 +24,15 @@ from bidirlm_jax.io.weights.save import param_arrays
 from bidirlm_jax.paths import user_path
 
 
-class _ArrayReader:
+class _ArrayReader(abc.ABC):
     """A reader over arrays it can hand out whole (`_array`), with `ShardReader`'s interface on top."""
 
     _path: Path
     _position: dict[str, int]
 
+    @abc.abstractmethod
     def _array(self, name: str) -> np.ndarray:
-        raise NotImplementedError
+        """The tensor `name`, whole (each reader's own source: a pickle's tensors, a restored orbax tree)."""
 
     def keys(self) -> list[str]:
         return list(self._position)
