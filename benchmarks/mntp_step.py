@@ -85,9 +85,9 @@ def make_batch(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, np.
 
 def save_reference(name: str, path: Path) -> None:
     """Random weights (torch seed 0) written by transformers: both sides load these."""
-    config = MODELS[name]().replace(**(BIDIRECTIONAL if name.startswith("gemma") else {}))
+    runtime = Runtime(**BIDIRECTIONAL) if name.startswith("gemma") else Runtime()
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config_to_hf(config)))
+    (path / "config.json").write_text(json.dumps(config_to_hf(MODELS[name](), runtime)))
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(path))
     model.save_pretrained(path)

@@ -9,7 +9,8 @@ stack XLA records for it that names a part (forward and backward alike): embeddi
 the kernel), MLP, norms & residuals, head / pooling & loss, optimizer (clipping + AdamW), other XLA ops. Host work
 is the step's wall time during which no XLA op ran on any thread (Python, dispatch, transfers, the profiler's own
 overhead included, so an upper bound). Matmul FLOP/s of the step (XLA's cost analysis over the
-step time) are shown against a 2048^3 fp32 matmul measured in the same run; the cost analysis counts a loop's body
+step time) are shown against a 2048^3 fp32 matmul measured in the same run (jax's, and torch's beside it: the peers'
+kernel); the cost analysis counts a loop's body
 once, so for a step with loops (GradCache's chunks, the chunked LM head) it is a lower bound.
 
     .venv/bin/python benchmarks/profile_step.py [--iters 2]   (quick: --quick: 2 layers, small batches)
@@ -36,6 +37,7 @@ from mntp_step import make_batch as mntp_batch
 from peers import constant_optimizer
 
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.sharding import make_mesh
 from bidirlm_jax.train.objectives import token_sum_grads
 from bidirlm_jax.train.state import StateLayout
@@ -154,19 +156,29 @@ def trace_times(trace_dir: str) -> tuple[collections.Counter, float]:
     return ops, covered(busy)
 
 
-def roofline(bench: Bench, n: int = 2048) -> float:
-    """fp32 FLOP/s of jax's own n^3 matmul, best of 3, in this run."""
-    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+def roofline(bench: Bench, n: int = 2048) -> dict[str, float]:
+    """fp32 FLOP/s of an n^3 matmul, best of 3 interleaved rounds in this run: jax's (XLA's CPU dot, the roofline of
+    our steps) and torch's (the peers' kernel), so a step's ratio to its peer can be read against the kernels'."""
+    x = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    a = jnp.asarray(x)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
-    rows = bench.rounds({"matmul 2048^3 fp32": lambda: f(a).block_until_ready()}, 3)
-    return 2 * n**3 / rows["matmul 2048^3 fp32"]["best"]
+    sides = {"jax": lambda: f(a).block_until_ready()}
+    try:
+        import torch
+
+        t = torch.from_numpy(x)
+        sides["torch"] = lambda: t @ t
+    except ImportError:  # the peers' extra is not installed: our roofline alone
+        pass
+    rows = bench.rounds({f"matmul {n}^3 fp32, {k}": run for k, run in sides.items()}, 3)
+    return {k: 2 * n**3 / rows[f"matmul {n}^3 fp32, {k}"]["best"] for k in sides}
 
 
 def profile(name: str, config, grad_fn, batch: dict, iters: int, roof: float, bench: Bench) -> dict:
     tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
-    layout = StateLayout(config, tx, mesh, seed=0)
+    layout = StateLayout(config, tx, mesh, seed=0, runtime=Runtime(attention="bidirectional"))
     step = jit_step(make_step_fn(layout.graphdef, grad_fn, tx, schedule), layout.shardings, mesh, batch)
     with jax.set_mesh(mesh):
         compiled = step.lower(layout.abstract, batch).compile()
@@ -227,14 +239,15 @@ def main() -> None:
     config = get_preset("bench-qwen3")
     layers = 2 if args.quick else config.num_layers
     config = config.replace(num_layers=layers, layer_types=config.layer_types[:layers])
-    roof = roofline(bench)
-    print(f"matmul roofline: {roof / 1e9:.0f} GFLOP/s fp32 (best of 3)")
+    rates = roofline(bench)
+    roof = rates["jax"]
+    print("matmul 2048^3 fp32 (best of 3): " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in rates.items()))
     mb, ms = (1, 128) if args.quick else (4, 512)
     cb, cl, chunk = (4, 64, 4) if args.quick else (32, 128, 8)
-    results = {"roofline_flops": roof}
+    results = {"roofline_flops": roof, "matmul_flops": rates}
     results["mntp"] = profile(
         f"MNTP step, bench-qwen3 {layers} layers, batch {mb} x {ms}, sparse head",
-        config.replace(attention="bidirectional"),
+        config,
         token_sum_grads(mntp_loss(ms, True, 16384)),
         mntp_batch(config.vocab_size, mb, ms),
         args.iters,
@@ -243,7 +256,7 @@ def main() -> None:
     )
     results["contrastive"] = profile(
         f"contrastive step, bench-qwen3 {layers} layers, {cb} x (1 + 1 + 1) texts of {cl}, GradCache chunks {chunk}",
-        config.replace(attention="bidirectional"),
+        config,
         contrastive_grad_fn(chunk),
         contrastive_batch(config.vocab_size, cb, 1, cl),
         args.iters,
