@@ -95,10 +95,17 @@ def make_batch(vocab: int, batch: int, negatives: int, length: int, seed: int = 
 # --- ours ----------------------------------------------------------------------------------------------------
 
 
-def _grad_fn(chunk_size: int | None):
+def _grad_fn(chunk_size: int | None, pack: bool = True):
     def grad_fn(graphdef, params, batch, rng):
         loss, grads, metrics = contrastive_loss_and_grads(
-            graphdef, params, batch, rng, chunk_size=chunk_size, temperature=TEMPERATURE, pooling="mean"
+            graphdef,
+            params,
+            batch,
+            rng,
+            chunk_size=chunk_size,
+            temperature=TEMPERATURE,
+            pooling="mean",
+            pack=pack,
         )
         metrics = dict(metrics)
         return loss, grads, metrics.pop("tokens"), metrics
@@ -106,7 +113,7 @@ def _grad_fn(chunk_size: int | None):
     return grad_fn
 
 
-def jax_step(path: Path, batch: dict, chunk_size: int | None):
+def jax_step(path: Path, batch: dict, chunk_size: int | None, pack: bool = True):
     """(one-step callable, step-0 loss, compile seconds) of the engine's jitted contrastive step."""
     model = bidirlm_jax.from_pretrained(path, attention="bidirectional")
     tx, schedule = constant_optimizer()
@@ -114,7 +121,12 @@ def jax_step(path: Path, batch: dict, chunk_size: int | None):
     layout = StateLayout(model.config, tx, mesh, seed=0, runtime=model.runtime)
     state = layout.from_params(nnx.state(model, nnx.Param))
     del model
-    step = jit_step(make_step_fn(layout.graphdef, _grad_fn(chunk_size), tx, schedule), layout.shardings, mesh, batch)
+    step = jit_step(
+        make_step_fn(layout.graphdef, _grad_fn(chunk_size, pack), tx, schedule),
+        layout.shardings,
+        mesh,
+        batch,
+    )
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
@@ -205,6 +217,10 @@ def timing(args, bench: Bench) -> dict:
             start = time.perf_counter()
             variants[f"st {label}"], first[f"st {label}"] = st_step(path, batch, chunk)
             extra[f"st {label}"] = dict(first_call_seconds=time.perf_counter() - start)
+        if args.padded:  # GradCache over one padded text per row: what packing saves, in the same run
+            run, first["ours gradcache padded"], seconds = jax_step(path, batch, args.mini_batch, pack=False)
+            variants["ours gradcache padded"] = run
+            extra["ours gradcache padded"] = dict(compile_seconds=seconds)
     for label, _ in pairs:
         ours, theirs = first[f"ours {label}"], first[f"st {label}"]
         rel = abs(ours - theirs) / abs(theirs)
@@ -213,13 +229,15 @@ def timing(args, bench: Bench) -> dict:
     rows = bench.rounds(variants, args.iters)
     for n, r in rows.items():
         r.update(loss=first[n], **extra[n])
-    print(f"  {'step':<15}{'best s':>9}{'median s':>10}{'texts/s':>9}{'CPU s best':>12}{'CPU s median':>14}")
+    print(f"  {'step':<22}{'best s':>9}{'median s':>10}{'texts/s':>9}{'CPU s best':>12}{'CPU s median':>14}")
     for n, r in rows.items():
         print(
-            f"  {n:<15}{r['best']:>9.2f}{r['median']:>10.2f}{texts / r['best']:>9.1f}"
+            f"  {n:<22}{r['best']:>9.2f}{r['median']:>10.2f}{texts / r['best']:>9.1f}"
             f"{r['cpu_best']:>12.2f}{r['cpu_median']:>14.2f}"
         )
     ratios = {f"st {label} / ours {label}": bench.show_ratio(f"ours {label}", f"st {label}") for label, _ in pairs}
+    if args.padded:
+        ratios["ours gradcache padded / ours gradcache"] = bench.show_ratio("ours gradcache", "ours gradcache padded")
     return dict(rows=rows, ratios=ratios, params=param_count(config))
 
 
@@ -297,6 +315,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="bench-qwen3 layers (8 = the preset)")
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--plain", action="store_true", help="also time both sides without GradCache")
+    parser.add_argument("--padded", action="store_true", help="also time our GradCache without packing")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-memory", action="store_true", help="leave out the memory analysis at the paper's batch")
     parser.add_argument("--memory-preset", default="qwen3-0.6b")
