@@ -9,7 +9,9 @@ the longest reductions (the text MLP's 128 terms, at the hidden states' scale).
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import matplotlib
 import numpy as np
@@ -18,6 +20,7 @@ import skimage.data
 from flax import nnx
 
 import bidirlm_jax
+from bidirlm_jax.cli import main
 from bidirlm_jax.data.media.collate import collate
 from bidirlm_jax.data.media.items import media_processor
 from bidirlm_jax.embed.encode import encode, encode_texts
@@ -50,10 +53,19 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
-def vl(tmp_path_factory):
+def vl_dir(tmp_path_factory, tokenizer):
+    """A bidirectional tiny Qwen3-VL with its tokenizer and a small pixel budget in preprocessor_config.json."""
     path = tmp_path_factory.mktemp("vl")
     vl_ref.qwen3_vl_model(vl_ref.qwen3_vl_config(causal=False, deepstack=(0, 1, 3))).save_pretrained(path)
-    return bidirlm_jax.from_pretrained(path)
+    tokenizer.save_pretrained(path)
+    size = {"shortest_edge": SMALL["min_pixels"], "longest_edge": SMALL["max_pixels"]}
+    (path / "preprocessor_config.json").write_text(json.dumps({"size": size, "image_mean": [0.5] * 3}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def vl(vl_dir):
+    return bidirlm_jax.from_pretrained(vl_dir)
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +194,22 @@ def test_media_longer_than_max_length_is_refused(vl, tokenizer):
     processor = media_processor(vl, tokenizer, **SMALL)
     with pytest.raises(ConfigError, match="its template and media take 16 tokens, more than max_length 8"):
         processor.render({"image": image("astronaut.png")}, 8)
+
+
+def test_embed_reads_image_lines_relative_to_the_file(vl, vl_dir, tokenizer, tmp_path, capsys):
+    (tmp_path / "img").mkdir()
+    shutil.copy(image("astronaut.png"), tmp_path / "img" / "a.png")
+    lines = [{"image": "img/a.png", "text": "an astronaut"}, {"text": "a cat"}, {"image": "img/a.png"}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    out = tmp_path / "out.npy"
+    assert main(["embed", "--model", str(vl_dir), "--input", str(tmp_path / "in.jsonl"), "--output", str(out)]) == 0
+    assert "embedded 3 items (64 dimensions); 2 images scaled down" in capsys.readouterr().out
+    items = [{"image": image("astronaut.png"), "text": "an astronaut"}, "a cat", {"image": image("astronaut.png")}]
+    np.testing.assert_allclose(np.load(out), encode(vl, media_processor(vl, tokenizer, **SMALL), items), atol=TOL)
+
+
+def test_embed_names_the_line_of_a_missing_image(vl_dir, tmp_path, capsys):
+    (tmp_path / "in.jsonl").write_text('{"text": "a cat"}\n{"image": "nowhere.png"}\n')
+    out = tmp_path / "out.npy"
+    assert main(["embed", "--model", str(vl_dir), "--input", str(tmp_path / "in.jsonl"), "--output", str(out)]) == 2
+    assert "in.jsonl:2: image file not found" in capsys.readouterr().err and not out.exists()

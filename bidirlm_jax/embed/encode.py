@@ -41,9 +41,9 @@ log = logging.getLogger(__name__)
 
 _PROGRESS_MIN_BATCHES = 8  # a bar for inputs that take more than a few batches
 _CUTS = (
-    "were longer than {max_length} tokens and were truncated",
-    "held images larger than the pixel budget, scaled down to it",
-    "held clips longer than the maximum duration, cut to it",
+    "texts were longer than {max_length} tokens and were truncated",
+    "items held images larger than the pixel budget, scaled down to it",
+    "items held clips longer than the maximum duration, cut to it",
 )
 
 
@@ -111,8 +111,10 @@ def encode_texts(
     max_length: int = 512,
     progress: bool | None = None,
     pack: bool = True,
+    item_names: Sequence[str] | None = None,
 ) -> EncodeResult:
-    """`encode`, also returning the number of truncated texts (and, for media, resized images and cut clips)."""
+    """`encode`, also returning the number of truncated texts (and, for media, resized images and cut clips);
+    `item_names` name the items in errors (`file:line`; default `item i`)."""
     media = hasattr(model, "batch_hidden_states")
     texts = _check_args(texts, pooling, batch_size, max_length, media=media)
     if instruction is not None:
@@ -122,7 +124,8 @@ def encode_texts(
         return EncodeResult(out, 0)
     if media:
         processor = tokenizer if isinstance(tokenizer, MediaProcessor) else media_processor(model, tokenizer)
-        rendered = [processor.render(t, max_length, where=f"item {i}") for i, t in enumerate(texts)]
+        names = item_names or [f"item {i}" for i in range(len(texts))]
+        rendered = [processor.render(t, max_length, where=name) for t, name in zip(texts, names)]
         counts = [sum(getattr(r, f) > 0 for r in rendered) for f in ("text_truncated", "downscaled", "audio_truncated")]
         batches = _media_batches(rendered, processor, batch_size, max_length)
     else:
@@ -131,7 +134,7 @@ def encode_texts(
         batches = _batches(ids, batch_size, bucket_lengths(max_length), pad_id(tokenizer), pack)
     for count, what in zip(counts, _CUTS):
         if count:
-            log.warning("%d of %d items %s", count, len(texts), what.format(max_length=max_length))
+            log.warning("%d of %d %s", count, len(texts), what.format(max_length=max_length))
     graphdef, state = nnx.split(model)
     run = functools.partial(_embed, graphdef=graphdef, pooling=pooling, normalize=normalize)
     show = progress if progress is not None else len(batches) >= _PROGRESS_MIN_BATCHES
