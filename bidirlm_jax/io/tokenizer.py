@@ -23,6 +23,18 @@ from bidirlm_jax.io.families import RESERVED_MASK_IDS
 from bidirlm_jax.paths import user_path
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+# Qwen's chat and media markers, in the order `with_media_tokens` gives them ids.
+MEDIA_TOKENS = (
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|audio_pad|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|im_start|>",
+    "<|im_end|>",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _MASK_HINT = "set --config.mntp.mask_token=TOKEN_OR_ID"
 
@@ -80,6 +92,17 @@ def train_tokenizer(
     if out_dir is not None:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             tokenizer.save_pretrained(tmp)
+    return tokenizer
+
+
+def with_media_tokens(tokenizer: PreTrainedTokenizerFast, first_id: int) -> PreTrainedTokenizerFast:
+    """`tokenizer` (below `first_id` tokens) with reserved fillers up to `first_id`, then `MEDIA_TOKENS` from
+    there: a small trained tokenizer that renders chat and media prompts for a tiny model whose config
+    puts those tokens at `first_id`, `first_id + 1`, … (`models.towers.presets`)."""
+    if len(tokenizer) > first_id:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, past the media tokens' first id {first_id}")
+    fillers = [f"<|reserved_{i}|>" for i in range(first_id - len(tokenizer))]
+    tokenizer.add_special_tokens({"additional_special_tokens": [*fillers, *MEDIA_TOKENS]})
     return tokenizer
 
 
