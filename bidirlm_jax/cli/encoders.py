@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bidirlm_jax.cli.checkpoints import format_arg
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES
 from bidirlm_jax.models.runtime import ATTENTION_MODES, DTYPES
@@ -35,6 +36,10 @@ def add_embed(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPa
     p.add_argument("--input", type=user_path, required=True, metavar="FILE", help=".txt (one text per line) or .jsonl")
     p.add_argument("--output", type=user_path, required=True, metavar="FILE.npy", help="embeddings [N, d], float32")
     p.add_argument("--instruction", help="query instruction: each text becomes 'Instruct: TEXT\\nQuery: {text}'")
+    p.add_argument(
+        "--prompt-name",
+        help="prepend the encoder's sentence-transformers prompt of this name (default: its default_prompt_name)",
+    )
     _encoding_args(p)
     p.add_argument("--text-field", default="text", help="the .jsonl field holding the text (default text)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE.npy if it exists")
@@ -50,10 +55,11 @@ def run_embed(args: argparse.Namespace) -> int:
     texts = read_texts(args.input, text_field=args.text_field)
     check_destination(args.output, overwrite=args.overwrite)
     model, tokenizer, settings = _load(args)
+    prompt = named_prompt(args.prompt_name, settings, instruction=args.instruction)
     result = encode_texts(
         model,
         tokenizer,
-        texts,
+        [prompt + t for t in texts],
         instruction=args.instruction,
         pooling=chosen(args.pooling, settings, "pooling"),
         normalize=settings.normalize,
@@ -66,6 +72,19 @@ def run_embed(args: argparse.Namespace) -> int:
     truncated = f"; {result.num_truncated} truncated to the maximum length" if result.num_truncated else ""
     print(f"embedded {n} texts ({d} dimensions){truncated} -> {args.output}")
     return 0
+
+
+def named_prompt(name: str | None, settings: Any, *, instruction: str | None = None) -> str:
+    """The text sentence-transformers would prepend: the prompt `name`, else the encoder's default prompt
+    (none when an instruction is given); `--prompt-name` with `--instruction` is refused."""
+    if name is not None and instruction:
+        raise ConfigError("give --prompt-name or --instruction, not both (each is a prefix of every text)")
+    if name is None:  # the default prompt (sentence-transformers drops empty prompts, as `settings` does)
+        return "" if instruction else settings.prompts.get(settings.default_prompt_name, "")
+    if name not in settings.prompts:
+        known = ", ".join(sorted(settings.prompts)) or "none"
+        raise ConfigError(f"no prompt named {name!r} in {settings.origin or 'this model'} (its prompts: {known})")
+    return settings.prompts[name]
 
 
 def read_texts(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
@@ -112,6 +131,7 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--instruction", help="default query instruction, saved as the 'query' prompt")
     p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional", help="(default bidirectional)")
     p.add_argument("--dtype", choices=DTYPES, help="stored precision (default: the source's)")
+    format_arg(p)
     p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (only from sources you trust)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
@@ -123,7 +143,7 @@ def run_export(args: argparse.Namespace) -> int:
     from bidirlm_jax.io.sentence_transformers import export_encoder, read_encoder_settings
 
     if head_file(args.src).is_file():  # a fine-tuning run: its head's export (io.heads)
-        out = export_finetuned(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        out = export_finetuned(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, format=args.format)
         print(f"wrote {out}")
         return 0
     settings = read_encoder_settings(args.src)
@@ -138,6 +158,7 @@ def run_export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
+        format=args.format,
     )
     print(f"wrote {out}")
     return 0
