@@ -4,7 +4,6 @@
 every accepted spelling reads the same; `convert` round-trips them bit-exact; `--format bidirlm` writes them back
 and refuses what the released code would run differently, writing nothing."""
 
-
 import numpy as np
 import pytest
 
