@@ -25,10 +25,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io.families import RELEASED_MODEL_TYPES
 
 BIDIRLM = "bidirlm"
-# The released type, and the authors' earlier ones (their Decoder2Encoder HF tools) -> the family they hold.
-RELEASED_MODEL_TYPES = {BIDIRLM: None, "biqwen3": "qwen3", "bigemma3_text": "gemma3_text"}
 # Spellings of an explicit family field we accept (no released config is known offline to carry one).
 FAMILY_KEYS = ("text_model_type", "base_model_type", "backbone_model_type")
 _FAMILIES = {"qwen3": "qwen3", "gemma3": "gemma3_text", "gemma3_text": "gemma3_text"}
@@ -51,6 +50,11 @@ CLASSIFIER_KEY = "classifier.weight"  # the released sequence and token classifi
 def is_released(d: Any) -> bool:
     """Whether a config.json dict is a released BidirLM text config."""
     return isinstance(d, Mapping) and d.get("model_type") in RELEASED_MODEL_TYPES
+
+
+def as_native(d: Any) -> Any:
+    """`native_config(d)` for a released config, anything else as it is."""
+    return native_config(d) if is_released(d) else d
 
 
 def native_config(d: Mapping[str, Any]) -> dict[str, Any]:
