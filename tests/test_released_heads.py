@@ -6,15 +6,21 @@ is written back in their layout bit-exact, and a head their classes lack is refu
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.hf_config import read_config_dict
 from bidirlm_jax.io.released_heads import export_released_classifier, load_released_classifier
-from bidirlm_jax.models.heads import HeadConfig, attach_head
+from bidirlm_jax.io.tokenizer import train_tokenizer
+from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, attach_head
+from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.testing import reference
+from tests.encoders import run_cli
 from tests.hf_files import assert_bit_exact, tensors
 from tests.released_files import write_released
+from tests.runs import write_finetune_run
 
 FAMILIES = ("gemma3", "qwen3")
 
@@ -106,3 +112,23 @@ def test_heads_the_released_classes_lack_are_refused(native, tmp_path):
         load_released_classifier(write_released(native["qwen3"], tmp_path / "mlm", "masked_lm"))
     with pytest.raises(ConfigError, match="not a released BidirLM checkpoint"):
         load_released_classifier(native["qwen3"])
+
+
+@pytest.mark.parametrize("head", [HeadConfig("classification", 2, pooling="late"), HeadConfig("classification", 2)])
+def test_a_fine_tuning_run_exports_as_a_released_classifier(tmp_path, capsys, head):
+    """`bidirlm export RUN OUT --format bidirlm`: the eurobert head in the released layout with the run's labels
+    and tokenizer, read back to the same logits; a linear probe exits 2 and writes nothing."""
+    model = EncoderWithHead(get_preset("tiny-gemma3"), head, Runtime(attention="bidirectional"), rngs=nnx.Rngs(3))
+    tokenizer = train_tokenizer(["the cat sits on the mat", "a dog runs in the park"] * 50, 512)
+    write_finetune_run(tmp_path / "run", model, tokenizer, ["neg", "pos"])
+    code = run_cli(["export", tmp_path / "run", tmp_path / "out", "--format", "bidirlm"])
+    if head.classifier == "linear":
+        assert code == 2 and "a linear probe has no released class" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+        return
+    assert code == 0
+    loaded, names = load_released_classifier(tmp_path / "out")
+    assert names == ["neg", "pos"] and (tmp_path / "out" / "tokenizer.json").is_file()
+    assert loaded.head_config == head
+    ids, mask = reference.batch(length=40)
+    np.testing.assert_allclose(np.asarray(loaded(ids, mask).logits), np.asarray(model(ids, mask).logits), atol=1e-6)
