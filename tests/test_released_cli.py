@@ -102,6 +102,7 @@ def test_bad_combinations_exit_2_and_write_nothing(released_encoder, inputs, tmp
     for argv, message in (
         (["convert", released_encoder, out, "--format", "bidirlm"], "add --to hf"),
         (["export", released_encoder, out, "--format", "bidirlm", "--attention", "causal"], "is bidirectional"),
+        (["merge", "--model", f"{released_encoder}=1", "--out", out, "--attention", "causal"], "runs bidirectionally"),
         (["embed", "--model", released_encoder, "--input", texts, "--output", out, "--prompt-name", "x"], "no prompt"),
         (
             ["embed", "--model", released_encoder, "--input", texts, "--output", out]

@@ -117,7 +117,8 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         help="HF directory or checkpoint -> encoder loadable by transformers and sentence-transformers",
         description="Write SRC (an HF directory, a merged one, a bidirlm checkpoint or a training run, with its tokenizer) as an "
         "encoder directory DST that transformers (AutoModel) and sentence-transformers (SentenceTransformer) load "
-        "as-is, without remote code. Written to a temporary directory and renamed into place.",
+        "as-is, without remote code (--format bidirlm: as the released BidirLM models load, with theirs). Written to a "
+        "temporary directory and renamed into place.",
     )
     p.add_argument("src", type=user_path, help="HF directory or bidirlm checkpoint, with its tokenizer files")
     p.add_argument("dst", type=user_path, help="output directory (must not exist, unless --overwrite)")

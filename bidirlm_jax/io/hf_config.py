@@ -222,6 +222,7 @@ def set_attention_mode(
 ) -> dict[str, Any]:
     """A copy of `hf_config` (text, multimodal or BidirLM's) whose text model runs in the given attention mode; every
     other key is kept, so a Qwen3-VL, Gemma3 multimodal or BidirLM config stays loadable as what it is."""
+    released.check_attention(hf_config, attention, bidirectional_window)
     d = copy.deepcopy(hf_config)
     target = _text_holder(d).get("text_config") or d  # a multimodal (or nested BidirLM) config's text model
     window = {"bidirectional_window": bidirectional_window} if bidirectional_window else {}

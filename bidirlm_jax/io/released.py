@@ -96,6 +96,18 @@ def _family_type(d: Mapping[str, Any], nested: Mapping[str, Any]) -> str:
     return "qwen3"
 
 
+def check_attention(d: Any, attention: str, bidirectional_window: str | None = None) -> None:
+    """Refuse to record in a released config an attention mode its code does not run (it reads no such flag)."""
+    if not is_released(d):
+        return
+    gemma = native_config(d)["model_type"] == "gemma3_text"
+    if attention != "bidirectional" or (gemma and bidirectional_window not in (None, "half")):
+        raise ConfigError(
+            "a released BidirLM checkpoint runs bidirectionally (Gemma3: the half window) whatever its config says: "
+            "keep --attention bidirectional, or convert it to the transformers format first (bidirlm convert --to hf)"
+        )
+
+
 def clf_pooling(d: Mapping[str, Any]) -> str | None:
     """The released classifier's pooling (`bos | mean | late`) a config records under either spelling."""
     for holder in (d, d.get("text_config") or {}):
