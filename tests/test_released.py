@@ -116,6 +116,8 @@ def test_convert_round_trip_is_bit_exact(released, tmp_path, family):
         repo = "BidirLM/BidirLM-1B-Base" if family == "gemma3" else "BidirLM/BidirLM-0.6B-Base"
         assert d["auto_map"]["AutoModel"] == f"{repo}--modeling_bidirlm.BidirLMModel"  # the source's class, its repo
         assert not list(out.glob("*.py"))  # the released code is named, never copied
+    again = convert(direct, tmp_path / "again", to="hf", format="bidirlm")
+    assert read_config_dict(again)["auto_map"] == read_config_dict(direct)["auto_map"]  # a named repo is kept
     native_out = convert(src, tmp_path / "native", to="hf")  # the transformers format: loads without remote code
     assert read_config_dict(native_out)["model_type"] == ("gemma3_text" if family == "gemma3" else "qwen3")
     assert_bit_exact(src, native_out)

@@ -123,16 +123,12 @@ def clf_pooling(d: Mapping[str, Any]) -> str | None:
 
 
 def to_released(
-    native: Mapping[str, Any],
-    *,
-    code_repo: str | None = None,
-    architecture: str = MASKED_LM,
-    source_auto_map: Mapping[str, str] | None = None,
+    native: Mapping[str, Any], *, architecture: str = MASKED_LM, source_auto_map: Mapping[str, str] | None = None
 ) -> dict[str, Any]:
     """A released-format config.json from a native one (`io.hf_config.config_to_hf`'s, bidirectional).
 
-    `auto_map` names `code_repo`'s code (default: `CODE_REPOS` of the family); a source's own `auto_map`
-    (a released checkpoint's, its class names the true ones) is reused, pointed at that repository."""
+    `auto_map` names the code of the family's released repository (`CODE_REPOS`); a source's own `auto_map`
+    (a released checkpoint's: its class names are the true ones) is kept, its local references pointed there."""
     family = native.get("model_type")
     if family not in CODE_REPOS:
         raise ConfigError(f"only Qwen3- and Gemma3-based models have the bidirlm format, not {family!r}")
@@ -148,15 +144,12 @@ def to_released(
             "this Qwen3 model has sliding-window layers, which the released BidirLM code does not run (it attends "
             "to the whole input): export it in the transformers format"
         )
-    repo = code_repo or CODE_REPOS[family]
     classes = {"AutoConfig": CONFIG_CLASS, **MODEL_CLASSES}
-    for auto, ref in (source_auto_map or {}).items():
-        if isinstance(ref, str):
-            classes[auto] = ref.split("--", 1)[-1]
+    classes.update({auto: ref for auto, ref in (source_auto_map or {}).items() if isinstance(ref, str)})
     out = dict(copy.deepcopy(dict(native)))
     out.update(
         model_type=BIDIRLM,
         architectures=[architecture],
-        auto_map={auto: f"{repo}--{ref}" for auto, ref in classes.items()},
+        auto_map={auto: ref if "--" in ref else f"{CODE_REPOS[family]}--{ref}" for auto, ref in classes.items()},
     )
     return out
