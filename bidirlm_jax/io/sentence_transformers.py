@@ -127,7 +127,7 @@ def read_encoder_settings(path: str | os.PathLike) -> EncoderSettings:
     if not (path / _MODULES).is_file():
         return EncoderSettings()
     modules = _read_json(path / _MODULES)
-    modules = sorted((m for m in modules if isinstance(m, dict)), key=lambda m: int(m.get("idx", 0)))
+    modules = [m for m in modules if isinstance(m, dict)]  # in the order sentence-transformers runs them
     types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
     after = [m.get("type", "").rsplit(".", 1)[-1] for m in modules[1:]]  # the first runs the model we load
     unknown = sorted(set(after) - set(_EMBEDDING_MODULES))
