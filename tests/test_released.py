@@ -7,6 +7,7 @@ and refuses what the released code would run differently, writing nothing."""
 import numpy as np
 import pytest
 
+from bidirlm_jax import param_count
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.conversion import convert
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained
@@ -75,7 +76,8 @@ def _spellings(d: dict) -> list[dict]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_accepted_spellings_read_the_same_model(released, family):
+def test_accepted_spellings_read_the_same_model(released, native, family):
+    assert param_count(released[family, "masked_lm"]) == param_count(native[family])
     d = read_config_dict(released[family, "masked_lm"])
     config, runtime = config_from_hf(d), runtime_from_hf(d)
     for other in _spellings(d):
