@@ -16,7 +16,7 @@ from bidirlm_jax.io.tokenizer import load_tokenizer
 from tests.encoders import MAX_LENGTH, TEXTS, make_beir, make_encoder_src, run_cli
 from tests.released_files import write_released
 
-LM_TINY = "configs/lm.py:tiny"
+MNTP_TINY = "configs/mntp.py:tiny"
 QUIET = ["--config.metrics.progress_bar=False", "--config.metrics.tensorboard=False"]
 
 
@@ -61,7 +61,7 @@ VERBS = {
     "embed": lambda m, i, o: ["embed", "--model", m, "--input", i / "texts.txt", "--output", o / "out.npy"],
     "eval": lambda m, i, o: ["eval", "--model", m, "--beir", i / "beir", "--no-progress", "--output", o / "out.json"],
     "train": lambda m, i, o: (
-        ["train", "--config", LM_TINY, "--workdir", o / "out", *QUIET, "--config.train.steps=1"]
+        ["train", "--config", MNTP_TINY, "--workdir", o / "out", *QUIET, "--config.train.steps=1"]
         + [f"--config.model.init_from={m}"]
     ),
 }
