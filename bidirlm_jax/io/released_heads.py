@@ -37,7 +37,6 @@ from bidirlm_jax.io.weights.table import Table, entry
 from bidirlm_jax.io.weights.text import backbone_table
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, abstract_model_with_head
-from bidirlm_jax.models.runtime import Runtime
 
 HEAD_KEYS = ("dense.weight", "dense.bias", "classifier.weight", "classifier.bias")
 RELEASED_HEAD = Component("released_head", ("",), released.CLASSIFIER_KEY, only=HEAD_KEYS)
@@ -76,9 +75,7 @@ def released_head_config(d: dict[str, Any], keys: set[str], where: str) -> HeadC
     return HeadConfig(task, num_labels, pooling=pooling, classifier="eurobert")
 
 
-def load_released_classifier(
-    path: str | os.PathLike, *, dtype: str = "float32", runtime: Runtime | None = None
-) -> tuple[EncoderWithHead, list[str]]:
+def load_released_classifier(path: str | os.PathLike, *, dtype: str = "float32") -> tuple[EncoderWithHead, list[str]]:
     """A released BidirLM classifier directory as an `EncoderWithHead` (bidirectional, as the released code runs)
     and its labels in id order (empty for regression)."""
     path = Path(path)
@@ -90,9 +87,9 @@ def load_released_classifier(
     head = released_head_config(d, keys, str(path))
     config = config_from_hf(d)
     config = config.replace(tie_word_embeddings=True)  # a classifier holds no LM head
-    runtime = runtime or runtime_from_hf(d, dtype=dtype, param_dtype=dtype)
+    runtime = runtime_from_hf(d, dtype=dtype, param_dtype=dtype)
     model = load_state(
-        abstract_model_with_head(config, head, runtime.replace(scan_layers=False)),
+        abstract_model_with_head(config, head, runtime),
         reader,
         LAYOUT,
         tables(config, head),
