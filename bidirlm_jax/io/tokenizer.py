@@ -15,9 +15,10 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io import released
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.families import RESERVED_MASK_IDS
 from bidirlm_jax.paths import user_path
@@ -52,12 +53,22 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
             "files there or point data.tokenizer / --tokenizer at a directory that has them"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **_native_config(path))
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot load the tokenizer in {path}: {e}") from None
     if not tokenizer.is_fast:
         raise ConfigError(f"the tokenizer in {path} is not a fast tokenizer; save it with a tokenizer.json")
     return tokenizer
+
+
+def _native_config(path: Path) -> dict:
+    """`config=` the native family's config for a released BidirLM directory: AutoTokenizer then picks the family's
+    tokenizer class instead of importing (or asking to run) the remote code its config.json names."""
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"config": AutoConfig.for_model(released.native_config(d)["model_type"])} if released.is_released(d) else {}
 
 
 def train_tokenizer(
