@@ -19,6 +19,7 @@ _EXPORTS = {
     "param_count": "bidirlm_jax.io.params",
     "contrastive_loss": "bidirlm_jax.losses.infonce",
     "encode": "bidirlm_jax.embed.encode",
+    "media_processor": "bidirlm_jax.data.media.items",
     "export_encoder": "bidirlm_jax.io.sentence_transformers",
     "evaluate_retrieval": "bidirlm_jax.evals.retrieval",
     "PRESETS": "bidirlm_jax.models.presets",

@@ -26,11 +26,11 @@ from bidirlm_jax.configs.contrastive import get_config
 from bidirlm_jax.data.media.items import media_processor
 from bidirlm_jax.data.media.samples import CAPTIONS, sample_image_pairs
 from bidirlm_jax.embed.encode import encode
+from bidirlm_jax.io.model_types import model_type_of
 from bidirlm_jax.io.tokenizer import load_tokenizer, train_tokenizer
 from bidirlm_jax.models.towers.presets import get_tower_preset
 from bidirlm_jax.testing import media
 from bidirlm_jax.testing import qwen3_vl as vl_ref
-from bidirlm_jax.train.architecture import tower_factory
 from bidirlm_jax.train.config import run_settings
 from bidirlm_jax.train.loop import train
 from tests.runs import metrics_of
@@ -47,7 +47,9 @@ def _config(preset: str, **overrides):
 
 
 def _untrained(config):
-    return tower_factory(get_tower_preset(config.model.preset), run_settings(config.model))(nnx.Rngs(config.train.seed))
+    """The preset's model at the run's random init (as the train state initialises it, up to jit's rounding)."""
+    model = get_tower_preset(config.model.preset)
+    return model_type_of(model).model_class(model, run_settings(config.model), rngs=nnx.Rngs(config.train.seed))
 
 
 def _top1(model, processor, queries, documents, truth) -> float:

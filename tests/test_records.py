@@ -88,4 +88,7 @@ def test_row_contract():
     finally:
         records.VALUE_KINDS.clear()
         records.VALUE_KINDS.update(kinds)
-    assert json.dumps(sorted(records.VALUE_KINDS)) == '["id", "null", "text", "texts"]'
+    assert json.dumps(sorted(records.VALUE_KINDS)) == '["id", "media", "null", "text", "texts"]'
+    media = row_field("pair", "positive")  # image and audio items joined the pair's sides that way
+    assert media.accepts({"image": "cat.png", "text": "a cat"}) and media.accepts({"audio": "a.wav"})
+    assert not media.accepts({"picture": "cat.png"}) and not media.accepts({"text": "only text"})

@@ -3,7 +3,6 @@ its vision/audio towers), its initial parameters, and for tower models how to bu
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from flax import nnx
@@ -69,9 +68,3 @@ def init_params(model: ConfigDict, runtime: Runtime, mesh, objective: Objective)
     loaded = from_pretrained(model.init_from, runtime=runtime, mesh=mesh, text_only=not towers)
     params = nnx.state(loaded, nnx.Param)
     return objective.init_params(params) if objective.init_params is not None else params
-
-
-def tower_factory(model: Any, runtime: Runtime) -> Callable[[nnx.Rngs], nnx.Module]:
-    """Builds the whole model (text stack and towers) of a tower config, as `StateLayout` initialises it."""
-    model_class = model_type_of(model).model_class
-    return lambda rngs: model_class(model, runtime, rngs=rngs)

@@ -40,7 +40,7 @@ from bidirlm_jax.io.run import checkpoints_dir, model_dir
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.sharding import make_mesh
-from bidirlm_jax.train.architecture import init_params, model_config, tower_factory, tower_patterns
+from bidirlm_jax.train.architecture import init_params, model_config, tower_patterns
 from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
 from bidirlm_jax.train.config import data_stream, run_settings, validate
 from bidirlm_jax.train.evaluation import Evaluation, EvaluatorFactory, Schedule, build_evaluations
@@ -132,7 +132,7 @@ def _plan(
         mesh,
         seed=config.train.seed,
         runtime=runtime,
-        model_factory=objective.model_factory or (tower_factory(model_cfg, runtime) if towers else None),
+        model_factory=objective.model_factory,
         trainable=trainable,
     )
     trainable_lib.check(layout.abstract.params, config.optim)

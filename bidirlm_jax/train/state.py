@@ -19,9 +19,9 @@ from jax.sharding import Mesh
 
 import bidirlm_jax.train.trainable as trainable_lib
 from bidirlm_jax import sharding
+from bidirlm_jax.io.model_types import model_type_of
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
-from bidirlm_jax.models.transformer import Transformer, abstract_model
 
 
 @flax.struct.dataclass
@@ -57,12 +57,13 @@ class StateLayout:
         model_factory: Callable[[nnx.Rngs], nnx.Module] | None = None,
         trainable: trainable_lib.Filter = nnx.Param,
     ):
-        """`model_factory(rngs)` builds the trained module when it is not the plain `Transformer` of `config`
-        run as `runtime` says (an encoder with a task head); `trainable` selects the parameters the optimizer
-        holds state for."""
+        """`model_factory(rngs)` builds the trained module when it is not the model of `config` (a
+        `Transformer`, or a model with towers for their configs: `io.model_types`) run as `runtime` says (an
+        encoder with a task head); `trainable` selects the parameters the optimizer holds state for."""
         if model_factory is None:
-            self.graphdef, _ = abstract_model(config, runtime)
-            model_factory = lambda rngs: Transformer(config, runtime, rngs=rngs)
+            kind = model_type_of(config)
+            self.graphdef, _ = kind.abstract(config, runtime)
+            model_factory = lambda rngs: kind.model_class(config, runtime, rngs=rngs)
         else:
             self.graphdef, _ = nnx.split(nnx.eval_shape(lambda: model_factory(nnx.Rngs(0))))
         self._tx, self._seed, self.trainable = tx, seed, trainable
