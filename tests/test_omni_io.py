@@ -23,6 +23,8 @@ from bidirlm_jax.io.hf_config_vision import qwen3_vl_config_from_hf
 from bidirlm_jax.io.omni_export import export_omni, read_chat_template
 from bidirlm_jax.io.weights.audio import load_audio_tower
 from bidirlm_jax.io.weights.load import TensorDict
+from bidirlm_jax.models import params
+from bidirlm_jax.models.towers.omni import model as omni_model
 from bidirlm_jax.testing import omni as ref
 from bidirlm_jax.testing import qwen3_vl
 
@@ -128,3 +130,12 @@ def test_bad_exports_are_refused(release_dir, qwen_dir, tmp_path, capsys):
     assert not (tmp_path / "causal").exists()
     assert cli_main(["export", str(release_dir), str(tmp_path / "cli")]) == 0  # the CLI sends Omni sources here
     assert json.loads((tmp_path / "cli" / "config.json").read_text())["model_type"] == "bidirlm_omni"
+
+
+def test_param_counts_of_the_released_shape(tmp_path):
+    """mteb's published counts of BidirLM-Omni-2.5B (omni notes F1), computed abstractly from a config.json."""
+    (tmp_path / "config.json").write_text(json.dumps(ref.OMNI_2_5B))
+    assert bidirlm_jax.param_count(tmp_path) == 2_445_009_536
+    _, state = omni_model.abstract_model(omni_config_from_hf(ref.OMNI_2_5B))
+    counts = {part: params.count(state[part]) for part in ("text", "visual", "audio_tower")}
+    assert counts == {"text": 1_720_574_976, "visual": 406_957_056, "audio_tower": 317_477_504}

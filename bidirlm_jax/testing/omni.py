@@ -118,3 +118,38 @@ def save_release(vl, encoder, path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(release_config(vl, encoder), indent=2))
     save_file({k: np.ascontiguousarray(v) for k, v in release_tensors(vl, encoder).items()}, path / "model.safetensors")
+
+
+# BidirLM-Omni-2.5B's shape (omni notes §1): Qwen3-1.7B text, Qwen3-VL-2B's tower, Qwen3-ASR-1.7B's AuT.
+OMNI_2_5B = {
+    "model_type": "bidirlm_omni",
+    "text_config": {
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "rope_theta": 5e6,
+        "rope_scaling": {"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+    },
+    "vision_config": {
+        "depth": 24,
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "num_heads": 16,
+        "out_hidden_size": 2048,
+        "num_position_embeddings": 2304,
+        "deepstack_visual_indexes": [8, 16, 24],
+    },
+    "audio_config": {
+        "d_model": 1024,
+        "encoder_layers": 24,
+        "encoder_attention_heads": 16,
+        "encoder_ffn_dim": 4096,
+        "output_dim": 2048,
+        "n_window": 50,
+        "n_window_infer": 800,
+    },
+}
