@@ -24,6 +24,7 @@ from bidirlm_jax.errors import ConfigError  # noqa: E402
 from bidirlm_jax.merge import MergeModel, MergeSpec, linear_merge, load_merge_yaml, merge_checkpoints  # noqa: E402
 from bidirlm_jax.merge.omni_recipe import OmniRecipe  # noqa: E402
 from bidirlm_jax.models.towers.omni.model import Omni  # noqa: E402
+from bidirlm_jax.pipeline.variants import BI_BASE, OMNI, OmniStage, Recipe, build_variants  # noqa: E402
 from bidirlm_jax.testing import omni, qwen3_asr, qwen3_vl, reference  # noqa: E402
 from tests.merge.checkpoints import tokenizer  # noqa: E402
 
@@ -44,6 +45,7 @@ def trio(tmp_path_factory):
     )
     text = reference.qwen3_config(vocab_size=1024, num_attention_heads=2, num_key_value_heads=1)
     reference.save(reference.build(text, seed=2), root / "text")
+    tokenizer(root / "text")
     qwen3_asr.build_asr_model(qwen3_asr.asr_config(num_hidden_layers=3), seed=3).save_pretrained(root / "asr")
     (root / "asr" / "preprocessor_config.json").write_text(
         json.dumps(
@@ -209,3 +211,23 @@ def test_bad_compositions_are_refused(trio, tmp_path, capsys):
     with pytest.raises(ConfigError, match="outside the 1024-row vocabulary"):
         merge_checkpoints(_spec(trio, special_token_rows="specialist"), tmp_path / "e", progress=False)
     assert not any((tmp_path / n).exists() for n in "cde")
+
+
+def test_the_pipeline_compose_stage(trio, tmp_path):
+    """The "compose" recipe stage: the Omni variant from Bi+Base (the causal text input switched) and the
+    two specialists, recorded, reused, and refused when rebuilt with other settings."""
+    stage = OmniStage(vision=str(trio["vl"]), audio=str(trio["asr"]), text_from=BI_BASE)
+    variants = build_variants(trio["text"], tmp_path, Recipe(omni=stage), names=[OMNI])
+    omni_dir = variants[OMNI].path
+    assert json.loads((omni_dir / "config.json").read_text())["model_type"] == "bidirlm_omni"
+    written, text = _tensors(omni_dir), _tensors(trio["text"])
+    vl, asr = _tensors(trio["vl"]), _tensors(trio["asr"])
+    rel = "layers.0.mlp.up_proj.weight"
+    parts = [vl[f"model.language_model.{rel}"], text[f"model.{rel}"], asr[f"model.language_model.{rel}"]]
+    np.testing.assert_array_equal(written[f"language_model.{rel}"], np.asarray(linear_merge(parts, [THIRD] * 3)))
+    manifest = json.loads((tmp_path / "variants.json").read_text())
+    assert manifest[OMNI]["parent"] == BI_BASE and manifest[OMNI]["settings"]["weights"] == [THIRD] * 3
+    assert build_variants(trio["text"], tmp_path, Recipe(omni=stage), names=[OMNI])[OMNI].path == omni_dir
+    other = Recipe(omni=OmniStage(vision=stage.vision, audio=stage.audio, text_from=BI_BASE, weights=(0.5, 0.25, 0.25)))
+    with pytest.raises(ConfigError, match="other settings"):
+        build_variants(trio["text"], tmp_path, other, names=[OMNI])
