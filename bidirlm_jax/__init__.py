@@ -20,6 +20,7 @@ _EXPORTS = {
     "contrastive_loss": "bidirlm_jax.losses.infonce",
     "encode": "bidirlm_jax.embed.encode",
     "export_encoder": "bidirlm_jax.io.sentence_transformers",
+    "export_omni": "bidirlm_jax.io.omni_export",
     "evaluate_retrieval": "bidirlm_jax.evals.retrieval",
     "PRESETS": "bidirlm_jax.models.presets",
     "get_preset": "bidirlm_jax.models.presets",

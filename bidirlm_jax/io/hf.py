@@ -97,8 +97,8 @@ def from_pretrained(
     """
     path = user_path(path)
     where = description_dir(path)
-    if text_only and vision:
-        raise ConfigError("from_pretrained got text_only=True and vision=True: ask for one of them")
+    if text_only and (vision or audio):
+        raise ConfigError("from_pretrained got text_only=True and a tower (vision/audio=True): ask for one of them")
     d = read_config_dict(where)
     if runtime is None:
         mode = {"attention": attention, "bidirectional_window": bidirectional_window}
