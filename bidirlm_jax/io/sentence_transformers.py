@@ -89,7 +89,7 @@ def export_encoder(
     check_source(src)
     check_destination(dst, overwrite=overwrite)
     tokenizer = _load_tokenizer(src)
-    model = from_pretrained(src, attention=attention, dtype="float32", allow_pickle=allow_pickle, vision=False)
+    model = from_pretrained(src, attention=attention, dtype="float32", allow_pickle=allow_pickle, text_only=True)
     source_dtype, tensor_dtypes = source_dtypes(src, allow_pickle=allow_pickle)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         save_pretrained(
