@@ -24,9 +24,10 @@ from bidirlm_jax.paths import user_path
 def add_embed(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     p = sub.add_parser(
         name,
-        help="embed texts with an encoder into a .npy file",
-        description="Embed every text of INPUT (.txt: one text per line; .jsonl: a `text` field per line) with the "
-        "model in DIR and its tokenizer; write a float32 [N, d] .npy, row i for text i. Pooling, normalisation and "
+        help="embed texts, images or audio with an encoder into a .npy file",
+        description="Embed every item of INPUT (.txt: one text per line; .jsonl: a `text` field per line, or an "
+        "`image` / `audio` path relative to the file, with an optional `text`) with the model in DIR and its "
+        "tokenizer; write a float32 [N, d] .npy, row i for line i. Pooling, normalisation and "
         "length default to what an exported encoder declares (mean, normalised, 512 for a plain HF directory).",
     )
     p.add_argument(
@@ -47,13 +48,20 @@ def run_embed(args: argparse.Namespace) -> int:
     from bidirlm_jax.embed.encode import encode_texts
     from bidirlm_jax.io.atomic import check_destination, write_atomically
 
-    texts = read_texts(args.input, text_field=args.text_field)
+    items, wheres = read_items(args.input, text_field=args.text_field)
     check_destination(args.output, overwrite=args.overwrite)
-    model, tokenizer, settings = _load(args)
+    media = any(not isinstance(i, str) for i in items)
+    model, tokenizer, settings = _load(args, towers=media)
+    if media and hasattr(model, "batch_hidden_states"):
+        from bidirlm_jax.data.media.items import media_processor
+        from bidirlm_jax.io.sentence_transformers import read_preprocessor_config
+
+        tokenizer = media_processor(model, tokenizer, preprocessor=read_preprocessor_config(args.model))
     result = encode_texts(
         model,
         tokenizer,
-        texts,
+        items,
+        item_names=wheres,
         instruction=args.instruction,
         pooling=chosen(args.pooling, settings, "pooling"),
         normalize=settings.normalize,
@@ -64,13 +72,19 @@ def run_embed(args: argparse.Namespace) -> int:
     write_atomically(args.output, lambda f: np.save(f, result.embeddings))
     n, d = result.embeddings.shape
     truncated = f"; {result.num_truncated} truncated to the maximum length" if result.num_truncated else ""
-    print(f"embedded {n} texts ({d} dimensions){truncated} -> {args.output}")
+    resized = f"; {result.num_downscaled} images scaled down to the pixel budget" if result.num_downscaled else ""
+    cut = f"; {result.num_audio_truncated} clips cut to the maximum duration" if result.num_audio_truncated else ""
+    print(f"embedded {n} {'items' if media else 'texts'} ({d} dimensions){truncated}{resized}{cut} -> {args.output}")
     return 0
 
 
-def read_texts(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
-    """One text per line of a .txt file (blank lines too: row i of the output is line i), or the `text_field`
-    of each line of a .jsonl file; never empty."""
+MEDIA_FIELDS = ("image", "audio")
+
+
+def read_items(path: str | os.PathLike, *, text_field: str = "text") -> tuple[list[Any], list[str]]:
+    """(items, `file:line` of each): one text per line of a .txt file (blank lines too: row i of the output is
+    line i), or per line of a .jsonl file its `text_field`, or, when the line has an "image" or "audio" field
+    (a path relative to the file's directory), a media item `{"image"/"audio": path, "text": optional}`."""
     from bidirlm_jax.data.records import ROWS, read_file
 
     path = Path(path)
@@ -79,14 +93,33 @@ def read_texts(path: str | os.PathLike, *, text_field: str = "text") -> list[str
     if not path.is_file():
         raise ConfigError(f"input file {path} does not exist")
     text = ROWS["document"][0]
-    texts = []
+    items, wheres = [], []
     for where, record in read_file(path, text_field=text_field):
-        if not isinstance(record, dict) or not text.accepts(record.get(text_field)):
-            raise ConfigError(f"{where}: no string {text_field!r} field; add it or name the field with --text-field")
-        texts.append(record[text_field])
-    if not any(t.strip() for t in texts):
+        media = {k: str(path.parent / record[k]) for k in MEDIA_FIELDS if isinstance(record, dict) and record.get(k)}
+        if media:
+            if record.get(text_field) is not None and not text.accepts(record[text_field]):
+                raise ConfigError(f"{where}: {text_field!r} must be a string beside {sorted(media)}")
+            items.append({**media, **({"text": record[text_field]} if record.get(text_field) else {})})
+        elif not isinstance(record, dict) or not text.accepts(record.get(text_field)):
+            raise ConfigError(
+                f"{where}: no string {text_field!r} field (nor an image or audio path); add it or name the field "
+                "with --text-field"
+            )
+        else:
+            items.append(record[text_field])
+        wheres.append(where)
+    if not any(not isinstance(i, str) or i.strip() for i in items):
         raise ConfigError(f"input file {path} holds no text; nothing to embed")
-    return texts
+    return items, wheres
+
+
+def read_texts(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
+    """`read_items` of a file that must hold text only."""
+    items, wheres = read_items(path, text_field=text_field)
+    for item, where in zip(items, wheres):
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: holds {sorted(set(item) - {'text'})}; this input takes text only")
+    return items
 
 
 # --- export -------------------------------------------------------------------------------------
@@ -331,7 +364,7 @@ def chosen(flag: Any, settings: Any, name: str) -> Any:
     return flag
 
 
-def _load(args: argparse.Namespace):
+def _load(args: argparse.Namespace, *, towers: bool = False):
     from bidirlm_jax.io.sentence_transformers import load_encoder
 
-    return load_encoder(args.model, attention=args.attention, dtype=args.dtype)
+    return load_encoder(args.model, attention=args.attention, dtype=args.dtype, towers=towers)

@@ -1,4 +1,5 @@
-"""Texts -> one L2-normalised embedding each, fast: packed rows, length buckets and a cached `jit`.
+"""Texts (and images, clips, or text with media) -> one L2-normalised embedding each, fast: packed rows,
+length buckets and a cached `jit`.
 
 Texts are tokenised once. By default several share each row (`data.batching.packed_batches`: segment ids and
 per-text positions, so each text is computed as if alone and no FLOP goes to padding); with `pack=False`
@@ -6,13 +7,19 @@ they are sorted by length and cut into batches of a fixed number of rows, each p
 length (`data.batching.bucket_lengths`) that holds its longest text. Either way `jit` compiles a handful of
 shapes however many batches there are, and a short batch is filled with real tokens (never an all-padding
 row, whose fully masked attention is undefined), dropped after.
-Queries of asymmetric tasks carry BidirLM's instruction template; documents never do."""
+Queries of asymmetric tasks carry BidirLM's instruction template; documents never do.
+
+A model with towers (Qwen3-VL, Qwen3-ASR, Omni) takes items: a string or `{"image", "audio", "text"}`
+(`data.media.items`). Each is rendered in the chat template (the released Omni encoder's; the instruction
+goes on string items only, never on media), sorted by length and batched one item per row
+(`data.media.collate`: buckets of tokens, patches and frames); mean pooling covers the whole sequence,
+template and media tokens included, as the released encoder pools."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +30,21 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from bidirlm_jax.data.batching import bucket_lengths, packed_batches, pad_batch, pad_id, tokenize
+from bidirlm_jax.data.media.collate import collate
+from bidirlm_jax.data.media.items import MediaProcessor, media_processor
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES
-from bidirlm_jax.models.encoder import pooled_embeddings
+from bidirlm_jax.models.encoder import embedding_size, pooled_embeddings
 from bidirlm_jax.models.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
 _PROGRESS_MIN_BATCHES = 8  # a bar for inputs that take more than a few batches
+_CUTS = (
+    "texts were longer than {max_length} tokens and were truncated",
+    "items held images larger than the pixel budget, scaled down to it",
+    "items held clips longer than the maximum duration, cut to it",
+)
 
 
 def query_prompt(instruction: str) -> str:
@@ -44,12 +58,14 @@ class EncodeResult:
 
     embeddings: np.ndarray  # [N, d] float32, in input order
     num_truncated: int
+    num_downscaled: int = 0  # images scaled down to the pixel budget
+    num_audio_truncated: int = 0  # clips cut to the maximum duration
 
 
 def encode(
     model: Transformer,
     tokenizer: Any,
-    texts: Sequence[str],
+    texts: Sequence[str | Mapping[str, Any]],
     *,
     instruction: str | None = None,
     pooling: str = "mean",
@@ -65,7 +81,9 @@ def encode(
     every text becomes `Instruct: {instruction}\\nQuery: {text}`, and `pooling="mean"` averages the instruction's
     tokens too, as in training. Texts longer than `max_length` tokens are truncated, with a logged warning;
     `progress=None` shows a bar when there are many batches. `pack=False` pads one text per row instead of
-    packing several per row (equal embeddings, more FLOPs).
+    packing several per row (equal embeddings, more FLOPs). For a model with towers, `texts` are items
+    (strings or `{"image", "audio", "text"}`) and `tokenizer` may be a `MediaProcessor` (its template and
+    pixel budget), else one is built from the model's config (see the module doc).
     """
     return encode_texts(
         model,
@@ -84,7 +102,7 @@ def encode(
 def encode_texts(
     model: Transformer,
     tokenizer: Any,
-    texts: Sequence[str],
+    texts: Sequence[str | Mapping[str, Any]],
     *,
     instruction: str | None = None,
     pooling: str = "mean",
@@ -93,22 +111,34 @@ def encode_texts(
     max_length: int = 512,
     progress: bool | None = None,
     pack: bool = True,
+    item_names: Sequence[str] | None = None,
 ) -> EncodeResult:
-    """`encode`, also returning the number of truncated texts."""
-    texts = _check_args(texts, pooling, batch_size, max_length)
+    """`encode`, also returning the number of truncated texts (and, for media, resized images and cut clips);
+    `item_names` name the items in errors (`file:line`; default `item i`)."""
+    media = hasattr(model, "batch_hidden_states")
+    texts = _check_args(texts, pooling, batch_size, max_length, media=media)
     if instruction is not None:
-        texts = [query_prompt(instruction) + t for t in texts]
-    out = np.zeros((len(texts), model.config.hidden_size), np.float32)
+        texts = [query_prompt(instruction) + t if isinstance(t, str) else t for t in texts]
+    out = np.zeros((len(texts), embedding_size(model)), np.float32)
     if not texts:
         return EncodeResult(out, 0)
-    ids, num_truncated = tokenize(tokenizer, texts, max_length)
-    if num_truncated:
-        log.warning("%d of %d texts were longer than %d tokens and were truncated", num_truncated, len(ids), max_length)
+    if media:
+        processor = tokenizer if isinstance(tokenizer, MediaProcessor) else media_processor(model, tokenizer)
+        names = item_names or [f"item {i}" for i in range(len(texts))]
+        rendered = [processor.render(t, max_length, where=name) for t, name in zip(texts, names)]
+        counts = [sum(getattr(r, f) > 0 for r in rendered) for f in ("text_truncated", "downscaled", "audio_truncated")]
+        batches = _media_batches(rendered, processor, batch_size, max_length)
+    else:
+        ids, num_truncated = tokenize(tokenizer, texts, max_length)
+        counts = [num_truncated, 0, 0]
+        batches = _batches(ids, batch_size, bucket_lengths(max_length), pad_id(tokenizer), pack)
+    for count, what in zip(counts, _CUTS):
+        if count:
+            log.warning("%d of %d %s", count, len(texts), what.format(max_length=max_length))
     graphdef, state = nnx.split(model)
     run = functools.partial(_embed, graphdef=graphdef, pooling=pooling, normalize=normalize)
-    batches = _batches(ids, batch_size, bucket_lengths(max_length), pad_id(tokenizer), pack)
     show = progress if progress is not None else len(batches) >= _PROGRESS_MIN_BATCHES
-    with tqdm(total=len(ids), desc="encoding", unit="text", disable=not show) as bar:
+    with tqdm(total=len(texts), desc="encoding", unit="item", disable=not show) as bar:
         pending = None
         for index, inputs, num_texts in batches:
             current = (index, run(state, inputs, num_texts=num_texts))  # dispatched asynchronously
@@ -116,7 +146,19 @@ def encode_texts(
                 _collect(out, *pending, bar)  # fetch the previous batch while this one runs
             pending = current
         _collect(out, *pending, bar)
-    return EncodeResult(out, num_truncated)
+    return EncodeResult(out, *counts)
+
+
+def _media_batches(rendered: list, processor: MediaProcessor, batch_size: int, max_length: int):
+    """(item indices, row-aligned inputs, None) per batch: items sorted by length, one per row."""
+    rows = min(batch_size, 1 << (len(rendered) - 1).bit_length())
+    order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i].ids))
+    out = []
+    for lo in range(0, len(order), rows):
+        index = order[lo : lo + rows]
+        inputs = collate([rendered[i] for i in index], processor, rows=rows, max_length=max_length)
+        out.append((index, inputs, None))
+    return out
 
 
 def _batches(ids: list[list[int]], batch_size: int, buckets: tuple[int, ...], pad: int, pack: bool):
@@ -133,13 +175,20 @@ def _batches(ids: list[list[int]], batch_size: int, buckets: tuple[int, ...], pa
     return out
 
 
-def _check_args(texts: Sequence[str], pooling: str, batch_size: int, max_length: int) -> list[str]:
-    if isinstance(texts, str):
-        raise ConfigError("encode takes a list of texts, not one string; wrap it: [text]")
+def _check_args(texts: Sequence, pooling: str, batch_size: int, max_length: int, *, media: bool) -> list:
+    if isinstance(texts, (str, Mapping)):
+        raise ConfigError("encode takes a list of texts (or items), not one; wrap it: [text]")
     texts = list(texts)
-    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    kinds = (str, Mapping) if media else str
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, kinds)), None)
     if bad is not None:
-        raise ConfigError(f"text {bad} is a {type(texts[bad]).__name__}, not a string; pass strings only")
+        if isinstance(texts[bad], Mapping):
+            raise ConfigError(
+                f"item {bad} holds media but the model has no vision or audio tower; load a Qwen3-VL, Qwen3-ASR "
+                "or BidirLM-Omni checkpoint (with its towers) to embed images or audio"
+            )
+        expected = "a string or a {'image', 'audio', 'text'} mapping" if media else "a string"
+        raise ConfigError(f"item {bad} is a {type(texts[bad]).__name__}, not {expected}")
     if pooling not in POOLING_MODES:
         raise ConfigError(f"pooling {pooling!r} is not one of {POOLING_MODES}")
     if batch_size < 1 or max_length < 1:

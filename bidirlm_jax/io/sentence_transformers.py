@@ -159,14 +159,27 @@ def _run_settings(run: Path) -> EncoderSettings:
 
 
 def load_encoder(
-    path: str | os.PathLike, *, attention: str | None = None, dtype: str = "float32"
+    path: str | os.PathLike, *, attention: str | None = None, dtype: str = "float32", towers: bool = False
 ) -> tuple[Transformer, Any, EncoderSettings]:
-    """Model (attention as its config says unless `attention`), tokenizer and settings of a directory."""
+    """Model (attention as its config says unless `attention`), tokenizer and settings of a directory; the
+    text backbone alone unless `towers` (then the vision or audio tower the checkpoint holds, for media)."""
     path = Path(path)
     check_source(path)
     tokenizer = _load_tokenizer(path)
     settings = read_encoder_settings(path)
-    return from_pretrained(path, attention=attention, dtype=dtype, vision=False), tokenizer, settings
+    model = from_pretrained(path, attention=attention, dtype=dtype, **({} if towers else {"text_only": True}))
+    return model, tokenizer, settings
+
+
+def read_preprocessor_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's `preprocessor_config.json` (image normalisation and pixel budget), {} without one."""
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{file} is not valid JSON ({e}); restore it from the checkpoint") from None
 
 
 # --- writing ------------------------------------------------------------------------------------

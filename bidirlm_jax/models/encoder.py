@@ -1,9 +1,10 @@
 """Model inputs → one pooled embedding per text: the single path GradCache, `encode`, the task heads and the
 export share, so an embedding never depends on which of them computed it.
 
-Inputs are a mapping, not fixed arguments: today the text keys `MODEL_INPUTS` (`input_ids`,
-`attention_mask`, `segment_ids`, `positions`); a tower's keys (`pixel_values`, `image_grid_thw`,
-`input_features`) join that tuple and `hidden_states` without any caller changing. A batch that holds
+Inputs are a mapping, not fixed arguments: the text keys (`input_ids`, `attention_mask`, `segment_ids`,
+`positions`) and the towers' row-aligned keys (`data.media.collate`: `pixel_values` and its layout,
+`input_features`, `audio_lengths`), all in `MODEL_INPUTS`. A model with towers computes a batch through its
+own `batch_hidden_states(inputs)`, so GradCache, `encode` and the heads need no per-model code. A batch that holds
 several kinds of text (a contrastive batch's queries and documents) names them by role prefix:
 `role_input_ids`, …, with the legacy short names `role_ids` / `role_mask` (`role_inputs`).
 
@@ -24,7 +25,19 @@ import jax.numpy as jnp
 from bidirlm_jax.models.pooling import pool, pool_segments
 from bidirlm_jax.models.transformer import Transformer
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "segment_ids", "positions")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "segment_ids",
+    "positions",
+    "pixel_values",
+    "vision_coords",
+    "vision_interp_index",
+    "vision_interp_weight",
+    "vision_lengths",
+    "input_features",
+    "audio_lengths",
+)
 _SHORT_NAMES = {"ids": "input_ids", "mask": "attention_mask"}  # a role's legacy batch keys (`query_ids`, …)
 
 Inputs = Mapping[str, jax.Array]
@@ -45,12 +58,20 @@ def role_inputs(batch: Mapping[str, jax.Array], role: str) -> dict[str, jax.Arra
 
 def hidden_states(model: Transformer, inputs: Inputs) -> jax.Array:
     """Final-normed hidden states [B, T, d] of a mapping of model inputs."""
+    if hasattr(model, "batch_hidden_states"):  # a model with towers (row-aligned media inputs)
+        return model.batch_hidden_states(inputs)
     return model.hidden_states(
         inputs["input_ids"],
         inputs.get("attention_mask"),
         segment_ids=inputs.get("segment_ids"),
         positions=inputs.get("positions"),
     )
+
+
+def embedding_size(model: Transformer) -> int:
+    """Width of the model's embeddings (the text stack's, for models with towers)."""
+    config = model.config
+    return getattr(config, "text", config).hidden_size
 
 
 def pool_inputs(values: jax.Array, inputs: Inputs, mode: str, *, num_texts: int | None = None) -> jax.Array:

@@ -11,6 +11,7 @@ see three equal rows: plain RoPE). Bidirectional or causal as the text config sa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -53,6 +54,16 @@ class Qwen3ASR(nnx.Module):
         if input_features is not None:
             x = merge_audio(self.audio_tower, x, ids == self.config.audio_token_id, input_features, lengths)
         return self.text.hidden_states(inputs_embeds=x, attention_mask=attention_mask)
+
+    def batch_hidden_states(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
+        """Hidden states of a row-aligned batch (`data.media.collate`: row b's clip in `input_features[b]`,
+        `audio_lengths[b]` frames, 0 without one), the path `models.encoder` takes for every media model."""
+        return self.hidden_states(
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            input_features=inputs.get("input_features"),
+            lengths=inputs.get("audio_lengths"),
+        )
 
     def __call__(self, input_ids, attention_mask=None, *, input_features=None, input_features_mask=None) -> ModelOutput:
         hidden = self.hidden_states(**self.prepare(input_ids, attention_mask, input_features, input_features_mask))

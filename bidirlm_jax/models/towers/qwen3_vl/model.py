@@ -11,6 +11,8 @@ as the text config says; without images it is the text model (positions 0…T−
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -65,6 +67,21 @@ class Qwen3VL(nnx.Module):
             placeholders = ids == self.config.image_token_id
             x, add = merge_images(self.visual, x, placeholders, pixel_values, layout, self.config.text.num_layers)
         return self.text.hidden_states(inputs_embeds=x, attention_mask=attention_mask, positions=positions, add=add)
+
+    def batch_hidden_states(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
+        """Hidden states of a row-aligned batch (`data.media.collate`: `positions` [B, 3, T], row b's image in
+        `pixel_values[b]` with its `vision_*` layout), the path `models.encoder` takes for every media model."""
+        pixels = inputs.get("pixel_values")
+        layout = None
+        if pixels is not None:
+            layout = VisionLayout(*(inputs[f"vision_{f.name}"] for f in dataclasses.fields(VisionLayout)))
+        return self.hidden_states(
+            inputs["input_ids"],
+            inputs.get("attention_mask"),
+            positions=jnp.swapaxes(jnp.asarray(inputs["positions"]), 0, 1),
+            pixel_values=pixels,
+            layout=layout,
+        )
 
     def __call__(self, input_ids, attention_mask=None, *, pixel_values=None, image_grid_thw=None) -> ModelOutput:
         hidden = self.hidden_states(**self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw))

@@ -1,0 +1,81 @@
+"""Rendered items → one row-aligned batch of numpy model inputs, static shapes from a few buckets.
+
+Every array's axis 0 is the row (one item per row), so GradCache's row chunking and the `batch` sharding
+take media batches unchanged:
+- `input_ids`, `attention_mask` int32 [B, T] (right padding; T a `bucket_lengths` length);
+- `positions` int32 [B, 3, T]: M-RoPE positions, for models with a vision tower (`get_rope_index`);
+- `pixel_values` float32 [B, P, patch_dim] and the `VisionLayout` fields `vision_coords`,
+  `vision_interp_index`, `vision_interp_weight`, `vision_lengths` (row b: its image's patches, zero-padded
+  to P, a bucket multiple of the merge unit), when a row holds an image;
+- `input_features` float32 [B, mel_bins, F] and `audio_lengths` int32 [B] (frames; 0: no clip), F a
+  power-of-two number of chunks, when a row holds a clip.
+A short batch is filled with copies of its first item (dropped after), never an all-padding row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from bidirlm_jax.data.batching import bucket_for, bucket_lengths, pad_rows
+from bidirlm_jax.data.media.audio import batch_features
+from bidirlm_jax.data.media.items import MediaProcessor, RenderedItem
+from bidirlm_jax.io.tokenizer import pad_id
+from bidirlm_jax.models.towers.qwen3_vl.layout import vision_layout
+from bidirlm_jax.models.towers.qwen3_vl.rope_index import get_rope_index
+
+VISION_KEYS = ("pixel_values", "vision_coords", "vision_interp_index", "vision_interp_weight", "vision_lengths")
+AUDIO_KEYS = ("input_features", "audio_lengths")
+MEDIA_KEYS = ("positions", *VISION_KEYS, *AUDIO_KEYS)
+
+
+def patch_bucket(patches: int) -> int:
+    """Patches per row for a batch whose largest image has `patches`: a `bucket_lengths` step (a multiple of
+    16, so of every merge unit), at most 1.5× the need."""
+    return bucket_for(patches, bucket_lengths(2 * max(patches, 1)))
+
+
+def collate(
+    items: Sequence[RenderedItem], processor: MediaProcessor, *, rows: int, max_length: int
+) -> dict[str, np.ndarray]:
+    """`items` (at most `rows`) as one batch of `rows` rows (see the module doc)."""
+    items = [*items, *[items[0]] * (rows - len(items))]
+    length = bucket_for(max(len(i.ids) for i in items), bucket_lengths(max_length))
+    ids, mask = pad_rows([i.ids for i in items], length, pad_id(processor.tokenizer))
+    batch: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+    vision, audio = processor.vision, processor.audio
+    if vision is not None:
+        grids = [i.grid for i in items if i.grid is not None]
+        positions, _ = get_rope_index(
+            ids, grids or None, mask, image_token_id=vision.image, spatial_merge_size=vision.merge_size
+        )
+        batch["positions"] = np.ascontiguousarray(positions.transpose(1, 0, 2)).astype(np.int32)
+        if grids:
+            batch.update(_vision_arrays(items, vision.merge_size, vision.grid_side))
+    if audio is not None and any(i.features is not None for i in items):
+        empty = np.zeros((audio.mel_bins, 0), np.float32)
+        features = [empty if i.features is None else i.features for i in items]
+        chunk = 2 * audio.n_window
+        chunks = -(-max(f.shape[1] for f in features) // chunk)
+        batch["input_features"], batch["audio_lengths"] = batch_features(
+            features, multiple=chunk, frames=chunk * (1 << (chunks - 1).bit_length())
+        )
+    return batch
+
+
+def _vision_arrays(items: Sequence[RenderedItem], merge: int, side: int) -> dict[str, np.ndarray]:
+    width = next(i.patches.shape[1] for i in items if i.patches is not None)
+    length = patch_bucket(max(len(i.patches) for i in items if i.patches is not None))
+    pixels = np.zeros((len(items), length, width), np.float32)
+    for row, item in zip(pixels, items):
+        if item.patches is not None:
+            row[: len(item.patches)] = item.patches
+    layout = vision_layout([[i.grid] if i.grid else [] for i in items], length, merge=merge, side=side)
+    return {
+        "pixel_values": pixels,
+        "vision_coords": layout.coords,
+        "vision_interp_index": layout.interp_index,
+        "vision_interp_weight": layout.interp_weight,
+        "vision_lengths": layout.lengths,
+    }
