@@ -244,3 +244,43 @@ def test_bad_inputs_are_refused(model):
         model(short, mask, **media())
     with pytest.raises(ConfigError, match="image placeholders"):
         model(ids, mask, **{**media(), "pixel_values": pixels()[:24], "image_grid_thw": np.array(GRIDS[:1])})
+
+
+def test_the_media_data_path_equals_the_processor_style_call(model):
+    """Items of every combination rendered (chat template, audio before the image) and collated into one
+    row-aligned batch (`data.media`), through `models.encoder.hidden_states`: the model's own call on the
+    processor-style inputs of the same items gives the same hidden states (only the towers' padded rows are
+    grouped differently: fp32 regrouping)."""
+    import os
+
+    import skimage.data
+
+    from bidirlm_jax.data.media.collate import collate
+    from bidirlm_jax.data.media.items import media_processor
+    from bidirlm_jax.models.encoder import hidden_states
+    from bidirlm_jax.testing import media
+
+    t = np.arange(22050) / 16000
+    speech = {"array": (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), "sampling_rate": 16000}
+    astronaut = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png")
+    items = [
+        {"audio": speech, "image": astronaut, "text": "an astronaut, described"},
+        {"image": astronaut},
+        {"audio": speech, "text": "a tone"},
+        "text alone",
+    ]
+    processor = media_processor(model, media.media_tokenizer(), min_pixels=32 * 32, max_pixels=64 * 64)
+    rendered = [processor.render(item, 96) for item in items]
+    batch = collate(rendered, processor, rows=4, max_length=96)
+    ours = nnx.jit(hidden_states)(model, batch)
+    clips = [r.features for r in rendered if r.features is not None]
+    frames = max(f.shape[1] for f in clips)
+    theirs = model(
+        batch["input_ids"],
+        batch["attention_mask"],
+        pixel_values=np.concatenate([r.patches for r in rendered if r.grid]),
+        image_grid_thw=np.asarray([r.grid for r in rendered if r.grid]),
+        input_features=np.stack([np.pad(f, ((0, 0), (0, frames - f.shape[1]))) for f in clips]),
+        input_features_mask=np.arange(frames)[None] < np.asarray([f.shape[1] for f in clips])[:, None],
+    ).hidden_states
+    _close(ours, theirs, batch["attention_mask"])

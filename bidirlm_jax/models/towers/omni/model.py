@@ -29,16 +29,12 @@ from bidirlm_jax.models import transformer
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.towers.omni.config import OmniConfig
 from bidirlm_jax.models.towers.qwen3_asr.encoder import AudioEncoder
-from bidirlm_jax.models.towers.qwen3_asr.model import audio_inputs, merge_audio
+from bidirlm_jax.models.towers.qwen3_asr.model import audio_inputs, batch_clips, merge_audio
 from bidirlm_jax.models.towers.qwen3_vl import vision as vision_tower
 from bidirlm_jax.models.towers.qwen3_vl.layout import VisionLayout
-from bidirlm_jax.models.towers.qwen3_vl.model import image_inputs, merge_images
+from bidirlm_jax.models.towers.qwen3_vl.model import batch_images, image_inputs, merge_images
 from bidirlm_jax.models.towers.qwen3_vl.vision import VisionTower
 from bidirlm_jax.models.transformer import ModelOutput, Transformer
-
-# The row-aligned media batch's keys (see the encoder's media contract), by the tower that reads them.
-VISION_KEYS = ("pixel_values", "vision_coords", "vision_interp_index", "vision_interp_weight", "vision_lengths")
-AUDIO_KEYS = ("input_features", "audio_lengths")
 
 
 class Omni(nnx.Module):
@@ -115,16 +111,11 @@ class Omni(nnx.Module):
         """`hidden_states` of a row-aligned media batch (each row one item: text, text+image(s), text+audio,
         text+audio+image; `positions` [B, 3, T]; the vision keys with one row of patches per batch row, the
         audio keys with one clip per row, length 0 where a row has none)."""
-        kwargs: dict[str, Any] = {}
-        if "pixel_values" in inputs:
-            coords, index, weight, lengths = (inputs[k] for k in VISION_KEYS[1:])
-            kwargs.update(pixel_values=inputs["pixel_values"], layout=VisionLayout(coords, index, weight, lengths))
-        if "input_features" in inputs:
-            kwargs.update(input_features=inputs["input_features"], lengths=inputs["audio_lengths"])
-        positions = inputs.get("positions")
+        positions = inputs.get("positions")  # absent for a model without a vision tower: text positions
         if positions is not None:
-            positions = jnp.asarray(positions).transpose(1, 0, 2)
-        return self.hidden_states(inputs["input_ids"], inputs.get("attention_mask"), positions=positions, **kwargs)
+            positions = jnp.swapaxes(jnp.asarray(positions), 0, 1)
+        media = {**batch_clips(inputs), **batch_images(inputs)}
+        return self.hidden_states(inputs["input_ids"], inputs.get("attention_mask"), positions=positions, **media)
 
     def __call__(
         self,

@@ -58,16 +58,19 @@ class Qwen3ASR(nnx.Module):
     def batch_hidden_states(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
         """Hidden states of a row-aligned batch (`data.media.collate`: row b's clip in `input_features[b]`,
         `audio_lengths[b]` frames, 0 without one), the path `models.encoder` takes for every media model."""
-        return self.hidden_states(
-            inputs["input_ids"],
-            inputs.get("attention_mask"),
-            input_features=inputs.get("input_features"),
-            lengths=inputs.get("audio_lengths"),
-        )
+        return self.hidden_states(inputs["input_ids"], inputs.get("attention_mask"), **batch_clips(inputs))
 
     def __call__(self, input_ids, attention_mask=None, *, input_features=None, input_features_mask=None) -> ModelOutput:
         hidden = self.hidden_states(**self.prepare(input_ids, attention_mask, input_features, input_features_mask))
         return ModelOutput(logits=self.text.logits(hidden), hidden_states=hidden)
+
+
+def batch_clips(inputs: Mapping[str, jax.Array]) -> dict[str, Any]:
+    """The `hidden_states` keywords of a row-aligned batch's clips: `input_features` and their `lengths`
+    (`audio_lengths`; nothing when the batch holds no clip)."""
+    if inputs.get("input_features") is None:
+        return {}
+    return dict(input_features=inputs["input_features"], lengths=inputs["audio_lengths"])
 
 
 def audio_inputs(

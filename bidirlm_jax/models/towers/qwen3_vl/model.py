@@ -71,21 +71,25 @@ class Qwen3VL(nnx.Module):
     def batch_hidden_states(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
         """Hidden states of a row-aligned batch (`data.media.collate`: `positions` [B, 3, T], row b's image in
         `pixel_values[b]` with its `vision_*` layout), the path `models.encoder` takes for every media model."""
-        pixels = inputs.get("pixel_values")
-        layout = None
-        if pixels is not None:
-            layout = VisionLayout(*(inputs[f"vision_{f.name}"] for f in dataclasses.fields(VisionLayout)))
         return self.hidden_states(
             inputs["input_ids"],
             inputs.get("attention_mask"),
             positions=jnp.swapaxes(jnp.asarray(inputs["positions"]), 0, 1),
-            pixel_values=pixels,
-            layout=layout,
+            **batch_images(inputs),
         )
 
     def __call__(self, input_ids, attention_mask=None, *, pixel_values=None, image_grid_thw=None) -> ModelOutput:
         hidden = self.hidden_states(**self.prepare(input_ids, attention_mask, pixel_values, image_grid_thw))
         return ModelOutput(logits=self.text.logits(hidden), hidden_states=hidden)
+
+
+def batch_images(inputs: Mapping[str, jax.Array]) -> dict[str, Any]:
+    """The `hidden_states` keywords of a row-aligned batch's images: `pixel_values` and the `layout` its
+    `vision_*` fields make (nothing when the batch holds no image)."""
+    if inputs.get("pixel_values") is None:
+        return {}
+    layout = VisionLayout(*(inputs[f"vision_{f.name}"] for f in dataclasses.fields(VisionLayout)))
+    return dict(pixel_values=inputs["pixel_values"], layout=layout)
 
 
 def image_inputs(
