@@ -71,9 +71,11 @@ def _kill_and_resume(preset: str, tmp_path: Path, *args: str) -> tuple[Path, Pat
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["configs/mntp.py:tiny", "configs/contrastive.py:tiny"])
+@pytest.mark.parametrize(
+    "preset", ["configs/mntp.py:tiny", "configs/contrastive.py:tiny", "configs/contrastive.py:tiny-image"]
+)
 def test_a_run_killed_mid_save_resumes_bit_exactly(preset, tmp_path):
-    """MNTP's masks come from the checkpointed RNG; contrastive batches from the step."""
+    """MNTP's masks come from the checkpointed RNG; contrastive batches (text or image–text) from the step."""
     _kill_and_resume(preset, tmp_path)
 
 

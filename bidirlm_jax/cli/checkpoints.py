@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bidirlm_jax.io import FORMATS
+from bidirlm_jax.io import EXPORT_FORMATS, FORMATS
 from bidirlm_jax.models.runtime import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, DTYPES
 from bidirlm_jax.paths import user_path
 
@@ -24,12 +24,24 @@ def add_convert(sub: argparse._SubParsersAction, name: str) -> argparse.Argument
         "--bidirectional-window", choices=BIDIRECTIONAL_WINDOWS, help="Gemma3 sliding layers when bidirectional"
     )
     p.add_argument("--dtype", choices=DTYPES, help="stored dtype of an HF output")
+    format_arg(p)
     p.add_argument("--max-shard-size", default="5GB", help="largest HF output shard, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument(
         "--allow-pickle", action="store_true", help="read pytorch_model.bin (pickle; only from sources you trust)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
+
+
+def format_arg(p: argparse.ArgumentParser) -> None:
+    """`--format`: which HF format an output is written in (`convert`, `export`)."""
+    p.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        default="transformers",
+        help="HF output: transformers' own classes (default), or a released BidirLM checkpoint (model_type bidirlm, "
+        "its remote code named by auto_map; bidirectional text models)",
+    )
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -46,6 +58,7 @@ def run_convert(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
         max_shard_bytes=parse_size(args.max_shard_size),
+        format=args.format,
     )
     print(f"wrote {out}")
     return 0

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bidirlm_jax.cli.checkpoints import format_arg
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES
 from bidirlm_jax.models.runtime import ATTENTION_MODES, DTYPES
@@ -36,6 +37,10 @@ def add_embed(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPa
     p.add_argument("--input", type=user_path, required=True, metavar="FILE", help=".txt (one text per line) or .jsonl")
     p.add_argument("--output", type=user_path, required=True, metavar="FILE.npy", help="embeddings [N, d], float32")
     p.add_argument("--instruction", help="query instruction: each text becomes 'Instruct: TEXT\\nQuery: {text}'")
+    p.add_argument(
+        "--prompt-name",
+        help="prepend the encoder's sentence-transformers prompt of this name (default: its default_prompt_name)",
+    )
     _encoding_args(p)
     p.add_argument("--text-field", default="text", help="the .jsonl field holding the text (default text)")
     p.add_argument("--overwrite", action="store_true", help="replace FILE.npy if it exists")
@@ -52,6 +57,7 @@ def run_embed(args: argparse.Namespace) -> int:
     check_destination(args.output, overwrite=args.overwrite)
     media = any(not isinstance(i, str) for i in items)
     model, tokenizer, settings = _load(args, towers=media)
+    prompt = named_prompt(args.prompt_name, settings, instruction=args.instruction)
     if media and hasattr(model, "batch_hidden_states"):
         from bidirlm_jax.data.media.items import media_processor
         from bidirlm_jax.io.sentence_transformers import read_preprocessor_config
@@ -60,7 +66,7 @@ def run_embed(args: argparse.Namespace) -> int:
     result = encode_texts(
         model,
         tokenizer,
-        items,
+        [prompt + i if isinstance(i, str) else i for i in items],  # prompts go on texts, never on media
         item_names=wheres,
         instruction=args.instruction,
         pooling=chosen(args.pooling, settings, "pooling"),
@@ -76,6 +82,19 @@ def run_embed(args: argparse.Namespace) -> int:
     cut = f"; {result.num_audio_truncated} clips cut to the maximum duration" if result.num_audio_truncated else ""
     print(f"embedded {n} {'items' if media else 'texts'} ({d} dimensions){truncated}{resized}{cut} -> {args.output}")
     return 0
+
+
+def named_prompt(name: str | None, settings: Any, *, instruction: str | None = None) -> str:
+    """The text sentence-transformers would prepend: the prompt `name`, else the encoder's default prompt
+    (none when an instruction is given); `--prompt-name` with `--instruction` is refused."""
+    if name is not None and instruction:
+        raise ConfigError("give --prompt-name or --instruction, not both (each is a prefix of every text)")
+    if name is None:  # the default prompt (sentence-transformers drops empty prompts, as `settings` does)
+        return "" if instruction else settings.prompts.get(settings.default_prompt_name, "")
+    if name not in settings.prompts:
+        known = ", ".join(sorted(settings.prompts)) or "none"
+        raise ConfigError(f"no prompt named {name!r} in {settings.origin or 'this model'} (its prompts: {known})")
+    return settings.prompts[name]
 
 
 MEDIA_FIELDS = ("image", "audio")
@@ -131,7 +150,8 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
         help="HF directory or checkpoint -> encoder loadable by transformers and sentence-transformers",
         description="Write SRC (an HF directory, a merged one, a bidirlm checkpoint or a training run, with its tokenizer) as an "
         "encoder directory DST that transformers (AutoModel) and sentence-transformers (SentenceTransformer) load "
-        "as-is, without remote code. Written to a temporary directory and renamed into place.",
+        "as-is, without remote code (--format bidirlm: as the released BidirLM models load, with theirs). Written to a "
+        "temporary directory and renamed into place.",
     )
     p.add_argument("src", type=user_path, help="HF directory or bidirlm checkpoint, with its tokenizer files")
     p.add_argument("dst", type=user_path, help="output directory (must not exist, unless --overwrite)")
@@ -145,6 +165,7 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--instruction", help="default query instruction, saved as the 'query' prompt")
     p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional", help="(default bidirectional)")
     p.add_argument("--dtype", choices=DTYPES, help="stored precision (default: the source's)")
+    format_arg(p)
     p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (only from sources you trust)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
@@ -157,7 +178,7 @@ def run_export(args: argparse.Namespace) -> int:
     from bidirlm_jax.io.sentence_transformers import export_encoder, read_encoder_settings
 
     if head_file(args.src).is_file():  # a fine-tuning run: its head's export (io.heads)
-        out = export_finetuned(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
+        out = export_finetuned(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, format=args.format)
         print(f"wrote {out}")
         return 0
     settings = read_encoder_settings(args.src)
@@ -184,6 +205,7 @@ def run_export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         overwrite=args.overwrite,
         allow_pickle=args.allow_pickle,
+        format=args.format,
     )
     print(f"wrote {out}")
     return 0

@@ -11,6 +11,14 @@
 `data.seq_len` is the maximum length of every text (longer ones are truncated and counted).
 `evals.retrieval.data=BEIR_DIR` scores retrieval on a BEIR split every `evals.retrieval.every` steps.
 
+Media: `tiny-image` (a tiny random Qwen3-VL on scikit-image's photographs ↔ captions) and `tiny-audio` (a tiny
+random Qwen3-ASR on espeak-ng sentences ↔ transcripts) run offline in minutes; `qwen3-vl-2b` is the paper-size
+image–text run (§6's vision specialist and Omni's image data: Qwen3-VL-2B or a merge of it with the encoder
+as `model.init_from`, `data.path` = records `{"query": caption, "positive": {"image": path}}`). The paper gives
+no image–text batch or budget: it takes the text runs' 512 pairs, Qwen3-1.7B's learning rate and chunking,
+0 hard negatives (App. E), and a training pixel budget of 256 merged tokens (256·32·32 pixels) so a caption
+and its image fit 512 tokens; towers frozen (`contrastive.train_towers`).
+
 Presets: `tiny` (the tiny Gemma3-shaped model on pairs mined from the standard library's docstrings)
 and the paper's four sizes (paper-recipe.md §3.2): learning rates 6e-5 / 3e-5 / 1e-4 / 1e-4, batch 512,
 GradCache chunks of 64 / 32 / 32 / 16 rows per data-parallel shard, 7 hard negatives, length 512, 500
@@ -25,7 +33,8 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.train.config import base_config
 
 _SIZES = {"gemma3-270m": (6e-5, 64), "qwen3-0.6b": (3e-5, 32), "gemma3-1b": (1e-4, 32), "qwen3-1.7b": (1e-4, 16)}
-PRESETS = ("tiny", *_SIZES)
+_MEDIA = ("tiny-image", "tiny-audio", "qwen3-vl-2b")
+PRESETS = ("tiny", *_SIZES, *_MEDIA)
 
 
 def get_config(preset: str = "tiny") -> ConfigDict:
@@ -42,6 +51,13 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             gather="global",  # negatives from the whole mesh | local: per data-parallel shard
             num_negatives=7,  # hard negatives per query (each record must have at least this many)
             instructions="",  # JSON file {dataset: {"instruction": ..., "symmetric": bool}}
+            mask_duplicates=False,  # drop candidates identical to a query's positive (repeated texts in a batch)
+            # Media (model.towers): the prompt template, the training pixel budget (0: the checkpoint's
+            # preprocessor_config.json), the longest clip kept (mteb's 30 s), and whether the towers train.
+            template="chat",
+            max_pixels=0,
+            max_seconds=30.0,
+            train_towers=False,
         )
     )
     c.evals.retrieval = ConfigDict(
@@ -62,6 +78,26 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         c.contrastive.update(num_negatives=1, chunk_size=4)
         c.optim.update(learning_rate=3e-3, warmup_steps=5, weight_decay=0.0)
         c.train.update(steps=80, checkpoint_every=40, log_every=5)
+    elif preset in ("tiny-image", "tiny-audio"):
+        image = preset == "tiny-image"
+        c.model.update(preset="tiny-qwen3-vl" if image else "tiny-qwen3-asr", towers=True)
+        c.data.update(source="sample_images" if image else "spoken", seq_len=64, global_batch_size=8)
+        c.contrastive.update(num_negatives=0, chunk_size=4, max_pixels=128 * 128, max_seconds=4.0)
+        c.optim.update(learning_rate=2e-3, warmup_steps=5, weight_decay=0.0)
+        c.train.update(steps=60, checkpoint_every=30, log_every=5)
+        if not image:  # eight sentences, six renderings each: a batch repeats transcripts, and the random
+            # tower must learn to hear (a frozen random AuT passes too little of the clip through)
+            c.contrastive.update(mask_duplicates=True, train_towers=True)
+            c.optim.learning_rate = 5e-3
+            c.train.update(steps=160, checkpoint_every=80)
+    elif preset == "qwen3-vl-2b":
+        lr, chunk = _SIZES["qwen3-1.7b"]
+        c.model.update(towers=True, dtype="bfloat16", remat="full", scan_layers=True)
+        c.data.update(global_batch_size=512, seed=42)
+        c.contrastive.update(num_negatives=0, chunk_size=chunk, max_pixels=256 * 32 * 32)
+        c.optim.update(learning_rate=lr, warmup_steps=500, final_lr_fraction=0.0)
+        c.train.update(steps=1000, seed=42, checkpoint_every=250, log_every=10)
+        c.mesh.update(data=-1, fsdp=1, tensor=1)
     elif preset in _SIZES:
         lr, chunk = _SIZES[preset]
         # scanned: GradCache's compiled memory at 512 x 8 x 512 is 7.8 GiB, 52.6 GiB unrolled (BENCHMARKS.md)

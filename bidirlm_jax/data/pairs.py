@@ -1,7 +1,10 @@
 """Contrastive pairs: records, instructions, and batches that each come from a single dataset.
 
 Records are `{"query": str, "positive": str, "negatives": [str, ...]}` lines of `.jsonl` files, rows of
-`.parquet` files, or rows of a hub dataset (`hf:NAME[:CONFIG]`, online only). A record's dataset is its
+`.parquet` files, or rows of a hub dataset (`hf:NAME[:CONFIG]`, online only). A query or positive may be a
+media item instead, `{"image": PATH}` or `{"audio": PATH}` with an optional `"text"` (a path relative to
+its file's directory; a parquet image cell `{"bytes", "path"}` works too); media datasets take 0 hard
+negatives and need a model with the matching tower. A record's dataset is its
 `dataset` field, else its file's stem (the hub name); records with the same name form one dataset, wherever
 they come from. Records are held in memory.
 
@@ -28,6 +31,12 @@ int32 [B, Lq]; `positive_ids`, `positive_mask` int32 [B, Ld]; `negative_ids`, `n
 [B, K, Ld] (K may be 0); `dataset` int32 [B] (index into `PairBatches.names`); `truncated` int32 [B] (texts
 of the row cut at their max length). Lq and Ld are fixed (`query_max_length`, `doc_max_length`, default
 `max_length` 512) so that the jitted step compiles once per K.
+
+With a `processor` (a model with towers: `data.media.items.MediaProcessor`), every side is rendered as the
+model reads it (the chat template, media placeholders expanded) and collated row-aligned at fixed shapes
+(`data.media.collate`): `{role}_input_ids`, `{role}_attention_mask`, `{role}_positions`, and the media keys
+of every tower the model has (`{role}_pixel_values`, …, `{role}_input_features`, `{role}_audio_lengths`),
+negatives as [B, K, ...].
 """
 
 from __future__ import annotations
@@ -37,19 +46,27 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grain
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from bidirlm_jax.data.batching import pad_id, pad_rows
+from bidirlm_jax.data.media.collate import collate
+from bidirlm_jax.data.media.items import MediaProcessor
 from bidirlm_jax.data.records import HUB_PREFIX, ROWS, expand, hub_dataset, hub_records, read_file
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.paths import user_path
 
 EXTENSIONS = (".jsonl", ".parquet")
 INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"
-_FIX = 'every record needs non-empty "query" and "positive" strings and optionally "negatives", a list of strings'
+_FIX = (
+    'every record needs non-empty "query" and "positive" strings (or {"image"/"audio": PATH} objects) and '
+    'optionally "negatives", a list of strings'
+)
+MEDIA = ("image", "audio")
+Item = str | dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -67,13 +84,19 @@ class PairDataset:
 
     name: str
     sources: list[str] = field(default_factory=list)
-    queries: list[str] = field(default_factory=list)
-    positives: list[str] = field(default_factory=list)
+    queries: list[Item] = field(default_factory=list)
+    positives: list[Item] = field(default_factory=list)
     negatives: list[list[str]] = field(default_factory=list)
     where: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.queries)
+
+    @property
+    def media(self) -> tuple[str, ...]:
+        """The media kinds its records hold ("image", "audio"), in that order."""
+        items = [i for i in (*self.queries, *self.positives) if isinstance(i, dict)]
+        return tuple(m for m in MEDIA if any(m in i for i in items))
 
 
 def with_instruction(text: str, instruction: str) -> str:
@@ -119,18 +142,34 @@ def _add(datasets: dict[str, PairDataset], default_name: str, source: str, where
         if contract.key == "negatives":  # a list of texts, each non-empty
             if value and not (contract.accepts(value) and all(n.strip() for n in value)):
                 raise ConfigError(f'{where}: "negatives" must be a list of non-empty strings; {_FIX}')
-        elif contract.required and not (contract.accepts(value) and value.strip()):
-            problem = "missing" if value is None else "empty" if isinstance(value, str) else "not a string"
+        elif contract.required and not (contract.accepts(value) and (isinstance(value, dict) or value.strip())):
+            problem = "missing" if value is None else "empty" if isinstance(value, str) else f"not {contract.expected}"
             raise ConfigError(f'{where}: record field "{contract.key}" is {problem}; {_FIX}')
     negatives = record.get("negatives") or []
     name = str(record.get("dataset") or default_name)
     ds = datasets.setdefault(name, PairDataset(name))
     if source not in ds.sources:
         ds.sources.append(source)
-    ds.queries.append(record["query"])
-    ds.positives.append(record["positive"])
+    ds.queries.append(_item(record["query"], source, where))
+    ds.positives.append(_item(record["positive"], source, where))
     ds.negatives.append(negatives)
     ds.where.append(where)
+
+
+def _item(value: Item, source: str, where: str) -> Item:
+    """A text as it is; a media item with its path made relative to the record's file, checked to exist."""
+    if isinstance(value, str):
+        return value
+    item = dict(value)
+    for kind in MEDIA:
+        path = item.get(kind)
+        if isinstance(path, str):
+            if not source.startswith(HUB_PREFIX):
+                path = str(Path(source).parent / path)
+            if not Path(path).is_file():
+                raise ConfigError(f"{where}: {kind} file not found: {path}")
+            item[kind] = path
+    return item
 
 
 class PairBatches:
@@ -152,6 +191,7 @@ class PairBatches:
         doc_max_length: int | None = None,
         process_index: int = 0,
         process_count: int = 1,
+        processor: MediaProcessor | None = None,
     ):
         self.datasets = list(datasets)
         self.names = [ds.name for ds in self.datasets]
@@ -169,6 +209,8 @@ class PairBatches:
         self.weights = self._check_weights(weights)
         self.instructions = self._check_instructions(instructions or {})
         self.num_negatives = self._check_negatives(num_negatives)
+        self.processor = processor
+        self._check_media()
         for ds, w in zip(self.datasets, self.weights if self.weights is not None else [1.0] * len(self.datasets)):
             if w > 0 and len(ds) < batch_size:
                 raise ConfigError(
@@ -216,6 +258,22 @@ class PairBatches:
                     )
         return counts
 
+    def _check_media(self) -> None:
+        towers = {"image": self.processor and self.processor.vision, "audio": self.processor and self.processor.audio}
+        for ds, k in zip(self.datasets, self.num_negatives):
+            missing = [m for m in ds.media if not towers[m]]
+            if missing:
+                raise ConfigError(
+                    f"dataset {ds.name!r} ({', '.join(ds.sources)}) holds {' and '.join(missing)} but the model has no "
+                    f"such tower; train a Qwen3-VL / Qwen3-ASR / Omni checkpoint with --config.model.towers=true"
+                )
+            if ds.media and k:
+                raise ConfigError(
+                    f"dataset {ds.name!r} holds media and takes 0 hard negatives, not {k}; set "
+                    f"--config.contrastive.num_negatives=0 (or per dataset)"
+                )
+        self.media = tuple(m for m in MEDIA if towers[m])
+
     def __len__(self) -> int:
         """Batches per epoch (any index is valid: later epochs reshuffle)."""
         return len(self._slots) if self.weights is None else sum(map(len, self.datasets)) // self.batch_size
@@ -245,8 +303,10 @@ class PairBatches:
         instruction = self.instructions.get(ds.name)
         prefix = (lambda t: with_instruction(t, instruction.text)) if instruction else (lambda t: t)
         doc_prefix = prefix if instruction and instruction.symmetric else (lambda t: t)
-        queries = [prefix(ds.queries[r]) for r in records]
-        docs = [doc_prefix(t) for r in records for t in [ds.positives[r], *ds.negatives[r][:k]]]
+        queries = [_text_only(prefix, ds.queries[r]) for r in records]
+        docs = [_text_only(doc_prefix, t) for r in records for t in [ds.positives[r], *ds.negatives[r][:k]]]
+        if self.processor is not None:
+            return self._media_batch(ds, records, queries, docs, d, k)
         q_ids, q_mask, q_cut = self._tokenize(queries, self.query_max_length)
         d_ids, d_mask, d_cut = self._tokenize(docs, self.doc_max_length)
         b = len(records)
@@ -262,6 +322,29 @@ class PairBatches:
             "truncated": (q_cut + d_cut.reshape(b, 1 + k).sum(axis=1)).astype(np.int32),
         }
 
+    def _media_batch(self, ds: PairDataset, records, queries: list[Item], docs: list[Item], d: int, k: int):
+        """The batch as the model's processor renders it (see the module doc)."""
+        b = len(records)
+        where = [ds.where[r] for r in records]
+        out: dict[str, np.ndarray] = {}
+        cut = np.zeros(b, np.int32)
+        sides = (("query", queries, self.query_max_length, 1), ("doc", docs, self.doc_max_length, 1 + k))
+        for role, items, length, per_row in sides:
+            rendered = [self.processor.render(item, length, where=where[i // per_row]) for i, item in enumerate(items)]
+            cut += np.asarray([r.text_truncated for r in rendered], np.int32).reshape(b, per_row).sum(axis=1)
+            arrays = collate(
+                rendered, self.processor, rows=len(rendered), max_length=length, fixed=True, media=self.media
+            )
+            if role == "query":
+                out.update({f"query_{key}": v for key, v in arrays.items()})
+                continue
+            for key, v in arrays.items():
+                v = v.reshape(b, per_row, *v.shape[1:])
+                out[f"positive_{key}"] = v[:, 0]
+                if k:
+                    out[f"negative_{key}"] = v[:, 1:]
+        return {**out, "dataset": np.full((b,), d, np.int32), "truncated": cut}
+
     def _tokenize(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """ids, mask [n, length] (right padding) and whether each text was truncated [n]."""
         enc = self.tokenizer(texts, truncation=True, max_length=length, return_overflowing_tokens=True)
@@ -269,6 +352,11 @@ class PairBatches:
         first = np.searchsorted(owner, np.arange(len(texts)))  # overflow rows follow their text's first row
         ids, mask = pad_rows([enc["input_ids"][row] for row in first], length, pad_id(self.tokenizer))
         return ids, mask, np.bincount(owner, minlength=len(texts)) > 1
+
+
+def _text_only(prefix, item: Item) -> Item:
+    """Instructions go on texts, never on media items."""
+    return prefix(item) if isinstance(item, str) else item
 
 
 def pairs_dataset(batches: PairBatches, num_batches: int | None = None) -> grain.MapDataset:

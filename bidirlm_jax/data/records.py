@@ -43,6 +43,10 @@ VALUE_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "texts": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
     "id": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
     "null": (lambda v: v is None, "null"),
+    "media": (
+        lambda v: isinstance(v, dict) and bool({"image", "audio"} & set(v)) and set(v) <= {"image", "audio", "text"},
+        'an {"image" or "audio": ..., "text": optional} object',
+    ),
 }
 
 
@@ -68,8 +72,8 @@ class Field:
 ROWS: dict[str, tuple[Field, ...]] = {
     "document": (Field("text"),),  # MNTP corpora, held-out sets, `bidirlm embed` input
     "pair": (
-        Field("query"),
-        Field("positive"),
+        Field("query", ("text", "media")),
+        Field("positive", ("text", "media")),
         Field("negatives", ("texts",), required=False),
         Field("dataset", required=False),
     ),

@@ -144,14 +144,15 @@ def load_checkpoint(
 
 
 def _stacked(state_dir: Path) -> bool:
-    """Whether a train state holds its layers stacked (`scan_layers=True`): `params/layers/` then has
-    parameter names, not layer indices."""
+    """Whether a train state holds its layers stacked (`scan_layers=True`): `params/layers/` (a tower
+    model's `params/text/layers/`) then has parameter names, not layer indices."""
     absl = logging.getLogger("absl")  # orbax warns that train states have no step-level metadata file
     level = absl.level
     absl.setLevel(logging.ERROR)
     try:
         tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata
-        return "0" not in tree["params"]["layers"]
+        params = tree["params"]
+        return "0" not in params.get("text", params)["layers"]
     except Exception as e:  # orbax raises many types for a damaged or foreign checkpoint
         raise CheckpointError(
             f"cannot read the metadata of {state_dir} ({type(e).__name__}: {e}); write it again"

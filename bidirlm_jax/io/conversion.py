@@ -29,8 +29,10 @@ def convert(
     overwrite: bool = False,
     allow_pickle: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    format: str = "transformers",
 ) -> Path:
     """Convert `src` into `dst`, carrying its companion files (`io.companions`: tokenizer, processors, …) along.
+    An HF output is in `format` (`save_pretrained`'s: transformers' classes, or a released BidirLM checkpoint).
 
     Checkpoints hold fp32 master weights and record the dtype of every tensor of their source; an HF
     output keeps each tensor's source dtype unless `dtype` is given, so HF -> checkpoint -> HF and
@@ -40,6 +42,8 @@ def convert(
     to = to or ("hf" if src_is_checkpoint else "checkpoint")
     if to not in FORMATS:
         raise ConfigError(f"--to must be {' or '.join(map(repr, FORMATS))}, got {to!r}")
+    if format != "transformers" and to != "hf":
+        raise ConfigError(f"--format {format} is a format of HF outputs; add --to hf (a checkpoint has one format)")
     check_destination(dst, overwrite=overwrite)
     model = from_pretrained(
         src, attention=attention, bidirectional_window=bidirectional_window, allow_pickle=allow_pickle
@@ -64,4 +68,5 @@ def convert(
         overwrite=overwrite,
         extra_files=files,
         max_shard_bytes=max_shard_bytes,
+        format=format,
     )

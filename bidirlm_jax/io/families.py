@@ -40,7 +40,10 @@ MULTIMODAL_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
         is_causal=False,
     )
 }
-SUPPORTED_MODEL_TYPES = tuple(TEXT_MODEL_TYPES) + tuple(MULTIMODAL_MODEL_TYPES)
+# BidirLM's released text type and the authors' earlier ones -> the native type they hold (io.released; None:
+# read from the config).
+RELEASED_MODEL_TYPES = {"bidirlm": None, "biqwen3": "qwen3", "bigemma3_text": "gemma3_text"}
+SUPPORTED_MODEL_TYPES = tuple(TEXT_MODEL_TYPES) + tuple(MULTIMODAL_MODEL_TYPES) + tuple(RELEASED_MODEL_TYPES)
 ARCHITECTURES = {"gemma3": "Gemma3ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 EXPORT_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen3": "qwen3"}
 # What each family's architecture does beyond `ModelConfig`'s defaults (models.config names each flag).

@@ -317,10 +317,13 @@ def export_finetuned(
     step: int | str = "best",
     dtype: str | None = None,
     overwrite: bool = False,
+    format: str = "transformers",
 ) -> Path:
     """A fine-tuning run (`bidirlm train --config configs/finetune.py`) → transformers classifier directory
-    (a sentence-transformers one for the eurobert head), with the run's tokenizer and label map; `step` as
-    `load_finetuned` takes it (default: the best one)."""
+    (a sentence-transformers one for the eurobert head; a released BidirLM classifier with `format="bidirlm"`,
+    `io.released_heads`), with the run's tokenizer and label map; `step` as `load_finetuned` takes it
+    (default: the best one)."""
+    from bidirlm_jax.io.released_heads import export_released_classifier
     from bidirlm_jax.io.st_heads import export_st_classifier
     from bidirlm_jax.io.tokenizer import load_tokenizer, pad_id
 
@@ -329,6 +332,13 @@ def export_finetuned(
     config = read_config(model_dir(run))
     head = HeadConfig.from_json(description["head"])
     labels = description["labels"] or None
+    if format == "bidirlm":
+        check_destination(out_dir, overwrite=overwrite)
+        model, _ = load_finetuned(run, step=step)  # the export refuses a head the released classes lack
+        files = companion_files(run)
+        return export_released_classifier(
+            model, out_dir, labels=labels, dtype=dtype, overwrite=overwrite, extra_files=files
+        )
     if head.classifier == "eurobert":  # the authors' head: a sentence-transformers model (io.st_heads)
         check_destination(out_dir, overwrite=overwrite)
         model, _ = load_finetuned(run, step=step)

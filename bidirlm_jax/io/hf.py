@@ -20,12 +20,20 @@ from jax.sharding import Mesh
 
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io import released
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.checkpoint import load_checkpoint
 from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import read_config_dict, runtime_from_hf
 from bidirlm_jax.io.layouts import AUDIO, AUDIO_PROJECTOR, HEAD, TEXT, VISION, detect_layout
-from bidirlm_jax.io.model_types import OMNI_TYPE, TEXT_TYPE, described_type, model_type_in, model_type_of
+from bidirlm_jax.io.model_types import (
+    OMNI_TYPE,
+    TEXT_TYPE,
+    described_type,
+    export_type,
+    model_type_in,
+    model_type_of,
+)
 from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, torch_dtype_name
 from bidirlm_jax.io.sources import Source, source_of
@@ -60,13 +68,21 @@ def load_weights(reader, config: Any, runtime: Runtime = DEFAULT_RUNTIME, *, mes
     kind = model_type_of(config)
     layout = detect_layout(reader.keys(), kind.components)
     text = kind.text(config)
-    if not text.tie_word_embeddings and layout.prefix(HEAD) is None and layout.prefix(TEXT) == BASE_MULTIMODAL:
-        log.warning("this base multimodal checkpoint holds no LM head: its logits use the tied input embedding")
+    if not text.tie_word_embeddings and layout.prefix(HEAD) is None and _headless_class(layout, reader.keys()):
+        log.warning(
+            "this checkpoint of a base or classifier class holds no LM head: its logits use the input embedding"
+        )
         config = kind.with_text(config, text.replace(tie_word_embeddings=True))
     unrolled = runtime.replace(scan_layers=False)  # HF files hold one tensor per layer: read them so, then stack
     abstract = kind.abstract(config, unrolled)
     model = load_state(abstract, reader, layout, kind.tables(config, layout), dtype=runtime.param_dtype, mesh=mesh)
     return sharding.place(kind.relayout(model, True), mesh) if runtime.scan_layers else model
+
+
+def _headless_class(layout, keys) -> bool:
+    """Whether a checkpoint was saved by a class without an LM head: a base multimodal model, a bare backbone
+    (`AutoModel`), or a classifier (a released BidirLM one keeps its head as `classifier.*`)."""
+    return layout.prefix(TEXT) in (BASE_MULTIMODAL, "") or released.CLASSIFIER_KEY in keys
 
 
 def from_pretrained(
@@ -142,9 +158,12 @@ def save_pretrained(
     overwrite: bool = False,
     extra_files: Companions | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    format: str = "transformers",
 ) -> Path:
     """Write an HF directory that transformers loads natively, in the model's attention mode (a `Qwen3VL`
-    as transformers' `Qwen3VLForConditionalGeneration`, which its `Qwen3VLModel` loads too).
+    as transformers' `Qwen3VLForConditionalGeneration`, which its `Qwen3VLModel` loads too); `format="bidirlm"`
+    writes a text model as a released BidirLM checkpoint instead (`io.released`: bidirectional only, loaded
+    with `trust_remote_code=True` through its `auto_map`; the same tensors and keys).
 
     Tensors are written in `dtype` (default: the parameters'), except those `tensor_dtypes` names
     (by `io.weights.table.dtype_key`, as `stored_dtypes` returns them), one at a time, into shards with an
@@ -152,10 +171,11 @@ def save_pretrained(
     are copied beside them. In a multi-process run every process calls this: each tensor is gathered to
     process 0, which writes. A `Qwen3ASR` is written as transformers' `Qwen3ASRForConditionalGeneration`.
     """
-    kind = model_type_of(model)
+    kind = export_type(model, format)
     model = kind.relayout(model, False)  # HF files hold one tensor per layer
     config = model.config
     default = np.dtype(jnp.dtype(dtype or model.runtime.param_dtype))
+    kind.write(config, model.runtime)  # refuses what the format cannot hold before anything is written
     with atomic_directory(out_dir, overwrite=overwrite, collective=True) as tmp:
         specs = write_tables(
             tmp,

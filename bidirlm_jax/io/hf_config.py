@@ -27,13 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io import families, released
 from bidirlm_jax.io.families import (
     ARCHITECTURES,
     EXPORT_MODEL_TYPES,
     FAMILY_FLAGS,
     MROPE_DEFAULTS,
     MULTIMODAL_MODEL_TYPES,
-    MULTIMODAL_TEXT_DEFAULTS,
     MULTIMODAL_TEXT_TYPES,
     SUPPORTED_MODEL_TYPES,
     TEXT_MODEL_TYPES,
@@ -65,11 +65,12 @@ log = logging.getLogger(__name__)
 
 def _text_part(d: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
     """The text model's config (a multimodal config's `text_config`) and its family."""
+    d = released.as_native(d)  # BidirLM's released text checkpoints: the native config of the same model
     if not isinstance(d, Mapping):
         raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
     model_type = d.get("model_type")
     if model_type in MULTIMODAL_MODEL_TYPES:
-        text = {**MULTIMODAL_TEXT_DEFAULTS.get(model_type, {}), **(_text_holder(d).get("text_config") or {})}
+        text = {**families.MULTIMODAL_TEXT_DEFAULTS.get(model_type, {}), **(_text_holder(d).get("text_config") or {})}
         text.setdefault("model_type", MULTIMODAL_TEXT_TYPES[model_type])
         if model_type == "qwen3_asr":  # Qwen3 whatever the original names it
             text["model_type"] = "qwen3"
@@ -187,6 +188,7 @@ def config_to_hf(
 def norm_plus_one(d: Mapping[str, Any]) -> bool:
     """Whether a config.json's model applies RMSNorm as (1 + w) (for tensor-level tools that build no model;
     Gemma 1 and 2 do too, and raw merges may meet them)."""
+    d = released.as_native(d)
     model_type = d.get("model_type")
     family = TEXT_MODEL_TYPES.get(model_type) or MULTIMODAL_MODEL_TYPES.get(model_type)
     return model_type in _OLDER_PLUS_ONE_NORMS or bool(FAMILY_FLAGS.get(family, {}).get("norm_plus_one"))
@@ -218,13 +220,11 @@ def read_config_dict(path: str | os.PathLike) -> dict[str, Any]:
 def set_attention_mode(
     hf_config: dict[str, Any], attention: str, bidirectional_window: str | None = None
 ) -> dict[str, Any]:
-    """A copy of `hf_config` (text or multimodal) whose text model runs in the given attention mode.
-
-    Everything but the attention keys is kept as it was, so a Qwen3-VL or Gemma3 multimodal config
-    stays loadable as what it is.
-    """
+    """A copy of `hf_config` (text, multimodal or BidirLM's) whose text model runs in the given attention mode; every
+    other key is kept, so a Qwen3-VL, Gemma3 multimodal or BidirLM config stays loadable as what it is."""
+    released.check_attention(hf_config, attention, bidirectional_window)
     d = copy.deepcopy(hf_config)
-    target = _text_holder(d).get("text_config") if d.get("model_type") in MULTIMODAL_MODEL_TYPES else d
+    target = _text_holder(d).get("text_config") or d  # a multimodal (or nested BidirLM) config's text model
     window = {"bidirectional_window": bidirectional_window} if bidirectional_window else {}
     rendered = config_to_hf(config_from_hf(d), runtime_from_hf(d, attention=attention, **window))
     for key in ATTENTION_KEYS:  # some are rendered only when bidirectional: drop stale ones

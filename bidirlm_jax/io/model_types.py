@@ -12,12 +12,14 @@ model runs is its `Runtime` (one for the text stack and the towers), whose atten
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from flax import nnx
 
-from bidirlm_jax.errors import CheckpointError
+from bidirlm_jax.errors import CheckpointError, ConfigError
+from bidirlm_jax.io import EXPORT_FORMATS, released
 from bidirlm_jax.io.hf_config import config_from_hf, config_to_hf
 from bidirlm_jax.io.hf_config_audio import is_qwen3_asr, qwen3_asr_config_from_hf, qwen3_asr_config_to_hf
 from bidirlm_jax.io.hf_config_omni import is_omni, omni_config_from_hf, omni_config_to_hf
@@ -192,9 +194,22 @@ class OmniType(_TowerType):
         return config
 
 
+class BidirLMType(TextType):
+    """The text `Transformer` written as a released BidirLM checkpoint (`io.released`: `model_type: bidirlm`,
+    the released code through `auto_map`, keys as `BidirLMForMaskedLM`'s); read like any text checkpoint."""
+
+    name = released.BIDIRLM
+
+    def write(self, config: Any, runtime: Runtime, *, dtype: str | None = None) -> dict[str, Any]:
+        source = dict(config.extra).get("auto_map")
+        native = config_to_hf(config, runtime, dtype=dtype)
+        return released.to_released(native, source_auto_map=json.loads(source) if source else None)
+
+
 TEXT_TYPE, QWEN3_VL_TYPE, QWEN3_ASR_TYPE = TextType(), Qwen3VLType(), Qwen3ASRType()
 OMNI_TYPE = OmniType()
 _TYPES = (OMNI_TYPE, QWEN3_ASR_TYPE, QWEN3_VL_TYPE, TEXT_TYPE)
+BIDIRLM_TYPE = BidirLMType()
 
 
 def described_type(d: Mapping[str, Any]) -> TextType:
@@ -244,6 +259,18 @@ def model_type_in(
             "weight` under any known prefix); load the text backbone alone with text_only=True"
         )
     return kind if tower else TEXT_TYPE
+
+
+def export_type(model_or_config: Any, export_format: str = "transformers") -> TextType:
+    """How a model is written in `export_format` (`EXPORT_FORMATS`): its own type, or a text model as BidirLM's."""
+    kind = model_type_of(model_or_config)
+    if export_format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {export_format!r} is not one of {EXPORT_FORMATS}")
+    if export_format == "transformers":
+        return kind
+    if kind is not TEXT_TYPE:
+        raise ConfigError(f"the {export_format} format holds text models; a {kind.name} model exports as transformers")
+    return BIDIRLM_TYPE
 
 
 def model_type_of(model_or_config: Any) -> TextType:

@@ -49,6 +49,7 @@ _ALL_ST_FLAGS = (
 _FLAG_MODES = {flag: mode for mode, flag in _ST_POOLING_FLAGS.items()}
 _ST_MODE_NAMES = {"mean": "mean", "cls": "first", "lasttoken": "last"}  # sentence-transformers >= 5.4 spelling
 _MODULES = "modules.json"
+_EMBEDDING_MODULES = ("Pooling", "Normalize")  # what encode reproduces after the model (sentence-transformers')
 _POOLING_DIR = "1_Pooling"
 _NORMALIZE_DIR = "2_Normalize"
 
@@ -61,6 +62,7 @@ class EncoderSettings:
     normalize: bool = True
     max_length: int = 512
     prompts: dict[str, str] = field(default_factory=dict)  # e.g. {"query": "Instruct: ...\nQuery: "}
+    default_prompt_name: str | None = None  # the prompt sentence-transformers prepends when a call names none
     origin: str = field(default="", compare=False)  # who recorded them ("" = a plain HF directory's defaults)
 
 
@@ -76,9 +78,11 @@ def export_encoder(
     dtype: str | None = None,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    format: str = "transformers",
 ) -> Path:
     """Turn `src` (an HF directory, a merged one, or a bidirlm checkpoint, with its tokenizer) into an encoder
-    directory `dst` that `AutoModel` and `SentenceTransformer` load as-is, without remote code.
+    directory `dst` that `AutoModel` and `SentenceTransformer` load as-is, without remote code — or, with
+    `format="bidirlm"`, as the released BidirLM encoders load (`trust_remote_code=True`, `io.released`).
 
     `prompts` maps prompt names to the text prepended to inputs (`{"query": query_prompt(instruction)}`);
     `dtype` is the stored precision (default: each tensor's in the source). Written atomically: a failure leaves
@@ -86,6 +90,8 @@ def export_encoder(
     """
     src = Path(src)
     _check_export_args(pooling, max_length, attention, dtype)
+    if format == "bidirlm" and attention != "bidirectional":
+        raise ConfigError("the released BidirLM format is bidirectional: export with attention=bidirectional")
     check_source(src)
     check_destination(dst, overwrite=overwrite)
     tokenizer = _load_tokenizer(src)
@@ -99,20 +105,16 @@ def export_encoder(
             tensor_dtypes=None if dtype else tensor_dtypes,
             overwrite=True,
             extra_files=companion_files(src, owned=ENCODER_MODULES),
+            format=format,
         )
         _record_mask_token(tmp, tokenizer, model.config.family)
         if pooling == "first":
             _pad_right(tmp)
         _offline_tokenizer(tmp)
-        write_st_modules(
-            tmp,
-            model.config.hidden_size,
-            pooling=pooling,
-            normalize=normalize,
-            max_length=max_length,
-            prompts=prompts or {},
-        )
-        (tmp / "README.md").write_text(_model_card(src, model, pooling, normalize, max_length, prompts or {}))
+        modules = dict(pooling=pooling, normalize=normalize, max_length=max_length, prompts=prompts or {})
+        write_st_modules(tmp, model.config.hidden_size, **modules)
+        card = _model_card(src, model, pooling, normalize, max_length, prompts or {}, released=format == "bidirlm")
+        (tmp / "README.md").write_text(card)
     return Path(dst)
 
 
@@ -126,7 +128,16 @@ def read_encoder_settings(path: str | os.PathLike) -> EncoderSettings:
     if not (path / _MODULES).is_file():
         return EncoderSettings()
     modules = _read_json(path / _MODULES)
-    types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules if isinstance(m, dict)}
+    modules = [m for m in modules if isinstance(m, dict)]  # in the order sentence-transformers runs them
+    types = {m.get("type", "").rsplit(".", 1)[-1]: m for m in modules}
+    after = [m.get("type", "").rsplit(".", 1)[-1] for m in modules[1:]]  # the first runs the model we load
+    unknown = sorted(set(after) - set(_EMBEDDING_MODULES))
+    if unknown:
+        raise ConfigError(
+            f"{path}: its sentence-transformers modules {unknown} change the embedding, which bidirlm's encode does "
+            f"not reproduce (it pools and normalises: {', '.join(_EMBEDDING_MODULES)}); use sentence-transformers "
+            "for this directory"
+        )
     pooling = "mean"
     if "Pooling" in types:
         pooling = _pooling_from_st(_read_json(path / types["Pooling"].get("path", _POOLING_DIR) / "config.json"), path)
@@ -141,6 +152,7 @@ def read_encoder_settings(path: str | os.PathLike) -> EncoderSettings:
         normalize="Normalize" in types,
         max_length=int(bert.get("max_seq_length") or 512),
         prompts={k: v for k, v in (st.get("prompts") or {}).items() if v},
+        default_prompt_name=st.get("default_prompt_name") or None,
         origin=f"the encoder {path}",
     )
 
@@ -256,9 +268,22 @@ def _offline_tokenizer(out: Path) -> None:
 
 
 def _model_card(
-    src: Path, model: Transformer, pooling: str, normalize: bool, max_length: int, prompts: dict[str, str]
+    src: Path,
+    model: Transformer,
+    pooling: str,
+    normalize: bool,
+    max_length: int,
+    prompts: dict[str, str],
+    *,
+    released: bool = False,
 ) -> str:
     cfg = model.config
+    config = (
+        "the released BidirLM format: load with trust_remote_code=True"
+        if released
+        else "a native transformers config; no remote code"
+    )
+    remote = ", trust_remote_code=True" if released else ""
     prompt_lines = "\n".join(f"- `{name}`: `{text!r}`" for name, text in prompts.items()) or "- none"
     return f"""---
 library_name: sentence-transformers
@@ -276,7 +301,7 @@ A bidirectional {cfg.family} encoder exported by bidirlm-jax from `{src}`.
 - Embedding: {pooling} pooling over every token (instruction included){", L2-normalised" if normalize else ""};
   {cfg.hidden_size} dimensions; cosine similarity.
 - Maximum sequence length: {max_length} tokens.
-- Attention: {model.runtime.attention} (a native transformers config; no remote code).
+- Attention: {model.runtime.attention} ({config}).
 - Prompts:
 {prompt_lines}
 
@@ -286,7 +311,7 @@ documents never do.
 ```python
 from sentence_transformers import SentenceTransformer
 
-model = SentenceTransformer("path/to/this/directory")
+model = SentenceTransformer("path/to/this/directory"{remote})
 queries = model.encode(["what is a bidirectional encoder?"], prompt_name="query")
 documents = model.encode(["An encoder attends to the whole input."])
 ```
@@ -341,6 +366,11 @@ def source_dtypes(src: Path, *, allow_pickle: bool) -> tuple[str, dict[str, str]
 
 
 def _pooling_from_st(config: dict[str, Any], where: Path) -> str:
+    if config.get("include_prompt", True) is False:
+        raise ConfigError(
+            f"{where}: its pooling leaves the prompt's tokens out (include_prompt: false), while bidirlm's encode "
+            "pools every token; use sentence-transformers for this directory"
+        )
     if "pooling_mode" in config:
         raw = config["pooling_mode"]
         modes = [_ST_MODE_NAMES.get(m, m) for m in ([raw] if isinstance(raw, str) else raw)]

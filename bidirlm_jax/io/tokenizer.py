@@ -15,14 +15,27 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.io import released
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.families import RESERVED_MASK_IDS
 from bidirlm_jax.paths import user_path
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
+# Qwen's chat and media markers, in the order `with_media_tokens` gives them ids.
+MEDIA_TOKENS = (
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|audio_pad|>",
+    "<|audio_start|>",
+    "<|audio_end|>",
+    "<|im_start|>",
+    "<|im_end|>",
+)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _MASK_HINT = "set --config.mntp.mask_token=TOKEN_OR_ID"
 
@@ -40,12 +53,22 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
             "files there or point data.tokenizer / --tokenizer at a directory that has them"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **_native_config(path))
     except (OSError, ValueError, KeyError) as e:
         raise ConfigError(f"cannot load the tokenizer in {path}: {e}") from None
     if not tokenizer.is_fast:
         raise ConfigError(f"the tokenizer in {path} is not a fast tokenizer; save it with a tokenizer.json")
     return tokenizer
+
+
+def _native_config(path: Path) -> dict:
+    """`config=` the native family's config for a released BidirLM directory: AutoTokenizer then picks the family's
+    tokenizer class instead of importing (or asking to run) the remote code its config.json names."""
+    try:
+        d = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {"config": AutoConfig.for_model(released.native_config(d)["model_type"])} if released.is_released(d) else {}
 
 
 def train_tokenizer(
@@ -80,6 +103,17 @@ def train_tokenizer(
     if out_dir is not None:
         with atomic_directory(out_dir, overwrite=overwrite) as tmp:
             tokenizer.save_pretrained(tmp)
+    return tokenizer
+
+
+def with_media_tokens(tokenizer: PreTrainedTokenizerFast, first_id: int) -> PreTrainedTokenizerFast:
+    """`tokenizer` (below `first_id` tokens) with reserved fillers up to `first_id`, then `MEDIA_TOKENS` from
+    there: a small trained tokenizer that renders chat and media prompts for a tiny model whose config
+    puts those tokens at `first_id`, `first_id + 1`, … (`models.towers.presets`)."""
+    if len(tokenizer) > first_id:
+        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens, past the media tokens' first id {first_id}")
+    fillers = [f"<|reserved_{i}|>" for i in range(first_id - len(tokenizer))]
+    tokenizer.add_special_tokens({"additional_special_tokens": [*fillers, *MEDIA_TOKENS]})
     return tokenizer
 
 

@@ -34,6 +34,8 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str], dtype: str,
         value = jnp.zeros(shape, dtype)
     elif init == "ones":
         value = jnp.ones(shape, dtype)
+    elif init == "fan_in":  # [out, in, ...] kernels: unit-variance outputs for unit-variance inputs
+        value = jax.random.normal(rngs.params(), shape, dtype) / math.sqrt(math.prod(shape[1:]))
     else:
         value = 0.02 * jax.random.normal(rngs.params(), shape, dtype)  # transformers' initializer_range
     return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)

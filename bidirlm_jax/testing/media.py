@@ -6,20 +6,8 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerFast
 
-from bidirlm_jax.io.tokenizer import train_tokenizer
+from bidirlm_jax.io.tokenizer import train_tokenizer, with_media_tokens
 
-# In id order from 1000; the chat markers follow the media ones.
-SPECIAL = (
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|audio_pad|>",
-    "<|audio_start|>",
-    "<|audio_end|>",
-    "<|im_start|>",
-    "<|im_end|>",
-)
 FIRST_SPECIAL = 1000
 _CORPUS = [
     "a photo of an astronaut in a white suit",
@@ -33,9 +21,5 @@ _CORPUS = [
 
 
 def media_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE under 1000 tokens, reserved fillers up to id 1000, then `SPECIAL` from id 1000."""
-    tokenizer = train_tokenizer(_CORPUS, vocab_size=600)
-    fillers = [f"<|reserved_{i}|>" for i in range(FIRST_SPECIAL - len(tokenizer))]
-    tokenizer.add_special_tokens({"additional_special_tokens": [*fillers, *SPECIAL]})
-    assert tokenizer.convert_tokens_to_ids(SPECIAL[0]) == FIRST_SPECIAL
-    return tokenizer
+    """A byte-level BPE under 1000 tokens with `io.tokenizer.MEDIA_TOKENS` from id 1000."""
+    return with_media_tokens(train_tokenizer(_CORPUS, vocab_size=600), FIRST_SPECIAL)

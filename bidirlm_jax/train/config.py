@@ -41,6 +41,7 @@ def base_config() -> ConfigDict:
         dict(
             preset="tiny-qwen3",
             init_from="",  # an HF checkpoint directory; empty = random init from `preset`
+            towers=False,  # train with the vision/audio towers init_from holds (media data); tiny-qwen3-vl/-asr have them
             # The run settings, as models.runtime.Runtime declares them (master weights and the loss stay fp32).
             **{key: getattr(DEFAULT_RUNTIME, key) for key in TRAIN_KEYS},
             **{k: config_dict.placeholder(t) for k, t in _MODEL_OVERRIDES.items()},
@@ -156,7 +157,7 @@ def validate(config: ConfigDict) -> None:
 
 
 # Sources with built-in data, and per objective the source that reads `data.path` instead.
-_BUILT_IN_SOURCES = ("synthetic", "stdlib")
+_BUILT_IN_SOURCES = ("synthetic", "stdlib", "sample_images", "spoken")
 _PATH_SOURCES = {"causal_lm": "text (documents) or npy (token ids)", "mntp": "text", "contrastive": "pairs"}
 
 

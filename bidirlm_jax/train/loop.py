@@ -33,51 +33,22 @@ import bidirlm_jax.train.runlog as runlog
 import bidirlm_jax.train.trainable as trainable_lib
 from bidirlm_jax import distributed, sharding
 from bidirlm_jax.data.loader import DeviceBatches
-from bidirlm_jax.errors import BidirLMError, CheckpointError, ConfigError
+from bidirlm_jax.errors import BidirLMError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.hf import from_pretrained
-from bidirlm_jax.io.hf_config import config_to_hf, read_config
+from bidirlm_jax.io.model_types import model_type_of
 from bidirlm_jax.io.run import checkpoints_dir, model_dir
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.presets import get_preset
 from bidirlm_jax.models.runtime import Runtime
-from bidirlm_jax.paths import user_path
 from bidirlm_jax.sharding import make_mesh
+from bidirlm_jax.train.architecture import init_params, model_config, tower_factory, tower_patterns
 from bidirlm_jax.train.checkpoints import Checkpointer, latest_step
-from bidirlm_jax.train.config import data_stream, model_overrides, run_settings, validate
+from bidirlm_jax.train.config import data_stream, run_settings, validate
 from bidirlm_jax.train.evaluation import Evaluation, EvaluatorFactory, Schedule, build_evaluations
 from bidirlm_jax.train.objectives import LossFn, Objective, build_objective, causal_lm
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.preflight import preflight
 from bidirlm_jax.train.state import StateLayout, param_shapes
 from bidirlm_jax.train.step import jit_step, make_step_fn
-
-
-def model_config(model: ConfigDict) -> ModelConfig:
-    """The architecture to train: the `init_from` checkpoint's or the preset's (how it runs: `run_settings`)."""
-    overrides = model_overrides(model)
-    if not model.init_from:
-        if "num_layers" in overrides:  # the preset's layer-type pattern, cut or repeated to the new depth
-            pattern = get_preset(model.preset).layer_types
-            overrides["layer_types"] = tuple(pattern[i % len(pattern)] for i in range(overrides["num_layers"]))
-        return get_preset(model.preset, **overrides)
-    if overrides:
-        raise ConfigError(f"model.init_from fixes the architecture; drop the overrides {sorted(overrides)}")
-    path = user_path(model.init_from)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(
-            f"model.init_from={path} is not a Hugging Face checkpoint directory (no config.json there); "
-            "point it to a directory with config.json and *.safetensors, or leave it empty for a random init"
-        )
-    return read_config(path)
-
-
-def _init_params(model: ConfigDict, runtime: Runtime, mesh, objective: Objective) -> nnx.State:
-    """fp32 master weights from `init_from`, read tensor by tensor straight into their shardings (and
-    completed by the objective, e.g. with a fresh task head)."""
-    loaded = from_pretrained(model.init_from, runtime=runtime, mesh=mesh, text_only=True)  # the text stack trains
-    params = nnx.state(loaded, nnx.Param)
-    return objective.init_params(params) if objective.init_params is not None else params
 
 
 class _Preemption:
@@ -140,6 +111,14 @@ def _plan(
     config.train.grad_accum_steps = run_plan.grad_accum_steps  # what the objectives split each batch into
     mesh = make_mesh(**run_plan.mesh)
     model_cfg, runtime = model_config(config.model), run_settings(config.model)
+    towers = not isinstance(model_cfg, ModelConfig)
+    if towers and (loss_fn is not None or config.objective != "contrastive"):
+        raise ConfigError(
+            f"model.towers trains with objective contrastive (image/audio–text pairs), not {config.objective}; "
+            "drop model.towers to train the text stack"
+        )
+    if towers and not config.contrastive.train_towers:  # frozen: no update, no optimizer state
+        config.optim.frozen = (*config.optim.frozen, *tower_patterns(model_cfg, runtime))
     if loss_fn is None:
         objective = build_objective(config, model_cfg, workdir=workdir)
     else:
@@ -153,7 +132,7 @@ def _plan(
         mesh,
         seed=config.train.seed,
         runtime=runtime,
-        model_factory=objective.model_factory,
+        model_factory=objective.model_factory or (tower_factory(model_cfg, runtime) if towers else None),
         trainable=trainable,
     )
     trainable_lib.check(layout.abstract.params, config.optim)
@@ -200,7 +179,7 @@ def _plan(
         step_fn=step_fn,
         batches=batches,
         resume_step=resume_step,
-        init_params=_init_params(config.model, runtime, mesh, objective) if fresh_from_hf else None,
+        init_params=init_params(config.model, runtime, mesh, objective) if fresh_from_hf else None,
         meta=meta,
         evaluations=evaluations,
     )
@@ -236,7 +215,8 @@ def _write_model_description(workdir: Path, plan: _Plan) -> None:
         return
     with atomic_directory(model_dir(workdir), collective=True) as tmp:
         if jax.process_index() == 0:
-            (tmp / "config.json").write_text(json.dumps(config_to_hf(plan.model, plan.runtime), indent=2) + "\n")
+            description = model_type_of(plan.model).write(plan.model, plan.runtime)
+            (tmp / "config.json").write_text(json.dumps(description, indent=2) + "\n")
             if plan.objective.tokenizer is not None:
                 plan.objective.tokenizer.save_pretrained(tmp)
             for name, text in plan.objective.run_files.items():
@@ -284,10 +264,13 @@ def _train(
     plan = _plan(config, workdir, loss_fn, evaluators)
     runlog.log_plan(
         config,
-        plan.model,
+        getattr(plan.model, "text", plan.model),
         plan.runtime,
         dict(plan.mesh.shape),
         params=sum(x.size for x in jax.tree.leaves(plan.layout.abstract.params)),
+        trained=sum(
+            x.size for x in jax.tree.leaves(trainable_lib.split(plan.layout.abstract.params, plan.layout.trainable)[0])
+        ),
         tokens_per_step=plan.objective.tokens_per_step,
     )
     runlog.log_start(plan.resume_step, str(checkpoints_dir(workdir)))

@@ -71,6 +71,7 @@ def log_plan(
     mesh_shape: Mapping[str, int],
     *,
     params: int,
+    trained: int,
     tokens_per_step: int,
 ) -> None:
     """The run as it was decided, before anything is built."""
@@ -94,7 +95,11 @@ def log_plan(
         run.remat,
         ", scanned layers" if run.scan_layers else "",
     )
-    log.info("parameters: %s, all trained (nothing frozen)", f"{params:,}")
+    if trained == params:
+        log.info("parameters: %s, all trained (nothing frozen)", f"{params:,}")
+    else:
+        counts = (f"{n:,}" for n in (params, trained, params - trained))
+        log.info("parameters: %s, %s trained, %s frozen (optim.frozen / optim.trainable)", *counts)
     devices, shards = jax.device_count(), mesh_shape["data"] * mesh_shape["fsdp"]
     log.info(
         "mesh: data=%d fsdp=%d tensor=%d over %d %s devices, %d process%s",

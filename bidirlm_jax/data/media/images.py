@@ -51,6 +51,11 @@ class ImageSettings:
             raise ConfigError("image_mean and image_std need one value per RGB channel")
 
     @property
+    def patch_dim(self) -> int:
+        """Length of one patch row: RGB × temporal patch × patch × patch."""
+        return 3 * self.temporal_patch_size * self.patch_size**2
+
+    @property
     def factor(self) -> int:
         """Both resized sides are multiples of this (32 for Qwen3-VL)."""
         return self.patch_size * self.merge_size
@@ -67,6 +72,23 @@ class ImageSettings:
             if name in kw:
                 kw[name] = tuple(float(v) for v in kw[name])
         return cls(**{**kw, **overrides})
+
+    def to_preprocessor_config(self) -> dict[str, Any]:
+        """The `preprocessor_config.json` transformers' Qwen2-VL image processor reads as these settings."""
+        return {
+            "image_processor_type": "Qwen2VLImageProcessor",
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "do_rescale": True,
+            "do_normalize": True,
+            "size": {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels},
+            "patch_size": self.patch_size,
+            "temporal_patch_size": self.temporal_patch_size,
+            "merge_size": self.merge_size,
+            "image_mean": list(self.image_mean),
+            "image_std": list(self.image_std),
+            "rescale_factor": self.rescale_factor,
+        }
 
 
 @dataclass

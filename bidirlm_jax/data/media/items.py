@@ -16,6 +16,7 @@ is refused (lower the pixel budget or the clip length, or raise max_length).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bidirlm_jax.audio_tokens import chunk_tokens
-from bidirlm_jax.data.media.audio import MAX_SECONDS, audio_features
+from bidirlm_jax.data.media.audio import HOP, MAX_SECONDS, SAMPLING_RATE, audio_features
 from bidirlm_jax.data.media.images import ImageSettings, process_image
 from bidirlm_jax.errors import ConfigError
 
@@ -56,6 +57,11 @@ class VisionTokens:
     grid_side: int
     settings: ImageSettings
 
+    @property
+    def max_patches(self) -> int:
+        """Patches of the largest image the pixel budget lets through."""
+        return self.settings.max_pixels // self.settings.patch_size**2
+
 
 @dataclass
 class AudioTokens:
@@ -67,6 +73,12 @@ class AudioTokens:
     n_window: int
     mel_bins: int
     max_seconds: float = MAX_SECONDS
+
+    @property
+    def max_frames(self) -> int:
+        """Mel frames of the longest clip the maximum duration lets through, in whole chunks."""
+        chunk = 2 * self.n_window
+        return -(-int(self.max_seconds * SAMPLING_RATE) // HOP // chunk) * chunk
 
 
 @dataclass
@@ -173,22 +185,24 @@ def _parts(item: Any, where: str) -> tuple[str | None, Any, Any]:
 def media_processor(
     model: Any, tokenizer: Any, *, preprocessor: Mapping[str, Any] | None = None, **settings
 ) -> MediaProcessor:
-    """The processor of a loaded model (its config's special ids and tower settings) and tokenizer;
+    """The processor of a loaded model or its config (special ids and tower settings) and tokenizer;
     `preprocessor`: the checkpoint's `preprocessor_config.json` (image normalisation, pixel budget);
-    `settings`: `template`, `max_pixels`, `min_pixels`, `max_seconds`."""
-    config = model.config
+    `settings`: `template`, `max_pixels`, `min_pixels`, `max_seconds` (a `max_pixels` alone lowers the minimum
+    to a quarter of it at most, so that smart_resize's upscaling of small images stays within the budget and
+    fixed-shape batches hold every image)."""
+    config = getattr(model, "config", model)
     template = settings.pop("template", "chat")
     max_seconds = settings.pop("max_seconds", MAX_SECONDS)
     vision = audio = None
     if getattr(config, "vision", None) is not None:
         vc = config.vision
-        image = ImageSettings.from_preprocessor_config(
-            preprocessor or {},
-            patch_size=vc.patch_size,
-            temporal_patch_size=vc.temporal_patch_size,
-            merge_size=vc.spatial_merge_size,
-            **settings,
+        sizes = dict(
+            patch_size=vc.patch_size, temporal_patch_size=vc.temporal_patch_size, merge_size=vc.spatial_merge_size
         )
+        image = ImageSettings.from_preprocessor_config(preprocessor or {}, **sizes)
+        if "max_pixels" in settings:
+            settings.setdefault("min_pixels", min(image.min_pixels, settings["max_pixels"] // 4))
+        image = dataclasses.replace(image, **settings)
         vision = VisionTokens(
             config.image_token_id,
             config.vision_start_token_id,

@@ -23,7 +23,6 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.run import saved_tokenizer
 from bidirlm_jax.losses.base import Batch, LossFn
-from bidirlm_jax.models.config import ModelConfig
 
 # grad_fn(graphdef, params, batch, rng) -> (mean loss, mean gradients, item count, mean metrics) of a global batch
 GradFn = Callable[[nnx.GraphDef, nnx.State, Batch, jax.Array], tuple[jax.Array, nnx.State, jax.Array, dict]]
@@ -99,7 +98,7 @@ def token_sum_grads(loss_fn: LossFn, *, grad_accum: int = 1) -> GradFn:
 
 
 # Sources whose text the run generates (training its tokenizer on it) or that hold token ids already.
-OWN_TEXT_SOURCES = ("stdlib", "synthetic", "npy")
+OWN_TEXT_SOURCES = ("stdlib", "synthetic", "npy", "sample_images", "spoken")
 # Sources that read `data.path`, and what it must name.
 PATH_SOURCES = {
     "text": "FILES_DIR_GLOB_OR_TOKENIZED_DIR (or data.mixture)",
@@ -125,7 +124,8 @@ def trains_on_user_text(config: ConfigDict) -> bool:
 
 def check_tokenizer(config: ConfigDict) -> None:
     """A run on the user's text needs a tokenizer: `data.tokenizer`, `model.init_from`'s, or (tiny models) its own."""
-    needs = config.data.source not in OWN_TEXT_SOURCES and not trains_on_user_text(config)
+    tiny_towers = config.model.get("towers") and not config.model.init_from  # a tower preset trains its own
+    needs = config.data.source not in OWN_TEXT_SOURCES and not trains_on_user_text(config) and not tiny_towers
     if needs and not (config.data.tokenizer or config.model.init_from):
         raise missing_tokenizer(config)
 
@@ -136,7 +136,7 @@ def check_data_path(data: ConfigDict) -> None:
         raise ConfigError(f"data.source={data.source!r} needs --config.data.path={PATH_SOURCES[data.source]}")
 
 
-def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
+def run_tokenizer(config: ConfigDict, model: Any, workdir: Path):
     """The run's tokenizer: the one saved in its workdir (a resumed run keeps its own), else
     `data.tokenizer`, else `model.init_from`'s, else — on the built-in `stdlib` text, or the user's `text` files
     for a tiny model (`trains_on_user_text`) — a byte-level BPE of the model's vocabulary size trained on
@@ -144,13 +144,18 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
     from bidirlm_jax.data.mixture import parse_mixture
     from bidirlm_jax.data.sources import iter_documents
     from bidirlm_jax.data.stdlib_text import stdlib_docstrings
-    from bidirlm_jax.io.tokenizer import check_vocab, load_tokenizer, train_tokenizer
+    from bidirlm_jax.io.tokenizer import check_vocab, load_tokenizer, train_tokenizer, with_media_tokens
+    from bidirlm_jax.models.towers.presets import MEDIA_FIRST_ID
 
     data = config.data
+    text = getattr(model, "text", model)  # a model with towers: its text stack
     path = saved_tokenizer(workdir) or data.tokenizer or config.model.init_from
     user_text = ([p for *_, p in parse_mixture(data.mixture)] or [data.path]) if trains_on_user_text(config) else []
     if path:
         tokenizer = load_tokenizer(path)
+    elif text is not model:  # a tiny tower preset: its media tokens from MEDIA_FIRST_ID
+        tokenizer = train_tokenizer((doc for _, doc in stdlib_docstrings()), MEDIA_FIRST_ID)
+        tokenizer = with_media_tokens(tokenizer, MEDIA_FIRST_ID)
     elif data.source == "stdlib":
         tokenizer = train_tokenizer((doc for _, doc in stdlib_docstrings()), model.vocab_size)
     elif any(user_text):
@@ -158,5 +163,5 @@ def run_tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path):
         tokenizer = train_tokenizer(texts, model.vocab_size)
     else:
         raise missing_tokenizer(config)
-    check_vocab(tokenizer, model.vocab_size)
+    check_vocab(tokenizer, text.vocab_size)
     return tokenizer

@@ -7,6 +7,13 @@ a `dataset` field) or `hf:NAME`; `data.source="stdlib"` mines pairs from the sta
 docstrings (offline `tiny` runs). Every batch comes from one dataset; `contrastive.instructions` (a JSON
 file `{dataset: {"instruction": ..., "symmetric": bool}}`) prefixes queries (and, for symmetric tasks,
 documents) with `Instruct: ...\\nQuery: `.
+
+Media (`model.towers`: a Qwen3-VL / Qwen3-ASR checkpoint, or the tiny-qwen3-vl / -asr presets): pair sides
+may be images or clips (`data.pairs`); `data.source="sample_images"` (scikit-image's photographs ↔ captions)
+and `"spoken"` (espeak-ng sentences ↔ transcripts) are the offline ones. Every side is rendered as the model
+reads it and collated one item per row at fixed shapes (`contrastive.max_pixels`, `contrastive.max_seconds`),
+so GradCache chunks rows unpacked and its second pass recomputes the tower; the towers stay frozen (no
+optimizer state) unless `contrastive.train_towers`.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data.pairs import Instruction, PairBatches, read_pairs, with_instruction
+from bidirlm_jax.data.media.items import MediaProcessor, media_processor
+from bidirlm_jax.data.pairs import Instruction, PairBatches, PairDataset, read_pairs, with_instruction
 from bidirlm_jax.data.stdlib_text import stdlib_pairs
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.run import PROMPTS_FILE
@@ -30,7 +38,7 @@ from bidirlm_jax.paths import user_path
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
 from bidirlm_jax.train.objectives.base import Objective, check_data_path, run_tokenizer
 
-SOURCES = ("pairs", "stdlib")
+SOURCES = ("pairs", "stdlib", "sample_images", "spoken")
 GATHER = ("global", "local")
 
 
@@ -89,9 +97,14 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         )
     if con.temperature <= 0 or con.chunk_size < 0:
         raise ConfigError("contrastive.temperature must be positive and contrastive.chunk_size >= 0 (0 = no GradCache)")
+    text = getattr(model, "text", model)  # a model with towers: its text stack
     tokenizer = run_tokenizer(config, model, workdir)
+    processor = _processor(config, model, tokenizer) if text is not model else None
+    instructions: dict[str, Instruction] = {}
     if data.source == "stdlib":
         datasets, instructions = stdlib_pairs(num_negatives=con.num_negatives)
+    elif data.source in MEDIA_SOURCES:
+        datasets = [MEDIA_SOURCES[data.source](data.seed)]
     else:
         check_data_path(data)
         datasets = read_pairs([p for p in data.path.split(",") if p])
@@ -105,14 +118,22 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         weights=_weights(data.weights),
         instructions=instructions,
         max_length=data.seq_len,
+        processor=processor,
     )
+    if con.get("mask_duplicates") and any(isinstance(p, dict) for ds in datasets for p in ds.positives):
+        raise ConfigError(
+            "contrastive.mask_duplicates compares documents by their token ids, and image or audio documents of one "
+            "size share them; turn it off for datasets whose positives are media"
+        )
     chunk = con.chunk_size or None
     settings = dict(
         chunk_size=chunk,
         temperature=con.temperature,
         pooling=con.pooling,
         gather=con.gather,
-        pack=bool(con.get("pack", True)),  # configs written before the option: packed (equal results)
+        mask_duplicates=bool(con.get("mask_duplicates", False)),  # configs written before the option: off
+        # configs written before the option: packed (equal results); media rows are never packed
+        pack=bool(con.get("pack", True)) and processor is None,
     )
 
     def grad_fn(graphdef, params, batch, rng):
@@ -125,13 +146,65 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         rows=grain.MapDataset.source(_Rows(batches)),
         grad_fn=grad_fn,
         flops_per_step=contrastive_flops_per_step(
-            model, batch_size=b, query_len=length, doc_len=length, num_negatives=k, chunked=chunk is not None
+            text, batch_size=b, query_len=length, doc_len=length, num_negatives=k, chunked=chunk is not None
         ),
         tokens_per_step=b * (2 + k) * length,
         tokenizer=tokenizer,
         key_metric="in_batch_accuracy",
-        run_files={PROMPTS_FILE: json.dumps({"prompts": trained_prompts(instructions)}, indent=2) + "\n"},
+        run_files={
+            PROMPTS_FILE: json.dumps({"prompts": trained_prompts(instructions)}, indent=2) + "\n",
+            **_processor_files(config, processor),
+        },
     )
+
+
+def _sample_images(seed: int) -> PairDataset:
+    from bidirlm_jax.data.media.samples import sample_image_pairs
+
+    return _dataset("sample_images", "scikit-image sample photographs", sample_image_pairs(seed=seed))
+
+
+def _spoken(seed: int) -> PairDataset:
+    from bidirlm_jax.data.media.speech import spoken_pairs
+
+    return _dataset("spoken", "espeak-ng sentences", spoken_pairs(seed=seed))
+
+
+MEDIA_SOURCES = {"sample_images": _sample_images, "spoken": _spoken}
+
+
+def _dataset(name: str, source: str, pairs: list) -> PairDataset:
+    ds = PairDataset(name=name, sources=[source])
+    for i, (query, positive) in enumerate(pairs):
+        ds.queries.append(query)
+        ds.positives.append(positive)
+        ds.negatives.append([])
+        ds.where.append(f"{name}: pair {i}")
+    return ds
+
+
+def _processor(config: ConfigDict, model, tokenizer) -> MediaProcessor:
+    """The run's media processor: the checkpoint's image settings, the run's pixel budget and clip length."""
+    from bidirlm_jax.io.sentence_transformers import read_preprocessor_config
+
+    con = config.contrastive
+    settings = {"template": con.template, "max_seconds": con.max_seconds}
+    if getattr(model, "vision", None) is not None and con.max_pixels:
+        settings["max_pixels"] = con.max_pixels
+    preprocessor = read_preprocessor_config(config.model.init_from) if config.model.init_from else None
+    return media_processor(model, tokenizer, preprocessor=preprocessor, **settings)
+
+
+def _processor_files(config: ConfigDict, processor: MediaProcessor | None) -> dict[str, str]:
+    """`preprocessor_config.json` for the run's model: `init_from`'s (the inference settings the towers came
+    with), else the run's own image settings."""
+    from bidirlm_jax.io.sentence_transformers import read_preprocessor_config
+
+    if processor is None or processor.vision is None:
+        return {}
+    settings = read_preprocessor_config(config.model.init_from) if config.model.init_from else {}
+    settings = settings or processor.vision.settings.to_preprocessor_config()
+    return {"preprocessor_config.json": json.dumps(settings, indent=2) + "\n"}
 
 
 def trained_prompts(instructions: Mapping[str, Instruction]) -> dict[str, str]:

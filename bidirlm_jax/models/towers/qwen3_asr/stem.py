@@ -38,7 +38,9 @@ class Conv(nnx.Module):
     """A 3×3, stride-2, padding-1 Conv2d over NCHW with torch's OIHW kernel."""
 
     def __init__(self, cin: int, cout: int, *, param_dtype: str, rngs: nnx.Rngs):
-        self.weight = param(rngs, (cout, cin, 3, 3), ("conv", None, None, None), param_dtype)
+        # fan-in scaled at random init (torch's own Conv2d scale): at 0.02 the stem's output is ~1e-3 and the
+        # sinusoidal positions added after it drown every clip's features, so a fresh tower sees no audio
+        self.weight = param(rngs, (cout, cin, 3, 3), ("conv", None, None, None), param_dtype, init="fan_in")
         self.bias = param(rngs, (cout,), ("conv",), param_dtype, init="zeros")
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -70,7 +72,8 @@ class ConvStem(nnx.Module):
         self.conv2d1 = Conv(1, ch, param_dtype=dtype, rngs=rngs)
         self.conv2d2 = Conv(ch, ch, param_dtype=dtype, rngs=rngs)
         self.conv2d3 = Conv(ch, ch, param_dtype=dtype, rngs=rngs)
-        self.conv_out = param(rngs, (config.d_model, ch, config.stem_features // ch), ("embed", "conv", None), dtype)
+        shape = (config.d_model, ch, config.stem_features // ch)
+        self.conv_out = param(rngs, shape, ("embed", "conv", None), dtype, init="fan_in")  # as the convolutions
 
     def __call__(self, mel: jax.Array, remask: jax.Array) -> jax.Array:
         x = mel[:, None]  # [N, 1, F, T]
