@@ -21,6 +21,7 @@ _EXPORTS = {
     "encode": "bidirlm_jax.embed.encode",
     "media_processor": "bidirlm_jax.data.media.items",
     "export_encoder": "bidirlm_jax.io.sentence_transformers",
+    "export_omni": "bidirlm_jax.io.omni_export",
     "evaluate_retrieval": "bidirlm_jax.evals.retrieval",
     "PRESETS": "bidirlm_jax.models.presets",
     "get_preset": "bidirlm_jax.models.presets",

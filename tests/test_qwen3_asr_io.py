@@ -8,8 +8,6 @@ Tolerance where outputs are compared: the project's 1e-4 relative, as test_qwen3
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from flax import nnx
@@ -43,30 +41,11 @@ def hf_dir(tmp_path_factory):
     return path
 
 
-def _thinker_key(key: str) -> str:
-    for hf, original in (("model.language_model.", "thinker.model."), ("model.audio_tower.", "thinker.audio_tower."),
-                         ("model.multi_modal_projector.linear_1.", "thinker.audio_tower.proj1."),
-                         ("model.multi_modal_projector.linear_2.", "thinker.audio_tower.proj2.")):  # fmt: skip
-        if key.startswith(hf):
-            return original + key.removeprefix(hf)
-    raise AssertionError(f"unexpected key {key}")
-
-
 @pytest.fixture(scope="module")
 def thinker_dir(hf_dir, tmp_path_factory):
-    """The same weights in the original Qwen3-ASR layout: everything under `thinker.`, the projector inside
-    the tower, the parts' configs under `thinker_config` (text config named as the original names it)."""
+    """The same weights in the original Qwen3-ASR layout (`thinker.*`, projector inside the tower)."""
     path = tmp_path_factory.mktemp("asr_thinker")
-    save_file(
-        {_thinker_key(k): v for k, v in load_file(hf_dir / "model.safetensors").items()}, path / "model.safetensors"
-    )
-    hf = json.loads((hf_dir / "config.json").read_text())
-    text = dict(hf["text_config"], model_type="qwen3_asr_text",
-                rope_scaling={"rope_type": "default", "mrope_section": [6, 5, 5], "interleaved": True})  # fmt: skip
-    thinker = dict(audio_config=dict(hf["audio_config"], model_type="qwen3_asr_audio_encoder"), text_config=text,
-                   audio_token_id=hf["audio_token_id"], model_type="qwen3_asr_thinker")  # fmt: skip
-    config = dict(model_type="qwen3_asr", architectures=["Qwen3ASRForConditionalGeneration"], thinker_config=thinker)
-    (path / "config.json").write_text(json.dumps(config))
+    ref.save_thinker_layout(hf_dir, path)
     return path
 
 

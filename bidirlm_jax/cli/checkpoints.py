@@ -135,7 +135,42 @@ def add_merge(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPa
         help="read pytorch_model.bin inputs (pickle; only from sources you trust)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    omni = p.add_argument_group(
+        "BidirLM-Omni composition",
+        "write a bidirlm_omni checkpoint: backbones merged, the vision tower carried from a Qwen3-VL input and "
+        "the audio tower from a Qwen3-ASR input (any of these flags turns it on; the YAML's bidirlm.compose)",
+    )
+    omni.add_argument("--compose-omni", action="store_true", help="compose with every setting at its default")
+    omni.add_argument("--vision-from", metavar="PATH", help="the input whose vision tower is carried")
+    omni.add_argument("--audio-from", metavar="PATH", help="the input whose audio tower is carried")
+    omni.add_argument("--tokenizer-from", metavar="PATH", help="the input whose tokenizer travels (default: audio's)")
+    omni.add_argument("--rope-theta", type=float, help="the output's rope θ (default: the vision input's)")
+    omni.add_argument("--mrope-section", metavar="T,H,W", help="the output's M-RoPE sections (default: vision's)")
+    omni.add_argument("--deepstack", metavar="I,J,K", help="the vision tower's DeepStack taps (default: its own)")
+    omni.add_argument(
+        "--specialist-rows",
+        dest="special_token_rows",
+        action="store_const",
+        const="specialist",
+        help="take the vision and audio tokens' embedding rows from their specialists instead of averaging them",
+    )
     return p
+
+
+def _compose_settings(args: argparse.Namespace) -> dict | None:
+    """The composition flags given (None when none is: a plain merge, unless the YAML composes)."""
+    settings = {
+        "vision": args.vision_from,
+        "audio": args.audio_from,
+        "tokenizer": args.tokenizer_from,
+        "rope_theta": args.rope_theta,
+        "mrope_section": args.mrope_section,
+        "deepstack_visual_indexes": args.deepstack,
+        "special_token_rows": args.special_token_rows,
+    }
+    if args.compose_omni or any(v is not None for v in settings.values()):
+        return settings
+    return None
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -153,6 +188,7 @@ def run_merge(args: argparse.Namespace) -> int:
         attention=args.attention,
         bidirectional_window=args.bidirectional_window,
         arithmetic=args.arithmetic,
+        compose=_compose_settings(args),
     )
     result = merge.merge_checkpoints(
         spec,
@@ -163,7 +199,7 @@ def run_merge(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
     )
     print(
-        f"merged {len(result.merged)} tensors, carried {len(result.carried)} from the base, "
-        f"dropped {len(result.dropped)} excluded -> {result.out}"
+        f"merged {len(result.merged)} tensors, carried {len(result.carried)} "
+        f"{'(towers)' if spec.compose else 'from the base'}, dropped {len(result.dropped)} -> {result.out}"
     )
     return 0

@@ -173,6 +173,7 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
 
 def run_export(args: argparse.Namespace) -> int:
     from bidirlm_jax.io.heads import export_finetuned
+    from bidirlm_jax.io.omni_export import OMNI_MAX_LENGTH, export_omni, is_omni_dir
     from bidirlm_jax.io.run import head_file
     from bidirlm_jax.io.sentence_transformers import export_encoder, read_encoder_settings
 
@@ -181,6 +182,18 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"wrote {out}")
         return 0
     settings = read_encoder_settings(args.src)
+    if is_omni_dir(args.src):  # the released BidirLM-Omni layout (remote code named in auto_map)
+        out = export_omni(
+            args.src,
+            args.dst,
+            max_length=args.max_length or OMNI_MAX_LENGTH,
+            prompts=_prompts(args.instruction, settings),
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            allow_pickle=args.allow_pickle,
+        )
+        print(f"wrote {out}")
+        return 0
     out = export_encoder(
         args.src,
         args.dst,

@@ -108,6 +108,7 @@ def load_checkpoint(
     runtime = runtime.replace(scan_layers=is_training_run(path) and _stacked(where))
     graphdef, abstract = kind.abstract(config, runtime)
     part = "text" if stored is not kind else None  # a tower model's text backbone, alone
+    fewer = part is None and config != stored.read(d)  # fewer towers than stored (an Omni model without one)
 
     def target(var: nnx.Variable):
         placement = (
@@ -124,6 +125,10 @@ def load_checkpoint(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
             )
             state = ocp.PyTreeCheckpointer().restore(where, args=args)[key]
+        elif fewer:
+            restore = ocp.checkpoint_utils.construct_restore_args(abstract)
+            args = ocp.args.PyTreeRestore(item=abstract, restore_args=restore, partial_restore=True)
+            state = ocp.PyTreeCheckpointer().restore(where, args=args)
         else:
             state = ocp.StandardCheckpointer().restore(where, abstract)
     except CheckpointError:

@@ -9,11 +9,37 @@ from __future__ import annotations
 from typing import Any
 
 # model_type -> family; multimodal types contribute their `text_config`.
-TEXT_MODEL_TYPES = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_vl_text": "qwen3"}
-MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3", "qwen3_asr": "qwen3"}
-MULTIMODAL_TEXT_TYPES = {"gemma3": "gemma3_text", "qwen3_vl": "qwen3_vl_text", "qwen3_asr": "qwen3"}
-# transformers' Qwen3-VL text model rotates with M-RoPE [24, 20, 20] when its config names no sections.
-MROPE_DEFAULTS = {"qwen3_vl_text": (24, 20, 20)}
+TEXT_MODEL_TYPES = {"gemma3_text": "gemma3", "qwen3": "qwen3", "qwen3_vl_text": "qwen3", "bidirlm_omni_text": "qwen3"}
+MULTIMODAL_MODEL_TYPES = {"gemma3": "gemma3", "qwen3_vl": "qwen3", "qwen3_asr": "qwen3", "bidirlm_omni": "qwen3"}
+MULTIMODAL_TEXT_TYPES = {
+    "gemma3": "gemma3_text",
+    "qwen3_vl": "qwen3_vl_text",
+    "qwen3_asr": "qwen3",
+    "bidirlm_omni": "bidirlm_omni_text",
+}
+# transformers' Qwen3-VL text model (and BidirLM-Omni's remote one) rotates with M-RoPE [24, 20, 20] when
+# its config names no sections.
+MROPE_DEFAULTS = {"qwen3_vl_text": (24, 20, 20), "bidirlm_omni_text": (24, 20, 20)}
+# A remote-code config class's defaults for its text_config: transformers writes only the fields that
+# differ from them, so a field the file omits means these (BidirLM-Omni's `BidirLMOmniTextConfig`, whose
+# model is always bidirectional).
+MULTIMODAL_TEXT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "bidirlm_omni": dict(
+        vocab_size=151936,
+        hidden_size=4096,
+        intermediate_size=22016,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        head_dim=128,
+        hidden_act="silu",
+        max_position_embeddings=128000,
+        rms_norm_eps=1e-6,
+        rope_theta=5_000_000.0,
+        attention_bias=False,
+        is_causal=False,
+    )
+}
 # BidirLM's released text type and the authors' earlier ones -> the native type they hold (io.released; None:
 # read from the config).
 RELEASED_MODEL_TYPES = {"bidirlm": None, "biqwen3": "qwen3", "bigemma3_text": "gemma3_text"}

@@ -26,7 +26,14 @@ from bidirlm_jax.io.checkpoint import load_checkpoint
 from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import read_config_dict, runtime_from_hf
 from bidirlm_jax.io.layouts import AUDIO, AUDIO_PROJECTOR, HEAD, TEXT, VISION, detect_layout
-from bidirlm_jax.io.model_types import TEXT_TYPE, described_type, export_type, model_type_in, model_type_of
+from bidirlm_jax.io.model_types import (
+    OMNI_TYPE,
+    TEXT_TYPE,
+    described_type,
+    export_type,
+    model_type_in,
+    model_type_of,
+)
 from bidirlm_jax.io.run import description_dir
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, torch_dtype_name
 from bidirlm_jax.io.sources import Source, source_of
@@ -89,12 +96,15 @@ def from_pretrained(
     allow_pickle: bool = False,
     text_only: bool = False,
     vision: bool | None = None,
+    audio: bool | None = None,
 ) -> nnx.Module:
     """Load an HF checkpoint directory, a bidirlm checkpoint (`bidirlm convert`) or a training run (its
     latest step) as a model: a `Qwen3ASR` (text + audio tower) for a Qwen3-ASR checkpoint, a `Qwen3VL`
     (called with transformers' processor outputs) for a Qwen3-VL checkpoint holding its vision tower, else
-    a `Transformer`. `text_only` (or `vision=False`) asks for the text backbone alone; `vision=True` refuses
-    a checkpoint without a vision tower (`io.model_types` decides).
+    a `Transformer`; a BidirLM-Omni checkpoint as an `Omni` with the towers its weights hold. `text_only` (or
+    `vision=False` for Qwen3-VL, `audio=False` for Qwen3-ASR, both for Omni) asks for the text backbone alone,
+    `vision=False` or `audio=False` alone an Omni model without that tower; `vision=True`/`audio=True` refuse
+    a checkpoint without that tower (`io.model_types` decides).
 
     `runtime` (`models.runtime.Runtime`) declares every run setting, the attention mode included (scanned
     layers, remat, kernel...); without it, `attention` and `bidirectional_window` default to what the
@@ -103,8 +113,8 @@ def from_pretrained(
     """
     path = user_path(path)
     where = description_dir(path)
-    if text_only and vision:
-        raise ConfigError("from_pretrained got text_only=True and vision=True: ask for one of them")
+    if text_only and (vision or audio):
+        raise ConfigError("from_pretrained got text_only=True and a tower (vision/audio=True): ask for one of them")
     d = read_config_dict(where)
     if runtime is None:
         mode = {"attention": attention, "bidirectional_window": bidirectional_window}
@@ -116,8 +126,11 @@ def from_pretrained(
         )
     source = source_of(path)
     tower = _holds_tower(path, d, source, allow_pickle)
-    kind = model_type_in(d, tower=tower, text_only=text_only or vision is False, vision=vision, where=str(path))
+    kind = model_type_in(d, tower=tower, text_only=text_only, vision=vision, audio=audio, where=str(path))
     config = kind.read(d)
+    if kind is OMNI_TYPE:  # HF weights may lack a tower their config describes; our checkpoints never do
+        keys = set(open_weights(path, allow_pickle=allow_pickle).keys()) if source is Source.HF else None
+        config = kind.towers(config, keys, vision=vision, audio=audio, where=str(path))
     if source is Source.HF:
         return load_params(path, config, runtime, mesh=mesh, allow_pickle=allow_pickle)
     return load_checkpoint(path, config, runtime, mesh=mesh)  # our checkpoints and training runs (fine-tuning refused)

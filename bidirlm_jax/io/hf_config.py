@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.io import released
+from bidirlm_jax.io import families, released
 from bidirlm_jax.io.families import (
     ARCHITECTURES,
     EXPORT_MODEL_TYPES,
@@ -70,7 +70,7 @@ def _text_part(d: Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
         raise ConfigError(f"config.json must hold a JSON object, got {type(d).__name__}")
     model_type = d.get("model_type")
     if model_type in MULTIMODAL_MODEL_TYPES:
-        text = dict(_text_holder(d).get("text_config") or {})
+        text = {**families.MULTIMODAL_TEXT_DEFAULTS.get(model_type, {}), **(_text_holder(d).get("text_config") or {})}
         text.setdefault("model_type", MULTIMODAL_TEXT_TYPES[model_type])
         if model_type == "qwen3_asr":  # Qwen3 whatever the original names it
             text["model_type"] = "qwen3"

@@ -23,7 +23,7 @@ _TOP_LEVEL = (
     *("model_type", "architectures", "text_config", "vision_config", "tie_word_embeddings"),
     *("dtype", "torch_dtype", "transformers_version", TENSOR_DTYPES_KEY, *_TOKEN_FIELDS),
 )
-_VISION_READ = (*_ARCHITECTURE_FIELDS, "rope_parameters", "model_type")
+VISION_READ = (*_ARCHITECTURE_FIELDS, "rope_parameters", "model_type")
 ARCHITECTURE = "Qwen3VLForConditionalGeneration"  # what io.layouts.QWEN3_VL lays out
 
 
@@ -55,11 +55,22 @@ def qwen3_vl_config_from_hf(d: Mapping[str, Any], **overrides: Any) -> Qwen3VLCo
     vision = d.get("vision_config") or {}
     text = config_from_hf(d, **overrides)
     extra = {k: v for k, v in d.items() if k not in _TOP_LEVEL}
-    vision_extra = {k: v for k, v in vision.items() if k not in _VISION_READ} if isinstance(vision, Mapping) else {}
+    vision_extra = {k: v for k, v in vision.items() if k not in VISION_READ} if isinstance(vision, Mapping) else {}
     if vision_extra:
         extra["vision_config"] = vision_extra
     carried = tuple(sorted((k, json.dumps(v)) for k, v in extra.items()))
     return Qwen3VLConfig(text=text, vision=vision_config_from_hf(vision), **tokens, extra=carried)
+
+
+def vision_config_to_hf(v: VisionConfig, carried: Mapping[str, Any]) -> dict[str, Any]:
+    """A `vision_config` dict: the `carried` fields no model reads, then every architecture field."""
+    return {
+        **carried,
+        **{k: getattr(v, k) for k in _ARCHITECTURE_FIELDS},
+        "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
+        "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
+        "model_type": "qwen3_vl_vision",
+    }
 
 
 def qwen3_vl_config_to_hf(
@@ -72,14 +83,7 @@ def qwen3_vl_config_to_hf(
     text = config_to_hf(config.text, runtime)
     del text["architectures"]
     text["model_type"] = "qwen3_vl_text"
-    v = config.vision
-    vision = {
-        **d.pop("vision_config", {}),
-        **{k: getattr(v, k) for k in _ARCHITECTURE_FIELDS},
-        "deepstack_visual_indexes": list(v.deepstack_visual_indexes),
-        "rope_parameters": {"rope_type": "axial", "rope_theta": v.rope_theta},
-        "model_type": "qwen3_vl_vision",
-    }
+    vision = vision_config_to_hf(config.vision, d.pop("vision_config", {}))
     d.update(
         model_type="qwen3_vl",
         architectures=[ARCHITECTURE],

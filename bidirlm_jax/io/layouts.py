@@ -110,6 +110,8 @@ QWEN3_ASR_HF = Layout(
     )
 )  # transformers' Qwen3ASRForConditionalGeneration
 QWEN3_VL = Layout(((TEXT, "model.language_model."), (HEAD, ""), (VISION, "model.visual.")))  # ForConditionalGeneration
+# BidirLM-Omni's released `BidirLMOmniModel` (tied: no LM head tensor is written)
+BIDIRLM_OMNI = Layout(((TEXT, "language_model."), (HEAD, ""), (VISION, "visual."), (AUDIO, "audio_tower.")))
 
 
 def detect_layout(keys: Iterable[str], components: Sequence[Component] = (TEXT, HEAD)) -> Layout:

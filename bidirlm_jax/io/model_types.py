@@ -22,10 +22,12 @@ from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io import EXPORT_FORMATS, released
 from bidirlm_jax.io.hf_config import config_from_hf, config_to_hf
 from bidirlm_jax.io.hf_config_audio import is_qwen3_asr, qwen3_asr_config_from_hf, qwen3_asr_config_to_hf
+from bidirlm_jax.io.hf_config_omni import is_omni, omni_config_from_hf, omni_config_to_hf
 from bidirlm_jax.io.hf_config_vision import qwen3_vl_config_from_hf, qwen3_vl_config_to_hf
 from bidirlm_jax.io.layouts import (
     AUDIO,
     AUDIO_PROJECTOR,
+    BIDIRLM_OMNI,
     CAUSAL_LM,
     HEAD,
     QWEN3_ASR_HF,
@@ -36,12 +38,15 @@ from bidirlm_jax.io.layouts import (
     Layout,
 )
 from bidirlm_jax.io.weights.audio import qwen3_asr_tables
+from bidirlm_jax.io.weights.omni import omni_tables
 from bidirlm_jax.io.weights.table import Table
 from bidirlm_jax.io.weights.text import text_tables
 from bidirlm_jax.io.weights.vision import qwen3_vl_tables
 from bidirlm_jax.models import transformer
 from bidirlm_jax.models.config import ModelConfig
 from bidirlm_jax.models.runtime import Runtime
+from bidirlm_jax.models.towers.omni import model as omni
+from bidirlm_jax.models.towers.omni.config import OmniConfig
 from bidirlm_jax.models.towers.qwen3_asr import model as qwen3_asr
 from bidirlm_jax.models.towers.qwen3_asr.config import Qwen3ASRConfig
 from bidirlm_jax.models.towers.qwen3_vl import model as qwen3_vl
@@ -145,6 +150,50 @@ class Qwen3ASRType(_TowerType):
         return qwen3_asr.relayout(model, scan_layers)
 
 
+class OmniType(_TowerType):
+    """BidirLM-Omni: the text model fed by the vision and the audio towers, each present or not (`towers`)."""
+
+    name = "bidirlm_omni"
+    model_class = omni.Omni
+    config_class = OmniConfig
+    components = (TEXT, HEAD, VISION, AUDIO)
+    tower = VISION  # either tower makes it one; `towers` decides which it loads
+    export_layout = BIDIRLM_OMNI
+
+    def read(self, d: Mapping[str, Any], **overrides: Any) -> OmniConfig:
+        return omni_config_from_hf(d, **overrides)
+
+    def write(self, config: OmniConfig, runtime: Runtime, *, dtype: str | None = None) -> dict[str, Any]:
+        return omni_config_to_hf(config, runtime, dtype=dtype)
+
+    def tables(self, config: OmniConfig, layout: Layout | None = None) -> tuple[Table, ...]:
+        return omni_tables(config)
+
+    def abstract(self, config: OmniConfig, runtime: Runtime) -> tuple[nnx.GraphDef, nnx.State]:
+        return omni.abstract_model(config, runtime)
+
+    def relayout(self, model: nnx.Module, scan_layers: bool) -> nnx.Module:
+        return omni.relayout(model, scan_layers)
+
+    def towers(
+        self, config: OmniConfig, keys: set[str] | None, *, vision: bool | None, audio: bool | None, where: str
+    ) -> OmniConfig:
+        """`config` with the towers that the weights' `keys` hold (None: all it describes) and the caller
+        wants (None: when there, False: never, True: there or an error)."""
+        for name, component, wanted in (("vision", VISION, vision), ("audio", AUDIO, audio)):
+            described = getattr(config, name) is not None
+            held = described and (keys is None or component.detect(keys) is not None)
+            if wanted and not held:
+                why = "its weights hold no such tensors" if described else "its config.json describes none"
+                raise CheckpointError(
+                    f"{where} has no {name} tower ({why}); load it without {name}=True, or load an Omni "
+                    f"checkpoint that holds the {name} tower"
+                )
+            if not held or wanted is False:
+                config = config.without(**{name: True})
+        return config
+
+
 class BidirLMType(TextType):
     """The text `Transformer` written as a released BidirLM checkpoint (`io.released`: `model_type: bidirlm`,
     the released code through `auto_map`, keys as `BidirLMForMaskedLM`'s); read like any text checkpoint."""
@@ -158,12 +207,15 @@ class BidirLMType(TextType):
 
 
 TEXT_TYPE, QWEN3_VL_TYPE, QWEN3_ASR_TYPE = TextType(), Qwen3VLType(), Qwen3ASRType()
-_TYPES = (QWEN3_ASR_TYPE, QWEN3_VL_TYPE, TEXT_TYPE)
+OMNI_TYPE = OmniType()
+_TYPES = (OMNI_TYPE, QWEN3_ASR_TYPE, QWEN3_VL_TYPE, TEXT_TYPE)
 BIDIRLM_TYPE = BidirLMType()
 
 
 def described_type(d: Mapping[str, Any]) -> TextType:
     """The model type a config.json describes, whether or not its weights hold the tower."""
+    if is_omni(d):
+        return OMNI_TYPE
     if is_qwen3_asr(d):
         return QWEN3_ASR_TYPE
     if isinstance(d, Mapping) and d.get("model_type") == "qwen3_vl":  # anything else is refused by its reader
@@ -172,20 +224,34 @@ def described_type(d: Mapping[str, Any]) -> TextType:
 
 
 def model_type_in(
-    d: Mapping[str, Any], *, tower: bool, text_only: bool = False, vision: bool | None = None, where: str = ""
+    d: Mapping[str, Any],
+    *,
+    tower: bool,
+    text_only: bool = False,
+    vision: bool | None = None,
+    audio: bool | None = None,
+    where: str = "",
 ) -> TextType:
     """The model type a checkpoint with config.json `d` loads as; `tower`: whether its weights hold the tower
-    that config describes; `text_only`: the text backbone alone; `vision`: None (the vision tower when it is
-    there), True (the vision tower or an error)."""
+    that config describes; `text_only`: the text backbone alone; `vision`/`audio`: None (the tower when it is
+    there), True (the tower or an error), False (without it: the text backbone, or an Omni model without
+    that tower — `OmniType.towers` — and the text backbone when both are False)."""
     kind = described_type(d)
     where = where or "this checkpoint"
+    if kind is OMNI_TYPE:
+        return TEXT_TYPE if text_only or (vision is False and audio is False) else OMNI_TYPE
     if vision and not (kind is QWEN3_VL_TYPE and tower):
         why = "its weights hold no visual.* tensors" if kind is QWEN3_VL_TYPE else "its config.json is not Qwen3-VL's"
         raise CheckpointError(
             f"{where} has no vision tower ({why}): it cannot take images; load a Qwen3-VL "
             "checkpoint, or load this one without vision=True for text"
         )
-    if text_only or kind is TEXT_TYPE:
+    if audio and not (kind is QWEN3_ASR_TYPE and tower):
+        raise CheckpointError(
+            f"{where} has no audio tower: it cannot take audio; load a Qwen3-ASR or BidirLM-Omni checkpoint, "
+            "or load this one without audio=True"
+        )
+    if text_only or vision is False or (audio is False and kind is QWEN3_ASR_TYPE) or kind is TEXT_TYPE:
         return TEXT_TYPE
     if not tower and kind is QWEN3_ASR_TYPE:
         raise CheckpointError(

@@ -92,11 +92,11 @@ def export_encoder(
     _check_export_args(pooling, max_length, attention, dtype)
     if format == "bidirlm" and attention != "bidirectional":
         raise ConfigError("the released BidirLM format is bidirectional: export with attention=bidirectional")
-    _check_source(src)
+    check_source(src)
     check_destination(dst, overwrite=overwrite)
     tokenizer = _load_tokenizer(src)
-    model = from_pretrained(src, attention=attention, dtype="float32", allow_pickle=allow_pickle, vision=False)
-    source_dtype, tensor_dtypes = _source_dtypes(src, allow_pickle=allow_pickle)
+    model = from_pretrained(src, attention=attention, dtype="float32", allow_pickle=allow_pickle, text_only=True)
+    source_dtype, tensor_dtypes = source_dtypes(src, allow_pickle=allow_pickle)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         save_pretrained(
             model,
@@ -111,7 +111,8 @@ def export_encoder(
         if pooling == "first":
             _pad_right(tmp)
         _offline_tokenizer(tmp)
-        _write_st_files(tmp, model, pooling=pooling, normalize=normalize, max_length=max_length, prompts=prompts or {})
+        modules = dict(pooling=pooling, normalize=normalize, max_length=max_length, prompts=prompts or {})
+        write_st_modules(tmp, model.config.hidden_size, **modules)
         card = _model_card(src, model, pooling, normalize, max_length, prompts or {}, released=format == "bidirlm")
         (tmp / "README.md").write_text(card)
     return Path(dst)
@@ -175,7 +176,7 @@ def load_encoder(
     """Model (attention as its config says unless `attention`), tokenizer and settings of a directory; the
     text backbone alone unless `towers` (then the vision or audio tower the checkpoint holds, for media)."""
     path = Path(path)
-    _check_source(path)
+    check_source(path)
     tokenizer = _load_tokenizer(path)
     settings = read_encoder_settings(path)
     model = from_pretrained(path, attention=attention, dtype=dtype, **({} if towers else {"text_only": True}))
@@ -196,9 +197,19 @@ def read_preprocessor_config(path: str | os.PathLike) -> dict[str, Any]:
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _write_st_files(
-    out: Path, model: Transformer, *, pooling: str, normalize: bool, max_length: int, prompts: dict[str, str]
+def write_st_modules(
+    out: Path,
+    hidden_size: int,
+    *,
+    pooling: str,
+    normalize: bool,
+    max_length: int,
+    prompts: dict[str, str],
+    model_args: dict[str, Any] | None = None,
 ) -> None:
+    """sentence-transformers' files for a `hidden_size`-wide model in `out`; `model_args` go to
+    `sentence_bert_config.json` as the Transformer module's model, config and processor arguments
+    (`{"trust_remote_code": True}` for a remote-code model)."""
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": _POOLING_DIR, "type": "sentence_transformers.models.Pooling"},
@@ -211,11 +222,14 @@ def _write_st_files(
         _write_json(out / _NORMALIZE_DIR / "config.json", {})  # a file, so that no tool drops an empty folder
     _write_json(out / _MODULES, modules)
     (out / _POOLING_DIR).mkdir()
-    pooling_config = {"word_embedding_dimension": model.config.hidden_size}
+    pooling_config = {"word_embedding_dimension": hidden_size}
     pooling_config.update({flag: flag == _ST_POOLING_FLAGS[pooling] for flag in _ALL_ST_FLAGS})
     pooling_config["include_prompt"] = True
     _write_json(out / _POOLING_DIR / "config.json", pooling_config)
-    _write_json(out / "sentence_bert_config.json", {"max_seq_length": max_length, "do_lower_case": False})
+    module_config: dict[str, Any] = {"max_seq_length": max_length, "do_lower_case": False}
+    if model_args:
+        module_config.update({k: dict(model_args) for k in ("model_args", "config_args", "processor_args")})
+    _write_json(out / "sentence_bert_config.json", module_config)
     _write_json(
         out / "config_sentence_transformers.json",
         {
@@ -320,7 +334,7 @@ def _check_export_args(pooling: str, max_length: int, attention: str, dtype: str
         raise ConfigError(f"dtype {dtype!r} is not one of {DTYPES}")
 
 
-def _check_source(src: Path) -> None:
+def check_source(src: Path) -> None:
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a directory; give an HF model directory or a bidirlm checkpoint")
     if not (description_dir(src) / "config.json").is_file():
@@ -342,7 +356,7 @@ def _load_tokenizer(path: Path) -> Any:
         ) from None
 
 
-def _source_dtypes(src: Path, *, allow_pickle: bool) -> tuple[str, dict[str, str]]:
+def source_dtypes(src: Path, *, allow_pickle: bool) -> tuple[str, dict[str, str]]:
     """The source's precision and each tensor's, so that an export keeps them (as `bidirlm convert` does)."""
     if is_checkpoint(src):
         dtype, tensors = recorded_dtypes(src)

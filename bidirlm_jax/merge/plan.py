@@ -69,7 +69,8 @@ class Input:
 
     @property
     def text_config(self) -> dict:
-        return (self.config or {}).get("text_config") or self.config or {}
+        holder = (self.config or {}).get("thinker_config") or self.config or {}  # the original Qwen3-ASR nests it
+        return holder.get("text_config") or self.config or {}
 
     def describe(self) -> str:
         t = self.text_config
@@ -86,8 +87,9 @@ class Entry:
     key: str
     shape: tuple[int, ...]
     dtype: np.dtype
-    sources: tuple[tuple[int, str], ...]  # every model in order (merged) or just the base (carried)
+    sources: tuple[tuple[int, str], ...]  # every model in order (merged) or the one it is copied from (carried)
     merged: bool
+    rows: tuple[tuple[int, int], ...] = ()  # (row, model) of a merged matrix copied from that model instead
 
     @property
     def size(self) -> int:
@@ -104,13 +106,15 @@ class Plan:
     files: Companions  # the base's files that travel (io.companions), copied as they are
     config: dict | None  # the output's config.json
     out_dtype: str | None  # of every merged tensor, when they share one
+    documents: dict[str, dict] = field(default_factory=dict)  # other JSON files the merge composes, by name
+    dropped: tuple[tuple[str, str], ...] = ()  # (model path, key) left out besides other models' excluded keys
 
     @property
     def base(self) -> Input:
         return self.inputs[self.spec.base_index]
 
 
-def _open(model: MergeModel, allow_pickle: bool) -> Input:
+def open_input(model: MergeModel, allow_pickle: bool) -> Input:
     path = Path(model.path)
     if not path.exists():
         raise CheckpointError(
@@ -144,7 +148,7 @@ def _key_mapper(inp: Input) -> Callable[[str], str | None]:
         raise CheckpointError(f"{inp.model.path}: {e} (--key-pattern PATH=REGEX)") from None
 
 
-def _index(inp: Input, exclude: Sequence[re.Pattern]) -> None:
+def index_input(inp: Input, exclude: Sequence[re.Pattern]) -> None:
     to_canonical = _key_mapper(inp)
     for key in inp.reader.keys():
         if any(rx.search(key) for rx in exclude):
@@ -160,7 +164,7 @@ def _index(inp: Input, exclude: Sequence[re.Pattern]) -> None:
         inp.names[name] = key
 
 
-def _check_configs(inputs: list[Input]) -> None:
+def check_configs(inputs: list[Input]) -> None:
     """Refuse text backbones whose config.json disagree on a field that shapes their tensors."""
     known = [inp for inp in inputs if inp.config is not None]
     diffs = []
@@ -322,13 +326,13 @@ def _output_config(config: dict, spec: MergeSpec) -> dict:
 def plan_merge(spec: MergeSpec, out: str | os.PathLike, *, allow_pickle: bool = False) -> Plan:
     """Open every input and decide every output tensor and file, refusing anything that would be lost."""
     exclude = [re.compile(p) for p in spec.exclude]
-    inputs = [_open(m, allow_pickle) for m in spec.models]
+    inputs = [open_input(m, allow_pickle) for m in spec.models]
     b = inputs[spec.base_index]
     if spec.attention is not None and b.config is None:
         raise ConfigError(f"cannot set the attention mode: the base {b.model.path} has no config.json")
     for inp in inputs:
-        _index(inp, exclude)
-    _check_configs(inputs)
+        index_input(inp, exclude)
+    check_configs(inputs)
     _warn_gemma_norms(inputs, spec)
     entries = _entries(inputs, spec)
     merged_dtypes = {_DTYPE_NAMES.get(e.dtype) for e in entries if e.merged}

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.merge.omni_recipe import OmniRecipe, recipe_from_dict
 from bidirlm_jax.models.runtime import ATTENTION_MODES, BIDIRECTIONAL_WINDOWS, DTYPES
 from bidirlm_jax.paths import user_path
 
@@ -43,7 +44,7 @@ _TOP_KEYS = {
     "tokenizer_source",
     "bidirlm",
 }
-_BIDIRLM_KEYS = {"exclude", "key_patterns", "attention", "bidirectional_window", "arithmetic"}
+_BIDIRLM_KEYS = {"exclude", "key_patterns", "attention", "bidirectional_window", "arithmetic", "compose"}
 
 
 def canonical_dtype(name: str) -> str:
@@ -98,6 +99,8 @@ class MergeSpec:
     bit. `dtype` is mergekit's compute dtype, which only `arithmetic="mergekit"` rounds the inputs to.
     `exclude` holds regexes of checkpoint keys that are not merged: the base's are carried through, the
     other models' dropped. `attention` (default: as in the base's config) sets the output's attention mode.
+    `compose` makes the output a BidirLM-Omni checkpoint instead (`merge.compose`): the backbones merged,
+    the towers carried from the inputs the recipe names, its own layout, config and files.
     """
 
     models: tuple[MergeModel, ...]
@@ -109,6 +112,7 @@ class MergeSpec:
     bidirectional_window: str | None = None
     dtype: str | None = None
     arithmetic: str = "float32"
+    compose: OmniRecipe | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
@@ -135,6 +139,8 @@ class MergeSpec:
             )
         if self.bidirectional_window is not None and self.attention != "bidirectional":
             raise ConfigError("bidirectional_window only applies with attention 'bidirectional'")
+        if self.compose is not None and self.attention not in (None, "bidirectional"):
+            raise ConfigError("a BidirLM-Omni composition is bidirectional; drop attention or set it to bidirectional")
         self.base_index  # noqa: B018  (validates `base`)
 
     @property
@@ -143,7 +149,7 @@ class MergeSpec:
         if self.base is None:
             return 0
         for i, model in enumerate(self.models):
-            if _same_path(model.path, self.base):
+            if same_path(model.path, self.base):
                 return i
         raise ConfigError(
             f"base model {self.base} is not one of the merged models ({', '.join(m.path for m in self.models)}); "
@@ -187,12 +193,14 @@ class MergeSpec:
             extra["attention"] = self.attention
         if self.bidirectional_window is not None:
             extra["bidirectional_window"] = self.bidirectional_window
+        if self.compose is not None:
+            extra["compose"] = self.compose.to_dict()
         if extra:
             doc["bidirlm"] = extra
         return yaml.safe_dump(doc, sort_keys=False)
 
 
-def _same_path(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
     return a == b or os.path.realpath(user_path(a)) == os.path.realpath(user_path(b))
 
 
@@ -208,12 +216,12 @@ def parse_model_arg(text: str) -> MergeModel:
 
 
 def _with_key_patterns(models: Sequence[MergeModel], patterns: dict[str, str]) -> tuple[MergeModel, ...]:
-    unused = [p for p in patterns if not any(_same_path(m.path, p) for m in models)]
+    unused = [p for p in patterns if not any(same_path(m.path, p) for m in models)]
     if unused:
         raise ConfigError(f"key pattern given for {', '.join(unused)}, which is not one of the merged models")
     return tuple(
         dataclasses.replace(
-            m, key_pattern=next((r for p, r in patterns.items() if _same_path(m.path, p)), m.key_pattern)
+            m, key_pattern=next((r for p, r in patterns.items() if same_path(m.path, p)), m.key_pattern)
         )
         for m in models
     )
@@ -291,7 +299,15 @@ def load_merge_yaml(path: str | os.PathLike) -> MergeSpec:
         bidirectional_window=extra.get("bidirectional_window"),
         dtype=doc.get("dtype"),
         arithmetic=extra.get("arithmetic", "float32"),
+        compose=None if "compose" not in extra else _recipe(extra["compose"], f"{path}: bidirlm.compose"),
     )
+
+
+def _recipe(d: Any, where: str) -> OmniRecipe:
+    """The composition settings with their input paths resolved as the models' are."""
+    recipe = recipe_from_dict(d, where)
+    paths = {k: str(user_path(v)) for k in ("vision", "audio", "tokenizer") if (v := getattr(recipe, k)) is not None}
+    return recipe.replace(**paths)
 
 
 def spec_from_args(
@@ -306,8 +322,10 @@ def spec_from_args(
     attention: str | None = None,
     bidirectional_window: str | None = None,
     arithmetic: str | None = None,
+    compose: dict[str, Any] | None = None,
 ) -> MergeSpec:
-    """The spec `bidirlm merge` runs: `--config` YAML or `--model PATH=WEIGHT`s, with flags taking precedence."""
+    """The spec `bidirlm merge` runs: `--config` YAML or `--model PATH=WEIGHT`s, with flags taking precedence;
+    `compose`: composition settings given as flags (they replace the YAML's one by one)."""
     models = list(models)
     if config and models:
         raise ConfigError("give either --config FILE.yaml or --model PATH=WEIGHT options, not both")
@@ -336,4 +354,8 @@ def spec_from_args(
         "arithmetic": arithmetic,
     }
     changes.update({name: value for name, value in flags.items() if value is not None})
+    if compose is not None:
+        given = {k: v for k, v in compose.items() if v is not None}
+        current = spec.compose.to_dict() if spec.compose is not None else {}
+        changes["compose"] = _recipe({**current, **given}, "--compose settings")
     return spec.replace(**changes)

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import itertools
 import json
+import math
 import queue
 import threading
 from collections.abc import Callable, Generator, Iterator
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSpec
+from bidirlm_jax.merge.compose import plan_compose
 from bidirlm_jax.merge.linear import coefficients, combine
 from bidirlm_jax.merge.mergekit_linear import mergekit_linear
 from bidirlm_jax.merge.plan import MERGEABLE, Entry, Input, Plan, plan_merge
@@ -46,8 +48,9 @@ class MergeResult:
 
     out: Path
     merged: tuple[str, ...]  # output keys computed from every model
-    carried: tuple[str, ...]  # output keys copied bit for bit from the base
-    dropped: tuple[tuple[str, str], ...]  # (model path, key) excluded from a model other than the base
+    carried: tuple[str, ...]  # output keys copied bit for bit from one model (the base, or a composition's tower)
+    dropped: tuple[tuple[str, str], ...]  # (model path, key) excluded from a model other than the base, or left
+    # out by a composition (LM heads, towers it does not take)
 
 
 @dataclass(frozen=True)
@@ -151,10 +154,27 @@ def _pieces(
             pending.extend((p, pool.submit(load, p)) for p in itertools.islice(todo, 1))
             arrays = future.result()
             result = kernel(arrays, piece.segments[0][0].dtype) if piece.merged else arrays[0]
+            if any(entry.rows for entry, _, _ in piece.segments):
+                result = _copy_rows(np.array(result), piece, inputs)
             offset = 0
             for _, start, stop in piece.segments:
                 yield result[offset : offset + stop - start]
                 offset += stop - start
+
+
+def _copy_rows(result: np.ndarray, piece: _Piece, inputs: list[Input]) -> np.ndarray:
+    """`result` (a merged piece's output elements) with the rows its tensors take from one model instead."""
+    offset = 0
+    for entry, start, stop in piece.segments:
+        width = math.prod(entry.shape[1:])
+        for row, model in entry.rows:
+            first, last = max(start, row * width), min(stop, (row + 1) * width)
+            if first < last:
+                key = entry.sources[model][1]
+                values = inputs[model].reader.read_flat(key, first, last)
+                result[offset + first - start : offset + last - start] = values.astype(result.dtype)
+        offset += stop - start
+    return result
 
 
 def _ahead(items: Generator[Any, None, None], depth: int) -> Iterator[Any]:
@@ -217,7 +237,8 @@ def merge_checkpoints(
     """
     out = check_destination(out, overwrite=overwrite)
     kernel = _kernel(spec)
-    plan = plan_merge(spec, out, allow_pickle=allow_pickle)
+    planner = plan_merge if spec.compose is None else plan_compose
+    plan = planner(spec, out, allow_pickle=allow_pickle)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         _write(plan, tmp, kernel, max_shard_bytes=max_shard_bytes, progress=progress, chunk=chunk_elements)
     base = spec.base_index
@@ -225,7 +246,8 @@ def merge_checkpoints(
         out=out,
         merged=tuple(e.key for e in plan.entries if e.merged),
         carried=tuple(e.key for e in plan.entries if not e.merged),
-        dropped=tuple((inp.model.path, k) for i, inp in enumerate(plan.inputs) if i != base for k in inp.excluded),
+        dropped=tuple((inp.model.path, k) for i, inp in enumerate(plan.inputs) if i != base for k in inp.excluded)
+        + plan.dropped,
     )
 
 
@@ -242,6 +264,8 @@ def _write(plan: Plan, tmp: Path, kernel: _Kernel, *, max_shard_bytes: int, prog
             bar.update()
     writer.close()
     plan.files.copy_into(tmp)
+    for name, document in plan.documents.items():
+        (tmp / name).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     if plan.config is not None:
         (tmp / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n")
     (tmp / RECORD_FILE).write_text(plan.spec.to_yaml(plan.out_dtype))

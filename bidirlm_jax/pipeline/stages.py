@@ -1,5 +1,6 @@
-"""The three ways a variant directory is made from others: the attention mode switched, two models merged,
-a training run's latest checkpoint exported. Each writes an HF directory atomically."""
+"""The ways a variant directory is made from others: the attention mode switched, two models merged, a
+training run's latest checkpoint exported, an encoder composed with vision and audio specialists into
+BidirLM-Omni. Each writes an HF directory atomically."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 from pathlib import Path
 
 from bidirlm_jax.io.atomic import atomic_directory
+from bidirlm_jax.merge.omni_recipe import OmniRecipe
 
 
 def switch_attention(src: str | os.PathLike, dst: str | os.PathLike, attention: str) -> Path:
@@ -41,6 +43,26 @@ def merge_with_base(
         (MergeModel(str(adapted), 1.0 - base_weight), MergeModel(str(base), base_weight)), attention="bidirectional"
     )
     merge_checkpoints(spec, dst, progress=False)
+    return Path(dst)
+
+
+def compose_omni(
+    text: str | os.PathLike,
+    vision: str | os.PathLike,
+    audio: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
+    settings: OmniRecipe | None = None,
+) -> Path:
+    """`dst`: BidirLM-Omni composed from the text encoder and the vision (Qwen3-VL) and audio (Qwen3-ASR)
+    specialists (`merge.compose`): backbones merged with `weights` (vision, text, audio; the paper's 1/3
+    each), towers carried; `settings` fills in what the paper leaves open."""
+    from bidirlm_jax.merge import MergeModel, MergeSpec, merge_checkpoints
+
+    models = tuple(MergeModel(str(path), w) for path, w in zip((vision, text, audio), weights, strict=True))
+    recipe = (settings or OmniRecipe()).replace(vision=str(vision), audio=str(audio))
+    merge_checkpoints(MergeSpec(models, compose=recipe), dst, progress=False)
     return Path(dst)
 
 

@@ -8,6 +8,7 @@
 | `Bi+MNTP+Merge`        | bidirectional | Bi+MNTP linearly merged with the base (`merge_ratio` on the base) |
 | `Bi+Contrastive`       | bidirectional | a contrastive run from the base                                   |
 | `Bi+MNTP+Contrastive`  | bidirectional | a contrastive run from Bi+MNTP (or from Bi+MNTP+Merge)            |
+| `Omni` (on request)    | bidirectional | a variant composed with vision and audio specialists (`OmniStage`)|
 
 Every variant is an HF directory with the tokenizer (`Variant.path`), in the attention mode it declares
 (`Variant.attention`), so `from_pretrained(variant.path)`, transformers and `export_encoder` all read it as
@@ -43,7 +44,8 @@ from ml_collections import ConfigDict
 
 from bidirlm_jax.errors import ConfigError, Preempted
 from bidirlm_jax.io.atomic import write_atomically
-from bidirlm_jax.pipeline.stages import merge_with_base, run_to_hf, switch_attention
+from bidirlm_jax.merge.omni_recipe import OmniRecipe
+from bidirlm_jax.pipeline.stages import compose_omni, merge_with_base, run_to_hf, switch_attention
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +57,9 @@ BASE, BI_BASE, BI_MNTP, BI_MNTP_MERGE, BI_CONTRASTIVE, BI_MNTP_CONTRASTIVE = VAR
     "Bi+Contrastive",
     "Bi+MNTP+Contrastive",
 )
+OMNI = "Omni"  # built only when asked for, from `Recipe.omni`
 DIRECTORIES = {
+    OMNI: "omni",
     BI_BASE: "bi-base",
     BI_MNTP: "bi-mntp",
     BI_MNTP_MERGE: "bi-mntp-merge",
@@ -112,6 +116,25 @@ def default_contrastive_config() -> ConfigDict:
     return contrastive.get_config("tiny")
 
 
+@dataclasses.dataclass(frozen=True)
+class OmniStage:
+    """The "compose" stage: the variant `text_from` merged with a vision specialist (a Qwen3-VL directory)
+    and an audio specialist (a Qwen3-ASR directory) into BidirLM-Omni, backbones weighted `weights`
+    (vision, text, audio), towers carried; `settings`: what the paper leaves open (`merge.omni_recipe`)."""
+
+    vision: str
+    audio: str
+    text_from: str = BI_MNTP
+    weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+    settings: OmniRecipe = OmniRecipe()
+
+    def __post_init__(self) -> None:
+        if self.text_from not in VARIANTS[1:]:
+            raise ConfigError(f"OmniStage.text_from {self.text_from!r} must be one of {', '.join(VARIANTS[1:])}")
+        if len(self.weights) != 3:
+            raise ConfigError(f"OmniStage.weights are (vision, text, audio), got {self.weights!r}")
+
+
 @dataclasses.dataclass
 class Recipe:
     """How the trained variants are made.
@@ -120,13 +143,14 @@ class Recipe:
     `model.init_from` and `model.attention` are overwritten per variant. `merge_ratio` is the paper's
     merging ratio: the weight on the *base* (0.5 was its best). `contrastive_from` is the starting point
     of `Bi+MNTP+Contrastive`: `Bi+MNTP` (Figure 2's variant) or `Bi+MNTP+Merge` (the released models'
-    recipe).
+    recipe). `omni`: the "compose" stage, which the `Omni` variant needs.
     """
 
     mntp: ConfigDict = dataclasses.field(default_factory=default_mntp_config)
     contrastive: ConfigDict = dataclasses.field(default_factory=default_contrastive_config)
     merge_ratio: float = 0.5
     contrastive_from: str = BI_MNTP
+    omni: OmniStage | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.merge_ratio <= 1.0:
@@ -147,6 +171,10 @@ def requirements(name: str, recipe: Recipe) -> list[str]:
         BI_MNTP_MERGE: [BI_MNTP],
         BI_MNTP_CONTRASTIVE: [BI_MNTP] + ([BI_MNTP_MERGE] if recipe.contrastive_from == BI_MNTP_MERGE else []),
     }
+    if name == OMNI:
+        if recipe.omni is None:
+            raise ConfigError("the Omni variant needs Recipe.omni (its vision and audio specialists)")
+        return [*requirements(recipe.omni.text_from, recipe), recipe.omni.text_from]
     return parents.get(name, [])
 
 
@@ -168,21 +196,21 @@ def build_variants(
     base = Path(base).expanduser().resolve()
     out = Path(out_dir).expanduser().resolve()
     names = list(names)
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in (*VARIANTS, OMNI)]
     if unknown:
-        raise ConfigError(f"unknown variant(s) {unknown}; choose among {', '.join(VARIANTS)}")
+        raise ConfigError(f"unknown variant(s) {unknown}; choose among {', '.join((*VARIANTS, OMNI))}")
     _check_base(base)
     wanted = {BASE} | {n for name in names for n in (name, *requirements(name, recipe))}
     built: dict[str, tuple[Variant, dict[str, Any]]] = {}
     out.mkdir(parents=True, exist_ok=True)
-    for name in VARIANTS:
+    for name in (*VARIANTS, OMNI):
         if name not in wanted:
             continue
         start = time.perf_counter()
         variant, reused = _build_one(name, base, out, recipe, built)
         if on_phase is not None:
             on_phase(name, variant, 0.0 if reused else time.perf_counter() - start)
-    return {n: built[n][0] for n in VARIANTS if n in names}
+    return {n: built[n][0] for n in (*VARIANTS, OMNI) if n in names}
 
 
 def _check_base(base: Path) -> None:
@@ -214,6 +242,7 @@ def _build_one(
         BI_MNTP_MERGE: BI_MNTP,
         BI_CONTRASTIVE: BASE,
         BI_MNTP_CONTRASTIVE: recipe.contrastive_from,
+        OMNI: recipe.omni and recipe.omni.text_from,
     }[name]
     source = built[BASE][0].path if parent == BASE else built[parent][0].path
     variant = Variant(
@@ -240,6 +269,9 @@ def _build_one(
         switch_attention(base, path, "bidirectional")
     elif name == BI_MNTP_MERGE:
         merge_with_base(source, base, path, base_weight=recipe.merge_ratio)
+    elif name == OMNI:
+        stage = recipe.omni
+        compose_omni(source, stage.vision, stage.audio, path, weights=stage.weights, settings=stage.settings)
     else:
         config = _run_config(recipe.mntp if name == BI_MNTP else recipe.contrastive, source)
         from bidirlm_jax.evals.registry import EVALUATORS
@@ -267,6 +299,10 @@ def _settings(name: str, source: Path, base: Path, out: Path, recipe: Recipe) ->
     settings: dict[str, Any] = {"from": relative_path(source, out)}
     if name == BI_MNTP_MERGE:
         settings["base"], settings["base_weight"] = relative_path(base, out), recipe.merge_ratio
+    elif name == OMNI:
+        stage = recipe.omni
+        settings.update(vision=stage.vision, audio=stage.audio, weights=list(stage.weights))
+        settings["compose"] = stage.settings.to_dict()
     elif name in RUNS:
         config = json.loads(
             _run_config(recipe.mntp if name == BI_MNTP else recipe.contrastive, source).to_json_best_effort()

@@ -107,8 +107,8 @@ def asr_config(**text_overrides):
         head_dim=32,
         max_position_embeddings=512,
         tie_word_embeddings=True,
-        **text_overrides,
     )
+    text.update(text_overrides)
     config = Qwen3ASRConfig(audio_config=audio, text_config=text, audio_token_id=1004, pad_token_id=0, eos_token_id=1)
     config._attn_implementation = "eager"
     config.text_config._attn_implementation = "eager"
@@ -151,3 +151,38 @@ def asr_batch() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     frames = np.arange(300)[None, :] < lengths[:, None]
     features = np.random.default_rng(0).standard_normal((3, 128, 300)).astype(np.float32) * frames[:, None]
     return ids, mask, features, frames.astype(np.int64)
+
+
+_THINKER_PREFIXES = (
+    ("model.language_model.", "thinker.model."),
+    ("model.audio_tower.", "thinker.audio_tower."),
+    ("model.multi_modal_projector.linear_1.", "thinker.audio_tower.proj1."),
+    ("model.multi_modal_projector.linear_2.", "thinker.audio_tower.proj2."),
+    ("lm_head.", "thinker.lm_head."),
+)
+
+
+def save_thinker_layout(hf_dir, path) -> None:
+    """The -hf checkpoint in `hf_dir` rewritten in the original Qwen3-ASR layout at `path`: everything under
+    `thinker.`, the projector inside the tower, the parts' configs under `thinker_config` (the text config
+    named as the original names it)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import load_file, save_file
+
+    hf_dir, path = Path(hf_dir), Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for key, value in load_file(hf_dir / "model.safetensors").items():
+        hf, original = next((h, o) for h, o in _THINKER_PREFIXES if key.startswith(h))
+        tensors[original + key.removeprefix(hf)] = value
+    save_file(tensors, path / "model.safetensors")
+    hf = json.loads((hf_dir / "config.json").read_text())
+    rope = {"rope_type": "default", "mrope_section": [6, 5, 5], "interleaved": True}
+    text = dict(hf["text_config"], model_type="qwen3_asr_text", rope_scaling=rope)
+    audio = dict(hf["audio_config"], model_type="qwen3_asr_audio_encoder")
+    thinker = dict(audio_config=audio, text_config=text, audio_token_id=hf["audio_token_id"])
+    thinker["model_type"] = "qwen3_asr_thinker"
+    config = dict(model_type="qwen3_asr", architectures=["Qwen3ASRForConditionalGeneration"], thinker_config=thinker)
+    (path / "config.json").write_text(json.dumps(config))

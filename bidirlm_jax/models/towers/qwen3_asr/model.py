@@ -24,7 +24,7 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models import transformer
 from bidirlm_jax.models.placeholders import merge_placeholders, valid_first
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
-from bidirlm_jax.models.towers.qwen3_asr.config import Qwen3ASRConfig
+from bidirlm_jax.models.towers.qwen3_asr.config import AudioConfig, Qwen3ASRConfig
 from bidirlm_jax.models.towers.qwen3_asr.encoder import AudioEncoder
 from bidirlm_jax.models.transformer import ModelOutput, Transformer
 
@@ -42,43 +42,9 @@ class Qwen3ASR(nnx.Module):
         """Host side: check the inputs and compute each clip's length in frames; the keyword arguments of
         `hidden_states`."""
         ids = np.asarray(input_ids)
-        inputs: dict[str, Any] = dict(input_ids=ids, attention_mask=attention_mask)
-        if input_features is None:
-            if input_features_mask is not None:
-                raise ConfigError(
-                    "input_features_mask without input_features: pass both, as the processor returns them"
-                )
-            return inputs
-        features = np.asarray(input_features)
-        mels = self.config.audio.num_mel_bins
-        if features.ndim != 3 or features.shape[1] != mels:
-            raise ConfigError(
-                f"input_features of shape {features.shape}: expected [clips, {mels}, frames], log-mel features "
-                "as the Qwen3-ASR processor returns them"
-            )
-        if input_features_mask is None:
-            lengths = np.full(features.shape[0], features.shape[2])
-        else:
-            mask = np.asarray(input_features_mask).astype(bool)
-            lengths = mask.sum(-1)
-            if (
-                mask.shape != (features.shape[0], features.shape[2])
-                or (mask != _prefixes(lengths, mask.shape[1])).any()
-            ):
-                raise ConfigError(
-                    f"input_features_mask of shape {mask.shape} must mark a prefix of each clip's "
-                    f"{features.shape[2]} frames (shape {(features.shape[0], features.shape[2])})"
-                )
-        placeholders = int((ids == self.config.audio_token_id).sum())
-        tokens = int(chunk_tokens(lengths, self.config.audio.n_window).sum())
-        if placeholders != tokens:
-            raise ConfigError(
-                f"input_ids hold {placeholders} audio placeholders (id {self.config.audio_token_id}) but the clips "
-                f"give {tokens} tokens; expand each clip's placeholders to its token count "
-                f"(audio_tokens.chunk_tokens with n_window {self.config.audio.n_window}) as the processor does"
-            )
-        inputs.update(input_features=features, lengths=lengths)
-        return inputs
+        config = self.config
+        clips = audio_inputs(config.audio, config.audio_token_id, ids, input_features, input_features_mask)
+        return dict(input_ids=ids, attention_mask=attention_mask, **clips)
 
     def hidden_states(self, input_ids, attention_mask=None, *, input_features=None, lengths=None) -> jax.Array:
         """Final-normed hidden states [B, T, d]; `input_features` [clips, mel_bins, frames] with each clip's
@@ -86,24 +52,71 @@ class Qwen3ASR(nnx.Module):
         ids = jnp.asarray(input_ids)
         x = self.text.embed(ids)
         if input_features is not None:
-            audio = self.audio_tower(input_features, lengths)
-            order = valid_first(audio.tokens.shape[:2], audio.valid.sum(axis=1))
-            x = merge_placeholders(x, ids == self.config.audio_token_id, audio.tokens.reshape(-1, x.shape[-1])[order])
+            x = merge_audio(self.audio_tower, x, ids == self.config.audio_token_id, input_features, lengths)
         return self.text.hidden_states(inputs_embeds=x, attention_mask=attention_mask)
 
     def batch_hidden_states(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
         """Hidden states of a row-aligned batch (`data.media.collate`: row b's clip in `input_features[b]`,
         `audio_lengths[b]` frames, 0 without one), the path `models.encoder` takes for every media model."""
-        return self.hidden_states(
-            inputs["input_ids"],
-            inputs.get("attention_mask"),
-            input_features=inputs.get("input_features"),
-            lengths=inputs.get("audio_lengths"),
-        )
+        return self.hidden_states(inputs["input_ids"], inputs.get("attention_mask"), **batch_clips(inputs))
 
     def __call__(self, input_ids, attention_mask=None, *, input_features=None, input_features_mask=None) -> ModelOutput:
         hidden = self.hidden_states(**self.prepare(input_ids, attention_mask, input_features, input_features_mask))
         return ModelOutput(logits=self.text.logits(hidden), hidden_states=hidden)
+
+
+def batch_clips(inputs: Mapping[str, jax.Array]) -> dict[str, Any]:
+    """The `hidden_states` keywords of a row-aligned batch's clips: `input_features` and their `lengths`
+    (`audio_lengths`; nothing when the batch holds no clip)."""
+    if inputs.get("input_features") is None:
+        return {}
+    return dict(input_features=inputs["input_features"], lengths=inputs["audio_lengths"])
+
+
+def audio_inputs(
+    audio: AudioConfig, audio_token_id: int, ids: np.ndarray, input_features, input_features_mask
+) -> dict[str, Any]:
+    """Host side of audio clips in a text batch `ids` [B, T]: check `input_features` [clips, mel_bins, frames]
+    and its prefix mask, and that the placeholders count the clips' tokens; `input_features` and each
+    clip's `lengths` in frames (nothing without clips)."""
+    if input_features is None:
+        if input_features_mask is not None:
+            raise ConfigError("input_features_mask without input_features: pass both, as the processor returns them")
+        return {}
+    features = np.asarray(input_features)
+    mels = audio.num_mel_bins
+    if features.ndim != 3 or features.shape[1] != mels:
+        raise ConfigError(
+            f"input_features of shape {features.shape}: expected [clips, {mels}, frames], log-mel features "
+            "as the Qwen3-ASR processor returns them"
+        )
+    if input_features_mask is None:
+        lengths = np.full(features.shape[0], features.shape[2])
+    else:
+        mask = np.asarray(input_features_mask).astype(bool)
+        lengths = mask.sum(-1)
+        if mask.shape != (features.shape[0], features.shape[2]) or (mask != _prefixes(lengths, mask.shape[1])).any():
+            raise ConfigError(
+                f"input_features_mask of shape {mask.shape} must mark a prefix of each clip's "
+                f"{features.shape[2]} frames (shape {(features.shape[0], features.shape[2])})"
+            )
+    placeholders = int((ids == audio_token_id).sum())
+    tokens = int(chunk_tokens(lengths, audio.n_window).sum())
+    if placeholders != tokens:
+        raise ConfigError(
+            f"input_ids hold {placeholders} audio placeholders (id {audio_token_id}) but the clips "
+            f"give {tokens} tokens; expand each clip's placeholders to its token count "
+            f"(audio_tokens.chunk_tokens with n_window {audio.n_window}) as the processor does"
+        )
+    return dict(input_features=features, lengths=lengths)
+
+
+def merge_audio(tower: AudioEncoder, x: jax.Array, placeholders: jax.Array, input_features, lengths) -> jax.Array:
+    """`x` [B, T, d] with the tower's tokens of the clips `input_features` [R, mel_bins, frames] (`lengths`
+    [R] frames; 0: no clip) at the `placeholders` [B, T], clip after clip."""
+    audio = tower(input_features, lengths)
+    order = valid_first(audio.tokens.shape[:2], audio.valid.sum(axis=1))
+    return merge_placeholders(x, placeholders, audio.tokens.reshape(-1, x.shape[-1])[order])
 
 
 def _prefixes(lengths: np.ndarray, frames: int) -> np.ndarray:
