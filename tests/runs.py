@@ -28,8 +28,8 @@ def metrics_of(workdir) -> list[dict]:
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def checkpoint_params(workdir, step) -> list[np.ndarray]:
-    """The checkpoint's parameters on one local device, whatever topology wrote them."""
+def checkpoint_tree(workdir, step) -> dict:
+    """The checkpoint's parameter tree on one local device, whatever topology wrote them."""
     path = Path(workdir).absolute() / "checkpoints" / str(step) / "state"
     checkpointer = ocp.StandardCheckpointer()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -37,7 +37,12 @@ def checkpoint_params(workdir, step) -> list[np.ndarray]:
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
         checkpointer.metadata(path).item_metadata.tree,
     )
-    return [np.asarray(x) for x in jax.tree.leaves(checkpointer.restore(path, target)["params"])]
+    return checkpointer.restore(path, target)["params"]
+
+
+def checkpoint_params(workdir, step) -> list[np.ndarray]:
+    """The checkpoint's parameters as numpy arrays, in tree order."""
+    return [np.asarray(x) for x in jax.tree.leaves(checkpoint_tree(workdir, step))]
 
 
 def saved_steps(workdir) -> list[int]:

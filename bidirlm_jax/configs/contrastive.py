@@ -17,7 +17,11 @@ image–text run (§6's vision specialist and Omni's image data: Qwen3-VL-2B or 
 as `model.init_from`, `data.path` = records `{"query": caption, "positive": {"image": path}}`). The paper gives
 no image–text batch or budget: it takes the text runs' 512 pairs, Qwen3-1.7B's learning rate and chunking,
 0 hard negatives (App. E), and a training pixel budget of 256 merged tokens (256·32·32 pixels) so a caption
-and its image fit 512 tokens; towers frozen (`contrastive.train_towers`).
+and its image fit 512 tokens; towers frozen (`contrastive.train_towers`). `tiny-omni` trains a tiny random
+Omni model on the mixture offline (standard-library text pairs, photographs, espeak-ng speech at 65 / 17.5 /
+17.5 %); `omni-2.5b` is BidirLM-Omni's run (App. E: 1.8M pairs, one epoch at batch 512, 7 hard negatives
+for text, 0 for media, towers frozen; learning rate and chunking as Qwen3-1.7B's, where the paper is silent)
+from the composed model, `data.path` holding text, image and audio pair files and `data.weights` their shares.
 
 Presets: `tiny` (the tiny Gemma3-shaped model on pairs mined from the standard library's docstrings)
 and the paper's four sizes (paper-recipe.md §3.2): learning rates 6e-5 / 3e-5 / 1e-4 / 1e-4, batch 512,
@@ -33,7 +37,9 @@ from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.train.config import base_config
 
 _SIZES = {"gemma3-270m": (6e-5, 64), "qwen3-0.6b": (3e-5, 32), "gemma3-1b": (1e-4, 32), "qwen3-1.7b": (1e-4, 16)}
-_MEDIA = ("tiny-image", "tiny-audio", "qwen3-vl-2b")
+_MEDIA = ("tiny-image", "tiny-audio", "tiny-omni", "qwen3-vl-2b", "omni-2.5b")
+# BidirLM-Omni's contrastive mixture (App. E): 65 % text–text, 17.5 % image–text, 17.5 % audio–text.
+OMNI_MIX = "summaries:0.325;halves:0.325;sample_images:0.175;spoken:0.175"
 PRESETS = ("tiny", *_SIZES, *_MEDIA)
 
 
@@ -90,6 +96,20 @@ def get_config(preset: str = "tiny") -> ConfigDict:
             c.contrastive.update(mask_duplicates=True, train_towers=True)
             c.optim.learning_rate = 5e-3
             c.train.update(steps=160, checkpoint_every=80)
+    elif preset == "tiny-omni":
+        c.model.update(preset="tiny-omni", towers=True)
+        c.data.update(source="omni_mix", weights=OMNI_MIX, seq_len=96, global_batch_size=8)
+        c.contrastive.update(num_negatives=1, chunk_size=4, max_pixels=128 * 128, max_seconds=4.0)
+        c.optim.update(learning_rate=2e-3, warmup_steps=5, weight_decay=0.0)
+        c.train.update(steps=40, checkpoint_every=20, log_every=5)
+    elif preset == "omni-2.5b":  # model.init_from: the composed Omni (bidirlm merge --compose-omni)
+        lr, chunk = _SIZES["qwen3-1.7b"]
+        c.model.update(towers=True, dtype="bfloat16", remat="full", scan_layers=True)
+        c.data.update(global_batch_size=512, seed=42)  # data.path: text, image and audio pair files; data.weights
+        c.contrastive.update(num_negatives=7, chunk_size=chunk, max_pixels=256 * 32 * 32)
+        c.optim.update(learning_rate=lr, warmup_steps=500, final_lr_fraction=0.0)
+        c.train.update(steps=3516, seed=42, checkpoint_every=500, log_every=10)  # 1.8M pairs / 512
+        c.mesh.update(data=-1, fsdp=1, tensor=1)
     elif preset == "qwen3-vl-2b":
         lr, chunk = _SIZES["qwen3-1.7b"]
         c.model.update(towers=True, dtype="bfloat16", remat="full", scan_layers=True)

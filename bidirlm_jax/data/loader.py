@@ -90,8 +90,8 @@ class DeviceBatches:
             at = self._local_start[begin] + lo - begin
             return local[(slice(at, at + hi - lo), *index[1:])]
 
-        spec = self.shapes[name]
-        return jax.make_array_from_callback(spec.shape, spec.sharding, shard)
+        # the first batch's sharding; the row shape of this batch (datasets may differ: hard negatives per dataset)
+        return jax.make_array_from_callback((self._batch, *local.shape[1:]), self.shapes[name].sharding, shard)
 
     def __iter__(self) -> DeviceBatches:
         return self

@@ -338,11 +338,9 @@ class PairBatches:
             if role == "query":
                 out.update({f"query_{key}": v for key, v in arrays.items()})
                 continue
-            for key, v in arrays.items():
+            for key, v in arrays.items():  # negatives [B, K, ...] even when K = 0, as text batches have them
                 v = v.reshape(b, per_row, *v.shape[1:])
-                out[f"positive_{key}"] = v[:, 0]
-                if k:
-                    out[f"negative_{key}"] = v[:, 1:]
+                out[f"positive_{key}"], out[f"negative_{key}"] = v[:, 0], v[:, 1:]
         return {**out, "dataset": np.full((b,), d, np.int32), "truncated": cut}
 
     def _tokenize(self, texts: list[str], length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

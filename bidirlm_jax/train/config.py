@@ -157,7 +157,7 @@ def validate(config: ConfigDict) -> None:
 
 
 # Sources with built-in data, and per objective the source that reads `data.path` instead.
-_BUILT_IN_SOURCES = ("synthetic", "stdlib", "sample_images", "spoken")
+_BUILT_IN_SOURCES = ("synthetic", "stdlib", "sample_images", "spoken", "omni_mix")
 _PATH_SOURCES = {"causal_lm": "text (documents) or npy (token ids)", "mntp": "text", "contrastive": "pairs"}
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.presets import get_preset
+from bidirlm_jax.models.towers.omni.config import OmniConfig
 from bidirlm_jax.models.towers.qwen3_asr.config import AudioConfig, Qwen3ASRConfig
 from bidirlm_jax.models.towers.qwen3_vl.config import Qwen3VLConfig, VisionConfig
 
@@ -49,6 +50,18 @@ TOWER_PRESETS: dict[str, Any] = {
         audio_token_id=MEDIA_FIRST_ID + 4,
     ),
 }
+TOWER_PRESETS["tiny-omni"] = OmniConfig(  # both towers above under the M-RoPE text stack
+    text=TOWER_PRESETS["tiny-qwen3-vl"].text,
+    vision=TOWER_PRESETS["tiny-qwen3-vl"].vision,
+    audio=TOWER_PRESETS["tiny-qwen3-asr"].audio,
+    image_token_id=MEDIA_FIRST_ID,
+    video_token_id=MEDIA_FIRST_ID + 1,
+    vision_start_token_id=MEDIA_FIRST_ID + 2,
+    vision_end_token_id=MEDIA_FIRST_ID + 3,
+    audio_token_id=MEDIA_FIRST_ID + 4,
+    audio_start_token_id=MEDIA_FIRST_ID + 5,
+    audio_end_token_id=MEDIA_FIRST_ID + 6,
+)
 
 
 def get_tower_preset(name: str) -> Any:

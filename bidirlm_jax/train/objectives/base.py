@@ -98,7 +98,7 @@ def token_sum_grads(loss_fn: LossFn, *, grad_accum: int = 1) -> GradFn:
 
 
 # Sources whose text the run generates (training its tokenizer on it) or that hold token ids already.
-OWN_TEXT_SOURCES = ("stdlib", "synthetic", "npy", "sample_images", "spoken")
+OWN_TEXT_SOURCES = ("stdlib", "synthetic", "npy", "sample_images", "spoken", "omni_mix")
 # Sources that read `data.path`, and what it must name.
 PATH_SOURCES = {
     "text": "FILES_DIR_GLOB_OR_TOKENIZED_DIR (or data.mixture)",

@@ -10,7 +10,9 @@ documents) with `Instruct: ...\\nQuery: `.
 
 Media (`model.towers`: a Qwen3-VL / Qwen3-ASR checkpoint, or the tiny-qwen3-vl / -asr presets): pair sides
 may be images or clips (`data.pairs`); `data.source="sample_images"` (scikit-image's photographs ↔ captions)
-and `"spoken"` (espeak-ng sentences ↔ transcripts) are the offline ones. Every side is rendered as the model
+and `"spoken"` (espeak-ng sentences ↔ transcripts) are the offline ones, `"omni_mix"` both beside the
+standard library's text pairs (an Omni model: BidirLM-Omni's text/image/audio mixture, `data.weights`).
+Media datasets take 0 hard negatives (`contrastive.num_negatives` counts for the text ones). Every side is rendered as the model
 reads it and collated one item per row at fixed shapes (`contrastive.max_pixels`, `contrastive.max_seconds`),
 so GradCache chunks rows unpacked and its second pass recomputes the tower; the towers stay frozen (no
 optimizer state) unless `contrastive.train_towers`.
@@ -38,7 +40,7 @@ from bidirlm_jax.paths import user_path
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
 from bidirlm_jax.train.objectives.base import Objective, check_data_path, run_tokenizer
 
-SOURCES = ("pairs", "stdlib", "sample_images", "spoken")
+SOURCES = ("pairs", "stdlib", "sample_images", "spoken", "omni_mix")
 GATHER = ("global", "local")
 
 
@@ -105,6 +107,9 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         datasets, instructions = stdlib_pairs(num_negatives=con.num_negatives)
     elif data.source in MEDIA_SOURCES:
         datasets = [MEDIA_SOURCES[data.source](data.seed)]
+    elif data.source == "omni_mix":  # the Omni mixture in miniature: text pairs, photographs, speech
+        datasets, instructions = stdlib_pairs(num_negatives=con.num_negatives)
+        datasets += [make(data.seed) for make in MEDIA_SOURCES.values()]
     else:
         check_data_path(data)
         datasets = read_pairs([p for p in data.path.split(",") if p])
@@ -113,7 +118,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         datasets,
         tokenizer,
         batch_size=data.global_batch_size,
-        num_negatives=con.num_negatives,
+        num_negatives={ds.name: 0 if ds.media else con.num_negatives for ds in datasets},  # media: none (App. E)
         seed=data.seed,
         weights=_weights(data.weights),
         instructions=instructions,
