@@ -156,7 +156,7 @@ class Adapter(nnx.Module):
         return (self.scale * h).reshape(*lead, *out)
 
 
-def _stack_of(model: nnx.Module):
+def text_stack(model: nnx.Module):
     """The text `Transformer` inside `model` (itself, or an encoder with a head's `encoder`)."""
     from bidirlm_jax.models.transformer import Transformer  # the stack imports this module
 
@@ -168,7 +168,7 @@ def _stack_of(model: nnx.Module):
 
 def _blocks(model: nnx.Module) -> tuple[list[nnx.Module], int | None]:
     """The blocks to adapt and, for a scanned stack (one block of stacked weights), the layer count."""
-    stack = _stack_of(model)
+    stack = text_stack(model)
     if stack.runtime.scan_layers:
         return [stack.layers], len(stack.config.layer_types)
     return list(stack.layers), None
