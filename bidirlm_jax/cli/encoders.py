@@ -113,6 +113,13 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--attention", choices=ATTENTION_MODES, default="bidirectional", help="(default bidirectional)")
     p.add_argument("--dtype", choices=DTYPES, help="stored precision (default: the source's)")
     p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (only from sources you trust)")
+    p.add_argument(
+        "--lora",
+        choices=("merge", "peft"),
+        default="merge",
+        help="a LoRA run: merge the adapters into the weights (default) or write them alone in PEFT's adapter "
+        "format (adapter_config.json, adapter_model.safetensors) for the base's transformers model",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
@@ -122,6 +129,9 @@ def run_export(args: argparse.Namespace) -> int:
     from bidirlm_jax.io.run import head_file
     from bidirlm_jax.io.sentence_transformers import export_encoder, read_encoder_settings
 
+    if args.lora == "peft":
+        print(f"wrote {_export_peft(args.src, args.dst, overwrite=args.overwrite)}")
+        return 0
     if head_file(args.src).is_file():  # a fine-tuning run: its head's export (io.heads)
         out = export_finetuned(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite)
         print(f"wrote {out}")
@@ -141,6 +151,25 @@ def run_export(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     return 0
+
+
+def _export_peft(run: Path, dst: Path, *, overwrite: bool) -> Path:
+    """A LoRA run's latest adapters in PEFT's format, for the base it adapts (`io.lora.save_peft`)."""
+    from bidirlm_jax.io.hf import load_adapted
+    from bidirlm_jax.io.hf_config import read_runtime
+    from bidirlm_jax.io.lora import base_of, read_record, save_peft, settings
+    from bidirlm_jax.io.run import head_file, is_training_run, model_dir
+
+    record = read_record(run) if is_training_run(run) else None
+    if record is None:
+        raise ConfigError(f"{run} is not a LoRA training run (no model/lora.json); --lora peft exports those")
+    if head_file(run).is_file():
+        raise ConfigError(
+            f"{run} is a fine-tuning run: PEFT's format here holds the backbone's adapters, not the task head; "
+            "export it merged (--lora merge)"
+        )
+    model = load_adapted(run, read_runtime(model_dir(run)))
+    return save_peft(model, settings(record), dst, base=str(base_of(run)), overwrite=overwrite)
 
 
 # --- eval ---------------------------------------------------------------------------------------

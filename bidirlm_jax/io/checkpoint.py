@@ -26,13 +26,10 @@ from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, read_config_dict, runtime_from_hf
-from bidirlm_jax.io.lora import load_adapted, read_record
 from bidirlm_jax.io.model_types import described_type, model_type_of
 from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run, meta_dir, state_dir
 from bidirlm_jax.io.sources import PARAMS_DIR, is_checkpoint
-from bidirlm_jax.models.lora import merge_adapters
 from bidirlm_jax.models.runtime import Runtime
-from bidirlm_jax.models.transformer import relayout
 from bidirlm_jax.paths import user_path
 
 
@@ -91,7 +88,7 @@ def load_checkpoint(
     its config.json records).
 
     A training run gives the parameters of its latest committed step (only they are read, not the
-    optimizer state); a LoRA run's are its base's with the adapters merged in (`io.lora`)."""
+    optimizer state)."""
     path = user_path(path).resolve()
     if not is_checkpoint(path):
         raise CheckpointError(f"{path} is not a bidirlm checkpoint (expected config.json and {PARAMS_DIR}/)")
@@ -109,9 +106,6 @@ def load_checkpoint(
     # A training run's checkpoints hold the layout it trained with; exchange checkpoints hold one per layer.
     where = state_dir(path, latest_step(path)) if is_training_run(path) else path / PARAMS_DIR
     runtime = runtime.replace(scan_layers=is_training_run(path) and _stacked(where))
-    if is_training_run(path) and read_record(path) is not None:  # a LoRA run: its base, the adapters merged in
-        model = merge_adapters(load_adapted(path, latest_step(path), runtime, mesh=mesh))
-        return sharding.place(relayout(model, wanted), mesh)
     graphdef, abstract = kind.abstract(config, runtime)
     part = "text" if stored is not kind else None  # a tower model's text backbone, alone
 

@@ -1,10 +1,10 @@
 """A LoRA run on disk: reading it back (its base plus the adapters its checkpoint holds) and PEFT's adapter format.
 
 A LoRA run's checkpoints hold the trained part only (`train.lora`); `model/lora.json` names the base it adapts
-(`model.init_from`). `load_adapted` rebuilds the adapted model: the base as `from_pretrained` reads it, adapters
+(`model.init_from`). `attach` rebuilds the adapted model from the base (`io.hf.load_adapted` reads it): adapters
 added, then every parameter the checkpoint holds (adapters, any other trained ones) restored onto it;
-`io.checkpoint.load_checkpoint` merges them (`models.lora.merge_adapters`), so `from_pretrained(RUN)`, `bidirlm
-export`, `embed` and `eval` see a plain model.
+`from_pretrained(RUN)` merges them (`models.lora.merge_adapters`), so `bidirlm export`, `embed` and `eval` see a
+plain model.
 
 `save_peft` writes what PEFT (`PeftModel.from_pretrained(AutoModel.from_pretrained(BASE), DIR)`) loads onto the
 transformers model an encoder export (`bidirlm export`) gives: `adapter_config.json` (`peft_type` LORA, `r`,
@@ -29,10 +29,9 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from bidirlm_jax import sharding
 from bidirlm_jax.errors import CheckpointError
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.run import lora_file, state_dir
+from bidirlm_jax.io.run import lora_file
 from bidirlm_jax.models import lora
 from bidirlm_jax.models.layers import adapter_of
-from bidirlm_jax.models.runtime import Runtime
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -63,14 +62,20 @@ def _path(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
-def restore_trained(model: nnx.Module, where: Path, mesh: Mesh | None = None) -> nnx.Module:
-    """`model` (in place) with every parameter the train state in `where` holds (a LoRA checkpoint: the
-    trained part) restored onto it."""
+def _held(where: Path, key: str | None) -> set[str]:
+    """The parameter paths an orbax tree in `where` holds (under `key`: a train state's `params`)."""
     try:
-        stored = ocp.PyTreeCheckpointer().metadata(where).item_metadata["params"]
-        held = {_path(p).removesuffix("/value") for p, _ in jax.tree_util.tree_flatten_with_path(stored)[0]}
+        stored = ocp.PyTreeCheckpointer().metadata(where).item_metadata
+        stored = stored[key] if key else stored
+        return {_path(p).removesuffix("/value") for p, _ in jax.tree_util.tree_flatten_with_path(stored)[0]}
     except Exception as e:  # orbax raises many types for a damaged checkpoint
         raise CheckpointError(f"cannot read the metadata of {where} ({type(e).__name__}: {e})") from e
+
+
+def restore_trained(model: nnx.Module, where: Path, *, key: str | None = "params", mesh: Mesh | None = None):
+    """`model` (in place) with every parameter the orbax tree in `where` holds (under `key`; a LoRA run's train
+    state: the trained part) restored onto it."""
+    held = _held(where, key)
 
     def target(var: nnx.Variable):
         place = sharding.variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
@@ -81,24 +86,26 @@ def restore_trained(model: nnx.Module, where: Path, mesh: Mesh | None = None) ->
     if missing:
         raise CheckpointError(f"{where} holds parameters the adapted model lacks ({sorted(missing)[:3]}...)")
     abstract = jax.tree.map(target, nnx.from_flat_state(flat), is_leaf=lambda x: isinstance(x, nnx.Variable))
-    item = {"params": abstract}
+    item = {key: abstract} if key else abstract
     args = ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True
     )
     try:
-        restored = ocp.PyTreeCheckpointer().restore(where, args=args)["params"]
+        restored = ocp.PyTreeCheckpointer().restore(where, args=args)
     except Exception as e:  # orbax and tensorstore raise many types for a damaged checkpoint
         raise CheckpointError(f"cannot restore the adapters in {where} ({type(e).__name__}: {e})") from e
-    nnx.update(model, restored)
+    nnx.update(model, restored[key] if key else restored)
     return model
 
 
-def load_adapted(run: Path, step: int, runtime: Runtime, *, mesh: Mesh | None = None) -> nnx.Module:
-    """A LoRA run's text model at `step`, adapters attached (unmerged), laid out as the run trained
-    (`runtime.scan_layers`)."""
-    from bidirlm_jax.io.hf import from_pretrained  # io.hf reads training runs through io.checkpoint, which reads this
+def stacked(where: Path, key: str | None = "params") -> bool:
+    """Whether the tree in `where` holds its layers stacked (a run with `scan_layers=True`)."""
+    return not any(p.split("/")[1].isdigit() for p in _held(where, key) if p.startswith("layers/"))
 
-    record = read_record(run)
+
+def base_of(run: Path) -> Path:
+    """The checkpoint a LoRA run adapts (its `lora.json`'s `base`), checked to be there."""
+    record = read_record(run) or {}
     if not record.get("base"):
         raise CheckpointError(
             f"LoRA run {run} adapted a randomly initialised model (no model.init_from), which it does not keep: "
@@ -109,9 +116,14 @@ def load_adapted(run: Path, step: int, runtime: Runtime, *, mesh: Mesh | None = 
         raise CheckpointError(
             f"LoRA run {run} adapts {base}, which is gone (no config.json there); put the base checkpoint back there"
         )
-    model = from_pretrained(base, runtime=runtime, mesh=mesh, text_only=True)
-    lora.add_adapters(model, settings(record), rngs=nnx.Rngs(0))
-    return restore_trained(model, state_dir(run, step), mesh)
+    return base
+
+
+def attach(model: nnx.Module, run: Path, where: Path, *, key: str | None = "params", mesh: Mesh | None = None):
+    """`model` (a LoRA run's base, in place) with the run's adapters added and every parameter the tree in
+    `where` holds restored onto it (`restore_trained`)."""
+    lora.add_adapters(model, settings(read_record(run)), rngs=nnx.Rngs(0))
+    return restore_trained(model, where, key=key, mesh=mesh)
 
 
 # --- PEFT's adapter format --------------------------------------------------------------------------------

@@ -157,11 +157,10 @@ class Adapter(nnx.Module):
 
 
 def text_stack(model: nnx.Module):
-    """The text `Transformer` inside `model` (itself, or an encoder with a head's `encoder`)."""
-    from bidirlm_jax.models.transformer import Transformer  # the stack imports this module
-
+    """The text `Transformer` inside `model` (itself, or an encoder with a head's `encoder`): the module with
+    `layers` and a config listing their types (named by shape: the stack imports this module)."""
     for candidate in (model, getattr(model, "encoder", None)):
-        if isinstance(candidate, Transformer):
+        if hasattr(candidate, "layers") and hasattr(getattr(candidate, "config", None), "layer_types"):
             return candidate
     raise ConfigError(f"LoRA adapts a text Transformer; {type(model).__name__} holds none")
 
@@ -218,7 +217,7 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
     """A copy of `model` without adapters, each adapted weight replaced by `W + s·B·A` (summed in fp32, stored in
     W's dtype); the input is left as it was."""
     graphdef, state = nnx.split(model)
-    merged = nnx.merge(graphdef, state)  # new modules over the same arrays
+    merged = nnx.merge(graphdef, jax.tree.map(lambda x: x, state))  # new modules and variables, the same arrays
     for module, name, adapter in list(adapters(merged)):
         weight = getattr(module, name)
         value = weight.get_value()
