@@ -121,9 +121,10 @@ def from_pretrained(
 
 def load_adapted(run: Path, runtime: Runtime, *, mesh: Mesh | None = None) -> nnx.Module:
     """A LoRA run's text model at its latest step, adapters attached (unmerged), laid out as its checkpoint is."""
+    base = base_of(run)
     where = state_dir(run, latest_step(run))
-    base = from_pretrained(base_of(run), runtime=runtime.replace(scan_layers=stacked(where)), mesh=mesh, text_only=True)
-    return attach(base, run, where, mesh=mesh)
+    model = from_pretrained(base, runtime=runtime.replace(scan_layers=stacked(where)), mesh=mesh, text_only=True)
+    return attach(model, run, where, mesh=mesh)
 
 
 def _holds_tower(path: Path, d: Mapping[str, Any], source: Source, allow_pickle: bool) -> bool:

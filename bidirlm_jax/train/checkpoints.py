@@ -122,11 +122,12 @@ class Checkpointer:
             f"describes: {detail}. Use a new --workdir, or the config that wrote these checkpoints"
         )
 
+    def kept(self, params: nnx.State) -> nnx.State:
+        """The parameters a checkpoint holds (the best step keeps the same)."""
+        return params if self._params is None else nnx.split_state(params, self._params, ...)[0]
+
     def _saved(self, state: TrainState) -> TrainState:
-        """The part of a train state a checkpoint holds."""
-        return (
-            state if self._params is None else state.replace(params=nnx.split_state(state.params, self._params, ...)[0])
-        )
+        return state.replace(params=self.kept(state.params))
 
     def restore(self, step: int, abstract: TrainState, base: TrainState | None = None) -> TrainState:
         """The state at `step`, in `abstract`'s shardings (any mesh, any process count); with `params`, the

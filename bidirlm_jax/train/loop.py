@@ -296,6 +296,9 @@ def _train(
         dict(plan.mesh.shape),
         params=sum(x.size for x in jax.tree.leaves(plan.layout.abstract.params)),
         tokens_per_step=plan.objective.tokens_per_step,
+        trained=sum(
+            x.size for x in jax.tree.leaves(trainable_lib.split(plan.layout.abstract.params, plan.layout.trainable)[0])
+        ),
     )
     runlog.log_start(plan.resume_step, str(checkpoints_dir(workdir)))
     checkpointer = Checkpointer(
@@ -348,7 +351,7 @@ def _train(
                     skipped = 0 if out.pop("finite") else skipped + 1
                     if at == step and validating:  # before the next step, which donates this state
                         model = nnx.merge(plan.layout.graphdef, state.params)
-                        out.update(schedule.run(step, model, state.params))
+                        out.update(schedule.run(step, model, checkpointer.kept(state.params)))  # as checkpoints
                     evaluated = any(k.startswith("eval/") for k in out)
                     if skipped or evaluated or at % config.train.log_every == 0 or at == config.train.steps:
                         logged = dict(

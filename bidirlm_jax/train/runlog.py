@@ -72,8 +72,9 @@ def log_plan(
     *,
     params: int,
     tokens_per_step: int,
+    trained: int | None = None,
 ) -> None:
-    """The run as it was decided, before anything is built."""
+    """The run as it was decided, before anything is built (`trained`: the parameters the optimizer updates)."""
     data, train = config.data, config.train
     start = f"from {config.model.init_from}" if config.model.init_from else f"random init of {config.model.preset}"
     log.info("plan: objective %s, %d steps, %s", config.objective, train.steps, start)
@@ -94,7 +95,12 @@ def log_plan(
         run.remat,
         ", scanned layers" if run.scan_layers else "",
     )
-    log.info("parameters: %s, all trained (nothing frozen)", f"{params:,}")
+    if trained is None or trained == params:
+        log.info("parameters: %s, all trained (nothing frozen)", f"{params:,}")
+    else:
+        lora = config.get("lora")
+        adapters = f" (LoRA rank {lora.rank} on {', '.join(lora.targets)})" if lora and lora.rank else ""
+        log.info("parameters: %s, %s trained%s, the rest frozen", f"{params:,}", f"{trained:,}", adapters)
     devices, shards = jax.device_count(), mesh_shape["data"] * mesh_shape["fsdp"]
     log.info(
         "mesh: data=%d fsdp=%d tensor=%d over %d %s devices, %d process%s",
