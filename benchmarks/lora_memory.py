@@ -11,6 +11,13 @@ abstract inputs (`jax.ShapeDtypeStruct`: nothing is allocated) and compiled for 
 XLA's `memory_analysis()` gives arguments (the state and the batch; outputs alias them) and temporaries
 (gradients, activations, scratch); a step needs about their sum on the device.
 
+XLA's CPU backend has no bf16 matmul: it converts bf16 operands to fp32, and hoists the conversion of the
+frozen bf16 weights out of the layer scan — an fp32 copy of every stacked weight and of the [V, d] head, which a
+GPU or TPU (native bf16 dots) never makes. (Full fine-tuning shows none: its weights are fp32 already, and XLA
+drops the fp32 → bf16 → fp32 round trip, allowed excess precision.) On CPU the LoRA step's temporaries are
+therefore taken from the same step with the base stored in fp32 (the activations and adapter gradients, without
+the upcast copies), its arguments from the bf16-base step; `temp_cpu_bf16` keeps the raw figure.
+
 How large a model fits: the sum is fitted over the four sizes as `bytes ≈ a·P + c` (P parameters; a is the
 state's bytes per parameter plus the gradient's, c the activations of one 8192-token row, which grow with width
 and depth far more slowly than P) and solved for `usable × chip` bytes. The activations are not exactly a
@@ -48,12 +55,13 @@ CHIPS_GB = (16, 32, 80)
 GB = 1e9
 
 
-def compiled_memory(name: str, *, lora: bool, seq: int, rank: int) -> dict[str, float]:
-    """Bytes XLA plans for one MNTP step of preset `name`, full or LoRA, and the compile seconds."""
+def compiled_memory(name: str, *, lora: bool, seq: int, rank: int, base_dtype: str = "bfloat16") -> dict[str, float]:
+    """Bytes XLA plans for one MNTP step of preset `name`, full or LoRA (base stored as `base_dtype`), and the
+    compile seconds."""
     config = get_preset(name)
     runtime = Runtime(attention="bidirectional", dtype="bfloat16", remat="full", scan_layers=True)
     c = base_config()
-    c.lora.update(rank=rank if lora else 0, alpha=2.0 * rank, dropout=0.05, base_dtype="bfloat16")
+    c.lora.update(rank=rank if lora else 0, alpha=2.0 * rank, dropout=0.05, base_dtype=base_dtype)
     tx, schedule = make_optimizer(c.optim, total_steps=1000)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     loss = make_mntp_loss(mask_id=MASK_IDS[config.family], ratio=0.3, vocab_size=config.vocab_size, sparse=True)
@@ -61,7 +69,7 @@ def compiled_memory(name: str, *, lora: bool, seq: int, rank: int) -> dict[str, 
     if lora:
         chosen = lora_train.trainable(c.optim)
         factory = lora_train.model_factory(
-            lambda rngs: Transformer(config, runtime, rngs=rngs), lora_train.settings(c), "bfloat16"
+            lambda rngs: Transformer(config, runtime, rngs=rngs), lora_train.settings(c), base_dtype
         )
         layout = StateLayout(config, tx, mesh, seed=0, runtime=runtime, model_factory=factory, trainable=chosen)
         grad_fn = lora_train.adapter_grads(grad_fn, chosen, dropout=True)
@@ -107,6 +115,9 @@ def main() -> None:
         params = param_count(get_preset(name))
         for lora in (False, True):
             m = compiled_memory(name, lora=lora, seq=args.seq, rank=args.rank)
+            if lora and jax.devices()[0].platform == "cpu":  # the CPU's bf16 upcasts (module doc)
+                fp32_base = compiled_memory(name, lora=True, seq=args.seq, rank=args.rank, base_dtype="float32")
+                m.update(temp_cpu_bf16=m["temp"], temp=fp32_base["temp"], total=m["argument"] + fp32_base["temp"])
             rows.append(dict(model=name, params=params, mode="lora" if lora else "full", **m))
             print(
                 f"{name:<13}{params / 1e9:>7.2f}B{'lora' if lora else 'full':>6}{m['adapter_params'] / 1e6:>9.1f}M"
