@@ -157,3 +157,76 @@ def test_a_run_adapting_a_random_init_or_a_vanished_base_is_refused_by_name(run,
         (copy / "model" / "lora.json").write_text(json.dumps({**record, "base": base}))
         with pytest.raises(CheckpointError, match=message):
             from_pretrained(copy)
+
+
+def test_a_scanned_contrastive_lora_run_with_gradcache_trains_and_exports_per_layer(base, tmp_path):
+    run = tmp_path / "con"
+    args = ["train", "--config", f"{ROOT}/configs/contrastive.py:tiny", "--workdir", run, *QUIET]
+    args += [f"--config.model.init_from={base}", "--config.model.scan_layers=True", "--config.lora.rank=4"]
+    args += ["--config.lora.dropout=0.1", "--config.train.steps=2", "--config.optim.warmup_steps=1"]
+    assert _cli(*args) == 0  # GradCache (chunk_size 4): the chunks' two passes draw the same dropout masks
+    paths = _stored_paths(run, 2)
+    assert paths and all(p.startswith("layers/") and "_lora/" in p and not p.split("/")[1].isdigit() for p in paths)
+    adapted = load_adapted(run, read_runtime(run / "model"))  # stacked, as it trained
+    assert adapted.runtime.scan_layers and float(np.abs(adapted.layers.mlp.up_proj_lora.lora_b[...]).max()) > 0
+    merged = from_pretrained(run)  # per layer, the default layout
+    want = np.asarray(adapted(IDS, MASK).hidden_states)
+    np.testing.assert_allclose(merged(IDS, MASK).hidden_states, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    assert _cli("export", run, tmp_path / "adapter", "--lora", "peft") == 0
+    from safetensors.numpy import load_file
+
+    tensors = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
+    layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
+    assert len(tensors) == layers * 7 * 2  # unstacked, one pair per layer and projection
+    up = adapted.layers.mlp.up_proj_lora
+    np.testing.assert_array_equal(tensors["base_model.model.layers.1.mlp.up_proj.lora_B.weight"], up.lora_b[...][1])
+
+
+def test_adapter_gradients_equal_transformers_and_peft(qwen_dir, tmp_path):
+    """The same adapters (B random) on our model and, through the PEFT export, on transformers' model: the gradients
+    of one loss w.r.t. A and B agree to fp32 rounding of two implementations (1e-4 of the largest)."""
+    import jax
+    from flax import nnx
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from bidirlm_jax import save_pretrained
+    from bidirlm_jax.io.lora import save_peft
+
+    ours = from_pretrained(qwen_dir, attention="bidirectional")
+    save_pretrained(ours, tmp_path / "base")
+    adapters = lora.LoRAConfig(rank=4, alpha=8.0)
+    lora.add_adapters(ours, adapters, rngs=nnx.Rngs(1))
+    for i, (_, _, adapter) in enumerate(lora.adapters(ours)):
+        adapter.lora_b.set_value(0.05 * jax.random.normal(jax.random.PRNGKey(i), adapter.lora_b.shape))
+    save_peft(ours, adapters, tmp_path / "adapter", base=str(tmp_path / "base"))
+    cotangent = np.random.default_rng(0).standard_normal((*IDS.shape, ours.config.hidden_size)).astype(np.float32)
+    weight = cotangent * MASK[..., None]  # padding's hidden states carry no loss
+
+    graphdef, params, rest = nnx.split(ours, lora.LoRAParam, ...)
+
+    def loss(p):
+        return jax.numpy.sum(nnx.merge(graphdef, p, rest).hidden_states(IDS, MASK) * weight)
+
+    grads = jax.grad(loss)(params)
+    model = AutoModel.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(model, tmp_path / "adapter", is_trainable=True)
+    hidden = peft_model(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).last_hidden_state
+    (hidden * torch.tensor(weight)).sum().backward()
+    theirs = {
+        name.removesuffix(".default.weight") + ".weight": p.grad.numpy()
+        for name, p in peft_model.named_parameters()
+        if "lora_" in name
+    }
+    ours_flat = {}
+    for i, block in enumerate(grads["layers"].values()):
+        for owner, module in (("self_attn", block["attn"]), ("mlp", block["mlp"])):
+            for key, value in module.items():
+                name = key.removesuffix("_lora")
+                a, b = np.asarray(value["lora_a"][...]), np.asarray(value["lora_b"][...])
+                prefix = f"base_model.model.layers.{i}.{owner}.{name}"
+                ours_flat[f"{prefix}.lora_A.weight"] = a.reshape(a.shape[0], -1)
+                ours_flat[f"{prefix}.lora_B.weight"] = b.reshape(-1, b.shape[-1])
+    assert ours_flat.keys() == theirs.keys()
+    for key, want in theirs.items():
+        np.testing.assert_allclose(ours_flat[key], want, rtol=0, atol=1e-4 * np.abs(want).max(), err_msg=key)
