@@ -69,7 +69,7 @@ def compiled_memory(name: str, *, lora: bool, seq: int, rank: int, base_dtype: s
     if lora:
         chosen = lora_train.trainable(c.optim)
         factory = lora_train.model_factory(
-            lambda rngs: Transformer(config, runtime, rngs=rngs), lora_train.settings(c), base_dtype
+            lambda rngs: Transformer(config, runtime, rngs=rngs), lora_train.settings(c), base_dtype, chosen
         )
         layout = StateLayout(config, tx, mesh, seed=0, runtime=runtime, model_factory=factory, trainable=chosen)
         grad_fn = lora_train.adapter_grads(grad_fn, chosen, dropout=True)

@@ -124,6 +124,26 @@ def test_scanned_and_unrolled_adapters_draw_the_same_dropout_masks():
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(jnp.abs(a).max()))
 
 
+def test_the_frozen_base_takes_its_dtype_while_adapters_and_a_head_stay_fp32():
+    from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig
+
+    config = base_config()
+    config.lora.rank = 4
+    factory = lora_train.model_factory(
+        lambda rngs: EncoderWithHead(CONFIG, HeadConfig("classification", 3), RUN, rngs=rngs),
+        lora_train.settings(config),
+        "bfloat16",
+        lora_train.trainable(config.optim),
+    )
+    dtypes = {
+        param_path(p): v.dtype for p, v in nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: factory(nnx.Rngs(0)))))
+    }
+    trained = {k for k in dtypes if k.startswith("head/") or "_lora/" in k}
+    assert any(k.startswith("head/") for k in trained) and any("_lora/" in k for k in trained)
+    assert all(dtypes[k] == jnp.float32 for k in trained)
+    assert all(dtypes[k] == jnp.bfloat16 for k in dtypes if k not in trained)
+
+
 def test_bad_settings_are_refused_by_name():
     with pytest.raises(ConfigError, match="lora.targets"):
         lora.LoRAConfig(rank=4, targets=("q_proj", "qkv"))
@@ -141,7 +161,7 @@ def _step_setup(mesh, *, scan=False, dropout=0.0):
     runtime = RUN.replace(scan_layers=scan)
     chosen = lora_train.trainable(config.optim)
     factory = lora_train.model_factory(
-        lambda rngs: Transformer(CONFIG, runtime, rngs=rngs), lora_train.settings(config), "float32"
+        lambda rngs: Transformer(CONFIG, runtime, rngs=rngs), lora_train.settings(config), "float32", chosen
     )
     layout = StateLayout(CONFIG, tx, mesh, seed=0, runtime=runtime, model_factory=factory, trainable=chosen)
     grad_fn = lora_train.adapter_grads(token_sum_grads(causal_lm_loss), chosen, dropout=dropout > 0)

@@ -226,10 +226,12 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
     return merged
 
 
-def cast_frozen(model: nnx.Module, dtype: str) -> nnx.Module:
-    """`model` (in place) with every parameter but the adapters stored as `dtype` (the frozen base's own)."""
-    for _, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Param) and not isinstance(var, LoRAParam):
+def cast_frozen(model: nnx.Module, dtype: str, trained: nnx.filterlib.Filter = LoRAParam) -> nnx.Module:
+    """`model` (in place) with every parameter that `trained` does not select (the frozen base) stored as `dtype`;
+    the trained ones (adapters, a task head) keep theirs."""
+    keep = nnx.filterlib.to_predicate(trained)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        if not keep(path, var):
             var.set_value(var.get_value().astype(dtype))
     return model
 

@@ -67,27 +67,29 @@ def trainable(optim: ConfigDict) -> trainable_lib.Filter:
 
 
 def model_factory(
-    base: Callable[[nnx.Rngs], nnx.Module], adapters: lora.LoRAConfig, dtype: str
+    base: Callable[[nnx.Rngs], nnx.Module],
+    adapters: lora.LoRAConfig,
+    dtype: str,
+    trained: trainable_lib.Filter = lora.LoRAParam,
 ) -> Callable[[nnx.Rngs], nnx.Module]:
-    """`factory(rngs)`: the base factory's model with adapters (drawn after the base's parameters), the base cast
-    to `dtype`."""
+    """`factory(rngs)`: the base factory's model with adapters (drawn after the base's parameters), every parameter
+    `trained` does not select (the frozen base) cast to `dtype`."""
 
     def factory(rngs: nnx.Rngs) -> nnx.Module:
-        return lora.cast_frozen(lora.add_adapters(base(rngs), adapters, rngs=rngs), dtype)
+        return lora.cast_frozen(lora.add_adapters(base(rngs), adapters, rngs=rngs), dtype, trained)
 
     return factory
 
 
-def with_adapters(params: nnx.State, factory: Callable[[nnx.Rngs], nnx.Module], seed: int, dtype: str) -> nnx.State:
+def with_adapters(
+    params: nnx.State, factory: Callable[[nnx.Rngs], nnx.Module], seed: int, dtype: str, trained: trainable_lib.Filter
+) -> nnx.State:
     """Loaded parameters (`init_from`, a head) plus the adapters `factory(nnx.Rngs(seed))` draws (the same ones a
-    random init gets); the base cast to `dtype`. Compiled so that only the adapters are computed."""
+    random init gets); the frozen ones cast to `dtype`. Compiled so that only the adapters are computed."""
     adapters = jax.jit(lambda: nnx.state(factory(nnx.Rngs(seed)), lora.LoRAParam))()
-    base = jax.tree.map(
-        lambda v: v.replace(v.get_value().astype(dtype)) if not isinstance(v, lora.LoRAParam) else v,
-        params,
-        is_leaf=lambda x: isinstance(x, nnx.Variable),
-    )
-    return nnx.merge_state(base, adapters)
+    train, frozen = trainable_lib.split(params, trained)
+    frozen = jax.tree.map(lambda x: x.astype(dtype), frozen)
+    return nnx.merge_state(train, frozen, adapters)
 
 
 def adapter_grads(grad_fn: GradFn, chosen: trainable_lib.Filter, *, dropout: bool) -> GradFn:
@@ -119,7 +121,7 @@ def adapt(
     chosen = trainable(config.optim)
     dtype = base_dtype(config)
     base = objective.model_factory or (lambda rngs: Transformer(model, runtime, rngs=rngs))
-    factory = model_factory(base, adapters, dtype)
+    factory = model_factory(base, adapters, dtype, chosen)
     load = objective.init_params or (lambda params: params)
     seed = config.train.seed
     record = json.dumps(describe(config, adapters), indent=2) + "\n"
@@ -127,7 +129,7 @@ def adapt(
         objective,
         grad_fn=adapter_grads(objective.grad_fn, chosen, dropout=adapters.dropout > 0),
         model_factory=factory,
-        init_params=lambda params: with_adapters(load(params), factory, seed, dtype),
+        init_params=lambda params: with_adapters(load(params), factory, seed, dtype, chosen),
         run_files={**objective.run_files, LORA_FILE: record},
     )
     return adapted, chosen
