@@ -89,6 +89,7 @@ def test_the_merged_export_is_the_adapted_model(base, run, tmp_path):
     assert float(np.abs(np.asarray(want.logits) - base_logits).max()) > 1e-4 * scale  # the run changed the model
     np.testing.assert_allclose(got.logits, want.logits, rtol=0, atol=1e-5 * scale)
     assert _cli("export", run, tmp_path / "enc") == 0  # --lora merge is the default
+    assert not (tmp_path / "enc" / "lora.json").exists()  # the adapters are in the weights now
     from transformers import AutoModel
 
     hf = AutoModel.from_pretrained(tmp_path / "enc", dtype=torch.float32).eval()
