@@ -146,10 +146,13 @@ def test_a_lora_fine_tuning_run_learns_and_exports_its_head_with_the_adapters_me
     np.testing.assert_allclose(theirs, ours, rtol=0, atol=1e-4 * np.abs(ours).max())
 
 
-def test_a_run_adapting_a_random_init_or_a_vanished_base_is_refused_by_name(run, tmp_path):
+def test_a_run_adapting_a_random_init_or_a_vanished_base_is_refused_by_name(run, tmp_path, capsys):
     import shutil
 
     from bidirlm_jax.errors import CheckpointError
+
+    assert _cli("merge", "--model", f"{run}=1", "--out", tmp_path / "merged") == 2  # merge reads weights: export first
+    assert "is a LoRA run" in capsys.readouterr().err
 
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
