@@ -86,7 +86,8 @@ def with_adapters(
 ) -> nnx.State:
     """Loaded parameters (`init_from`, a head) plus the adapters `factory(nnx.Rngs(seed))` draws (the same ones a
     random init gets); the frozen ones cast to `dtype`. Compiled so that only the adapters are computed."""
-    adapters = jax.jit(lambda: nnx.state(factory(nnx.Rngs(seed)), lora.LoRAParam))()
+    # On the host (small): each process holds the whole value, which `StateLayout.from_params` places.
+    adapters = jax.device_get(jax.jit(lambda: nnx.state(factory(nnx.Rngs(seed)), lora.LoRAParam))())
     train, frozen = trainable_lib.split(params, trained)
     frozen = jax.tree.map(lambda x: x.astype(dtype), frozen)
     return nnx.merge_state(train, frozen, adapters)
