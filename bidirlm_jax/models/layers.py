@@ -97,6 +97,7 @@ class Embedder(nnx.Module):
         return x
 
 
+LAYER_AXIS = "layers"  # logical name of a scanned stack's stacked parameters' leading axis (never sharded)
 ADAPTER_SUFFIX = "_lora"  # `q_proj_lora` beside `q_proj`: a low-rank adapter of it (`models.lora`)
 
 

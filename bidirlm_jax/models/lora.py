@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
-from bidirlm_jax.models.layers import ADAPTER_SUFFIX
+from bidirlm_jax.models.layers import ADAPTER_SUFFIX, LAYER_AXIS
 
 # PEFT's module names, ours too: (owner attribute in a block, projection weight, input dims contracted)
 TARGETS: dict[str, tuple[str, int]] = {
@@ -37,7 +37,6 @@ TARGETS: dict[str, tuple[str, int]] = {
     "up_proj": ("mlp", 1),
     "down_proj": ("mlp", 1),
 }
-LAYER_AXIS = "layers"
 
 
 class LoRAParam(nnx.Param):

@@ -30,7 +30,7 @@ from bidirlm_jax.kernels.attention import attend
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.attention import AttendFn, Attention
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.layers import MLP, Embedder, RMSNorm, linear, param
+from bidirlm_jax.models.layers import LAYER_AXIS, MLP, Embedder, RMSNorm, linear, param
 from bidirlm_jax.models.lora import layer_scope
 from bidirlm_jax.models.masks import layer_specs
 from bidirlm_jax.models.positions import rope_tables
@@ -41,7 +41,6 @@ _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-LAYER_AXIS = "layers"  # logical name of the stacked parameters' leading axis (never sharded)
 HIDDEN_AXES = ("batch", "seq", "embed")
 
 
