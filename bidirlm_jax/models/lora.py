@@ -10,7 +10,9 @@ kind), which is how training selects them. `merge_adapters` folds them into the 
 
 Dropout (PEFT's `lora_dropout`, on the adapter's input) draws from the key of the enclosing `dropout_key` scope,
 folded with the layer (`layer_scope`, which the stack enters for every layer, unrolled or scanned alike) and the
-projection, so a layer's masks are the same however the stack runs; outside a scope (evaluation) it is off.
+projection, so a layer's masks are the same however the stack runs; outside a scope (evaluation) it is off. The
+training step opens one scope per step (`train.lora.adapter_grads`): its micro-batches (gradient accumulation,
+GradCache chunks) draw the same masks, each row of a micro-batch its own.
 """
 
 from __future__ import annotations
