@@ -90,3 +90,23 @@ def test_whole_logits_never_exist(inputs):
 def test_rejects_bad_chunk_size(inputs):
     with pytest.raises(ConfigError, match="chunk_size"):
         chunked_cross_entropy(*inputs[:3], chunk_size=0)
+
+
+def test_a_frozen_head_gets_no_gradient_computed():
+    """Under LoRA the head is frozen (its input stops gradients): the backward skips the [V, d] head gradient's
+    matmul, and the hidden states' gradient is the same."""
+    hidden = jax.random.normal(jax.random.PRNGKey(0), (8, 16))
+    head = jax.random.normal(jax.random.PRNGKey(1), (64, 16))
+    targets = jnp.arange(8, dtype=jnp.int32)
+
+    def loss(h, w):
+        return chunked_cross_entropy(h, w, targets, chunk_size=24)[0].sum()
+
+    frozen = jax.grad(lambda h: loss(h, jax.lax.stop_gradient(head)))
+    both = jax.grad(loss, argnums=(0, 1))
+
+    def dots(f, *args) -> int:
+        return str(jax.make_jaxpr(f)(*args)).count("dot_general")
+
+    assert dots(frozen, hidden) == dots(both, hidden, head) - 1
+    np.testing.assert_array_equal(frozen(hidden), both(hidden, head)[0])

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from bidirlm_jax.cli.checkpoints import format_arg
+from bidirlm_jax.cli.inputs import read_items, read_texts
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES
 from bidirlm_jax.models.runtime import ATTENTION_MODES, DTYPES
@@ -97,50 +97,6 @@ def named_prompt(name: str | None, settings: Any, *, instruction: str | None = N
     return settings.prompts[name]
 
 
-MEDIA_FIELDS = ("image", "audio")
-
-
-def read_items(path: str | os.PathLike, *, text_field: str = "text") -> tuple[list[Any], list[str]]:
-    """(items, `file:line` of each): one text per line of a .txt file (blank lines too: row i of the output is
-    line i), or per line of a .jsonl file its `text_field`, or, when the line has an "image" or "audio" field
-    (a path relative to the file's directory), a media item `{"image"/"audio": path, "text": optional}`."""
-    from bidirlm_jax.data.records import ROWS, read_file
-
-    path = Path(path)
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ConfigError(f"{path}: give a .txt file (one text per line) or a .jsonl file (a {text_field!r} field)")
-    if not path.is_file():
-        raise ConfigError(f"input file {path} does not exist")
-    text = ROWS["document"][0]
-    items, wheres = [], []
-    for where, record in read_file(path, text_field=text_field):
-        media = {k: str(path.parent / record[k]) for k in MEDIA_FIELDS if isinstance(record, dict) and record.get(k)}
-        if media:
-            if record.get(text_field) is not None and not text.accepts(record[text_field]):
-                raise ConfigError(f"{where}: {text_field!r} must be a string beside {sorted(media)}")
-            items.append({**media, **({"text": record[text_field]} if record.get(text_field) else {})})
-        elif not isinstance(record, dict) or not text.accepts(record.get(text_field)):
-            raise ConfigError(
-                f"{where}: no string {text_field!r} field (nor an image or audio path); add it or name the field "
-                "with --text-field"
-            )
-        else:
-            items.append(record[text_field])
-        wheres.append(where)
-    if not any(not isinstance(i, str) or i.strip() for i in items):
-        raise ConfigError(f"input file {path} holds no text; nothing to embed")
-    return items, wheres
-
-
-def read_texts(path: str | os.PathLike, *, text_field: str = "text") -> list[str]:
-    """`read_items` of a file that must hold text only."""
-    items, wheres = read_items(path, text_field=text_field)
-    for item, where in zip(items, wheres):
-        if not isinstance(item, str):
-            raise ConfigError(f"{where}: holds {sorted(set(item) - {'text'})}; this input takes text only")
-    return items
-
-
 # --- export -------------------------------------------------------------------------------------
 
 
@@ -167,6 +123,13 @@ def add_export(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentP
     p.add_argument("--dtype", choices=DTYPES, help="stored precision (default: the source's)")
     format_arg(p)
     p.add_argument("--allow-pickle", action="store_true", help="read pytorch_model.bin (only from sources you trust)")
+    p.add_argument(
+        "--lora",
+        choices=("merge", "peft"),
+        default="merge",
+        help="a LoRA run: merge the adapters into the weights (default) or write them alone in PEFT's adapter "
+        "format (adapter_config.json, adapter_model.safetensors) for the base's transformers model",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return p
 
@@ -177,6 +140,9 @@ def run_export(args: argparse.Namespace) -> int:
     from bidirlm_jax.io.run import head_file
     from bidirlm_jax.io.sentence_transformers import export_encoder, read_encoder_settings
 
+    if args.lora == "peft":
+        print(f"wrote {_export_peft(args.src, args.dst, overwrite=args.overwrite)}")
+        return 0
     if head_file(args.src).is_file():  # a fine-tuning run: its head's export (io.heads)
         out = export_finetuned(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, format=args.format)
         print(f"wrote {out}")
@@ -209,6 +175,25 @@ def run_export(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out}")
     return 0
+
+
+def _export_peft(run: Path, dst: Path, *, overwrite: bool) -> Path:
+    """A LoRA run's latest adapters in PEFT's format, for the base it adapts (`io.lora.save_peft`)."""
+    from bidirlm_jax.io.hf import load_adapted
+    from bidirlm_jax.io.hf_config import read_runtime
+    from bidirlm_jax.io.lora import base_of, read_record, save_peft, settings
+    from bidirlm_jax.io.run import head_file, is_training_run, model_dir
+
+    record = read_record(run) if is_training_run(run) else None
+    if record is None:
+        raise ConfigError(f"{run} is not a LoRA training run (no model/lora.json); --lora peft exports those")
+    if head_file(run).is_file():
+        raise ConfigError(
+            f"{run} is a fine-tuning run: PEFT's format here holds the backbone's adapters, not the task head; "
+            "export it merged (--lora merge)"
+        )
+    model = load_adapted(run, read_runtime(model_dir(run)))
+    return save_peft(model, settings(record), dst, base=str(base_of(run)), overwrite=overwrite)
 
 
 # --- eval ---------------------------------------------------------------------------------------

@@ -27,7 +27,15 @@ from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import TENSOR_DTYPES_KEY, read_config_dict, runtime_from_hf
 from bidirlm_jax.io.model_types import described_type, model_type_of
-from bidirlm_jax.io.run import HEAD_FILE, checkpoints_dir, description_dir, is_training_run, meta_dir, state_dir
+from bidirlm_jax.io.run import (
+    HEAD_FILE,
+    checkpoints_dir,
+    description_dir,
+    is_training_run,
+    lora_file,
+    meta_dir,
+    state_dir,
+)
 from bidirlm_jax.io.sources import PARAMS_DIR, is_checkpoint
 from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.paths import user_path
@@ -96,6 +104,11 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} is a fine-tuning run (an encoder with a task head): load it with "
             "bidirlm_jax.io.heads.load_finetuned, or export it with `bidirlm export`"
+        )
+    if is_training_run(path) and lora_file(path).is_file():
+        raise CheckpointError(
+            f"{path} is a LoRA run: its checkpoints hold the adapters, not the model. from_pretrained reads it "
+            "(its base with the adapters merged); to convert or merge it, export it first (`bidirlm export RUN DIR`)"
         )
     d = read_config_dict(description_dir(path))
     stored = described_type(d)

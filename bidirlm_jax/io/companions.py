@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from bidirlm_jax.io.run import HEAD_FILE, PROMPTS_FILE, description_dir
+from bidirlm_jax.io.run import HEAD_FILE, LORA_FILE, PROMPTS_FILE, description_dir
 from bidirlm_jax.io.sources import PARAMS_DIR, Source, source_of
 
 # Weights, at any depth: the output holds its own (the source's would not be the converted or merged ones).
@@ -30,8 +30,8 @@ WEIGHTS = re.compile(
 # At the top: files that describe the source itself; the output writes its own.
 DESCRIBES_SOURCE = ("config.json", "README.md")
 # A bidirlm checkpoint's orbax weights (`params/`) and a training run's records, which exports translate
-# (the head into the classifier's config, the prompts into sentence-transformers' prompts).
-_RUN_RECORDS = (HEAD_FILE, PROMPTS_FILE)
+# (the head into the classifier's config, the prompts into sentence-transformers' prompts, the adapters merged).
+_RUN_RECORDS = (HEAD_FILE, PROMPTS_FILE, LORA_FILE)
 _OF_SOURCE = {Source.CHECKPOINT: (PARAMS_DIR,), Source.RUN: _RUN_RECORDS, Source.FINETUNE_RUN: _RUN_RECORDS}
 # What a sentence-transformers export writes itself (its modules, numbered folders): the source's would
 # describe another pooling. Converts and merges keep the source's, since the weights keep their meaning.

@@ -51,7 +51,9 @@ from bidirlm_jax.errors import CheckpointError, ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.companions import ENCODER_MODULES, Companions, companion_files
 from bidirlm_jax.io.families import SEQUENCE_CLASSES, TOKEN_CLASSES
+from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.hf_config import config_to_hf, read_config, read_runtime
+from bidirlm_jax.io.lora import attach, base_of, read_record
 from bidirlm_jax.io.run import (
     HEAD_FILE,
     best_dir,
@@ -66,7 +68,8 @@ from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, TensorSp
 from bidirlm_jax.io.weights.save import param_arrays, to_host
 from bidirlm_jax.io.weights.text import backbone_table
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, abstract_model_with_head
+from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig, abstract_model_with_head, attach_head
+from bidirlm_jax.models.lora import merge_adapters
 
 BACKBONE_PREFIX = "model."
 
@@ -286,16 +289,23 @@ def load_finetuned(
     abstract = jax.tree.map(target, abstract, is_leaf=lambda x: isinstance(x, nnx.Variable))
     best = read_best(run) if step == "best" else None
     if best is not None:
-        params = _restore(best_params_dir(run), abstract, train_state=False)
-        return nnx.merge(graphdef, params), {**description, "step": int(best["step"])}
-    steps = ocp.utils.checkpoint_steps(checkpoints_dir(run)) if checkpoints_dir(run).is_dir() else []
-    if not steps:
-        raise CheckpointError(f"fine-tuning run {run} has no committed checkpoint yet; train it for more steps first")
-    if step in ("best", "latest"):
-        step = max(steps)
-    if step not in steps:
-        raise CheckpointError(f"fine-tuning run {run} has no committed step {step} (it has {sorted(steps)})")
-    params = _restore(state_dir(run, step), abstract, train_state=True)
+        where, train_state, step = best_params_dir(run), False, int(best["step"])
+    else:
+        steps = ocp.utils.checkpoint_steps(checkpoints_dir(run)) if checkpoints_dir(run).is_dir() else []
+        if not steps:
+            raise CheckpointError(
+                f"fine-tuning run {run} has no committed checkpoint yet; train it for more steps first"
+            )
+        if step in ("best", "latest"):
+            step = max(steps)
+        if step not in steps:
+            raise CheckpointError(f"fine-tuning run {run} has no committed step {step} (it has {sorted(steps)})")
+        where, train_state = state_dir(run, step), True
+    if read_record(run) is not None:  # LoRA: the base it adapts, a head, the adapters merged in
+        encoder = from_pretrained(base_of(run), runtime=runtime, mesh=mesh, text_only=True)
+        model = attach(attach_head(encoder, head), run, where, key="params" if train_state else None, mesh=mesh)
+        return merge_adapters(model), {**description, "step": int(step)}
+    params = _restore(where, abstract, train_state=train_state)
     return nnx.merge(graphdef, params), {**description, "step": int(step)}
 
 

@@ -22,10 +22,11 @@ from bidirlm_jax import sharding
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io import released
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.checkpoint import load_checkpoint
+from bidirlm_jax.io.checkpoint import latest_step, load_checkpoint
 from bidirlm_jax.io.companions import Companions
 from bidirlm_jax.io.hf_config import read_config_dict, runtime_from_hf
 from bidirlm_jax.io.layouts import AUDIO, AUDIO_PROJECTOR, HEAD, TEXT, VISION, detect_layout
+from bidirlm_jax.io.lora import attach, base_of, read_record, stacked
 from bidirlm_jax.io.model_types import (
     OMNI_TYPE,
     TEXT_TYPE,
@@ -34,14 +35,16 @@ from bidirlm_jax.io.model_types import (
     model_type_in,
     model_type_of,
 )
-from bidirlm_jax.io.run import description_dir
+from bidirlm_jax.io.run import description_dir, is_training_run, state_dir
 from bidirlm_jax.io.shards import DEFAULT_MAX_SHARD_BYTES, torch_dtype_name
 from bidirlm_jax.io.sources import Source, source_of
 from bidirlm_jax.io.weights.load import load_state
 from bidirlm_jax.io.weights.readers import open_weights
 from bidirlm_jax.io.weights.save import write_tables
 from bidirlm_jax.io.weights.table import dtype_key
+from bidirlm_jax.models.lora import merge_adapters
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
+from bidirlm_jax.models.transformer import relayout
 from bidirlm_jax.paths import user_path
 
 # The backbone prefix of transformers' multimodal base models (Qwen3VLModel, BidirLM-Omni), which have no LM head.
@@ -133,7 +136,17 @@ def from_pretrained(
         config = kind.towers(config, keys, vision=vision, audio=audio, where=str(path))
     if source is Source.HF:
         return load_params(path, config, runtime, mesh=mesh, allow_pickle=allow_pickle)
+    if is_training_run(path) and read_record(path) is not None:  # a LoRA run: its base, the adapters merged in
+        return relayout(merge_adapters(load_adapted(path, runtime, mesh=mesh)), runtime.scan_layers)
     return load_checkpoint(path, config, runtime, mesh=mesh)  # our checkpoints and training runs (fine-tuning refused)
+
+
+def load_adapted(run: Path, runtime: Runtime, *, mesh: Mesh | None = None) -> nnx.Module:
+    """A LoRA run's text model at its latest step, adapters attached (unmerged), laid out as its checkpoint is."""
+    base = base_of(run)
+    where = state_dir(run, latest_step(run))
+    model = from_pretrained(base, runtime=runtime.replace(scan_layers=stacked(where)), mesh=mesh, text_only=True)
+    return attach(model, run, where, mesh=mesh)
 
 
 def _holds_tower(path: Path, d: Mapping[str, Any], source: Source, allow_pickle: bool) -> bool:

@@ -1,7 +1,7 @@
 """A training run's directory (`bidirlm train --workdir RUN`): the one module that names its parts.
 
-RUN/model/          config.json, the run's tokenizer files, (fine-tuning) head.json and (contrastive)
-                    prompts.json, the query prompts its datasets trained with: what
+RUN/model/          config.json, the run's tokenizer files, (fine-tuning) head.json, (contrastive)
+                    prompts.json, the query prompts its datasets trained with, and (LoRA) lora.json: what
                     `from_pretrained(RUN)` and the exports read besides the weights
 RUN/checkpoints/N/  one directory per committed step (orbax): `state/` (params, optimizer state, step,
                     RNG) and `meta/` (JSON: shapes, the data stream, the run's config)
@@ -21,6 +21,7 @@ RUN_CHECKPOINTS_DIR = "checkpoints"
 BEST_DIR = "best"
 BEST_FILE = "best.json"
 HEAD_FILE = "head.json"  # in the run's `model/` directory
+LORA_FILE = "lora.json"  # in `model/`: a LoRA run's adapter settings and base (`train.lora.describe`)
 PROMPTS_FILE = "prompts.json"  # in `model/`: {"prompts": {name: prefix}}, what an encoder export names its prompts
 METRICS_FILE = "metrics.jsonl"
 STATE_ITEM = "state"  # in a step directory: the train state
@@ -63,6 +64,10 @@ def best_file(run: str | os.PathLike) -> Path:
 
 def head_file(run: str | os.PathLike) -> Path:
     return model_dir(run) / HEAD_FILE
+
+
+def lora_file(run: str | os.PathLike) -> Path:
+    return model_dir(run) / LORA_FILE
 
 
 def prompts_file(run: str | os.PathLike) -> Path:

@@ -73,12 +73,15 @@ def _fused(hidden, head, targets, chunk, softcap):
 
 
 def _fused_fwd(hidden, head, targets, chunk, softcap):
+    # `symbolic_zeros`: the primals come wrapped, saying which are differentiated. A head that is not (frozen, as
+    # under LoRA) gets no gradient: the backward skips its [V, d] of chunk gradients (an empty marker: None).
+    hidden, wants_head, head, targets = hidden.value, () if head.perturbed else None, head.value, targets.value
     loss, correct, lse = _forward(hidden, head, targets, chunk, softcap)
-    return (loss, correct), (hidden, head, targets, lse)
+    return (loss, correct), (hidden, head, targets, lse, wants_head)
 
 
 def _fused_bwd(chunk, softcap, residuals, cotangents):
-    hidden, head, targets, lse = residuals
+    hidden, head, targets, lse, wants_head = residuals
     g = cotangents[0].astype(jnp.float32)  # `correct` is boolean: no cotangent
 
     def body(dhidden, i):
@@ -90,19 +93,23 @@ def _fused_bwd(chunk, softcap, residuals, cotangents):
             dlogits = dlogits * (1.0 - jnp.square(logits / softcap))  # d/dx c·tanh(x/c)
         dlogits = dlogits.astype(hidden.dtype)
         dhidden = dhidden + jnp.dot(dlogits, rows, preferred_element_type=jnp.float32)
+        if wants_head is None:
+            return dhidden, None
         drows = jnp.dot(dlogits.T, hidden, preferred_element_type=jnp.float32)
         return dhidden, drows.astype(head.dtype)
 
     vocab, d = head.shape
     count = _num_chunks(vocab, chunk)
     dhidden, drows = jax.lax.scan(body, jnp.zeros(hidden.shape, jnp.float32), jnp.arange(count, dtype=jnp.int32))
+    if wants_head is None:
+        return dhidden.astype(hidden.dtype), None, None
     # Chunks are disjoint except the last, whose first `overlap` rows its predecessor already emitted (as zeros here).
     overlap = count * chunk - vocab
     dhead = jnp.concatenate([drows[:-1].reshape(-1, d), drows[-1, overlap:]], axis=0)
     return dhidden.astype(hidden.dtype), dhead, None
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def chunked_cross_entropy(

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from bidirlm_jax.models.layers import RMSNorm, linear, param
+from bidirlm_jax.models.layers import RMSNorm, adapter_of, linear, param
 from bidirlm_jax.models.positions import apply_rope
 
 # (q [B,T,H,D], k, v [B,S,KV,D], scale) -> [B,T,H,D]
@@ -64,7 +64,7 @@ class Attention(nnx.Module):
             self.k_norm = RMSNorm(hd, **norm)
 
     def _project(self, x: jax.Array, name: str) -> jax.Array:
-        y = linear(x, getattr(self, f"{name}_proj"))
+        y = linear(x, getattr(self, f"{name}_proj"), adapter=adapter_of(self, f"{name}_proj"))
         if self.bias:
             y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
         return y
@@ -77,7 +77,7 @@ class Attention(nnx.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         v = self._project(x, "v")
-        y = linear(attend(q, k, v, self.scale), self.o_proj, in_dims=2)
+        y = linear(attend(q, k, v, self.scale), self.o_proj, in_dims=2, adapter=adapter_of(self, "o_proj"))
         if self.bias:
             y = y + self.o_bias[...].astype(x.dtype)
         return y

@@ -99,15 +99,27 @@ class Embedder(nnx.Module):
         return x
 
 
-def linear(x: jax.Array, w: nnx.Param, *, in_dims: int = 1, **kwargs) -> jax.Array:
+LAYER_AXIS = "layers"  # logical name of a scanned stack's stacked parameters' leading axis (never sharded)
+ADAPTER_SUFFIX = "_lora"  # `q_proj_lora` beside `q_proj`: a low-rank adapter of it (`models.lora`)
+
+
+def adapter_of(module: nnx.Module, name: str) -> Callable[[jax.Array], jax.Array] | None:
+    """The adapter `models.lora.add_adapters` attached to `module`'s weight `name`, if any."""
+    return getattr(module, name + ADAPTER_SUFFIX, None)
+
+
+def linear(
+    x: jax.Array, w: nnx.Param, *, in_dims: int = 1, adapter: Callable[[jax.Array], jax.Array] | None = None, **kwargs
+) -> jax.Array:
     """x @ Wᵀ for W stored [*out, *in] as transformers stores it (conversion is then a reshape, never a
     transpose); the last `in_dims` axes of x are contracted. Run as one 2-D matmul: XLA's CPU backend
-    is markedly slower on batched [B, T, d] dots once an elementwise backward fuses into them."""
-    w = w[...].astype(x.dtype)
-    lead, out = x.shape[: x.ndim - in_dims], w.shape[: w.ndim - in_dims]
+    is markedly slower on batched [B, T, d] dots once an elementwise backward fuses into them.
+    `adapter(x)` (a LoRA update, `adapter_of`) is added to the product, cast to its dtype."""
+    wv = w[...].astype(x.dtype)
+    lead, out = x.shape[: x.ndim - in_dims], wv.shape[: wv.ndim - in_dims]
     k = math.prod(x.shape[x.ndim - in_dims :])
-    y = jnp.dot(x.reshape(-1, k), w.reshape(-1, k).T, **kwargs)
-    return y.reshape(*lead, *out)
+    y = jnp.dot(x.reshape(-1, k), wv.reshape(-1, k).T, **kwargs).reshape(*lead, *out)
+    return y if adapter is None else y + adapter(x).astype(y.dtype)
 
 
 class MLP(nnx.Module):
@@ -120,4 +132,6 @@ class MLP(nnx.Module):
         self.down_proj = param(rngs, (dim, hidden), ("embed", "mlp"), param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return linear(self.act(linear(x, self.gate_proj)) * linear(x, self.up_proj), self.down_proj)
+        gate = linear(x, self.gate_proj, adapter=adapter_of(self, "gate_proj"))
+        up = linear(x, self.up_proj, adapter=adapter_of(self, "up_proj"))
+        return linear(self.act(gate) * up, self.down_proj, adapter=adapter_of(self, "down_proj"))

@@ -30,7 +30,8 @@ from bidirlm_jax.kernels.attention import attend
 from bidirlm_jax.kernels.masks import MaskSpec, Segments
 from bidirlm_jax.models.attention import AttendFn, Attention
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.layers import MLP, Embedder, RMSNorm, linear, param
+from bidirlm_jax.models.layers import LAYER_AXIS, MLP, Embedder, RMSNorm, linear, param
+from bidirlm_jax.models.lora import layer_scope
 from bidirlm_jax.models.masks import layer_specs
 from bidirlm_jax.models.positions import rope_tables
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
@@ -40,7 +41,6 @@ _REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-LAYER_AXIS = "layers"  # logical name of the stacked parameters' leading axis (never sharded)
 HIDDEN_AXES = ("batch", "seq", "embed")
 
 
@@ -191,7 +191,8 @@ class Transformer(nnx.Module):
     def _unrolled(self, x, ropes, attends, add) -> jax.Array:
         for i, (block, layer_type) in enumerate(zip(self.layers, self.config.layer_types)):
             graphdef, state = nnx.split(block)
-            x = self._plus(self._run_layer(graphdef, state, x, ropes[layer_type], attends[layer_type]), add.get(i))
+            with layer_scope(i):
+                x = self._plus(self._run_layer(graphdef, state, x, ropes[layer_type], attends[layer_type]), add.get(i))
         return x
 
     def _scanned(self, x, ropes, attends, add) -> jax.Array:
@@ -202,7 +203,8 @@ class Transformer(nnx.Module):
         for i in range(prefix):
             layer = jax.tree.map(lambda a, i=i: a[i], state)
             lt = layer_types[i]
-            x = self._plus(self._run_layer(graphdef, layer, x, ropes[lt], attends[lt]), add.get(i))
+            with layer_scope(i):
+                x = self._plus(self._run_layer(graphdef, layer, x, ropes[lt], attends[lt]), add.get(i))
         if prefix == len(layer_types):
             return x
         types = list(attends)
@@ -210,16 +212,18 @@ class Transformer(nnx.Module):
         cos, sin = (jnp.stack([ropes[lt][n] for lt in types]) for n in (0, 1))
         calls = [attends[lt] for lt in types]
 
-        def layer(x, state, i):
+        def layer(x, state, i, number):
             def attend(q, k, v, scale):  # the layer type's kernel call, chosen by data
                 return jax.lax.switch(i, [functools.partial(c, scale=scale) for c in calls], q, k, v)
 
             attend = calls[0] if len(calls) == 1 else attend
-            return nnx.merge(graphdef, state)(x, (cos[i], sin[i]), attend)
+            with layer_scope(number):  # the layer's own number (LoRA dropout masks), as unrolled
+                return nnx.merge(graphdef, state)(x, (cos[i], sin[i]), attend)
 
         run = self._remat(layer)
         rest = state if prefix == 0 else jax.tree.map(lambda a: a[prefix:], state)
-        x, _ = jax.lax.scan(lambda x, xs: (run(x, *xs), None), x, (rest, index))
+        numbers = jnp.arange(prefix, len(layer_types), dtype=jnp.int32)
+        x, _ = jax.lax.scan(lambda x, xs: (run(x, *xs), None), x, (rest, index, numbers))
         return x
 
     def lm_head_weight(self) -> nnx.Param:

@@ -47,9 +47,15 @@ def _remove_uncommitted(directory: Path) -> None:
 
 
 class Checkpointer:
-    def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int):
+    """`params`: the parameters a checkpoint holds (an nnx filter; None: all). A LoRA run saves its adapters and
+    head only: its frozen base is rebuilt (`restore`'s `base`) from where the run took it."""
+
+    def __init__(
+        self, directory: str | os.PathLike, *, save_every: int, keep: int, params: nnx.filterlib.Filter | None = None
+    ):
         self.directory = Path(directory).absolute()
         self._every = save_every
+        self._params = params
         if jax.process_index() == 0:
             _remove_uncommitted(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
@@ -116,11 +122,23 @@ class Checkpointer:
             f"describes: {detail}. Use a new --workdir, or the config that wrote these checkpoints"
         )
 
-    def restore(self, step: int, abstract: TrainState) -> TrainState:
-        """The state at `step`, in `abstract`'s shardings (any mesh, any process count)."""
-        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract)})
+    def kept(self, params: nnx.State) -> nnx.State:
+        """The parameters a checkpoint holds (the best step keeps the same)."""
+        return params if self._params is None else nnx.split_state(params, self._params, ...)[0]
+
+    def _saved(self, state: TrainState) -> TrainState:
+        return state.replace(params=self.kept(state.params))
+
+    def restore(self, step: int, abstract: TrainState, base: TrainState | None = None) -> TrainState:
+        """The state at `step`, in `abstract`'s shardings (any mesh, any process count); with `params`, the
+        parameters the checkpoint does not hold are `base`'s."""
+        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(self._saved(abstract))})
         try:
-            return self._manager.restore(step, args=args)[STATE_ITEM]
+            restored = self._manager.restore(step, args=args)[STATE_ITEM]
+            if self._params is None:
+                return restored
+            rest = nnx.split_state(base.params, self._params, ...)[1]
+            return restored.replace(params=nnx.merge_state(restored.params, rest))
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
                 f"cannot resume from step {step} in {self.directory}: its train state does not fit the configured one "
@@ -143,7 +161,8 @@ class Checkpointer:
         """Start an asynchronous save if one is `due` (or `force`); True if one started."""
         if not (force or self.due(step)):
             return False
-        args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)})
+        saved = ocp.args.StandardSave(self._saved(state))
+        args = ocp.args.Composite(**{STATE_ITEM: saved, META_ITEM: ocp.args.JsonSave(meta)})
         started = self._manager.save(step, args=args, force=True)
         if started:
             self._started.append(step)

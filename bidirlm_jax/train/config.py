@@ -18,6 +18,7 @@ from absl import flags
 from ml_collections import ConfigDict, config_dict, config_flags
 
 from bidirlm_jax.errors import ConfigError
+from bidirlm_jax.models.lora import LoRAConfig
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, TRAIN_KEYS, Runtime
 from bidirlm_jax.paths import expand_user
 from bidirlm_jax.sharding import LOGICAL_RULES, make_rules
@@ -79,6 +80,16 @@ def base_config() -> ConfigDict:
             frozen=(),  # regexes of parameters kept as they are: no update, no optimizer state
         )
     )
+    # LoRA (train.lora): rank > 0 trains low-rank adapters on `targets` (and a task head); the base stays frozen
+    c.lora = ConfigDict(
+        dict(
+            rank=0,  # 0: off (every parameter trains, as `optim.trainable` / `optim.frozen` say)
+            alpha=16.0,  # the update is scaled by alpha / rank
+            dropout=0.0,  # on the adapters' inputs (PEFT's lora_dropout)
+            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+            base_dtype="auto",  # the frozen base's storage dtype; auto: what model.init_from stored (fp32 if none)
+        )
+    )
     c.train = ConfigDict(
         dict(
             steps=100,
@@ -135,6 +146,7 @@ def run_settings(model: ConfigDict) -> Runtime:
 def validate(config: ConfigDict) -> None:
     """Refuse values the engine cannot run before anything is built or written."""
     run_settings(config.model)
+    LoRAConfig.from_config(config.get("lora"))
     if config.train.max_rows_per_device < 0:
         raise ConfigError("train.max_rows_per_device must be 0 (no limit) or positive")
     _one_of(config.model.dtype, ("float32", "bfloat16"), "model.dtype")  # master weights stay fp32 either way

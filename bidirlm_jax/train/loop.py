@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from ml_collections import ConfigDict
 
+import bidirlm_jax.train.lora as lora_train
 import bidirlm_jax.train.metrics as metrics_lib
 import bidirlm_jax.train.runlog as runlog
 import bidirlm_jax.train.trainable as trainable_lib
@@ -98,6 +99,7 @@ class _Plan:
     batches: DeviceBatches
     resume_step: int | None
     init_params: nnx.State | None
+    saved_params: trainable_lib.Filter | None  # what checkpoints hold (LoRA: the trained part; None: all)
     meta: dict[str, Any]
     evaluations: list[Evaluation]
 
@@ -126,6 +128,9 @@ def _plan(
     evaluations = build_evaluations(config, objective, evaluators)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     trainable = trainable_lib.from_config(config.optim)
+    lora = lora_train.settings(config).enabled
+    if lora:  # adapters train, the base stays frozen and out of the checkpoints
+        objective, trainable = lora_train.adapt(config, objective, model_cfg, runtime)
     layout = StateLayout(
         model_cfg,
         tx,
@@ -169,7 +174,8 @@ def _plan(
         mesh,
         batches.shapes,
     )
-    fresh_from_hf = config.model.init_from and resume_step is None
+    from_hf = config.model.init_from and (resume_step is None or lora)  # a LoRA run's base is never saved
+    load_runtime = runtime.replace(param_dtype=lora_train.base_dtype(config)) if lora else runtime
     return _Plan(
         mesh=mesh,
         model=model_cfg,
@@ -179,7 +185,8 @@ def _plan(
         step_fn=step_fn,
         batches=batches,
         resume_step=resume_step,
-        init_params=init_params(config.model, runtime, mesh, objective) if fresh_from_hf else None,
+        init_params=init_params(config.model, load_runtime, mesh, objective) if from_hf else None,
+        saved_params=trainable if lora else None,
         meta=meta,
         evaluations=evaluations,
     )
@@ -275,14 +282,15 @@ def _train(
     )
     runlog.log_start(plan.resume_step, str(checkpoints_dir(workdir)))
     checkpointer = Checkpointer(
-        checkpoints_dir(workdir), save_every=config.train.checkpoint_every, keep=config.train.keep_checkpoints
+        checkpoints_dir(workdir),
+        save_every=config.train.checkpoint_every,
+        keep=config.train.keep_checkpoints,
+        params=plan.saved_params,
     )
-    if plan.resume_step is not None:
-        state = checkpointer.restore(plan.resume_step, plan.layout.abstract)
-    elif plan.init_params is not None:
-        state = plan.layout.from_params(plan.init_params)
-    else:
-        state = plan.layout.init()
+    fresh = None
+    if plan.resume_step is None or plan.saved_params is not None:  # a checkpoint without the base: rebuild it
+        fresh = plan.layout.from_params(plan.init_params) if plan.init_params is not None else plan.layout.init()
+    state = fresh if plan.resume_step is None else checkpointer.restore(plan.resume_step, plan.layout.abstract, fresh)
     _write_model_description(workdir, plan)
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.metrics.tensorboard)
     step = int(jax.device_get(state.step))
@@ -323,7 +331,7 @@ def _train(
                     skipped = 0 if out.pop("finite") else skipped + 1
                     if at == step and validating:  # before the next step, which donates this state
                         model = nnx.merge(plan.layout.graphdef, state.params)
-                        out.update(schedule.run(step, model, state.params))
+                        out.update(schedule.run(step, model, checkpointer.kept(state.params)))  # as checkpoints
                     evaluated = any(k.startswith("eval/") for k in out)
                     if skipped or evaluated or at % config.train.log_every == 0 or at == config.train.steps:
                         logged = dict(

@@ -71,10 +71,10 @@ def log_plan(
     mesh_shape: Mapping[str, int],
     *,
     params: int,
-    trained: int,
     tokens_per_step: int,
+    trained: int | None = None,
 ) -> None:
-    """The run as it was decided, before anything is built."""
+    """The run as it was decided, before anything is built (`trained`: the parameters the optimizer updates)."""
     data, train = config.data, config.train
     start = f"from {config.model.init_from}" if config.model.init_from else f"random init of {config.model.preset}"
     log.info("plan: objective %s, %d steps, %s", config.objective, train.steps, start)
@@ -95,11 +95,14 @@ def log_plan(
         run.remat,
         ", scanned layers" if run.scan_layers else "",
     )
-    if trained == params:
+    if trained is None or trained == params:
         log.info("parameters: %s, all trained (nothing frozen)", f"{params:,}")
     else:
-        counts = (f"{n:,}" for n in (params, trained, params - trained))
-        log.info("parameters: %s, %s trained, %s frozen (optim.frozen / optim.trainable)", *counts)
+        lora = config.get("lora")
+        adapters = f" (LoRA rank {lora.rank} on {', '.join(lora.targets)})" if lora and lora.rank else ""
+        log.info(
+            "parameters: %s, %s trained%s, %s frozen", f"{params:,}", f"{trained:,}", adapters, f"{params - trained:,}"
+        )
     devices, shards = jax.device_count(), mesh_shape["data"] * mesh_shape["fsdp"]
     log.info(
         "mesh: data=%d fsdp=%d tensor=%d over %d %s devices, %d process%s",
