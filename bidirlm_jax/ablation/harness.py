@@ -49,7 +49,8 @@ from bidirlm_jax.pipeline.variants import (
     relative_path,
 )
 
-PATH_KEYS = {name: directory.replace("-", "_") for name, directory in DIRECTORIES.items()}  # Bi+MNTP -> bi_mntp
+# The grid's variants given as paths (Bi+MNTP -> paths.bi_mntp); the Omni composition is not part of it.
+PATH_KEYS = {name: DIRECTORIES[name].replace("-", "_") for name in VARIANTS if name in DIRECTORIES}
 GENERATE = "generate"  # config.base: pre-train a small base on the standard library (as `bidirlm demo` does)
 
 
