@@ -119,6 +119,8 @@ def _plan(
             f"model.towers trains with objective contrastive (image/audio–text pairs), not {config.objective}; "
             "drop model.towers to train the text stack"
         )
+    if towers and lora_train.settings(config).enabled:
+        raise ConfigError("lora.rank with model.towers: LoRA adapts the text model alone for now; drop one of them")
     if towers and not config.contrastive.train_towers:  # frozen: no update, no optimizer state
         config.optim.frozen = (*config.optim.frozen, *tower_patterns(model_cfg, runtime))
     if loss_fn is None:
