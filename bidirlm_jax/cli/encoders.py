@@ -59,8 +59,8 @@ def run_embed(args: argparse.Namespace) -> int:
     model, tokenizer, settings = _load(args, towers=media)
     prompt = named_prompt(args.prompt_name, settings, instruction=args.instruction)
     if media and hasattr(model, "batch_hidden_states"):
+        from bidirlm_jax.data.media.images import read_preprocessor_config
         from bidirlm_jax.data.media.items import media_processor
-        from bidirlm_jax.io.sentence_transformers import read_preprocessor_config
 
         tokenizer = media_processor(model, tokenizer, preprocessor=read_preprocessor_config(args.model))
     result = encode_texts(

@@ -17,12 +17,11 @@ from typing import Any
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.atomic import atomic_directory, check_destination
-from bidirlm_jax.io.companions import ENCODER_MODULES, companion_files
-from bidirlm_jax.io.hf import from_pretrained, save_pretrained
+from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.hf_config import read_config_dict
 from bidirlm_jax.io.hf_config_omni import is_omni
 from bidirlm_jax.io.run import description_dir
-from bidirlm_jax.io.sentence_transformers import check_source, source_dtypes, write_st_modules
+from bidirlm_jax.io.sentence_transformers import check_source, save_like_source, write_st_modules
 from bidirlm_jax.models.towers.omni.model import Omni
 from bidirlm_jax.paths import user_path
 
@@ -57,16 +56,8 @@ def export_omni(
     model = from_pretrained(src, dtype="float32", allow_pickle=allow_pickle)
     if not isinstance(model, Omni):
         raise ConfigError(f"{src} did not load as an Omni model")
-    source_dtype, tensor_dtypes = source_dtypes(src, allow_pickle=allow_pickle)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        save_pretrained(
-            model,
-            tmp,
-            dtype=dtype or source_dtype,
-            tensor_dtypes=None if dtype else tensor_dtypes,
-            overwrite=True,
-            extra_files=companion_files(src, owned=ENCODER_MODULES),
-        )
+        save_like_source(model, tmp, src, dtype=dtype, allow_pickle=allow_pickle)
         write_st_modules(
             tmp,
             model.config.text.hidden_size,

@@ -96,17 +96,8 @@ def export_encoder(
     check_destination(dst, overwrite=overwrite)
     tokenizer = _load_tokenizer(src)
     model = from_pretrained(src, attention=attention, dtype="float32", allow_pickle=allow_pickle, text_only=True)
-    source_dtype, tensor_dtypes = source_dtypes(src, allow_pickle=allow_pickle)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
-        save_pretrained(
-            model,
-            tmp,
-            dtype=dtype or source_dtype,
-            tensor_dtypes=None if dtype else tensor_dtypes,
-            overwrite=True,
-            extra_files=companion_files(src, owned=ENCODER_MODULES),
-            format=format,
-        )
+        save_like_source(model, tmp, src, dtype=dtype, allow_pickle=allow_pickle, format=format)
         _record_mask_token(tmp, tokenizer, model.config.family)
         if pooling == "first":
             _pad_right(tmp)
@@ -181,17 +172,6 @@ def load_encoder(
     settings = read_encoder_settings(path)
     model = from_pretrained(path, attention=attention, dtype=dtype, **({} if towers else {"text_only": True}))
     return model, tokenizer, settings
-
-
-def read_preprocessor_config(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint's `preprocessor_config.json` (image normalisation and pixel budget), {} without one."""
-    file = Path(path) / "preprocessor_config.json"
-    if not file.is_file():
-        return {}
-    try:
-        return json.loads(file.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{file} is not valid JSON ({e}); restore it from the checkpoint") from None
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -354,6 +334,21 @@ def _load_tokenizer(path: Path) -> Any:
             f"{e}. An encoder needs its tokenizer: copy the base model's tokenizer files (tokenizer.json, "
             f"tokenizer_config.json, ...) into {path}"
         ) from None
+
+
+def save_like_source(model, tmp: Path, src: Path, *, dtype: str | None, allow_pickle: bool, **kwargs) -> None:
+    """`model` into `tmp` as an encoder export writes it: in `dtype`, else each tensor in the source's own
+    precision, with the source's companion files (not its sentence-transformers modules, which it rewrites)."""
+    source_dtype, tensor_dtypes = source_dtypes(src, allow_pickle=allow_pickle)
+    save_pretrained(
+        model,
+        tmp,
+        dtype=dtype or source_dtype,
+        tensor_dtypes=None if dtype else tensor_dtypes,
+        overwrite=True,
+        extra_files=companion_files(src, owned=ENCODER_MODULES),
+        **kwargs,
+    )
 
 
 def source_dtypes(src: Path, *, allow_pickle: bool) -> tuple[str, dict[str, str]]:

@@ -13,6 +13,7 @@ so that every 4 consecutive rows are one merged token of the tower.
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -96,6 +97,17 @@ class ProcessedImages:
     pixel_values: np.ndarray  # [Σ t·h·w, 3·T·p·p] float32
     image_grid_thw: np.ndarray  # [n, 3] int64
     downscaled: int  # images over the pixel budget, scaled down to it
+
+
+def read_preprocessor_config(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's `preprocessor_config.json` (image normalisation and pixel budget), {} without one."""
+    file = Path(path) / "preprocessor_config.json"
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{file} is not valid JSON ({e}); restore it from the checkpoint") from None
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:

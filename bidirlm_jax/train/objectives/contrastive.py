@@ -30,6 +30,7 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
+from bidirlm_jax.data.media.images import read_preprocessor_config
 from bidirlm_jax.data.media.items import MediaProcessor, media_processor
 from bidirlm_jax.data.pairs import Instruction, PairBatches, PairDataset, read_pairs, with_instruction
 from bidirlm_jax.data.stdlib_text import stdlib_pairs
@@ -190,8 +191,6 @@ def _dataset(name: str, source: str, pairs: list) -> PairDataset:
 
 def _processor(config: ConfigDict, model, tokenizer) -> MediaProcessor:
     """The run's media processor: the checkpoint's image settings, the run's pixel budget and clip length."""
-    from bidirlm_jax.io.sentence_transformers import read_preprocessor_config
-
     con = config.contrastive
     settings = {"template": con.template, "max_seconds": con.max_seconds}
     if getattr(model, "vision", None) is not None and con.max_pixels:
@@ -203,8 +202,6 @@ def _processor(config: ConfigDict, model, tokenizer) -> MediaProcessor:
 def _processor_files(config: ConfigDict, processor: MediaProcessor | None) -> dict[str, str]:
     """`preprocessor_config.json` for the run's model: `init_from`'s (the inference settings the towers came
     with), else the run's own image settings."""
-    from bidirlm_jax.io.sentence_transformers import read_preprocessor_config
-
     if processor is None or processor.vision is None:
         return {}
     settings = read_preprocessor_config(config.model.init_from) if config.model.init_from else {}
