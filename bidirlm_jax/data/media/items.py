@@ -59,8 +59,9 @@ class VisionTokens:
 
     @property
     def max_patches(self) -> int:
-        """Patches of the largest image the pixel budget lets through."""
-        return self.settings.max_pixels // self.settings.patch_size**2
+        """Patches of the largest image the pixel budget lets through, in whole merged tokens."""
+        unit = self.merge_size**2
+        return -(-(self.settings.max_pixels // self.settings.patch_size**2) // unit) * unit
 
 
 @dataclass
