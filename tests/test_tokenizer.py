@@ -105,3 +105,21 @@ def test_set_mask_token_in_object_and_exported_files(tmp_path):
     assert resolve_mask_token(reloaded, "auto", family="qwen3") == 9
     with pytest.raises(ConfigError, match="not in the tokenizer's vocabulary"):
         set_mask_token(out, 50)
+
+
+def test_a_bidirlm_omni_directory_loads_its_tokenizer_without_the_remote_code(tokenizer_dir, tmp_path, monkeypatch):
+    """The release's config.json names remote code (`auto_map`); its tokenizer is Qwen3's, loaded natively
+    rather than by asking whether to run code (transformers asks through `input`)."""
+    import shutil
+
+    omni = tmp_path / "omni"
+    shutil.copytree(tokenizer_dir, omni)
+    auto_map = {"AutoConfig": "BidirLM/BidirLM-Omni-2.5B-Embedding--configuration_bidirlm_omni.BidirLMOmniConfig"}
+    (omni / "config.json").write_text(json.dumps({"model_type": "bidirlm_omni", "auto_map": auto_map}))
+
+    def ask(*_):
+        raise AssertionError("asked whether to run remote code")
+
+    monkeypatch.setattr("builtins.input", ask)
+    tokenizer = load_tokenizer(omni)
+    assert tokenizer("a b")["input_ids"] == load_tokenizer(tokenizer_dir)("a b")["input_ids"]

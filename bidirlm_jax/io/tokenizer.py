@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, Pre
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io import released
 from bidirlm_jax.io.atomic import atomic_directory
-from bidirlm_jax.io.families import RESERVED_MASK_IDS
+from bidirlm_jax.io.families import MULTIMODAL_MODEL_TYPES, RESERVED_MASK_IDS
 from bidirlm_jax.paths import user_path
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
@@ -62,13 +62,18 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 
 
 def _native_config(path: Path) -> dict:
-    """`config=` the native family's config for a released BidirLM directory: AutoTokenizer then picks the family's
-    tokenizer class instead of importing (or asking to run) the remote code its config.json names."""
+    """`config=` the native family's config for a released BidirLM or BidirLM-Omni directory: AutoTokenizer then
+    picks the family's tokenizer class instead of importing (or asking to run) the remote code its config.json
+    names."""
     try:
         d = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-    return {"config": AutoConfig.for_model(released.native_config(d)["model_type"])} if released.is_released(d) else {}
+    if released.is_released(d):
+        return {"config": AutoConfig.for_model(released.native_config(d)["model_type"])}
+    if "auto_map" in d and d.get("model_type") in MULTIMODAL_MODEL_TYPES:  # the Omni release: remote code only
+        return {"config": AutoConfig.for_model(MULTIMODAL_MODEL_TYPES[d["model_type"]])}
+    return {}
 
 
 def train_tokenizer(
