@@ -16,6 +16,12 @@ the same ones) for evaluation, the rest is training text. Then, as BidirLM does 
 5. check our logits against transformers' on the base in both attention modes, and export the final
    encoder (Bi+MNTP+Contrastive) in sentence-transformers format.
 
+6. with `--omni` (`make demo` runs it) the base is Qwen3-shaped and BidirLM-Omni follows in miniature
+   (`bidirlm_jax.pipeline.omni`): a vision and an audio specialist grown from the base on photographs and
+   espeak-ng speech, composed with Bi+MNTP (and, to compare, the towers on Bi+MNTP alone), trained on the
+   Omni mixture with frozen towers, and text→text / text→image / text→audio retrieval for every model,
+   printed as a table, plotted (`omni.png`) and exported (`encoder-omni/`, the released layout).
+
 `--model DIR` starts from a real causal checkpoint and its tokenizer instead of steps 1-2. `--quick` runs
 every phase for a few steps (tests). The output directory holds `base/` (the causal base, HF format, with
 its tokenizer), `encoder/` (sentence-transformers), `variants/` (each variant as an HF directory, the
@@ -110,7 +116,7 @@ def parity(base: Path, bi_base: Path, texts: list[str], seq_len: int) -> list[tu
 # --- the whole run -------------------------------------------------------------------------------------
 
 
-def _pipeline(tmp: Path, *, model: str | None, size: Size, progress: bool) -> dict[str, Any]:
+def _pipeline(tmp: Path, *, model: str | None, size: Size, progress: bool, omni: bool) -> dict[str, Any]:
     """Every phase, into the (temporary) output directory `tmp`; returns what `results.json` records."""
     from bidirlm_jax.embed.encode import query_prompt
     from bidirlm_jax.io.sentence_transformers import export_encoder
@@ -165,6 +171,8 @@ def _pipeline(tmp: Path, *, model: str | None, size: Size, progress: bool) -> di
         sample = [bodies[-1], bodies[len(bodies) // 2], bodies[0]]  # longer than the window, and padded ones
         checks = parity(base, variants[BI_BASE].path, sample, size.seq_len)
         note["text"] = "our logits vs transformers'"
+    if omni:
+        record_omni = _omni(tmp, base, variants, corpus, recipe, size, timer, progress)
     record = {
         "table": table,
         "results": results,
@@ -180,8 +188,48 @@ def _pipeline(tmp: Path, *, model: str | None, size: Size, progress: bool) -> di
         "model": str(model) if model else None,
         "recipe": {"merge_ratio": recipe.merge_ratio, "contrastive_from": recipe.contrastive_from},
     }
+    if omni:
+        record["omni"] = record_omni
     (tmp / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def _omni(tmp: Path, base: Path, variants: dict, corpus, recipe, size: Size, timer: Timer, progress: bool) -> dict:
+    """The Omni stage (`pipeline.omni`) on this run's base and Bi+MNTP: its table, plot and results."""
+    from bidirlm_jax.embed.encode import query_prompt
+    from bidirlm_jax.io.omni_export import export_omni
+    from bidirlm_jax.pipeline.omni import COMPOSED, omni_stage
+    from bidirlm_jax.pipeline.report import format_cross_modal, plot_cross_modal
+    from bidirlm_jax.pipeline.variants import BI_MNTP, BI_MNTP_CONTRASTIVE
+
+    results = omni_stage(
+        tmp / "omni",
+        base=base,
+        bi_mntp=variants[BI_MNTP].path,
+        text_encoder=variants[BI_MNTP_CONTRASTIVE].path,
+        corpus=corpus,
+        template=recipe.contrastive,
+        size=size,
+        timer=timer,
+        progress=progress,
+    )
+    held_out = {"text": f"{len(corpus.eval_data.queries)} queries, {len(corpus.eval_data.corpus)} docstrings"}
+    for task in ("image", "audio"):
+        row = next(r["tasks"][task] for r in results.values() if task in r["tasks"])
+        held_out[task] = f"{row['num_queries']} queries, {'crops' if task == 'image' else 'clips'} of other seeds"
+    table = format_cross_modal(results, held_out)
+    plot_cross_modal(results, tmp / "omni.png", "BidirLM-Omni in miniature: held-out retrieval across modalities")
+    with timer.phase("export Omni encoder") as note:
+        export_omni(
+            results[COMPOSED]["path"],
+            tmp / "encoder-omni",
+            max_length=size.seq_len,
+            prompts={"query": query_prompt(EVAL_INSTRUCTION)},
+        )
+        note["text"] = f"{COMPOSED}, the released BidirLM-Omni layout with sentence-transformers modules"
+    for row in results.values():
+        row["path"] = str(Path(row["path"]).relative_to(tmp))
+    return {"table": table, "results": results}
 
 
 def _warn_if_cpu(model: Path, quick: bool) -> None:
@@ -205,8 +253,10 @@ def run_demo(
     model: str | os.PathLike | None = None,
     quick: bool = False,
     progress: bool | None = None,
+    omni: bool = False,
 ) -> int:
-    """Run the demo into `out_dir`; 0 when it finished and the parity checks are within `TOLERANCE`."""
+    """Run the demo into `out_dir`; 0 when it finished and the parity checks are within `TOLERANCE`. `omni`:
+    a Qwen3-shaped base, then the Omni stage (`pipeline.omni`) after the text variants."""
     import transformers
 
     from bidirlm_jax.io.atomic import atomic_directory
@@ -218,7 +268,14 @@ def run_demo(
             raise ConfigError(
                 f"--model {model} must be a Hugging Face checkpoint directory with config.json and tokenizer.json"
             )
+    if omni and model is not None:
+        raise ConfigError(
+            "--omni grows its vision and audio specialists from the demo's own base (with Qwen's media markers in "
+            "its tokenizer); drop --model, or drop --omni to run the text variants on your model"
+        )
     size = QUICK if quick else FULL
+    if omni:
+        size = dataclasses.replace(size, family="qwen3")
     if model is not None:  # a pre-trained model: the paper's order of learning rates, not a fresh model's
         size = dataclasses.replace(size, mntp_learning_rate=1e-4, contrastive_learning_rate=5e-5)
         _warn_if_cpu(model, quick)
@@ -228,7 +285,7 @@ def run_demo(
     start, cpu = time.perf_counter(), cpu_seconds()
     try:
         with atomic_directory(out, overwrite=out.exists()) as tmp:
-            record = _pipeline(tmp, model=model, size=size, progress=progress)
+            record = _pipeline(tmp, model=model, size=size, progress=progress, omni=omni)
             (tmp / MARKER).write_text(json.dumps({"entries": sorted(p.name for p in tmp.iterdir())}) + "\n")
     except Preempted as e:  # its runs lay in the temporary output, now removed
         raise Preempted(e.workdir, e.step, kept=False) from None
@@ -239,6 +296,9 @@ def run_demo(
             "\nsmoke run (--quick: a few steps per phase), not meaningful: these numbers say the pipeline runs, "
             "not what BidirLM does; run `bidirlm demo` without --quick for the README's table"
         )
+    if omni:
+        print()
+        print(record["omni"]["table"])
     print()
     ok = True
     for name, err in record["parity"].items():
@@ -249,7 +309,8 @@ def run_demo(
         )
     print(
         f"\n{time.perf_counter() - start:.0f}s in all ({cpu_seconds() - cpu:.0f} CPU seconds). Written to {out}/: "
-        "base/ (the causal base, HF), encoder/ (sentence-transformers), variants/, variants.png, results.json; "
+        "base/ (the causal base, HF), encoder/ (sentence-transformers), variants/, variants.png, results.json"
+        f"{', encoder-omni/ (BidirLM-Omni), omni/ (specialists, Omni composed and not), omni.png' if omni else ''}; "
         f"training curves: tensorboard --logdir {out}"
     )
     return 0 if ok else 1

@@ -11,6 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import bidirlm_jax
@@ -29,7 +30,7 @@ PACKAGE = Path(bidirlm_jax.__file__).parent
 def fake_pipeline(monkeypatch):
     """The demo's pipeline as a fake: it writes `base/` and `encoder/` and checks nothing."""
 
-    def pipeline(tmp, *, model, size, progress):
+    def pipeline(tmp, *, model, size, progress, omni):
         for name in ("base", "encoder"):
             (tmp / name).mkdir()
             (tmp / name / "config.json").write_text("{}")
@@ -178,10 +179,21 @@ def test_train_takes_the_package_config_path_and_the_repository_shim():
 # --- the whole demo, at a reduced size ------------------------------------------------------------------
 
 
+def test_omni_with_a_model_is_refused_before_any_work(fake_pipeline, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text("{}")
+    with pytest.raises(ConfigError, match="drop --model"):
+        demo.run_demo(tmp_path / "demo_out", model=model, omni=True)
+    assert not (tmp_path / "demo_out").exists()
+
+
 @pytest.mark.slow
 def test_the_whole_demo_runs(tmp_path, capsys):
+    """The text variants on a Qwen3-shaped base, then the Omni stage (the Gemma3 base is the ablation tests')."""
     out = tmp_path / "demo_out"
-    assert demo.run_demo(out, quick=True) == 0
+    assert demo.run_demo(out, quick=True, omni=True) == 0
     printed = capsys.readouterr().out
     lines = printed.splitlines()
     for name in VARIANTS:
@@ -193,7 +205,20 @@ def test_the_whole_demo_runs(tmp_path, capsys):
         assert all(0.0 <= row[key] <= 1.0 for key, _ in METRICS)
     assert (out / "variants.png").read_bytes()[:4] == b"\x89PNG"
     entries = set(json.loads((out / demo.MARKER).read_text())["entries"])
-    assert {"base", "encoder", "variants", "runs", "data", "results.json", "variants.png"} <= entries
+    assert {
+        "base",
+        "encoder",
+        "variants",
+        "runs",
+        "data",
+        "results.json",
+        "variants.png",
+        "omni",
+        "omni.png",
+        "encoder-omni",
+    } <= entries
+    assert (out / "encoder-omni" / "modules.json").is_file()
+    _check_omni(out, record["omni"], printed)
 
     from sentence_transformers import SentenceTransformer
 
@@ -204,3 +229,38 @@ def test_the_whole_demo_runs(tmp_path, capsys):
     embeddings = encoder.encode(["Heap queue algorithm.", "Parse JSON text."])
     assert embeddings.shape == (2, QUICK.hidden_size)
     assert list((out / "variants" / "runs").iterdir()) and (out / "runs" / "lm" / "tensorboard").is_dir()
+
+
+def _check_omni(out: Path, record: dict, printed: str) -> None:
+    """Every model of the Omni table on the tasks it reads; each specialist's text stack started as the base's;
+    the Omni runs left the towers they were composed with bit-identical."""
+    from bidirlm_jax.pipeline.omni import COMPOSED, NOT_COMPOSED
+
+    tasks = {name: set(row["tasks"]) for name, row in record["results"].items()}
+    assert tasks == {
+        "Bi+MNTP+Contrastive": {"text"},
+        "vision specialist": {"text", "image"},
+        "audio specialist": {"text", "audio"},
+        NOT_COMPOSED: {"text", "image", "audio"},
+        COMPOSED: {"text", "image", "audio"},
+    }
+    for row in record["results"].values():
+        for metrics in row["tasks"].values():
+            assert 0.0 <= metrics["ndcg_at_10"] <= 1.0 and metrics["num_queries"] > 0
+    assert record["table"] in printed and (out / "omni.png").read_bytes()[:4] == b"\x89PNG"
+    base = _tensors(out / "base")
+    prefix = "model.language_model."
+    for modality in ("image", "audio"):
+        init = _tensors(out / "omni" / "init" / modality)
+        text = {k[len(prefix) :]: v for k, v in init.items() if k.startswith(prefix)}
+        assert text and all(np.array_equal(v, base[f"model.{k}"]) for k, v in text.items()), modality
+    for slug in ("composed", "not-composed"):
+        before, after = _tensors(out / "omni" / "init" / slug), _tensors(out / "omni" / slug)
+        towers = [k for k in before if k.startswith(("visual.", "audio_tower."))]
+        assert towers and all(np.array_equal(before[k], after[k]) for k in towers), slug
+
+
+def _tensors(path: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    return {k: v for f in sorted(path.glob("*.safetensors")) for k, v in load_file(f).items()}

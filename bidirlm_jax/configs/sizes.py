@@ -18,8 +18,9 @@ from bidirlm_jax.configs import contrastive, lm, mntp
 
 @dataclasses.dataclass(frozen=True)
 class Size:
-    """Model shape, steps and batches of one demo run (`FULL`: ~10 minutes on two idle cores)."""
+    """Model shape, steps and batches of one demo run (`FULL`: ~5 minutes on two idle cores, ~12 with Omni)."""
 
+    family: str = "gemma3"  # the base's shape: "gemma3", or "qwen3" (the Omni stage composes Qwen3 backbones)
     vocab_size: int = 4096
     hidden_size: int = 128
     intermediate_size: int = 512
@@ -41,6 +42,16 @@ class Size:
     contrastive_learning_rate: float = 1e-3
     num_negatives: int = 1
     max_eval_queries: int = 400
+    # The Omni stage (`pipeline.omni`): specialists' and Omni's contrastive runs, the media budget
+    specialist_steps: int = 80
+    omni_steps: int = 120
+    omni_batch: int = 16
+    omni_seq_len: int = 96
+    omni_learning_rate: float = 1e-3
+    max_pixels: int = 128 * 128
+    max_seconds: float = 4.0
+    image_crops: int = 6  # training crops per photograph (2 more, of another seed, are held out)
+    speech_variants: int = 6  # training renderings per sentence (2 more are held out)
 
 
 FULL = Size()
@@ -57,6 +68,11 @@ QUICK = Size(
     contrastive_batch=8,
     contrastive_seq_len=48,
     max_eval_queries=48,
+    specialist_steps=3,
+    omni_steps=3,
+    omni_batch=4,
+    image_crops=1,
+    speech_variants=1,
 )
 
 

@@ -8,16 +8,23 @@ from pathlib import Path
 import numpy as np
 
 from bidirlm_jax.configs.sizes import QUICK, Size, lm_config
-from bidirlm_jax.errors import Preempted
+from bidirlm_jax.errors import ConfigError, Preempted
 from bidirlm_jax.pipeline.corpus import held_out, stdlib_documents
 from bidirlm_jax.pipeline.report import loss_summary
 from bidirlm_jax.pipeline.timer import Timer
 
 
 def _train_tokenizer(texts: list[str], size: Size, out: Path):
-    from bidirlm_jax.io.tokenizer import train_tokenizer
+    """A byte-level BPE of `size.vocab_size` tokens; a Qwen3 base's ends with Qwen's chat and media markers
+    (as Qwen3's own tokenizer has them), which its vision and audio specialists need."""
+    from bidirlm_jax.io.tokenizer import MEDIA_TOKENS, train_tokenizer, with_media_tokens
 
-    return train_tokenizer(texts, size.vocab_size, out)
+    if size.family == "gemma3":
+        return train_tokenizer(texts, size.vocab_size, out)
+    first = size.vocab_size - len(MEDIA_TOKENS)
+    tokenizer = with_media_tokens(train_tokenizer(texts, first), first)
+    tokenizer.save_pretrained(out)
+    return tokenizer
 
 
 def _tokens_file(texts: list[str], tokenizer, path: Path) -> int:
@@ -29,11 +36,10 @@ def _tokens_file(texts: list[str], tokenizer, path: Path) -> int:
 
 
 def _base_config(size: Size):
+    from bidirlm_jax.models.config import FULL
     from bidirlm_jax.models.presets import get_preset
 
-    pattern = get_preset("tiny-gemma3").layer_types
-    return get_preset(
-        "tiny-gemma3",
+    shape = dict(
         vocab_size=size.vocab_size,
         hidden_size=size.hidden_size,
         intermediate_size=size.intermediate_size,
@@ -41,6 +47,16 @@ def _base_config(size: Size):
         num_heads=size.num_heads,
         num_kv_heads=size.num_kv_heads,
         head_dim=size.head_dim,
+    )
+    if size.family == "qwen3":
+        ids = dict(bos_token_id=2, eos_token_id=1, pad_token_id=0)  # `io.tokenizer.SPECIAL_TOKENS`' ids
+        return get_preset("tiny-qwen3", **shape, **ids, layer_types=(FULL,) * size.num_layers)
+    if size.family != "gemma3":
+        raise ConfigError(f"Size.family {size.family!r} is not 'gemma3' or 'qwen3'")
+    pattern = get_preset("tiny-gemma3").layer_types
+    return get_preset(
+        "tiny-gemma3",
+        **shape,
         query_pre_attn_scalar=size.head_dim,
         sliding_window=size.sliding_window,
         layer_types=tuple(pattern[i % len(pattern)] for i in range(size.num_layers)),
@@ -56,7 +72,7 @@ def pretrain_base(
     progress: bool = False,
 ) -> Path:
     """A small causal base made from scratch, offline: a byte-level BPE with `<mask>` trained on `texts`, a
-    random Gemma3-shaped model of `size` and `size.lm_steps` steps of causal-LM pre-training (none: the random
+    random Gemma3- or Qwen3-shaped model of `size` (`size.family`) and `size.lm_steps` steps of causal-LM pre-training (none: the random
     model as is). Writes `out_dir/data/` (tokenizer, token stream), `out_dir/runs/lm/` (the run) and returns
     `out_dir/base` (HF directory with its tokenizer). `texts`: default the docstrings of the packages the demo
     trains on. The demo's step 1-2; notebooks and tests use it for a checkpoint that needs no download."""

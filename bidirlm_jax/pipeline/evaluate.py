@@ -16,7 +16,7 @@ def evaluate_variants(variants: dict, corpus: Corpus, size: Size, timer: Timer) 
     from bidirlm_jax.evals.retrieval import evaluate_retrieval
 
     results = {}
-    with _quiet("bidirlm_jax.embed.encode"):  # long bodies are cut at max_length on purpose
+    with quiet("bidirlm_jax.embed.encode"):  # long bodies are cut at max_length on purpose
         for name, variant in variants.items():
             with timer.phase(f"eval: {name}") as note:
                 metrics = evaluate_retrieval(
@@ -35,7 +35,7 @@ def evaluate_variants(variants: dict, corpus: Corpus, size: Size, timer: Timer) 
 
 
 @contextlib.contextmanager
-def _quiet(name: str) -> Iterator[None]:
+def quiet(name: str) -> Iterator[None]:
     logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)

@@ -104,3 +104,41 @@ def format_table(results: dict[str, dict[str, float]], num_queries: int, num_doc
     chance = chance_level(num_documents)
     lines.append(f"{'(chance)':<22} {'':<14}" + "".join(f"{100 * chance[key]:9.1f} {'':>6}" for key, _ in METRICS))
     return "\n".join(lines)
+
+
+def format_cross_modal(results: Mapping[str, Mapping[str, Any]], sizes: Mapping[str, str]) -> str:
+    """The Omni stage's table: each model's nDCG@10 / R@100 (×100) per task, "–" where it lacks the modality;
+    `sizes[task]` says what the task's held-out set holds."""
+    tasks = list(sizes)
+    head = f"{'model':<22}" + "".join(f"{'text→' + t + ' nDCG@10':>22} {'R@100':>6}" for t in tasks)
+    lines = ["retrieval across modalities, held out (×100): " + "; ".join(f"text→{t}: {s}" for t, s in sizes.items())]
+    lines += [head, "-" * len(head)]
+    for name, row in results.items():
+        cells = ""
+        for task in tasks:
+            m = row["tasks"].get(task)
+            cells += f"{100 * m['ndcg_at_10']:22.1f} {100 * m['recall_at_100']:6.1f}" if m else f"{'–':>22} {'–':>6}"
+        lines.append(f"{name:<22}{cells}")
+    return "\n".join(lines)
+
+
+def plot_cross_modal(results: Mapping[str, Mapping[str, Any]], path: str | os.PathLike, title: str) -> Path:
+    """Grouped bars: one group per task (text→text, text→image, text→audio), one bar per model (nDCG@10 ×100)."""
+    plt = pyplot()
+    path = Path(path)
+    tasks = list(dict.fromkeys(t for row in results.values() for t in row["tasks"]))
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    width = 0.8 / len(results)
+    for k, (name, row) in enumerate(results.items()):
+        shown = [(i, t) for i, t in enumerate(tasks) if t in row["tasks"]]
+        xs = [i + (k - (len(results) - 1) / 2) * width for i, _ in shown]
+        bars = ax.bar(xs, [100 * row["tasks"][t]["ndcg_at_10"] for _, t in shown], width, label=name)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+    ax.set_xticks(range(len(tasks)), [f"text→{t}" for t in tasks])
+    ax.set_ylabel("nDCG@10 (×100)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
