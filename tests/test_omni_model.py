@@ -246,11 +246,28 @@ def test_bad_inputs_are_refused(model):
         model(ids, mask, **{**media(), "pixel_values": pixels()[:24], "image_grid_thw": np.array(GRIDS[:1])})
 
 
-def test_the_media_data_path_equals_the_processor_style_call(model):
-    """Items of every combination rendered (chat template, audio before the image) and collated into one
-    row-aligned batch (`data.media`), through `models.encoder.hidden_states`: the model's own call on the
-    processor-style inputs of the same items gives the same hidden states (only the towers' padded rows are
-    grouped differently: fp32 regrouping)."""
+def test_the_release_placeholder_count_keeps_each_clip_s_first_tokens(hf, model, caplog):
+    """BidirLM-Omni's processor counts a clip's placeholders by the whole-clip formula: 32 for 250 frames
+    where the tower makes 33 (n_window 50); the release's `masked_scatter` then keeps the clip's first 32.
+    Given such inputs the model does the same, and says how many tokens it dropped."""
+    frames = 250
+    row = [5, *ref.audio_run(frames, release=True), 6, 7]
+    assert row.count(ref.AUDIO_PAD) == 32
+    ids, mask = np.asarray([row]), np.ones((1, len(row)), np.int64)
+    features = np.random.default_rng(2).standard_normal((1, 128, frames)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        ours = model(ids, mask, input_features=features, input_features_mask=np.ones((1, frames), bool))
+    assert "1 of 33 tokens dropped" in caplog.text
+    theirs = ref.reference(*hf, ids, mask, features=features, frames=[frames], keep=[32])
+    _close(ours.hidden_states, theirs, mask)
+
+
+@pytest.mark.parametrize("placeholders", ["chunks", "release"])
+def test_the_media_data_path_equals_the_processor_style_call(model, placeholders):
+    """Items of every combination rendered (chat template, audio before the image; a clip of 250 frames,
+    whose two placeholder counts differ) and collated into one row-aligned batch (`data.media`), through
+    `models.encoder.hidden_states`: the model's own call on the processor-style inputs of the same items
+    gives the same hidden states (only the towers' padded rows are grouped differently: fp32 regrouping)."""
     import os
 
     import skimage.data
@@ -260,7 +277,7 @@ def test_the_media_data_path_equals_the_processor_style_call(model):
     from bidirlm_jax.models.encoder import hidden_states
     from bidirlm_jax.testing import media
 
-    t = np.arange(22050) / 16000
+    t = np.arange(40000) / 16000  # 250 mel frames: 33 tokens, 32 by the release's count
     speech = {"array": (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), "sampling_rate": 16000}
     astronaut = os.path.join(os.path.dirname(skimage.data.__file__), "astronaut.png")
     items = [
@@ -269,8 +286,12 @@ def test_the_media_data_path_equals_the_processor_style_call(model):
         {"audio": speech, "text": "a tone"},
         "text alone",
     ]
-    processor = media_processor(model, media.media_tokenizer(), min_pixels=32 * 32, max_pixels=64 * 64)
+    processor = media_processor(
+        model, media.media_tokenizer(), min_pixels=32 * 32, max_pixels=64 * 64, audio_placeholders=placeholders
+    )
     rendered = [processor.render(item, 96) for item in items]
+    assert [r.ids.count(ref.AUDIO_PAD) for r in rendered] == [33 - (placeholders == "release"), 0] * 2
+    assert [r.audio_dropped for r in rendered if r.features is not None] == [placeholders == "release"] * 2
     batch = collate(rendered, processor, rows=4, max_length=96)
     ours = nnx.jit(hidden_states)(model, batch)
     clips = [r.features for r in rendered if r.features is not None]

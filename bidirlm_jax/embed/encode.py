@@ -40,10 +40,12 @@ from bidirlm_jax.models.transformer import Transformer
 log = logging.getLogger(__name__)
 
 _PROGRESS_MIN_BATCHES = 8  # a bar for inputs that take more than a few batches
+_RENDER_CUTS = ("text_truncated", "downscaled", "audio_truncated", "audio_dropped")  # RenderedItem's fields
 _CUTS = (
     "texts were longer than {max_length} tokens and were truncated",
     "items held images larger than the pixel budget, scaled down to it",
     "items held clips longer than the maximum duration, cut to it",
+    "items held clips whose last tower tokens the release's placeholder count drops (audio_placeholders='release')",
 )
 
 
@@ -60,6 +62,7 @@ class EncodeResult:
     num_truncated: int
     num_downscaled: int = 0  # images scaled down to the pixel budget
     num_audio_truncated: int = 0  # clips cut to the maximum duration
+    num_audio_dropped: int = 0  # clips whose last tokens the release's placeholder count leaves out
 
 
 def encode(
@@ -126,11 +129,11 @@ def encode_texts(
         processor = tokenizer if isinstance(tokenizer, MediaProcessor) else media_processor(model, tokenizer)
         names = item_names or [f"item {i}" for i in range(len(texts))]
         rendered = [processor.render(t, max_length, where=name) for t, name in zip(texts, names)]
-        counts = [sum(getattr(r, f) > 0 for r in rendered) for f in ("text_truncated", "downscaled", "audio_truncated")]
+        counts = [sum(getattr(r, f) > 0 for r in rendered) for f in _RENDER_CUTS]
         batches = _media_batches(rendered, processor, batch_size, max_length)
     else:
         ids, num_truncated = tokenize(tokenizer, texts, max_length)
-        counts = [num_truncated, 0, 0]
+        counts = [num_truncated, 0, 0, 0]
         batches = _batches(ids, batch_size, bucket_lengths(max_length), pad_id(tokenizer), pack)
     for count, what in zip(counts, _CUTS):
         if count:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bidirlm_jax.audio_tokens import chunk_tokens
+from bidirlm_jax.audio_tokens import chunk_tokens, release_tokens
 from bidirlm_jax.testing import qwen3_asr, qwen3_vl
 
 AUDIO_PAD, AUDIO_START, AUDIO_END = qwen3_asr.AUDIO_PAD, qwen3_asr.AUDIO_START, qwen3_asr.AUDIO_END
@@ -75,15 +75,21 @@ def release_tensors(vl, encoder) -> dict[str, np.ndarray]:
     return {**qwen3_vl.state_tensors(vl), **qwen3_asr.tower_tensors(encoder, "audio_tower.")}
 
 
-def reference(vl, encoder, ids, mask, *, pixel_values=None, grids=None, features=None, frames=None) -> np.ndarray:
+def reference(
+    vl, encoder, ids, mask, *, pixel_values=None, grids=None, features=None, frames=None, keep=None
+) -> np.ndarray:
     """The oracle's final-normed hidden states [B, T, d]: each clip (`features` [clips, mel, frames] with
-    `frames` valid frames each) through the encoder alone, scattered into the text embeddings in order,
-    then `Qwen3VLModel` on those embeddings with the images (positions from its `get_rope_index`)."""
+    `frames` valid frames each) through the encoder alone, its first `keep` tokens (default all; the
+    release's `masked_scatter` keeps the first ones of a single clip) scattered into the text embeddings in
+    order, then `Qwen3VLModel` on those embeddings with the images (positions from its `get_rope_index`)."""
     ids_t, mask_t = torch.as_tensor(ids), torch.as_tensor(mask)
     with torch.no_grad():
         embeds = vl.get_input_embeddings()(ids_t)
         if features is not None:
-            tokens = [qwen3_asr.reference_tokens(encoder, f[:, :n], "clip") for f, n in zip(features, frames)]
+            keep = [None] * len(features) if keep is None else keep
+            tokens = [
+                qwen3_asr.reference_tokens(encoder, f[:, :n], "clip")[:k] for f, n, k in zip(features, frames, keep)
+            ]
             slots = ids_t == AUDIO_PAD
             embeds = embeds.masked_scatter(slots[..., None], torch.as_tensor(np.concatenate(tokens)))
         b, t = ids.shape
@@ -97,9 +103,11 @@ def reference(vl, encoder, ids, mask, *, pixel_values=None, grids=None, features
     return out.last_hidden_state.numpy()
 
 
-def audio_run(length: int, n_window: int = 50) -> list[int]:
-    """`<|audio_start|>`, one placeholder per token of a clip of `length` frames, `<|audio_end|>`."""
-    return [AUDIO_START, *[AUDIO_PAD] * int(chunk_tokens(length, n_window)), AUDIO_END]
+def audio_run(length: int, n_window: int = 50, *, release: bool = False) -> list[int]:
+    """`<|audio_start|>`, one placeholder per token of a clip of `length` frames (`release`: as many as
+    BidirLM-Omni's processor counts), `<|audio_end|>`."""
+    count = release_tokens(length) if release else chunk_tokens(length, n_window)
+    return [AUDIO_START, *[AUDIO_PAD] * int(count), AUDIO_END]
 
 
 def image_run(grid) -> list[int]:

@@ -23,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from bidirlm_jax.audio_tokens import chunk_tokens
-from bidirlm_jax.data.media.audio import HOP, MAX_SECONDS, SAMPLING_RATE, audio_features
+from bidirlm_jax.data.media.audio import FORMULAS, HOP, MAX_SECONDS, SAMPLING_RATE, audio_features, placeholder_count
 from bidirlm_jax.data.media.images import ImageSettings, process_image
 from bidirlm_jax.errors import ConfigError
 
@@ -44,6 +43,7 @@ class RenderedItem:
     text_truncated: bool = False
     downscaled: bool = False
     audio_truncated: int = 0  # samples cut beyond the maximum duration
+    audio_dropped: int = 0  # tower tokens beyond the release's whole-clip count (`audio_placeholders="release"`)
 
 
 @dataclass
@@ -74,6 +74,7 @@ class AudioTokens:
     n_window: int
     mel_bins: int
     max_seconds: float = MAX_SECONDS
+    placeholders: str = "chunks"  # "chunks": every token the tower makes; "release": BidirLM-Omni's processor
 
     @property
     def max_frames(self) -> int:
@@ -154,7 +155,7 @@ class MediaProcessor:
             out.features, out.audio_truncated = audio_features(audio, max_seconds=a.max_seconds, mel_bins=a.mel_bins)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
-        tokens = int(chunk_tokens(out.features.shape[1], a.n_window))
+        tokens, out.audio_dropped = placeholder_count(out.features.shape[1], a.n_window, formula=a.placeholders)
         if tokens == 0:
             raise ConfigError(f"{where}: the clip is shorter than one mel frame (10 ms); give a longer clip")
         return [a.start, *[a.audio] * tokens, a.end]
@@ -188,12 +189,17 @@ def media_processor(
 ) -> MediaProcessor:
     """The processor of a loaded model or its config (special ids and tower settings) and tokenizer;
     `preprocessor`: the checkpoint's `preprocessor_config.json` (image normalisation, pixel budget);
-    `settings`: `template`, `max_pixels`, `min_pixels`, `max_seconds` (a `max_pixels` alone lowers the minimum
+    `settings`: `template`, `max_pixels`, `min_pixels`, `max_seconds`, `audio_placeholders` ("chunks", or
+    "release": BidirLM-Omni's processor's whole-clip count, each clip's first tokens kept; the model follows
+    the placeholders it is given) (a `max_pixels` alone lowers the minimum
     to a quarter of it at most, so that smart_resize's upscaling of small images stays within the budget and
     fixed-shape batches hold every image)."""
     config = getattr(model, "config", model)
     template = settings.pop("template", "chat")
     max_seconds = settings.pop("max_seconds", MAX_SECONDS)
+    placeholders = settings.pop("audio_placeholders", "chunks")
+    if placeholders not in FORMULAS:
+        raise ConfigError(f"audio_placeholders {placeholders!r} is not one of {FORMULAS}")
     vision = audio = None
     if getattr(config, "vision", None) is not None:
         vc = config.vision
@@ -217,7 +223,7 @@ def media_processor(
     if getattr(config, "audio", None) is not None:
         ac = config.audio
         start, end = (_token_id(tokenizer, config, name) for name in ("audio_start", "audio_end"))
-        audio = AudioTokens(config.audio_token_id, start, end, ac.n_window, ac.num_mel_bins, max_seconds)
+        audio = AudioTokens(config.audio_token_id, start, end, ac.n_window, ac.num_mel_bins, max_seconds, placeholders)
     return MediaProcessor(tokenizer, vision, audio, template)
 
 

@@ -90,9 +90,10 @@ class Omni(nnx.Module):
         layout: VisionLayout | None = None,
         input_features: jax.Array | None = None,
         lengths: jax.Array | None = None,
+        counts: jax.Array | None = None,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, d]: `input_features` [R, mel_bins, frames] with `lengths` [R]
-        (clips whose tokens, clip after clip, are the audio placeholders'), `pixel_values` [R, P, patch_dim]
+        (clips whose first `counts` tokens, default all, clip after clip, are the audio placeholders'), `pixel_values` [R, P, patch_dim]
         with its `layout` (rows of images whose valid tokens, in order, are the image placeholders'),
         `positions` [3, B, T] (default: text positions)."""
         cfg = self.config
@@ -101,7 +102,7 @@ class Omni(nnx.Module):
         ids = jnp.asarray(input_ids)
         x = self.text.embed(ids)
         if input_features is not None:
-            x = merge_audio(self.audio_tower, x, ids == cfg.audio_token_id, input_features, lengths)
+            x = merge_audio(self.audio_tower, x, ids == cfg.audio_token_id, input_features, lengths, counts)
         add = None
         if pixel_values is not None:
             x, add = merge_images(self.visual, x, ids == cfg.image_token_id, pixel_values, layout, cfg.text.num_layers)
@@ -114,7 +115,7 @@ class Omni(nnx.Module):
         positions = inputs.get("positions")  # absent for a model without a vision tower: text positions
         if positions is not None:
             positions = jnp.swapaxes(jnp.asarray(positions), 0, 1)
-        media = {**batch_clips(inputs), **batch_images(inputs)}
+        media = {**batch_clips(inputs, self.config.audio_token_id), **batch_images(inputs)}
         return self.hidden_states(inputs["input_ids"], inputs.get("attention_mask"), positions=positions, **media)
 
     def __call__(

@@ -4,13 +4,16 @@
 transformers' Qwen3-ASR processor returns (placeholders already expanded: one `<|audio_pad|>` per audio
 token) and returns `.hidden_states` (final-normed) and `.logits`. The host part (`prepare`) checks that
 the placeholders count the clips' tokens; `hidden_states` is the array part (one `nnx.jit` away): the
-tower's tokens replace the placeholders in order. Audio tokens take text positions 0…T−1, as
+tower's tokens replace the placeholders in order. A clip's placeholders are every token the tower makes
+(transformers' processor) or, as BidirLM-Omni's released processor counts them, the whole-clip formula
+(`audio_tokens.release_tokens`), which keeps the clip's first tokens and drops the rest (logged, counted). Audio tokens take text positions 0…T−1, as
 transformers' Qwen3 text model gives them (Qwen3-ASR's M-RoPE sections, where a checkpoint declares them,
 see three equal rows: plain RoPE). Bidirectional or causal as the text config says.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bidirlm_jax.audio_tokens import chunk_tokens
+from bidirlm_jax.audio_tokens import chunk_tokens, release_tokens
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models import transformer
 from bidirlm_jax.models.placeholders import merge_placeholders, valid_first
@@ -27,6 +30,8 @@ from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.towers.qwen3_asr.config import AudioConfig, Qwen3ASRConfig
 from bidirlm_jax.models.towers.qwen3_asr.encoder import AudioEncoder
 from bidirlm_jax.models.transformer import ModelOutput, Transformer
+
+log = logging.getLogger(__name__)
 
 
 class Qwen3ASR(nnx.Module):
@@ -46,31 +51,36 @@ class Qwen3ASR(nnx.Module):
         clips = audio_inputs(config.audio, config.audio_token_id, ids, input_features, input_features_mask)
         return dict(input_ids=ids, attention_mask=attention_mask, **clips)
 
-    def hidden_states(self, input_ids, attention_mask=None, *, input_features=None, lengths=None) -> jax.Array:
+    def hidden_states(
+        self, input_ids, attention_mask=None, *, input_features=None, lengths=None, counts=None
+    ) -> jax.Array:
         """Final-normed hidden states [B, T, d]; `input_features` [clips, mel_bins, frames] with each clip's
-        `lengths` in frames, whose tokens, clip after clip, are the placeholders'."""
+        `lengths` in frames, whose first `counts` tokens (default: all), clip after clip, are the placeholders'."""
         ids = jnp.asarray(input_ids)
         x = self.text.embed(ids)
         if input_features is not None:
-            x = merge_audio(self.audio_tower, x, ids == self.config.audio_token_id, input_features, lengths)
+            placeholders = ids == self.config.audio_token_id
+            x = merge_audio(self.audio_tower, x, placeholders, input_features, lengths, counts)
         return self.text.hidden_states(inputs_embeds=x, attention_mask=attention_mask)
 
     def batch_hidden_states(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
         """Hidden states of a row-aligned batch (`data.media.collate`: row b's clip in `input_features[b]`,
         `audio_lengths[b]` frames, 0 without one), the path `models.encoder` takes for every media model."""
-        return self.hidden_states(inputs["input_ids"], inputs.get("attention_mask"), **batch_clips(inputs))
+        clips = batch_clips(inputs, self.config.audio_token_id)
+        return self.hidden_states(inputs["input_ids"], inputs.get("attention_mask"), **clips)
 
     def __call__(self, input_ids, attention_mask=None, *, input_features=None, input_features_mask=None) -> ModelOutput:
         hidden = self.hidden_states(**self.prepare(input_ids, attention_mask, input_features, input_features_mask))
         return ModelOutput(logits=self.text.logits(hidden), hidden_states=hidden)
 
 
-def batch_clips(inputs: Mapping[str, jax.Array]) -> dict[str, Any]:
-    """The `hidden_states` keywords of a row-aligned batch's clips: `input_features` and their `lengths`
-    (`audio_lengths`; nothing when the batch holds no clip)."""
+def batch_clips(inputs: Mapping[str, jax.Array], audio_token_id: int) -> dict[str, Any]:
+    """The `hidden_states` keywords of a row-aligned batch's clips: `input_features`, their `lengths`
+    (`audio_lengths`) and `counts`, the placeholders of each row (nothing when the batch holds no clip)."""
     if inputs.get("input_features") is None:
         return {}
-    return dict(input_features=inputs["input_features"], lengths=inputs["audio_lengths"])
+    counts = (jnp.asarray(inputs["input_ids"]) == audio_token_id).sum(axis=-1)
+    return dict(input_features=inputs["input_features"], lengths=inputs["audio_lengths"], counts=counts)
 
 
 def audio_inputs(
@@ -101,21 +111,38 @@ def audio_inputs(
                 f"{features.shape[2]} frames (shape {(features.shape[0], features.shape[2])})"
             )
     placeholders = int((ids == audio_token_id).sum())
-    tokens = int(chunk_tokens(lengths, audio.n_window).sum())
-    if placeholders != tokens:
+    made = chunk_tokens(lengths, audio.n_window)
+    release = np.minimum(release_tokens(lengths), made)
+    if placeholders == made.sum():
+        counts = made
+    elif placeholders == release.sum():
+        counts = release
+        log.warning(
+            "audio placeholders counted by the whole-clip formula (BidirLM-Omni's processor): each clip keeps "
+            "its first tokens, %d of %d tokens dropped",
+            made.sum() - release.sum(),
+            made.sum(),
+        )
+    else:
         raise ConfigError(
             f"input_ids hold {placeholders} audio placeholders (id {audio_token_id}) but the clips "
-            f"give {tokens} tokens; expand each clip's placeholders to its token count "
-            f"(audio_tokens.chunk_tokens with n_window {audio.n_window}) as the processor does"
+            f"give {made.sum()} tokens ({release.sum()} by the released whole-clip formula); expand each clip's "
+            f"placeholders to its token count (audio_tokens.chunk_tokens with n_window {audio.n_window}) as the "
+            "processor does"
         )
-    return dict(input_features=features, lengths=lengths)
+    return dict(input_features=features, lengths=lengths, counts=counts)
 
 
-def merge_audio(tower: AudioEncoder, x: jax.Array, placeholders: jax.Array, input_features, lengths) -> jax.Array:
+def merge_audio(
+    tower: AudioEncoder, x: jax.Array, placeholders: jax.Array, input_features, lengths, counts=None
+) -> jax.Array:
     """`x` [B, T, d] with the tower's tokens of the clips `input_features` [R, mel_bins, frames] (`lengths`
-    [R] frames; 0: no clip) at the `placeholders` [B, T], clip after clip."""
+    [R] frames; 0: no clip) at the `placeholders` [B, T], clip after clip: each clip's first `counts` [R]
+    tokens (default: all it makes)."""
     audio = tower(input_features, lengths)
-    order = valid_first(audio.tokens.shape[:2], audio.valid.sum(axis=1))
+    made = audio.valid.sum(axis=1)
+    keep = made if counts is None else jnp.minimum(jnp.asarray(counts), made)
+    order = valid_first(audio.tokens.shape[:2], keep)
     return merge_placeholders(x, placeholders, audio.tokens.reshape(-1, x.shape[-1])[order])
 
 
