@@ -14,6 +14,7 @@ from typing import Any
 
 from bidirlm_jax.cli.checkpoints import format_arg
 from bidirlm_jax.cli.inputs import read_items, read_texts
+from bidirlm_jax.embed.compose import PROTOCOLS
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES
 from bidirlm_jax.models.runtime import ATTENTION_MODES, DTYPES
@@ -204,8 +205,9 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         name,
         help="retrieval (BEIR layout) and MTEB scores of an encoder",
         description="Score the model in DIR on local retrieval data in the BEIR layout (nDCG@10, MRR@10, "
-        "Recall@100), on MTEB tasks whose data is available locally (through the adapter, with BidirLM's "
-        "instructions) and, for MNTP checkpoints, by masked-token accuracy and loss on held-out text. Prints a "
+        "Recall@100; lines may hold image or audio paths, for a model with towers), on MTEB, MIEB and MAEB tasks "
+        "whose data is available locally (through the adapter, with BidirLM's instructions) and, for MNTP "
+        "checkpoints, by masked-token accuracy and loss on held-out text. Prints a "
         "table; --output writes the results as JSON.",
     )
     p.add_argument(
@@ -222,6 +224,12 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     p.add_argument("--mask-token", default="auto", help="MNTP mask token or id (default: the tokenizer's)")
     p.add_argument("--split", default="test", help="qrels split of the BEIR directories (default test)")
     p.add_argument("--instruction", help="query instruction for the BEIR directories (default: none)")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="sum",
+        help="composed inputs (media with text): sum of per-modality embeddings (the release's, default) or joint",
+    )
     _encoding_args(p)
     p.add_argument(
         "--mteb-cache", type=user_path, metavar="DIR", help="mteb's result cache (default: none, always recompute)"
@@ -245,10 +253,13 @@ def run_eval(args: argparse.Namespace) -> int:
     held_out = read_texts(args.mntp_text) if args.mntp_text else None
     tasks: list[Any] = []
     if args.mteb:
-        from bidirlm_jax.evals.mteb import MTEBEncoder, load_task, run_mteb
+        from bidirlm_jax.evals.mteb import MTEBEncoder, check_modalities, load_task, run_mteb
 
         tasks = [load_task(name) for name in args.mteb]
-    model, tokenizer, settings = _load(args)
+    needed = {m for d in data.values() for side in d.modalities() for m in side}
+    needed |= {m for task in tasks for m in task.metadata.modalities}
+    model, tokenizer, settings = _load(args, towers=bool(needed - {"text"}))
+    tokenizer = _media_tokenizer(args.model, model, tokenizer, needed)
     pooling, max_length = chosen(args.pooling, settings, "pooling"), chosen(args.max_length, settings, "max_length")
     results: dict[str, Any] = {"model": str(args.model), "retrieval": {}, "mteb": {}, "mntp": {}}
     for path, split_data in data.items():
@@ -261,6 +272,7 @@ def run_eval(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_length=max_length,
             progress=False if args.no_progress else None,
+            protocol=args.protocol,
         )
     if tasks:
         encoder = MTEBEncoder.from_loaded(
@@ -271,7 +283,10 @@ def run_eval(args: argparse.Namespace) -> int:
             normalize=settings.normalize,
             batch_size=args.batch_size,
             max_length=max_length,
+            protocol=args.protocol,
         )
+        for task in tasks:  # before any task runs
+            check_modalities(encoder, task)
         results["mteb"] = run_mteb(encoder, tasks, cache_dir=args.mteb_cache)
         results["mteb_model"] = {"name": encoder.mteb_model_meta.name, "revision": encoder.mteb_model_meta.revision}
     if held_out is not None:
@@ -291,6 +306,25 @@ def run_eval(args: argparse.Namespace) -> int:
         write_atomically(args.output, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0
+
+
+def _media_tokenizer(path: Path, model: Any, tokenizer: Any, needed: set[str]) -> Any:
+    """The processor of a model with towers (its preprocessor config), the tokenizer else; data whose
+    modalities the model lacks is refused before anything is encoded."""
+    from bidirlm_jax.embed.compose import modalities
+
+    missing = sorted(needed - set(modalities(model)))
+    if missing:
+        raise ConfigError(
+            f"the evaluation data holds {', '.join(missing)} inputs and the model in {path} reads "
+            f"{', '.join(modalities(model))} only; evaluate a checkpoint with that tower (Qwen3-VL, Qwen3-ASR, BidirLM-Omni)"
+        )
+    if not hasattr(model, "batch_hidden_states"):
+        return tokenizer
+    from bidirlm_jax.data.media.images import read_preprocessor_config
+    from bidirlm_jax.data.media.items import media_processor
+
+    return media_processor(model, tokenizer, preprocessor=read_preprocessor_config(path))
 
 
 def format_table(results: dict[str, Any]) -> str:
