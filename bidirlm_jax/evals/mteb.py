@@ -321,8 +321,8 @@ def _with_media(rows: list[dict[str, Any]], modalities: list[str]) -> Dataset:
     """Rows as a Dataset whose image and audio paths are `datasets.Image` / `datasets.Audio` columns."""
     from datasets import Audio, Image
 
-    columns = {key: [row.get(key) for row in rows] for key in ("id", "title", "text", "image", "audio")}
-    dataset = Dataset.from_dict({k: v for k, v in columns.items() if k in ("id", "title", "text") or k in modalities})
+    keys = [k for k in ("id", "title", "text", "image", "audio") if k in rows[0] or k in modalities]
+    dataset = Dataset.from_dict({key: [row.get(key) for row in rows] for key in keys})
     for key, feature in (("image", Image()), ("audio", Audio())):
         if key in modalities:
             dataset = dataset.cast_column(key, feature)
