@@ -214,12 +214,17 @@ def test_any_to_any_task_equals_bidirlm_eval(adapter, omni_dir, beir_dirs, kind,
 def test_modalities_the_model_lacks_are_refused(omni_dir, beir_dirs, qwen_dir, tmp_path, monkeypatch, capsys):
     text_only = MTEBEncoder.from_pretrained(omni_dir, towers=False)
     assert text_only.mteb_model_meta.modalities == ["text"]
-    with pytest.raises(ConfigError, match="LocalBEIRRetrieval has image inputs, and the model reads text only"):
+    with pytest.raises(
+        ConfigError, match="mteb task LocalBEIRRetrieval has image inputs, and the model reads text only"
+    ):
         run_mteb(text_only, [beir_task(beir_dirs["t2i"])])
     encoder = make_encoder_src(qwen_dir, tmp_path / "text-encoder")
     out = tmp_path / "eval.json"
     assert run_cli(["eval", "--model", encoder, "--beir", beir_dirs["t2i"], "--output", out]) == 2
-    assert "holds image inputs and the model in" in capsys.readouterr().err and not out.exists()
+    assert (
+        "the evaluation data has image inputs, and the model reads text only" in capsys.readouterr().err
+        and not out.exists()
+    )
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "empty-datasets"))
     assert run_cli(["eval", "--model", omni_dir, "--mteb", "CommonVoiceMini21T2ARetrieval"]) == 2  # a MAEB task

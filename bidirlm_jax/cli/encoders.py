@@ -51,6 +51,7 @@ def add_embed(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPa
 def run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from bidirlm_jax.data.media.items import checkpoint_processor
     from bidirlm_jax.embed.encode import encode_texts
     from bidirlm_jax.io.atomic import check_destination, write_atomically
 
@@ -59,11 +60,7 @@ def run_embed(args: argparse.Namespace) -> int:
     media = any(not isinstance(i, str) for i in items)
     model, tokenizer, settings = _load(args, towers=media)
     prompt = named_prompt(args.prompt_name, settings, instruction=args.instruction)
-    if media and hasattr(model, "batch_hidden_states"):
-        from bidirlm_jax.data.media.images import read_preprocessor_config
-        from bidirlm_jax.data.media.items import media_processor
-
-        tokenizer = media_processor(model, tokenizer, preprocessor=read_preprocessor_config(args.model))
+    tokenizer = checkpoint_processor(args.model, model, tokenizer)  # a model with towers: its processor
     result = encode_texts(
         model,
         tokenizer,
@@ -240,6 +237,8 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from bidirlm_jax.data.media.items import checkpoint_processor
+    from bidirlm_jax.embed.compose import require_modalities
     from bidirlm_jax.evals.retrieval import evaluate_retrieval, load_beir
     from bidirlm_jax.io.atomic import check_destination, write_atomically
 
@@ -259,7 +258,8 @@ def run_eval(args: argparse.Namespace) -> int:
     needed = {m for d in data.values() for side in d.modalities() for m in side}
     needed |= {m for task in tasks for m in task.metadata.modalities}
     model, tokenizer, settings = _load(args, towers=bool(needed - {"text"}))
-    tokenizer = _media_tokenizer(args.model, model, tokenizer, needed)
+    require_modalities(model, needed, "the evaluation data")
+    tokenizer = checkpoint_processor(args.model, model, tokenizer)
     pooling, max_length = chosen(args.pooling, settings, "pooling"), chosen(args.max_length, settings, "max_length")
     results: dict[str, Any] = {"model": str(args.model), "retrieval": {}, "mteb": {}, "mntp": {}}
     for path, split_data in data.items():
@@ -306,25 +306,6 @@ def run_eval(args: argparse.Namespace) -> int:
         write_atomically(args.output, json.dumps(results, indent=2) + "\n")
         print(f"wrote {args.output}")
     return 0
-
-
-def _media_tokenizer(path: Path, model: Any, tokenizer: Any, needed: set[str]) -> Any:
-    """The processor of a model with towers (its preprocessor config), the tokenizer else; data whose
-    modalities the model lacks is refused before anything is encoded."""
-    from bidirlm_jax.embed.compose import modalities
-
-    missing = sorted(needed - set(modalities(model)))
-    if missing:
-        raise ConfigError(
-            f"the evaluation data holds {', '.join(missing)} inputs and the model in {path} reads "
-            f"{', '.join(modalities(model))} only; evaluate a checkpoint with that tower (Qwen3-VL, Qwen3-ASR, BidirLM-Omni)"
-        )
-    if not hasattr(model, "batch_hidden_states"):
-        return tokenizer
-    from bidirlm_jax.data.media.images import read_preprocessor_config
-    from bidirlm_jax.data.media.items import media_processor
-
-    return media_processor(model, tokenizer, preprocessor=read_preprocessor_config(path))
 
 
 def format_table(results: dict[str, Any]) -> str:

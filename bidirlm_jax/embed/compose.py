@@ -19,12 +19,25 @@ from bidirlm_jax.errors import ConfigError
 
 PROTOCOLS = ("sum", "joint")
 MEDIA = ("image", "audio")
+_TOWERS = {"image": "a vision tower (Qwen3-VL, BidirLM-Omni)", "audio": "an audio tower (Qwen3-ASR, BidirLM-Omni)"}
 
 
 def modalities(model: Any) -> list[str]:
     """The inputs a loaded model takes: text, and image / audio when it holds that tower."""
     config = model.config
     return ["text", *(m for m, tower in zip(MEDIA, ("vision", "audio")) if getattr(config, tower, None) is not None)]
+
+
+def require_modalities(model: Any, needed: Any, what: str) -> None:
+    """Refuse inputs (`what`, holding the modalities `needed`) that the model cannot read, before anything runs."""
+    has = modalities(model)
+    missing = sorted(set(needed) - set(has))
+    if missing:
+        towers = " and ".join(_TOWERS.get(m, f"a tower for {m} (BidirLM has none)") for m in missing)
+        raise ConfigError(
+            f"{what} has {', '.join(missing)} inputs, and the model reads {', '.join(has)} only; evaluate a "
+            f"checkpoint with {towers}"
+        )
 
 
 def item_modalities(item: str | Mapping[str, Any]) -> set[str]:

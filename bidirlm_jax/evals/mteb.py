@@ -37,9 +37,8 @@ from mteb.models.model_meta import ModelMeta, ScoringFunction
 from mteb.types import PromptType
 
 from bidirlm_jax.data.media.audio import MAX_SECONDS
-from bidirlm_jax.data.media.images import read_preprocessor_config
-from bidirlm_jax.data.media.items import MediaProcessor, media_processor
-from bidirlm_jax.embed.compose import PROTOCOLS, encode_items, modalities
+from bidirlm_jax.data.media.items import MediaProcessor, checkpoint_processor, media_processor
+from bidirlm_jax.embed.compose import PROTOCOLS, encode_items, modalities, require_modalities
 from bidirlm_jax.embed.encode import encode
 from bidirlm_jax.errors import BidirLMError, ConfigError
 from bidirlm_jax.evals.mteb_collate import MediaCollator, media_loader
@@ -165,8 +164,7 @@ class MTEBEncoder(AbsEncoder):
         the directory's files and everything that changes an embedding. A model with towers reads images with
         the directory's `preprocessor_config.json` unless `tokenizer` is a `MediaProcessor` already."""
         media = len(modalities(model)) > 1
-        if media and not isinstance(tokenizer, MediaProcessor):
-            tokenizer = media_processor(model, tokenizer, preprocessor=read_preprocessor_config(path))
+        tokenizer = checkpoint_processor(path, model, tokenizer)
         table = bidirlm_instructions(media=media) if instructions is None else instructions
         scoring = dict(
             pooling=pooling,
@@ -353,17 +351,7 @@ def run_mteb(
 
 def check_modalities(encoder: MTEBEncoder, task: Any) -> None:
     """Refuse a task whose inputs the model cannot read (mteb only warns when a retrieval side half fits)."""
-    missing = [m for m in task.metadata.modalities if m not in encoder.modalities]
-    if missing:
-        tower = {
-            "image": "a vision tower (Qwen3-VL or BidirLM-Omni)",
-            "audio": "an audio tower (Qwen3-ASR or BidirLM-Omni)",
-        }
-        needs = " and ".join(tower.get(m, m) for m in missing)
-        raise ConfigError(
-            f"mteb task {task.metadata.name} has {', '.join(missing)} inputs, and the model reads "
-            f"{', '.join(encoder.modalities)} only; evaluate a checkpoint with {needs}"
-        )
+    require_modalities(encoder.model, task.metadata.modalities, f"mteb task {task.metadata.name}")
 
 
 def load_task(name: str) -> Any:
