@@ -222,7 +222,7 @@ def test_modalities_the_model_lacks_are_refused(omni_dir, beir_dirs, qwen_dir, t
     out = tmp_path / "eval.json"
     assert run_cli(["eval", "--model", encoder, "--beir", beir_dirs["t2i"], "--output", out]) == 2
     assert (
-        "the evaluation data has image inputs, and the model reads text only" in capsys.readouterr().err
+        f"BEIR directory {beir_dirs['t2i']} has image inputs, and the model reads text only" in capsys.readouterr().err
         and not out.exists()
     )
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))

@@ -252,20 +252,21 @@ def run_eval(args: argparse.Namespace) -> int:
     held_out = read_texts(args.mntp_text) if args.mntp_text else None
     tasks: list[Any] = []
     if args.mteb:
-        from bidirlm_jax.evals.mteb import MTEBEncoder, check_modalities, load_task, run_mteb
+        from bidirlm_jax.evals.mteb import MTEBEncoder, load_task, run_mteb
 
         tasks = [load_task(name) for name in args.mteb]
-    needed = {m for d in data.values() for side in d.modalities() for m in side}
-    needed |= {m for task in tasks for m in task.metadata.modalities}
-    model, tokenizer, settings = _load(args, towers=bool(needed - {"text"}))
-    require_modalities(model, needed, "the evaluation data")
-    tokenizer = checkpoint_processor(args.model, model, tokenizer)
+    inputs = {f"BEIR directory {p}": {m for side in d.modalities() for m in side} for p, d in data.items()}
+    inputs |= {f"mteb task {task.metadata.name}": set(task.metadata.modalities) for task in tasks}
+    model, tokenizer, settings = _load(args, towers=any(m != "text" for needed in inputs.values() for m in needed))
+    for what, needed in inputs.items():  # before anything is encoded
+        require_modalities(model, needed, what)
+    processor = checkpoint_processor(args.model, model, tokenizer)  # a model with towers: its processor
     pooling, max_length = chosen(args.pooling, settings, "pooling"), chosen(args.max_length, settings, "max_length")
     results: dict[str, Any] = {"model": str(args.model), "retrieval": {}, "mteb": {}, "mntp": {}}
     for path, split_data in data.items():
         results["retrieval"][str(path)] = evaluate_retrieval(
             model,
-            tokenizer,
+            processor,
             split_data,
             instruction=args.instruction,
             pooling=pooling,
@@ -278,15 +279,13 @@ def run_eval(args: argparse.Namespace) -> int:
         encoder = MTEBEncoder.from_loaded(
             args.model,
             model,
-            tokenizer,
+            processor,
             pooling=pooling,
             normalize=settings.normalize,
             batch_size=args.batch_size,
             max_length=max_length,
             protocol=args.protocol,
         )
-        for task in tasks:  # before any task runs
-            check_modalities(encoder, task)
         results["mteb"] = run_mteb(encoder, tasks, cache_dir=args.mteb_cache)
         results["mteb_model"] = {"name": encoder.mteb_model_meta.name, "revision": encoder.mteb_model_meta.revision}
     if held_out is not None:

@@ -226,7 +226,7 @@ class MTEBEncoder(AbsEncoder):
 
 def rows(batch: dict[str, list[Any]]) -> list[str | dict[str, Any]]:
     """A collated batch's inputs: a string per text-only row, else `{"text", "image", "audio"}` with the present
-    parts (an empty text beside media counts as absent: mteb fills missing texts with "")."""
+    parts (an empty text beside media counts as absent, as a BEIR line with a path and no text reads)."""
     size = len(next(iter(batch.values())))
     if "video" in batch:
         raise ConfigError("video inputs are not supported; BidirLM's towers read images and audio")
