@@ -191,24 +191,44 @@ def test_model_meta_names_modalities_and_revisions(adapter, omni_dir):
 # --- any-to-any tasks: mteb equals bidirlm eval ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["t2i", "t2it", "t2a"])
-def test_any_to_any_task_equals_bidirlm_eval(adapter, omni_dir, beir_dirs, kind, tmp_path):
+@pytest.mark.parametrize(("kind", "protocol"), [("t2i", "sum"), ("t2it", "sum"), ("t2it", "joint"), ("t2a", "sum")])
+def test_any_to_any_task_equals_bidirlm_eval(adapter, omni_dir, beir_dirs, kind, protocol, tmp_path):
     """mteb's pipeline (its datasets.Image/Audio columns, dataloaders, search and pytrec_eval) on a local
-    any-to-any task, offline, scores what `bidirlm eval` scores on the same directory."""
+    any-to-any task, offline, scores what `bidirlm eval` scores on the same directory, under either protocol."""
     if kind == "t2a":
         needs_espeak()
     task = beir_task(beir_dirs[kind], instruction=INSTRUCTION)
     assert task.metadata.category == kind
-    results = run_mteb(adapter, [task])
+    encoder = MTEBEncoder.from_loaded(omni_dir, adapter.model, adapter.tokenizer, batch_size=4, protocol=protocol)
+    results = run_mteb(encoder, [task])
     scores = results["LocalBEIRRetrieval"]["scores"]["test"]["default"]
-    assert adapter.prompts_used[("LocalBEIRRetrieval", "query")] == INSTRUCTION
+    assert encoder.prompts_used[("LocalBEIRRetrieval", "query")] == INSTRUCTION
     out = tmp_path / "eval.json"
     argv = ["eval", "--model", omni_dir, "--beir", beir_dirs[kind], "--instruction", INSTRUCTION, "--batch-size", 4]
-    assert run_cli([*argv, "--no-progress", "--output", out]) == 0
+    assert run_cli([*argv, "--protocol", protocol, "--no-progress", "--output", out]) == 0
     ours = json.loads(out.read_text())["retrieval"][str(beir_dirs[kind])]
     assert ours["num_queries"] == ours["num_documents"] == (len(SPOKEN) if kind == "t2a" else len(PHOTOS))
     for metric in ("ndcg_at_10", "mrr_at_10", "recall_at_100"):
         assert scores[metric] == pytest.approx(ours[metric], abs=1e-5), metric  # mteb rounds to 5 digits
+
+
+def test_media_beir_lines_are_checked(beir_dirs, tmp_path):
+    """A line names a missing file, or holds neither text nor media: the file and line say so."""
+    from bidirlm_jax.evals.retrieval import load_beir
+
+    data = load_beir(beir_dirs["t2it"])
+    assert data.modalities() == (["text"], ["text", "image"])
+    assert data.document("d0") == {
+        "image": str((beir_dirs["t2it"].parent / "files" / "astronaut.png").resolve()),
+        "text": "photo 0",
+    }
+    bad = shutil.copytree(beir_dirs["t2i"], tmp_path / "bad")
+    (bad / "corpus.jsonl").write_text('{"_id": "d0", "image": "nowhere.png"}\n')
+    with pytest.raises(ConfigError, match=r"corpus.jsonl:1: image file .*nowhere.png does not exist"):
+        load_beir(bad)
+    (bad / "corpus.jsonl").write_text('{"_id": "d0", "title": "no body"}\n')
+    with pytest.raises(ConfigError, match=r"corpus.jsonl:1: missing field\(s\) \['text'\]"):
+        load_beir(bad)
 
 
 def test_modalities_the_model_lacks_are_refused(omni_dir, beir_dirs, qwen_dir, tmp_path, monkeypatch, capsys):
