@@ -14,6 +14,7 @@ from typing import Any
 
 from bidirlm_jax.cli.checkpoints import format_arg
 from bidirlm_jax.cli.inputs import read_items, read_texts
+from bidirlm_jax.embed.compose import PROTOCOLS
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import POOLING_MODES
 from bidirlm_jax.models.runtime import ATTENTION_MODES, DTYPES
@@ -50,6 +51,7 @@ def add_embed(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPa
 def run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from bidirlm_jax.data.media.items import checkpoint_processor
     from bidirlm_jax.embed.encode import encode_texts
     from bidirlm_jax.io.atomic import check_destination, write_atomically
 
@@ -58,11 +60,7 @@ def run_embed(args: argparse.Namespace) -> int:
     media = any(not isinstance(i, str) for i in items)
     model, tokenizer, settings = _load(args, towers=media)
     prompt = named_prompt(args.prompt_name, settings, instruction=args.instruction)
-    if media and hasattr(model, "batch_hidden_states"):
-        from bidirlm_jax.data.media.images import read_preprocessor_config
-        from bidirlm_jax.data.media.items import media_processor
-
-        tokenizer = media_processor(model, tokenizer, preprocessor=read_preprocessor_config(args.model))
+    tokenizer = checkpoint_processor(args.model, model, tokenizer)  # a model with towers: its processor
     result = encode_texts(
         model,
         tokenizer,
@@ -204,8 +202,9 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
         name,
         help="retrieval (BEIR layout) and MTEB scores of an encoder",
         description="Score the model in DIR on local retrieval data in the BEIR layout (nDCG@10, MRR@10, "
-        "Recall@100), on MTEB tasks whose data is available locally (through the adapter, with BidirLM's "
-        "instructions) and, for MNTP checkpoints, by masked-token accuracy and loss on held-out text. Prints a "
+        "Recall@100; lines may hold image or audio paths, for a model with towers), on MTEB, MIEB and MAEB tasks "
+        "whose data is available locally (through the adapter, with BidirLM's instructions) and, for MNTP "
+        "checkpoints, by masked-token accuracy and loss on held-out text. Prints a "
         "table; --output writes the results as JSON.",
     )
     p.add_argument(
@@ -222,6 +221,12 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     p.add_argument("--mask-token", default="auto", help="MNTP mask token or id (default: the tokenizer's)")
     p.add_argument("--split", default="test", help="qrels split of the BEIR directories (default test)")
     p.add_argument("--instruction", help="query instruction for the BEIR directories (default: none)")
+    p.add_argument(
+        "--protocol",
+        choices=PROTOCOLS,
+        default="sum",
+        help="composed inputs (media with text): sum of per-modality embeddings (the release's, default) or joint",
+    )
     _encoding_args(p)
     p.add_argument(
         "--mteb-cache", type=user_path, metavar="DIR", help="mteb's result cache (default: none, always recompute)"
@@ -232,6 +237,8 @@ def add_eval(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from bidirlm_jax.data.media.items import checkpoint_processor
+    from bidirlm_jax.embed.compose import require_modalities
     from bidirlm_jax.evals.retrieval import evaluate_retrieval, load_beir
     from bidirlm_jax.io.atomic import check_destination, write_atomically
 
@@ -248,29 +255,36 @@ def run_eval(args: argparse.Namespace) -> int:
         from bidirlm_jax.evals.mteb import MTEBEncoder, load_task, run_mteb
 
         tasks = [load_task(name) for name in args.mteb]
-    model, tokenizer, settings = _load(args)
+    inputs = {f"BEIR directory {p}": {m for side in d.modalities() for m in side} for p, d in data.items()}
+    inputs |= {f"mteb task {task.metadata.name}": set(task.metadata.modalities) for task in tasks}
+    model, tokenizer, settings = _load(args, towers=any(m != "text" for needed in inputs.values() for m in needed))
+    for what, needed in inputs.items():  # before anything is encoded
+        require_modalities(model, needed, what)
+    processor = checkpoint_processor(args.model, model, tokenizer)  # a model with towers: its processor
     pooling, max_length = chosen(args.pooling, settings, "pooling"), chosen(args.max_length, settings, "max_length")
     results: dict[str, Any] = {"model": str(args.model), "retrieval": {}, "mteb": {}, "mntp": {}}
     for path, split_data in data.items():
         results["retrieval"][str(path)] = evaluate_retrieval(
             model,
-            tokenizer,
+            processor,
             split_data,
             instruction=args.instruction,
             pooling=pooling,
             batch_size=args.batch_size,
             max_length=max_length,
             progress=False if args.no_progress else None,
+            protocol=args.protocol,
         )
     if tasks:
         encoder = MTEBEncoder.from_loaded(
             args.model,
             model,
-            tokenizer,
+            processor,
             pooling=pooling,
             normalize=settings.normalize,
             batch_size=args.batch_size,
             max_length=max_length,
+            protocol=args.protocol,
         )
         results["mteb"] = run_mteb(encoder, tasks, cache_dir=args.mteb_cache)
         results["mteb_model"] = {"name": encoder.mteb_model_meta.name, "revision": encoder.mteb_model_meta.revision}

@@ -78,7 +78,13 @@ ROWS: dict[str, tuple[Field, ...]] = {
         Field("dataset", required=False),
     ),
     "labeled": (Field("text"), Field("text_pair", required=False)),  # sequence tasks, beside `label`
-    "beir": (Field("_id", ("text", "id")), Field("text"), Field("title", ("text", "null"), required=False)),
+    "beir": (  # a line holds a text, an image or audio path (relative to its file), or a path and a text
+        Field("_id", ("text", "id")),
+        Field("text", required=False),
+        Field("title", ("text", "null"), required=False),
+        Field("image", required=False),
+        Field("audio", required=False),
+    ),
 }
 
 

@@ -6,10 +6,15 @@ never instructed; queries carry the instruction. Ranking is by cosine similarity
 descending (trec_eval's order, which pytrec_eval and MTEB share). Metrics follow pytrec_eval: graded gain
 `rel` with a log2 discount and the ideal DCG from every judged document; relevant means `rel > 0`; the mean is
 over the queries that have at least one relevant document (MTEB drops the others).
+
+Documents and queries may be images or clips (for a model with towers): a line's `image` or `audio` field is
+a path relative to the file, with an optional `text` (and `title`) beside it, the composed input embedded
+under the released protocol by default (`embed.compose`: per-modality embeddings summed).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -21,12 +26,15 @@ from typing import Any
 import numpy as np
 
 from bidirlm_jax.data.records import ROWS, read_file, read_lines
-from bidirlm_jax.embed.encode import encode
+from bidirlm_jax.embed.compose import MEDIA, encode_items, item_modalities
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.transformer import Transformer
 
 NDCG_K, MRR_K, RECALL_K = 10, 10, 100
-_LAYOUT = "corpus.jsonl (_id, title, text), queries.jsonl (_id, text) and qrels/SPLIT.tsv (query-id, corpus-id, score)"
+_LAYOUT = (
+    "corpus.jsonl (_id, title, text), queries.jsonl (_id, text) and qrels/SPLIT.tsv (query-id, corpus-id, score); "
+    "a line may hold an image or audio path (relative to the file) instead of or beside its text"
+)
 
 
 @dataclass(frozen=True)
@@ -36,10 +44,31 @@ class RetrievalData:
     corpus: dict[str, tuple[str, str]]
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]
+    corpus_media: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)  # id -> {"image"/"audio": path}
+    query_media: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
 
     def evaluated_queries(self) -> list[str]:
         """The judged queries with at least one relevant document, in qrels order."""
         return [q for q, rels in self.qrels.items() if q in self.queries and any(r > 0 for r in rels.values())]
+
+    def document(self, doc_id: str) -> str | dict[str, str]:
+        """What the encoder reads for a document: its text, or its media with the text beside them."""
+        return _item(document_text(*self.corpus[doc_id]), self.corpus_media.get(doc_id))
+
+    def query(self, query_id: str) -> str | dict[str, str]:
+        return _item(self.queries[query_id], self.query_media.get(query_id))
+
+    def modalities(self) -> tuple[list[str], list[str]]:
+        """The modalities of the evaluated queries and of the documents, each in the order text, image, audio."""
+        found = [
+            set().union(*(item_modalities(get(i)) for i in ids))
+            for get, ids in ((self.query, self.evaluated_queries()), (self.document, self.corpus))
+        ]
+        return tuple([m for m in ("text", *MEDIA) if m in kinds] for kinds in found)
+
+
+def _item(text: str, media: dict[str, str] | None) -> str | dict[str, str]:
+    return {**media, **({"text": text} if text else {})} if media else text
 
 
 def document_text(title: str, text: str) -> str:
@@ -52,10 +81,11 @@ def load_beir(path: str | os.PathLike, split: str = "test") -> RetrievalData:
     path = Path(path)
     if not path.is_dir():
         raise ConfigError(f"{path} is not a directory; give a BEIR directory with {_LAYOUT}")
-    corpus = {doc_id: (row.get("title") or "", row["text"]) for doc_id, row in _read_jsonl(path / "corpus.jsonl")}
-    queries = {query_id: row["text"] for query_id, row in _read_jsonl(path / "queries.jsonl")}
+    corpus_rows, query_rows = _read_jsonl(path / "corpus.jsonl"), _read_jsonl(path / "queries.jsonl")
+    corpus = {doc_id: (row.get("title") or "", row.get("text") or "") for doc_id, row in corpus_rows}
+    queries = {query_id: row.get("text") or "" for query_id, row in query_rows}
     qrels = _read_qrels(path / "qrels" / f"{split}.tsv")
-    data = RetrievalData(corpus, queries, qrels)
+    data = RetrievalData(corpus, queries, qrels, _media(corpus_rows, path), _media(query_rows, path))
     if not corpus or not data.evaluated_queries():
         raise ConfigError(
             f"{path}: nothing to evaluate ({len(corpus)} documents, {len(data.evaluated_queries())} queries with a "
@@ -116,15 +146,17 @@ def evaluate_retrieval(
     batch_size: int = 32,
     max_length: int = 512,
     progress: bool | None = None,
+    protocol: str = "sum",
 ) -> dict[str, float]:
-    """Encode a BEIR split (instruction on queries only), rank the corpus for each query and score the ranking."""
+    """Encode a BEIR split (instruction on query texts only; composed inputs under `protocol`), rank the corpus
+    for each query and score the ranking. For media, `tokenizer` may be the model's `MediaProcessor`."""
     if not isinstance(data, RetrievalData):
         data = load_beir(data, split)
     doc_ids = list(data.corpus)
     query_ids = data.evaluated_queries()
-    kw = dict(pooling=pooling, batch_size=batch_size, max_length=max_length, progress=progress)
-    docs = encode(model, tokenizer, [document_text(*data.corpus[d]) for d in doc_ids], **kw)
-    queries = encode(model, tokenizer, [data.queries[q] for q in query_ids], instruction=instruction, **kw)
+    kw = dict(pooling=pooling, batch_size=batch_size, max_length=max_length, progress=progress, protocol=protocol)
+    docs = encode_items(model, tokenizer, [data.document(d) for d in doc_ids], **kw)
+    queries = encode_items(model, tokenizer, [data.query(q) for q in query_ids], instruction=instruction, **kw)
     run = dict(zip(query_ids, rank(queries, docs, doc_ids, RECALL_K)))
     return {**retrieval_metrics(run, data.qrels), "num_documents": len(doc_ids)}
 
@@ -146,6 +178,8 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
     rows = []
     for where, row in read_file(path):
         missing = [f.key for f in ROWS["beir"] if f.required and (not isinstance(row, dict) or f.key not in row)]
+        if not missing and not any(k in row for k in ("text", *MEDIA)):
+            missing = ["text"]
         if missing:
             raise ConfigError(f"{where}: missing field(s) {missing}; a BEIR directory holds {_LAYOUT}")
         for field in ROWS["beir"]:
@@ -154,8 +188,20 @@ def _read_jsonl(path: Path) -> list[tuple[str, dict[str, Any]]]:
                     f"{where}: {field.key!r} holds {json.dumps(row[field.key])[:40]}, not {field.expected}; fix or "
                     "drop the line"
                 )
+        for key in MEDIA:
+            if key in row and not (path.parent / row[key]).is_file():
+                raise ConfigError(
+                    f"{where}: {key} file {path.parent / row[key]} does not exist (paths are relative to the file)"
+                )
         rows.append((str(row["_id"]), row))
     return rows
+
+
+def _media(rows: list[tuple[str, dict[str, Any]]], root: Path) -> dict[str, dict[str, str]]:
+    """id -> {"image"/"audio": absolute path} of the rows that hold media."""
+    return {
+        i: {k: str((root / row[k]).resolve()) for k in MEDIA if k in row} for i, row in rows if row.keys() & set(MEDIA)
+    }
 
 
 def _read_qrels(path: Path) -> dict[str, dict[str, int]]:

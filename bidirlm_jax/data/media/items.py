@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bidirlm_jax.data.media.audio import FORMULAS, HOP, MAX_SECONDS, SAMPLING_RATE, audio_features, placeholder_count
-from bidirlm_jax.data.media.images import ImageSettings, process_image
+from bidirlm_jax.data.media.images import ImageSettings, process_image, read_preprocessor_config
 from bidirlm_jax.errors import ConfigError
 
 TEMPLATES = ("chat", "plain")
@@ -225,6 +225,14 @@ def media_processor(
         start, end = (_token_id(tokenizer, config, name) for name in ("audio_start", "audio_end"))
         audio = AudioTokens(config.audio_token_id, start, end, ac.n_window, ac.num_mel_bins, max_seconds, placeholders)
     return MediaProcessor(tokenizer, vision, audio, template)
+
+
+def checkpoint_processor(path: Any, model: Any, tokenizer: Any) -> Any:
+    """What embeds for a model loaded from the directory `path`: for a model with towers, its processor with the
+    checkpoint's `preprocessor_config.json`; for a text model, `tokenizer` itself."""
+    if not hasattr(model, "batch_hidden_states") or isinstance(tokenizer, MediaProcessor):
+        return tokenizer
+    return media_processor(model, tokenizer, preprocessor=read_preprocessor_config(path))
 
 
 def _token_id(tokenizer: Any, config: Any, name: str) -> int:
