@@ -56,10 +56,10 @@ _PAPER = {
     "pan-x": ("token_classification", "hf:google/xtreme:PAN-X.en", "tokens", "", "ner_tags", 10_000, 128),
     "seahorse": ("regression", "", "summary", "article", "label", 5_000, 512),
 }
-# §6's specialists: (data.path, audio or image field, text field, label field, labels, batch, warmup, seq_len)
+# §6's specialists (media in the `image` / `audio` field): (data.path, text field, label field, labels, batch, warmup)
 _SPECIALISTS = {
-    "esnli-ve": ("", "image", "hypothesis", "label", "entailment,neutral,contradiction", 32, 100, 512),
-    "boolq-audio": ("hf:fixie-ai/boolq-audio", "audio", "passage", "answer", "", 14, 175, 512),
+    "esnli-ve": ("", "hypothesis", "label", "entailment,neutral,contradiction", 32, 100),
+    "boolq-audio": ("hf:fixie-ai/boolq-audio", "passage", "answer", "", 14, 175),
 }
 PRESETS = ("tiny", "tiny-image", "tiny-audio", *_PAPER, *_SPECIALISTS)
 
@@ -130,11 +130,10 @@ def get_config(preset: str = "tiny") -> ConfigDict:
         steps = 120 if image else 150  # the training split learnt by heart, held-out views well above chance
         c.train.update(steps=steps, checkpoint_every=steps // 2, log_every=5)
     elif preset in _SPECIALISTS:
-        path, media, text, label, labels, batch, warmup, seq_len = _SPECIALISTS[preset]
+        path, text, label, labels, batch, warmup = _SPECIALISTS[preset]
         c.model.update(towers=True, dtype="bfloat16")
-        c.data.update(path=path, text_field=text, seq_len=seq_len, global_batch_size=batch, seed=42)
-        c.finetune.update(label_field=label, labels=labels, max_pixels=256 * 32 * 32)
-        c.finetune[f"{media}_field"] = media
+        c.data.update(path=path, text_field=text, seq_len=512, global_batch_size=batch, seed=42)
+        c.finetune.update(label_field=label, labels=labels, max_pixels=256 * 32 * 32)  # 256 merged image tokens
         c.optim.update(learning_rate=5e-5, warmup_steps=warmup)
         c.train.update(steps=500, seed=42, checkpoint_every=100, log_every=10)
         c.evals.validation.every = 100
