@@ -231,3 +231,16 @@ def test_bad_media_data_is_refused_before_anything_is_written(tmp_path, capsys, 
     assert main(argv) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not workdir.exists()
+
+
+def test_a_specialist_preset_without_its_checkpoint_is_refused(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    argv = [
+        "train",
+        "--config=configs/finetune.py:boolq-audio",
+        f"--workdir={workdir}",
+        "--config.data.global_batch_size=16",
+    ]
+    assert main(argv) == 2
+    assert "model.towers=true trains a model with vision/audio towers" in capsys.readouterr().err
+    assert not workdir.exists()

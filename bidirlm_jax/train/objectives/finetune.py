@@ -121,7 +121,13 @@ def _tokenizer(config: ConfigDict, model: ModelConfig, workdir: Path, train: Lab
     return tokenizer
 
 
-def _check_settings(config: ConfigDict) -> tuple[str, str]:
+def _check_settings(config: ConfigDict, model: ModelConfig) -> tuple[str, str]:
+    if config.model.get("towers") and getattr(model, "text", None) is None:
+        raise ConfigError(
+            f"model.towers=true trains a model with vision/audio towers, but model.preset={config.model.preset} has "
+            "none and model.init_from is empty; set --config.model.init_from=DIR (a Qwen3-VL / Qwen3-ASR / Omni "
+            "checkpoint, e.g. the specialist merged with the encoder) or use a tiny-qwen3-vl / -asr / -omni preset"
+        )
     if config.objective not in OBJECTIVES:
         raise ConfigError(f"objective {config.objective!r} is not a fine-tuning task; choose one of {OBJECTIVES}")
     if "finetune" not in config:
@@ -213,7 +219,7 @@ def _grad_fn(task: str, head: HeadConfig, grad_accum: int, *, pack: bool):
 
 def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> FinetuneObjective:
     """The fine-tuning objective of a run, every input checked before anything is computed or written."""
-    pooling, classifier = _check_settings(config)
+    pooling, classifier = _check_settings(config, model)
     task, data, ft = config.objective, config.data, config.finetune
     train = load_train(config, task)
     label_map = build_label_map(train, explicit=_labels_setting(ft.labels))
