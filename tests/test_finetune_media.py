@@ -244,3 +244,29 @@ def test_a_specialist_preset_without_its_checkpoint_is_refused(tmp_path, capsys)
     assert main(argv) == 2
     assert "model.towers=true trains a model with vision/audio towers" in capsys.readouterr().err
     assert not workdir.exists()
+
+
+def test_hub_image_and_audio_cells_are_read_undecoded_and_rendered(monkeypatch):
+    """boolq-audio's shape: a `datasets` Audio column (and an Image one) beside the text and a boolean label."""
+    import datasets
+
+    from bidirlm_jax.data import labeled
+
+    wav = io.BytesIO()
+    soundfile.write(wav, np.sin(np.arange(8000) * 0.05).astype(np.float32), 16_000, format="WAV")
+    png = io.BytesIO()
+    sample_image("coffee.png").save(png, format="PNG")
+    table = {"image": [{"bytes": png.getvalue(), "path": None}], "audio": [{"bytes": wav.getvalue(), "path": None}]}
+    rows = datasets.Dataset.from_dict({**table, "passage": ["a cup"], "answer": [True]})
+    rows = rows.cast_column("image", datasets.Image()).cast_column("audio", datasets.Audio())
+    monkeypatch.setattr(labeled, "hub_dataset", lambda spec, split: rows)
+    split = read_split("hf:someone/boolq-like", "classification", fields=Fields(text="passage", label="answer"))
+    assert split.media_kinds == ("image", "audio") and split.labels == ["True"]
+    processor = media_processor(
+        get_tower_preset("tiny-omni"), media.media_tokenizer(), max_pixels=64 * 64, max_seconds=1.0
+    )
+    encoded = encode_labeled(
+        split, None, LabelMap("classification", ("False", "True")), max_length=64, processor=processor
+    )
+    row = encoded.row(0, 64, 0)
+    assert row["labels"] == 1 and row["audio_lengths"] == 8000 // 160 and row["vision_lengths"].sum() > 0

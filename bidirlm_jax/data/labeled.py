@@ -95,13 +95,16 @@ def _class_names(feature: Any) -> tuple[str, ...] | None:
 
 
 def _hub(spec: str, split: str, fields: Fields, label_field: str):
-    """(records, ClassLabel names); audio columns read undecoded (`{"bytes", "path"}`), as local cells are."""
+    """(records, ClassLabel names); image and audio columns read undecoded (`{"bytes", "path"}`), as parquet
+    cells are, so the media processor decodes them as it decodes files."""
     rows = hub_dataset(spec, split)
     features = rows.features or {}
-    if type(features.get(fields.audio)).__name__ == "Audio":
-        import datasets
+    for key in (fields.image, fields.audio):
+        kind = type(features.get(key)).__name__
+        if kind in ("Image", "Audio"):
+            import datasets
 
-        rows = rows.cast_column(fields.audio, datasets.Audio(decode=False))
+            rows = rows.cast_column(key, getattr(datasets, kind)(decode=False))
     return [(None, hub_records(spec, split, rows))], _class_names(features.get(label_field))
 
 
