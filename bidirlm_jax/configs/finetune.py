@@ -11,7 +11,7 @@
 dataset's `evals.validation.split`); fields: `data.text_field`, `finetune.text_pair_field` (pair tasks),
 `finetune.label_field`, or `finetune.tokens_field` + `finetune.tags_field` (token tasks).
 `data.source="synthetic"` generates a task (a fruit mentioned or not; the share of positive words; person
-and place names). `finetune.pooling`: `auto` (the paper: `last` for a causal model, `mean` for a
+and place names); `sample_images` and `spoken` generate the media tasks of the tiny image / audio presets. `finetune.pooling`: `auto` (the paper: `last` for a causal model, `mean` for a
 bidirectional one), `mean`, `first`, `last`, `late` (the BidirLM authors' default: per-token logits, then
 their mean). `finetune.classifier`: `linear` (a bias-free probe; with `last` pooling the one transformers'
 classes load), `eurobert` (the authors' released head: dense → GELU → classifier, with biases; what the
