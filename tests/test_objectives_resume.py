@@ -6,6 +6,7 @@ and the label map. (Its own file: three training processes per objective, which 
 out with the rest of the suite.)"""
 
 import os
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +24,9 @@ from tests.runs import checkpoint_params, metrics_of, saved_steps
 INTERRUPTED = str(Path(__file__).with_name("interrupted_train.py"))
 STEPS, EVERY, KILL_SAVE_AT = 10, 4, 8  # checkpoints (and fine-tuning evaluations) at 4, 8 and 10
 ARGS = [f"--config.train.steps={STEPS}", f"--config.train.checkpoint_every={EVERY}", "--config.train.log_every=1"]
+ESPEAK = pytest.mark.skipif(
+    shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (apt-get install espeak-ng)"
+)
 TIMINGS = {"step_seconds", "tokens_per_second", "samples_per_second", "mfu"}  # the only metrics allowed to differ
 
 
@@ -72,10 +76,17 @@ def _kill_and_resume(preset: str, tmp_path: Path, *args: str) -> tuple[Path, Pat
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "preset", ["configs/mntp.py:tiny", "configs/contrastive.py:tiny", "configs/contrastive.py:tiny-image"]
+    "preset",
+    [
+        "configs/mntp.py:tiny",
+        "configs/contrastive.py:tiny",
+        "configs/contrastive.py:tiny-image",
+        pytest.param("configs/contrastive.py:tiny-audio", marks=ESPEAK),
+    ],
 )
 def test_a_run_killed_mid_save_resumes_bit_exactly(preset, tmp_path):
-    """MNTP's masks come from the checkpointed RNG; contrastive batches (text or image–text) from the step."""
+    """MNTP's masks come from the checkpointed RNG; contrastive batches (text, image–text or audio–text) from
+    the step."""
     _kill_and_resume(preset, tmp_path)
 
 

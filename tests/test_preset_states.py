@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding
 from ml_collections import ConfigDict
 
 from bidirlm_jax import configs, sharding
+from bidirlm_jax.io.model_types import model_type_of
 from bidirlm_jax.models.heads import HeadConfig, model_factory
 from bidirlm_jax.train import trainable
 from bidirlm_jax.train.loop import model_config
@@ -34,14 +35,15 @@ def _train_configs(config: ConfigDict) -> dict[str, ConfigDict]:
 
 
 def _factory(config: ConfigDict, model):
-    """The trained module: the Transformer, or for fine-tuning the encoder with the preset's head."""
+    """The trained module: the Transformer, or for fine-tuning the encoder (with its towers, if any) with the
+    preset's head."""
     if config.objective not in FINETUNE_OBJECTIVES:
         return None
     labels = config.finetune.num_labels or (1 if config.objective == "regression" else 2)
     head = HeadConfig(
         config.objective, labels, pooling="mean", classifier=config.finetune.classifier.replace("auto", "")
     )
-    return model_factory(model, head)
+    return model_factory(model, head, encoder=model_type_of(model).model_class)  # towers: image/audio presets
 
 
 def test_every_config_file_is_covered():

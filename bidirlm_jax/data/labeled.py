@@ -7,6 +7,11 @@ dataset, its `split`; online only). Fields (`Fields`, all renamable):
   (a class — string, integer or boolean — or, for regression, a number);
 - token classification: `tokens` (a list of words) and `tags` (one tag per word, IOB2 strings such as
   `B-PER`, or `datasets` `ClassLabel` ids). In a CSV, both are space-separated strings or JSON lists.
+- media (sequence tasks, a model with towers: `data.labeled_media`): `image` (a path relative to the
+  record's file, or a parquet / hub image cell `{"bytes", "path"}`) or `audio` (a path, or a hub audio cell
+  `{"bytes", "path"}` / `{"array", "sampling_rate"}`) beside `text` (then optional) and `label`, e.g.
+  `{"image": "x.png", "text": "hypothesis", "label": 1}`; a media file that is not there is refused
+  naming its file and line. A media example reads as one item `{"image"/"audio", "text"}`, so no `text_pair`.
 
 Label maps (`LabelMap`): the class names in id order. Explicit (`finetune.labels`), else the
 `ClassLabel` names of a hub dataset, else the sorted distinct labels of the training split (numbers in
@@ -25,17 +30,19 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bidirlm_jax.data.records import HUB_PREFIX, ROWS, hub_dataset, hub_records, read_records
+from bidirlm_jax.data.records import HUB_PREFIX, ROWS, expand, hub_dataset, hub_records, read_file
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.heads import TASKS
 
 EXTENSIONS = (".jsonl", ".csv", ".parquet")
 _FORMATS = "a .jsonl, .csv or .parquet file, a directory of them, or hf:NAME[:CONFIG]"
 _TEXT = ROWS["labeled"][0]  # texts (and words) must be strings
+MEDIA = ("image", "audio")
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class Fields:
     label: str = "label"
     tokens: str = "tokens"
     tags: str = "tags"
+    image: str = "image"
+    audio: str = "audio"
 
 
 @dataclass
@@ -62,6 +71,13 @@ class LabeledSplit:
     labels: list[Any] = field(default_factory=list)  # str class / float / list[str] tags per example
     where: list[str] = field(default_factory=list)
     label_names: tuple[str, ...] | None = None  # the hub dataset's ClassLabel names, in id order
+    media: list[dict[str, Any]] | None = None  # per example {"image"/"audio": ...} ({} for text alone), if any
+
+    @property
+    def media_kinds(self) -> tuple[str, ...]:
+        """The media the split holds ("image", "audio"), in that order."""
+        held = set().union(*self.media) if self.media else set()
+        return tuple(k for k in MEDIA if k in held)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -78,9 +94,43 @@ def _class_names(feature: Any) -> tuple[str, ...] | None:
     return tuple(names) if names else None
 
 
-def _hub(spec: str, split: str, label_field: str) -> tuple[Iterator[tuple[str, Any]], tuple[str, ...] | None]:
+def _hub(spec: str, split: str, fields: Fields, label_field: str):
+    """(records, ClassLabel names); image and audio columns read undecoded (`{"bytes", "path"}`), as parquet
+    cells are, so the media processor decodes them as it decodes files."""
     rows = hub_dataset(spec, split)
-    return hub_records(spec, split, rows), _class_names((rows.features or {}).get(label_field))
+    features = rows.features or {}
+    for key in (fields.image, fields.audio):
+        kind = type(features.get(key)).__name__
+        if kind in ("Image", "Audio"):
+            import datasets
+
+            rows = rows.cast_column(key, getattr(datasets, kind)(decode=False))
+    return [(None, hub_records(spec, split, rows))], _class_names(features.get(label_field))
+
+
+def _local(text: str) -> list[tuple[Path, Iterator[tuple[str, Any]]]]:
+    """(the file's directory, its records) per file: media paths are relative to their record's file."""
+    return [(path.parent, read_file(path)) for path in expand(text, EXTENSIONS, _FORMATS)]
+
+
+def _media(record: dict, fields: Fields, base: Path | None, where: str) -> dict[str, Any]:
+    """A record's media fields, paths resolved against its file's directory and checked to exist."""
+    out = {}
+    for kind, key in (("image", fields.image), ("audio", fields.audio)):
+        value = record.get(key) if key else None
+        if value is None or value == "":  # absent (a CSV's empty cell): a text example
+            continue
+        if isinstance(value, str):
+            path = Path(value) if base is None else base / value
+            if not path.is_file():
+                raise ConfigError(f"{where}: {kind} file not found: {path}")
+            value = str(path)
+        elif not isinstance(value, dict) or not ({"bytes", "path", "array"} & set(value)):
+            raise ConfigError(
+                f'{where}: {key!r} holds a {type(value).__name__}; give a path, or a cell {{"bytes", "path"}}'
+            )
+        out[kind] = value
+    return out
 
 
 def _get(record: Any, key: str, where: str) -> Any:
@@ -156,13 +206,20 @@ def read_split(
     label_field = fields.tags if task == "token_classification" else fields.label
     names = None
     if text.startswith(HUB_PREFIX):
-        records, names = _hub(text[len(HUB_PREFIX) :], split, label_field)
+        files, names = _hub(text[len(HUB_PREFIX) :], split, fields, label_field)
     else:
-        records = read_records(text, extensions=EXTENSIONS, formats=_FORMATS)
-    out = LabeledSplit(name=name or split, source=text, task=task, label_names=names)
+        files = _local(text)
+    out = LabeledSplit(name=name or split, source=text, task=task, label_names=names, media=[])
     if task != "token_classification" and fields.text_pair:
         out.pairs = []
-    for where, record in records:
+    for where, record, base in ((w, r, base) for base, records in files for w, r in records):
+        media = _media(record, fields, base, where) if isinstance(record, dict) else {}
+        if media and (task == "token_classification" or out.pairs is not None):
+            why = "token classification" if out.pairs is None else f"a text pair ({fields.text_pair!r})"
+            raise ConfigError(
+                f"{where}: a media example is one item (its media and one text); it cannot take {why}. Leave "
+                "--config.finetune.text_pair_field empty, or fine-tune on text"
+            )
         if task == "token_classification":
             words = [
                 _string(w, where, fields.tokens)
@@ -178,16 +235,20 @@ def read_split(
             out.tokens.append(words)
             out.labels.append(tags)
         else:
-            out.texts.append(_string(_get(record, fields.text, where), where, fields.text))
+            text_value = "" if media and record.get(fields.text) is None else _get(record, fields.text, where)
+            out.texts.append(_string(text_value, where, fields.text))
             if out.pairs is not None:
                 out.pairs.append(_string(_get(record, fields.text_pair, where), where, fields.text_pair))
             raw = _get(record, fields.label, where)
             out.labels.append(
                 _number(raw, where, fields.label) if task == "regression" else class_key(raw, where, names)
             )
+        out.media.append(media)
         out.where.append(where)
     if not out.labels:
         raise ConfigError(f"the {out.name} split ({text}) holds no examples; check the path and the split name")
+    if not any(out.media):
+        out.media = None  # a text split: the text path, as before
     return out
 
 

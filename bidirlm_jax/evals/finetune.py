@@ -12,7 +12,9 @@ from flax import nnx
 
 from bidirlm_jax.data.batching import bucket_for, bucket_lengths, packed_batches
 from bidirlm_jax.data.labeled import LabeledSplit, LabelMap
-from bidirlm_jax.data.labeled_rows import Encoded, encode_split
+from bidirlm_jax.data.labeled_media import MediaEncoded, encode_labeled
+from bidirlm_jax.data.labeled_rows import Encoded
+from bidirlm_jax.data.media.items import MediaProcessor
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.metrics import classification_metrics, regression_metrics, token_classification_metrics
 from bidirlm_jax.io.tokenizer import pad_id
@@ -23,18 +25,31 @@ def _logits(graphdef: nnx.GraphDef, params: nnx.State, inputs: dict, num_texts: 
     return nnx.merge(graphdef, params)(**inputs, num_texts=num_texts).logits
 
 
+def _predict_media(graphdef: nnx.GraphDef, params: nnx.State, encoded: MediaEncoded, batch_size: int) -> list:
+    """Media rows in order, `batch_size` a batch at the collate's bucketed shapes (one item per row)."""
+    out = []
+    for lo in range(0, len(encoded), batch_size):
+        picked = range(lo, min(lo + batch_size, len(encoded)))
+        logits = jax.device_get(_logits(graphdef, params, encoded.batch(picked, batch_size)))
+        out += list(np.asarray(logits, np.float32)[: len(picked)])
+    return out
+
+
 def predict(
-    model: nnx.Module, encoded: Encoded, *, pad: int, batch_size: int = 32, pack: bool = True
+    model: nnx.Module, encoded: Encoded | MediaEncoded, *, pad: int, batch_size: int = 32, pack: bool = True
 ) -> list[np.ndarray]:
     """The model's logits for every example of `encoded`, in order (each cut to its own length for token
     tasks). Examples are packed several per row (`data.batching.packed_batches`), or with `pack=False`
     sorted by length into fixed-size batches padded to a few bucket lengths (a last short batch filled with
-    copies of a real row): either way the forward compiles a handful of shapes."""
+    copies of a real row): either way the forward compiles a handful of shapes. Media examples (a model with
+    towers) are never packed: one per row, in order, at the media collate's buckets."""
     n = len(encoded)
     if n == 0:
         raise ConfigError("nothing to evaluate: the split holds no examples")
     if batch_size <= 0:
         raise ConfigError(f"evaluation batch size {batch_size} must be positive")
+    if isinstance(encoded, MediaEncoded):
+        return _predict_media(*nnx.split(model), encoded, batch_size)
     lengths = encoded.lengths
     buckets = bucket_lengths(max(int(lengths.max()), 1))
     graphdef, params = nnx.split(model)
@@ -69,7 +84,7 @@ def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def evaluate_encoded(
-    model: nnx.Module, encoded: Encoded, label_map: LabelMap, *, pad: int, batch_size: int = 32
+    model: nnx.Module, encoded: Encoded | MediaEncoded, label_map: LabelMap, *, pad: int, batch_size: int = 32
 ) -> dict[str, float]:
     """Validation metrics of `model` on an encoded split (see `evaluate`)."""
     head = getattr(model, "head_config", None)
@@ -120,10 +135,14 @@ def evaluate(
     max_length: int = 512,
     batch_size: int = 32,
     word_separator: str = " ",
+    processor: MediaProcessor | None = None,
 ) -> dict[str, float]:
     """Metrics of a fine-tuned `model` (`EncoderWithHead`) on a labeled split: tokenise it as training
-    did, predict, score (`evals.metrics`). Keys: classification `accuracy`, `macro_f1`; regression
-    `pearson`, `spearman`, `mse`; token classification `precision`, `recall`, `f1` (entities), `accuracy`
-    (words), `dropped_words`; always `loss` (the training loss on this split), `examples`, `truncated`."""
-    encoded = encode_split(split, tokenizer, label_map, max_length=max_length, word_separator=word_separator)
+    did (with a `processor`, for a model with towers: render its items), predict, score (`evals.metrics`).
+    Keys: classification `accuracy`, `macro_f1`; regression `pearson`, `spearman`, `mse`; token
+    classification `precision`, `recall`, `f1` (entities), `accuracy` (words), `dropped_words`; always `loss`
+    (the training loss on this split), `examples`, `truncated`."""
+    encoded = encode_labeled(
+        split, tokenizer, label_map, max_length=max_length, word_separator=word_separator, processor=processor
+    )
     return evaluate_encoded(model, encoded, label_map, pad=pad_id(tokenizer), batch_size=batch_size)

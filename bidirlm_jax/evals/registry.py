@@ -11,7 +11,8 @@ Kinds:
 - `retrieval`: nDCG@10, MRR@10, Recall@100 on a BEIR directory (`data`, its `split`), queries with the entry's
   `instruction`, pooled as the run pools (`contrastive.pooling`); `best_metric` (optional) keeps the best step;
 - `finetune`: a fine-tuned head's validation scores (`data`: a file or directory; `auto`: the training
-  dataset's `split` for `hf:` sources, a generated split for synthetic ones) → the task's metrics, `loss`,
+  dataset's `split` for `hf:` sources, a generated split for synthetic and generated media ones; media rows
+  rendered by the objective's `processor`) → the task's metrics, `loss`,
   `examples`, `truncated`; `best_metric` (default: the task's) picks the step kept in `RUN/best/`.
 """
 
@@ -26,7 +27,7 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from bidirlm_jax.data.labeled import Fields, LabeledSplit, check_labels, read_split
-from bidirlm_jax.data.labeled_rows import encode_split
+from bidirlm_jax.data.labeled_media import GENERATED, encode_labeled, generated_split
 from bidirlm_jax.data.labeled_synthetic import synthetic_split
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.evals.finetune import evaluate_encoded
@@ -69,9 +70,11 @@ def mntp_held_out(name: str, spec: ConfigDict, config: ConfigDict, objective: An
 def validation_split(config: ConfigDict, spec: ConfigDict, fields: Fields) -> LabeledSplit:
     """The labeled split a `finetune` entry scores on (see the module doc)."""
     task, data = config.objective, config.data
+    size = config.finetune.synthetic_validation_size
     if data.source == "synthetic":
-        size = config.finetune.synthetic_validation_size
         return synthetic_split(task, size, seed=data.seed, name="validation")
+    if data.source in GENERATED:  # other crops / renderings than the training split's
+        return generated_split(data.source, task, size, seed=data.seed + 1, name="validation")
     path = spec.data
     if path == "auto":
         if not data.path.startswith("hf:"):
@@ -98,7 +101,14 @@ def finetune_validation(name: str, spec: ConfigDict, config: ConfigDict, objecti
     split = validation_split(config, spec, objective.fields)
     check_labels(split, objective.label_map)
     tokenizer, seq_len, separator = objective.tokenizer, config.data.seq_len, config.finetune.word_separator
-    encoded = encode_split(split, tokenizer, objective.label_map, max_length=seq_len, word_separator=separator)
+    encoded = encode_labeled(
+        split,
+        tokenizer,
+        objective.label_map,
+        max_length=seq_len,
+        word_separator=separator,
+        processor=getattr(objective, "processor", None),
+    )
     run = functools.partial(
         evaluate_encoded, encoded=encoded, label_map=objective.label_map, pad=pad_id(tokenizer), batch_size=batch_size
     )

@@ -52,8 +52,9 @@ from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.companions import ENCODER_MODULES, Companions, companion_files
 from bidirlm_jax.io.families import SEQUENCE_CLASSES, TOKEN_CLASSES
 from bidirlm_jax.io.hf import from_pretrained
-from bidirlm_jax.io.hf_config import config_to_hf, read_config, read_runtime
+from bidirlm_jax.io.hf_config import config_to_hf, read_config, read_config_dict, read_runtime
 from bidirlm_jax.io.lora import attach, base_of, read_record
+from bidirlm_jax.io.model_types import TEXT_TYPE, described_type
 from bidirlm_jax.io.run import (
     HEAD_FILE,
     best_dir,
@@ -278,9 +279,10 @@ def load_finetuned(
     (not the optimizer state), into `mesh`'s shardings when given."""
     run = Path(run).resolve()
     description = read_description(run)
-    config, runtime = read_config(model_dir(run)), read_runtime(model_dir(run))
+    kind = described_type(read_config_dict(model_dir(run)))  # a text model, or one with towers
+    config, runtime = kind.read(read_config_dict(model_dir(run))), read_runtime(model_dir(run))
     head = HeadConfig.from_json(description["head"])
-    graphdef, abstract = abstract_model_with_head(config, head, runtime)
+    graphdef, abstract = abstract_model_with_head(config, head, runtime, kind.model_class)
 
     def target(var):
         where = sharding.variable_sharding(var, mesh) if mesh is not None else SingleDeviceSharding(jax.devices()[0])
@@ -339,6 +341,11 @@ def export_finetuned(
 
     run = Path(run)
     description = read_description(run)
+    if described_type(read_config_dict(model_dir(run))) is not TEXT_TYPE:
+        raise ConfigError(
+            f"{run} fine-tuned a model with vision/audio towers; no transformers class holds such a classifier, so "
+            "it is not exported: use it in JAX (io.heads.load_finetuned), or export its encoder"
+        )
     config = read_config(model_dir(run))
     head = HeadConfig.from_json(description["head"])
     labels = description["labels"] or None

@@ -5,7 +5,8 @@ dropout draws from `rng`.
 
 A batch is padded (one text per row) or packed (`train.packed_texts`: `segment_ids` and `positions` too;
 sequence tasks then score every text's `labels` [N], weighted by `label_weight` [N] — the texts of this
-group of rows —, token tasks score `labels` packed like the tokens)."""
+group of rows —, token tasks score `labels` packed like the tokens). A media batch (a model with towers:
+`data.labeled_media`) carries its row-aligned media keys beside the ids, and the model takes them all."""
 
 from __future__ import annotations
 
@@ -15,15 +16,15 @@ import optax
 from flax import nnx
 
 from bidirlm_jax.losses.base import Batch, LossFn
+from bidirlm_jax.models.encoder import MODEL_INPUTS
 from bidirlm_jax.models.heads import IGNORE_INDEX
 
 
 def _logits(model: nnx.Module, batch: Batch, rng: jax.Array, *, per_text: bool) -> jax.Array:
-    packed = {}
-    if "segment_ids" in batch:
-        packed = {"segment_ids": batch["segment_ids"], "positions": batch["positions"]}
-        packed.update({"num_texts": batch["labels"].shape[0]} if per_text else {})
-    return model(batch["input_ids"], batch["attention_mask"], rng=rng, **packed).logits
+    ids = ("input_ids", "attention_mask")
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch and k not in ids}  # packed: segment_ids, positions
+    packed = {"num_texts": batch["labels"].shape[0]} if per_text and "segment_ids" in batch else {}
+    return model(*(batch[k] for k in ids), rng=rng, **inputs, **packed).logits
 
 
 def _weights(batch: Batch) -> jax.Array:

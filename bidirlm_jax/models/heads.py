@@ -18,7 +18,9 @@ Heads compute in fp32 whatever the encoder's compute dtype (they are tiny). Drop
 passed to the call; `rng=None` is evaluation (deterministic). Parameters hold no RNG state, so a model's
 `nnx.state(model, nnx.Param)` is its whole state, as the train state expects.
 
-`EncoderWithHead` is what the engine trains for these tasks: `encoder` (a `Transformer`) and `head`.
+`EncoderWithHead` is what the engine trains for these tasks: `encoder` (a `Transformer`, or a model with
+towers — any class built as `(config, runtime, *, rngs)` whose batches `models.encoder.hidden_states` runs,
+so image+text and audio+text rows take the same head on the same pooled hidden states) and `head`.
 Its head is created first from the `Rngs`, so `head_params(config, head, seed=s)` equals the head of
 `EncoderWithHead(config, head, rngs=nnx.Rngs(s))`: a run started from an HF checkpoint
 (`with_encoder_params`) and a random init get the same head.
@@ -36,7 +38,7 @@ from flax import nnx
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models.config import ModelConfig
-from bidirlm_jax.models.encoder import Inputs, hidden_states, pool_inputs
+from bidirlm_jax.models.encoder import MODEL_INPUTS, Inputs, hidden_states, pool_inputs
 from bidirlm_jax.models.layers import param
 from bidirlm_jax.models.runtime import DEFAULT_RUNTIME, Runtime
 from bidirlm_jax.models.transformer import Transformer
@@ -170,16 +172,32 @@ class HeadOutput:
     hidden_states: jax.Array  # [B, T, d], the encoder's final-normed hidden states
 
 
+def text_config(config: Any) -> ModelConfig:
+    """The text stack's config of a model (a model with towers holds it as `text`)."""
+    return getattr(config, "text", config)
+
+
 class EncoderWithHead(nnx.Module):
-    """`model(input_ids, attention_mask=None, *, rng=None) -> HeadOutput`: a `Transformer` and a task head.
+    """`model(input_ids, attention_mask=None, *, rng=None, **media) -> HeadOutput`: an encoder and a task head.
 
     Packed rows (`models.encoder`: several texts per row) pass `segment_ids`, `positions` and `num_texts`:
-    sequence logits are then `[num_texts, ...]`, text k being segment k + 1."""
+    sequence logits are then `[num_texts, ...]`, text k being segment k + 1. An encoder with towers takes a
+    row-aligned media batch (`data.media.collate`: `positions` [B, 3, T], `pixel_values` and its layout,
+    `input_features`, `audio_lengths`) as `media` keywords, the `models.encoder.MODEL_INPUTS` names."""
 
-    def __init__(self, config: ModelConfig, head: HeadConfig, runtime: Runtime = DEFAULT_RUNTIME, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: Any,
+        head: HeadConfig,
+        runtime: Runtime = DEFAULT_RUNTIME,
+        *,
+        rngs: nnx.Rngs,
+        encoder: type[nnx.Module] = Transformer,
+    ):
         self.head_config = head
-        self.head = make_head(config, head, param_dtype=runtime.param_dtype, rngs=rngs)  # first: see `head_params`
-        self.encoder = Transformer(config, runtime, rngs=rngs)
+        dtype = runtime.param_dtype
+        self.head = make_head(text_config(config), head, param_dtype=dtype, rngs=rngs)  # first: see `head_params`
+        self.encoder = encoder(config, runtime, rngs=rngs)
 
     @property
     def config(self) -> ModelConfig:
@@ -198,11 +216,15 @@ class EncoderWithHead(nnx.Module):
         segment_ids=None,
         positions=None,
         num_texts: int | None = None,
+        **media,
     ) -> HeadOutput:
+        unknown = set(media) - set(MODEL_INPUTS)
+        if unknown:
+            raise TypeError(f"unknown model inputs {sorted(unknown)}; the inputs are {MODEL_INPUTS}")
         input_ids = jnp.asarray(input_ids)
         mask = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask)
         inputs = {"input_ids": input_ids, "attention_mask": mask, "segment_ids": segment_ids, "positions": positions}
-        inputs = {k: v for k, v in inputs.items() if v is not None}
+        inputs = {k: v for k, v in {**inputs, **media}.items() if v is not None}
         hidden = hidden_states(self.encoder, inputs)
         logits = self.head(hidden, inputs, rng=rng, num_texts=num_texts)
         if self.head_config.task == "regression":
@@ -210,13 +232,13 @@ class EncoderWithHead(nnx.Module):
         return HeadOutput(logits=logits, hidden_states=hidden)
 
 
-def head_params(config: ModelConfig, head: HeadConfig, *, seed: int, param_dtype: str = "float32") -> nnx.State:
+def head_params(config: Any, head: HeadConfig, *, seed: int, param_dtype: str = "float32") -> nnx.State:
     """The head parameters `EncoderWithHead(config, head, rngs=nnx.Rngs(seed))` starts with (small)."""
-    return nnx.state(make_head(config, head, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), nnx.Param)
+    return nnx.state(make_head(text_config(config), head, param_dtype=param_dtype, rngs=nnx.Rngs(seed)), nnx.Param)
 
 
 def with_encoder_params(
-    encoder_params: nnx.State, config: ModelConfig, head: HeadConfig, *, seed: int, param_dtype: str = "float32"
+    encoder_params: nnx.State, config: Any, head: HeadConfig, *, seed: int, param_dtype: str = "float32"
 ) -> nnx.State:
     """Full `EncoderWithHead` parameters from an encoder's (e.g. loaded from an HF checkpoint) and a fresh head."""
     parts = {"encoder": encoder_params, "head": head_params(config, head, seed=seed, param_dtype=param_dtype)}
@@ -226,24 +248,28 @@ def with_encoder_params(
 
 @functools.lru_cache(maxsize=16)
 def abstract_model_with_head(
-    config: ModelConfig, head: HeadConfig, runtime: Runtime = DEFAULT_RUNTIME
+    config: Any, head: HeadConfig, runtime: Runtime = DEFAULT_RUNTIME, encoder: type[nnx.Module] = Transformer
 ) -> tuple[nnx.GraphDef, nnx.State]:
     """Graph definition and shape-only state of an `EncoderWithHead` (no memory)."""
-    return nnx.split(nnx.eval_shape(lambda: EncoderWithHead(config, head, runtime, rngs=nnx.Rngs(0))))
+    build = lambda: EncoderWithHead(config, head, runtime, rngs=nnx.Rngs(0), encoder=encoder)
+    return nnx.split(nnx.eval_shape(build))
 
 
-def model_factory(config: ModelConfig, head: HeadConfig, runtime: Runtime = DEFAULT_RUNTIME):
-    """`factory(rngs) -> EncoderWithHead`, what the train state builds instead of a bare `Transformer`."""
+def model_factory(
+    config: Any, head: HeadConfig, runtime: Runtime = DEFAULT_RUNTIME, encoder: type[nnx.Module] = Transformer
+):
+    """`factory(rngs) -> EncoderWithHead`, what the train state builds instead of a bare encoder."""
 
     def factory(rngs: nnx.Rngs) -> EncoderWithHead:
-        return EncoderWithHead(config, head, runtime, rngs=rngs)
+        return EncoderWithHead(config, head, runtime, rngs=rngs, encoder=encoder)
 
     return factory
 
 
-def attach_head(encoder: Transformer, head: HeadConfig, *, seed: int = 0) -> EncoderWithHead:
-    """An `EncoderWithHead` around an existing encoder (e.g. `from_pretrained(...)`) and a fresh head."""
-    graphdef, _ = abstract_model_with_head(encoder.config, head, encoder.runtime)
+def attach_head(encoder: nnx.Module, head: HeadConfig, *, seed: int = 0) -> EncoderWithHead:
+    """An `EncoderWithHead` around an existing encoder (e.g. `from_pretrained(...)`, towers or not) and a fresh
+    head."""
+    graphdef, _ = abstract_model_with_head(encoder.config, head, encoder.runtime, type(encoder))
     dtype = encoder.runtime.param_dtype
     params = with_encoder_params(nnx.state(encoder, nnx.Param), encoder.config, head, seed=seed, param_dtype=dtype)
     return nnx.merge(graphdef, params)

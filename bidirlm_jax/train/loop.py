@@ -51,6 +51,9 @@ from bidirlm_jax.train.preflight import preflight
 from bidirlm_jax.train.state import StateLayout, param_shapes
 from bidirlm_jax.train.step import jit_step, make_step_fn
 
+# objectives that train a model with towers -> the config section whose `train_towers` unfreezes them
+TOWER_OBJECTIVES = {"contrastive": "contrastive", "classification": "finetune", "regression": "finetune"}
+
 
 class _Preemption:
     """SIGTERM (Cloud TPU preemption, SLURM/K8s stop) and, with `ctrl_c`, a first Ctrl-C → finish the step,
@@ -114,19 +117,21 @@ def _plan(
     mesh = make_mesh(**run_plan.mesh)
     model_cfg, runtime = model_config(config.model), run_settings(config.model)
     towers = not isinstance(model_cfg, ModelConfig)
-    if towers and (loss_fn is not None or config.objective != "contrastive"):
+    if towers and (loss_fn is not None or config.objective not in TOWER_OBJECTIVES):
         raise ConfigError(
-            f"model.towers trains with objective contrastive (image/audio–text pairs), not {config.objective}; "
-            "drop model.towers to train the text stack"
+            f"model.towers trains with objective contrastive (image/audio–text pairs) or classification / regression "
+            f"(configs/finetune.py), not {config.objective}; drop model.towers to train the text stack"
         )
     if towers and lora_train.settings(config).enabled:
         raise ConfigError("lora.rank with model.towers: LoRA adapts the text model alone for now; drop one of them")
-    if towers and not config.contrastive.train_towers:  # frozen: no update, no optimizer state
-        config.optim.frozen = (*config.optim.frozen, *tower_patterns(model_cfg, runtime))
     if loss_fn is None:
         objective = build_objective(config, model_cfg, workdir=workdir)
     else:
         objective = causal_lm.build(config, model_cfg, workdir=workdir, loss_fn=loss_fn)
+    section = config[TOWER_OBJECTIVES.get(config.objective, "contrastive")] if towers else None
+    if towers and not section.get("train_towers", False):  # frozen: no update, no optimizer state
+        within = "encoder/" if objective.model_factory is not None else ""  # a task head's encoder
+        config.optim.frozen = (*config.optim.frozen, *(within + p for p in tower_patterns(model_cfg, runtime)))
     evaluations = build_evaluations(config, objective, evaluators)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     trainable = trainable_lib.from_config(config.optim)

@@ -14,6 +14,7 @@ fewer tokens than the tower makes; the difference is returned, never silently dr
 from __future__ import annotations
 
 import functools
+import io
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -45,13 +46,13 @@ class PlaceholderCount(NamedTuple):
 
 
 def load_audio(item: Any, *, max_seconds: float = MAX_SECONDS) -> Clip:
-    """A clip from a path (.wav, .flac, anything libsndfile reads) or `{"array", "sampling_rate"}`:
+    """A clip from a path (.wav, .flac, anything libsndfile reads), encoded bytes or `{"array", "sampling_rate"}`:
     channels averaged, resampled to 16 kHz with soxr, cut to `max_seconds` (counted in `truncated`)."""
     if max_seconds <= 0:
         raise ConfigError(f"max_seconds must be positive, got {max_seconds}")
-    if isinstance(item, (str, os.PathLike)):
-        samples, rate = _decode(os.fspath(item))
-        where = os.fspath(item)
+    if isinstance(item, (str, os.PathLike, bytes)):
+        where = "audio bytes" if isinstance(item, bytes) else os.fspath(item)
+        samples, rate = _decode(item if isinstance(item, bytes) else where)
     elif isinstance(item, Mapping) and "array" in item:
         if "sampling_rate" not in item:
             raise ConfigError('an audio array needs its "sampling_rate" (e.g. {"array": x, "sampling_rate": 16000})')
@@ -64,15 +65,18 @@ def load_audio(item: Any, *, max_seconds: float = MAX_SECONDS) -> Clip:
     return Clip(samples[:limit], max(0, len(samples) - limit))
 
 
-def _decode(path: str) -> tuple[np.ndarray, int]:
+def _decode(source: str | bytes) -> tuple[np.ndarray, int]:
     import soundfile
 
-    if not os.path.isfile(path):
-        raise ConfigError(f"audio file {path} does not exist")
+    if isinstance(source, str) and not os.path.isfile(source):
+        raise ConfigError(f"audio file {source} does not exist")
+    name = "audio bytes" if isinstance(source, bytes) else f"audio file {source}"
     try:
-        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        samples, rate = soundfile.read(
+            io.BytesIO(source) if isinstance(source, bytes) else source, dtype="float32", always_2d=True
+        )
     except Exception as e:  # libsndfile's errors are RuntimeError/LibsndfileError with its own message
-        raise ConfigError(f"cannot decode audio file {path} ({e}); give a .wav or .flac file") from e
+        raise ConfigError(f"cannot decode {name} ({e}); give a .wav or .flac file") from e
     return samples, rate
 
 

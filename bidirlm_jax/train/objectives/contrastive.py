@@ -30,8 +30,6 @@ import grain
 import numpy as np
 from ml_collections import ConfigDict
 
-from bidirlm_jax.data.media.images import read_preprocessor_config
-from bidirlm_jax.data.media.items import MediaProcessor, media_processor
 from bidirlm_jax.data.pairs import Instruction, PairBatches, PairDataset, read_pairs, with_instruction
 from bidirlm_jax.data.stdlib_text import stdlib_pairs
 from bidirlm_jax.errors import ConfigError
@@ -40,6 +38,7 @@ from bidirlm_jax.models.config import POOLING_MODES, ModelConfig
 from bidirlm_jax.paths import user_path
 from bidirlm_jax.train.gradcache import contrastive_loss_and_grads
 from bidirlm_jax.train.objectives.base import Objective, check_data_path, run_tokenizer
+from bidirlm_jax.train.objectives.media import processor_files, run_processor
 
 SOURCES = ("pairs", "stdlib", "sample_images", "spoken", "omni_mix")
 GATHER = ("global", "local")
@@ -102,7 +101,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         raise ConfigError("contrastive.temperature must be positive and contrastive.chunk_size >= 0 (0 = no GradCache)")
     text = getattr(model, "text", model)  # a model with towers: its text stack
     tokenizer = run_tokenizer(config, model, workdir)
-    processor = _processor(config, model, tokenizer) if text is not model else None
+    processor = run_processor(config, con, model, tokenizer) if text is not model else None
     instructions: dict[str, Instruction] = {}
     if data.source == "stdlib":
         datasets, instructions = stdlib_pairs(num_negatives=con.num_negatives)
@@ -159,7 +158,7 @@ def build(config: ConfigDict, model: ModelConfig, *, workdir: Path) -> Objective
         key_metric="in_batch_accuracy",
         run_files={
             PROMPTS_FILE: json.dumps({"prompts": trained_prompts(instructions)}, indent=2) + "\n",
-            **_processor_files(config, processor),
+            **processor_files(config, processor),
         },
     )
 
@@ -187,26 +186,6 @@ def _dataset(name: str, source: str, pairs: list) -> PairDataset:
         ds.negatives.append([])
         ds.where.append(f"{name}: pair {i}")
     return ds
-
-
-def _processor(config: ConfigDict, model, tokenizer) -> MediaProcessor:
-    """The run's media processor: the checkpoint's image settings, the run's pixel budget and clip length."""
-    con = config.contrastive
-    settings = {"template": con.template, "max_seconds": con.max_seconds}
-    if getattr(model, "vision", None) is not None and con.max_pixels:
-        settings["max_pixels"] = con.max_pixels
-    preprocessor = read_preprocessor_config(config.model.init_from) if config.model.init_from else None
-    return media_processor(model, tokenizer, preprocessor=preprocessor, **settings)
-
-
-def _processor_files(config: ConfigDict, processor: MediaProcessor | None) -> dict[str, str]:
-    """`preprocessor_config.json` for the run's model: `init_from`'s (the inference settings the towers came
-    with), else the run's own image settings."""
-    if processor is None or processor.vision is None:
-        return {}
-    settings = read_preprocessor_config(config.model.init_from) if config.model.init_from else {}
-    settings = settings or processor.vision.settings.to_preprocessor_config()
-    return {"preprocessor_config.json": json.dumps(settings, indent=2) + "\n"}
 
 
 def trained_prompts(instructions: Mapping[str, Instruction]) -> dict[str, str]:
