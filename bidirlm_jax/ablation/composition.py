@@ -211,7 +211,7 @@ def _cell(plan: _Plan, ratio: float, path: Path, provenance: dict[str, Any], tim
     recorded["model"]["init_from"] = "the variant"  # its files are the provenance; its path is named by them
     settings = {"variant": {"name": name, "ratio": ratio, "files": files(path, work)}, "config": recorded}
     run = work / "cells" / f"{variant_slug(ratio)}-{provenance_key(settings)}"
-    record_path = run.with_suffix(".json")
+    record_path = run.parent / f"{run.name}.json"
     if (record := reuse(record_path, settings, f"the {name} cell")) is not None:
         timer.record(f"cell: {name}", 0.0, "reused")
         return record["row"], False

@@ -43,7 +43,7 @@ def variant_name(ratio: float) -> str:
 
 
 def variant_slug(ratio: float) -> str:
-    return {0.0: "bi-mntp", 1.0: "bi-specialist"}.get(ratio, f"merge-{ratio:g}")
+    return {0.0: "bi-mntp", 1.0: "bi-specialist"}.get(ratio, f"merge-{100 * ratio:g}")
 
 
 def build_encoder(base: Path, mntp: ConfigDict, work: Path, timer) -> Path:
