@@ -271,7 +271,9 @@ def _report(plan: _Plan, rows, similarity, inputs, computed, reused) -> Composit
     write_json(work / "similarity.json", {**inputs, **similarity})
     shown = {row["variant"]: row["curve"] for row in rows if row["ratio"] in (0.0, 1.0, default)}
     label = task.metric.replace("_", " ")
-    curves_png = curves.plot_curves(shown, work / "learning_curves.png", f"{task.name}: fine-tuning each variant", label)
+    curves_png = curves.plot_curves(
+        shown, work / "learning_curves.png", f"{task.name}: fine-tuning each variant", label
+    )
     ratio_png = report.plot_sweep(
         [{"ratio": row["ratio"], task.metric: row["score"]} for row in rows],
         work / "merge_ratio.png",
@@ -290,4 +292,3 @@ def _report(plan: _Plan, rows, similarity, inputs, computed, reused) -> Composit
         computed,
         reused,
     )
-

@@ -75,8 +75,10 @@ def run_ablate(args: argparse.Namespace) -> int:
         from bidirlm_jax.ablation.composition import run_composition
 
         result = run_composition(config, workdir)
-        print(f"\n{result.markdown}\n\n{len(result.computed)} cells computed, {len(result.reused)} reused; in {workdir}/: "
-              "results.jsonl, results.md, learning_curves.png, merge_ratio.png, similarity.json")
+        print(
+            f"\n{result.markdown}\n\n{len(result.computed)} cells computed, {len(result.reused)} reused; in {workdir}/: "
+            "results.jsonl, results.md, learning_curves.png, merge_ratio.png, similarity.json"
+        )
         return 0
     result = run_ablation(config, workdir)
     print()

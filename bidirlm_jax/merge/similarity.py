@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+
 import numpy as np
 
 from bidirlm_jax.errors import ConfigError
