@@ -34,7 +34,7 @@ from ml_collections import ConfigDict
 
 from bidirlm_jax.ablation import curves, report
 from bidirlm_jax.ablation.cells import claim_run
-from bidirlm_jax.ablation.harness import GENERATE, check_checkpoint, check_output, compilation_cache, unknown_keys
+from bidirlm_jax.ablation.harness import GENERATE, check_checkpoint, check_study, compilation_cache
 from bidirlm_jax.ablation.records import reuse, write_json
 from bidirlm_jax.ablation.specialists import (
     build_encoder,
@@ -124,12 +124,7 @@ def check(config: ConfigDict, workdir: str | os.PathLike) -> _Plan:
     from bidirlm_jax.configs.specialists import get_config
     from bidirlm_jax.train.config import validate
 
-    if not isinstance(config, ConfigDict):
-        raise ConfigError(f"the study's config must be an ml_collections ConfigDict, got {type(config).__name__}")
-    if unknown := unknown_keys(config, get_config("tiny")):
-        raise ConfigError(f"unknown config key(s) {unknown}; see bidirlm_jax/configs/specialists.py for the valid ones")
-    workdir = Path(workdir).expanduser().absolute()
-    check_output(workdir)
+    workdir = check_study(config, get_config("tiny"), workdir, "specialists")
     ratios = check_ratios(config.ratios.split(","))
     if not 0.0 <= config.merge_ratio <= 1.0:
         raise ConfigError(f"merge_ratio={config.merge_ratio} must lie in [0, 1] (the weight on the specialist)")

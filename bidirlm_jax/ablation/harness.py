@@ -108,6 +108,18 @@ def check_output(workdir: Path) -> None:
         raise ConfigError(f"--workdir {workdir}: {ancestor} is not writable; choose another directory")
 
 
+def check_study(config: ConfigDict, template: ConfigDict, workdir: str | os.PathLike, name: str) -> Path:
+    """A study's config checked for keys `template` lacks (`configs/NAME.py`), and its --workdir for being
+    usable; returns the workdir, absolute."""
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"the {name} config must be an ml_collections ConfigDict, got {type(config).__name__}")
+    if unknown := unknown_keys(config, template):
+        raise ConfigError(f"unknown config key(s) {unknown}; see bidirlm_jax/configs/{name}.py for the valid ones")
+    workdir = Path(workdir).expanduser().absolute()
+    check_output(workdir)
+    return workdir
+
+
 def check_checkpoint(path: Path, what: str) -> Path:
     path = path.expanduser().resolve()
     weights = list(path.glob("*.safetensors")) if path.is_dir() else []
@@ -136,12 +148,7 @@ def check(config: ConfigDict, workdir: str | os.PathLike) -> _Plan:
     from bidirlm_jax.configs.ablation import get_config
     from bidirlm_jax.train.config import validate
 
-    if not isinstance(config, ConfigDict):
-        raise ConfigError(f"the ablation config must be an ml_collections ConfigDict, got {type(config).__name__}")
-    if unknown := unknown_keys(config, get_config("tiny")):
-        raise ConfigError(f"unknown config key(s) {unknown}; see bidirlm_jax/configs/ablation.py for the valid ones")
-    workdir = Path(workdir).expanduser().absolute()
-    check_output(workdir)
+    workdir = check_study(config, get_config("tiny"), workdir, "ablation")
     names = [n.strip() for n in config.variants.split(",") if n.strip()]
     if bad := [n for n in names if n not in VARIANTS]:
         raise ConfigError(f"unknown variant(s) {bad} in config.variants; choose among {', '.join(VARIANTS)}")

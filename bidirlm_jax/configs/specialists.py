@@ -56,7 +56,7 @@ _PAPER = {
 
 
 def get_config(preset: str = "tiny") -> ConfigDict:
-    from bidirlm_jax.configs.sizes import Size, stage_configs
+    from bidirlm_jax.configs.sizes import FINETUNE_SCHEDULE, TINY_BASE, Size, stage_configs
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -68,49 +68,20 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.ratios = "0,0.25,0.5,0.75,1"
     c.merge_ratio = 0.5
     c.task = ConfigDict(dict(name="", preset="tiny", settings="", metric=""))
-    c.finetune = ConfigDict(
-        dict(
-            steps=500,
-            learning_rate=0.0,
-            batch_size=0,
-            seq_len=0,
-            eval_every=0,
-            seed=42,
-            synthetic_train_size=0,
-            synthetic_validation_size=0,
-            classifier="eurobert",  # the authors' released head (dense → GELU → classifier): eurobert | linear | auto
-        )
-    )
-    c.adapt = ConfigDict(dict(steps=60, batch_size=16, learning_rate=3e-3, examples=1024, seed=1))
-    c.generate = ConfigDict(
-        dict(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            sliding_window=16,
-            seq_len=64,
-            lm_steps=60,
-            lm_batch=16,
-            lm_learning_rate=3e-3,
-            num_negatives=1,
-            max_eval_queries=120,
-        )
-    )
+    c.finetune = ConfigDict({**FINETUNE_SCHEDULE, "steps": 500, "seed": 42})
+    c.adapt = ConfigDict(dict(steps=60, batch_size=16, learning_rate=1e-3, examples=1024, seed=1))
+    c.generate = ConfigDict(TINY_BASE)  # the generated base (base="generate")
     size = Size(**c.generate.to_dict(), mntp_steps=30, mntp_batch=16)
     c.mntp = stage_configs(size, Path("@generated"), None)[0]  # used only when encoder = build
     if preset == "tiny":
         c.update(encoder=BUILD, specialist=BUILD, base="generate")
         c.task.update(name="fruit", settings="data.source=synthetic")
         c.finetune.update(
-            steps=40,
+            steps=80,
             learning_rate=2e-3,
             batch_size=16,
             seq_len=32,
-            eval_every=5,
+            eval_every=10,
             seed=0,
             synthetic_train_size=512,
             synthetic_validation_size=128,
