@@ -104,8 +104,10 @@ def test_task_settings_take_the_presets_types():
     assert got == {"data.path": "hf:x/y", "data.seq_len": 512, "finetune.pack": True, "optim.learning_rate": 1e-4}
     with pytest.raises(ConfigError, match="data.sequence_length"):
         parse_settings("data.sequence_length=3", template)
-    with pytest.raises(ConfigError, match="not a int"):
+    with pytest.raises(ConfigError, match="takes a int"):
         parse_settings("data.seq_len=long", template)
+    with pytest.raises(ConfigError, match="not KEY=VALUE"):
+        parse_settings("data.seq_len", template)
 
 
 @pytest.mark.parametrize(

@@ -87,20 +87,20 @@ def parse_settings(text: str, template: ConfigDict) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in filter(None, (part.strip() for part in text.split(";"))):
         key, sep, value = item.partition("=")
-        node, parts = template, key.strip().split(".")
-        for part in parts:
+        if not sep:
+            raise ConfigError(f"task.settings item {item!r} is not KEY=VALUE")
+        node = template
+        for part in key.strip().split("."):
             if not isinstance(node, ConfigDict) or part not in node:
                 raise ConfigError(f"task.settings names {key!r}, which configs/finetune.py does not have")
             node = node[part]
-        if not sep:
-            raise ConfigError(f"task.settings item {item!r} is not KEY=VALUE")
         try:
             if isinstance(node, bool):
                 out[key.strip()] = {"true": True, "false": False}[value.strip().lower()]
             else:
                 out[key.strip()] = type(node)(value.strip()) if isinstance(node, int | float) else value.strip()
         except (KeyError, ValueError):
-            raise ConfigError(f"task.settings {key}={value!r} is not a {type(node).__name__}") from None
+            raise ConfigError(f"task.settings {key}={value!r}: the key takes a {type(node).__name__}") from None
     return out
 
 
@@ -183,13 +183,15 @@ def _inputs(plan: _Plan, timer) -> tuple[Path, Path]:
         return Path(config.encoder).resolve(), Path(config.specialist).resolve()
     generated = generate_data(work, config.generate, config.base == GENERATE, timer)
     base = generated / "base" if config.base == GENERATE else Path(config.base).resolve()
-    encoder = Path(config.encoder).resolve() if config.encoder != BUILD else None
-    if encoder is None:
+    if config.encoder == BUILD:
         encoder = build_encoder(base, resolve_generated(copy.deepcopy(config.mntp), generated), work, timer)
-    specialist = Path(config.specialist).resolve() if config.specialist != BUILD else None
-    if specialist is None:
+    else:
+        encoder = Path(config.encoder).resolve()
+    if config.specialist == BUILD:
         texts = specialist_texts(plan.finetune, config.adapt)
         specialist = build_specialist(base, texts, config.adapt, config.generate.seq_len, work, timer)
+    else:
+        specialist = Path(config.specialist).resolve()
     return encoder, specialist
 
 
