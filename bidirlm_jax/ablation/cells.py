@@ -100,7 +100,7 @@ def run_cell(variant: Variant, task: Task, config: ConfigDict, work: Path, timer
         return record["row"], False
     start = time.perf_counter()
     if trained:
-        _claim(run, settings, what)
+        claim_run(run, settings, what)
         result = train(cfg, str(run), evaluators=EVALUATORS)
         if result["preempted"]:
             raise Preempted(run, result["step"])
@@ -140,7 +140,7 @@ def _config_settings(cfg: ConfigDict, variant: Variant, work: Path) -> dict[str,
     return record
 
 
-def _claim(run: Path, settings: dict[str, Any], what: str) -> None:
+def claim_run(run: Path, settings: dict[str, Any], what: str) -> None:
     """Start (or resume) the cell's run: record its settings in it, and refuse to resume one started with
     others — its checkpoints are a model fine-tuned from another variant, or in another way."""
     from bidirlm_jax.io.run import checkpoints_dir

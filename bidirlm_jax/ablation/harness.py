@@ -86,17 +86,17 @@ class _Plan:
 # --- checks (before anything is written) ------------------------------------------------------------
 
 
-def _unknown_keys(config: ConfigDict, template: ConfigDict, prefix: str = "") -> list[str]:
+def unknown_keys(config: ConfigDict, template: ConfigDict, prefix: str = "") -> list[str]:
     out = []
     for key, value in config.items():
         if key not in template:
             out.append(prefix + key)
         elif isinstance(value, ConfigDict) and isinstance(template[key], ConfigDict):
-            out += _unknown_keys(value, template[key], f"{prefix}{key}.")
+            out += unknown_keys(value, template[key], f"{prefix}{key}.")
     return out
 
 
-def _check_output(workdir: Path) -> None:
+def check_output(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} is a file; give a directory (new, or a previous ablation's)")
     ancestor = workdir.parent
@@ -108,7 +108,19 @@ def _check_output(workdir: Path) -> None:
         raise ConfigError(f"--workdir {workdir}: {ancestor} is not writable; choose another directory")
 
 
-def _check_checkpoint(path: Path, what: str) -> Path:
+def check_study(config: ConfigDict, template: ConfigDict, workdir: str | os.PathLike, name: str) -> Path:
+    """A study's config checked for keys `template` lacks (`configs/NAME.py`), and its --workdir for being
+    usable; returns the workdir, absolute."""
+    if not isinstance(config, ConfigDict):
+        raise ConfigError(f"the {name} config must be an ml_collections ConfigDict, got {type(config).__name__}")
+    if unknown := unknown_keys(config, template):
+        raise ConfigError(f"unknown config key(s) {unknown}; see bidirlm_jax/configs/{name}.py for the valid ones")
+    workdir = Path(workdir).expanduser().absolute()
+    check_output(workdir)
+    return workdir
+
+
+def check_checkpoint(path: Path, what: str) -> Path:
     path = path.expanduser().resolve()
     weights = list(path.glob("*.safetensors")) if path.is_dir() else []
     if not (path / "config.json").is_file() or not weights or not (path / "tokenizer.json").is_file():
@@ -136,26 +148,21 @@ def check(config: ConfigDict, workdir: str | os.PathLike) -> _Plan:
     from bidirlm_jax.configs.ablation import get_config
     from bidirlm_jax.train.config import validate
 
-    if not isinstance(config, ConfigDict):
-        raise ConfigError(f"the ablation config must be an ml_collections ConfigDict, got {type(config).__name__}")
-    if unknown := _unknown_keys(config, get_config("tiny")):
-        raise ConfigError(f"unknown config key(s) {unknown}; see bidirlm_jax/configs/ablation.py for the valid ones")
-    workdir = Path(workdir).expanduser().absolute()
-    _check_output(workdir)
+    workdir = check_study(config, get_config("tiny"), workdir, "ablation")
     names = [n.strip() for n in config.variants.split(",") if n.strip()]
     if bad := [n for n in names if n not in VARIANTS]:
         raise ConfigError(f"unknown variant(s) {bad} in config.variants; choose among {', '.join(VARIANTS)}")
     if BASE not in names:
         raise ConfigError("config.variants must include Base: every delta of the table is against it")
     tasks = resolve_tasks(config.tasks)
-    given = {n: _check_checkpoint(Path(config.paths[k]), f"paths.{k}") for n, k in PATH_KEYS.items() if config.paths[k]}
+    given = {n: check_checkpoint(Path(config.paths[k]), f"paths.{k}") for n, k in PATH_KEYS.items() if config.paths[k]}
     if config.base != GENERATE:
         if not config.base:
             raise ConfigError(
                 "no base model: set --config.base=HF_DIR (the causal base with its tokenizer), or 'generate' for "
                 "a small one pre-trained here on the standard library"
             )
-        _check_checkpoint(Path(config.base), "base")
+        check_checkpoint(Path(config.base), "base")
     recipe = Recipe(
         mntp=config.mntp,
         contrastive=config.contrastive,
@@ -202,12 +209,12 @@ def run_ablation(
     plan = check(config, workdir)
     plan.workdir.mkdir(parents=True, exist_ok=True)
     cache = plan.workdir / "jax-cache" if config.compilation_cache else None
-    with _compilation_cache(cache):
+    with compilation_cache(cache):
         return _run(plan, Timer(echo=echo or (lambda _: None)))
 
 
 @contextlib.contextmanager
-def _compilation_cache(directory: Path | None):
+def compilation_cache(directory: Path | None):
     """JAX's persistent compilation cache in `directory` while the ablation runs (every cell of one variant
     shape compiles the same steps: the first compiles, the others read), unless one is configured already."""
     import jax
@@ -234,7 +241,7 @@ def _run(plan: _Plan, timer) -> AblationResult:
     work = plan.workdir
     generated = _generate(plan, timer) if plan.generate_data else None
     config = resolve_generated(copy.deepcopy(plan.config), work / "generated")
-    base = generated / "base" if config.base == GENERATE else _check_checkpoint(Path(config.base), "base")
+    base = generated / "base" if config.base == GENERATE else check_checkpoint(Path(config.base), "base")
     variants = _variants(plan, config, base, timer)
     rows, computed, reused = [], [], []
     for name in plan.variants:
@@ -270,22 +277,27 @@ def _run(plan: _Plan, timer) -> AblationResult:
 
 
 def _generate(plan: _Plan, timer) -> Path:
-    """`WORKDIR/generated/`: the demo's corpus (data/) and, for `base="generate"`, its pre-trained base (base/)."""
+    return generate_data(plan.workdir, plan.config.generate, plan.config.base == GENERATE, timer)
+
+
+def generate_data(workdir: Path, generate: ConfigDict, with_base: bool, timer) -> Path:
+    """`WORKDIR/generated/`: the demo's corpus (data/) and, `with_base`, its pre-trained base (base/) of the
+    size `generate` (`configs.sizes.Size` fields); reused when made with the same settings."""
     from bidirlm_jax.configs.sizes import Size
     from bidirlm_jax.io.atomic import atomic_directory
     from bidirlm_jax.pipeline.base import pretrain_base
     from bidirlm_jax.pipeline.corpus import build_corpus, write_data
 
-    out = plan.workdir / "generated"
-    settings = {"generate": plan.config.generate.to_dict(), "base": plan.config.base == GENERATE}
+    out = workdir / "generated"
+    settings = {"generate": generate.to_dict(), "base": with_base}
     if reuse(out / "settings.json", settings, "generated data") is not None:
         return out
-    size = Size(**plan.config.generate.to_dict())
+    size = Size(**generate.to_dict())
     try:
         with atomic_directory(out) as tmp, timer.phase("generated data and base") as note:
             corpus = build_corpus(num_negatives=size.num_negatives, max_eval_queries=size.max_eval_queries)
             write_data(corpus, tmp / "data")
-            if settings["base"]:
+            if with_base:
                 pretrain_base(tmp, corpus.train_texts, size=size, timer=timer)
             write_json(tmp / "settings.json", {"settings": settings})
             note["text"] = (

@@ -69,8 +69,15 @@ def plot_table(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, title
     return plot_deltas(by_variant(rows), path, title, metrics=task_columns(rows))
 
 
-def plot_sweep(points: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str, metric: str) -> Path:
-    """Figure 4: `metric` (×100) against the merge ratio (the weight on the base, in %)."""
+def plot_sweep(
+    points: Sequence[Mapping[str, float]],
+    path: str | os.PathLike,
+    title: str,
+    metric: str,
+    *,
+    xlabel: str = "merging ratio: weight on the base (%)",
+) -> Path:
+    """Figure 4: `metric` (×100) against the merge ratio (in %; `xlabel` says on which model)."""
     plt = pyplot()
     path = Path(path)
     xs = [100 * p["ratio"] for p in points]
@@ -79,7 +86,7 @@ def plot_sweep(points: Sequence[Mapping[str, float]], path: str | os.PathLike, t
     ax.plot(xs, ys, marker="o")
     for x, y in zip(xs, ys):
         ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
-    ax.set_xlabel("merging ratio: weight on the base (%)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"{metric} (×100)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

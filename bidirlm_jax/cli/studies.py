@@ -49,7 +49,14 @@ The paper's ablation for one base model: build (or take) the variants Base, Bi+B
 Bi+MNTP+Contrastive, fine-tune each on each task, and write DIR/results.jsonl, DIR/results.md, DIR/deltas.png
 (deltas vs Base, Figure 2) and the merge-ratio sweep DIR/merge_ratio.json, DIR/merge_ratio.png (Figure 4).
 Running it again reuses every finished cell. Keys: bidirlm_jax/configs/ablation.py, e.g.
---config.tasks=fruit,docstrings --config.finetune.steps=100 --config.paths.bi_mntp=HF_DIR."""
+--config.tasks=fruit,docstrings --config.finetune.steps=100 --config.paths.bi_mntp=HF_DIR.
+
+       bidirlm ablate --config configs/specialists.py[:PRESET] --workdir DIR [--config.key=value ...]
+
+The composition study (paper section 6, Figures 6-8): merge a Bi+MNTP encoder with a causal specialist at each
+ratio, fine-tune Bi+MNTP, Bi+Specialist and every merge on the task, and write DIR/results.jsonl, DIR/results.md
+(with the layer-wise cosine similarity), DIR/learning_curves.png and DIR/merge_ratio.png. Presets: tiny (offline),
+safety, vision, audio; keys: bidirlm_jax/configs/specialists.py."""
 
 
 def add_ablate(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
@@ -71,6 +78,15 @@ def run_ablate(args: argparse.Namespace) -> int:
     from bidirlm_jax.ablation.harness import parse_args, run_ablation
 
     config, workdir = parse_args(configs.resolve_args(args.flags))
+    if "specialist" in config:  # configs/specialists.py: the composition study
+        from bidirlm_jax.ablation.composition import run_composition
+
+        result = run_composition(config, workdir)
+        print(
+            f"\n{result.markdown}\n\n{len(result.computed)} cells computed, {len(result.reused)} reused; in {workdir}/: "
+            "results.jsonl, results.md, learning_curves.png, merge_ratio.png, similarity.json"
+        )
+        return 0
     result = run_ablation(config, workdir)
     print()
     print(result.markdown)

@@ -42,7 +42,7 @@ VARIANTS = "Base,Bi+Base,Bi+MNTP,Bi+Contrastive,Bi+MNTP+Contrastive"
 
 def get_config(preset: str = "tiny") -> ConfigDict:
     from bidirlm_jax.configs import contrastive, mntp
-    from bidirlm_jax.configs.sizes import Size, stage_configs
+    from bidirlm_jax.configs.sizes import FINETUNE_SCHEDULE, TINY_BASE, Size, stage_configs
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -55,42 +55,13 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.contrastive_from = "Bi+MNTP"
     c.tasks = ""
     c.task_paths = ConfigDict(dict(seahorse_train="", seahorse_validation="", msmarco_pairs=""))
-    c.finetune = ConfigDict(
-        dict(
-            steps=0,
-            learning_rate=0.0,
-            batch_size=0,
-            seq_len=0,
-            eval_every=0,
-            seed=0,
-            synthetic_train_size=0,
-            synthetic_validation_size=0,
-            classifier="eurobert",  # sequence tasks' head (models.heads): eurobert | linear | auto
-        )
-    )
+    c.finetune = ConfigDict(FINETUNE_SCHEDULE)
     c.retrieval = ConfigDict(dict(steps=1000, learning_rate=0.0, batch_size=0, seq_len=0, max_length=512))
     c.sweep = ConfigDict(
         dict(enabled=True, adapted="Bi+MNTP", ratios="0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1", texts="", max_texts=256)
     )
     # The generated base (base="generate"): `configs.sizes.Size` fields.
-    c.generate = ConfigDict(
-        dict(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            sliding_window=16,
-            seq_len=64,
-            lm_steps=60,
-            lm_batch=16,
-            lm_learning_rate=3e-3,
-            num_negatives=1,
-            max_eval_queries=120,
-        )
-    )
+    c.generate = ConfigDict(TINY_BASE)
     if preset == "tiny":
         size = Size(
             **c.generate.to_dict(),

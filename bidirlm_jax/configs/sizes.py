@@ -75,6 +75,37 @@ QUICK = Size(
     speech_variants=1,
 )
 
+# The studies' shared config sections (`configs/ablation.py`, `configs/specialists.py`):
+# `generate.*`, the generated base of their `tiny` presets (`Size` fields) ...
+TINY_BASE = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    sliding_window=16,
+    seq_len=64,
+    lm_steps=60,
+    lm_batch=16,
+    lm_learning_rate=3e-3,
+    num_negatives=1,
+    max_eval_queries=120,
+)
+# ... and `finetune.*`, the schedule set on a task's `configs/finetune.py` preset (0 or "" keeps the preset's)
+FINETUNE_SCHEDULE = dict(
+    steps=0,
+    learning_rate=0.0,
+    batch_size=0,
+    seq_len=0,
+    eval_every=0,
+    seed=0,
+    synthetic_train_size=0,
+    synthetic_validation_size=0,
+    classifier="eurobert",  # sequence tasks' head (models.heads): eurobert | linear | auto
+)
+
 
 def lm_config(size: Size, init_dir: Path, tokens: Path, progress: bool):
     """The base's causal-LM pre-training config (`configs/lm.py`'s `tiny`) on the token stream `tokens`."""

@@ -1,4 +1,5 @@
-"""Base pre-training: a small causal base made from scratch, offline (the tiny pipeline's steps 1-2)."""
+"""Base pre-training: a small causal base made from scratch, offline (the tiny pipeline's steps 1-2), and the
+same causal-LM stage continued from a base on other text (a small specialist of that text's domain)."""
 
 from __future__ import annotations
 
@@ -113,3 +114,29 @@ def _params(config) -> int:
     from bidirlm_jax.io.params import param_count
 
     return param_count(config)
+
+
+def adapt_causal(
+    base: str | os.PathLike, texts: list[str], out_dir: str | os.PathLike, *, size: Size, timer: Timer | None = None
+) -> Path:
+    """`out_dir/model`: the causal `base` (an HF directory with its tokenizer) trained further by causal LM on
+    `texts` (`size.lm_steps` steps of `size.lm_batch` rows of `size.seq_len` tokens at `size.lm_learning_rate`),
+    with the base's tokenizer: a specialist sharing the base's backbone. Writes `out_dir/data/train_tokens.npy`
+    and `out_dir/runs/lm/` (the run) beside it."""
+    from bidirlm_jax.io.tokenizer import load_tokenizer
+    from bidirlm_jax.pipeline.stages import run_to_hf
+    from bidirlm_jax.train import train
+
+    out = Path(out_dir)
+    timer = timer or Timer(echo=lambda _: None)
+    with timer.phase("specialist: causal LM") as note:
+        tokens = out / "data" / "train_tokens.npy"
+        tokens.parent.mkdir(parents=True, exist_ok=True)
+        count = _tokens_file(texts, load_tokenizer(base), tokens)
+        run = out / "runs" / "lm"
+        result = train(lm_config(size, Path(base), tokens, False), str(run))
+        if result["preempted"]:
+            raise Preempted(run, result["step"])
+        model = run_to_hf(run, out / "model", attention="causal", tokenizer_from=base)
+        note["text"] = f"{size.lm_steps} steps on {len(texts)} texts ({count:,} tokens), {loss_summary(run)}"
+    return model
