@@ -15,7 +15,7 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bidirlm demo --out demo_out --overwrite $(if $(MODEL),--model $(MODEL))
+	$(VENV)/bin/bidirlm demo --out demo_out --overwrite $(if $(MODEL),--model $(MODEL),--omni)
 
 test: $(STAMP)  # lint and format check first (seconds), then the suite
 	$(VENV)/bin/ruff format --check --quiet .

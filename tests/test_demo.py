@@ -234,13 +234,14 @@ def test_the_whole_demo_runs(tmp_path, capsys):
 def _check_omni(out: Path, record: dict, printed: str) -> None:
     """Every model of the Omni table on the tasks it reads; each specialist's text stack started as the base's;
     the Omni runs left the towers they were composed with bit-identical."""
-    from bidirlm_jax.pipeline.omni import COMPOSED, NOT_COMPOSED
+    from bidirlm_jax.pipeline.omni import COMPOSED, COMPOSED_UNTRAINED, NOT_COMPOSED
 
     tasks = {name: set(row["tasks"]) for name, row in record["results"].items()}
     assert tasks == {
         "Bi+MNTP+Contrastive": {"text"},
         "vision specialist": {"text", "image"},
         "audio specialist": {"text", "audio"},
+        COMPOSED_UNTRAINED: {"text", "image", "audio"},
         NOT_COMPOSED: {"text", "image", "audio"},
         COMPOSED: {"text", "image", "audio"},
     }

@@ -9,7 +9,8 @@ a retrieval table across modalities.
 4. each trained contrastively on the Omni mixture (65 % text pairs with their hard negatives, 17.5 % image,
    17.5 % audio, 0 negatives for media), towers frozen, as the release was;
 5. text→text (the held-out docstrings), text→image and text→audio retrieval for every model that reads the
-   modality: the text encoder, each specialist, Omni not composed and composed (nDCG@10, MRR@10, R@100).
+   modality: the text encoder, each specialist, the composition before training, Omni not composed and
+   composed (nDCG@10, MRR@10, R@100).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bidirlm_jax.pipeline.timer import Timer
 MIX = {"text": 0.65, "image": 0.175, "audio": 0.175}  # BidirLM-Omni's contrastive mixture (App. E)
 TASKS = ("text", "image", "audio")  # text→text, text→image, text→audio
 COMPOSED, NOT_COMPOSED = "Omni, composed", "Omni, not composed"
+COMPOSED_UNTRAINED = "composed, untrained"  # the composition before the Omni stage: what training adds
 SPECIALIST = {"image": "vision specialist", "audio": "audio specialist"}
 
 
@@ -93,7 +95,12 @@ def omni_stage(
             models[name] = _train(_omni_config(template, init, media, size, progress), run, out / slug, init)
             shares = "/".join(f"{w:.2f}" for w in weights)
             note["text"] = f"backbones (vision/text/audio) {shares}, {size.omni_steps} steps, {loss_summary(run)}"
-    evaluated = {"Bi+MNTP+Contrastive": text_encoder, **{SPECIALIST[m]: p for m, p in specialists.items()}, **models}
+    evaluated = {
+        "Bi+MNTP+Contrastive": text_encoder,
+        **{SPECIALIST[m]: p for m, p in specialists.items()},
+        COMPOSED_UNTRAINED: out / "init" / "composed",
+        **models,
+    }
     with quiet("bidirlm_jax.embed.encode"):  # long docstrings cut and photographs scaled down, on purpose
         return {
             name: {"path": str(path), "tasks": _evaluate(name, path, corpus, media, size, timer)}
