@@ -70,7 +70,7 @@ QUICK = Size(
     max_eval_queries=48,
     specialist_steps=3,
     omni_steps=3,
-    omni_batch=4,
+    omni_batch=8,
     image_crops=1,
     speech_variants=1,
 )
