@@ -1,12 +1,23 @@
 """Subprocesses and waits in tests, each bounded: on a loaded machine a hang fails its test with a message
 that says what did not finish and what it printed, instead of blocking the suite."""
 
+import os
 import shlex
 import subprocess
 import time
 from collections.abc import Callable
 
 import pytest
+
+
+def jax_env(devices: int) -> dict[str, str]:
+    """This environment for a JAX subprocess on `devices` CPU devices (collectives in one order, as in
+    conftest). Every program it compiles goes to the shared compilation cache, not only those that took a
+    second: a training run also compiles dozens of small ones (orbax's per-shard slices, initialisers),
+    which each later run of the same test would compile again. (Tests in the pytest process keep the
+    one-second floor: models run op by op there would write hundreds of entries for nothing.)"""
+    flags = f"--xla_force_host_platform_device_count={devices} --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
 def tail(text: str | bytes | None, chars: int = 3000) -> str:

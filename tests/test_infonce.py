@@ -139,7 +139,7 @@ RUNTIME = Runtime(attention="bidirectional")  # what the contrastive configs dec
 def objective_grads(tmp_path_factory):
     """The contrastive objective's own gradient program (stdlib pairs, GradCache with chunks of 2 rows per
     shard, mean pooling) for `gather` on a mesh, from the same initial parameters and global batch."""
-    objectives, cache = {}, {}
+    objectives, programs, cache = {}, {}, {}
 
     def get(gather: str, mesh_shape, rows=slice(None)):
         if gather not in objectives:
@@ -147,15 +147,20 @@ def objective_grads(tmp_path_factory):
             config.data.seq_len = 32
             config.contrastive.update(chunk_size=2, gather=gather)
             objectives[gather] = build_objective(config, MODEL, workdir=tmp_path_factory.mktemp("contrastive"))
-        key = (gather, mesh_shape, rows.start)
-        if key not in cache:
-            objective = objectives[gather]
-            batch = {k: np.stack([objective.rows[r][k] for r in range(16)])[rows] for k in objective.rows[0]}
+        objective = objectives[gather]
+        if (gather, mesh_shape) not in programs:  # one jitted program (and initial state) per gather and mesh:
+            # the eight two-row batches of the local test share its compilation
             mesh = sharding.make_mesh(*mesh_shape, devices=jax.devices()[: int(np.prod(mesh_shape))])
             layout = StateLayout(MODEL, optax.sgd(1.0), mesh, seed=0, runtime=RUNTIME)
             fn = jax.jit(functools.partial(objective.grad_fn, layout.graphdef), compiler_options=FAST_COMPILE)
             with jax.set_mesh(mesh):
-                cache[key] = jax.tree.map(np.asarray, fn(layout.init().params, batch, jax.random.key(0)))
+                programs[gather, mesh_shape] = mesh, fn, layout.init().params
+        key = (gather, mesh_shape, rows.start)
+        if key not in cache:
+            mesh, fn, params = programs[gather, mesh_shape]
+            batch = {k: np.stack([objective.rows[r][k] for r in range(16)])[rows] for k in objective.rows[0]}
+            with jax.set_mesh(mesh):
+                cache[key] = jax.tree.map(np.asarray, fn(params, batch, jax.random.key(0)))
         return cache[key]
 
     return get

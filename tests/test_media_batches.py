@@ -75,6 +75,12 @@ def asr(tmp_path_factory):
     return bidirlm_jax.from_pretrained(path, attention="bidirectional")
 
 
+# Compiled once per model and batch shape: run op by op, each of the model's few hundred operations was
+# compiled on its own (most of these tests' time).
+_batch_hidden = nnx.jit(hidden_states)
+_processor_hidden = nnx.jit(lambda model, kwargs: model.hidden_states(**kwargs))
+
+
 def _close(ours, theirs, mask):
     valid = np.asarray(mask).astype(bool)
     ours, theirs = np.asarray(ours)[valid], np.asarray(theirs)[valid]
@@ -95,14 +101,17 @@ def test_image_rows_equal_the_model_on_processor_inputs(vl, tokenizer):
     assert len({r.grid for r in rendered if r.grid}) == 3  # three grid shapes, one row without an image
     batch = collate(rendered, processor, rows=4, max_length=64)
     assert batch["pixel_values"].shape[:2] == (4, 64) and batch["positions"].shape == (4, 3, 32)
-    ours = hidden_states(vl, batch)
+    ours = _batch_hidden(vl, batch)
     with_images = [r for r in rendered if r.grid]
-    theirs = vl(
-        batch["input_ids"],
-        batch["attention_mask"],
-        pixel_values=np.concatenate([r.patches for r in with_images]),
-        image_grid_thw=np.asarray([r.grid for r in with_images]),
-    ).hidden_states
+    theirs = _processor_hidden(  # the model's call (`vl(...)`) without its LM head: prepare, then hidden_states
+        vl,
+        vl.prepare(
+            batch["input_ids"],
+            batch["attention_mask"],
+            pixel_values=np.concatenate([r.patches for r in with_images]),
+            image_grid_thw=np.asarray([r.grid for r in with_images]),
+        ),
+    )
     _close(ours, theirs, batch["attention_mask"])
 
 
@@ -128,14 +137,14 @@ def test_audio_rows_equal_the_model_on_processor_inputs(asr, tokenizer):
     rendered = [processor.render(item, 96) for item in items]
     batch = collate(rendered, processor, rows=4, max_length=96)
     assert batch["input_features"].shape == (4, 128, 400) and batch["audio_lengths"].tolist() == [137, 0, 250, 137]
-    ours = hidden_states(asr, batch)
+    ours = _batch_hidden(asr, batch)
     clips = [r.features for r in rendered if r.features is not None] + [rendered[0].features]
     frames = max(f.shape[1] for f in clips)
     features = np.stack([np.pad(f, ((0, 0), (0, frames - f.shape[1]))) for f in clips])
     mask = np.arange(frames)[None] < np.asarray([f.shape[1] for f in clips])[:, None]
-    theirs = asr(
-        batch["input_ids"], batch["attention_mask"], input_features=features, input_features_mask=mask
-    ).hidden_states
+    theirs = _processor_hidden(
+        asr, asr.prepare(batch["input_ids"], batch["attention_mask"], input_features=features, input_features_mask=mask)
+    )
     _close(ours, theirs, batch["attention_mask"])
 
 

@@ -62,6 +62,12 @@ def qwen_untied():
     return Transformer(get_preset("tiny-qwen3", tie_word_embeddings=False), BIDIRECTIONAL, rngs=nnx.Rngs(1))
 
 
+@nnx.jit
+def packed_logits(model, ids, batch):
+    """The model's logits on packed rows `ids`, one compiled program (run op by op, each operation compiles apart)."""
+    return model(ids, batch["attention_mask"], segment_ids=batch["segment_ids"], positions=batch["positions"]).logits
+
+
 @nnx.jit(static_argnames=("slots",))
 def loss_from_mask(model, batch, corrupted, masked, slots=None):
     return mntp_loss_from_mask(model, batch, corrupted, masked, slots=slots, chunk_size=CHUNK)
@@ -177,12 +183,7 @@ def test_hand_computed_packed_row(gemma, slots):
     masked[0, [3, 7, 13, 14, 27, 29]] = True
     masked[1, [0, 5, 31]] = True
     corrupted = corrupt(batch["input_ids"], masked)
-    logits = np.asarray(
-        gemma(
-            corrupted, batch["attention_mask"], segment_ids=batch["segment_ids"], positions=batch["positions"]
-        ).logits,
-        np.float64,
-    )
+    logits = np.asarray(packed_logits(gemma, corrupted, batch), np.float64)
     pairs = [(0, 2, 3), (0, 6, 7), (0, 13, 14), (0, 26, 27), (1, 4, 5), (1, 30, 31)]  # (row, from i-1, target i)
     logp = _log_softmax(logits)
     expected = -sum(logp[r, j, batch["input_ids"][r, i]] for r, j, i in pairs)
@@ -288,7 +289,7 @@ def test_each_source_reports_the_mean_loss_of_its_own_targets(gemma):
     masked = random_mask(batch, seed=7)
     corrupted = corrupt(batch["input_ids"], masked)
     ids, segments = batch["input_ids"], batch["segment_ids"]
-    logits = gemma(corrupted, batch["attention_mask"], segment_ids=segments, positions=batch["positions"]).logits
+    logits = packed_logits(gemma, corrupted, batch)
     logp = _log_softmax(np.asarray(logits, np.float64))
     scored = masked[:, 1:] & (segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)  # j predicts j + 1
     nll = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]

@@ -5,7 +5,6 @@ parameters, and for fine-tuning the evaluation schedule, the best step (its scor
 and the label map. (Its own file: three training processes per objective, which the test workers then share
 out with the rest of the suite.)"""
 
-import os
 import shutil
 import signal
 import sys
@@ -33,7 +32,8 @@ TIMINGS = {"step_seconds", "tokens_per_second", "samples_per_second", "mfu"}  # 
 def _run(config_file: str, workdir, *overrides, env=None):
     command = [sys.executable, INTERRUPTED, "train", f"--config={config_file}", f"--workdir={workdir}"]
     command += ["--config.metrics.progress_bar=false", "--config.metrics.tensorboard=false", *overrides]
-    env = {**os.environ, **(env or {})}
+    # Two devices: the checkpoints stay sharded (over the data axis); each step and save handles 2 shards, not 8.
+    env = {**procs.jax_env(2), **(env or {})}
     return procs.run(command, env=env, capture_output=True, text=True, timeout=900)  # a tiny run: ~1 min
 
 

@@ -53,9 +53,16 @@ def _params(model) -> dict:
     return {p: np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+@nnx.jit
+def _hidden_states(model, inputs):
+    return model.hidden_states(**inputs)
+
+
 def _forward(model) -> np.ndarray:
+    """The model's hidden states on the tiny batch: its host-side `prepare`, then one compiled program (what
+    `model(...)` runs, without the LM head; op by op, each operation would compile on its own)."""
     ids, mask, features, frames = ref.asr_batch()
-    return np.asarray(model(ids, mask, input_features=features, input_features_mask=frames).hidden_states)
+    return np.asarray(_hidden_states(model, model.prepare(ids, mask, features, frames)))
 
 
 def test_both_layouts_load_the_same_model(hf_dir, thinker_dir):

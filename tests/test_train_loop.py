@@ -3,7 +3,6 @@ an asynchronous save; a run moving between process counts and meshes; non-finite
 HF directory; and inputs it must refuse without writing anything."""
 
 import json
-import os
 import shutil
 import signal
 import sys
@@ -32,10 +31,6 @@ QUIET = ["--config.metrics.progress_bar=False", "--config.metrics.tensorboard=Fa
 INTERRUPTED = str(Path(__file__).with_name("interrupted_train.py"))  # SIGTERM / SIGKILL at a chosen step
 
 
-def _env(devices: int) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-
-
 def _train_cmd(workdir, *overrides, interrupted=False):
     head = [sys.executable, INTERRUPTED] if interrupted else [sys.executable, "-m", "bidirlm_jax.cli"]
     return [*head, "train", "--config", TINY, "--workdir", str(workdir), *QUIET, *overrides]
@@ -44,7 +39,7 @@ def _train_cmd(workdir, *overrides, interrupted=False):
 def _run(workdir, *overrides, devices=4, env=None, timeout=300):
     return procs.run(
         _train_cmd(workdir, *overrides, interrupted=bool(env)),
-        env={**_env(devices), **(env or {})},
+        env={**procs.jax_env(devices), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -122,7 +117,7 @@ def _cluster(workdir, *overrides, env):
         )
         for i in range(2)
     ]
-    check(run_cluster(commands, {**_env(4), **env}))
+    check(run_cluster(commands, {**procs.jax_env(4), **env}))
 
 
 @pytest.mark.slow

@@ -46,11 +46,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grain
 import numpy as np
-from transformers import PreTrainedTokenizerBase
 
 from bidirlm_jax.data.batching import pad_id, pad_rows
 from bidirlm_jax.data.media.collate import collate
@@ -58,6 +57,9 @@ from bidirlm_jax.data.media.items import MediaProcessor
 from bidirlm_jax.data.records import HUB_PREFIX, ROWS, expand, hub_dataset, hub_records, read_file
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.paths import user_path
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 EXTENSIONS = (".jsonl", ".parquet")
 INSTRUCTION_TEMPLATE = "Instruct: {instruction}\nQuery: {text}"

@@ -13,15 +13,19 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io import released
 from bidirlm_jax.io.atomic import atomic_directory
 from bidirlm_jax.io.families import MULTIMODAL_MODEL_TYPES, RESERVED_MASK_IDS
 from bidirlm_jax.paths import user_path
+
+if TYPE_CHECKING:  # transformers (and torch behind it) is imported where a tokenizer is built: a run that
+    # needs none, such as the causal-LM presets on synthetic tokens, starts seconds sooner
+    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ("<pad>", "<eos>", "<bos>", "<unk>", "<mask>")
 # Qwen's chat and media markers, in the order `with_media_tokens` gives them ids.
@@ -52,6 +56,8 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
             f"{path} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)}); copy the checkpoint's tokenizer "
             "files there or point data.tokenizer / --tokenizer at a directory that has them"
         )
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **_native_config(path))
     except (OSError, ValueError, KeyError) as e:
@@ -65,6 +71,8 @@ def _native_config(path: Path) -> dict:
     """`config=` the native family's config for a released BidirLM or BidirLM-Omni directory: AutoTokenizer then
     picks the family's tokenizer class instead of importing (or asking to run) the remote code its config.json
     names."""
+    from transformers import AutoConfig
+
     try:
         d = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
@@ -97,6 +105,8 @@ def train_tokenizer(
     backend.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", bos)]
     )
+    from transformers import PreTrainedTokenizerFast
+
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -188,6 +198,8 @@ def set_mask_token(
     A directory's `tokenizer_config.json` gets `mask_token` (the token's string), so that
     `AutoTokenizer.from_pretrained(dir).mask_token_id == token_id`; the file is replaced atomically.
     """
+    from transformers import PreTrainedTokenizerBase
+
     if isinstance(tokenizer, PreTrainedTokenizerBase):
         tokenizer.mask_token = _token_string(tokenizer.convert_ids_to_tokens(token_id), token_id)
         return tokenizer
