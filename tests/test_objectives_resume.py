@@ -82,11 +82,12 @@ def _kill_and_resume(preset: str, tmp_path: Path, *args: str) -> tuple[Path, Pat
         "configs/contrastive.py:tiny",
         "configs/contrastive.py:tiny-image",
         pytest.param("configs/contrastive.py:tiny-audio", marks=ESPEAK),
+        pytest.param("configs/contrastive.py:tiny-omni", marks=ESPEAK),
     ],
 )
 def test_a_run_killed_mid_save_resumes_bit_exactly(preset, tmp_path):
-    """MNTP's masks come from the checkpointed RNG; contrastive batches (text, image–text or audio–text) from
-    the step."""
+    """MNTP's masks come from the checkpointed RNG; contrastive batches (text, image–text, audio–text, or the
+    Omni mixture's, each batch's dataset drawn by weight) from the step."""
     _kill_and_resume(preset, tmp_path)
 
 
