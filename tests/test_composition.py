@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from bidirlm_jax.ablation.composition import parse_settings, run_composition
+from bidirlm_jax.ablation.composition import parse_settings, parse_test_sets, run_composition
 from bidirlm_jax.ablation.curves import ema
 from bidirlm_jax.ablation.specialists import build_merge
 from bidirlm_jax.cli import main
@@ -98,6 +98,16 @@ def test_merges_are_keyed_by_their_inputs_files(models, tmp_path):
     assert b"model.visual.patch_embed.proj.weight" in index and b"model.language_model.layers.0" in index
 
 
+def test_test_sets_are_named_data_with_a_split():
+    assert parse_test_sets("safe=/d/safe.jsonl; aegis=hf:org/aegis-2.0@validation") == {
+        "safe": ("/d/safe.jsonl", "test"),
+        "aegis": ("hf:org/aegis-2.0", "validation"),
+    }
+    for bad in ("safe", "validation=x", "1x=y", "a=x;a=y", "a=@test"):
+        with pytest.raises(ConfigError, match="NAME=DATA"):
+            parse_test_sets(bad)
+
+
 def test_task_settings_take_the_presets_types():
     template = finetune.get_config("xnli")
     got = parse_settings("data.path=hf:x/y; data.seq_len=512;finetune.pack=true;optim.learning_rate=1e-4", template)
@@ -150,6 +160,7 @@ def _small(**changes):
     c.adapt.update(steps=4, examples=128)
     c.finetune.update(steps=6, eval_every=2, synthetic_train_size=64, synthetic_validation_size=32)
     c.ratios = "0,0.5,1"
+    c.task.test_sets = "heldout=generated"  # a generated task's test set is its validation split again
     for key, value in changes.items():
         section, leaf = key.split(".")
         c[section][leaf] = value
@@ -168,8 +179,11 @@ def test_the_tiny_preset_end_to_end(tmp_path):
         curve = [[r["step"], r["eval/accuracy"]] for r in logged if "eval/accuracy" in r]
         assert row["curve"] == curve and [s for s, _ in curve] == [2, 4, 6]
         assert row["score"] == max(v for _, v in curve) and row["final"] == curve[-1][1]
+        assert [[r["step"], r["eval/heldout/accuracy"]] for r in logged if "eval/heldout/accuracy" in r] == curve
+        assert row["test_scores"] == {"heldout": row["score"]}  # at the validation's best step
     table = (work / "results.md").read_text()
     assert f"{100 * first.rows[1]['score']:.1f}" in table and f"{first.similarity['mean']:.4f}" in table
+    assert "heldout at best |" in table
     assert 0.5 < first.similarity["mean"] < 1.0 and len(first.similarity["layers"]) == 2
     for png in (first.curves_png, first.ratio_png):
         assert png.read_bytes().startswith(b"\x89PNG")

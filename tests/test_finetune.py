@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from ml_collections import ConfigDict
 
 from bidirlm_jax import sharding
 from bidirlm_jax.configs.finetune import PRESETS, get_config
@@ -284,3 +285,22 @@ def test_presets_are_complete():
         c = get_config(preset)
         assert c.objective in finetune.OBJECTIVES and c.finetune.pooling in finetune.POOLINGS
     assert get_config("pan-x").finetune.tags_field == "ner_tags" and get_config("xnli").optim.warmup_steps == 1000
+
+
+def test_a_second_finetune_evaluation_logs_under_its_name_and_keeps_no_best_step(tmp_path, tokenizer_dir):
+    """A test set beside the validation (`evals.heldout`, here the same generated split): its scores are
+    logged as eval/heldout/*, the validation's as eval/*, and only the validation keeps the best step."""
+    from bidirlm_jax.train.evaluation import Schedule
+
+    config = _config("classification", tokenizer_dir)
+    config.evals.heldout = ConfigDict(config.evals.validation.to_dict())
+    obj = finetune.build(config, model_config(config.model), workdir=tmp_path)
+    built = {e.name: e for e in build_evaluations(config, obj, EVALUATORS)}
+    validation, heldout = built["validation"], built["heldout"]
+    assert (validation.prefix, validation.best_metric) == ("", "accuracy")
+    assert (heldout.prefix, heldout.best_metric) == ("heldout/", "")
+    model = obj.model_factory(nnx.Rngs(0))
+    logged = Schedule([validation, heldout], tmp_path, last_step=1).run(1, model, nnx.state(model, nnx.Param))
+    scores = {"accuracy", "macro_f1", "loss", "examples", "truncated"}
+    assert set(logged) == {f"eval/{k}" for k in scores} | {f"eval/heldout/{k}" for k in scores}
+    assert all(logged[f"eval/heldout/{k}"] == logged[f"eval/{k}"] for k in scores)

@@ -116,7 +116,26 @@ def task_of(config: ConfigDict) -> tuple[Task, ConfigDict]:
     if config.task.metric:
         settings["evals.validation.best_metric"] = metric
     task = Task(config.task.name or config.task.preset, kind, metric, preset=config.task.preset, settings=settings)
-    return task, finetune_config(task, config.finetune, ConfigDict())
+    cfg = finetune_config(task, config.finetune, ConfigDict())
+    for name, (data, split) in parse_test_sets(config.task.get("test_sets", "")).items():
+        cfg.evals[name] = copy.deepcopy(cfg.evals.validation)
+        cfg.evals[name].update(data=data, split=split, best_metric="")
+    return task, cfg
+
+
+def parse_test_sets(text: str) -> dict[str, tuple[str, str]]:
+    """`"safe=/data/safe.jsonl;aegis=hf:org/aegis@test"` → {name: (data, split)} (split `test` by default)."""
+    out: dict[str, tuple[str, str]] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, sep, where = (p.strip() for p in item.partition("="))
+        data, _, split = where.rpartition("@") if "@" in where else (where, "", "test")
+        if not sep or not name.isidentifier() or name == "validation" or name in out or not data or not split:
+            raise ConfigError(
+                f"task.test_sets item {item!r}: expected NAME=DATA[@SPLIT] with a new identifier NAME (not "
+                "'validation') and a data path or hf: name"
+            )
+        out[name] = (data, split)
+    return out
 
 
 def check(config: ConfigDict, workdir: str | os.PathLike) -> _Plan:
@@ -222,6 +241,10 @@ def _cell(plan: _Plan, ratio: float, path: Path, provenance: dict[str, Any], tim
     if best is None or not curve:
         raise ConfigError(f"{run} recorded no validation score; remove it and run again")
     peak = float(best["metrics"][task.metric])
+    at_best = {  # each test set's score at the validation's best step
+        name: dict(curves.read_curve(run, f"{name}/{task.metric}")).get(int(best["step"]))
+        for name in parse_test_sets(plan.config.task.get("test_sets", ""))
+    }
     row = {
         "variant": name,
         "ratio": ratio,
@@ -233,6 +256,7 @@ def _cell(plan: _Plan, ratio: float, path: Path, provenance: dict[str, Any], tim
         "steps": cfg.train.steps,
         "reaches_peak_share_at": next((s for s, v in curve if v >= PEAK * peak), None),
         "metrics": {k: float(v) for k, v in best["metrics"].items()},
+        "test_scores": at_best,
         "curve": [[s, v] for s, v in curve],
         "provenance": provenance,
     }
@@ -245,15 +269,19 @@ def markdown_table(rows: list[dict[str, Any]], similarity: dict[str, Any], defau
     """One line per variant (×100): best score and its step, final score, the first step at 93 % of its best;
     then the encoder–specialist similarity."""
     metric = rows[0]["metric"]
+    tests = list(rows[0].get("test_scores", {}))
     lines = [
-        f"| variant | weight on specialist | best {metric} | at step | final | {round(100 * PEAK)} % of best at step |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| variant | weight on specialist | best {metric} | at step | final | {round(100 * PEAK)} % of best at step |"
+        + "".join(f" {name} at best |" for name in tests),
+        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(tests),
     ]
     for row in rows:
         mark = " (default)" if row["ratio"] == default and row["ratio"] not in (0, 1) else ""
+        scores = [row["test_scores"].get(name) for name in tests]
         lines.append(
             f"| {row['variant']}{mark} | {row['ratio']:g} | {100 * row['score']:.1f} | {row['step']} | "
             f"{100 * row['final']:.1f} | {row['reaches_peak_share_at']} |"
+            + "".join(" – |" if v is None else f" {100 * v:.1f} |" for v in scores)
         )
     layers = ", ".join(f"{c:.4f}" for c in similarity["layers"])
     lines += ["", f"Layer-wise cosine similarity, encoder vs specialist: {similarity['mean']:.4f} (layers: {layers})"]

@@ -18,7 +18,10 @@ Keys:
   bidirectionally). `merge_ratio`: the merge the table and the learning curves show (the paper's 0.5).
 - `task.*`: what each variant is fine-tuned on: a `configs/finetune.py` preset (`task.preset`) with the
   dotted keys of `task.settings` ("data.path=hf:...;finetune.label_field=is_safe") set on it; its score is
-  the preset's best metric unless `task.metric` names another validation metric.
+  the preset's best metric unless `task.metric` names another validation metric. `task.test_sets`:
+  "NAME=DATA[@SPLIT];…" labelled test sets scored beside the validation at every evaluation (the paper's
+  Safe and Aegis 2.0 beside BeaverTails: local files or `hf:` names, split `test` by default), each reported
+  at the validation's best step.
 - `finetune.*`: the schedule applied to that preset (0 or "" keeps the preset's value), as `bidirlm ablate`'s:
   `steps` (the paper: 500), `batch_size` (4 / 32 / 14), `eval_every` (the learning curves' resolution), ...
 
@@ -67,7 +70,7 @@ def get_config(preset: str = "tiny") -> ConfigDict:
     c.compilation_cache = True  # JAX's persistent cache in WORKDIR/jax-cache: every cell has one shape
     c.ratios = "0,0.25,0.5,0.75,1"
     c.merge_ratio = 0.5
-    c.task = ConfigDict(dict(name="", preset="tiny", settings="", metric=""))
+    c.task = ConfigDict(dict(name="", preset="tiny", settings="", metric="", test_sets=""))
     c.finetune = ConfigDict({**FINETUNE_SCHEDULE, "steps": 500, "seed": 42})
     c.adapt = ConfigDict(dict(steps=60, batch_size=16, learning_rate=1e-3, examples=1024, seed=1))
     c.generate = ConfigDict(TINY_BASE)  # the generated base (base="generate")

@@ -45,6 +45,7 @@ class Evaluator:
     run: Callable[[nnx.Module], Mapping[str, float]]
     every: int = 0
     best_metric: str = ""  # the score whose best step is kept (higher is better); "" for none
+    prefix: str = ""  # logged as eval/<prefix><key>: several evaluations of one kind in a run stay apart
 
     def __call__(self, model: nnx.Module) -> Mapping[str, float]:
         return self.run(model)
@@ -87,13 +88,18 @@ def validation_split(config: ConfigDict, spec: ConfigDict, fields: Fields) -> La
 
 
 def finetune_validation(name: str, spec: ConfigDict, config: ConfigDict, objective: Any) -> Evaluator:
-    """A fine-tuned head's validation scores, its labels checked against the run's label map now."""
+    """A fine-tuned head's scores on a labeled split, its labels checked against the run's label map now.
+
+    The entry `validation` logs `eval/<metric>` and keeps the best step (by the task's metric unless
+    `best_metric` says otherwise); any other entry (a test set: `evals.aegis = {kind: finetune, data: ...}`)
+    logs `eval/<name>/<metric>` and keeps nothing unless it names a `best_metric`."""
     task = config.objective
     if task not in BEST_METRIC:
         raise ConfigError(f"evals.{name}.kind=finetune scores fine-tuning runs; objective {task!r} is not one")
-    best = spec.get("best_metric") or BEST_METRIC[task]
+    main = name == "validation"
+    best = spec.get("best_metric") or (BEST_METRIC[task] if main else "")
     allowed = tuple(m for m in TASK_METRICS[task] if m != "mse")
-    if best not in allowed:
+    if best and best not in allowed:
         raise ConfigError(f"evals.{name}.best_metric={best!r} is not one of {allowed} (higher is better) for {task}")
     batch_size = int(spec.get("batch_size", 32))
     if batch_size <= 0:
@@ -112,7 +118,7 @@ def finetune_validation(name: str, spec: ConfigDict, config: ConfigDict, objecti
     run = functools.partial(
         evaluate_encoded, encoded=encoded, label_map=objective.label_map, pad=pad_id(tokenizer), batch_size=batch_size
     )
-    return Evaluator(name, run, every=int(spec.get("every", 0)), best_metric=best)
+    return Evaluator(name, run, every=int(spec.get("every", 0)), best_metric=best, prefix="" if main else f"{name}/")
 
 
 RETRIEVAL_METRICS = ("ndcg_at_10", "mrr_at_10", "recall_at_100")

@@ -8,7 +8,7 @@ objective) → Evaluation` is called before the first step, so bad evaluation da
 is written. So training imports nothing from `evals/`, and evaluation nothing from `train/`.
 
 Each evaluation runs every `every` steps (0: the last step only) and at the last step; its scores are logged
-as `eval/<key>`, and the one evaluation naming a `best_metric` keeps its best step (`checkpoints.BestStep`).
+as `eval/<key>` (`eval/<prefix><key>` for an evaluation with a `prefix`), and the one evaluation naming a `best_metric` keeps its best step (`checkpoints.BestStep`).
 """
 
 from __future__ import annotations
@@ -119,10 +119,12 @@ class Schedule:
             if not self._due(evaluation, step):
                 continue
             scores = dict(evaluation(model))
+            prefix = getattr(evaluation, "prefix", "")
             for key, value in scores.items():
-                if f"eval/{key}" in out:
-                    raise ConfigError(f"two evaluations log eval/{key} (the second: {evaluation.name}); rename one")
-                out[f"eval/{key}"] = float(value)
+                logged = f"eval/{prefix}{key}"
+                if logged in out:
+                    raise ConfigError(f"two evaluations log {logged} (the second: {evaluation.name}); rename one")
+                out[logged] = float(value)
             if evaluation.best_metric and self._best is not None:
                 self._best.offer(step, params, scores)
         return out
