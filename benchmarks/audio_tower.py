@@ -9,9 +9,10 @@ attention. Clips are 2–`--max-seconds` s, every one longer than a chunk (trans
 single-chunk clip differently from one alone), and the two outputs must agree to 1e-4 of their scale before
 anything is timed. Features: `data.media.audio.audio_features` per clip against
 `WhisperFeatureExtractor(feature_size=128)` per clip (the same features; batched, its log floor follows the
-batch's loudest clip) and on the whole batch (`padding="longest"`).
+batch's loudest clip) and on the whole batch (`padding="longest"`). Last (unless `--no-stem`), the conv stem
+alone on both sides, where most of the tower's time goes at this size.
 
-    .venv/bin/python benchmarks/audio_tower.py [--clips 8] [--max-seconds 20] [--rounds 5] [--layers 4]
+    .venv/bin/python benchmarks/audio_tower.py [--clips 8] [--max-seconds 20] [--rounds 5] [--layers 4] [--no-stem]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import types
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
@@ -84,12 +86,36 @@ def clips(count: int, max_seconds: float) -> list[np.ndarray]:
     return out
 
 
+def time_stems(bench: Bench, encoder: Qwen3ASREncoder, ours: AudioEncoder, features: np.ndarray, rounds: int):
+    """The conv stem alone (three stride-2 3×3 convolutions, GELU, `conv_out`) on every chunk of the batch,
+    padded ones included, as both towers run it: where the tower's time goes."""
+    n = 2 * ASR_1_7B["n_window"]
+    b, mels, t = features.shape
+    chunks = features.reshape(b, mels, t // n, n).transpose(0, 2, 1, 3).reshape(-1, mels, n)
+    graphdef, state = nnx.split(ours.stem)
+    stem = jax.jit(lambda state, mel: nnx.merge(graphdef, state)(mel, jnp.full(mel.shape[0], n, jnp.int32)))
+    mel, pmel = jax.device_put(chunks), torch.from_numpy(chunks)[:, None]
+
+    def theirs():
+        with torch.no_grad():
+            x = pmel
+            for conv in (encoder.conv2d1, encoder.conv2d2, encoder.conv2d3):
+                x = torch.nn.functional.gelu(conv(x))
+            return encoder.conv_out(x.permute(0, 3, 1, 2).flatten(2))
+
+    stem(state, mel).block_until_ready()
+    print(f"conv stem alone, {len(chunks)} chunks of {n} frames:")
+    bench.rounds({"ours stem": lambda: stem(state, mel).block_until_ready(), "transformers stem": theirs}, rounds)
+    return bench.show_ratio("ours stem", "transformers stem")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--clips", type=int, default=8)
     p.add_argument("--max-seconds", type=float, default=20.0)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--no-stem", dest="stem", action="store_false", help="leave out the conv stem's own timing")
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args()
     bench = Bench(threads={"torch": torch.get_num_threads()})
@@ -107,13 +133,13 @@ def main() -> None:
     extractor(audio, sampling_rate=SAMPLING_RATE, padding="longest")  # its first call, outside the rounds
     bench.rounds(
         {
-            "ours": lambda: [audio_features(item) for item in items],
+            "ours log-mel": lambda: [audio_features(item) for item in items],
             "whisper per clip": lambda: [extractor(a, sampling_rate=SAMPLING_RATE, padding=False) for a in audio],
             "whisper batch": lambda: extractor(audio, sampling_rate=SAMPLING_RATE, padding="longest"),
         },
         args.rounds,
     )
-    feature_ratios = [bench.show_ratio("ours", peer) for peer in ("whisper per clip", "whisper batch")]
+    feature_ratios = [bench.show_ratio("ours log-mel", peer) for peer in ("whisper per clip", "whisper batch")]
 
     encoder, projector, ours = towers(args.layers)
     features, lengths = batch_features(feats, multiple=2 * ASR_1_7B["n_window"])
@@ -141,10 +167,11 @@ def main() -> None:
     print(f"tower: {counts.sum()} tokens of {len(audio)} clips; max difference {error:.1e} of the output's scale")
     assert error < 1e-4, f"ours and transformers' audio tokens differ by {error:.2e} relative"
     rows = bench.rounds(
-        {"ours": lambda: forward(state, x, n).tokens.block_until_ready(), "transformers": theirs}, args.rounds
+        {"ours tower": lambda: forward(state, x, n).tokens.block_until_ready(), "transformers": theirs}, args.rounds
     )
-    tower_ratio = bench.show_ratio("ours", "transformers")
+    tower_ratio = bench.show_ratio("ours tower", "transformers")
     per_s = {k: len(audio) / rows[k]["best"] for k in rows}
+    stem_ratio = time_stems(bench, encoder, ours, features, args.rounds) if args.stem else None
     print("  clips/s, best: " + ", ".join(f"{k} {v:.2f}" for k, v in per_s.items()))
     bench.finish(
         args.out,
@@ -158,6 +185,7 @@ def main() -> None:
             clips_per_s_best=per_s,
             tower_ratio=tower_ratio,
             feature_ratios=feature_ratios,
+            stem_ratio=stem_ratio,
         ),
     )
 
