@@ -121,12 +121,7 @@ def jax_step(path: Path, batch: dict, chunk_size: int | None, pack: bool = True)
     layout = StateLayout(model.config, tx, mesh, seed=0, runtime=model.runtime)
     state = layout.from_params(nnx.state(model, nnx.Param))
     del model
-    step = jit_step(
-        make_step_fn(layout.graphdef, _grad_fn(chunk_size, pack), tx, schedule),
-        layout.shardings,
-        mesh,
-        batch,
-    )
+    step = jit_step(make_step_fn(layout.graphdef, _grad_fn(chunk_size, pack), tx, schedule), layout.shardings, mesh)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
@@ -284,7 +279,7 @@ def memory(args) -> dict:
                     layout.graphdef, layout.abstract.params, batch, sds((2,), jnp.uint32)
                 )
                 row["gradient"] = memory_row(lowered.compile().memory_analysis())
-            step = jit_step(make_step_fn(layout.graphdef, grad_fn, tx, schedule), layout.shardings, mesh, batch)
+            step = jit_step(make_step_fn(layout.graphdef, grad_fn, tx, schedule), layout.shardings, mesh)
             row["step"] = memory_row(step.lower(layout.abstract, batch).compile().memory_analysis())
         row["seconds"] = time.perf_counter() - start
         rows[label] = row

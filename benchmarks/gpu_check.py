@@ -128,7 +128,7 @@ def jax_mntp(config, runtime, t: int, b: int, steps: int) -> dict:
     layout = StateLayout(config, tx, mesh, seed=0, runtime=runtime)
     loss = make_mntp_loss(mask_id=min(MASK_ID, config.vocab_size - 1), ratio=RATIO, vocab_size=config.vocab_size)
     batch = synthetic_packed(np.random.default_rng(0), b, t, config.vocab_size)
-    step = jit_step(make_step_fn(layout.graphdef, token_sum_grads(loss), tx, schedule), layout.shardings, mesh, batch)
+    step = jit_step(make_step_fn(layout.graphdef, token_sum_grads(loss), tx, schedule), layout.shardings, mesh)
     with jax.set_mesh(mesh):
         start = time.perf_counter()
         compiled = step.lower(layout.abstract, batch).compile()

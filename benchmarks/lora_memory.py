@@ -77,7 +77,7 @@ def compiled_memory(name: str, *, lora: bool, seq: int, rank: int, base_dtype: s
         layout = StateLayout(config, tx, mesh, seed=0, runtime=runtime)
     example = abstract_batch(1, seq)
     step_fn = make_step_fn(layout.graphdef, grad_fn, tx, schedule, trainable=layout.trainable)
-    step = jit_step(step_fn, layout.shardings, mesh, example)
+    step = jit_step(step_fn, layout.shardings, mesh)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         analysis = step.lower(layout.abstract, example).compile().memory_analysis()

@@ -7,10 +7,10 @@ state donated), with the preset's runtime (bidirectional, bf16 compute, fp32 mas
 scanned layers) and frozen towers (no optimizer state), lowered on abstract inputs (`jax.ShapeDtypeStruct`:
 nothing is allocated) and compiled for one device of this machine. The batch has the shapes the training
 pipeline (`data.pairs.PairBatches` → `data.media.collate(fixed=True)`) gives every batch of a run: 512 rows
-of 512 tokens per role, and — since a fixed-shape batch carries the media keys of every tower the model
-has, whatever its dataset holds — per row an image slot at the training pixel budget (256·32·32 pixels:
-1024 patches of 1536 values) and, for Omni, a clip slot of 30 s (3000 mel frames). The Omni run has two
-batch shapes: text batches (7 hard negatives per query) and media batches (none); both are compiled.
+of 512 tokens per role, and on the side that holds media (the queries here) an image slot at the training
+pixel budget (256·32·32 pixels: 1024 patches of 1536 values) or a clip slot of 30 s (3000 mel frames); a
+side or dataset without media carries no slot. The Omni run has three batch shapes: text batches (7 hard
+negatives per query), image and audio batches (none); each is compiled.
 XLA's `memory_analysis()` gives arguments (state and batch; outputs alias the state) and temporaries.
 
     .venv/bin/python benchmarks/media_memory.py [--models qwen3-vl-2b omni-2.5b] [--batch 512] [--layers 0]
@@ -62,28 +62,41 @@ def model_config(name: str, layers: int):
     return Qwen3VLConfig(text=omni.text, vision=dataclasses.replace(omni.vision, deepstack_visual_indexes=taps))
 
 
-def abstract_batch(config, b: int, k: int, length: int, patches: int, frames: int) -> dict:
-    """Every key a fixed-shape contrastive batch of the run holds (query, positive, negative roles)."""
+def abstract_batch(config, b: int, k: int, length: int, patches: int, frames: int, media: tuple[str, ...]) -> dict:
+    """Every key a fixed-shape contrastive batch of the run holds: ids, mask and positions for each role
+    (query, positive, negative), and the `media` kinds' slots on the queries (the side that holds them; a text
+    batch holds none)."""
     sds = jax.ShapeDtypeStruct
-    row = {
+    text = {
         "input_ids": ((length,), jnp.int32),
         "attention_mask": ((length,), jnp.int32),
         "positions": ((3, length), jnp.int32),
-        "pixel_values": ((patches, config.vision.patch_dim), jnp.float32),
-        "vision_coords": ((patches, 2), jnp.int32),
-        "vision_interp_index": ((patches, 4), jnp.int32),
-        "vision_interp_weight": ((patches, 4), jnp.float32),
-        "vision_lengths": ((1,), jnp.int32),
     }
-    if getattr(config, "audio", None) is not None:
-        row |= {"input_features": ((config.audio.num_mel_bins, frames), jnp.float32), "audio_lengths": ((), jnp.int32)}
+    slots = {
+        "image": {
+            "pixel_values": ((patches, config.vision.patch_dim), jnp.float32),
+            "vision_coords": ((patches, 2), jnp.int32),
+            "vision_interp_index": ((patches, 4), jnp.int32),
+            "vision_interp_weight": ((patches, 4), jnp.float32),
+            "vision_lengths": ((1,), jnp.int32),
+        },
+        "audio": {
+            "input_features": ((config.audio.num_mel_bins, frames), jnp.float32),
+            "audio_lengths": ((), jnp.int32),
+        }
+        if getattr(config, "audio", None) is not None
+        else {},
+    }
     batch = {"dataset": sds((b,), jnp.int32), "truncated": sds((b,), jnp.int32)}
     for role, lead in (("query", (b,)), ("positive", (b,)), ("negative", (b, k))):
-        batch |= {f"{role}_{key}": sds(lead + shape, dtype) for key, (shape, dtype) in row.items()}
+        keys = dict(text)
+        for kind in media if role == "query" else ():
+            keys |= slots[kind]
+        batch |= {f"{role}_{key}": sds(lead + shape, dtype) for key, (shape, dtype) in keys.items()}
     return batch
 
 
-def compiled_memory(name: str, *, batch: int, negatives: int, layers: int) -> dict:
+def compiled_memory(name: str, *, batch: int, negatives: int, layers: int, media: tuple[str, ...]) -> dict:
     c = get_config(name)
     config = model_config(name, layers)
     runtime = Runtime(attention="bidirectional", dtype="bfloat16", remat="full", scan_layers=True)
@@ -102,12 +115,9 @@ def compiled_memory(name: str, *, batch: int, negatives: int, layers: int) -> di
     patches = -(-(con.max_pixels // 16**2) // 4) * 4  # the pixel budget's patches in whole merged tokens
     chunk = 2 * config.audio.n_window if getattr(config, "audio", None) is not None else 1
     frames = -(-int(con.max_seconds * SAMPLING_RATE) // HOP // chunk) * chunk
-    example = abstract_batch(config, batch, negatives, c.data.seq_len, patches, frames)
+    example = abstract_batch(config, batch, negatives, c.data.seq_len, patches, frames, media)
     step = jit_step(
-        make_step_fn(layout.graphdef, grad_fn, tx, schedule, trainable=layout.trainable),
-        layout.shardings,
-        mesh,
-        example,
+        make_step_fn(layout.graphdef, grad_fn, tx, schedule, trainable=layout.trainable), layout.shardings, mesh
     )
     start = time.perf_counter()
     with jax.set_mesh(mesh):
@@ -136,9 +146,10 @@ def main() -> None:
     print(f"media contrastive steps, batch {args.batch}, bf16 compute, remat full, scanned; GiB = 2^30")
     results = {}
     for name in args.models:
-        for k in (7, 0) if name == "omni-2.5b" else (0,):
-            label = f"{name}, {'text' if k else 'media'} batch ({k} negatives)"
-            m = compiled_memory(name, batch=args.batch, negatives=k, layers=args.layers)
+        kinds = (("text", 7, ()), ("image", 0, ("image",)), ("audio", 0, ("audio",)))
+        for kind, k, media in kinds if name == "omni-2.5b" else kinds[1:2]:
+            label = f"{name}, {kind} batch ({k} negatives)"
+            m = compiled_memory(name, batch=args.batch, negatives=k, layers=args.layers, media=media)
             bench.note_load()
             results[label] = m
             print(

@@ -85,7 +85,7 @@ def compiled_memory(
     layout = StateLayout(config, tx, mesh, seed=0, runtime=runtime)
     loss = make_mntp_loss(mask_id=MASK_IDS[config.family], ratio=0.3, vocab_size=config.vocab_size, sparse=sparse)
     example = abstract_batch(batch, seq)
-    step = jit_step(make_step_fn(layout.graphdef, token_sum_grads(loss), tx, schedule), layout.shardings, mesh, example)
+    step = jit_step(make_step_fn(layout.graphdef, token_sum_grads(loss), tx, schedule), layout.shardings, mesh)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = step.lower(layout.abstract, example)

@@ -118,7 +118,7 @@ def jax_step(path: Path, batch: dict, *, sparse: bool, chunk_size: int):
     state = layout.from_params(nnx.state(model, nnx.Param))
     del model
     grad_fn = token_sum_grads(_loss(batch["input_ids"].shape[1], sparse, chunk_size))
-    step = jit_step(make_step_fn(layout.graphdef, grad_fn, tx, schedule), layout.shardings, mesh, batch)
+    step = jit_step(make_step_fn(layout.graphdef, grad_fn, tx, schedule), layout.shardings, mesh)
     start = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = step.lower(state, batch).compile()
@@ -349,7 +349,7 @@ def part_c(args) -> dict:
                     layout.graphdef, layout.abstract.params, batch, jax.ShapeDtypeStruct((2,), jnp.uint32)
                 )
                 g = memory_row(grad.compile().memory_analysis())
-            step = jit_step(make_step_fn(layout.graphdef, grad_fn, tx, schedule), layout.shardings, mesh, batch)
+            step = jit_step(make_step_fn(layout.graphdef, grad_fn, tx, schedule), layout.shardings, mesh)
             s = memory_row(step.lower(layout.abstract, batch).compile().memory_analysis())
         rows[label] = dict(gradient=g, step=s, seconds=time.perf_counter() - start)
         print(

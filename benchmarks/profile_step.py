@@ -179,7 +179,7 @@ def profile(name: str, config, grad_fn, batch: dict, iters: int, roof: float, be
     tx, schedule = constant_optimizer()
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     layout = StateLayout(config, tx, mesh, seed=0, runtime=Runtime(attention="bidirectional"))
-    step = jit_step(make_step_fn(layout.graphdef, grad_fn, tx, schedule), layout.shardings, mesh, batch)
+    step = jit_step(make_step_fn(layout.graphdef, grad_fn, tx, schedule), layout.shardings, mesh)
     with jax.set_mesh(mesh):
         compiled = step.lower(layout.abstract, batch).compile()
         holder = {"state": layout.init()}

@@ -53,7 +53,7 @@ def jax_step(dtype: str, ids: np.ndarray):
     layout = StateLayout(config, tx, mesh, seed=0, runtime=Runtime(dtype=dtype))
     batch = {"input_ids": ids.astype(np.int32)}
     step = jit_step(
-        make_step_fn(layout.graphdef, token_sum_grads(causal_lm_loss), tx, schedule), layout.shardings, mesh, batch
+        make_step_fn(layout.graphdef, token_sum_grads(causal_lm_loss), tx, schedule), layout.shardings, mesh
     )
     holder = {}
     with jax.set_mesh(mesh):

@@ -84,7 +84,7 @@ def _drive(objective, config, steps: int, mesh_shape=(8, 1, 1)):
     state = jax.jit(init, out_shardings=shardings)()
     batches = DeviceBatches(objective.rows, mesh, config.data.global_batch_size)
     evaluate = _validation(config, objective)
-    step = jit_step(make_step_fn(graphdef, objective.grad_fn, tx, schedule), shardings, mesh, batches.shapes)
+    step = jit_step(make_step_fn(graphdef, objective.grad_fn, tx, schedule), shardings, mesh)
     logs = []
     with jax.set_mesh(mesh):
         before = evaluate(nnx.merge(graphdef, state.params))

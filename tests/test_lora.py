@@ -166,9 +166,7 @@ def _step_setup(mesh, *, scan=False, dropout=0.0):
     layout = StateLayout(CONFIG, tx, mesh, seed=0, runtime=runtime, model_factory=factory, trainable=chosen)
     grad_fn = lora_train.adapter_grads(token_sum_grads(causal_lm_loss), chosen, dropout=dropout > 0)
     batch = {"input_ids": _ids(), "attention_mask": jnp.ones((B, T), jnp.int32)}
-    step = jit_step(
-        make_step_fn(layout.graphdef, grad_fn, tx, schedule, trainable=chosen), layout.shardings, mesh, batch
-    )
+    step = jit_step(make_step_fn(layout.graphdef, grad_fn, tx, schedule, trainable=chosen), layout.shardings, mesh)
     return layout, step, jax.device_put(batch, batch_sharding(mesh))
 
 

@@ -151,7 +151,7 @@ def test_step_applies_adamw_and_reports_metrics(batch, tx, grads_on, reference):
     layout = StateLayout(CONFIG, tx[0], mesh, seed=0)
     state = layout.init()
     before = jax.tree.map(np.array, state.params)  # copies: a zero-copy view would block donation
-    step = jit_step(make_step_fn(layout.graphdef, token_sum_grads(causal_lm_loss), *tx), layout.shardings, mesh, batch)
+    step = jit_step(make_step_fn(layout.graphdef, token_sum_grads(causal_lm_loss), *tx), layout.shardings, mesh)
     with jax.set_mesh(mesh):
         new, out = step(state, batch)
     assert state.params["final_norm"]["weight"].get_value().is_deleted()  # donated

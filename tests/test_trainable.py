@@ -64,7 +64,7 @@ def _batch():
 
 def _step(layout, tx, schedule, mesh):
     fn = make_step_fn(layout.graphdef, token_sum_grads(causal_lm_loss), tx, schedule, trainable=layout.trainable)
-    return jit_step(fn, layout.shardings, mesh, _batch())
+    return jit_step(fn, layout.shardings, mesh)
 
 
 def test_frozen_parameters_stay_bit_identical_and_the_others_train():

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import grain
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from bidirlm_jax import sharding
 
@@ -67,7 +67,8 @@ class DeviceBatches:
         read_threads: int = 2,
         prefetch: int = 4,
     ):
-        self._batch = global_batch
+        self._batch, self._mesh = global_batch, mesh
+        self._rows_axes = sharding.batch_sharding(mesh, 1).spec[0]  # the batch axes, as the rules name them now
         ranges = local_row_ranges(mesh, global_batch)
         # global row -> its row in the local batch (ranges are stacked in order)
         self._local_start = dict(zip((a for a, _ in ranges), np.cumsum([0] + [b - a for a, b in ranges]).tolist()))
@@ -83,19 +84,21 @@ class DeviceBatches:
         options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
         self._iterator = iter(local.to_iter_dataset(options))
 
-    def _global(self, name: str, local: np.ndarray) -> jax.Array:
+    def _global(self, local: np.ndarray) -> jax.Array:
         def shard(index):
             lo, hi, _ = index[0].indices(self._batch)
             begin = max(a for a in self._local_start if a <= lo)
             at = self._local_start[begin] + lo - begin
             return local[(slice(at, at + hi - lo), *index[1:])]
 
-        # the first batch's sharding; the row shape of this batch (datasets may differ: hard negatives per dataset)
-        return jax.make_array_from_callback((self._batch, *local.shape[1:]), self.shapes[name].sharding, shard)
+        # rows over the batch axes; this batch's own row shape and keys (datasets may differ: hard negatives,
+        # media slots), so the sharding is built per array, not taken from the first batch
+        where = NamedSharding(self._mesh, PartitionSpec(self._rows_axes, *[None] * (local.ndim - 1)))
+        return jax.make_array_from_callback((self._batch, *local.shape[1:]), where, shard)
 
     def __iter__(self) -> DeviceBatches:
         return self
 
     def __next__(self) -> Mapping[str, jax.Array]:
         local = next(self._iterator)
-        return {k: self._global(k, v) for k, v in local.items()}
+        return {k: self._global(v) for k, v in local.items()}

@@ -35,8 +35,9 @@ of the row cut at their max length). Lq and Ld are fixed (`query_max_length`, `d
 With a `processor` (a model with towers: `data.media.items.MediaProcessor`), every side is rendered as the
 model reads it (the chat template, media placeholders expanded) and collated row-aligned at fixed shapes
 (`data.media.collate`): `{role}_input_ids`, `{role}_attention_mask`, `{role}_positions`, and the media keys
-of every tower the model has (`{role}_pixel_values`, …, `{role}_input_features`, `{role}_audio_lengths`),
-negatives as [B, K, ...].
+of the kinds that side of the dataset holds (`{role}_pixel_values`, …, `{role}_input_features`,
+`{role}_audio_lengths`; none for a text dataset, so the towers never run over empty slots), negatives as
+[B, K, ...].
 """
 
 from __future__ import annotations
@@ -97,8 +98,13 @@ class PairDataset:
     @property
     def media(self) -> tuple[str, ...]:
         """The media kinds its records hold ("image", "audio"), in that order."""
-        items = [i for i in (*self.queries, *self.positives) if isinstance(i, dict)]
-        return tuple(m for m in MEDIA if any(m in i for i in items))
+        return media_kinds([*self.queries, *self.positives])
+
+
+def media_kinds(items: Sequence[Item]) -> tuple[str, ...]:
+    """The media kinds ("image", "audio") among `items`, in that order."""
+    held = [i for i in items if isinstance(i, dict)]
+    return tuple(m for m in MEDIA if any(m in i for i in held))
 
 
 def with_instruction(text: str, instruction: str) -> str:
@@ -274,7 +280,9 @@ class PairBatches:
                     f"dataset {ds.name!r} holds media and takes 0 hard negatives, not {k}; set "
                     f"--config.contrastive.num_negatives=0 (or per dataset)"
                 )
-        self.media = tuple(m for m in MEDIA if towers[m])
+        # Each side of each dataset carries the media keys of the kinds it holds, and only those: a text
+        # dataset's batches hold no image or clip slots for the towers to run over (fixed shapes per dataset).
+        self._media = [{"query": media_kinds(ds.queries), "doc": media_kinds(ds.positives)} for ds in self.datasets]
 
     def __len__(self) -> int:
         """Batches per epoch (any index is valid: later epochs reshuffle)."""
@@ -332,11 +340,10 @@ class PairBatches:
         cut = np.zeros(b, np.int32)
         sides = (("query", queries, self.query_max_length, 1), ("doc", docs, self.doc_max_length, 1 + k))
         for role, items, length, per_row in sides:
+            media = self._media[d][role]
             rendered = [self.processor.render(item, length, where=where[i // per_row]) for i, item in enumerate(items)]
             cut += np.asarray([r.text_truncated for r in rendered], np.int32).reshape(b, per_row).sum(axis=1)
-            arrays = collate(
-                rendered, self.processor, rows=len(rendered), max_length=length, fixed=True, media=self.media
-            )
+            arrays = collate(rendered, self.processor, rows=len(rendered), max_length=length, fixed=True, media=media)
             if role == "query":
                 out.update({f"query_{key}": v for key, v in arrays.items()})
                 continue

@@ -179,7 +179,6 @@ def _plan(
         ),
         layout.shardings,
         mesh,
-        batches.shapes,
     )
     from_hf = config.model.init_from and (resume_step is None or lora)  # a LoRA run's base is never saved
     load_runtime = runtime.replace(param_dtype=lora_train.base_dtype(config)) if lora else runtime

@@ -68,13 +68,13 @@ def make_step_fn(
     return step
 
 
-def jit_step(step: StepFn, state_shardings: Any, mesh: Mesh, example_batch: Batch) -> StepFn:
-    """The step compiled with explicit shardings: state in its layout (donated), batch rows over
-    (`data`, `fsdp`), metrics replicated."""
-    batch_shardings = {k: sharding.batch_sharding(mesh, jnp.ndim(v)) for k, v in example_batch.items()}
+def jit_step(step: StepFn, state_shardings: Any, mesh: Mesh) -> StepFn:
+    """The step compiled with explicit shardings: state in its layout (donated), every batch array's rows
+    (axis 0) over (`data`, `fsdp`), metrics replicated. The batch sharding is one prefix for any keys, so
+    datasets whose batches hold different keys (a text dataset no media slots) each compile their own program."""
     return jax.jit(
         step,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1)),
         out_shardings=(state_shardings, NamedSharding(mesh, PartitionSpec())),
         donate_argnums=0,
     )
