@@ -26,7 +26,6 @@ from bidirlm_jax.embed.encode import encode  # noqa: E402
 from bidirlm_jax.errors import ConfigError  # noqa: E402
 from bidirlm_jax.evals.mteb import MTEBEncoder, beir_task, run_mteb  # noqa: E402
 from bidirlm_jax.evals.mteb_collate import MediaCollator, media_loader  # noqa: E402
-from bidirlm_jax.testing import media  # noqa: E402
 from bidirlm_jax.testing import omni as ref  # noqa: E402
 from tests.encoders import make_encoder_src, run_cli  # noqa: E402
 
@@ -43,10 +42,7 @@ def needs_espeak():
 @pytest.fixture(scope="module")
 def omni_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("omni-mteb") / "release"
-    ref.save_release(ref.vl_model(), ref.audio_encoder(), path)
-    media.media_tokenizer().save_pretrained(path)
-    size = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
-    (path / "preprocessor_config.json").write_text(json.dumps({"size": size}))
+    ref.release_dir(path)
     return path
 
 

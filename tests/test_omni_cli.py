@@ -15,7 +15,6 @@ from flax import nnx
 
 from bidirlm_jax.io.hf import from_pretrained
 from bidirlm_jax.io.hf_config import read_config_dict
-from bidirlm_jax.testing import media
 from bidirlm_jax.testing import omni as ref
 from tests.encoders import make_beir, run_cli
 
@@ -26,10 +25,7 @@ ASTRONAUT = Path(skimage.data.__file__).with_name("astronaut.png")
 @pytest.fixture(scope="module")
 def omni_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("omni-cli") / "release"
-    ref.save_release(ref.vl_model(), ref.audio_encoder(), path)
-    media.media_tokenizer().save_pretrained(path)
-    size = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
-    (path / "preprocessor_config.json").write_text(json.dumps({"size": size}))
+    ref.release_dir(path)
     return path
 
 

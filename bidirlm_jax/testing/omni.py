@@ -161,3 +161,16 @@ OMNI_2_5B = {
         "n_window_infer": 800,
     },
 }
+
+
+def release_dir(path) -> None:
+    """A tiny release directory at `path` as users receive one: weights and config (`save_release`), the media
+    tokenizer and a `preprocessor_config.json` with a small pixel budget (32² to 64² pixels)."""
+    import json
+
+    from bidirlm_jax.testing import media
+
+    save_release(vl_model(), audio_encoder(), path)
+    media.media_tokenizer().save_pretrained(path)
+    size = {"shortest_edge": 32 * 32, "longest_edge": 64 * 64}
+    (path / "preprocessor_config.json").write_text(json.dumps({"size": size}))
