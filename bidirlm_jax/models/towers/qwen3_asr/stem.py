@@ -35,7 +35,12 @@ def sinusoids(length: int, channels: int) -> np.ndarray:
 
 
 class Conv(nnx.Module):
-    """A 3×3, stride-2, padding-1 Conv2d over NCHW with torch's OIHW kernel."""
+    """A 3×3, stride-2, padding-1 Conv2d over channels-last `[N, H, W, C]`, holding torch's OIHW kernel.
+
+    Run as nine matmuls, one per kernel tap, over strided views of the padded input: XLA's CPU
+    convolution runs this stem at about a third of its matmul rate, the taps at about two thirds
+    (`benchmarks/audio_tower.py`); on accelerators both are matmuls either way.
+    """
 
     def __init__(self, cin: int, cout: int, *, param_dtype: str, rngs: nnx.Rngs):
         # fan-in scaled at random init (torch's own Conv2d scale): at 0.02 the stem's output is ~1e-3 and the
@@ -44,14 +49,16 @@ class Conv(nnx.Module):
         self.bias = param(rngs, (cout,), ("conv",), param_dtype, init="zeros")
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x,
-            self.weight[...].astype(x.dtype),
-            window_strides=(2, 2),
-            padding=((1, 1), (1, 1)),
-            dimension_numbers=("NCHW", "OIHW", "NCHW"),
-        )
-        return y + self.bias[...].astype(x.dtype)[None, :, None, None]
+        _, h, w, _ = x.shape
+        ho, wo = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        kernel = self.weight[...].astype(x.dtype)
+        y = self.bias[...].astype(x.dtype)
+        for i in range(3):
+            for j in range(3):
+                view = padded[:, i : i + 2 * ho - 1 : 2, j : j + 2 * wo - 1 : 2, :]
+                y = y + jnp.einsum("nhwc,oc->nhwo", view, kernel[:, :, i, j])
+        return y
 
 
 def chunk_lengths(lengths: jax.Array, chunks: int, chunk_frames: int) -> jax.Array:
@@ -76,13 +83,13 @@ class ConvStem(nnx.Module):
         self.conv_out = param(rngs, shape, ("embed", "conv", None), dtype, init="fan_in")  # as the convolutions
 
     def __call__(self, mel: jax.Array, remask: jax.Array) -> jax.Array:
-        x = mel[:, None]  # [N, 1, F, T]
+        x = mel[..., None]  # [N, F, T, 1]: frequency × time, channels last
         length = remask
         for conv in (self.conv2d1, self.conv2d2, self.conv2d3):
             x = jax.nn.gelu(conv(x), approximate=False)
             length = (length - 1) // 2 + 1
-            keep = jnp.arange(x.shape[-1])[None, :] < length[:, None]  # [N, T']
-            x = jnp.where(keep[:, None, None, :], x, 0)
-        x = x.transpose(0, 3, 1, 2)  # [N, T', channels, F']: feature index = channel·F' + f
+            keep = jnp.arange(x.shape[2])[None, :] < length[:, None]  # [N, T']
+            x = jnp.where(keep[:, None, :, None], x, 0)
+        x = x.transpose(0, 2, 3, 1)  # [N, T', channels, F']: feature index = channel·F' + f
         x = linear(x, self.conv_out, in_dims=2)
         return x + jnp.asarray(sinusoids(x.shape[1], x.shape[2]), x.dtype)[None]  # a constant, not a weight
