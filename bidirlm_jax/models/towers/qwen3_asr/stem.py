@@ -38,8 +38,8 @@ class Conv(nnx.Module):
     """A 3×3, stride-2, padding-1 Conv2d over channels-last `[N, H, W, C]`, holding torch's OIHW kernel.
 
     Run as nine matmuls, one per kernel tap, over strided views of the padded input: XLA's CPU
-    convolution runs this stem at about a third of its matmul rate, the taps at about two thirds
-    (`benchmarks/audio_tower.py`); on accelerators both are matmuls either way.
+    convolution ran this stem at about a third of its 2048³ matmul rate, the taps run it at about half
+    (BENCHMARKS.md, the AuT tower). The sum order differs from one convolution's by fp32 rounding only.
     """
 
     def __init__(self, cin: int, cout: int, *, param_dtype: str, rngs: nnx.Rngs):
