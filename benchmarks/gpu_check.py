@@ -17,6 +17,9 @@
    pooled embeddings (`data.batching.packed_batches`) and the GradCache contrastive loss and gradients
    (`train.gradcache`, packed on device): largest difference relative to the padded result's largest
    value, the time of each, and the padded tokens each computes.
+5. The media towers (Qwen3-VL vision tower, AuT audio encoder; fp32) against transformers on the same weights,
+   and items/s of each; 6. the BidirLM-Omni contrastive step on a text, an image and an audio batch
+   (`gpu_media.py`; `--omni-batch` pairs, `--skip-media` leaves both out).
 
 `--smoke` runs all of it in seconds on a tiny model and short rows (any machine, CPU included).
 
@@ -36,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from attention import PLATFORM_KERNELS, inputs
+from gpu_media import audio_numerics, omni_steps, vision_numerics
 
 from bidirlm_jax.data.batching import bucket_lengths, packed_batches, pad_batch
 from bidirlm_jax.io.hf_config import config_to_hf
@@ -296,6 +300,8 @@ def main() -> None:
     parser.add_argument("--numerics-len", type=int, default=1024)
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--packed-model", default="bench-qwen3", help="section 4's model (fp32)")
+    parser.add_argument("--omni-batch", type=int, default=32, help="section 6's pairs per step (the paper's: 512)")
+    parser.add_argument("--skip-media", action="store_true", help="leave out sections 5 and 6")
     parser.add_argument("--out", default=str(Path(__file__).parent / "out" / "gpu_check.json"))
     args = parser.parse_args()
     platform = jax.default_backend()
@@ -342,10 +348,34 @@ def main() -> None:
           f"{e['real_tokens']:,} real tokens in {e['packed_tokens']:,} packed")  # fmt: skip
     print(f"gradcache: loss diff {g['loss_diff']:.1e}, grads rel diff {g['grad_rel_diff']:.1e}, "
           f"packed {g['packed_s']:.3f} s, padded {g['padded_s']:.3f} s")  # fmt: skip
+    media = {} if args.skip_media else media_sections(args.smoke, args.omni_batch, steps)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(
-        json.dumps(dict(device=device, numerics=numerics, steps=results, packed=packed), indent=2)
+        json.dumps(dict(device=device, numerics=numerics, steps=results, packed=packed, **media), indent=2)
     )
+
+
+def media_sections(smoke: bool, omni_batch: int, steps: int) -> dict:
+    """Sections 5 and 6 (`gpu_media.py`), printed; their figures for the JSON."""
+    depth = 1 if smoke else 4
+    print(f"\n5. media towers, {depth} block(s), fp32: ours vs transformers (max error / max |reference|), items/s")
+    towers = {
+        "vision": vision_numerics(depth, images=2 if smoke else 8, size=64 if smoke else 448),
+        "audio": audio_numerics(depth, count=2 if smoke else 8, max_seconds=3.0 if smoke else 20.0),
+    }
+    for tower, r in towers.items():
+        print(f"{tower:<8} error {r['error']:.1e}, ours {r['ours_per_s']:,.1f}/s, transformers ({r['torch']}) "
+              f"{r['theirs_per_s']:,.1f}/s over {r['items']} items")  # fmt: skip
+    batch = 2 if smoke else omni_batch
+    print(
+        f"\n6. Omni contrastive step ({'tiny-omni, fp32' if smoke else 'omni-2.5b, bf16, remat full'}), {batch} pairs"
+    )
+    omni = omni_steps(smoke=smoke, batch=batch, steps=steps)
+    print(f"{'batch':<8}{'s/step':>9}{'pairs/s':>9}{'peak GB':>9}  notes")
+    for kind, r in omni.items():
+        print(f"{kind:<8}{r['step_s']:>9.3f}{r['pairs_per_s']:>9.1f}{r['peak_gb']:>9.1f}  first loss {r['loss']:.3f}, "
+              f"{r['negatives']} negatives, compile {r['compile_s']:.0f} s")  # fmt: skip
+    return dict(media_towers=towers, omni_steps=omni)
 
 
 if __name__ == "__main__":

@@ -96,10 +96,10 @@ def abstract_batch(config, b: int, k: int, length: int, patches: int, frames: in
     return batch
 
 
-def compiled_memory(name: str, *, batch: int, negatives: int, layers: int, media: tuple[str, ...]) -> dict:
+def media_step(name: str, config, *, batch: int, negatives: int, media: tuple[str, ...], runtime: Runtime):
+    """The engine's contrastive step of preset `name` for `config` (towers frozen): (jitted step, state
+    layout, abstract batch, mesh, facts of the batch), on one device of this machine."""
     c = get_config(name)
-    config = model_config(name, layers)
-    runtime = Runtime(attention="bidirectional", dtype="bfloat16", remat="full", scan_layers=True)
     c.optim.frozen = tower_patterns(config, runtime)
     tx, schedule = make_optimizer(c.optim, c.train.steps)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
@@ -119,7 +119,17 @@ def compiled_memory(name: str, *, batch: int, negatives: int, layers: int, media
     step = jit_step(
         make_step_fn(layout.graphdef, grad_fn, tx, schedule, trainable=layout.trainable), layout.shardings, mesh
     )
+    facts = dict(patches=patches, frames=frames if chunk > 1 else 0, chunk_size=con.chunk_size)
+    return step, layout, example, mesh, facts
+
+
+def compiled_memory(name: str, *, batch: int, negatives: int, layers: int, media: tuple[str, ...]) -> dict:
+    config = model_config(name, layers)
+    runtime = Runtime(attention="bidirectional", dtype="bfloat16", remat="full", scan_layers=True)
     start = time.perf_counter()
+    step, layout, example, mesh, facts = media_step(
+        name, config, batch=batch, negatives=negatives, media=media, runtime=runtime
+    )
     with jax.set_mesh(mesh):
         row = memory_row(step.lower(layout.abstract, example).compile().memory_analysis())
     batch_bytes = sum(x.size * x.dtype.itemsize for x in example.values())
@@ -129,9 +139,7 @@ def compiled_memory(name: str, *, batch: int, negatives: int, layers: int, media
         total_gib=row["temp_gib"] + row["argument_gib"],
         compile_s=time.perf_counter() - start,
         params=param_count(config),
-        patches=patches,
-        frames=frames if chunk > 1 else 0,
-        chunk_size=con.chunk_size,
+        **facts,
     )
 
 
