@@ -32,7 +32,7 @@ def audio_encoder(seed: int = 0):
 
 
 def release_config(vl, encoder) -> dict:
-    """A bidirlm_omni config.json for `vl`'s text stack and tower and `encoder`, as the release spells one."""
+    """A bidirlm_omni config.json for `vl`'s text stack and tower and `encoder` (any size), as the release spells one."""
     t = vl.config.text_config
     rope = t.rope_parameters
     text = dict(
@@ -49,9 +49,10 @@ def release_config(vl, encoder) -> dict:
         rope_scaling={"rope_type": "default", "mrope_section": list(rope["mrope_section"]), "mrope_interleaved": True},
         clf_pooling="late",
     )
-    vision = {k: getattr(vl.config.vision_config, k) for k in qwen3_vl.VISION}
-    vision.update(model_type="bidirlm_omni_vision", deepstack_visual_indexes=list(DEEPSTACK), initializer_range=0.02)
-    audio = dict(qwen3_asr.TINY_AUDIO, model_type="bidirlm_omni_audio", max_source_positions=1500, conv_chunksize=500)
+    vision = {k: getattr(vl.config.vision_config, k) for k in (*qwen3_vl.VISION, "deepstack_visual_indexes")}
+    vision.update(model_type="bidirlm_omni_vision", initializer_range=0.02)
+    audio = {k: getattr(encoder.config, k) for k in (*qwen3_asr.TINY_AUDIO, "max_source_positions", "conv_chunksize")}
+    audio.update(model_type="bidirlm_omni_audio")
     return dict(
         model_type="bidirlm_omni",
         architectures=["BidirLMOmniModel"],
