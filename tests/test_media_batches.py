@@ -165,6 +165,29 @@ def test_encode_items_pools_each_row_in_input_order(vl, tokenizer):
     assert not np.allclose(got[0], got[2], atol=1e-3)
 
 
+TEXTS = ["a cat", "two horses run across the wide green field near the old stone farm house", "x", "a red cup"]
+
+
+@pytest.mark.parametrize("kind", ["vl", "asr"])
+def test_text_items_of_a_tower_model_are_packed_to_the_same_embeddings(kind, vl, asr, tokenizer, monkeypatch):
+    """String items skip the towers: several per row through the text stack (segment ids, per-text positions),
+    equal to one per row with M-RoPE positions (Qwen3-VL) or text positions (Qwen3-ASR); media items unchanged."""
+    import bidirlm_jax.embed.encode as encode_module
+
+    model, media_item = (vl, {"image": image("astronaut.png")}) if kind == "vl" else (asr, {"audio": clip(1.3)})
+    processor = media_processor(model, tokenizer, **(SMALL if kind == "vl" else {}))
+    items = [TEXTS[0], media_item, *TEXTS[1:]]
+    packed_rows = []
+    spy = encode_module.packed_batches
+    monkeypatch.setattr(
+        encode_module, "packed_batches", lambda ids, **kw: packed_rows.append(len(ids)) or spy(ids, **kw)
+    )
+    packed = encode(model, processor, items, batch_size=4)
+    assert packed_rows == [len(TEXTS)]  # every string item, and only those, went through the packed path
+    padded = encode(model, processor, items, batch_size=4, pack=False)
+    np.testing.assert_allclose(packed, padded, atol=TOL)
+
+
 def test_the_instruction_goes_on_text_items_only(vl, tokenizer):
     processor = media_processor(vl, tokenizer, **SMALL)
     items = ["a cat", {"image": image("astronaut.png")}]

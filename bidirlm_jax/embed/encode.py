@@ -11,9 +11,10 @@ Queries of asymmetric tasks carry BidirLM's instruction template; documents neve
 
 A model with towers (Qwen3-VL, Qwen3-ASR, Omni) takes items: a string or `{"image", "audio", "text"}`
 (`data.media.items`). Each is rendered in the chat template (the released Omni encoder's; the instruction
-goes on string items only, never on media), sorted by length and batched one item per row
-(`data.media.collate`: buckets of tokens, patches and frames); mean pooling covers the whole sequence,
-template and media tokens included, as the released encoder pools."""
+goes on string items only, never on media). Items with media are sorted by length and batched one item per
+row (`data.media.collate`: buckets of tokens, patches and frames); rendered text-only items go through the
+text stack packed, as a text model's texts do (equal results: no tower touches them). Mean pooling covers the
+whole sequence, template and media tokens included, as the released encoder pools."""
 
 from __future__ import annotations
 
@@ -125,26 +126,33 @@ def encode_texts(
     out = np.zeros((len(texts), embedding_size(model)), np.float32)
     if not texts:
         return EncodeResult(out, 0)
+    runner = functools.partial(_runner, pooling=pooling, normalize=normalize)
     if media:
         processor = tokenizer if isinstance(tokenizer, MediaProcessor) else media_processor(model, tokenizer)
         names = item_names or [f"item {i}" for i in range(len(texts))]
         rendered = [processor.render(t, max_length, where=name) for t, name in zip(texts, names)]
         counts = [sum(getattr(r, f) > 0 for r in rendered) for f in _RENDER_CUTS]
-        batches = _media_batches(rendered, processor, batch_size, max_length)
+        plain = [i for i, r in enumerate(rendered) if pack and r.patches is None and r.features is None]
+        with_media = sorted(set(range(len(rendered))) - set(plain))
+        buckets, pad = bucket_lengths(max_length), pad_id(processor.tokenizer)
+        text_batches = _batches([rendered[i].ids for i in plain], batch_size, buckets, pad, pack) if plain else []
+        run_text, run_media = runner(model.text), runner(model)
+        batches = [([plain[j] for j in index], inputs, n, run_text) for index, inputs, n in text_batches]
+        media_batches = _media_batches([rendered[i] for i in with_media], processor, batch_size, max_length)
+        batches += [([with_media[j] for j in index], inputs, n, run_media) for index, inputs, n in media_batches]
     else:
         ids, num_truncated = tokenize(tokenizer, texts, max_length)
         counts = [num_truncated, 0, 0, 0]
-        batches = _batches(ids, batch_size, bucket_lengths(max_length), pad_id(tokenizer), pack)
+        run = runner(model)
+        batches = [(*b, run) for b in _batches(ids, batch_size, bucket_lengths(max_length), pad_id(tokenizer), pack)]
     for count, what in zip(counts, _CUTS):
         if count:
             log.warning("%d of %d %s", count, len(texts), what.format(max_length=max_length))
-    graphdef, state = nnx.split(model)
-    run = functools.partial(_embed, graphdef=graphdef, pooling=pooling, normalize=normalize)
     show = progress if progress is not None else len(batches) >= _PROGRESS_MIN_BATCHES
     with tqdm(total=len(texts), desc="encoding", unit="item", disable=not show) as bar:
         pending = None
-        for index, inputs, num_texts in batches:
-            current = (index, run(state, inputs, num_texts=num_texts))  # dispatched asynchronously
+        for index, inputs, num_texts, run in batches:
+            current = (index, run(inputs, num_texts=num_texts))  # dispatched asynchronously
             if pending is not None:
                 _collect(out, *pending, bar)  # fetch the previous batch while this one runs
             pending = current
@@ -152,8 +160,17 @@ def encode_texts(
     return EncodeResult(out, *counts)
 
 
+def _runner(module: nnx.Module, *, pooling: str, normalize: bool):
+    """`run(inputs, num_texts=None)` -> embeddings of one batch through `module` (a model, or a tower model's
+    text stack), compiled once per batch shape."""
+    graphdef, state = nnx.split(module)
+    return functools.partial(_embed, state, graphdef=graphdef, pooling=pooling, normalize=normalize)
+
+
 def _media_batches(rendered: list, processor: MediaProcessor, batch_size: int, max_length: int):
     """(item indices, row-aligned inputs, None) per batch: items sorted by length, one per row."""
+    if not rendered:
+        return []
     rows = min(batch_size, 1 << (len(rendered) - 1).bit_length())
     order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i].ids))
     out = []
