@@ -38,7 +38,7 @@ import transformers
 from measure import Bench
 
 import bidirlm_jax
-from bidirlm_jax.data.batching import bucket_for, bucket_lengths
+from bidirlm_jax.data.batching import bucket_for, bucket_lengths, packed_batches
 from bidirlm_jax.data.media.collate import patch_bucket
 from bidirlm_jax.data.media.items import media_processor
 from bidirlm_jax.data.media.samples import CAPTIONS, sample_image
@@ -123,15 +123,21 @@ def peer_batches(rendered: list, batch_size: int) -> list[tuple[list[int], dict]
 
 
 def slots(rendered: list, batch_size: int, chunk: int) -> dict[str, tuple[int, int]]:
-    """Positions each side computes, (ours, peer), for tokens, patches and mel frames: ours one item per row,
-    each padded to its batch's bucket (`data.media.collate`); the peer's tokens padded to each batch's longest
+    """Positions each side computes, (ours, peer), for tokens, patches and mel frames: ours text items packed
+    several per row (`data.batching.packed_batches`), media items one per row, each padded to its batch's bucket
+    (`data.media.collate`); the peer's tokens padded to each batch's longest
     row, its patches and frames unpadded (transformers packs them)."""
     order = sorted(rendered, key=lambda r: -len(r.ids))
     batches = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
     rows = min(batch_size, 1 << (len(order) - 1).bit_length())
     out = {"tokens": [0, 0], "patches": [0, 0], "frames": [0, 0]}
+    text_only = all(r.patches is None and r.features is None for r in rendered)
+    if text_only:
+        packed = packed_batches([r.ids for r in rendered], rows=rows, buckets=bucket_lengths(MAX_LENGTH), pad=0)
+        out["tokens"][0] = sum(b.inputs["input_ids"].size for b in packed)
     for b in batches:
-        out["tokens"][0] += rows * bucket_for(len(b[0].ids), bucket_lengths(MAX_LENGTH))
+        if not text_only:
+            out["tokens"][0] += rows * bucket_for(len(b[0].ids), bucket_lengths(MAX_LENGTH))
         out["tokens"][1] += len(b) * len(b[0].ids)
         if b[0].patches is not None:
             out["patches"][0] += rows * patch_bucket(max(len(r.patches) for r in b))
