@@ -39,7 +39,7 @@ from measure import Bench
 
 import bidirlm_jax
 from bidirlm_jax.data.batching import bucket_for, bucket_lengths, packed_batches
-from bidirlm_jax.data.media.collate import patch_bucket
+from bidirlm_jax.data.media.collate import chunk_bucket, patch_bucket
 from bidirlm_jax.data.media.items import media_processor
 from bidirlm_jax.data.media.samples import CAPTIONS, sample_image
 from bidirlm_jax.data.stdlib_text import stdlib_docstrings
@@ -144,7 +144,7 @@ def slots(rendered: list, batch_size: int, chunk: int) -> dict[str, tuple[int, i
             out["patches"][1] += sum(len(r.patches) for r in b)
         if b[0].features is not None:
             chunks = -(-max(r.features.shape[1] for r in b) // chunk)
-            out["frames"][0] += rows * chunk * (1 << max(chunks - 1, 0).bit_length())
+            out["frames"][0] += rows * chunk * chunk_bucket(chunks)
             out["frames"][1] += sum(r.features.shape[1] for r in b)
     return {k: tuple(v) for k, v in out.items() if v[1]}
 

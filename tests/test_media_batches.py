@@ -21,7 +21,7 @@ from flax import nnx
 
 import bidirlm_jax
 from bidirlm_jax.cli import main
-from bidirlm_jax.data.media.collate import collate
+from bidirlm_jax.data.media.collate import chunk_bucket, collate, patch_bucket
 from bidirlm_jax.data.media.items import media_processor
 from bidirlm_jax.embed.encode import encode, encode_texts
 from bidirlm_jax.errors import ConfigError
@@ -136,7 +136,7 @@ def test_audio_rows_equal_the_model_on_processor_inputs(asr, tokenizer):
     ]
     rendered = [processor.render(item, 96) for item in items]
     batch = collate(rendered, processor, rows=4, max_length=96)
-    assert batch["input_features"].shape == (4, 128, 400) and batch["audio_lengths"].tolist() == [137, 0, 250, 137]
+    assert batch["input_features"].shape == (4, 128, 300) and batch["audio_lengths"].tolist() == [137, 0, 250, 137]
     ours = _batch_hidden(asr, batch)
     clips = [r.features for r in rendered if r.features is not None] + [rendered[0].features]
     frames = max(f.shape[1] for f in clips)
@@ -146,6 +146,14 @@ def test_audio_rows_equal_the_model_on_processor_inputs(asr, tokenizer):
         asr, asr.prepare(batch["input_ids"], batch["attention_mask"], input_features=features, input_features_mask=mask)
     )
     _close(ours, theirs, batch["attention_mask"])
+
+
+def test_clip_and_patch_buckets_hold_the_need_with_at_most_half_more():
+    assert [chunk_bucket(c) for c in (1, 2, 3, 5, 9, 30)] == [1, 2, 3, 6, 12, 32]
+    for need in range(1, 400):
+        assert need <= chunk_bucket(need) <= 1.5 * need
+        assert need <= patch_bucket(need) <= (1.5 * need if need > 64 else 2 * max(need, 8))
+    assert len({chunk_bucket(c) for c in range(1, 31)}) == 10  # clips up to 30 s (100-frame chunks): ten shapes
 
 
 def test_media_keys_travel_with_their_role():

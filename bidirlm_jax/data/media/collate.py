@@ -8,7 +8,7 @@ take media batches unchanged:
   `vision_interp_index`, `vision_interp_weight`, `vision_lengths` (row b: its image's patches, zero-padded
   to P, a bucket multiple of the merge unit), when a row holds an image;
 - `input_features` float32 [B, mel_bins, F] and `audio_lengths` int32 [B] (frames; 0: no clip), F a
-  power-of-two number of chunks, when a row holds a clip.
+  `chunk_bucket` number of chunks, when a row holds a clip.
 A short batch is filled with copies of its first item (dropped after), never an all-padding row.
 `fixed=True` (training: one compiled step per dataset) pads to the largest shapes instead: T = max_length,
 P = the pixel budget's patches, F = the maximum duration's frames, and the media keys of every tower the
@@ -36,8 +36,15 @@ MEDIA_KEYS = ("positions", *VISION_KEYS, *AUDIO_KEYS)
 
 def patch_bucket(patches: int) -> int:
     """Patches per row for a batch whose largest image has `patches`: a `bucket_lengths` step (a multiple of
-    16, so of every merge unit), at most 1.5× the need."""
+    16, so of every merge unit), at most 1.5× the need past 64 patches (a power of two below)."""
     return bucket_for(patches, bucket_lengths(2 * max(patches, 1)))
+
+
+def chunk_bucket(chunks: int) -> int:
+    """Chunks per row for a batch whose longest clip spans `chunks`: a power of two or three quarters of one
+    (1, 2, 3, 4, 6, 8, 12, …), at most 1.5× the need (a power of two alone wastes up to 2×)."""
+    n = 1 << max(chunks - 1, 0).bit_length()
+    return 3 * n // 4 if n >= 4 and 3 * n // 4 >= chunks else n
 
 
 def collate(
@@ -71,7 +78,7 @@ def collate(
         features = [empty if i.features is None else i.features for i in items]
         chunk = 2 * audio.n_window
         chunks = -(-max(f.shape[1] for f in features) // chunk)
-        frames = audio.max_frames if fixed else chunk * (1 << max(chunks - 1, 0).bit_length())
+        frames = audio.max_frames if fixed else chunk * chunk_bucket(chunks)
         batch["input_features"], batch["audio_lengths"] = batch_features(features, multiple=chunk, frames=frames)
     return batch
 
