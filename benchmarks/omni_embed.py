@@ -38,8 +38,9 @@ import transformers
 from measure import Bench
 
 import bidirlm_jax
+from bidirlm_jax.audio_tokens import chunk_bucket
 from bidirlm_jax.data.batching import bucket_for, bucket_lengths, packed_batches
-from bidirlm_jax.data.media.collate import chunk_bucket, patch_bucket
+from bidirlm_jax.data.media.collate import patch_bucket
 from bidirlm_jax.data.media.items import media_processor
 from bidirlm_jax.data.media.samples import CAPTIONS, sample_image
 from bidirlm_jax.data.stdlib_text import stdlib_docstrings

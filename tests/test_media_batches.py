@@ -20,8 +20,9 @@ import skimage.data
 from flax import nnx
 
 import bidirlm_jax
+from bidirlm_jax.audio_tokens import chunk_bucket
 from bidirlm_jax.cli import main
-from bidirlm_jax.data.media.collate import chunk_bucket, collate, patch_bucket
+from bidirlm_jax.data.media.collate import collate, patch_bucket
 from bidirlm_jax.data.media.items import media_processor
 from bidirlm_jax.embed.encode import encode, encode_texts
 from bidirlm_jax.errors import ConfigError

@@ -16,7 +16,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch")
 
-from bidirlm_jax.audio_tokens import chunk_tokens, conv_len, release_tokens  # noqa: E402
+from bidirlm_jax.audio_tokens import chunk_ids, chunk_tokens, conv_len, release_tokens  # noqa: E402
 from bidirlm_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from bidirlm_jax.io.hf_config_audio import audio_config_from_hf  # noqa: E402
 from bidirlm_jax.io.weights.audio import load_audio_tower  # noqa: E402
@@ -44,7 +44,7 @@ def oracle(request):
     return encoder, ref.tower_tensors(encoder), features
 
 
-_run = nnx.jit(lambda model, features, lengths: model(features, lengths))
+_run = nnx.jit(lambda model, features, lengths, chunks=None: model(features, lengths, chunks))
 
 
 def _ours(oracle, audio_attention: str | None = None, **run) -> AudioEncoder:
@@ -55,12 +55,15 @@ def _ours(oracle, audio_attention: str | None = None, **run) -> AudioEncoder:
     return model
 
 
+@pytest.mark.parametrize("skip", [False, True], ids=["every_chunk", "chunks_with_frames"])
 @pytest.mark.parametrize("attention", ["window", "clip"])
-def test_encoder_matches_transformers_per_clip(oracle, attention):
-    """A padded batch of eight clips in one call = transformers on each clip alone, in both modes."""
+def test_encoder_matches_transformers_per_clip(oracle, attention, skip):
+    """A padded batch of eight clips in one call = transformers on each clip alone, in both modes; with the
+    host's `chunk_ids` the stem skips the chunks past each clip's end (the short clips' rows hold several)."""
     encoder, _, features = oracle
     model = _ours(oracle, audio_attention=attention)
-    out = _run(model, features, np.asarray(LENGTHS))
+    chunks = chunk_ids(LENGTHS, features.shape[2], model.config.chunk_frames) if skip else None
+    out = _run(model, features, np.asarray(LENGTHS), chunks)
     tokens, valid = np.asarray(out.tokens), np.asarray(out.valid)
     for i, length in enumerate(LENGTHS):
         expected = ref.reference_tokens(encoder, features[i, :, :length], attention)
@@ -131,6 +134,15 @@ def test_scanned_equals_unrolled(oracle):
     assert scanned_model.layers.fc1.shape[0] == 2  # stacked on a leading layers axis
     # The scan regroups each layer's fp32 sums (≤ 128-wide), ~fp32_tol(128) of values of order 1.
     _close(_run(scanned_model, features, lengths).tokens, unrolled, rel=2e-5)
+
+
+def test_chunk_ids_name_the_chunks_that_hold_frames():
+    """Rows of 250 frames, chunks of 100 (3 per row, flat ids row·3 + k); the count padded to a `chunk_bucket`
+    with the out-of-range id 3·rows, and never past every chunk."""
+    assert chunk_ids([250, 0, 37], 250, 100).tolist() == [0, 1, 2, 6]  # clip 1 has no frame, clip 2 one chunk
+    assert chunk_ids([250, 37, 37], 250, 100).tolist() == [0, 1, 2, 3, 6, 9]  # 5 ids -> 6
+    assert chunk_ids([250, 250, 250], 250, 100).tolist() == list(range(9))  # 9 -> 12, capped at the 9 there are
+    assert chunk_ids([0, 0], 300, 100).tolist() == [6]  # no clip: one padding id, a static shape all the same
 
 
 def test_token_counts_every_length():

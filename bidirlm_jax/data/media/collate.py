@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from bidirlm_jax.audio_tokens import chunk_bucket
 from bidirlm_jax.data.batching import bucket_for, bucket_lengths, pad_rows
 from bidirlm_jax.data.media.audio import batch_features
 from bidirlm_jax.data.media.items import MediaProcessor, RenderedItem
@@ -38,13 +39,6 @@ def patch_bucket(patches: int) -> int:
     """Patches per row for a batch whose largest image has `patches`: a `bucket_lengths` step (a multiple of
     16, so of every merge unit), at most 1.5× the need past 64 patches (a power of two below)."""
     return bucket_for(patches, bucket_lengths(2 * max(patches, 1)))
-
-
-def chunk_bucket(chunks: int) -> int:
-    """Chunks per row for a batch whose longest clip spans `chunks`: a power of two or three quarters of one
-    (1, 2, 3, 4, 6, 8, 12, …), at most 1.5× the need (a power of two alone wastes up to 2×)."""
-    n = 1 << max(chunks - 1, 0).bit_length()
-    return 3 * n // 4 if n >= 4 and 3 * n // 4 >= chunks else n
 
 
 def collate(

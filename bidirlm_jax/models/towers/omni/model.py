@@ -91,18 +91,21 @@ class Omni(nnx.Module):
         input_features: jax.Array | None = None,
         lengths: jax.Array | None = None,
         counts: jax.Array | None = None,
+        chunk_ids: jax.Array | None = None,
     ) -> jax.Array:
         """Final-normed hidden states [B, T, d]: `input_features` [R, mel_bins, frames] with `lengths` [R]
-        (clips whose first `counts` tokens, default all, clip after clip, are the audio placeholders'), `pixel_values` [R, P, patch_dim]
-        with its `layout` (rows of images whose valid tokens, in order, are the image placeholders'),
-        `positions` [3, B, T] (default: text positions)."""
+        (clips whose first `counts` tokens, default all, clip after clip, are the audio placeholders'; the stem
+        on `chunk_ids` only, when given), `pixel_values` [R, P, patch_dim] with its `layout` (rows of images
+        whose valid tokens, in order, are the image placeholders'), `positions` [3, B, T] (default: text
+        positions)."""
         cfg = self.config
         self._require("vision", pixel_values is not None)
         self._require("audio", input_features is not None)
         ids = jnp.asarray(input_ids)
         x = self.text.embed(ids)
         if input_features is not None:
-            x = merge_audio(self.audio_tower, x, ids == cfg.audio_token_id, input_features, lengths, counts)
+            placeholders = ids == cfg.audio_token_id
+            x = merge_audio(self.audio_tower, x, placeholders, input_features, lengths, counts, chunk_ids)
         add = None
         if pixel_values is not None:
             x, add = merge_images(self.visual, x, ids == cfg.image_token_id, pixel_values, layout, cfg.text.num_layers)

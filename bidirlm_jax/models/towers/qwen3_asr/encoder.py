@@ -95,7 +95,8 @@ def _stacked(layers: list[AudioLayer]) -> AudioLayer:
 
 
 class AudioEncoder(nnx.Module):
-    """`encoder(input_features [B, mel_bins, T], lengths [B]) -> AudioOutput` (see the module docstring)."""
+    """`encoder(input_features [B, mel_bins, T], lengths [B], chunk_ids=None) -> AudioOutput` (see the module
+    docstring and `hidden_states`)."""
 
     def __init__(self, config: AudioConfig, runtime: Runtime = DEFAULT_RUNTIME, *, rngs: nnx.Rngs):
         d, dtype = config.d_model, runtime.param_dtype
@@ -109,9 +110,10 @@ class AudioEncoder(nnx.Module):
         self.proj2 = param(rngs, (config.output_dim, d), ("embed", "mlp"), dtype)
         self.proj2_bias = _bias(rngs, (config.output_dim,), ("embed",), dtype)
 
-    def hidden_states(self, input_features, lengths) -> tuple[jax.Array, jax.Array]:
+    def hidden_states(self, input_features, lengths, chunk_ids=None) -> tuple[jax.Array, jax.Array]:
         """`ln_post` output [B, chunks·c, d_model] (transformers' `Qwen3ASREncoder.last_hidden_state`) and
-        the valid mask [B, chunks·c]."""
+        the valid mask [B, chunks·c]. `chunk_ids` [K] (`audio_tokens.chunk_ids`, from the host): the stem runs on
+        those chunks only, the others (no frame: invalid tokens either way) stay zero."""
         cfg = self.config
         x = jnp.asarray(input_features).astype(self.runtime.dtype)
         lengths = jnp.asarray(lengths, jnp.int32)
@@ -122,7 +124,13 @@ class AudioEncoder(nnx.Module):
         mel = x.reshape(b, mels, chunks, n).transpose(0, 2, 1, 3).reshape(b * chunks, mels, n)
         frames = chunk_lengths(lengths, chunks, n)  # [B, chunks]
         remask = jnp.where((lengths <= n)[:, None], frames, n).reshape(-1)  # a single-chunk clip is unpadded
-        h = self.stem(mel, remask).reshape(b, chunks * cfg.chunk_tokens, cfg.d_model)
+        if chunk_ids is None:
+            h = self.stem(mel, remask)
+        else:  # ids past the end pad the count: gathered clamped, dropped on the way back
+            ids = jnp.asarray(chunk_ids, jnp.int32)
+            picked = self.stem(jnp.take(mel, ids, axis=0, mode="clip"), jnp.take(remask, ids, mode="clip"))
+            h = jnp.zeros((b * chunks, *picked.shape[1:]), picked.dtype).at[ids].set(picked, mode="drop")
+        h = h.reshape(b, chunks * cfg.chunk_tokens, cfg.d_model)
         valid = token_mask(frames, cfg.chunk_tokens)
         shape = valid.shape
         if cfg.audio_attention == "clip":
@@ -159,6 +167,6 @@ class AudioEncoder(nnx.Module):
         h = act(linear(hidden, self.proj1) + self.proj1_bias[...].astype(hidden.dtype))
         return linear(h, self.proj2) + self.proj2_bias[...].astype(hidden.dtype)
 
-    def __call__(self, input_features, lengths) -> AudioOutput:
-        hidden, valid = self.hidden_states(input_features, lengths)
+    def __call__(self, input_features, lengths, chunk_ids=None) -> AudioOutput:
+        hidden, valid = self.hidden_states(input_features, lengths, chunk_ids)
         return AudioOutput(self.project(hidden), valid)

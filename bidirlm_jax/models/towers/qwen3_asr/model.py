@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bidirlm_jax.audio_tokens import chunk_tokens, release_tokens
+from bidirlm_jax.audio_tokens import chunk_ids, chunk_tokens, release_tokens
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.models import transformer
 from bidirlm_jax.models.placeholders import merge_placeholders, valid_first
@@ -52,15 +52,16 @@ class Qwen3ASR(nnx.Module):
         return dict(input_ids=ids, attention_mask=attention_mask, **clips)
 
     def hidden_states(
-        self, input_ids, attention_mask=None, *, input_features=None, lengths=None, counts=None
+        self, input_ids, attention_mask=None, *, input_features=None, lengths=None, counts=None, chunk_ids=None
     ) -> jax.Array:
         """Final-normed hidden states [B, T, d]; `input_features` [clips, mel_bins, frames] with each clip's
-        `lengths` in frames, whose first `counts` tokens (default: all), clip after clip, are the placeholders'."""
+        `lengths` in frames, whose first `counts` tokens (default: all), clip after clip, are the placeholders';
+        `chunk_ids`: the chunks that hold frames (`prepare` gives them; default: every chunk)."""
         ids = jnp.asarray(input_ids)
         x = self.text.embed(ids)
         if input_features is not None:
             placeholders = ids == self.config.audio_token_id
-            x = merge_audio(self.audio_tower, x, placeholders, input_features, lengths, counts)
+            x = merge_audio(self.audio_tower, x, placeholders, input_features, lengths, counts, chunk_ids)
         return self.text.hidden_states(inputs_embeds=x, attention_mask=attention_mask)
 
     def batch_hidden_states(self, inputs: Mapping[str, jax.Array]) -> jax.Array:
@@ -130,16 +131,17 @@ def audio_inputs(
             f"placeholders to its token count (audio_tokens.chunk_tokens with n_window {audio.n_window}) as the "
             "processor does"
         )
-    return dict(input_features=features, lengths=lengths, counts=counts)
+    chunks = chunk_ids(lengths, features.shape[2], audio.chunk_frames)  # a padded clip's empty chunks skip the stem
+    return dict(input_features=features, lengths=lengths, counts=counts, chunk_ids=chunks)
 
 
 def merge_audio(
-    tower: AudioEncoder, x: jax.Array, placeholders: jax.Array, input_features, lengths, counts=None
+    tower: AudioEncoder, x: jax.Array, placeholders: jax.Array, input_features, lengths, counts=None, chunk_ids=None
 ) -> jax.Array:
     """`x` [B, T, d] with the tower's tokens of the clips `input_features` [R, mel_bins, frames] (`lengths`
     [R] frames; 0: no clip) at the `placeholders` [B, T], clip after clip: each clip's first `counts` [R]
-    tokens (default: all it makes)."""
-    audio = tower(input_features, lengths)
+    tokens (default: all it makes); `chunk_ids` as `AudioEncoder.hidden_states` takes them."""
+    audio = tower(input_features, lengths, chunk_ids)
     made = audio.valid.sum(axis=1)
     keep = made if counts is None else jnp.minimum(jnp.asarray(counts), made)
     order = valid_first(audio.tokens.shape[:2], keep)
