@@ -5,7 +5,8 @@ The encoder is Qwen3-ASR-1.7B's (d_model 1024, 16 heads, ffn 4096, stem 480 chan
 100 frames, attention windows of 800 frames) cut to `--layers` layers, random weights. transformers' side is
 the -hf layout's `Qwen3ASREncoder` (`sdpa`) followed by its `Qwen3ASRMultiModalProjector`, called on the whole
 padded batch; ours is `AudioEncoder` (jitted, compiled before timing) holding the same weights, "window"
-attention. Clips are 2–`--max-seconds` s, every one longer than a chunk (transformers' batched call treats a
+attention, given the chunks that hold frames (`audio_tokens.chunk_ids`, as `Qwen3ASR.prepare` passes them:
+transformers' encoder computes no chunk past a clip's end either). Clips are 2–`--max-seconds` s, every one longer than a chunk (transformers' batched call treats a
 single-chunk clip differently from one alone), and the two outputs must agree to 1e-4 of their scale before
 anything is timed. Features: `data.media.audio.audio_features` per clip against
 `WhisperFeatureExtractor(feature_size=128)` per clip (the same features; batched, its log floor follows the
@@ -30,7 +31,7 @@ from measure import Bench
 from transformers import Qwen3ASREncoderConfig, WhisperFeatureExtractor
 from transformers.models.qwen3_asr.modeling_qwen3_asr import Qwen3ASREncoder, Qwen3ASRMultiModalProjector
 
-from bidirlm_jax.audio_tokens import chunk_tokens
+from bidirlm_jax.audio_tokens import chunk_ids, chunk_tokens
 from bidirlm_jax.data.media.audio import SAMPLING_RATE, audio_features, batch_features
 from bidirlm_jax.io.hf_config_audio import audio_config_from_hf
 from bidirlm_jax.io.weights.audio import load_audio_tower
@@ -147,9 +148,11 @@ def main() -> None:
     graphdef, state = nnx.split(ours)
 
     @jax.jit
-    def forward(state, x, n):
-        return nnx.merge(graphdef, state)(x, n)
+    def forward(state, x, n, ids):
+        return nnx.merge(graphdef, state)(x, n, ids)
 
+    # the chunks that hold frames (`Qwen3ASR.prepare` passes them too): transformers computes no other
+    ids = jax.device_put(chunk_ids(lengths, features.shape[2], 2 * ASR_1_7B["n_window"]))
     x, n = jax.device_put(features), jax.device_put(lengths)
     pt, pmask = torch.from_numpy(features), torch.from_numpy(mask)
 
@@ -157,7 +160,7 @@ def main() -> None:
         with torch.no_grad():
             return projector(encoder(pt, pmask).last_hidden_state)
 
-    out = forward(state, x, n)  # compiles too
+    out = forward(state, x, n, ids)  # compiles too
     tokens, valid = np.asarray(out.tokens), np.asarray(out.valid)
     expected = theirs().numpy()
     counts = chunk_tokens(lengths, ASR_1_7B["n_window"])
@@ -167,7 +170,8 @@ def main() -> None:
     print(f"tower: {counts.sum()} tokens of {len(audio)} clips; max difference {error:.1e} of the output's scale")
     assert error < 1e-4, f"ours and transformers' audio tokens differ by {error:.2e} relative"
     rows = bench.rounds(
-        {"ours tower": lambda: forward(state, x, n).tokens.block_until_ready(), "transformers": theirs}, args.rounds
+        {"ours tower": lambda: forward(state, x, n, ids).tokens.block_until_ready(), "transformers": theirs},
+        args.rounds,
     )
     tower_ratio = bench.show_ratio("ours tower", "transformers")
     per_s = {k: len(audio) / rows[k]["best"] for k in rows}
