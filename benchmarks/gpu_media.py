@@ -24,7 +24,7 @@ from flax import nnx
 from media_memory import media_step, model_config
 from vision_tower import towers as vision_towers
 
-from bidirlm_jax.audio_tokens import chunk_tokens
+from bidirlm_jax.audio_tokens import chunk_ids, chunk_tokens
 from bidirlm_jax.data.media.audio import SAMPLING_RATE, audio_features, batch_features
 from bidirlm_jax.models.runtime import Runtime
 from bidirlm_jax.models.towers.presets import get_tower_preset
@@ -85,9 +85,10 @@ def audio_numerics(layers: int, count: int, max_seconds: float) -> dict:
     items = [{"array": a, "sampling_rate": SAMPLING_RATE} for a in clips(count, max_seconds)]
     features, lengths = batch_features([audio_features(i).features for i in items], multiple=2 * n_window)
     graphdef, state = nnx.split(ours)
-    forward = jax.jit(lambda state, x, n: nnx.merge(graphdef, state)(x, n).tokens)
+    forward = jax.jit(lambda state, x, n, ids: nnx.merge(graphdef, state)(x, n, ids).tokens)
     x, n = jax.device_put(features), jax.device_put(lengths)
-    got, ours_s = _timed(lambda: forward(state, x, n))
+    ids = jax.device_put(chunk_ids(lengths, features.shape[2], 2 * n_window))  # as `Qwen3ASR.prepare` gives them
+    got, ours_s = _timed(lambda: forward(state, x, n, ids))
     device = _torch_device()
     encoder, projector = encoder.to(device), projector.to(device)
     mask = (np.arange(features.shape[2])[None, :] < lengths[:, None]).astype(np.int64)
