@@ -112,32 +112,45 @@ class AudioEncoder(nnx.Module):
 
     def hidden_states(self, input_features, lengths, chunk_ids=None) -> tuple[jax.Array, jax.Array]:
         """`ln_post` output [B, chunks·c, d_model] (transformers' `Qwen3ASREncoder.last_hidden_state`) and
-        the valid mask [B, chunks·c]. `chunk_ids` [K] (`audio_tokens.chunk_ids`, from the host): the stem runs on
-        those chunks only, the others (no frame: invalid tokens either way) stay zero."""
+        the valid mask [B, chunks·c]. `chunk_ids` [K] (`audio_tokens.chunk_ids`, from the host): only those
+        chunks are computed, as transformers packs clips — the stem on them, then the layers over one row of
+        their K·c tokens, clip after clip, each clip (or window of it) a segment; the others (no frame:
+        invalid tokens either way) come back as zeros."""
         cfg = self.config
         x = jnp.asarray(input_features).astype(self.runtime.dtype)
         lengths = jnp.asarray(lengths, jnp.int32)
         b, mels, t = x.shape
-        n, chunks = cfg.chunk_frames, -(-t // cfg.chunk_frames)
+        n, chunks, c = cfg.chunk_frames, -(-t // cfg.chunk_frames), cfg.chunk_tokens
         x = jnp.pad(x, ((0, 0), (0, 0), (0, chunks * n - t)))
         x = jnp.where(jnp.arange(chunks * n)[None, None, :] < lengths[:, None, None], x, 0)  # zero-padded tails
         mel = x.reshape(b, mels, chunks, n).transpose(0, 2, 1, 3).reshape(b * chunks, mels, n)
         frames = chunk_lengths(lengths, chunks, n)  # [B, chunks]
         remask = jnp.where((lengths <= n)[:, None], frames, n).reshape(-1)  # a single-chunk clip is unpadded
+        valid = token_mask(frames, c)
         if chunk_ids is None:
-            h = self.stem(mel, remask)
-        else:  # ids past the end pad the count: gathered clamped, dropped on the way back
-            ids = jnp.asarray(chunk_ids, jnp.int32)
-            picked = self.stem(jnp.take(mel, ids, axis=0, mode="clip"), jnp.take(remask, ids, mode="clip"))
-            h = jnp.zeros((b * chunks, *picked.shape[1:]), picked.dtype).at[ids].set(picked, mode="drop")
-        h = h.reshape(b, chunks * cfg.chunk_tokens, cfg.d_model)
-        valid = token_mask(frames, cfg.chunk_tokens)
-        shape = valid.shape
-        if cfg.audio_attention == "clip":
-            segments = Segments.of(valid, None, shape)
-        else:
-            segments = Segments.blocks(shape, cfg.window_tokens, valid)
-        run = self.runtime
+            h = self.stem(mel, remask).reshape(b, chunks * c, cfg.d_model)
+            if cfg.audio_attention == "clip":
+                segments = Segments.of(valid, None, valid.shape)
+            else:
+                segments = Segments.blocks(valid.shape, cfg.window_tokens, valid)
+            return self.ln_post(self._layers(h, segments)), valid
+        ids = jnp.asarray(chunk_ids, jnp.int32)  # ids past the end pad the count: gathered clamped, dropped after
+        k = ids.shape[0]
+        picked = self.stem(jnp.take(mel, ids, axis=0, mode="clip"), jnp.take(remask, ids, mode="clip"))
+        real = jnp.take(valid.reshape(b * chunks, c), ids, axis=0, mode="clip") & (ids < b * chunks)[:, None]
+        clip, place = ids // chunks, (ids % chunks)[:, None] * c + jnp.arange(c)[None, :]  # clip, token in clip
+        window = place * 0 if cfg.audio_attention == "clip" else place // cfg.window_tokens
+        segment = (clip[:, None] * (chunks * c) + window).reshape(1, k * c)  # one per clip (or clip window)
+        h = self._layers(
+            picked.reshape(1, k * c, cfg.d_model), Segments.of(real.reshape(1, k * c), segment, (1, k * c))
+        )
+        h = self.ln_post(h).reshape(k, c, cfg.d_model)
+        out = jnp.zeros((b * chunks, c, cfg.d_model), h.dtype).at[ids].set(h, mode="drop")
+        return out.reshape(b, chunks * c, cfg.d_model), valid
+
+    def _layers(self, h: jax.Array, segments: Segments) -> jax.Array:
+        """The transformer layers over `h` [rows, tokens, d_model], attention within `segments`."""
+        cfg, run = self.config, self.runtime
         attend_fn = functools.partial(
             attend,
             spec=FULL,
@@ -148,8 +161,7 @@ class AudioEncoder(nnx.Module):
             block_q=run.attention_block_q,
             block_kv=run.attention_block_kv,
         )
-        h = self._scanned(h, attend_fn) if run.scan_layers else self._unrolled(h, attend_fn)
-        return self.ln_post(h), valid
+        return self._scanned(h, attend_fn) if run.scan_layers else self._unrolled(h, attend_fn)
 
     def _unrolled(self, x: jax.Array, attend_fn) -> jax.Array:
         for layer in self.layers:
