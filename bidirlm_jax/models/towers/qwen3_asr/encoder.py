@@ -139,7 +139,7 @@ class AudioEncoder(nnx.Module):
         picked = self.stem(jnp.take(mel, ids, axis=0, mode="clip"), jnp.take(remask, ids, mode="clip"))
         real = jnp.take(valid.reshape(b * chunks, c), ids, axis=0, mode="clip") & (ids < b * chunks)[:, None]
         clip, place = ids // chunks, (ids % chunks)[:, None] * c + jnp.arange(c)[None, :]  # clip, token in clip
-        window = place * 0 if cfg.audio_attention == "clip" else place // cfg.window_tokens
+        window = jnp.zeros_like(place) if cfg.audio_attention == "clip" else place // cfg.window_tokens
         segment = (clip[:, None] * (chunks * c) + window).reshape(1, k * c)  # one per clip (or clip window)
         h = self._layers(
             picked.reshape(1, k * c, cfg.d_model), Segments.of(real.reshape(1, k * c), segment, (1, k * c))
