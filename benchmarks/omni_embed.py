@@ -126,8 +126,8 @@ def peer_batches(rendered: list, batch_size: int) -> list[tuple[list[int], dict]
 def slots(rendered: list, batch_size: int, chunk: int) -> dict[str, tuple[int, int]]:
     """Positions each side computes, (ours, peer), for tokens, patches and mel frames: ours text items packed
     several per row (`data.batching.packed_batches`), media items one per row, each padded to its batch's bucket
-    (`data.media.collate`); the peer's tokens padded to each batch's longest
-    row, its patches and frames unpadded (transformers packs them)."""
+    (`data.media.collate`); the peer's tokens padded to each batch's longest row, its patches and frames unpadded
+    (transformers packs them)."""
     order = sorted(rendered, key=lambda r: -len(r.ids))
     batches = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
     rows = min(batch_size, 1 << (len(order) - 1).bit_length())
