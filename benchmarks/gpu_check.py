@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from attention import PLATFORM_KERNELS, inputs
-from gpu_media import audio_numerics, omni_steps, vision_numerics
+from gpu_media import audio_numerics, omni_steps, relative, vision_numerics
 
 from bidirlm_jax.data.batching import bucket_lengths, packed_batches, pad_batch
 from bidirlm_jax.io.hf_config import config_to_hf
@@ -228,11 +228,6 @@ def _timed(fn, *args, repeats: int = 3, **kwargs):
     return out, best
 
 
-def _relative(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def packed_paths(name: str, texts: int, max_len: int, rows: int, chunk: int) -> dict:
     """Section 4: packed vs padded `encode` embeddings and GradCache step, fp32, mixed lengths 4..max_len."""
     from flax import nnx
@@ -267,7 +262,7 @@ def packed_paths(name: str, texts: int, max_len: int, rows: int, chunk: int) -> 
     padded, padded_s = _timed(run_padded, state)
     real = sum(map(len, seqs))
     packed_tokens = sum(b.inputs["input_ids"].size for b in packed_batches(seqs, rows=rows, buckets=buckets, pad=0))
-    result = {"encode": dict(rel_diff=_relative(packed, padded), packed_s=packed_s, padded_s=padded_s,
+    result = {"encode": dict(rel_diff=relative(packed, padded), packed_s=packed_s, padded_s=padded_s,
                              real_tokens=real, packed_tokens=packed_tokens)}  # fmt: skip
 
     b = 2 * rows  # queries; one positive and one negative each, texts of mixed lengths padded to max_len
@@ -279,7 +274,7 @@ def packed_paths(name: str, texts: int, max_len: int, rows: int, chunk: int) -> 
     step = jax.jit(contrastive_loss_and_grads, static_argnums=0, static_argnames=("chunk_size", "pack"))
     (loss_p, grads_p, _), packed_s = _timed(step, graphdef, state, batch, chunk_size=chunk, pack=True)
     (loss_u, grads_u, _), padded_s = _timed(step, graphdef, state, batch, chunk_size=chunk, pack=False)
-    grad_diff = max(_relative(a, c) for a, c in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_u)))
+    grad_diff = max(relative(a, c) for a, c in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_u)))
     result["gradcache"] = dict(loss_diff=abs(float(loss_p) - float(loss_u)), grad_rel_diff=grad_diff,
                                packed_s=packed_s, padded_s=padded_s)  # fmt: skip
     return result

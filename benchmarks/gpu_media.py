@@ -44,7 +44,8 @@ def _timed(fn, repeats: int = 3) -> tuple[object, float]:
     return out, best
 
 
-def _relative(got: np.ndarray, expected: np.ndarray) -> float:
+def relative(got, expected) -> float:
+    """Largest |got − expected| over the largest |expected| (float64)."""
     got, expected = np.asarray(got, np.float64), np.asarray(expected, np.float64)
     return float(np.abs(got - expected).max() / max(np.abs(expected).max(), 1e-30))
 
@@ -75,7 +76,7 @@ def vision_numerics(depth: int, images: int, size: int) -> dict:
         return out
 
     expected, theirs_s = _timed(run_theirs)
-    error = _relative(np.asarray(got)[0], expected.cpu().numpy())
+    error = relative(np.asarray(got)[0], expected.cpu().numpy())
     return dict(items=images, error=error, ours_per_s=images / ours_s, theirs_per_s=images / theirs_s, torch=device)
 
 
@@ -104,7 +105,7 @@ def audio_numerics(layers: int, count: int, max_seconds: float) -> dict:
     expected, theirs_s = _timed(run_theirs)
     counts = chunk_tokens(lengths, n_window)
     valid = np.concatenate([row[:c] for row, c in zip(np.asarray(got), counts)])
-    error = _relative(valid, expected.cpu().numpy())
+    error = relative(valid, expected.cpu().numpy())
     return dict(items=count, error=error, ours_per_s=count / ours_s, theirs_per_s=count / theirs_s, torch=device)
 
 
