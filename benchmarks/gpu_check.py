@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from attention import PLATFORM_KERNELS, inputs
-from gpu_media import audio_numerics, omni_steps, relative, vision_numerics
+from gpu_media import audio_numerics, omni_steps, relative, run_step, vision_numerics
 
 from bidirlm_jax.data.batching import bucket_lengths, packed_batches, pad_batch
 from bidirlm_jax.io.hf_config import config_to_hf
@@ -133,29 +133,14 @@ def jax_mntp(config, runtime, t: int, b: int, steps: int) -> dict:
     loss = make_mntp_loss(mask_id=min(MASK_ID, config.vocab_size - 1), ratio=RATIO, vocab_size=config.vocab_size)
     batch = synthetic_packed(np.random.default_rng(0), b, t, config.vocab_size)
     step = jit_step(make_step_fn(layout.graphdef, token_sum_grads(loss), tx, schedule), layout.shardings, mesh)
-    with jax.set_mesh(mesh):
-        start = time.perf_counter()
-        compiled = step.lower(layout.abstract, batch).compile()
-        compile_s = time.perf_counter() - start
-        state = layout.init()
-        state, metrics = compiled(state, batch)  # warm-up
-        jax.block_until_ready(metrics)
-        start = time.perf_counter()
-        for _ in range(steps):
-            state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-    seconds = (time.perf_counter() - start) / steps
-    stats = jax.devices()[0].memory_stats() or {}
-    peak = stats.get("peak_bytes_in_use")
-    if peak is None:  # CPU: what XLA planned
-        analysis = compiled.memory_analysis()
-        peak = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+    r = run_step(step, layout, batch, batch, mesh, steps)
+    seconds = r["step_s"]
     tokens = b * t
     peak_flops = peak_flops_per_device(jax.devices()[0].device_kind)
     flops = mntp_flops_per_step(config, t, b, capacity(t, RATIO, 1.2), runtime=runtime)
     mfu = flops / seconds / peak_flops if peak_flops else None
-    return dict(step_s=seconds, tokens_per_s=tokens / seconds, mfu=mfu, peak_gb=peak / 1e9, compile_s=compile_s,
-                loss=float(metrics["loss"]))  # fmt: skip
+    return dict(step_s=seconds, tokens_per_s=tokens / seconds, mfu=mfu, peak_gb=r["peak_gb"],
+                compile_s=r["compile_s"], loss=r["last_loss"])  # fmt: skip
 
 
 def torch_mntp(config, runtime, t: int, b: int, steps: int, smoke: bool) -> dict:

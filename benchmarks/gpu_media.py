@@ -8,7 +8,8 @@
 6. The Omni contrastive step (`configs/contrastive.py:omni-2.5b`, the engine's step around GradCache: bf16
    compute, fp32 master weights, remat full, scanned, towers frozen; smoke: `tiny-omni` at fp32) on a text
    batch (7 hard negatives), an image batch (the training pixel budget) and an audio batch (30 s clips), real
-   arrays of the shapes a run feeds (`media_memory.abstract_batch`): s/step, pairs/s and peak device memory.
+   arrays of the shapes a run feeds (`media_memory.abstract_batch`): s/step, pairs/s and peak device memory (the
+   process's peak so far on a GPU, so it never falls from one kind of batch to the next; on CPU what XLA planned).
 """
 
 from __future__ import annotations
@@ -109,6 +110,29 @@ def audio_numerics(layers: int, count: int, max_seconds: float) -> dict:
     return dict(items=count, error=error, ours_per_s=count / ours_s, theirs_per_s=count / theirs_s, torch=device)
 
 
+def run_step(step, layout, example, data, mesh, steps: int) -> dict:
+    """Compile the engine step `step` for `example` (abstract or concrete), run it once on `data` from a fresh
+    state (the warm-up: its loss is the random init's), then `steps` timed runs on the same batch: seconds per
+    step, compile seconds, peak device memory (CPU: what XLA planned), the first and the last loss."""
+    with jax.set_mesh(mesh):
+        start = time.perf_counter()
+        compiled = step.lower(layout.abstract, example).compile()
+        compile_s = time.perf_counter() - start
+        state, metrics = compiled(layout.init(), data)
+        first_loss = float(metrics["loss"])
+        start = time.perf_counter()
+        for _ in range(steps):
+            state, metrics = compiled(state, data)
+        jax.block_until_ready(metrics)
+    seconds = (time.perf_counter() - start) / steps
+    peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    if peak is None:
+        analysis = compiled.memory_analysis()
+        peak = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+    return dict(step_s=seconds, compile_s=compile_s, peak_gb=peak / 1e9, first_loss=first_loss,
+                last_loss=float(metrics["loss"]))  # fmt: skip
+
+
 def concrete_batch(example: dict, config, facts: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Arrays of `example`'s shapes as a run feeds them: each media slot's placeholders at the start of its
     row (an image at the pixel budget as a square grid, a clip of the slot's frames), the rest random words."""
@@ -159,24 +183,7 @@ def omni_steps(*, smoke: bool, batch: int, steps: int) -> dict:
             name, config, batch=batch, negatives=negatives, media=media, runtime=runtime
         )
         data = concrete_batch(example, config, facts, np.random.default_rng(0))
-        with jax.set_mesh(mesh):
-            start = time.perf_counter()
-            compiled = step.lower(layout.abstract, example).compile()
-            compile_s = time.perf_counter() - start
-            state = layout.init()
-            state, metrics = compiled(state, data)  # warm-up; its loss is the random init's (then the batch repeats)
-            first_loss = float(metrics["loss"])
-            start = time.perf_counter()
-            for _ in range(steps):
-                state, metrics = compiled(state, data)
-            jax.block_until_ready(metrics)
-        seconds = (time.perf_counter() - start) / steps
-        stats = jax.devices()[0].memory_stats() or {}
-        peak = stats.get("peak_bytes_in_use")
-        if peak is None:  # CPU: what XLA planned
-            analysis = compiled.memory_analysis()
-            peak = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-        results[kind] = dict(step_s=seconds, pairs_per_s=batch / seconds, peak_gb=peak / 1e9, compile_s=compile_s,
-                             loss=first_loss, negatives=negatives, **facts)  # fmt: skip
-        del state
+        r = run_step(step, layout, example, data, mesh, steps)
+        results[kind] = dict(step_s=r["step_s"], pairs_per_s=batch / r["step_s"], peak_gb=r["peak_gb"],
+                             compile_s=r["compile_s"], loss=r["first_loss"], negatives=negatives, **facts)  # fmt: skip
     return results
