@@ -38,9 +38,8 @@ import transformers
 from measure import Bench
 
 import bidirlm_jax
-from bidirlm_jax.audio_tokens import chunk_bucket
-from bidirlm_jax.data.batching import bucket_for, bucket_lengths, packed_batches
-from bidirlm_jax.data.media.collate import patch_bucket
+from bidirlm_jax.data.batching import bucket_lengths, packed_batches
+from bidirlm_jax.data.media.collate import collate
 from bidirlm_jax.data.media.items import media_processor
 from bidirlm_jax.data.media.samples import CAPTIONS, sample_image
 from bidirlm_jax.data.stdlib_text import stdlib_docstrings
@@ -123,31 +122,31 @@ def peer_batches(rendered: list, batch_size: int) -> list[tuple[list[int], dict]
     return out
 
 
-def slots(rendered: list, batch_size: int, chunk: int) -> dict[str, tuple[int, int]]:
-    """Positions each side computes, (ours, peer), for tokens, patches and mel frames: ours text items packed
-    several per row (`data.batching.packed_batches`), media items one per row, each padded to its batch's bucket
-    (`data.media.collate`); the peer's tokens padded to each batch's longest row, its patches and frames unpadded
+def slots(rendered: list, processor, batch_size: int) -> dict[str, tuple[int, int]]:
+    """Positions each side computes, (ours, peer), for tokens, patches and mel frames: ours read off the batches
+    `encode` builds (text items packed by `data.batching.packed_batches`, media items one per row by
+    `data.media.collate`), the peer's tokens padded to each batch's longest row, its patches and frames unpadded
     (transformers packs them)."""
     order = sorted(rendered, key=lambda r: -len(r.ids))
     batches = [order[lo : lo + batch_size] for lo in range(0, len(order), batch_size)]
-    rows = min(batch_size, 1 << (len(order) - 1).bit_length())
-    out = {"tokens": [0, 0], "patches": [0, 0], "frames": [0, 0]}
-    text_only = all(r.patches is None and r.features is None for r in rendered)
-    if text_only:
+    rows = min(batch_size, 1 << (len(order) - 1).bit_length())  # encode's rows per batch
+    ours = {"tokens": 0, "patches": 0, "frames": 0}
+    if all(r.patches is None and r.features is None for r in rendered):
         packed = packed_batches([r.ids for r in rendered], rows=rows, buckets=bucket_lengths(MAX_LENGTH), pad=0)
-        out["tokens"][0] = sum(b.inputs["input_ids"].size for b in packed)
-    for b in batches:
-        if not text_only:
-            out["tokens"][0] += rows * bucket_for(len(b[0].ids), bucket_lengths(MAX_LENGTH))
-        out["tokens"][1] += len(b) * len(b[0].ids)
-        if b[0].patches is not None:
-            out["patches"][0] += rows * patch_bucket(max(len(r.patches) for r in b))
-            out["patches"][1] += sum(len(r.patches) for r in b)
-        if b[0].features is not None:
-            chunks = -(-max(r.features.shape[1] for r in b) // chunk)
-            out["frames"][0] += rows * chunk * chunk_bucket(chunks)
-            out["frames"][1] += sum(r.features.shape[1] for r in b)
-    return {k: tuple(v) for k, v in out.items() if v[1]}
+        ours["tokens"] = sum(b.inputs["input_ids"].size for b in packed)
+    else:
+        for b in batches:
+            arrays = collate(b, processor, rows=rows, max_length=MAX_LENGTH)
+            ours["tokens"] += arrays["input_ids"].size
+            pixels, mel = arrays.get("pixel_values"), arrays.get("input_features")
+            ours["patches"] += 0 if pixels is None else pixels.shape[0] * pixels.shape[1]
+            ours["frames"] += 0 if mel is None else mel.shape[0] * mel.shape[2]
+    peer = {
+        "tokens": sum(len(b) * len(b[0].ids) for b in batches),
+        "patches": sum(len(r.patches) for r in rendered if r.patches is not None),
+        "frames": sum(r.features.shape[1] for r in rendered if r.features is not None),
+    }
+    return {k: (ours[k], peer[k]) for k in ours if peer[k]}
 
 
 def peer_embed(vl, encoder, batches: list, n: int) -> np.ndarray:
@@ -176,7 +175,7 @@ def measure(bench: Bench, kind: str, model, processor, vl, encoder, args) -> dic
     error = float(np.abs(ours - theirs).max())
     assert error < 1e-3, f"{kind}: our embeddings and the oracle's differ by {error:.2e}"
     tokens = sum(len(r.ids) for r in rendered) / len(items)
-    computed = slots(rendered, args.batch_size, 2 * model.config.audio.n_window)
+    computed = slots(rendered, processor, args.batch_size)
     padding = ", ".join(f"{k} {o:,} vs {p:,}" for k, (o, p) in computed.items())
     print(f"{kind}: {tokens:.0f} tokens per item; positions computed, ours vs the peer: {padding}; rendering "
           f"{render_s:.2f} s; ours first call {first_s:.1f} s (compiling); embeddings agree to {error:.1e}")  # fmt: skip
