@@ -132,8 +132,9 @@ def encode_texts(
         names = item_names or [f"item {i}" for i in range(len(texts))]
         rendered = [processor.render(t, max_length, where=name) for t, name in zip(texts, names)]
         counts = [sum(getattr(r, f) > 0 for r in rendered) for f in _RENDER_CUTS]
-        plain = [i for i, r in enumerate(rendered) if pack and r.patches is None and r.features is None]
-        with_media = sorted(set(range(len(rendered))) - set(plain))
+        text_only = [pack and r.patches is None and r.features is None for r in rendered]
+        plain = [i for i, t in enumerate(text_only) if t]
+        with_media = [i for i, t in enumerate(text_only) if not t]
         buckets, pad = bucket_lengths(max_length), pad_id(processor.tokenizer)
         text_batches = _batches([rendered[i].ids for i in plain], batch_size, buckets, pad, pack) if plain else []
         run_text, run_media = runner(model.text), runner(model)
