@@ -203,3 +203,22 @@ def test_finetune_grads_packed_equal_padded(task, pooling, accum):
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(ref_grads))
     diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
     assert scale > 0 and diff <= TOL * max(scale, 1.0), (diff, scale)
+
+
+def test_min_length_rows_give_fewer_shapes_each_with_one_num_texts():
+    rng = np.random.default_rng(2)
+    seqs = [list(rng.integers(5, 99, n)) for n in rng.integers(1, 100, 300)]
+    plain = packed_batches(seqs, rows=8, buckets=bucket_lengths(128), pad=7)
+    floored = packed_batches(seqs, rows=8, buckets=bucket_lengths(128), pad=7, min_length=50)
+    shapes = lambda batches: {b.inputs["input_ids"].shape for b in batches}
+    assert min(length for _, length in shapes(floored)) == 64  # the bucket that holds 50 tokens
+    assert len(shapes(floored)) < len(shapes(plain))
+    assert sorted(i for b in floored for i in b.texts) == list(range(300))
+    for batches in (plain, floored):
+        num_texts = {}
+        for b in batches:
+            num_texts.setdefault(b.inputs["input_ids"].shape, set()).add(b.num_texts)
+            seg = b.inputs["segment_ids"]
+            assert b.num_texts >= len(b.texts)
+            assert np.all((seg <= len(b.texts)) | (seg > b.num_texts))  # fillers pool into nothing
+        assert all(len(v) == 1 for v in num_texts.values())  # one program per shape

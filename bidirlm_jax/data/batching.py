@@ -12,7 +12,8 @@ and rows that hold several sequences back to back — written once for every pat
 - Packed batches (`packed_batches`) hold several texts per row back to back, so no FLOP goes to padding
   between texts: each row's length is the bucket of the longest text that opens it, shorter texts fill the
   gaps (best fit, longest first), and rows of one length form batches of `rows` rows (the last of each
-  length: the power of two that holds it), so a jitted function still sees a handful of shapes. A text
+  length: the power of two that holds it), so a jitted function still sees a handful of shapes (fewer with
+  `min_length`, the shortest row: short texts share longer rows instead of opening rows of their own). A text
   is segment k + 1 of its batch (k its index there), with positions restarting at 0: a model given
   `segment_ids` and `positions` computes each text as if alone (`models.encoder`). A filler row holds one
   token of segment `num_texts + 1`, which pools into nothing.
@@ -134,7 +135,8 @@ def pack_rows(lengths: Sequence[int], buckets: Sequence[int]) -> list[tuple[int,
 class PackedBatch:
     """One packed batch: `inputs` int32 [rows, length] (`input_ids`, `attention_mask`, `segment_ids`,
     `positions`); `texts[k]` is the caller's index of segment k + 1, starting at token `places[k]`
-    (row, offset); `num_texts` (>= len(texts), a power of two) is the static size to pool into."""
+    (row, offset); `num_texts` (>= len(texts), a power of two, equal across the call's batches of one shape) is
+    the static size to pool into."""
 
     texts: list[int]
     places: list[tuple[int, int]]
@@ -142,22 +144,33 @@ class PackedBatch:
     num_texts: int
 
 
-def packed_batches(seqs: Sequence[Sequence[int]], *, rows: int, buckets: Sequence[int], pad: int) -> list[PackedBatch]:
-    """`seqs` packed into batches of at most `rows` rows (see the module doc)."""
+def packed_batches(
+    seqs: Sequence[Sequence[int]], *, rows: int, buckets: Sequence[int], pad: int, min_length: int = 0
+) -> list[PackedBatch]:
+    """`seqs` packed into batches of at most `rows` rows (see the module doc). Rows are at least the bucket
+    that holds `min_length` tokens: short texts then share longer rows, and a call compiles fewer shapes."""
+    floor = bucket_for(min(max(min_length, 1), buckets[-1]), buckets)
     by_length: dict[int, list[list[int]]] = {}
-    for length, members in pack_rows([len(s) for s in seqs], buckets):
+    for length, members in pack_rows([len(s) for s in seqs], [b for b in buckets if b >= floor]):
         by_length.setdefault(length, []).append(members)
+    cut = [
+        (length, by_length[length][lo : lo + rows])
+        for length in sorted(by_length, reverse=True)
+        for lo in range(0, len(by_length[length]), rows)
+    ]
+    shape = lambda length, members: (min(rows, 1 << (len(members) - 1).bit_length()), length)
+    widest: dict[tuple[int, int], int] = {}  # one num_texts per batch shape, so one program per shape
+    for length, members in cut:
+        key = shape(length, members)
+        widest[key] = max(widest.get(key, 0), sum(map(len, members)))
     out = []
-    for length in sorted(by_length, reverse=True):
-        packed = by_length[length]
-        for lo in range(0, len(packed), rows):
-            out.append(_batch(seqs, packed[lo : lo + rows], rows, length, pad))
+    for length, members in cut:
+        height, _ = key = shape(length, members)
+        out.append(_batch(seqs, members, height, length, pad, 1 << max(widest[key] - 1, 0).bit_length()))
     return out
 
 
-def _batch(seqs, members: list[list[int]], rows: int, length: int, pad: int) -> PackedBatch:
-    count = sum(map(len, members))
-    num_texts = 1 << max(count - 1, 0).bit_length()
+def _batch(seqs, members: list[list[int]], height: int, length: int, pad: int, num_texts: int) -> PackedBatch:
     texts, places, built = [], [], []
     for r, row in enumerate(members):
         offsets = np.cumsum([0] + [len(seqs[i]) for i in row])[:-1]
@@ -167,7 +180,6 @@ def _batch(seqs, members: list[list[int]], rows: int, length: int, pad: int) -> 
         places.extend((r, int(o)) for o in offsets)
         texts.extend(row)
     filler = packed_row([np.full(1, pad)], length, pad, first_segment=num_texts + 1)
-    height = min(rows, 1 << (len(members) - 1).bit_length())
     built += [filler] * (height - len(members))
     inputs = {k: np.stack([row[k] for row in built]) for k in built[0]}
     return PackedBatch(texts, places, inputs, num_texts)

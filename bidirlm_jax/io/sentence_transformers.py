@@ -24,6 +24,7 @@ from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, run_config
 from bidirlm_jax.io.companions import ENCODER_MODULES, companion_files
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes
+from bidirlm_jax.io.hf_config import read_config_dict, runtime_from_hf
 from bidirlm_jax.io.run import description_dir, is_training_run, prompts_file
 from bidirlm_jax.models.config import POOLING_MODES
 from bidirlm_jax.models.runtime import ATTENTION_MODES, DTYPES
@@ -165,12 +166,20 @@ def load_encoder(
     path: str | os.PathLike, *, attention: str | None = None, dtype: str = "float32", towers: bool = False
 ) -> tuple[Transformer, Any, EncoderSettings]:
     """Model (attention as its config says unless `attention`), tokenizer and settings of a directory; the
-    text backbone alone unless `towers` (then the vision or audio tower the checkpoint holds, for media)."""
+    text backbone alone unless `towers` (then the vision or audio tower the checkpoint holds, for media).
+
+    The layers are scanned (`Runtime.scan_layers`): one layer is traced and compiled per batch shape instead
+    of every layer, which is most of an `encode`'s first call (`benchmarks/first_call.py`), at the same speed
+    once compiled."""
     path = Path(path)
     check_source(path)
     tokenizer = _load_tokenizer(path)
     settings = read_encoder_settings(path)
-    model = from_pretrained(path, attention=attention, dtype=dtype, **({} if towers else {"text_only": True}))
+    mode = {} if attention is None else {"attention": attention}
+    runtime = runtime_from_hf(
+        read_config_dict(description_dir(path)), dtype=dtype, param_dtype=dtype, scan_layers=True, **mode
+    )
+    model = from_pretrained(path, runtime=runtime, **({} if towers else {"text_only": True}))
     return model, tokenizer, settings
 
 
