@@ -107,19 +107,30 @@ def test_set_mask_token_in_object_and_exported_files(tmp_path):
         set_mask_token(out, 50)
 
 
-def test_a_bidirlm_omni_directory_loads_its_tokenizer_without_the_remote_code(tokenizer_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("remote_code", [True, False], ids=["release", "no-auto-map"])
+def test_a_bidirlm_omni_directory_loads_its_tokenizer_without_the_remote_code(
+    tokenizer_dir, tmp_path, monkeypatch, remote_code
+):
     """The release's config.json names remote code (`auto_map`); its tokenizer is Qwen3's, loaded natively
-    rather than by asking whether to run code (transformers asks through `input`)."""
+    rather than by asking whether to run code (transformers asks through `input`). Without `auto_map` the
+    model type is one transformers does not know: loaded natively too, without its warning that it builds an
+    empty config from a `bidirlm_omni` one."""
     import shutil
+
+    from transformers import configuration_utils
 
     omni = tmp_path / "omni"
     shutil.copytree(tokenizer_dir, omni)
     auto_map = {"AutoConfig": "BidirLM/BidirLM-Omni-2.5B-Embedding--configuration_bidirlm_omni.BidirLMOmniConfig"}
-    (omni / "config.json").write_text(json.dumps({"model_type": "bidirlm_omni", "auto_map": auto_map}))
+    config = {"model_type": "bidirlm_omni", **({"auto_map": auto_map} if remote_code else {})}
+    (omni / "config.json").write_text(json.dumps(config))
 
     def ask(*_):
         raise AssertionError("asked whether to run remote code")
 
+    warned = []
     monkeypatch.setattr("builtins.input", ask)
+    monkeypatch.setattr(configuration_utils.logger, "warning", lambda msg, *a, **k: warned.append(msg))
     tokenizer = load_tokenizer(omni)
+    assert not warned
     assert tokenizer("a b")["input_ids"] == load_tokenizer(tokenizer_dir)("a b")["input_ids"]

@@ -70,8 +70,10 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
 def _native_config(path: Path) -> dict:
     """`config=` the native family's config for a released BidirLM or BidirLM-Omni directory: AutoTokenizer then
     picks the family's tokenizer class instead of importing (or asking to run) the remote code its config.json
-    names."""
+    names, or (an Omni directory without `auto_map`) a model type transformers does not know, which it would
+    warn about and load as an empty config."""
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     try:
         d = json.loads((path / "config.json").read_text())
@@ -79,8 +81,9 @@ def _native_config(path: Path) -> dict:
         return {}
     if released.is_released(d):
         return {"config": AutoConfig.for_model(released.native_config(d)["model_type"])}
-    if "auto_map" in d and d.get("model_type") in MULTIMODAL_MODEL_TYPES:  # the Omni release: remote code only
-        return {"config": AutoConfig.for_model(MULTIMODAL_MODEL_TYPES[d["model_type"]])}
+    kind = d.get("model_type")
+    if kind in MULTIMODAL_MODEL_TYPES and ("auto_map" in d or kind not in CONFIG_MAPPING):  # Omni: remote code only
+        return {"config": AutoConfig.for_model(MULTIMODAL_MODEL_TYPES[kind])}
     return {}
 
 
