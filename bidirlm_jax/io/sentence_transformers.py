@@ -167,10 +167,7 @@ def load_encoder(
 ) -> tuple[Transformer, Any, EncoderSettings]:
     """Model (attention as its config says unless `attention`), tokenizer and settings of a directory; the
     text backbone alone unless `towers` (then the vision or audio tower the checkpoint holds, for media).
-
-    The layers are scanned (`Runtime.scan_layers`): one layer is traced and compiled per batch shape instead
-    of every layer, which is most of an `encode`'s first call (`benchmarks/first_call.py`), at the same speed
-    once compiled."""
+    Layers are scanned: `encode`'s first call traces and compiles one per batch shape, not all (as fast after)."""
     path = Path(path)
     check_source(path)
     tokenizer = _load_tokenizer(path)
