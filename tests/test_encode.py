@@ -11,6 +11,7 @@ from bidirlm_jax.data.batching import bucket_lengths, tokenize
 from bidirlm_jax.embed.encode import encode, encode_texts, query_prompt
 from bidirlm_jax.errors import ConfigError
 from bidirlm_jax.io.hf import from_pretrained
+from bidirlm_jax.io.sentence_transformers import load_encoder
 from bidirlm_jax.io.tokenizer import load_tokenizer
 from bidirlm_jax.testing.tolerance import fp32_tol
 from tests.encoders import MAX_LENGTH, TEXTS, make_encoder_src, run_cli
@@ -130,7 +131,8 @@ def test_embed_cli_matches_encode(qwen_src, tmp_path, capsys):
     txt.write_text("\n".join(TEXTS) + "\n")
     jsonl = tmp_path / "texts.jsonl"
     jsonl.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
-    model = from_pretrained(qwen_src)  # as the CLI loads it: the attention config.json declares
+    model = from_pretrained(qwen_src)  # the attention config.json declares, as the CLI; unrolled, the CLI's scanned
+    assert not model.runtime.scan_layers and load_encoder(qwen_src)[0].runtime.scan_layers
     expected = encode(model, load_tokenizer(qwen_src), TEXTS, instruction="find it", max_length=MAX_LENGTH)
     for source in (txt, jsonl):
         out = tmp_path / f"{source.stem}{source.suffix}.npy"
