@@ -3,9 +3,8 @@ on the same images and weights.
 
 The tower is Qwen3-VL-2B's shape (width 1024, 16 heads, MLP 4096, output 2048, a 48×48 position table)
 cut to `--depth` blocks, with random weights and DeepStack taps after blocks 1–3 (three mergers run, as in
-the 2B tower). Each round times one forward of ours (jitted, compiled beforehand) then one of theirs
-(torch, `sdpa`), interleaved so machine load hits both alike; the report gives the best and median
-times, their ratios and the load average around the run.
+the 2B tower). Ours is jitted and compiled beforehand, theirs is torch with `sdpa`; the sides are interleaved
+in rounds (`measure.Bench`: machine, load around every round, best / median of per-round ratios / CPU time).
 
     .venv/bin/python benchmarks/vision_tower.py [--images 4] [--size 224] [--rounds 7] [--depth 4]
 """
@@ -13,16 +12,14 @@ times, their ratios and the load average around the run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import statistics
-import time
+from pathlib import Path
 
 import jax
 import numpy as np
 import torch
 import transformers
 from flax import nnx
+from measure import Bench
 from transformers.models.qwen3_vl import modeling_qwen3_vl as hf_vl
 
 from bidirlm_jax.io.hf_config_vision import vision_config_from_hf
@@ -43,20 +40,15 @@ def towers(depth: int):
     return theirs, ours
 
 
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", type=int, default=4, help="images per forward")
     p.add_argument("--size", type=int, default=224, help="image side in pixels (a multiple of 32)")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--out", default=str(Path(__file__).parent / "out" / "vision_tower.json"))
     args = p.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    bench = Bench(threads={"torch": torch.get_num_threads()})
     side = args.size // 16
     grids = [(1, side, side)] * args.images
     patches = np.random.default_rng(0).uniform(-1, 1, (args.images * side * side, 1536)).astype(np.float32)
@@ -83,25 +75,12 @@ def main() -> None:
     got = np.asarray(forward(state, x))[0]  # compiles too
     error = float(np.abs(got - expected).max() / np.abs(expected).max())
     assert error < 1e-4, f"ours and transformers' merged tokens differ by {error:.2e} relative"
-    load_before = os.getloadavg()
-    times = {"ours": [], "transformers": []}
-    for _ in range(args.rounds):
-        times["ours"].append(timed(run_ours))
-        times["transformers"].append(timed(run_theirs))
-    report = {
-        "images": args.images,
-        "size": args.size,
-        "depth": args.depth,
-        "rounds": args.rounds,
-        "max_relative_difference": error,
-        **{f"{k}_best_images_per_s": args.images / min(v) for k, v in times.items()},
-        **{f"{k}_median_images_per_s": args.images / statistics.median(v) for k, v in times.items()},
-        "speedup_best": min(times["transformers"]) / min(times["ours"]),
-        "speedup_median": statistics.median(times["transformers"]) / statistics.median(times["ours"]),
-        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
-        "cpu_count": os.cpu_count(),
-    }
-    print(json.dumps(report, indent=2))
+    rows = bench.rounds({"ours": run_ours, "transformers": run_theirs}, args.rounds)
+    for name, row in rows.items():
+        print(f"  {name:<14}{args.images / row['best']:>7.2f} images/s best, {args.images / row['median']:.2f} median")
+    bench.show_ratio("ours", "transformers")
+    extra = dict(images=args.images, size=args.size, depth=args.depth, max_relative_difference=error)
+    bench.finish(args.out, extra)
 
 
 if __name__ == "__main__":
