@@ -267,7 +267,15 @@ def _stack_values(values: list):
         return jax.ShapeDtypeStruct((len(values), *first.shape), first.dtype)
     if isinstance(first, np.ndarray):
         return np.stack(values)
+    if all(_on_one_cpu(v) for v in values):  # numpy's copy: no program to compile per parameter shape
+        return jax.device_put(np.stack([np.asarray(v) for v in values]), first.sharding)
     return jnp.stack(values)
+
+
+def _on_one_cpu(value) -> bool:
+    concrete = isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer)
+    devices = value.sharding.device_set if concrete else ()
+    return len(devices) == 1 and next(iter(devices)).platform == "cpu"
 
 
 def _stack(*leaves):
