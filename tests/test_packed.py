@@ -222,3 +222,13 @@ def test_min_length_rows_give_fewer_shapes_each_with_one_num_texts():
             assert b.num_texts >= len(b.texts)
             assert np.all((seg <= len(b.texts)) | (seg > b.num_texts))  # fillers pool into nothing
         assert all(len(v) == 1 for v in num_texts.values())  # one program per shape
+
+
+def test_encode_rows_are_long_for_many_texts_and_short_for_a_query():
+    from bidirlm_jax.embed.encode import PACKED_ROW_MIN, _batches
+
+    shapes = lambda lengths: {inputs["input_ids"].shape for _, inputs, _ in _batches(
+        [[5] * n for n in lengths], 32, bucket_lengths(512), 0, True)}  # fmt: skip
+    assert shapes([10]) == {(1, 16)}  # one query: one row of its own bucket
+    assert shapes([10, 12, 9, 11]) == {(4, 16)}  # a few texts: a short row each
+    assert min(length for _, length in shapes([10] * 300 + [200])) == PACKED_ROW_MIN

@@ -41,7 +41,8 @@ from bidirlm_jax.models.transformer import Transformer
 log = logging.getLogger(__name__)
 
 _PROGRESS_MIN_BATCHES = 8  # a bar for inputs that take more than a few batches
-# Packed rows are at least this long: texts shorter than it share rows of one length, so a call compiles few
+# Packed rows are at least this long (or as long as a call's rows need to hold all its tokens, if shorter: a
+# single query stays one short row): texts shorter than it share rows of one length, so a call compiles few
 # shapes (each costs a trace and a compile, or a cache read, on the first call), while attention over a
 # row this long is still a small part of a token's FLOPs (`benchmarks/first_call.py`).
 PACKED_ROW_MIN = 128
@@ -190,9 +191,10 @@ def _batches(ids: list[list[int]], batch_size: int, buckets: tuple[int, ...], pa
     """(text indices, model inputs, texts to pool into or None for one per row) of every batch."""
     rows = min(batch_size, 1 << (len(ids) - 1).bit_length())  # a single query does not pay for 32 rows
     if pack:
+        floor = min(PACKED_ROW_MIN, -(-sum(map(len, ids)) // rows))
         return [
             (b.texts, b.inputs, b.num_texts)
-            for b in packed_batches(ids, rows=rows, buckets=buckets, pad=pad, min_length=PACKED_ROW_MIN)
+            for b in packed_batches(ids, rows=rows, buckets=buckets, pad=pad, min_length=floor)
         ]
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = []
