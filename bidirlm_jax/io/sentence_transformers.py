@@ -24,7 +24,7 @@ from bidirlm_jax.io.atomic import atomic_directory, check_destination
 from bidirlm_jax.io.checkpoint import is_checkpoint, recorded_dtypes, run_config
 from bidirlm_jax.io.companions import ENCODER_MODULES, companion_files
 from bidirlm_jax.io.hf import from_pretrained, save_pretrained, stored_dtypes
-from bidirlm_jax.io.hf_config import read_config_dict, runtime_from_hf
+from bidirlm_jax.io.hf_config import read_runtime
 from bidirlm_jax.io.run import description_dir, is_training_run, prompts_file
 from bidirlm_jax.models.config import POOLING_MODES
 from bidirlm_jax.models.runtime import ATTENTION_MODES, DTYPES
@@ -173,9 +173,7 @@ def load_encoder(
     tokenizer = _load_tokenizer(path)
     settings = read_encoder_settings(path)
     mode = {} if attention is None else {"attention": attention}
-    runtime = runtime_from_hf(
-        read_config_dict(description_dir(path)), dtype=dtype, param_dtype=dtype, scan_layers=True, **mode
-    )
+    runtime = read_runtime(description_dir(path), dtype=dtype, param_dtype=dtype, scan_layers=True, **mode)
     model = from_pretrained(path, runtime=runtime, **({} if towers else {"text_only": True}))
     return model, tokenizer, settings
 
