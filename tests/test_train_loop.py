@@ -258,6 +258,18 @@ def test_init_from_a_directory_without_weights_is_refused(tmp_path, capsys):
                 "--config.train.allow_data_change=true",
             ],
         ),
+        (  # frozen parameters hold no optimizer state: the restore would not fit
+            ["--config.optim.frozen=('embedder/.*',)"],
+            [
+                "whose optimizer state has another layout than this config gives",
+                "it no longer trains embedder/embedding",
+                'optim.frozen: [] -> ["embedder/.*"]',
+            ],
+        ),
+        (
+            ["--config.optim.grad_clip_norm=0"],
+            ["whose optimizer state has another layout", "changed: optim.grad_clip_norm: 1.0 -> 0.0"],
+        ),
     ],
 )
 def test_workdir_of_another_model_or_data_stream_is_refused_untouched(runs, capsys, overrides, expected):
@@ -267,6 +279,23 @@ def test_workdir_of_another_model_or_data_stream_is_refused_untouched(runs, caps
     err = capsys.readouterr().err
     assert all(part in err for part in expected), err
     assert _snapshot(whole) == before
+
+
+@pytest.mark.slow
+def test_a_checkpoint_without_its_optimizer_layout_fails_in_one_short_line(runs, tmp_path, capsys):
+    """Checkpoints written before `meta` recorded the optimizer layout: the restore's mismatch is reported
+    without the trees orbax prints (kilobytes of shapes)."""
+    whole, _ = runs
+    shutil.copytree(whole / "checkpoints", tmp_path / "checkpoints")
+    for meta in (tmp_path / "checkpoints").glob("*/meta/metadata"):
+        record = json.loads(meta.read_text())
+        del record["optimizer"]
+        meta.write_text(json.dumps(record))
+    args = ["train", "--config", TINY, "--workdir", str(tmp_path), *QUIET, "--config.train.steps=20"]
+    assert cli_main([*args, "--config.optim.grad_clip_norm=0"]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "cannot resume from step" in error[0], error
+    assert "tree structures do not match: opt_state:" in error[0] and len(error[0]) < 600, error
 
 
 @pytest.mark.slow

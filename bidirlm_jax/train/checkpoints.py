@@ -77,6 +77,7 @@ class Checkpointer:
         stream unless `allow_data_change`."""
         saved = self.read_meta(step)
         self._check_model(step, saved.get("param_shapes", {}), meta["param_shapes"])
+        self._check_optimizer(step, saved, meta)
         if allow_data_change or "data_stream" not in saved:
             return
         before, now = saved["data_stream"], meta["data_stream"]
@@ -122,6 +123,26 @@ class Checkpointer:
             f"describes: {detail}. Use a new --workdir, or the config that wrote these checkpoints"
         )
 
+    def _check_optimizer(self, step: int, saved: dict[str, Any], meta: dict[str, Any]) -> None:
+        """The optimizer state's layout (`state.optimizer_layout`; checkpoints older than it are not checked
+        here, and a mismatch then fails in `restore`)."""
+        before, now = saved.get("optimizer"), meta["optimizer"]
+        if before is None or before == now:
+            return
+        gained = sorted(set(now["trained"]) - set(before["trained"]))
+        lost = sorted(set(before["trained"]) - set(now["trained"]))
+        parts = [f"this config also trains {_some(gained)}"] if gained else []
+        parts += [f"it no longer trains {_some(lost)}"] if lost else []
+        settings = _changed_settings(saved.get("config", {}), meta["config"])
+        parts += [f"changed: {'; '.join(settings)}"] if settings else []
+        raise ConfigError(
+            f"{self.directory} holds checkpoints (latest step {step}) whose optimizer state has another layout than "
+            f"this config gives: {', '.join(parts) or 'the optimizer has other parts'}. Frozen parameters hold no "
+            "optimizer state (optim.frozen / optim.trainable, contrastive.train_towers, finetune.train_towers, "
+            "lora.*), and settings such as optim.grad_clip_norm add or drop parts of it. Restore the settings that "
+            "wrote these checkpoints, or use a new --workdir"
+        )
+
     def kept(self, params: nnx.State) -> nnx.State:
         """The parameters a checkpoint holds (the best step keeps the same)."""
         return params if self._params is None else nnx.split_state(params, self._params, ...)[0]
@@ -142,7 +163,8 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
                 f"cannot resume from step {step} in {self.directory}: its train state does not fit the configured one "
-                f"(optimizer settings such as optim.grad_clip_norm change its structure): {e}. Resume with the "
+                f"(optimizer settings such as optim.grad_clip_norm change its structure): {_headline(e)}. Resume "
+                "with the "
                 "settings that wrote it, or use a new --workdir"
             ) from None
 
@@ -205,3 +227,33 @@ class BestStep:
         self.value = scores[self.metric]
         save_best(self._workdir, params, step=step, metrics=scores)
         return True
+
+
+def _some(paths: list[str], shown: int = 3) -> str:
+    more = f" and {len(paths) - shown} more" if len(paths) > shown else ""
+    return ", ".join(paths[:shown]) + more
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+
+
+def _changed_settings(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for the settings that shape the optimizer state (the optimizer, LoRA, `train_towers`)."""
+    old, new = (
+        {k.rstrip("."): v for k, v in _flat(c).items() if k.startswith(("optim.", "lora.")) or ".train_towers" in k}
+        for c in (before, now)
+    )
+    return [
+        f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
+
+
+def _headline(error: Exception, lines: int = 4) -> str:
+    """An orbax restore error without the trees it prints (kilobytes of shapes): its unindented lines."""
+    kept = [line for line in str(error).splitlines() if line.strip() and not line[0].isspace()]
+    return " ".join(kept[:lines]) + (" ..." if len(kept) > lines else "")

@@ -48,7 +48,7 @@ from bidirlm_jax.train.evaluation import Evaluation, EvaluatorFactory, Schedule,
 from bidirlm_jax.train.objectives import LossFn, Objective, build_objective, causal_lm
 from bidirlm_jax.train.optim import make_optimizer
 from bidirlm_jax.train.preflight import preflight
-from bidirlm_jax.train.state import StateLayout, param_shapes
+from bidirlm_jax.train.state import StateLayout, optimizer_layout, param_shapes
 from bidirlm_jax.train.step import jit_step, make_step_fn
 
 # objectives that train a model with towers -> the config section whose `train_towers` unfreezes them
@@ -150,6 +150,7 @@ def _plan(
     trainable_lib.check(layout.abstract.params, config.optim)
     meta = {
         "param_shapes": param_shapes(layout.abstract.params),
+        "optimizer": optimizer_layout(layout.abstract, trainable),
         "data_stream": data_stream(config.data),
         "config": json.loads(config.to_json_best_effort()),
     }

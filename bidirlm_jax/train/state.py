@@ -8,6 +8,7 @@ pod needs: no host could hold a large model's optimizer state).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import flax.struct
@@ -94,3 +95,12 @@ class StateLayout:
 def param_shapes(params: nnx.State) -> dict[str, list[int]]:
     """`{"layers/0/attn/q_proj": [d, h, hd], ...}`: what identifies a model's architecture in a checkpoint."""
     return {"/".join(map(str, path)): list(v.shape) for path, v in nnx.to_flat_state(params)}
+
+
+def optimizer_layout(state: TrainState, trainable: trainable_lib.Filter) -> dict[str, object]:
+    """What shapes a checkpoint's optimizer state besides the model: the parameters it holds state for (frozen
+    ones hold none) and a digest of its tree (the optimizer's parts, e.g. clipping or not), so a resume can
+    refuse another layout by name instead of failing inside orbax's restore."""
+    trained = param_shapes(trainable_lib.split(state.params, trainable)[0])
+    paths = "\n".join(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state)[0])
+    return {"trained": sorted(trained), "tree": hashlib.sha256(paths.encode()).hexdigest()[:16]}
