@@ -164,6 +164,32 @@ def test_head_predictions_packed_equal_padded(task, pooling):
         np.testing.assert_allclose(a, b, rtol=TOL, atol=TOL, err_msg=f"text {i}")
 
 
+def test_predict_packs_many_short_examples_into_rows_of_the_floor(monkeypatch):
+    """Evaluation packs as `encode` does (`row_floor`): many short examples share rows of `PACKED_ROW_MIN`
+    tokens, a few take rows only as long as they need."""
+    from bidirlm_jax.data.batching import PACKED_ROW_MIN
+    from bidirlm_jax.data.labeled_rows import Encoded
+    from bidirlm_jax.evals import finetune
+    from bidirlm_jax.models.heads import EncoderWithHead, HeadConfig
+
+    shapes = []
+    real = finetune.packed_batches
+    record = lambda *a, **k: [shapes.append(b.inputs["input_ids"].shape) or b for b in real(*a, **k)]
+    monkeypatch.setattr(finetune, "packed_batches", record)
+    config = get_preset("tiny-qwen3", num_layers=1, layer_types=(FULL,))
+    model = EncoderWithHead(config, HeadConfig("classification", 2), BIDIRECTIONAL, rngs=nnx.Rngs(0))
+    for lengths in ((10,) * 300, (9, 12, 10)):
+        shapes.clear()
+        texts = _texts(3, lengths)
+        offsets = np.cumsum([0] + list(lengths))
+        encoded = Encoded("classification", np.concatenate(texts), offsets, np.zeros(len(texts), np.int32))
+        assert len(finetune.predict(model, encoded, pad=0, batch_size=8)) == len(lengths)
+        if len(lengths) > 3:
+            assert {length for _, length in shapes} == {PACKED_ROW_MIN} and len(shapes) == 4  # 25 rows of 12
+        else:
+            assert shapes == [(4, 12)]  # a row each, as long as the longest: none pays for 128 tokens
+
+
 @pytest.mark.parametrize(
     "task, pooling, accum",
     [("classification", "late", 1), ("regression", "last", 2), ("token_classification", "mean", 1)],
@@ -225,7 +251,8 @@ def test_min_length_rows_give_fewer_shapes_each_with_one_num_texts():
 
 
 def test_encode_rows_are_long_for_many_texts_and_short_for_a_query():
-    from bidirlm_jax.embed.encode import PACKED_ROW_MIN, _batches
+    from bidirlm_jax.data.batching import PACKED_ROW_MIN
+    from bidirlm_jax.embed.encode import _batches
 
     shapes = lambda lengths: {inputs["input_ids"].shape for _, inputs, _ in _batches(
         [[5] * n for n in lengths], 32, bucket_lengths(512), 0, True)}  # fmt: skip

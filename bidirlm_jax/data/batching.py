@@ -31,13 +31,19 @@ import numpy as np
 from bidirlm_jax.io.tokenizer import pad_id
 
 MIN_BUCKET = 16
+# Packed rows are at least this long (`row_floor`): texts shorter than it share rows of one length, so a call
+# compiles few shapes (each costs a trace and a compile, or a cache read, on the first call), while attention
+# over a row this long is still a small part of a token's FLOPs (`benchmarks/first_call.py`).
+PACKED_ROW_MIN = 128
 
 __all__ = [
     "MIN_BUCKET",
+    "PACKED_ROW_MIN",
     "PackedBatch",
     "bucket_for",
     "bucket_lengths",
     "pack_rows",
+    "row_floor",
     "packed_batches",
     "packed_row",
     "pad_batch",
@@ -142,6 +148,12 @@ class PackedBatch:
     places: list[tuple[int, int]]
     inputs: dict[str, np.ndarray]
     num_texts: int
+
+
+def row_floor(seqs: Sequence[Sequence[int]], rows: int) -> int:
+    """`packed_batches`' `min_length` for `seqs` in batches of `rows` rows: `PACKED_ROW_MIN`, or less where
+    that many tokens fill the rows (a single query stays one row of its own bucket, not 128 tokens of compute)."""
+    return min(PACKED_ROW_MIN, -(-sum(map(len, seqs)) // rows))
 
 
 def packed_batches(

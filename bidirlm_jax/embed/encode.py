@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from bidirlm_jax.data.batching import bucket_lengths, packed_batches, pad_batch, pad_id, tokenize
+from bidirlm_jax.data.batching import bucket_lengths, packed_batches, pad_batch, pad_id, row_floor, tokenize
 from bidirlm_jax.data.media.collate import collate
 from bidirlm_jax.data.media.items import MediaProcessor, media_processor
 from bidirlm_jax.errors import ConfigError
@@ -41,11 +41,6 @@ from bidirlm_jax.models.transformer import Transformer
 log = logging.getLogger(__name__)
 
 _PROGRESS_MIN_BATCHES = 8  # a bar for inputs that take more than a few batches
-# Packed rows are at least this long (or as long as a call's rows need to hold all its tokens, if shorter: a
-# single query stays one short row): texts shorter than it share rows of one length, so a call compiles few
-# shapes (each costs a trace and a compile, or a cache read, on the first call), while attention over a
-# row this long is still a small part of a token's FLOPs (`benchmarks/first_call.py`).
-PACKED_ROW_MIN = 128
 _RENDER_CUTS = ("text_truncated", "downscaled", "audio_truncated", "audio_dropped")  # RenderedItem's fields
 _CUTS = (
     "texts were longer than {max_length} tokens and were truncated",
@@ -191,7 +186,7 @@ def _batches(ids: list[list[int]], batch_size: int, buckets: tuple[int, ...], pa
     """(text indices, model inputs, texts to pool into or None for one per row) of every batch."""
     rows = min(batch_size, 1 << (len(ids) - 1).bit_length())  # a single query does not pay for 32 rows
     if pack:
-        floor = min(PACKED_ROW_MIN, -(-sum(map(len, ids)) // rows))
+        floor = row_floor(ids, rows)
         return [
             (b.texts, b.inputs, b.num_texts)
             for b in packed_batches(ids, rows=rows, buckets=buckets, pad=pad, min_length=floor)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bidirlm_jax.data.batching import bucket_for, bucket_lengths, packed_batches
+from bidirlm_jax.data.batching import bucket_for, bucket_lengths, packed_batches, row_floor
 from bidirlm_jax.data.labeled import LabeledSplit, LabelMap
 from bidirlm_jax.data.labeled_media import MediaEncoded, encode_labeled
 from bidirlm_jax.data.labeled_rows import Encoded
@@ -39,10 +39,10 @@ def predict(
     model: nnx.Module, encoded: Encoded | MediaEncoded, *, pad: int, batch_size: int = 32, pack: bool = True
 ) -> list[np.ndarray]:
     """The model's logits for every example of `encoded`, in order (each cut to its own length for token
-    tasks). Examples are packed several per row (`data.batching.packed_batches`), or with `pack=False`
-    sorted by length into fixed-size batches padded to a few bucket lengths (a last short batch filled with
-    copies of a real row): either way the forward compiles a handful of shapes. Media examples (a model with
-    towers) are never packed: one per row, in order, at the media collate's buckets."""
+    tasks). Examples are packed several per row (`data.batching.packed_batches`, rows of at least `row_floor`),
+    or with `pack=False` sorted by length into fixed-size batches padded to a few bucket lengths (a last short
+    batch filled with copies of a real row): either way the forward compiles a handful of shapes. Media
+    examples (a model with towers) are never packed: one per row, in order, at the media collate's buckets."""
     n = len(encoded)
     if n == 0:
         raise ConfigError("nothing to evaluate: the split holds no examples")
@@ -51,13 +51,14 @@ def predict(
     if isinstance(encoded, MediaEncoded):
         return _predict_media(*nnx.split(model), encoded, batch_size)
     lengths = encoded.lengths
-    buckets = bucket_lengths(max(int(lengths.max()), 1))
     graphdef, params = nnx.split(model)
     out: list[np.ndarray | None] = [None] * n
     if pack:
         token = encoded.task == "token_classification"
         seqs = [encoded.ids[encoded.offsets[i] : encoded.offsets[i + 1]] for i in range(n)]
-        for batch in packed_batches(seqs, rows=batch_size, buckets=buckets, pad=pad):
+        floor = row_floor(seqs, batch_size)  # rows may be longer than the longest example: several share one
+        buckets = bucket_lengths(max(int(lengths.max()), floor, 1))
+        for batch in packed_batches(seqs, rows=batch_size, buckets=buckets, pad=pad, min_length=floor):
             logits = np.asarray(
                 jax.device_get(_logits(graphdef, params, batch.inputs, num_texts=batch.num_texts)), np.float32
             )
@@ -65,6 +66,7 @@ def predict(
                 out[i] = logits[row, start : start + lengths[i]] if token else logits[k]
         return out  # type: ignore[return-value]
     order = np.argsort(lengths, kind="stable")
+    buckets = bucket_lengths(max(int(lengths.max()), 1))
     for lo in range(0, n, batch_size):
         picked = order[lo : lo + batch_size]
         width = bucket_for(int(lengths[picked].max()), buckets)
