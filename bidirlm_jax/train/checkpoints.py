@@ -134,10 +134,12 @@ class Checkpointer:
         parts = [f"this config also trains {_some(gained)}"] if gained else []
         parts += [f"it no longer trains {_some(lost)}"] if lost else []
         settings = _changed_settings(saved.get("config", {}), meta["config"])
+        if not parts and not settings:  # same parameters and settings: a library's tree layout moved; restore decides
+            return
         parts += [f"changed: {'; '.join(settings)}"] if settings else []
         raise ConfigError(
             f"{self.directory} holds checkpoints (latest step {step}) whose optimizer state has another layout than "
-            f"this config gives: {', '.join(parts) or 'the optimizer has other parts'}. Frozen parameters hold no "
+            f"this config gives: {', '.join(parts)}. Frozen parameters hold no "
             "optimizer state (optim.frozen / optim.trainable, contrastive.train_towers, finetune.train_towers, "
             "lora.*), and settings such as optim.grad_clip_norm add or drop parts of it. Restore the settings that "
             "wrote these checkpoints, or use a new --workdir"
