@@ -7,7 +7,8 @@ stream, the run's config). The data position is the step (one global batch per s
 asynchronous and keep the last N; orbax commits a step only when every item is written, so a killed
 run never leaves a half checkpoint that resuming would pick up (the temporary directories of such
 saves are removed when the next run opens the directory). `meta` lets a resume refuse, by name, a
-checkpoint of a different model or one that read a different data stream.
+checkpoint of a different model, of another optimizer layout (what is frozen, clipping), or one that read a
+different data stream.
 
 `BestStep` keeps, beside them, the parameters of the step with the best validation score (`RUN/best/`).
 """
@@ -165,9 +166,8 @@ class Checkpointer:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(
                 f"cannot resume from step {step} in {self.directory}: its train state does not fit the configured one "
-                f"(optimizer settings such as optim.grad_clip_norm change its structure): {_headline(e)}. Resume "
-                "with the "
-                "settings that wrote it, or use a new --workdir"
+                f"(optimizer settings such as optim.grad_clip_norm change its structure): {_headline(e)}. Resume with "
+                "the settings that wrote it, or use a new --workdir"
             ) from None
 
     def due(self, step: int) -> bool:
@@ -236,16 +236,17 @@ def _some(paths: list[str], shown: int = 3) -> str:
     return ", ".join(paths[:shown]) + more
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+def _flat(tree: Any, prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A run's config as `{"optim.frozen": [...], ...}`."""
     if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+        return {".".join(prefix): tree}
+    return {k: v for key, sub in tree.items() for k, v in _flat(sub, (*prefix, str(key))).items()}
 
 
 def _changed_settings(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key: old -> new` for the settings that shape the optimizer state (the optimizer, LoRA, `train_towers`)."""
     old, new = (
-        {k.rstrip("."): v for k, v in _flat(c).items() if k.startswith(("optim.", "lora.")) or ".train_towers" in k}
+        {k: v for k, v in _flat(c).items() if k.startswith(("optim.", "lora.")) or k.endswith(".train_towers")}
         for c in (before, now)
     )
     return [
