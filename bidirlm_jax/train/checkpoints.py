@@ -125,16 +125,16 @@ class Checkpointer:
         )
 
     def _check_optimizer(self, step: int, saved: dict[str, Any], meta: dict[str, Any]) -> None:
-        """The optimizer state's layout (`state.optimizer_layout`; checkpoints older than it are not checked
-        here, and a mismatch then fails in `restore`)."""
-        before, now = saved.get("optimizer"), meta["optimizer"]
-        if before is None or before == now:
+        """The optimizer state's layout (`state.optimizer_layout`; checkpoints older than it, or a `meta`
+        without it, are not checked here, and a mismatch then fails in `restore`)."""
+        before, now = saved.get("optimizer"), meta.get("optimizer")
+        if before is None or now is None or before == now:
             return
         gained = sorted(set(now["trained"]) - set(before["trained"]))
         lost = sorted(set(before["trained"]) - set(now["trained"]))
         parts = [f"this config also trains {_some(gained)}"] if gained else []
         parts += [f"it no longer trains {_some(lost)}"] if lost else []
-        settings = _changed_settings(saved.get("config", {}), meta["config"])
+        settings = _changed_settings(saved.get("config", {}), meta.get("config", {}))
         if not parts and not settings:  # same parameters and settings: a library's tree layout moved; restore decides
             return
         parts += [f"changed: {'; '.join(settings)}"] if settings else []
