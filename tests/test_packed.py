@@ -185,7 +185,9 @@ def test_predict_packs_many_short_examples_into_rows_of_the_floor(monkeypatch):
         encoded = Encoded("classification", np.concatenate(texts), offsets, np.zeros(len(texts), np.int32))
         assert len(finetune.predict(model, encoded, pad=0, batch_size=8)) == len(lengths)
         if len(lengths) > 3:
-            assert {length for _, length in shapes} == {PACKED_ROW_MIN} and len(shapes) == 4  # 25 rows of 12
+            assert {length for _, length in shapes} == {PACKED_ROW_MIN} and len(
+                shapes
+            ) == 4  # 25 rows of 12 texts: 8+8+8+1
         else:
             assert shapes == [(4, 12)]  # a row each, as long as the longest: none pays for 128 tokens
 

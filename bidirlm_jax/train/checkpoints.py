@@ -81,12 +81,7 @@ class Checkpointer:
         self._check_optimizer(step, saved, meta)
         if allow_data_change or "data_stream" not in saved:
             return
-        before, now = saved["data_stream"], meta["data_stream"]
-        changed = [
-            f"data.{k}: {json.dumps(before.get(k))} -> {json.dumps(now.get(k))}"
-            for k in sorted(set(before) | set(now))
-            if before.get(k) != now.get(k)
-        ]
+        changed = _changes(saved["data_stream"], meta["data_stream"], prefix="data.")
         if changed:
             raise ConfigError(
                 f"{self.directory} holds checkpoints (latest step {step}) of a run that read another data stream: "
@@ -249,11 +244,13 @@ def _changed_settings(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
         {k: v for k, v in _flat(c).items() if k.startswith(("optim.", "lora.")) or k.endswith(".train_towers")}
         for c in (before, now)
     )
-    return [
-        f"{k}: {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}"
-        for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k)
-    ]
+    return _changes(old, new)
+
+
+def _changes(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """`prefix+key: old -> new` (JSON values) for every key whose value differs between two flat dicts."""
+    keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    return [f"{prefix}{k}: {json.dumps(before.get(k))} -> {json.dumps(now.get(k))}" for k in keys]
 
 
 def _headline(error: Exception, lines: int = 4) -> str:
