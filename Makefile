@@ -20,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)  # lint and format check first (seconds), then the suite
 	$(VENV)/bin/ruff format --check --quiet .
 	$(VENV)/bin/ruff check --quiet .
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadfile -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m pytest -n 2 --dist loadfile -q --durations=15
 
 bench: $(STAMP)  # every benchmark against its peer; several minutes, figures go in BENCHMARKS.md
 	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
